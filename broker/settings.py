@@ -1,0 +1,31 @@
+"""Settings every part shares: where state lives and which NATS server to use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def hg_home() -> Path:
+    """The data directory (`HG_HOME`, default `~/.hybridgen`): models, SQLite, NATS store."""
+    return Path(os.environ.get("HG_HOME") or Path.home() / ".hybridgen").expanduser()
+
+
+class BusSettings(BaseSettings):
+    """How a service reaches the bus. Environment prefix `HG_NATS_`."""
+
+    model_config = SettingsConfigDict(env_prefix="HG_NATS_", extra="ignore")
+
+    url: str = Field(
+        default="nats://127.0.0.1:4222",
+        description="NATS server URL (comma-separate several for a cluster).",
+    )
+    user: str | None = Field(default=None, description="User name, with `password`.")
+    password: str | None = Field(default=None, description="Password of `user`.")
+    token: str | None = Field(default=None, description="Auth token, instead of user/password.")
+    creds: Path | None = Field(default=None, description="Path of a NATS .creds file.")
+    tls_ca: Path | None = Field(default=None, description="CA bundle that signed the server cert.")
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="First-connect timeout.")

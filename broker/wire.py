@@ -1,0 +1,266 @@
+"""Bus messages: typed, versioned (`"v": 1`), msgpack-encoded, validated on decode.
+
+Both sides of every subject use these types. Encoding and decoding are pure functions.
+Decoding never raises anything but `broker.errors.BadRequest`, whose message names the
+field at fault, so a handler can answer a coded error instead of crashing.
+
+Every message is a msgpack map with `"v"` (schema version) and `"type"` (the message kind,
+so a stream of replies can mix `Chunk`, `Done` and `Error`). Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from broker.errors import BadRequest, ErrorCode, HybridgenError, error_for_code
+
+VERSION = 1
+#: Largest message accepted on decode (NATS' default max_payload is 1 MiB).
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+def new_request_id() -> str:
+    """A fresh request id (uuid4 hex), also usable as a subject token."""
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """Base of every bus message."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=False)
+
+    v: Literal[1] = VERSION
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class GenerateRequest(Message):
+    """`hg.gen.<model>`: generate a continuation of `prompt` (already chat-templated)."""
+
+    type: Literal["generate"] = "generate"
+    request_id: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=128)
+    prompt: str
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: 0 disables top-k.
+    top_k: int = Field(default=0, ge=0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+    #: Return per-token log-probabilities in each `Chunk`.
+    logprobs: bool = False
+    #: Budget for the whole request, counted by each hop from when it receives it.
+    timeout_ms: int | None = Field(default=None, gt=0)
+    #: node_id of the caller, for logs and telemetry.
+    origin: str | None = None
+    #: Opaque user id, only present where the user consented to it leaving the edge.
+    user: str | None = None
+
+
+class Chunk(Message):
+    """One piece of a streamed answer. `seq` counts from 0 with no gaps.
+
+    The first chunk (`seq` 0) may carry no text: a worker sends it as soon as it admits a
+    request, so the caller's accept timeout measures admission, not prefill.
+    """
+
+    type: Literal["chunk"] = "chunk"
+    request_id: str
+    seq: int = Field(ge=0)
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[float] | None = None
+
+
+class Done(Message):
+    """The end of a successful stream."""
+
+    type: Literal["done"] = "done"
+    request_id: str
+    seq: int = Field(ge=0)
+    finish_reason: FinishReason
+    usage: Usage
+    #: node_id of the worker that served it.
+    served_by: str | None = None
+    model_version: str | None = None
+
+
+class Error(Message):
+    """The end of a failed request (or an immediate refusal such as `overloaded`)."""
+
+    type: Literal["error"] = "error"
+    request_id: str | None = None
+    code: str
+    message: str
+    param: str | None = None
+    retry_after: float | None = None
+    seq: int | None = None
+
+    @classmethod
+    def from_exception(cls, exc: HybridgenError, request_id: str | None = None) -> Error:
+        return cls(
+            request_id=request_id,
+            code=exc.code.value,
+            message=exc.message,
+            param=exc.param,
+            retry_after=exc.retry_after,
+        )
+
+    def to_exception(self) -> HybridgenError:
+        return error_for_code(
+            self.code, self.message, param=self.param, retry_after=self.retry_after
+        )
+
+
+NodeStatus = Literal["starting", "loading", "ready", "degraded", "draining", "stopped"]
+
+
+class Heartbeat(Message):
+    """`hg.telemetry.<role>.<node_id>`, every second."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    role: str
+    node_id: str
+    ts: float = Field(default_factory=time.time)
+    #: hybridgen software version.
+    version: str = ""
+    status: NodeStatus = "ready"
+    model: str | None = None
+    model_version: str | None = None
+    queue_depth: int = 0
+    in_flight: int = 0
+    rps: float = 0.0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    tokens_per_s: float = 0.0
+    #: Share of requests sent to the cloud, by route reason.
+    fallback_ratio: dict[str, float] = Field(default_factory=dict)
+    errors: int = 0
+    #: Role-specific figures (cache sizes, breaker state, ...).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Event(Message):
+    """`hg.events.<role>.<node_id>`: something worth a line in an operator's log."""
+
+    type: Literal["event"] = "event"
+    kind: str
+    role: str
+    node_id: str
+    ts: float = Field(default_factory=time.time)
+    request_id: str | None = None
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+ControlVerb = Literal["drain", "resume", "reload-model", "set-policy"]
+
+
+class ControlRequest(Message):
+    """`hg.ctl.<node_id>.<verb>`: steer one node. `args` depend on the verb."""
+
+    type: Literal["control"] = "control"
+    verb: ControlVerb
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ControlReply(Message):
+    """Answer to a `ControlRequest`."""
+
+    type: Literal["control_reply"] = "control_reply"
+    ok: bool
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+Reply = Annotated[Chunk | Done | Error, Field(discriminator="type")]
+_REPLY_ADAPTER: TypeAdapter[Chunk | Done | Error] = TypeAdapter(Reply)
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    """msgpack bytes of a message (fields left at `None` are omitted)."""
+    return msgpack.packb(message.model_dump(exclude_none=True), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise BadRequest(
+            f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"
+        )
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadRequest(f"malformed msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"message must be a msgpack map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != VERSION:
+        raise BadRequest(
+            f"unsupported message version {version!r} (this node speaks v{VERSION})", param="v"
+        )
+    return obj
+
+
+def _describe(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "missing":
+        return f"missing field {field!r}", field
+    return f"invalid field {field!r}: {first['msg']}", field
+
+
+def decode(data: bytes, cls: type[M]) -> M:
+    """Decode and validate one message of type `cls`.
+
+    Raises:
+        BadRequest: malformed msgpack, not a map, wrong version, or a missing or mistyped
+            field (the message names it).
+    """
+    obj = _unpack(data)
+    expected = cls.model_fields["type"].default
+    if obj.setdefault("type", expected) != expected:
+        raise BadRequest(f"expected a {expected!r} message, got {obj['type']!r}", param="type")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as exc:
+        message, field = _describe(exc)
+        raise BadRequest(message, param=field) from None
+
+
+def decode_reply(data: bytes) -> Chunk | Done | Error:
+    """Decode one message of a generation stream (`Chunk`, `Done` or `Error`)."""
+    obj = _unpack(data)
+    try:
+        return _REPLY_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        message, field = _describe(exc)
+        raise BadRequest(message, param=field) from None
+
+
+def error_reply(exc: HybridgenError, request_id: str | None = None) -> bytes:
+    """Encoded `Error` reply for an exception."""
+    return encode(Error.from_exception(exc, request_id))
+
+
+def bad_request_reply(message: str, request_id: str | None = None) -> bytes:
+    """Encoded `bad_request` reply."""
+    return encode(Error(request_id=request_id, code=ErrorCode.BAD_REQUEST.value, message=message))
