@@ -1,0 +1,8 @@
+"""Shared pytest fixtures. Each part's fixtures live in its own plugin module."""
+
+import os
+
+# Two cores: keep every runtime single-threaded unless a test says otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+pytest_plugins = ["tests.fixtures_broker", "tests.fixtures_models"]

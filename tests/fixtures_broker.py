@@ -1,0 +1,1 @@
+"""Broker fixtures (filled in by the network-core work)."""
