@@ -12,12 +12,11 @@ from collections.abc import Callable
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("broker.launcher", "main", "start broker, cloud worker, cloud API and an edge node"),
+    "up": ("broker.launcher", "main", "start the broker, a cloud worker, the cloud API and an edge node"),
     "broker": ("broker.cli", "main", "run a nats-server, or print a deployment config"),
     "models": ("models.cli", "main", "build, verify, list, publish and pull model sets"),
     "cloud": ("cloud.cli", "main", "run a cloud generation worker or the cloud API"),
     "edge": ("edge.cli", "main", "run an edge node (local OpenAI-compatible API)"),
-    "tui": ("tui.cli", "main", "open the operator console"),
     "bench": ("hybridgen", "bench_main", "run a benchmark: hybridgen bench NAME [--json]"),
 }
 
