@@ -1,0 +1,327 @@
+"""Where a request is served: the pure routing policy, its settings, and the cloud breaker.
+
+`decide` is a pure function of the request's facts, the edge's state, the cloud's health and
+the policy; it does no I/O, so every rule is tested without servers. It is called twice for
+an `auto` request: first without a perplexity (hard limits, load and cloud health can already
+settle it), then, if it answered `Target.PREFILL`, with the prompt perplexity read from the
+edge model's prefill logits, before a single token is streamed.
+
+Route reasons (the `route_reason` every answer carries):
+
+=====================  ========  =============================================================
+reason                 served    why
+=====================  ========  =============================================================
+local_only             edge      the request must never leave the node
+requested_edge         edge      `route: edge`
+in_domain              edge      prompt perplexity at or below the threshold
+confident_draft        edge      second stage: the first k drafted tokens were confident
+cloud_unavailable      edge      the cloud was wanted but the breaker is open / no bus / failed
+requested_cloud        cloud     `route: cloud`
+cloud_model            cloud     a model only the cloud serves
+context_overflow       cloud     prompt + max_tokens beyond the edge context window
+edge_overloaded        cloud     predicted edge wait beyond the latency budget
+low_confidence         cloud     prompt perplexity above the threshold
+low_draft_confidence   cloud     second stage: the first k drafted tokens were not confident
+=====================  ========  =============================================================
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.errors import ContextLengthExceeded
+
+
+class Target(StrEnum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+    #: Not decided yet: prefill the prompt on the edge and decide again with its perplexity.
+    PREFILL = "prefill"
+
+
+class Reason(StrEnum):
+    LOCAL_ONLY = "local_only"
+    REQUESTED_EDGE = "requested_edge"
+    IN_DOMAIN = "in_domain"
+    CONFIDENT_DRAFT = "confident_draft"
+    CLOUD_UNAVAILABLE = "cloud_unavailable"
+    REQUESTED_CLOUD = "requested_cloud"
+    CLOUD_MODEL = "cloud_model"
+    CONTEXT_OVERFLOW = "context_overflow"
+    EDGE_OVERLOADED = "edge_overloaded"
+    LOW_CONFIDENCE = "low_confidence"
+    LOW_DRAFT_CONFIDENCE = "low_draft_confidence"
+    PENDING = "pending"
+
+
+class BreakerSettings(BaseModel):
+    """Circuit breaker of the cloud path."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    failure_threshold: int = Field(
+        default=3, ge=1, description="Consecutive cloud failures that open the breaker."
+    )
+    open_seconds: float = Field(
+        default=5.0, gt=0, description="How long it stays open before a half-open probe."
+    )
+    half_open_probes: int = Field(
+        default=1, ge=1, description="Requests let through while half-open."
+    )
+
+
+class PolicySettings(BaseModel):
+    """Routing thresholds; read from the `hg_config` KV bucket and changed live.
+
+    Stored as JSON under `policy.default` (fleet) and `policy.node.<node_id>` (override;
+    its fields win over the fleet's).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    perplexity_threshold: float = Field(
+        default=math.inf,
+        gt=0,
+        description="Prompt perplexity above which a request goes to the cloud "
+        "(inf: never for this reason). Calibrate on the model set's held-out figures.",
+    )
+    second_stage_k: int = Field(
+        default=0,
+        ge=0,
+        description="Draft this many tokens (not streamed) before committing to the edge; "
+        "0 disables the second stage.",
+    )
+    draft_logprob_threshold: float = Field(
+        default=-math.inf,
+        description="Mean log-probability of the k drafted tokens below which the request "
+        "escalates to the cloud (the draft is discarded).",
+    )
+    latency_budget_ms: float = Field(
+        default=2000.0,
+        gt=0,
+        description="Predicted edge wait beyond which a request goes to the cloud.",
+    )
+    cloud_timeout_ms: float = Field(
+        default=2000.0, gt=0, description="Accept timeout of a cloud request."
+    )
+    cloud_idle_timeout_ms: float = Field(
+        default=10000.0, gt=0, description="Longest gap between two cloud chunks."
+    )
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+
+
+def merge_policy(*layers: dict | None) -> PolicySettings:
+    """Policy from JSON layers, later ones winning field by field (fleet, then node)."""
+    merged: dict = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for key, value in layer.items():
+            if key == "breaker" and isinstance(value, dict):
+                merged["breaker"] = {**merged.get("breaker", {}), **value}
+            else:
+                merged[key] = value
+    return PolicySettings.model_validate(merged)
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the router knows about one request before generating."""
+
+    prompt_tokens: int
+    max_tokens: int
+    route: Literal["auto", "edge", "cloud"] = "auto"
+    local_only: bool = False
+    #: The model asked for is served by the cloud only (e.g. "hg-cloud").
+    cloud_only_model: bool = False
+
+
+@dataclass(frozen=True)
+class EdgeState:
+    context_length: int
+    predicted_wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: Target
+    reason: Reason
+    #: max_tokens to use on the edge (clipped to the context window when the cloud was
+    #: wanted for an overflow but is unavailable).
+    max_tokens: int | None = None
+
+    @property
+    def served_by(self) -> str:
+        return "cloud" if self.target is Target.CLOUD else "edge"
+
+
+def decide(
+    facts: RequestFacts,
+    edge: EdgeState,
+    policy: PolicySettings,
+    *,
+    cloud_available: bool,
+    perplexity: float | None = None,
+) -> Decision:
+    """Decide where one request is served. Pure: no I/O, no clock.
+
+    Args:
+        facts: the request.
+        edge: the edge's context window and predicted wait.
+        policy: the thresholds.
+        cloud_available: the breaker allows a cloud request and the bus is connected
+            (always pass False for a `local_only` request: it never leaves the node).
+        perplexity: the edge model's prompt perplexity, once prefilled.
+
+    Returns:
+        The decision; `Target.PREFILL` asks the caller to prefill on the edge and call
+        again with the perplexity.
+
+    Raises:
+        ContextLengthExceeded: the request cannot be served anywhere it may go (a
+            `local_only` or `route: edge` request, or a prompt that alone fills the edge
+            context while the cloud is unavailable).
+    """
+    fits = facts.prompt_tokens + facts.max_tokens <= edge.context_length
+
+    def edge_only(reason: Reason) -> Decision:
+        if not fits:
+            raise ContextLengthExceeded(
+                f"prompt ({facts.prompt_tokens} tokens) + max_tokens ({facts.max_tokens}) "
+                f"exceeds the edge context window of {edge.context_length} tokens and the "
+                "request may not leave the node",
+                param="max_tokens",
+            )
+        return Decision(Target.EDGE, reason, facts.max_tokens)
+
+    def to_cloud(reason: Reason) -> Decision:
+        if cloud_available:
+            return Decision(Target.CLOUD, reason, facts.max_tokens)
+        if fits:
+            return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE, facts.max_tokens)
+        room = edge.context_length - facts.prompt_tokens
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"prompt ({facts.prompt_tokens} tokens) fills the edge context window of "
+                f"{edge.context_length} tokens and the cloud is unavailable",
+                param="messages",
+            )
+        return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE, room)
+
+    # Hard limits.
+    if facts.local_only:
+        return edge_only(Reason.LOCAL_ONLY)
+    if facts.route == "edge":
+        return edge_only(Reason.REQUESTED_EDGE)
+    if facts.route == "cloud":
+        return to_cloud(Reason.REQUESTED_CLOUD)
+    if facts.cloud_only_model:
+        return to_cloud(Reason.CLOUD_MODEL)
+    if not fits:
+        return to_cloud(Reason.CONTEXT_OVERFLOW)
+    # Load.
+    if edge.predicted_wait_s * 1000.0 > policy.latency_budget_ms:
+        return to_cloud(Reason.EDGE_OVERLOADED)
+    # Confidence.
+    if math.isinf(policy.perplexity_threshold):
+        return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
+    if perplexity is None:
+        return Decision(Target.PREFILL, Reason.PENDING, facts.max_tokens)
+    if perplexity > policy.perplexity_threshold:
+        return to_cloud(Reason.LOW_CONFIDENCE)
+    return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
+
+
+def decide_after_draft(
+    draft_logprobs: list[float], policy: PolicySettings, *, cloud_available: bool
+) -> Decision:
+    """Second stage: after `k` drafted tokens (not shown to the client), stay or escalate.
+
+    The draft is discarded when escalating, so nothing the client saw is contradicted.
+    """
+    if not draft_logprobs or not cloud_available:
+        reason = Reason.CONFIDENT_DRAFT if cloud_available else Reason.CLOUD_UNAVAILABLE
+        return Decision(Target.EDGE, reason)
+    mean = sum(draft_logprobs) / len(draft_logprobs)
+    if mean < policy.draft_logprob_threshold:
+        return Decision(Target.CLOUD, Reason.LOW_DRAFT_CONFIDENCE)
+    return Decision(Target.EDGE, Reason.CONFIDENT_DRAFT)
+
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """Cloud health: opens after consecutive failures, probes after a cool-down.
+
+    Fed by timeouts, no-responders and `overloaded` replies (`record_failure`) and by
+    successful cloud answers (`record_success`). While open, `allow()` is False and requests
+    stay local (`cloud_unavailable`); after `open_seconds` it turns half-open and lets
+    `half_open_probes` requests through: a success closes it, a failure reopens it.
+
+    Args:
+        settings: thresholds (replace `settings` live; it is read on every call).
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self, settings: BreakerSettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probes = 0
+        self.opened_count = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state == "open" and self._clock() - self._opened_at >= self.settings.open_seconds:
+            self._state = "half_open"
+            self._probes = 0
+        return self._state
+
+    def available(self) -> bool:
+        """Whether a cloud request would be let through now (does not take a probe slot)."""
+        state = self.state
+        return state == "closed" or (
+            state == "half_open" and self._probes < self.settings.half_open_probes
+        )
+
+    def allow(self) -> bool:
+        """Take permission for one cloud request (a probe slot while half-open)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and self._probes < self.settings.half_open_probes:
+            self._probes += 1
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._state = "closed"
+        self._failures = 0
+        self._probes = 0
+
+    def record_failure(self) -> None:
+        state = self.state
+        self._failures += 1
+        if state == "half_open" or self._failures >= self.settings.failure_threshold:
+            if state != "open":
+                self.opened_count += 1
+            self._state = "open"
+            self._opened_at = self._clock()
+            self._probes = 0
+
+    def release(self) -> None:
+        """Give back a probe slot taken by `allow()` when the request never went out."""
+        if self._state == "half_open" and self._probes > 0:
+            self._probes -= 1
