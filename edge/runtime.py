@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,7 +296,7 @@ class EdgeRuntime:
     def estimate_wait_s(self) -> float:
         """Predicted wait before a new request's first token.
 
-        Tokens ahead of it × the recent per-token time: with a free slot it waits one
+        Tokens ahead of it times the recent per-token time: with a free slot it waits one
         round-robin pass over the active generators; otherwise every queued request's
         `max_tokens` plus the shortest active request's remaining tokens per active slot.
         """
@@ -354,9 +354,7 @@ class EdgeRuntime:
         with self._lock:
             self._closing = True
             self._lock.notify()
-        deadline = time.monotonic() + drain_timeout
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self._thread.join, drain_timeout)
         if self._thread.is_alive():
             with self._lock:
                 for job in [*self._active, *self._pending]:

@@ -1,0 +1,282 @@
+"""An edge node's link to the bus: connection (and reconnection), live policy, telemetry,
+control verbs.
+
+The node serves locally whether or not the bus is there: when no NATS server answers at
+start, the link retries in the background every `reconnect_s` and the node answers with
+`route_reason: cloud_unavailable` meanwhile. Once connected, nats-py reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client
+
+from broker import subjects, wire
+from broker.bus import connect_settings, serve_control
+from broker.errors import BadRequest, HybridgenError
+from broker.service import ControlHandler
+from broker.telemetry import Telemetry
+from edge.node import EdgeNode
+from edge.routing import PolicySettings, merge_policy
+
+logger = logging.getLogger(__name__)
+
+ReloadModel = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class BusLink:
+    """Connects an `EdgeNode` to the bus and keeps it connected. Async context manager.
+
+    Args:
+        node: the node to serve.
+        reload_model: `async (args) -> info` doing the `reload-model` verb.
+        software_version: reported in heartbeats.
+    """
+
+    def __init__(
+        self, node: EdgeNode, *, reload_model: ReloadModel, software_version: str = ""
+    ) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.reload_model = reload_model
+        self.software_version = software_version
+        self.nc: Client | None = None
+        self.telemetry: Telemetry | None = None
+        self.fleet_policy: dict[str, Any] | None = None
+        self.node_policy: dict[str, Any] | None = None
+        self._config: Any = None
+        self._control: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.policy_updates = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect now if possible, else keep trying in the background."""
+        if self.settings.no_cloud:
+            logger.info("no_cloud: the bus is not used")
+            return
+        if not await self._try_connect():
+            self._spawn(self._reconnect_loop(), "hg-edge-reconnect")
+
+    async def close(self) -> None:
+        """Stop everything (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.node.nc = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.telemetry is not None:
+            await self.telemetry.close()
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                await self._control.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        self.nc = None
+
+    async def __aenter__(self) -> BusLink:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _reconnect_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.settings.reconnect_s)
+            if await self._try_connect():
+                return
+
+    async def _try_connect(self) -> bool:
+        try:
+            nc = await connect_settings(self.settings.bus(), name=f"hybridgen-{self.node.node_id}")
+        except HybridgenError as exc:
+            logger.warning("bus unavailable (%s); serving locally, retrying", exc.message)
+            return False
+        self.nc = nc
+        self.node.nc = nc
+        logger.info("connected to the bus at %s", nc.connected_url)
+        await self._start_services(nc)
+        return True
+
+    async def _start_services(self, nc: Client) -> None:
+        node_id = self.node.node_id
+        self.telemetry = Telemetry(
+            nc,
+            role="edge",
+            node_id=node_id,
+            build_heartbeat=self.heartbeat,
+            interval=self.settings.telemetry_interval_s,
+        )
+        await self.telemetry.start()
+        self.node.set_event_sink(self._publish_event)
+        handlers: dict[str, ControlHandler] = {
+            "drain": self._on_drain,
+            "resume": self._on_resume,
+            "reload-model": self._on_reload,
+            "set-policy": self._on_set_policy,
+        }
+        try:
+            self._control = await serve_control(
+                nc, node_id=node_id, role="edge", handlers=handlers, name="hybridgen-edge"
+            )
+        except Exception as exc:
+            logger.warning("control endpoints not registered: %s", exc)
+        self._spawn(self._watch_policy(nc), "hg-edge-policy")
+
+    # -------------------------------------------------------------------- policy
+
+    async def _watch_policy(self, nc: Client) -> None:
+        """Apply the fleet and node policy from the KV bucket, now and on every change."""
+        from broker.store import FleetConfig
+
+        fleet_key = subjects.policy_key()
+        node_key = subjects.policy_key(self.node.node_id)
+        while not self._closed:
+            try:
+                self._config = config = await FleetConfig.open(nc)
+                self.fleet_policy = await config.get(fleet_key)
+                self.node_policy = await config.get(node_key)
+                self._apply_policy()
+                async for key, value in config.watch("policy.>"):
+                    if key == fleet_key:
+                        self.fleet_policy = value
+                    elif key == node_key:
+                        self.node_policy = value
+                    else:
+                        continue
+                    self._apply_policy()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("policy watch failed (%s); retrying", exc)
+            await asyncio.sleep(self.settings.reconnect_s)
+
+    def effective_policy(self, extra: dict[str, Any] | None = None) -> PolicySettings:
+        return merge_policy(self.settings.policy, self.fleet_policy, self.node_policy, extra)
+
+    def _apply_policy(self) -> None:
+        try:
+            policy = self.effective_policy()
+        except Exception as exc:  # a bad KV value must not take the node down
+            logger.error("ignoring invalid routing policy from the KV bucket: %s", exc)
+            return
+        self.policy_updates += 1
+        self.node.set_policy(policy)
+
+    # ------------------------------------------------------------------ telemetry
+
+    def heartbeat(self) -> wire.Heartbeat:
+        node = self.node
+        runtime = node.runtime
+        snapshot = node.counters.stats.snapshot()
+        total = sum(node.counters.by_reason.values()) or 1
+        cloud_reasons = {
+            reason: count / total
+            for reason, count in node.counters.by_reason.items()
+            if reason
+            in (
+                "requested_cloud",
+                "cloud_model",
+                "context_overflow",
+                "edge_overloaded",
+                "low_confidence",
+                "low_draft_confidence",
+            )
+        }
+        status = "draining" if node.draining else "ready"
+        if node.breaker.state != "closed" and status == "ready":
+            status = "degraded"
+        return wire.Heartbeat(
+            role="edge",
+            node_id=node.node_id,
+            version=self.software_version,
+            status=status,  # type: ignore[arg-type]
+            model=node.settings.edge_model_name,
+            model_version=runtime.version,
+            queue_depth=runtime.queue_depth,
+            in_flight=runtime.in_flight,
+            rps=float(snapshot.get("rps", 0.0)),
+            latency_p50_ms=snapshot.get("latency_p50_ms"),
+            latency_p95_ms=snapshot.get("latency_p95_ms"),
+            tokens_per_s=float(snapshot.get("tokens_per_s", 0.0)),
+            fallback_ratio=cloud_reasons,
+            errors=int(snapshot.get("errors", 0)) + node.counters.errors,
+            extra={
+                "breaker": node.breaker.state,
+                "routes": dict(node.counters.by_reason),
+                "cloud_failures": node.counters.cloud_failures,
+                "mid_stream_recoveries": node.counters.mid_stream_recoveries,
+                "predicted_wait_ms": round(runtime.estimate_wait_s() * 1e3, 3),
+                "per_token_ms": round(runtime.per_token_s * 1e3, 4),
+                "perplexity_threshold": node.policy.perplexity_threshold,
+            },
+        )
+
+    def _publish_event(self, kind: str, message: str, request_id: str | None, **data: Any) -> None:
+        if self.telemetry is None:
+            return
+        task = asyncio.ensure_future(
+            self.telemetry.publish_event(kind, message, request_id=request_id, **data)
+        )
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    # -------------------------------------------------------------------- control
+
+    async def _on_drain(self, request: wire.ControlRequest) -> wire.ControlReply:
+        self.node.draining = True
+        self._publish_event("drain", "draining: new requests are refused", None)
+        return wire.ControlReply(ok=True, message="draining", data=self._state())
+
+    async def _on_resume(self, request: wire.ControlRequest) -> wire.ControlReply:
+        self.node.draining = False
+        self._publish_event("resume", "taking requests again", None)
+        return wire.ControlReply(ok=True, message="resumed", data=self._state())
+
+    async def _on_reload(self, request: wire.ControlRequest) -> wire.ControlReply:
+        info = await self.reload_model(dict(request.args))
+        self._publish_event("rollout", f"model now {info.get('model_version')}", None, **info)
+        return wire.ControlReply(ok=True, message="model swapped", data=info)
+
+    async def _on_set_policy(self, request: wire.ControlRequest) -> wire.ControlReply:
+        """Merge `args` into this node's KV override (or apply in memory without KV)."""
+        args = dict(request.args)
+        try:
+            merged_override = {**(self.node_policy or {}), **args}
+            policy = self.effective_policy(args)
+        except Exception as exc:
+            raise BadRequest(f"invalid policy: {exc}") from None
+        if self._config is not None:
+            await self._config.put(subjects.policy_key(self.node.node_id), merged_override)
+        self.node_policy = merged_override
+        self._apply_policy()
+        return wire.ControlReply(ok=True, message="policy set", data=policy.model_dump())
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "draining": self.node.draining,
+            "in_flight": self.node.runtime.in_flight,
+            "model_version": self.node.runtime.version,
+        }

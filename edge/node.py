@@ -1,0 +1,490 @@
+"""An edge node's request path: route each request, serve it locally or through the cloud.
+
+`EdgeNode.generate` is the one place a request is routed. It yields a `RouteInfo` first
+(where the answer comes from and why, known before any text), then `Piece`s of text, then
+an `Outcome`. The HTTP layer turns that into OpenAI responses; the benchmark times it.
+
+Cloud failures never hang a request and never truncate it silently: a cloud that does not
+accept (no responders, accept timeout, overloaded, bus down) feeds the breaker and the
+request is served locally (`cloud_unavailable`); a cloud that fails after streaming part of
+the answer feeds the breaker and the edge finishes the answer locally from the text already
+streamed (prompt + partial answer as its context); when that does not fit the edge context,
+the stream ends with an error event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from broker import wire
+from broker.bus import request_stream
+from broker.errors import (
+    ErrorCode,
+    HybridgenError,
+    NoResponders,
+    NotFound,
+    Overloaded,
+    Timeout,
+    Unavailable,
+)
+from broker.telemetry import RequestStats
+from edge.routing import (
+    CircuitBreaker,
+    Decision,
+    EdgeState,
+    PolicySettings,
+    Reason,
+    RequestFacts,
+    Target,
+    decide,
+    decide_after_draft,
+)
+from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, SamplingOptions, Token
+from edge.settings import EdgeSettings
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+logger = logging.getLogger(__name__)
+
+#: Cloud errors that say "the cloud cannot take it now" (they feed the breaker).
+CLOUD_DOWN = (NoResponders, Timeout, Overloaded, Unavailable)
+#: Cloud errors mid-stream that the edge must not paper over (they end the stream).
+_NOT_RECOVERABLE = (ErrorCode.BAD_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED, ErrorCode.CANCELLED)
+
+
+@dataclass(frozen=True)
+class EdgeRequest:
+    """One generation request as the router sees it."""
+
+    request_id: str
+    prompt: str
+    model: str
+    options: SamplingOptions
+    route: str = "auto"
+    local_only: bool = False
+    user: str | None = None
+    #: max_tokens was given by the client (else options.max_tokens is the default).
+    max_tokens_given: bool = True
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    served_by: str  # "edge" | "cloud"
+    route_reason: str
+    request_id: str
+    model: str
+    decision_ms: float
+    prompt_perplexity: float | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass
+class Outcome:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: The cloud failed mid-stream and the edge wrote the rest.
+    completed_locally: bool = False
+
+
+Item = RouteInfo | Piece | Outcome
+
+
+@dataclass
+class NodeCounters:
+    """Figures for telemetry and /metrics."""
+
+    stats: RequestStats = field(default_factory=RequestStats)
+    by_reason: Counter[str] = field(default_factory=Counter)
+    by_target: Counter[str] = field(default_factory=Counter)
+    cloud_failures: int = 0
+    mid_stream_recoveries: int = 0
+    errors: int = 0
+
+
+class EdgeNode:
+    """The serving core of an edge node: runtime, policy, breaker and the cloud link.
+
+    The bus link (`edge.link.BusLink`) sets `nc` when connected and updates `policy`; a
+    `local_only` request never touches `nc`.
+    """
+
+    def __init__(self, settings: EdgeSettings, runtime: EdgeRuntime, policy: PolicySettings):
+        self.settings = settings
+        self.runtime = runtime
+        self.policy = policy
+        self.breaker = CircuitBreaker(policy.breaker)
+        self.nc: Client | None = None
+        self.node_id = settings.node_id or "edge"
+        self.counters = NodeCounters()
+        self.draining = False
+        self._event_sink: Any = None
+
+    # ----------------------------------------------------------------------- state
+
+    def set_policy(self, policy: PolicySettings) -> None:
+        """Apply a new policy now (the breaker keeps its state, takes the new thresholds)."""
+        self.policy = policy
+        self.breaker.settings = policy.breaker
+        logger.info("routing policy now %s", policy.model_dump())
+
+    def swap_runtime(self, runtime: EdgeRuntime) -> EdgeRuntime:
+        """Serve new requests from `runtime`; returns the old one (still finishing its own)."""
+        old, self.runtime = self.runtime, runtime
+        return old
+
+    @property
+    def bus_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def cloud_available(self) -> bool:
+        return not self.settings.no_cloud and self.bus_connected and self.breaker.available()
+
+    def set_event_sink(self, sink: Any) -> None:
+        """`sink(kind, message, request_id, **data)` publishes an event (set by the link)."""
+        self._event_sink = sink
+
+    def _event(self, kind: str, message: str, request_id: str | None, **data: Any) -> None:
+        if self._event_sink is not None:
+            self._event_sink(kind, message, request_id, **data)
+
+    # ---------------------------------------------------------------------- serving
+
+    def check_model(self, model: str) -> bool:
+        """Whether `model` is served only by the cloud (NotFound for unknown names)."""
+        if model == self.settings.edge_model_name:
+            return False
+        if model == self.settings.cloud_model:
+            return True
+        raise NotFound(
+            f"model {model!r} does not exist here; use {self.settings.edge_model_name!r} "
+            f"or {self.settings.cloud_model!r}",
+            param="model",
+        )
+
+    async def generate(self, request: EdgeRequest) -> AsyncGenerator[Item, None]:
+        """Route and serve one request: `RouteInfo`, then `Piece`s, then an `Outcome`.
+
+        Raises (before the RouteInfo): BadRequest, NotFound, ContextLengthExceeded,
+        Overloaded (edge queue full and no cloud). Raises after it only when the answer can
+        be neither finished by the cloud nor locally.
+        """
+        started = time.perf_counter()
+        if self.draining:
+            raise Overloaded("this edge node is draining", retry_after=5.0)
+        cloud_only = self.check_model(request.model)
+        runtime = self.runtime
+        prompt_ids = runtime.encode(request.prompt)
+        facts = RequestFacts(
+            prompt_tokens=len(prompt_ids),
+            max_tokens=request.options.max_tokens,
+            route=request.route,  # type: ignore[arg-type]
+            local_only=request.local_only,
+            cloud_only_model=cloud_only,
+        )
+        policy = self.policy
+
+        def route(perplexity: float | None = None, *, cloud: bool | None = None) -> Decision:
+            available = (not request.local_only) and (
+                self.cloud_available() if cloud is None else cloud
+            )
+            state = EdgeState(runtime.context_length, runtime.estimate_wait_s())
+            return decide(facts, state, policy, cloud_available=available, perplexity=perplexity)
+
+        decision = route()
+        perplexity: float | None = None
+        generation = None
+        drafted: list[Token] = []
+        finished: Finished | None = None
+        if decision.target is Target.PREFILL:
+            generation = runtime.submit(prompt_ids, request.options, hold_after_prefill=True)
+            try:
+                prefill = await generation.next_event()
+                assert isinstance(prefill, Prefill)
+                perplexity = prefill.perplexity
+                decision = route(perplexity)
+                if decision.target is Target.EDGE and policy.second_stage_k > 0:
+                    generation.resume()
+                    drafted, finished, decision = await self._draft(generation, policy)
+            except BaseException:
+                generation.cancel()
+                raise
+            if decision.target is Target.CLOUD:
+                generation.cancel()
+                generation = None
+
+        if decision.target is Target.CLOUD:
+            async for item in self._serve_cloud(request, prompt_ids, decision, started, perplexity):
+                yield item
+            return
+
+        if generation is None:
+            options = request.options
+            if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
+                options = _with_max_tokens(options, decision.max_tokens)
+            generation = runtime.submit(prompt_ids, options)
+            first = await generation.next_event()
+            assert isinstance(first, Prefill)
+            perplexity = first.perplexity
+        else:
+            generation.resume()
+        self._count(decision)
+        yield RouteInfo(
+            "edge",
+            decision.reason.value,
+            request.request_id,
+            self.settings.edge_model_name,
+            (time.perf_counter() - started) * 1e3,
+            perplexity,
+        )
+        outcome = None
+        try:
+            for token in drafted:
+                if token.text:
+                    yield Piece(token.text)
+            while True:
+                event = finished or await generation.next_event()
+                if isinstance(event, Token):
+                    if event.text:
+                        yield Piece(event.text)
+                elif isinstance(event, Finished):
+                    if event.text:
+                        yield Piece(event.text)
+                    outcome = Outcome(
+                        event.finish_reason, event.prompt_tokens, event.completion_tokens
+                    )
+                    break
+        finally:
+            if outcome is None:
+                generation.cancel()
+        self.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
+        yield outcome
+
+    async def _draft(
+        self, generation: Generation, policy: PolicySettings
+    ) -> tuple[list[Token], Finished | None, Decision]:
+        """Second stage: read k tokens (not shown yet) and decide whether to stay."""
+        drafted: list[Token] = []
+        finished: Finished | None = None
+        while len(drafted) < policy.second_stage_k:
+            event = await generation.next_event()
+            if isinstance(event, Finished):
+                finished = event  # a short answer ended inside the draft
+                break
+            if isinstance(event, Token):
+                drafted.append(event)
+        decision = decide_after_draft(
+            [t.logprob for t in drafted], policy, cloud_available=self.cloud_available()
+        )
+        return drafted, finished, decision
+
+    async def _serve_cloud(
+        self,
+        request: EdgeRequest,
+        prompt_ids: list[int],
+        decision: Decision,
+        started: float,
+        perplexity: float | None,
+    ) -> AsyncIterator[Item]:
+        policy = self.policy
+        nc = self.nc
+        wanted = decision.reason.value
+        if nc is None or not self.breaker.allow():
+            async for item in self._serve_local_after_cloud(request, started, wanted, "no bus"):
+                yield item
+            return
+        bus_request = wire.GenerateRequest(
+            request_id=request.request_id,
+            model=self.settings.cloud_model,
+            prompt=request.prompt,
+            max_tokens=request.options.max_tokens,
+            temperature=request.options.temperature,
+            top_p=request.options.top_p,
+            top_k=request.options.top_k,
+            stop=list(request.options.stop),
+            seed=request.options.seed,
+            origin=self.node_id,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                stream = await stack.enter_async_context(
+                    request_stream(
+                        nc,
+                        bus_request,
+                        accept_timeout=policy.cloud_timeout_ms / 1e3,
+                        idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
+                    )
+                )
+            except CLOUD_DOWN as exc:
+                self.breaker.record_failure()
+                self.counters.cloud_failures += 1
+                self._event("cloud_error", f"{exc.code.value}: {exc.message}", request.request_id)
+                async for item in self._serve_local_after_cloud(
+                    request, started, wanted, exc.code.value
+                ):
+                    yield item
+                return
+            except BaseException:
+                self.breaker.release()
+                raise
+            self.breaker.record_success()
+            self._count(decision)
+            self._event(
+                "fallback", f"served by the cloud: {wanted}", request.request_id, reason=wanted
+            )
+            yield RouteInfo(
+                "cloud",
+                wanted,
+                request.request_id,
+                self.settings.cloud_model,
+                (time.perf_counter() - started) * 1e3,
+                perplexity,
+            )
+            streamed: list[str] = []
+            completion_tokens = 0
+            try:
+                async for chunk in stream:
+                    completion_tokens += len(chunk.token_ids)
+                    if chunk.text:
+                        streamed.append(chunk.text)
+                        yield Piece(chunk.text)
+            except HybridgenError as exc:
+                if exc.code in _NOT_RECOVERABLE:
+                    raise
+                self.breaker.record_failure()
+                self.counters.cloud_failures += 1
+                self._event(
+                    "cloud_error",
+                    f"cloud failed mid-stream: {exc.code.value}: {exc.message}",
+                    request.request_id,
+                )
+                async for item in self._finish_locally(
+                    request, prompt_ids, "".join(streamed), completion_tokens, exc, started
+                ):
+                    yield item
+                return
+            done = stream.done
+            assert done is not None
+            outcome = Outcome(
+                done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens
+            )
+            self.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
+            yield outcome
+
+    async def _serve_local_after_cloud(
+        self, request: EdgeRequest, started: float, wanted: str, why: str
+    ) -> AsyncIterator[Item]:
+        """The cloud was wanted but cannot take it: serve locally, `cloud_unavailable`."""
+        logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
+        runtime = self.runtime
+        prompt_ids = runtime.encode(request.prompt)
+        facts = RequestFacts(len(prompt_ids), request.options.max_tokens, route="cloud")
+        decision = decide(
+            facts,
+            EdgeState(runtime.context_length),
+            self.policy,
+            cloud_available=False,
+        )
+        options = _with_max_tokens(request.options, decision.max_tokens or 1)
+        generation = runtime.submit(prompt_ids, options)
+        self._count(decision)
+        first = await generation.next_event()
+        perplexity = first.perplexity if isinstance(first, Prefill) else None
+        yield RouteInfo(
+            "edge",
+            Reason.CLOUD_UNAVAILABLE.value,
+            request.request_id,
+            self.settings.edge_model_name,
+            (time.perf_counter() - started) * 1e3,
+            perplexity,
+        )
+        async for item in self._drain_generation(generation, started):
+            yield item
+
+    async def _finish_locally(
+        self,
+        request: EdgeRequest,
+        prompt_ids: list[int],
+        streamed: str,
+        cloud_tokens: int,
+        cause: HybridgenError,
+        started: float,
+    ) -> AsyncIterator[Item]:
+        """The cloud failed after streaming `streamed`: continue it on the edge, or fail."""
+        runtime = self.runtime
+        context_ids = runtime.encode(request.prompt + streamed)
+        left = request.options.max_tokens - max(cloud_tokens, 0)
+        room = runtime.context_length - len(context_ids)
+        budget = min(left, room)
+        if budget < 1 or left < 1:
+            if left < 1:
+                yield Outcome("length", len(prompt_ids), cloud_tokens)
+                return
+            raise Unavailable(
+                f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and the "
+                "answer so far does not fit the edge context to finish it locally"
+            )
+        logger.warning(
+            "request %s: cloud failed mid-stream (%s); finishing locally",
+            request.request_id,
+            cause.code.value,
+        )
+        self.counters.mid_stream_recoveries += 1
+        generation = runtime.submit(context_ids, _with_max_tokens(request.options, budget))
+        await generation.next_event()  # Prefill
+        async for item in self._drain_generation(generation, started):
+            if isinstance(item, Outcome):
+                item = Outcome(
+                    item.finish_reason,
+                    len(prompt_ids),
+                    cloud_tokens + item.completion_tokens,
+                    completed_locally=True,
+                )
+            yield item
+
+    async def _drain_generation(
+        self, generation: Generation, started: float
+    ) -> AsyncIterator[Item]:
+        outcome = None
+        try:
+            while outcome is None:
+                event = await generation.next_event()
+                if isinstance(event, Token) and event.text:
+                    yield Piece(event.text)
+                elif isinstance(event, Finished):
+                    if event.text:
+                        yield Piece(event.text)
+                    outcome = Outcome(
+                        event.finish_reason, event.prompt_tokens, event.completion_tokens
+                    )
+        finally:
+            if outcome is None:
+                generation.cancel()
+        self.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
+        yield outcome
+
+    def _count(self, decision: Decision) -> None:
+        self.counters.by_reason[decision.reason.value] += 1
+        self.counters.by_target[decision.served_by] += 1
+
+
+def _with_max_tokens(options: SamplingOptions, max_tokens: int) -> SamplingOptions:
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        stop=options.stop,
+        seed=options.seed,
+    )

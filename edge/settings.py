@@ -1,0 +1,74 @@
+"""Settings of an edge node. Environment prefix `HG_EDGE_`; the CLI overrides them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.settings import BusSettings
+from models.registry import EDGE_MODEL
+
+
+class EdgeSettings(BaseSettings):
+    """How one edge node runs. Every field can be set as `HG_EDGE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="HG_EDGE_", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="HTTP bind address.")
+    port: int = Field(default=8400, ge=0, le=65535, description="HTTP port (0: any free one).")
+    model_dir: Path | None = Field(
+        default=None,
+        description="An onnxruntime-genai model folder (any builder output). Default: the "
+        "edge build of the current model set.",
+    )
+    model_version: str | None = Field(
+        default=None, description="Model-set version to serve (default: CURRENT)."
+    )
+    precision: str = Field(default="int4", description="Edge build of the model set to use.")
+    threads: int = Field(default=1, ge=1, le=64, description="ONNX intra-op threads.")
+    max_active: int = Field(
+        default=4, ge=1, le=64, description="Requests generated at once (round-robin)."
+    )
+    max_queue: int = Field(
+        default=32, ge=0, description="Requests waiting for a slot before 503 overloaded."
+    )
+    default_max_tokens: int = Field(
+        default=64, ge=1, description="max_tokens when a request sets none."
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted bearer keys; empty leaves the API open."
+    )
+    node_id: str | None = Field(
+        default=None, description="Node id on the bus (default: edge-<host>-<4 hex>)."
+    )
+    nats_url: str | None = Field(
+        default=None, description="NATS server URL (default: HG_NATS_URL or localhost:4222)."
+    )
+    no_cloud: bool = Field(
+        default=False, description="Never connect to the bus: serve everything locally."
+    )
+    cloud_model: str = Field(
+        default="hg-cloud", description="Model the cloud workers serve (`hg.gen.<model>`)."
+    )
+    edge_model_name: str = Field(default=EDGE_MODEL, description="Model name of the edge.")
+    reconnect_s: float = Field(
+        default=2.0, gt=0, description="Seconds between attempts to reach an absent bus."
+    )
+    telemetry_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between heartbeats."
+    )
+    policy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Local routing policy (JSON), under the fleet's and the node's KV policy.",
+    )
+
+    def bus(self) -> BusSettings:
+        """The bus settings, `nats_url` overriding HG_NATS_URL."""
+        bus = BusSettings()
+        if self.nats_url:
+            bus = bus.model_copy(update={"url": self.nats_url})
+        return bus
