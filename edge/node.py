@@ -399,15 +399,14 @@ class EdgeNode:
         options = _with_max_tokens(request.options, decision.max_tokens or 1)
         generation = runtime.submit(prompt_ids, options)
         self._count(decision)
-        first = await generation.next_event()
-        perplexity = first.perplexity if isinstance(first, Prefill) else None
+        # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
         yield RouteInfo(
             "edge",
             Reason.CLOUD_UNAVAILABLE.value,
             request.request_id,
             self.settings.edge_model_name,
             (time.perf_counter() - started) * 1e3,
-            perplexity,
+            None,
         )
         async for item in self._drain_generation(generation, started):
             yield item

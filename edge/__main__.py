@@ -1,0 +1,7 @@
+"""`python -m edge`: same as `hybridgen edge`."""
+
+import sys
+
+from edge.cli import main
+
+sys.exit(main(sys.argv[1:]))
