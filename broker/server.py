@@ -83,6 +83,19 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+_JETSTREAM_BLOCK = re.compile(r"^\s*jetstream\s*[:={]", re.MULTILINE | re.IGNORECASE)
+
+
+def _config_enables_jetstream(config_file: Path | None) -> bool:
+    """True when a config file has its own `jetstream` block (then `-js -sd` would clash)."""
+    if config_file is None:
+        return False
+    try:
+        return bool(_JETSTREAM_BLOCK.search(config_file.read_text(errors="replace")))
+    except OSError:
+        return False  # the server will report the missing file itself
+
+
 def _connect_host(host: str | None) -> str:
     if host is None or host in _WILDCARD_HOSTS:
         return "127.0.0.1"
@@ -126,7 +139,8 @@ class NatsServer:
         host: listen address (`-a`); `None` leaves it to the config file.
         port: client port (`-p`); -1 picks a free one; `None` leaves it to the config file.
         config_file: a nats-server config file (`-c`); flags given here override it.
-        jetstream: enable JetStream (`-js`).
+        jetstream: enable JetStream (`-js -sd store_dir`), unless the config file has its
+            own `jetstream` block.
         extra_args: more command-line flags, passed as they are.
         log_path: where the server's output goes (default `store_dir/nats-server.log`).
         start_timeout: seconds to wait for the server to serve.
@@ -177,7 +191,7 @@ class NatsServer:
             cmd += ["-a", self.host]
         if self.port is not None:
             cmd += ["-p", str(self.port)]
-        if self.jetstream:
+        if self.jetstream and not _config_enables_jetstream(self.config_file):
             cmd += ["-js", "-sd", str(self.store_dir)]
         cmd += ["--ports_file_dir", str(ports_dir)]
         return cmd + self.extra_args

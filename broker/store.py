@@ -35,10 +35,22 @@ from broker.errors import BadRequest, Internal, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
+#: JetStream domain of the hub, for clients of a leaf node (the leaf has no JetStream).
+DOMAIN_ENV = "HG_NATS_JS_DOMAIN"
 _KV_DELETES = ("DEL", "PURGE")
 _SHA_HEADER = "Hg-Sha256"
 _META_HEADER = "Hg-Meta"
 _FETCH_BATCH = 64
+
+
+def jetstream(nc: Client, domain: str | None = None) -> JetStreamContext:
+    """A JetStream context; `domain` defaults to `$HG_NATS_JS_DOMAIN` (unset: the local one).
+
+    Clients of a leaf node reach the hub's JetStream through the hub's domain
+    (`hybridgen broker config --role hub` gives the hub the domain `hub`).
+    """
+    domain = domain if domain is not None else os.environ.get(DOMAIN_ENV) or None
+    return nc.jetstream(domain=domain) if domain else nc.jetstream()
 
 
 def _loads(key: str, raw: bytes) -> dict[str, Any]:
@@ -61,13 +73,18 @@ class FleetConfig:
         self.kv = kv
 
     @classmethod
-    async def open(cls, nc: Client, *, history: int = 5) -> FleetConfig:
+    async def open(cls, nc: Client, *, history: int = 5, domain: str | None = None) -> FleetConfig:
         """Bind to `hg_config`, creating it (with `history` revisions per key) if needed.
+
+        Args:
+            nc: a connected client.
+            history: revisions kept per key when the bucket is created.
+            domain: JetStream domain (see `jetstream()`).
 
         Raises:
             Unavailable: JetStream is not enabled or not reachable.
         """
-        js = nc.jetstream()
+        js = jetstream(nc, domain)
         try:
             try:
                 kv = await js.key_value(subjects.CONFIG_BUCKET)
@@ -177,13 +194,17 @@ class ArtifactStore:
         self.stream = f"OBJ_{self.bucket}"
 
     @classmethod
-    async def open(cls, nc: Client) -> ArtifactStore:
+    async def open(cls, nc: Client, *, domain: str | None = None) -> ArtifactStore:
         """Bind to `hg_models`, creating it if needed.
+
+        Args:
+            nc: a connected client.
+            domain: JetStream domain (see `jetstream()`).
 
         Raises:
             Unavailable: JetStream is not enabled or not reachable.
         """
-        js = nc.jetstream()
+        js = jetstream(nc, domain)
         try:
             try:
                 obs = await js.object_store(subjects.MODELS_BUCKET)

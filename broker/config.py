@@ -1,0 +1,378 @@
+"""Render nats-server configuration files for real deployments.
+
+Topologies:
+
+- **standalone**: one server (JetStream on), what `hybridgen up` runs.
+- **cluster**: three (or more) servers in the cloud, one file per node, routes between
+  them, clustered JetStream. Cloud workers scale by joining the queue group anywhere.
+- **hub**: a server (or cluster node) with a leaf-node listener that edge sites dial.
+- **leaf**: a server at an edge site with a remote to the hub: edge nodes talk to their
+  local leaf; queue groups prefer local subscribers, everything else crosses the link.
+
+Users carry a role, and each role gets subject permissions (`ROLE_PERMISSIONS`):
+
+- `edge`: request `hg.gen.>` and cancel; publish its own telemetry/events; answer its
+  control subjects and `$SRV` discovery; read the fleet config (KV) and pull artifacts.
+- `cloud`: subscribe `hg.gen.>`/`hg.cancel.>` and answer (`allow_responses`); publish its
+  telemetry/events; answer control and discovery. It cannot send generation requests.
+- `api`: like an edge for requests (the cloud HTTP API), without KV/artifact access.
+- `operator`: read all telemetry/events, send control requests, discover services, and
+  manage the fleet config and artifacts (JetStream API).
+
+A user with a `node_id` is limited to that node's telemetry, events and control subjects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from broker import subjects
+
+Role = Literal["edge", "cloud", "api", "operator"]
+Topology = Literal["standalone", "hub", "leaf", "cluster"]
+ROLES: tuple[Role, ...] = ("edge", "cloud", "api", "operator")
+
+_KV_STREAM = f"KV_{subjects.CONFIG_BUCKET}"
+_OBJ_STREAM = f"OBJ_{subjects.MODELS_BUCKET}"
+
+
+def _stream_read_api(stream: str, domain: str | None = None) -> list[str]:
+    """JetStream API subjects a client needs to read one stream (get, watch, pull)."""
+    subjects_ = _stream_read_api_of("$JS.API", stream)
+    if domain:
+        subjects_ += _stream_read_api_of(f"$JS.{domain}.API", stream)
+    return [*subjects_, f"$JS.FC.{stream}.>"]
+
+
+def _stream_read_api_of(api: str, stream: str) -> list[str]:
+    return [
+        f"{api}.INFO",
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+    ]
+
+
+#: A plain `allow_responses: true` allows ONE reply per request; a generation streams many
+#: chunks to the same inbox, so responders get a budget of replies for a while instead.
+RESPONSE_MAX_MSGS = 100_000
+RESPONSE_EXPIRES = "10m"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subject permissions of one user (`allow_responses` lets it answer any request)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+
+def permissions_for(
+    role: Role, node_id: str | None = None, js_domain: str | None = None
+) -> Permissions:
+    """The subject permissions of a role.
+
+    Args:
+        role: edge, cloud, api or operator.
+        node_id: limit telemetry, events and control to this node's subjects.
+        js_domain: also allow the JetStream API of this domain (clients of a leaf node).
+    """
+    node = subjects.token(node_id, what="node_id") if node_id else "*"
+    own_telemetry = f"hg.telemetry.{role}.{node}" if node_id else f"hg.telemetry.{role}.>"
+    own_events = f"hg.events.{role}.{node}" if node_id else f"hg.events.{role}.>"
+    own_control = f"hg.ctl.{node}.>" if node_id else "hg.ctl.>"
+    discovery = "$SRV.>"
+    if role == "edge":
+        return Permissions(
+            publish=(
+                subjects.GEN_ALL,
+                subjects.CANCEL_ALL,
+                own_telemetry,
+                own_events,
+                *dict.fromkeys(
+                    _stream_read_api(_KV_STREAM, js_domain)
+                    + _stream_read_api(_OBJ_STREAM, js_domain)
+                ),
+            ),
+            subscribe=("_INBOX.>", own_control, discovery),
+            allow_responses=True,
+        )
+    if role == "cloud":
+        return Permissions(
+            publish=(own_telemetry, own_events),
+            subscribe=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_control, discovery, "_INBOX.>"),
+            allow_responses=True,
+        )
+    if role == "api":
+        return Permissions(
+            publish=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_telemetry, own_events),
+            subscribe=("_INBOX.>", own_control, discovery),
+            allow_responses=True,
+        )
+    if role == "operator":
+        return Permissions(
+            publish=(
+                subjects.CONTROL_ALL,
+                discovery,
+                "$JS.API.>",
+                *([f"$JS.{js_domain}.API.>"] if js_domain else []),
+                f"$KV.{subjects.CONFIG_BUCKET}.>",
+                f"$O.{subjects.MODELS_BUCKET}.>",
+                "$JS.FC.>",
+                "$JS.ACK.>",
+                "hg.events.operator.>",
+            ),
+            subscribe=(subjects.TELEMETRY_ALL, subjects.EVENTS_ALL, "_INBOX.>"),
+        )
+    raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+@dataclass(frozen=True)
+class User:
+    """A client user: name, password, role, and optionally the one node it may speak for."""
+
+    name: str
+    password: str
+    role: Role
+    node_id: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> User:
+        """Parse `name:password:role[:node_id]` (the CLI's `--user`)."""
+        parts = spec.split(":")
+        if len(parts) not in (3, 4) or not all(parts[:3]):
+            raise ValueError(f"user {spec!r}: expected NAME:PASSWORD:ROLE[:NODE_ID]")
+        role = parts[2]
+        if role not in ROLES:
+            raise ValueError(f"user {parts[0]!r}: unknown role {role!r}; one of {', '.join(ROLES)}")
+        return cls(parts[0], parts[1], role, parts[3] if len(parts) == 4 and parts[3] else None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A TLS block: certificate, key, the CA that verifies peers, and whether to verify."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    verify: bool = False
+
+
+@dataclass
+class ServerConfig:
+    """Everything one server's config file says.
+
+    Attributes:
+        topology: standalone, hub, leaf or cluster.
+        name: `server_name` (must be unique in a cluster / across leaf links with JetStream).
+        host: client listen address.
+        port: client port (-1: random).
+        http_port: monitoring port (`/varz`, `/healthz`); None: off.
+        store_dir: JetStream store directory; None leaves JetStream off.
+        js_domain: JetStream domain. A hub serves it (so clients of leaf nodes, which run
+            no JetStream, reach the hub's with `nc.jetstream(domain=...)`); on a leaf it
+            only widens the users' permissions to that domain's API subjects.
+        max_payload: largest message in bytes (None: nats-server's 1 MiB).
+        users: client users (none: no authentication).
+        tls: client TLS.
+        leaf_port: hub's leaf-node listener port (-1: random).
+        leaf_user: user leaf nodes authenticate as on the hub (with `leaf_password`).
+        leaf_password: its password.
+        leaf_tls: TLS of the leaf-node listener (hub) or of the remote (leaf; only `ca` used
+            unless the hub verifies client certificates).
+        remotes: hub URLs a leaf dials (`nats-leaf://host:7422`; credentials are added from
+            `leaf_user`/`leaf_password`).
+        cluster_name: name shared by every node of a cluster.
+        cluster_host: route listen address.
+        cluster_port: route port.
+        routes: every node's route URL (`nats-route://host:6222`); a node's own is harmless.
+        cluster_user: route authentication user (with `cluster_password`).
+        cluster_password: its password.
+    """
+
+    topology: Topology = "standalone"
+    name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 4222
+    http_port: int | None = None
+    store_dir: Path | None = None
+    js_domain: str | None = None
+    max_payload: int | None = None
+    users: list[User] = field(default_factory=list)
+    tls: TLSFiles | None = None
+    leaf_port: int | None = None
+    leaf_user: str | None = None
+    leaf_password: str | None = None
+    leaf_tls: TLSFiles | None = None
+    remotes: list[str] = field(default_factory=list)
+    cluster_name: str = "hybridgen"
+    cluster_host: str = "0.0.0.0"
+    cluster_port: int = 6222
+    routes: list[str] = field(default_factory=list)
+    cluster_user: str | None = None
+    cluster_password: str | None = None
+
+
+def _q(value: object) -> str:
+    """A quoted config string (JSON string syntax is valid nats-server config)."""
+    return json.dumps(str(value))
+
+
+def _list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(_q(v) for v in values) + "]"
+
+
+def _tls_block(tls: TLSFiles, indent: str, *, remote: bool = False) -> list[str]:
+    lines = [f"{indent}tls {{"]
+    if not remote or tls.verify:
+        lines += [f"{indent}  cert_file: {_q(tls.cert)}", f"{indent}  key_file: {_q(tls.key)}"]
+    if tls.ca is not None:
+        lines.append(f"{indent}  ca_file: {_q(tls.ca)}")
+    if tls.verify and not remote:
+        lines.append(f"{indent}  verify: true")
+    lines.append(f"{indent}  timeout: 2")
+    return [*lines, f"{indent}}}"]
+
+
+def _users_block(users: Sequence[User], js_domain: str | None) -> list[str]:
+    lines = ["authorization {", "  users: ["]
+    for user in users:
+        perms = permissions_for(user.role, user.node_id, js_domain)
+        lines += [
+            f"    {{  # role: {user.role}" + (f", node: {user.node_id}" if user.node_id else ""),
+            f"      user: {_q(user.name)}",
+            f"      password: {_q(user.password)}",
+            "      permissions: {",
+            f"        publish: {{ allow: {_list(perms.publish)} }}",
+            f"        subscribe: {{ allow: {_list(perms.subscribe)} }}",
+        ]
+        if perms.allow_responses:
+            lines.append(
+                f"        allow_responses: {{ max: {RESPONSE_MAX_MSGS}, "
+                f"expires: {_q(RESPONSE_EXPIRES)} }}"
+            )
+        lines += ["      }", "    }"]
+    return [*lines, "  ]", "}"]
+
+
+def _with_credentials(url: str, user: str | None, password: str | None) -> str:
+    if not user or "@" in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "nats-leaf", url
+    return f"{scheme}://{user}:{password or ''}@{rest}"
+
+
+def render(config: ServerConfig) -> str:
+    """The text of one nats-server config file.
+
+    Raises:
+        ValueError: an inconsistent configuration (a leaf without remotes, ...).
+    """
+    if config.topology == "leaf" and not config.remotes:
+        raise ValueError("a leaf node needs at least one remote (the hub's leaf-node URL)")
+    if config.topology == "cluster" and not config.routes:
+        raise ValueError("a cluster node needs the route URLs of its peers")
+    lines = [f"# hybridgen nats-server config: {config.topology}"]
+    if config.name:
+        lines.append(f"server_name: {_q(config.name)}")
+    lines += [f"host: {_q(config.host)}", f"port: {config.port}"]
+    if config.http_port is not None:
+        lines.append(f"http_port: {config.http_port}")
+    if config.max_payload is not None:
+        lines.append(f"max_payload: {config.max_payload}")
+    if config.store_dir is not None:
+        domain = f"domain: {_q(config.js_domain)}, " if config.js_domain else ""
+        lines.append(f"jetstream {{ {domain}store_dir: {_q(config.store_dir)} }}")
+    if config.tls is not None:
+        lines += _tls_block(config.tls, "")
+    if config.users:
+        lines += _users_block(config.users, config.js_domain)
+    if config.topology == "hub":
+        lines += [
+            "leafnodes {",
+            f"  host: {_q(config.host)}",
+            f"  port: {config.leaf_port if config.leaf_port is not None else 7422}",
+        ]
+        if config.leaf_user:
+            lines += [
+                "  authorization {",
+                f"    user: {_q(config.leaf_user)}",
+                f"    password: {_q(config.leaf_password or '')}",
+                "  }",
+            ]
+        if config.leaf_tls is not None:
+            lines += _tls_block(config.leaf_tls, "  ")
+        lines.append("}")
+    if config.topology == "leaf":
+        urls = [
+            _with_credentials(u, config.leaf_user, config.leaf_password) for u in config.remotes
+        ]
+        lines += ["leafnodes {", "  remotes: [", "    {", f"      urls: {_list(urls)}"]
+        if config.leaf_tls is not None:
+            lines += _tls_block(config.leaf_tls, "      ", remote=True)
+        lines += ["    }", "  ]", "}"]
+    if config.topology == "cluster":
+        lines += [
+            "cluster {",
+            f"  name: {_q(config.cluster_name)}",
+            f"  host: {_q(config.cluster_host)}",
+            f"  port: {config.cluster_port}",
+        ]
+        if config.cluster_user:
+            lines += [
+                "  authorization {",
+                f"    user: {_q(config.cluster_user)}",
+                f"    password: {_q(config.cluster_password or '')}",
+                "  }",
+            ]
+        routes = [
+            _with_credentials(r, config.cluster_user, config.cluster_password)
+            for r in config.routes
+        ]
+        lines += [f"  routes: {_list(routes)}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def cluster_configs(
+    hosts: Sequence[str],
+    *,
+    client_port: int = 4222,
+    cluster_port: int = 6222,
+    store_dir: Path | None = Path("/var/lib/hybridgen/nats"),
+    **common: object,
+) -> list[str]:
+    """One config per node of a cluster whose node `i` runs on `hosts[i]`.
+
+    Every node listens on the same ports; routes name every node. Extra keyword
+    arguments go to each node's `ServerConfig` (users, tls, cluster_name, ...).
+    """
+    if len(hosts) < 3:
+        raise ValueError("a JetStream cluster needs at least 3 nodes")
+    routes = [f"nats-route://{host}:{cluster_port}" for host in hosts]
+    return [
+        render(
+            ServerConfig(
+                topology="cluster",
+                name=f"hg-{index + 1}",
+                port=client_port,
+                cluster_port=cluster_port,
+                routes=routes,
+                store_dir=store_dir,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+        for index in range(len(hosts))
+    ]

@@ -1,0 +1,231 @@
+"""Rendered configs: accepted by nats-server, leaf-to-hub routing, per-role permissions."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from broker import errors, subjects, wire
+from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render
+from broker.server import NatsServer, find_nats_server
+from broker.store import ArtifactStore, FleetConfig
+
+MODEL = "hg-cloud"
+USERS = [
+    User("edge1", "edge-pw", "edge", node_id="edge-1"),
+    User("cloud1", "cloud-pw", "cloud"),
+    User("api", "api-pw", "api"),
+    User("ops", "ops-pw", "operator"),
+]
+
+
+def check_config(path: Path) -> None:
+    result = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, (path.read_text(), result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("certs")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem"),
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return TLSFiles(cert=folder / "cert.pem", key=folder / "key.pem", ca=folder / "cert.pem")
+
+
+def test_every_topology_passes_nats_server_check(tmp_path: Path, certs: TLSFiles) -> None:
+    configs = {
+        "standalone": ServerConfig(
+            store_dir=tmp_path / "s", users=USERS, tls=certs, http_port=8222
+        ),
+        "hub": ServerConfig(
+            topology="hub",
+            store_dir=tmp_path / "h",
+            users=USERS,
+            leaf_user="leaf",
+            leaf_password="leaf-pw",
+            leaf_tls=certs,
+        ),
+        "leaf": ServerConfig(
+            topology="leaf",
+            users=USERS[:1],
+            remotes=["tls://hub.example.com:7422"],
+            leaf_user="leaf",
+            leaf_password="leaf-pw",
+            leaf_tls=TLSFiles(cert=certs.cert, key=certs.key, ca=certs.ca),
+        ),
+    }
+    for name, config in configs.items():
+        path = tmp_path / f"{name}.conf"
+        path.write_text(render(config))
+        check_config(path)
+    texts = cluster_configs(
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        store_dir=tmp_path / "c",
+        users=USERS,
+        cluster_user="route",
+        cluster_password="route-pw",
+    )
+    assert len(texts) == 3 and 'server_name: "hg-3"' in texts[2]
+    for index, text in enumerate(texts):
+        path = tmp_path / f"cluster-{index}.conf"
+        path.write_text(text)
+        check_config(path)
+
+
+def test_render_refuses_inconsistent_configs() -> None:
+    with pytest.raises(ValueError, match="remote"):
+        render(ServerConfig(topology="leaf"))
+    with pytest.raises(ValueError, match="route URLs"):
+        render(ServerConfig(topology="cluster"))
+    with pytest.raises(ValueError, match="role"):
+        User.parse("a:b:wizard")
+    assert User.parse("e:pw:edge:edge-7") == User("e", "pw", "edge", "edge-7")
+
+
+async def echo(request: wire.GenerateRequest, responder: Responder) -> None:
+    for word in request.prompt.split():
+        await responder.chunk(word)
+    await responder.done("stop", wire.Usage(prompt_tokens=1, completion_tokens=1))
+
+
+async def test_leaf_client_reaches_hub_responder(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    hub_conf = tmp_path / "hub.conf"
+    hub_conf.write_text(
+        render(ServerConfig(topology="hub", host="127.0.0.1", port=-1, leaf_port=-1,
+                            store_dir=tmp_path / "hub-store", leaf_user="leaf", js_domain="hub",
+                            leaf_password="pw"))
+    )  # fmt: skip
+    hub: NatsServer = await start_nats("hub", config_file=hub_conf)
+    assert hub.leafnode_port
+    leaf_conf = tmp_path / "leaf.conf"
+    leaf_conf.write_text(
+        render(ServerConfig(topology="leaf", host="127.0.0.1", port=-1,
+                            remotes=[f"nats-leaf://127.0.0.1:{hub.leafnode_port}"],
+                            leaf_user="leaf", leaf_password="pw"))
+    )  # fmt: skip
+    leaf: NatsServer = await start_nats("leaf", config_file=leaf_conf, jetstream=False)
+    worker = await connect(hub.client_url, name="hub-worker")
+    client = await connect(leaf.client_url, name="leaf-client")
+    try:
+        async with GenerationService(worker, model=MODEL, handler=echo, node_id="cloud-hub"):
+            deadline = time.monotonic() + 5
+            while True:  # the leaf link and the interest take a moment to propagate
+                try:
+                    request = wire.GenerateRequest(
+                        request_id=wire.new_request_id(), model=MODEL, prompt="via the leaf"
+                    )
+                    async with request_stream(client, request) as stream:
+                        text, done = await stream.collect()
+                    break
+                except errors.NoResponders:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+        assert text == "viatheleaf" and done.served_by == "cloud-hub"
+        # JetStream lives on the hub (domain "hub"); the leaf's clients read it across the
+        # link: config gets and watches, artifact pulls.
+        await (await FleetConfig.open(worker)).put("policy.default", {"x": 1})
+        await (await ArtifactStore.open(worker)).put_bytes("blob", b"y" * 300_000)
+        config = await FleetConfig.open(client, domain="hub")
+        assert await config.get("policy.default") == {"x": 1}
+        async for key, value in config.watch("policy.default"):
+            assert (key, value) == ("policy.default", {"x": 1})
+            break
+        store = await ArtifactStore.open(client, domain="hub")
+        assert await store.get_bytes("blob") == b"y" * 300_000
+    finally:
+        await client.close()
+        await worker.close()
+
+
+@pytest.fixture
+async def secured(tmp_path: Path, start_nats) -> NatsServer:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "secure.conf"
+    conf.write_text(
+        render(ServerConfig(host="127.0.0.1", port=-1, users=USERS, store_dir=tmp_path / "js"))
+    )
+    server: NatsServer = await start_nats("secure", config_file=conf)
+    return server
+
+
+async def connect_as(url: str, user: str, password: str, seen: list[Exception]) -> Client:
+    async def on_error(exc: Exception) -> None:
+        seen.append(exc)
+
+    return await connect(url, name=user, user=user, password=password, error_cb=on_error)
+
+
+async def wait_for_violation(seen: list[Exception], fragment: str) -> str:
+    for _ in range(100):
+        for exc in seen:
+            if "permissions violation" in str(exc).lower() and fragment in str(exc):
+                return str(exc)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no permissions violation for {fragment!r}; errors: {seen}")
+
+
+async def test_role_permissions(secured: NatsServer) -> None:
+    url = secured.client_url
+    seen: list[Exception] = []
+    ops = await connect_as(url, "ops", "ops-pw", seen)
+    cloud = await connect_as(url, "cloud1", "cloud-pw", seen)
+    edge = await connect_as(url, "edge1", "edge-pw", seen)
+    try:
+        # Operator manages the buckets; the edge reads them.
+        config = await FleetConfig.open(ops)
+        await config.put("policy.default", {"threshold": 2})
+        store = await ArtifactStore.open(ops)
+        await store.put_bytes("m/manifest.json", b"{}" * 100_000)
+
+        async with GenerationService(cloud, model=MODEL, handler=echo, node_id="cloud-a"):
+            # The edge streams from the cloud worker (many replies on one inbox).
+            request = wire.GenerateRequest(
+                request_id=wire.new_request_id(), model=MODEL, prompt="a b c d e f g h"
+            )
+            async with request_stream(edge, request) as stream:
+                text, _ = await stream.collect()
+            assert text == "abcdefgh"
+
+            # A cloud worker may not send generation requests.
+            await cloud.publish(subjects.gen(MODEL), b"")
+            message = await wait_for_violation(seen, "hg.gen.hg-cloud")
+            assert "publish" in message.lower()
+            # An edge may not serve generation.
+            await edge.subscribe(subjects.GEN_ALL)
+            await wait_for_violation(seen, "hg.gen.>")
+            # An edge may not publish another node's telemetry.
+            await edge.publish(subjects.telemetry("edge", "edge-2"), b"")
+            await wait_for_violation(seen, "hg.telemetry.edge.edge-2")
+
+        edge_config = await FleetConfig.open(edge)
+        assert await edge_config.get("policy.default") == {"threshold": 2}
+        edge_store = await ArtifactStore.open(edge)
+        assert await edge_store.get_bytes("m/manifest.json") == b"{}" * 100_000
+    finally:
+        for client in (edge, cloud, ops):
+            await client.close()
+
+
+async def test_bad_credentials_unauthorized(secured: NatsServer) -> None:
+    started = time.perf_counter()
+    with pytest.raises(errors.Unauthorized):
+        await connect(secured.client_url, name="x", user="edge1", password="wrong")
+    assert time.perf_counter() - started < 2.5
