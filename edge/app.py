@@ -118,9 +118,10 @@ class EdgeService:
         """Pull a model set from the object store with the models part's (torch-free) code."""
         if self.link.nc is None:
             raise NotFound(f"model set {version!r} is not installed and the bus is unavailable")
-        from models import pull  # type: ignore[attr-defined]
+        from models import distribution
 
-        return await pull.pull_model_set(self.link.nc, version)
+        logger.info("pulling model set %s from the object store", version)
+        return await distribution.pull(self.link.nc, version)
 
     async def close(self) -> None:
         await self.link.close()

@@ -96,11 +96,11 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
                 direct, via_edge = [], []
                 async with httpx.AsyncClient(transport=transport, base_url="http://edge") as http:
                     for index in range(rounds + 5):
-                        request = wire.GenerateRequest(
+                        bus_request = wire.GenerateRequest(
                             request_id=wire.new_request_id(), model="hg-cloud", prompt="hello"
                         )
                         started = time.perf_counter()
-                        async with request_stream(client_nc, request) as stream:
+                        async with request_stream(client_nc, bus_request) as stream:
                             await stream.collect()
                         direct_ms = (time.perf_counter() - started) * 1e3
                         started = time.perf_counter()

@@ -1,0 +1,545 @@
+"""A live edge (uvicorn) + a real nats-server + a real cloud worker, driven by the openai client.
+
+Everything runs in the test's event loop except the models, which run in their own threads
+(the edge's onnxruntime-genai worker, the cloud engine's batching thread). The models are the
+session's tiny model set (`tiny_models`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from nats.aio.client import Client
+
+from broker import subjects, wire
+from broker.bus import GenerationService, Responder, connect, send_control
+from broker.server import NatsServer
+from broker.store import FleetConfig
+from edge.app import create_app
+from edge.runtime import EdgeRuntime, Prefill, SamplingOptions
+from edge.settings import EdgeSettings
+from models.chat import render_chat
+from models.registry import ModelSet
+
+pytestmark = pytest.mark.slow
+
+IN_DOMAIN = (
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+    "software and associated documentation files, to deal in the Software without restriction"
+)
+OUT_OF_DOMAIN = (
+    "def __init__(self, *args, **kwargs):\n    Return a new OrderedDict whose keys are the "
+    "elements of the iterable; raise TypeError if self.maxlen is None"
+)
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@dataclass
+class LiveEdge:
+    app: FastAPI
+    url: str
+    node_id: str
+
+    @property
+    def node(self) -> Any:
+        return self.app.state.service.node
+
+    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
+        )
+
+
+@asynccontextmanager
+async def serve_edge(settings: EdgeSettings) -> AsyncIterator[LiveEdge]:
+    """Run the edge app under a real uvicorn server on a free port, in this event loop."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield LiveEdge(app, f"http://127.0.0.1:{port}", settings.node_id or "")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+def edge_dir(tiny_models: ModelSet) -> Path:
+    return tiny_models.edge_dir("int4")
+
+
+@pytest.fixture
+async def start_edge(
+    edge_dir: Path, nats_url: str
+) -> AsyncIterator[Callable[..., Awaitable[LiveEdge]]]:
+    """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after."""
+    stack = contextlib.AsyncExitStack()
+    count = 0
+
+    async def start(**overrides: Any) -> LiveEdge:
+        nonlocal count
+        count += 1
+        values: dict[str, Any] = {
+            "model_dir": edge_dir,
+            "nats_url": nats_url,
+            "node_id": f"edge-test-{count}",
+            "threads": 1,
+            "reconnect_s": 0.2,
+            **overrides,
+        }
+        return await stack.enter_async_context(serve_edge(EdgeSettings(**values)))
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+async def start_worker(
+    nats_url: str, tiny_models: ModelSet
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """`await start_worker()` -> a real cloud worker (tiny cloud model), closed after."""
+    from cloud.engine import Engine, EngineConfig
+    from cloud.settings import WorkerSettings
+    from cloud.worker import CloudWorker
+
+    workers: list[Any] = []
+    clients: list[Client] = []
+
+    async def start(**overrides: Any) -> Any:
+        nc = await connect(nats_url, name="test-cloud-worker")
+        clients.append(nc)
+        settings = WorkerSettings(model_dir=tiny_models.cloud_dir, threads=1, **overrides)
+        config = EngineConfig(threads=1, cache_tokens=2048, max_batch_tokens=256)
+        engine = await asyncio.to_thread(Engine.load, tiny_models.cloud_dir, config=config)
+        worker = CloudWorker(nc, settings, engine)
+        worker._own_engine = True
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            await worker.close()
+        for nc in clients:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
+    for _ in range(int(within / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check(), "condition not met in time"
+
+
+def extra(obj: Any) -> dict[str, Any]:
+    return dict(obj.model_extra or {})
+
+
+async def chat(edge: LiveEdge, content: str, **kwargs: Any) -> Any:
+    extra_body = {k: kwargs.pop(k) for k in ("route", "local_only") if k in kwargs}
+    async with edge.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=kwargs.pop("model", "hg-edge"),
+            messages=[{"role": "user", "content": content}],
+            max_tokens=kwargs.pop("max_tokens", 8),
+            temperature=0,
+            extra_body=extra_body or None,
+            **kwargs,
+        )
+    body = raw.parse()
+    fields = extra(body)
+    assert raw.headers["x-hybridgen-served-by"] == fields["served_by"]
+    assert raw.headers["x-hybridgen-route-reason"] == fields["route_reason"]
+    assert raw.headers["x-request-id"] == fields["request_id"]
+    assert body.id.endswith(fields["request_id"])
+    return body
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+async def test_local_answer_plain_and_streamed(start_edge: Callable[..., Any]) -> None:
+    edge = await start_edge()
+    body = await chat(edge, "hello there")
+    assert extra(body)["served_by"] == "edge"
+    assert extra(body)["route_reason"] == "in_domain"
+    assert body.model == "hg-edge"
+    assert body.choices[0].finish_reason in ("stop", "length")
+    assert body.usage.completion_tokens >= 1
+
+    async with edge.client() as client:
+        stream = await client.completions.create(
+            model="hg-edge", prompt="The program", max_tokens=6, stream=True, temperature=0
+        )
+        chunks = [chunk async for chunk in stream]
+    first = extra(chunks[0])
+    assert first["served_by"] == "edge" and first["route_reason"] and first["request_id"]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len({extra(c)["request_id"] for c in chunks}) == 1
+
+    async with edge.client() as client:
+        models = await client.models.list()
+    assert [m.id for m in models.data] == ["hg-edge", "hg-cloud"]
+
+
+async def test_forced_cloud_and_cloud_model(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any], nc: Client
+) -> None:
+    await start_worker()
+    edge = await start_edge()
+    events: list[wire.Event] = []
+
+    async def on_event(msg: Any) -> None:
+        events.append(wire.decode(msg.data, wire.Event))
+
+    await nc.subscribe(subjects.events("edge", edge.node_id), cb=on_event)
+    body = await chat(edge, "hello", route="cloud")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "requested_cloud")
+    assert body.model == "hg-cloud"
+    assert body.usage.completion_tokens >= 1
+
+    body = await chat(edge, "hello", model="hg-cloud")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "cloud_model")
+
+    async with edge.client() as client:
+        stream = await client.chat.completions.create(
+            model="hg-edge",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+            extra_body={"route": "cloud"},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert extra(chunks[0])["served_by"] == "cloud"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    await eventually(lambda: any(e.request_id == extra(body)["request_id"] for e in events))
+    assert all(e.kind == "fallback" for e in events)
+
+
+async def test_context_overflow_goes_to_cloud(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    await start_worker()
+    edge = await start_edge()
+    context = edge.node.runtime.context_length  # 128 for the tiny edge model
+    body = await chat(edge, "word " * 20, max_tokens=context)
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "context_overflow")
+
+
+async def test_cloud_stopped_answers_locally_and_breaker_recovers(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    policy = {"breaker": {"failure_threshold": 2, "open_seconds": 0.5}}
+    edge = await start_edge(policy=policy)
+    for _ in range(2):  # no worker: no responders, answered locally
+        body = await chat(edge, "hello", route="cloud")
+        assert (extra(body)["served_by"], extra(body)["route_reason"]) == (
+            "edge",
+            "cloud_unavailable",
+        )
+    assert edge.node.breaker.state == "open"
+    body = await chat(edge, "hello", model="hg-cloud")  # breaker open: not even tried
+    assert extra(body)["route_reason"] == "cloud_unavailable" and body.model == "hg-edge"
+
+    await start_worker()
+    await asyncio.sleep(0.6)  # half-open: the next request is a probe; its success closes it
+    body = await chat(edge, "hello", route="cloud")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "requested_cloud")
+    assert edge.node.breaker.state == "closed"
+
+
+async def test_local_only_publishes_nothing(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any], nc: Client
+) -> None:
+    await start_worker()
+    edge = await start_edge(telemetry_interval_s=3600)  # no heartbeat during the test
+    seen: list[str] = []
+
+    async def spy(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    await nc.subscribe("hg.>", cb=spy)
+    await nc.flush()
+    for route in ("cloud", "auto"):
+        body = await chat(edge, "a private note", route=route, local_only=True)
+        assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "local_only")
+    body = await chat(edge, "secret", model="hg-cloud", local_only=True)
+    assert extra(body)["served_by"] == "edge"
+    async with edge.client() as client:  # streamed too
+        stream = await client.completions.create(
+            model="hg-edge",
+            prompt="x",
+            max_tokens=4,
+            stream=True,
+            extra_body={"local_only": True, "route": "cloud"},
+        )
+        reasons = [extra(c)["route_reason"] async for c in stream]
+        assert reasons[0] == "local_only"
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert seen == []
+    # ... while a normal cloud request is visible to the same spy.
+    await chat(edge, "public", route="cloud")
+    await eventually(lambda: subjects.gen("hg-cloud") in seen)
+
+
+async def _perplexity(edge_dir: Path, text: str) -> float:
+    runtime = EdgeRuntime(edge_dir, threads=1)
+    try:
+        prompt = runtime.encode(render_chat([{"role": "user", "content": text}]))
+        generation = runtime.submit(prompt, SamplingOptions(max_tokens=1), hold_after_prefill=True)
+        prefill = await generation.next_event()
+        generation.cancel()
+        assert isinstance(prefill, Prefill) and prefill.perplexity is not None
+        return prefill.perplexity
+    finally:
+        await runtime.close()
+
+
+async def test_out_of_domain_escalates_in_domain_stays_and_kv_policy_is_live(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any], nc: Client, edge_dir: Path
+) -> None:
+    ppl_in = await _perplexity(edge_dir, IN_DOMAIN)
+    ppl_out = await _perplexity(edge_dir, OUT_OF_DOMAIN)
+    await start_worker()
+    edge = await start_edge()
+    config = await FleetConfig.open(nc)
+
+    async def policy_is(threshold: float) -> None:
+        await eventually(lambda: edge.node.policy.perplexity_threshold == threshold)
+
+    if ppl_in < ppl_out:  # the tiny edge model separates them: one threshold does both
+        thresholds = {"in": (ppl_in * ppl_out) ** 0.5, "out": (ppl_in * ppl_out) ** 0.5}
+    else:  # not separated by this tiny model: force each side
+        thresholds = {"in": ppl_in * 1.01, "out": ppl_out * 0.99}
+
+    await config.put(subjects.policy_key(), {"perplexity_threshold": thresholds["out"]})
+    await policy_is(thresholds["out"])
+    body = await chat(edge, OUT_OF_DOMAIN)
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "low_confidence")
+
+    await config.put(subjects.policy_key(), {"perplexity_threshold": thresholds["in"]})
+    await policy_is(thresholds["in"])
+    body = await chat(edge, IN_DOMAIN)
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "in_domain")
+
+    # A per-node override wins over the fleet default, live.
+    await config.put(subjects.policy_key(edge.node_id), {"perplexity_threshold": 1.0})
+    await policy_is(1.0)
+    body = await chat(edge, IN_DOMAIN)
+    assert extra(body)["route_reason"] == "low_confidence"
+    # ... and so does the set-policy control verb (it writes the node override).
+    reply = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": 1e9})
+    assert reply.ok, reply.message
+    assert (await config.get(subjects.policy_key(edge.node_id)))["perplexity_threshold"] == 1e9
+    body = await chat(edge, OUT_OF_DOMAIN)
+    assert extra(body)["route_reason"] == "in_domain"
+    bad = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": -3})
+    assert not bad.ok and "perplexity_threshold" in bad.message
+
+
+async def test_hot_swap_under_load_loses_no_request(
+    start_edge: Callable[..., Any], nc: Client, tiny_models: ModelSet
+) -> None:
+    edge = await start_edge(max_active=2)
+    old_runtime = edge.node.runtime
+
+    async def one(index: int) -> str:
+        async with edge.client() as client:
+            stream = await client.completions.create(
+                model="hg-edge",
+                prompt=f"line {index}",
+                max_tokens=24,
+                stream=True,
+                temperature=0,
+                extra_body={"local_only": True},
+            )
+            finish = None
+            async for chunk in stream:
+                finish = chunk.choices[0].finish_reason if chunk.choices else finish
+            assert finish in ("stop", "length")
+            return "ok"
+
+    tasks = [asyncio.create_task(one(i)) for i in range(10)]
+    await asyncio.sleep(0.05)
+    fp32 = tiny_models.edge_dir("fp32")
+    reply = await send_control(nc, edge.node_id, "reload-model", {"model_dir": str(fp32)})
+    assert reply.ok, reply.message
+    later = [asyncio.create_task(one(i)) for i in range(10, 14)]
+    results = await asyncio.gather(*tasks, *later)
+    assert results == ["ok"] * 14
+    assert edge.node.runtime is not old_runtime
+    assert edge.node.runtime.model_dir == fp32
+    bad = await send_control(nc, edge.node_id, "reload-model", {"model_dir": "/nonexistent"})
+    assert not bad.ok
+
+
+async def test_drain_and_resume(start_edge: Callable[..., Any], nc: Client) -> None:
+    edge = await start_edge()
+    assert (await send_control(nc, edge.node_id, "drain")).ok
+    async with httpx.AsyncClient(base_url=edge.url) as http:
+        response = await http.post(
+            "/v1/completions", json={"model": "hg-edge", "prompt": "x", "max_tokens": 2}
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "overloaded"
+        assert (await http.get("/readyz")).status_code == 503
+        assert (await send_control(nc, edge.node_id, "resume")).ok
+        assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_heartbeat(start_edge: Callable[..., Any], nc: Client) -> None:
+    beats: list[wire.Heartbeat] = []
+
+    async def on_beat(msg: Any) -> None:
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    await nc.subscribe(subjects.telemetry_of_role("edge"), cb=on_beat)
+    edge = await start_edge(telemetry_interval_s=0.2)
+    await chat(edge, "hi")
+    await eventually(lambda: any(b.rps > 0 for b in beats))
+    beat = beats[-1]
+    assert beat.node_id == edge.node_id and beat.model == "hg-edge"
+    assert beat.model_version and beat.status == "ready"
+    assert "breaker" in beat.extra and "routes" in beat.extra
+
+
+async def test_mid_stream_cloud_failure_finishes_locally(
+    start_edge: Callable[..., Any], nats_url: str
+) -> None:
+    """A (stand-in) cloud worker that streams two chunks then goes silent."""
+
+    async def flaky(request: wire.GenerateRequest, responder: Responder) -> None:
+        await responder.chunk(text=" one", token_ids=[1])
+        await responder.chunk(text=" two", token_ids=[2])
+        await asyncio.sleep(30)
+
+    worker_nc = await connect(nats_url, name="flaky-worker")
+    async with GenerationService(worker_nc, model="hg-cloud", handler=flaky, node_id="flaky"):
+        edge = await start_edge(policy={"cloud_idle_timeout_ms": 300})
+        async with edge.client() as client:
+            stream = await client.completions.create(
+                model="hg-edge",
+                prompt="count:",
+                max_tokens=10,
+                stream=True,
+                extra_body={"route": "cloud"},
+            )
+            chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text.startswith(" one two")
+        assert extra(chunks[0])["served_by"] == "cloud"
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert extra(chunks[-1])["completed_by"] == "edge"
+        assert edge.node.counters.mid_stream_recoveries == 1
+    await worker_nc.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_bus_unreachable_serves_locally_then_reconnects(
+    start_edge: Callable[..., Any], tmp_path: Path
+) -> None:
+    port = _free_port()
+    edge = await start_edge(nats_url=f"nats://127.0.0.1:{port}")
+    body = await chat(edge, "hello", route="cloud")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "cloud_unavailable")
+    async with NatsServer(store_dir=tmp_path / "late", port=port):
+        await eventually(lambda: edge.node.bus_connected, within=15)
+        body = await chat(edge, "hello", route="cloud")  # no worker yet: still local
+        assert extra(body)["route_reason"] == "cloud_unavailable"
+
+
+def _chat_body(**fields: Any) -> bytes:
+    return json.dumps(
+        {"model": "hg-edge", "messages": [{"role": "user", "content": "x"}], **fields}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"\xff\xfe", 400, None),
+        (json.dumps({"model": "hg-edge"}).encode(), 400, "messages"),
+        (json.dumps({"model": "hg-edge", "messages": []}).encode(), 400, "messages"),
+        (
+            _chat_body(max_tokens="5"),
+            400,
+            "max_tokens",
+        ),
+        (
+            _chat_body(route="sideways"),
+            400,
+            "route",
+        ),
+        (
+            json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+            "model",
+        ),
+        (
+            _chat_body(max_tokens=4000, local_only=True),
+            400,
+            "max_tokens",
+        ),
+    ],
+)
+async def test_bad_inputs_are_coded_errors(
+    start_edge: Callable[..., Any], payload: bytes, status: int, param: str | None
+) -> None:
+    edge = await start_edge(no_cloud=True)
+    async with httpx.AsyncClient(base_url=edge.url) as http:
+        response = await http.post(
+            "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["code"]
+        if param is not None:
+            assert error["param"] == param
+        big = await http.post("/v1/completions", content=b"x" * (2 << 20))
+        assert big.status_code == 413
+        assert (await http.get("/healthz")).status_code == 200  # still serving
+
+
+async def test_openai_client_raises_on_bad_request(start_edge: Callable[..., Any]) -> None:
+    edge = await start_edge(no_cloud=True)
+    async with edge.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="hg-edge", messages=[], max_tokens=2)
+        assert caught.value.status_code == 400
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="nope", prompt="x")
