@@ -24,7 +24,9 @@ CHAT_TEMPLATE_JINJA = (
 )
 
 
-def render_chat(messages: Iterable[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+def render_chat(
+    messages: Iterable[Mapping[str, str]], *, add_generation_prompt: bool = True
+) -> str:
     """Render chat messages (`role`, `content`) as one prompt string.
 
     Raises:

@@ -189,6 +189,7 @@ def set_current(version: str, home: Path | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=base)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(version + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, base / CURRENT_NAME)
 
 

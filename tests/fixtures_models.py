@@ -1,1 +1,51 @@
-"""Model fixtures (filled in by the model-lifecycle work)."""
+"""Model fixtures: one tiny model set, built once per test session by the real build code.
+
+`tiny_models` is a `models.registry.ModelSet` (edge int4 + fp32 onnxruntime-genai builds,
+cloud and edge HF checkpoints, shared tokenizer) installed as CURRENT under its own HG_HOME,
+`tiny_models_home` (the environment is not changed: pass `home=` or set HG_HOME yourself).
+Tests must not modify it; copy it first (`copy_model_set`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.registry import ModelSet, models_home, resolve
+
+TINY_VERSION = "tiny-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_models_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HG_HOME holding the session's tiny model set (built on first use)."""
+    from models.build import BuildOptions, build_model_set
+
+    home = tmp_path_factory.mktemp("hg_home_models")
+    build_model_set(
+        BuildOptions(
+            profile="tiny",
+            seed=0,
+            version=TINY_VERSION,
+            home=home,
+            precisions=("int4", "fp32"),
+            threads=1,
+            progress=False,
+        )
+    )
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_home: Path) -> ModelSet:
+    """The session's tiny `ModelSet` (read-only: copy it before changing anything)."""
+    return resolve(TINY_VERSION, tiny_models_home)
+
+
+def copy_model_set(model_set: ModelSet, home: Path) -> ModelSet:
+    """Copy a model set into another HG_HOME (same version) and return the copy."""
+    target = models_home(home) / model_set.version
+    shutil.copytree(model_set.root, target)
+    return resolve(model_set.version, home)

@@ -1,0 +1,245 @@
+"""`hybridgen models ...`: build, verify, list, publish and pull model sets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from broker.errors import HybridgenError
+from models import registry
+from models.corpus import DEFAULT_DOMAIN, SOURCES
+
+DESCRIPTION = """\
+Model sets: a small edge specialist and a larger cloud generalist sharing one tokenizer,
+plus onnxruntime-genai builds of the edge model, under $HG_HOME/models/<version>.
+"""
+
+BUILD_EPILOG = """\
+profiles:
+  tiny   seconds; for tests (edge ctx 128, cloud ctx 256)
+  quick  a few minutes on 2 cores; what `make up` builds first (edge ctx 256, cloud ctx 512)
+  full   longer, better models (edge ctx 512, cloud ctx 1024)
+
+From your own checkpoint (a local Hugging Face folder with config.json, weights and tokenizer
+files) instead of training:
+  hybridgen models build --edge-from ~/ckpt/my-llama --version mine
+The edge checkpoint must be an architecture the onnxruntime-genai builder converts (Llama,
+Mistral, Qwen, Phi, Gemma, SmolLM, ...; not GPT-2). Its tokenizer becomes the set's tokenizer.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridgen models",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def home(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--home", type=Path, help="data directory (default $HG_HOME or ~/.hybridgen)"
+        )
+
+    build = sub.add_parser(
+        "build",
+        help="train (or import) both models and build the edge model",
+        epilog=BUILD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument(
+        "--profile",
+        choices=["tiny", "quick", "full"],
+        default="quick",
+        help="size and training time (default quick)",
+    )
+    build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    build.add_argument("--version", help="model-set version (default <profile>-s<seed>-<time>)")
+    build.add_argument(
+        "--edge-from",
+        type=Path,
+        metavar="DIR",
+        help="use this local HF checkpoint as the edge model instead of training",
+    )
+    build.add_argument(
+        "--cloud-from",
+        type=Path,
+        metavar="DIR",
+        help="use this local HF checkpoint as the cloud model instead of training",
+    )
+    build.add_argument(
+        "--precision",
+        choices=["int4", "int8", "fp32"],
+        action="append",
+        help="edge build precision; repeat for several (default: profile's, int4)",
+    )
+    build.add_argument(
+        "--domain",
+        default=",".join(DEFAULT_DOMAIN),
+        help=f"comma-separated corpus sources the edge specialises in "
+        f"(default {','.join(DEFAULT_DOMAIN)}; known: {', '.join(SOURCES)})",
+    )
+    build.add_argument("--threads", type=int, default=2, help="torch/ORT threads (default 2)")
+    build.add_argument("--force", action="store_true", help="replace an installed same version")
+    build.add_argument(
+        "--no-set-current",
+        action="store_true",
+        help="do not make the new set the default (CURRENT)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    home(build)
+
+    verify = sub.add_parser("verify", help="re-check every file's sha256 against the manifest")
+    verify.add_argument("version", nargs="?", help="model-set version (default CURRENT)")
+    home(verify)
+
+    listing = sub.add_parser("list", help="show installed model sets")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    home(listing)
+
+    use = sub.add_parser("use", help="make an installed model set the default (CURRENT)")
+    use.add_argument("version")
+    home(use)
+
+    publish = sub.add_parser(
+        "publish", help="upload a model set to the NATS object store hg_models"
+    )
+    publish.add_argument("version", nargs="?", help="model-set version (default CURRENT)")
+    home(publish)
+
+    pull = sub.add_parser("pull", help="download, verify and install a model set from hg_models")
+    pull.add_argument("version", help="model-set version to fetch")
+    pull.add_argument("--force", action="store_true", help="replace an installed same version")
+    pull.add_argument("--set-current", action="store_true", help="make it the default after")
+    home(pull)
+    for p in (publish, pull):
+        p.add_argument("--nats-url", help="NATS server URL (default $HG_NATS_URL)")
+    return parser  # fmt: skip
+
+
+def _summary(model_set: registry.ModelSet) -> dict[str, Any]:
+    m = model_set.manifest
+    return {
+        "version": model_set.version,
+        "current": model_set.is_current(model_set.root.parent.parent),
+        "created": m.get("created"),
+        "profile": m.get("profile"),
+        "path": str(model_set.root),
+        "edge_parameters": m["models"][registry.EDGE_MODEL]["parameters"],
+        "cloud_parameters": m["models"][registry.CLOUD_MODEL]["parameters"],
+        "edge_context_length": model_set.edge_context_length,
+        "cloud_context_length": model_set.cloud_context_length,
+        "edge_precisions": model_set.edge_precisions,
+        "perplexity": model_set.perplexity,
+    }
+
+
+def _print_list(sets: list[registry.ModelSet]) -> None:
+    if not sets:
+        print("no model sets installed; run `hybridgen models build`")
+        return
+    print(f"{'':1} {'VERSION':<32} {'PROFILE':<7} {'EDGE':>7} {'CLOUD':>7} {'BUILDS':<14} "
+          f"{'PPL edge in/out':>17} {'PPL cloud in/out':>17}")  # fmt: skip
+    for s in sets:
+        info = _summary(s)
+        ppl = s.perplexity
+        e, c = ppl.get(registry.EDGE_MODEL, {}), ppl.get(registry.CLOUD_MODEL, {})
+        print(
+            f"{'*' if info['current'] else ' '} {s.version:<32} {info['profile']!s:<7} "
+            f"{info['edge_parameters'] / 1e6:>6.1f}M {info['cloud_parameters'] / 1e6:>6.1f}M "
+            f"{','.join(s.edge_precisions):<14} "
+            f"{e.get('in_domain', 0):>8.1f}/{e.get('out_of_domain', 0):<8.1f} "
+            f"{c.get('in_domain', 0):>8.1f}/{c.get('out_of_domain', 0):<8.1f}"
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        from models.build import BuildOptions, build_model_set
+
+        model_set = build_model_set(
+            BuildOptions(
+                profile=args.profile,
+                seed=args.seed,
+                version=args.version,
+                home=args.home,
+                edge_from=args.edge_from,
+                cloud_from=args.cloud_from,
+                precisions=tuple(args.precision) if args.precision else None,
+                domain=tuple(s.strip() for s in args.domain.split(",") if s.strip()),
+                threads=args.threads,
+                force=args.force,
+                set_current=not args.no_set_current,
+                progress=not args.no_progress,
+            )
+        )
+        if args.json:
+            print(json.dumps(_summary(model_set), indent=2))
+        else:
+            print(f"built model set {model_set.version} at {model_set.root}")
+            print(f"  took {model_set.manifest['timings']['total_s']} s")
+            for name, values in model_set.perplexity.items():
+                print(f"  held-out perplexity {name}: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in values.items()))  # fmt: skip
+        return 0
+    if args.command == "verify":
+        from models.manifest import verify
+
+        model_set = registry.resolve(args.version, args.home)
+        verify(model_set)
+        count = len(model_set.manifest.get("files", {}))
+        print(f"model set {model_set.version}: {count} files OK")
+        return 0
+    if args.command == "list":
+        sets = registry.list_model_sets(args.home)
+        if args.json:
+            print(json.dumps([_summary(s) for s in sets], indent=2))
+        else:
+            _print_list(sets)
+        return 0
+    if args.command == "use":
+        registry.set_current(args.version, args.home)
+        print(f"CURRENT is now {args.version}")
+        return 0
+    if args.command in ("publish", "pull"):
+        from models import distribution
+
+        if args.command == "publish":
+            model_set = registry.resolve(args.version, args.home)
+            count = asyncio.run(distribution.publish_cli(model_set, nats_url=args.nats_url))
+            print(f"published model set {model_set.version} ({count} files) to hg_models")
+        else:
+            model_set = asyncio.run(
+                distribution.pull_cli(
+                    args.version, home=args.home, nats_url=args.nats_url, force=args.force
+                )
+            )
+            if args.set_current:
+                registry.set_current(model_set.version, args.home)
+            print(f"pulled and verified model set {model_set.version} into {model_set.root}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `hybridgen models`."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _run(args)
+    except HybridgenError as exc:
+        print(f"hybridgen models: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hybridgen models: interrupted", file=sys.stderr)
+        return 130
