@@ -1,0 +1,172 @@
+"""`hybridgen bench hop`: what one NATS hop adds to a request.
+
+The same trivial handler is called (1) in-process and (2) through the embedded nats-server
+(request-reply between two connections), both with the wire codec on each side (encode
+the request, decode it, run the handler, encode the reply, decode it), so the difference
+is the hop itself: 5,000 sequential requests each (`--quick`: 1,000).
+
+Other parts add measurements of their own to the same JSON by appending an async function
+to `EXTRA_MEASUREMENTS`: it receives a `HopBench` (with a connected client, the server URL,
+and the request count) and returns a dict of extra fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from broker import subjects, wire
+from broker.bus import connect
+from broker.server import NatsServer
+
+BENCH_MODEL = "bench"
+GOALS = {"added_p50_ms": 0.5, "added_p99_ms": 2.0}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of samples, in the samples' unit."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
+def trivial_handler(request: wire.GenerateRequest) -> wire.Done:
+    """The benchmark's handler: answers at once, no generation."""
+    return wire.Done(
+        request_id=request.request_id,
+        seq=0,
+        finish_reason="stop",
+        usage=wire.Usage(prompt_tokens=len(request.prompt), completion_tokens=0),
+    )
+
+
+def _request() -> wire.GenerateRequest:
+    return wire.GenerateRequest(
+        request_id=wire.new_request_id(), model=BENCH_MODEL, prompt="hello " * 20
+    )
+
+
+@dataclass
+class HopBench:
+    """What extra measurements get: a connected client, the server URL, the request count."""
+
+    nc: Client
+    url: str
+    requests: int
+    quick: bool
+
+
+Measurement = Callable[[HopBench], Awaitable[dict[str, Any]]]
+#: Extra measurements merged into the result (e.g. the edge's no-responders decision time).
+EXTRA_MEASUREMENTS: list[Measurement] = []
+
+
+async def measure_inproc(requests: int) -> list[float]:
+    """Latencies (ms) of the handler called in-process, with the codec on both sides."""
+    samples = []
+    for index in range(requests):
+        request = _request()
+        started = time.perf_counter()
+        decoded = wire.decode(wire.encode(request), wire.GenerateRequest)
+        reply = wire.decode_reply(wire.encode(trivial_handler(decoded)))
+        assert isinstance(reply, wire.Done)
+        samples.append((time.perf_counter() - started) * 1000)
+        if index % 256 == 0:
+            await asyncio.sleep(0)
+    return samples
+
+
+async def measure_nats(client: Client, requests: int) -> list[float]:
+    """Latencies (ms) of the same handler through the server (request-reply)."""
+    subject = subjects.gen(BENCH_MODEL)
+    samples = []
+    for _ in range(requests):
+        request = _request()
+        started = time.perf_counter()
+        msg = await client.request(subject, wire.encode(request), timeout=5)
+        reply = wire.decode_reply(msg.data)
+        assert isinstance(reply, wire.Done)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def run(requests: int, *, quick: bool = False, warmup: int = 200) -> dict[str, Any]:
+    """Run the benchmark; the result dict (see module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="hg-bench-hop-") as tmp:
+        async with NatsServer(store_dir=Path(tmp) / "nats", jetstream=False) as server:
+            worker = await connect(server.client_url, name="bench-worker")
+            client = await connect(server.client_url, name="bench-client")
+            try:
+
+                async def serve(msg: Msg) -> None:
+                    request = wire.decode(msg.data, wire.GenerateRequest)
+                    await msg.respond(wire.encode(trivial_handler(request)))
+
+                await worker.subscribe(
+                    subjects.gen(BENCH_MODEL), queue=subjects.queue_group(BENCH_MODEL), cb=serve
+                )
+                await worker.flush()
+                await measure_inproc(warmup)
+                await measure_nats(client, warmup)
+                gc.collect()
+                inproc = await measure_inproc(requests)
+                gc.collect()
+                hop = await measure_nats(client, requests)
+                result: dict[str, Any] = {
+                    "inproc_p50_ms": round(percentile(inproc, 0.50), 4),
+                    "nats_p50_ms": round(percentile(hop, 0.50), 4),
+                    "nats_p99_ms": round(percentile(hop, 0.99), 4),
+                    "added_p50_ms": round(percentile(hop, 0.50) - percentile(inproc, 0.50), 4),
+                    "added_p99_ms": round(percentile(hop, 0.99) - percentile(inproc, 0.99), 4),
+                    "requests": requests,
+                }
+                context = HopBench(nc=client, url=server.client_url, requests=requests, quick=quick)
+                for measurement in EXTRA_MEASUREMENTS:
+                    result.update(await measurement(context))
+                return result
+            finally:
+                await client.close()
+                await worker.close()
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = ["hop benchmark: trivial handler, in-process vs through nats-server (wire codec)"]
+    for key, value in result.items():
+        goal = GOALS.get(key)
+        verdict = "" if goal is None else ("  ok" if value <= goal else f"  over goal {goal}")
+        lines.append(f"  {key:<28} {value}{verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`hybridgen bench hop [--json] [--quick] [--requests N]`."""
+    parser = argparse.ArgumentParser(
+        prog="hybridgen bench hop",
+        description="Latency one NATS hop adds: the same trivial handler in-process and "
+        "through the embedded nats-server, with the msgpack wire codec.",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="1,000 requests instead of 5,000")
+    parser.add_argument("--requests", type=int, default=None, help="sequential requests")
+    args = parser.parse_args(argv)
+    requests = args.requests or (1000 if args.quick else 5000)
+    if requests < 1:
+        parser.error("--requests must be at least 1")
+    result = asyncio.run(run(requests, quick=args.quick, warmup=min(200, requests)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_table(result))
+    sys.stdout.flush()
+    return 0
