@@ -121,13 +121,20 @@ async def connect(
             return
         if error_cb is not None:
             await error_cb(exc)
-        else:
-            log.warning("nats connection %s: %s", name, exc or type(exc).__name__)
+            return
+        # While the server is away every reconnect attempt fails the same way: say it once.
+        text = str(exc) or type(exc).__name__
+        level = logging.DEBUG if text == last_error[0] else logging.WARNING
+        last_error[0] = text
+        log.log(level, "nats connection %s: %s", name, text)
+
+    last_error = [""]
 
     async def _disconnected() -> None:
         log.info("nats connection %s: disconnected", name)
 
     async def _reconnected() -> None:
+        last_error[0] = ""
         log.info("nats connection %s: reconnected", name)
 
     settings: dict[str, Any] = {

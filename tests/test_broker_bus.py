@@ -304,3 +304,34 @@ async def test_connect_fails_fast_without_server() -> None:
     with pytest.raises(errors.Unavailable):
         await connect("nats://127.0.0.1:1", name="nobody")
     assert time.perf_counter() - started < 2.5
+
+
+async def test_service_and_client_survive_broker_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    first = NatsServer(store_dir=tmp_path / "nats")
+    await first.start()
+    port = int(first.client_url.rsplit(":", 1)[1])
+    worker = await connect(first.client_url, name="worker")
+    client = await connect(first.client_url, name="client")
+    second = NatsServer(store_dir=tmp_path / "nats", port=port)
+    try:
+        async with GenerationService(worker, model=MODEL, handler=echo_handler, node_id="w1"):
+            async with request_stream(client, make_request("before")) as stream:
+                assert (await stream.collect())[0] == "before "
+            await first.shutdown()
+            await second.start()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    async with request_stream(client, make_request("after")) as stream:
+                        text, _ = await stream.collect()
+                    break
+                except (errors.NoResponders, errors.Timeout):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            assert text == "after "
+    finally:
+        await client.close()
+        await worker.close()
+        await second.shutdown()
+        await first.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -229,3 +230,21 @@ async def test_bad_credentials_unauthorized(secured: NatsServer) -> None:
     with pytest.raises(errors.Unauthorized):
         await connect(secured.client_url, name="x", user="edge1", password="wrong")
     assert time.perf_counter() - started < 2.5
+
+
+async def test_tls_client_connects(tmp_path: Path, certs: TLSFiles, start_nats) -> None:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "tls.conf"
+    conf.write_text(render(ServerConfig(host="127.0.0.1", port=-1, tls=certs)))
+    server: NatsServer = await start_nats("tls", config_file=conf, jetstream=False)
+    url = server.client_url.replace("nats://", "tls://")
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    client = await connect(url, name="tls-client", tls=context)
+    try:
+        sub = await client.subscribe("hg.test")
+        await client.publish("hg.test", b"over tls")
+        assert (await sub.next_msg(timeout=2)).data == b"over tls"
+    finally:
+        await client.close()
+    # Without trusting the CA the connection is refused, fast.
+    with pytest.raises(errors.Unavailable):
+        await connect(url, name="untrusting", tls=ssl.create_default_context())
