@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -130,6 +131,10 @@ async def run(requests: int, *, quick: bool = False, warmup: int = 200) -> dict[
                     "added_p50_ms": round(percentile(hop, 0.50) - percentile(inproc, 0.50), 4),
                     "added_p99_ms": round(percentile(hop, 0.99) - percentile(inproc, 0.99), 4),
                     "requests": requests,
+                    # Context for the figures: the hop costs a few process wake-ups, so a
+                    # busy machine (load above its core count) inflates it.
+                    "cpu_count": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
                 context = HopBench(nc=client, url=server.client_url, requests=requests, quick=quick)
                 for measurement in EXTRA_MEASUREMENTS:

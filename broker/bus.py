@@ -413,7 +413,10 @@ async def request_stream(
         Internal: a malformed reply or a broken sequence.
     """
     subject = subject or subjects.gen(request.model)
-    mux = await _mux_for(nc)
+    try:
+        mux = await _mux_for(nc)
+    except nats.errors.Error as exc:
+        raise Unavailable(f"the bus connection is not usable ({exc})") from None
     key, inbox, queue = mux.open()
     stream = ReplyStream(
         request,
@@ -424,7 +427,18 @@ async def request_stream(
         total_timeout=total_timeout,
     )
     try:
-        await nc.publish(subject, wire.encode(request), reply=inbox)
+        payload = wire.encode(request)
+        try:
+            await nc.publish(subject, payload, reply=inbox)
+        except nats.errors.MaxPayloadError:
+            stream.finished = True
+            raise BadRequest(
+                f"request of {len(payload)} bytes exceeds the bus limit of {nc.max_payload} bytes",
+                param="prompt",
+            ) from None
+        except nats.errors.Error as exc:
+            stream.finished = True
+            raise Unavailable(f"cannot send to {subject} ({exc})") from None
         await stream.wait_accepted()
         yield stream
     finally:

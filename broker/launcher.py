@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from broker.bus import connect
 from broker.cli import StopSignals
 from broker.errors import HybridgenError
 from broker.server import ExternalServer, NatsServer
 from broker.settings import hg_home
+from broker.store import ArtifactStore, FleetConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,23 @@ class Launcher:
                 self.server = NatsServer(store_dir=store, host=self.host, port=-1)
                 await self.server.start()
         self.url = self.server.client_url
+        if isinstance(self.server, NatsServer):
+            await self.prepare_buckets()
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url + "\n")
         return self.url
+
+    async def prepare_buckets(self) -> None:
+        """Create the fleet-config KV bucket and the artifact store if they are missing.
+
+        Services with read-only permissions (edges) can then bind them from the start.
+        """
+        nc = await connect(self.url, name="hybridgen-launcher")
+        try:
+            await FleetConfig.open(nc)
+            await ArtifactStore.open(nc)
+        finally:
+            await nc.close()
 
     def child_env(self, spec: ChildSpec) -> dict[str, str]:
         return {

@@ -335,3 +335,18 @@ async def test_service_and_client_survive_broker_restart(tmp_path) -> None:  # t
         await worker.close()
         await second.shutdown()
         await first.shutdown()
+
+
+async def test_request_too_big_for_the_bus_is_bad_request(nc: Client) -> None:
+    async with GenerationService(nc, model=MODEL, handler=echo_handler, node_id="w1"):
+        with pytest.raises(errors.BadRequest, match="exceeds the bus limit"):
+            async with request_stream(nc, make_request("x" * (nc.max_payload + 10))):
+                pass
+
+
+async def test_closed_connection_is_unavailable(nats_url: str) -> None:
+    client = await connect(nats_url, name="closing")
+    await client.close()
+    with pytest.raises(errors.Unavailable):
+        async with request_stream(client, make_request()):
+            pass

@@ -148,6 +148,7 @@ async def test_launcher_children_get_url_and_stop_in_reverse(tmp_path: Path) -> 
     assert lines[:3] == [f"start {n} {url}" for n in ("worker", "api", "edge")]
     assert lines[3:] == ["stop edge", "stop api", "stop worker"]
     assert (tmp_path / "home" / "logs" / "worker.log").exists()
+    assert (tmp_path / "home" / "nats" / "jetstream").is_dir()  # buckets created
 
 
 async def test_launcher_stops_when_a_child_dies(tmp_path: Path) -> None:
