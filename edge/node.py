@@ -194,12 +194,14 @@ class EdgeNode:
             cloud_only_model=cloud_only,
         )
         policy = self.policy
+        # Judged once, on arrival: after the prefill the request's own job would count.
+        wait_s = runtime.estimate_wait_s()
 
         def route(perplexity: float | None = None, *, cloud: bool | None = None) -> Decision:
             available = (not request.local_only) and (
                 self.cloud_available() if cloud is None else cloud
             )
-            state = EdgeState(runtime.context_length, runtime.estimate_wait_s())
+            state = EdgeState(runtime.context_length, wait_s)
             return decide(facts, state, policy, cloud_available=available, perplexity=perplexity)
 
         decision = route()

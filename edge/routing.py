@@ -230,7 +230,7 @@ def decide(
     if edge.predicted_wait_s * 1000.0 > policy.latency_budget_ms:
         return to_cloud(Reason.EDGE_OVERLOADED)
     # Confidence.
-    if math.isinf(policy.perplexity_threshold):
+    if math.isinf(policy.perplexity_threshold) and policy.second_stage_k == 0:
         return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
     if perplexity is None:
         return Decision(Target.PREFILL, Reason.PENDING, facts.max_tokens)

@@ -543,3 +543,64 @@ async def test_openai_client_raises_on_bad_request(start_edge: Callable[..., Any
         assert caught.value.status_code == 400
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="nope", prompt="x")
+
+
+async def test_load_and_second_stage_send_to_cloud(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    await start_worker()
+    edge = await start_edge(max_active=1, policy={"latency_budget_ms": 0.001})
+    runtime = edge.node.runtime
+    busy = [
+        runtime.submit(runtime.encode("busy"), SamplingOptions(max_tokens=100)) for _ in range(3)
+    ]
+    try:
+        await eventually(lambda: runtime.estimate_wait_s() > 0)
+        body = await chat(edge, "hello")
+        assert (extra(body)["served_by"], extra(body)["route_reason"]) == (
+            "cloud",
+            "edge_overloaded",
+        )
+    finally:
+        for generation in busy:
+            generation.cancel()
+    await eventually(lambda: runtime.in_flight == 0)
+
+    # Second stage: k drafted tokens, never shown; a mean log-prob below 0 always escalates.
+    edge.node.set_policy(
+        edge.node.policy.model_copy(update={"second_stage_k": 3, "draft_logprob_threshold": 0.0})
+    )
+    body = await chat(edge, "hello")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == (
+        "cloud",
+        "low_draft_confidence",
+    )
+    edge.node.set_policy(edge.node.policy.model_copy(update={"draft_logprob_threshold": -1e9}))
+    body = await chat(edge, "hello", max_tokens=6)
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "confident_draft")
+    assert body.usage.completion_tokens >= 1
+
+
+async def test_reload_model_pulls_a_version_from_the_object_store(
+    start_edge: Callable[..., Any],
+    nc: Client,
+    tiny_models: ModelSet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models import distribution
+
+    await distribution.publish(nc, tiny_models)
+    monkeypatch.setenv("HG_HOME", str(tmp_path / "edge-home"))  # nothing installed there
+    edge = await start_edge()
+    reply = await send_control(
+        nc, edge.node_id, "reload-model", {"version": tiny_models.version}, timeout=60
+    )
+    assert reply.ok, reply.message
+    assert reply.data["model_version"] == tiny_models.version
+    pulled = tmp_path / "edge-home" / "models" / tiny_models.version / "edge-int4"
+    assert edge.node.runtime.model_dir == pulled
+    body = await chat(edge, "after the swap")
+    assert extra(body)["served_by"] == "edge"
+    missing = await send_control(nc, edge.node_id, "reload-model", {"version": "nope-1"})
+    assert not missing.ok and "nope-1" in missing.message

@@ -96,6 +96,13 @@ def test_infinite_threshold_skips_prefill_wait() -> None:
     assert (decision.target, decision.reason) == (Target.EDGE, Reason.IN_DOMAIN)
 
 
+def test_second_stage_needs_a_prefill_even_without_threshold() -> None:
+    policy = PolicySettings(second_stage_k=4)
+    assert route(RequestFacts(5, 5), policy=policy).target is Target.PREFILL
+    after = route(RequestFacts(5, 5), policy=policy, ppl=1e9)
+    assert (after.target, after.reason) == (Target.EDGE, Reason.IN_DOMAIN)
+
+
 def test_second_stage() -> None:
     policy = PolicySettings(second_stage_k=4, draft_logprob_threshold=-2.0)
     low = decide_after_draft([-3.0, -2.5, -1.0, -4.0], policy, cloud_available=True)

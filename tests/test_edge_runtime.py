@@ -1,0 +1,178 @@
+"""The edge runtime on the tiny int4 edge model: prefill perplexity, sampling, stops, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+
+from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
+from edge.runtime import (
+    EdgeRuntime,
+    Finished,
+    Generation,
+    Prefill,
+    SamplingOptions,
+    Token,
+    _held_suffix,
+    prompt_perplexity,
+)
+from models.registry import ModelSet
+
+PROMPT = "<|user|>\nPermission is hereby granted, free of charge<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture
+async def runtime(tiny_models: ModelSet) -> AsyncIterator[EdgeRuntime]:
+    rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=2, max_queue=2)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def run(generation: Generation) -> tuple[Prefill, str, list[Token], Finished]:
+    events = [event async for event in generation]
+    prefill, finished = events[0], events[-1]
+    assert isinstance(prefill, Prefill) and isinstance(finished, Finished)
+    tokens = [e for e in events if isinstance(e, Token)]
+    return prefill, "".join(t.text for t in tokens) + finished.text, tokens, finished
+
+
+async def test_prompt_perplexity_matches_stepping(runtime: EdgeRuntime) -> None:
+    ids = runtime.encode(PROMPT)
+    prefill, _, _, _ = await run(runtime.submit(ids, SamplingOptions(max_tokens=1)))
+    # Reference: feed the prompt one token at a time and read the last-position logits.
+    params = og.GeneratorParams(runtime._model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(runtime._model, params)
+    rows = []
+    for token in ids:
+        generator.append_tokens([token])
+        rows.append(np.array(generator.get_logits()[0, 0]))
+    reference = prompt_perplexity(np.stack(rows), ids)
+    assert prefill.perplexity is not None and reference is not None
+    assert math.isclose(prefill.perplexity, reference, rel_tol=1e-3)
+    assert prefill.prompt_tokens == len(ids)
+    assert prompt_perplexity(np.zeros((1, 4)), [1]) is None
+
+
+async def test_greedy_is_deterministic_and_logprobs_are_kept(runtime: EdgeRuntime) -> None:
+    ids = runtime.encode(PROMPT)
+    options = SamplingOptions(max_tokens=12, temperature=0)
+    first = await run(runtime.submit(ids, options))
+    second = await run(runtime.submit(ids, options))
+    assert first[1] == second[1]
+    assert all(t.logprob <= 0 for t in first[2])
+    finished = first[3]
+    assert finished.completion_tokens == len(first[2])
+    if finished.finish_reason == "length":
+        assert finished.completion_tokens == 12
+
+
+async def test_seeded_sampling_is_reproducible(runtime: EdgeRuntime) -> None:
+    ids = runtime.encode(PROMPT)
+    options = SamplingOptions(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=7)
+    a = await run(runtime.submit(ids, options))
+    b = await run(runtime.submit(ids, options))
+    assert a[1] == b[1]
+
+
+async def test_stop_sequence_cuts_the_text(runtime: EdgeRuntime) -> None:
+    ids = runtime.encode("Permission is hereby granted")
+    options = SamplingOptions(max_tokens=24, temperature=1.0, seed=3)
+    _, text, _, _ = await run(runtime.submit(ids, options))
+    assert len(text) >= 4, text
+    start = len(text) // 2
+    stop = text[start : start + 2]
+    cut = text.index(stop)
+    _, stopped, _, finished = await run(
+        runtime.submit(ids, SamplingOptions(max_tokens=24, temperature=1.0, seed=3, stop=(stop,)))
+    )
+    assert stopped == text[:cut]
+    assert finished.finish_reason == "stop"
+    assert _held_suffix("abcde", ("dex", "zz")) == 2
+    assert _held_suffix("abc", ("x",)) == 0
+
+
+async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:
+    ids = runtime.encode(PROMPT)
+    with pytest.raises(ContextLengthExceeded):
+        runtime.submit(ids, SamplingOptions(max_tokens=runtime.context_length))
+    with pytest.raises(BadRequest):
+        runtime.submit([], SamplingOptions())
+    idle_wait = runtime.estimate_wait_s()
+    long = SamplingOptions(max_tokens=60, temperature=0.8, seed=1)
+    held = [runtime.submit(ids, long, hold_after_prefill=True) for _ in range(2)]
+    for _ in range(200):  # wait until the worker admitted both into its pool
+        if runtime.queue_depth == 0:
+            break
+        await asyncio.sleep(0.01)
+    held += [runtime.submit(ids, long, hold_after_prefill=True) for _ in range(2)]
+    with pytest.raises(Overloaded) as caught:  # 2 active + 2 queued: the queue is full
+        runtime.submit(ids, long)
+    assert caught.value.retry_after is not None
+    assert runtime.estimate_wait_s() > idle_wait
+    assert runtime.queue_depth >= 1
+    for generation in held:
+        generation.cancel()
+    for _ in range(200):
+        if runtime.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert runtime.in_flight == 0
+    result = await run(runtime.submit(ids, SamplingOptions(max_tokens=3)))
+    assert result[3].completion_tokens <= 3
+
+
+async def test_concurrent_requests_and_close_drains(tiny_models: ModelSet) -> None:
+    rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=3)
+    ids = rt.encode(PROMPT)
+    generations = [rt.submit(ids, SamplingOptions(max_tokens=16, temperature=0)) for _ in range(5)]
+    collecting = [asyncio.create_task(run(g)) for g in generations]
+    await asyncio.sleep(0)
+    await rt.close()  # admitted requests finish first
+    results = await asyncio.gather(*collecting)
+    assert len({text for _, text, _, _ in results}) == 1
+    with pytest.raises(Overloaded):
+        rt.submit(ids, SamplingOptions())
+
+
+def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None:
+    """Import the edge app, serve a request, and check no torch/transformers module loaded."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from fastapi.testclient import TestClient
+        import edge.cli, edge.bench, edge.link
+        from edge.app import create_app
+        from edge.settings import EdgeSettings
+        app = create_app(EdgeSettings(model_dir={str(tiny_models.edge_dir("int4"))!r},
+                                      no_cloud=True, threads=1))
+        with TestClient(app) as client:
+            r = client.post("/v1/completions",
+                            json={{"model": "hg-edge", "prompt": "hi", "max_tokens": 2}})
+            assert r.status_code == 200, r.text
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in ("torch", "transformers", "safetensors"))
+        print(json.dumps(heavy))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
