@@ -1,0 +1,394 @@
+"""The cloud API: OpenAI-compatible HTTP in front of the cloud workers (no model in-process).
+
+`POST /v1/completions` and `POST /v1/chat/completions` validate the request, count the
+prompt's tokens with the model set's tokenizer (`tokenizers`, no torch), and forward a
+`GenerateRequest` to `hg.gen.<model>` with `broker.bus.request_stream`; whichever worker of
+the queue group admits it answers. A client that goes away cancels the generation on the
+worker (leaving the stream's context publishes `hg.cancel.<request_id>`). `/readyz` is ready
+only while some worker answers nats.micro discovery for a served model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import nats.errors
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from nats.aio.client import Client
+
+from broker import subjects, wire
+from broker.bus import ReplyStream, request_stream
+from broker.errors import (
+    BadRequest,
+    Cancelled,
+    ContextLengthExceeded,
+    HybridgenError,
+    NotFound,
+    Unavailable,
+)
+from cloud.http import HttpMetrics, install_common, json_body, require_api_key, sse_response
+from cloud.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    model_list,
+)
+from cloud.settings import ApiSettings
+from models.chat import render_chat
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: max_tokens of a completion that sets none (OpenAI's default).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+#: Name of the nats.micro service the workers register (`$SRV.INFO.<name>`).
+WORKER_SERVICE = "hybridgen-cloud"
+
+
+class TokenCounter:
+    """Counts prompt tokens with the model set's tokenizer (`tokenizer.json`)."""
+
+    def __init__(self, tokenizer_dir: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+@dataclass
+class ApiState:
+    """What the routes need, built in the lifespan."""
+
+    settings: ApiSettings
+    nc: Client
+    counter: TokenCounter
+    context_length: int
+    metrics: HttpMetrics
+    _ready_cache: tuple[float, bool, dict[str, Any]] = field(default=(0.0, False, {}))
+
+
+def _resolve_model_set(settings: ApiSettings) -> tuple[Path, int]:
+    tokenizer_dir, context = settings.tokenizer_dir, settings.context_length
+    if tokenizer_dir is None or context is None:
+        from models.registry import resolve
+
+        model_set = resolve(settings.model_set)
+        tokenizer_dir = tokenizer_dir or model_set.tokenizer_dir
+        context = context or model_set.cloud_context_length
+    return Path(tokenizer_dir), int(context)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(settings: ApiSettings) -> None:
+    """Refuse an open API (no keys) on a non-loopback address unless explicitly allowed."""
+    if not settings.api_keys and not _is_loopback(settings.host) and not settings.allow_open:
+        raise ValueError(
+            f"refusing to serve without API keys on {settings.host}: set HG_CLOUD_API_KEYS "
+            "(or HG_CLOUD_ALLOW_OPEN=1 to accept the risk)"
+        )
+
+
+async def _ready(state: ApiState) -> tuple[bool, dict[str, Any]]:
+    """Ready when a worker answers `$SRV.INFO` with an endpoint of a served model (cached 1 s)."""
+    checked_at, ready, detail = state._ready_cache
+    if time.monotonic() - checked_at < 1.0:
+        return ready, detail
+    wanted = {subjects.gen(m) for m in state.settings.models}
+    ready, detail = False, {"reason": "no cloud worker answers"}
+    try:
+        msg = await state.nc.request(f"$SRV.INFO.{WORKER_SERVICE}", b"", timeout=0.5)
+        import json
+
+        info = json.loads(msg.data)
+        served = {e.get("subject") for e in info.get("endpoints") or []} & wanted
+        if served:
+            ready, detail = True, {"worker": info.get("metadata", {}).get("node_id")}
+        else:
+            detail = {"reason": "no worker serves " + ", ".join(sorted(wanted))}
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+        pass
+    except Exception as exc:
+        detail = {"reason": f"bus error: {type(exc).__name__}"}
+    state._ready_cache = (time.monotonic(), ready, detail)
+    return ready, detail
+
+
+def get_state(request: Request) -> ApiState:
+    """FastAPI dependency: the API's state (503 while starting)."""
+    state: ApiState | None = getattr(request.app.state, "api", None)
+    if state is None:
+        raise Unavailable("the API is starting", retry_after=1)
+    return state
+
+
+StateDep = Annotated[ApiState, Depends(get_state)]
+
+
+def create_app(
+    settings: ApiSettings | None = None,
+    *,
+    nc: Client | None = None,
+    nats_url: str | None = None,
+) -> FastAPI:
+    """Build the cloud API.
+
+    Args:
+        settings: API settings (from the environment by default).
+        nc: a connected NATS client to use (not closed by the app); otherwise the lifespan
+            connects to `nats_url` (or `HG_NATS_URL`).
+    """
+    settings = settings or ApiSettings()
+    check_settings(settings)
+    holder: dict[str, ApiState] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from broker.bus import connect, connect_settings
+        from broker.settings import BusSettings
+
+        tokenizer_dir, context = _resolve_model_set(settings)
+        counter = await asyncio.to_thread(TokenCounter, tokenizer_dir)
+        own = nc is None
+        client = nc
+        if client is None:
+            client = (
+                await connect(nats_url, name="hybridgen-cloud-api")
+                if nats_url
+                else await connect_settings(BusSettings(), name="hybridgen-cloud-api")
+            )
+        holder["state"] = app.state.api = ApiState(
+            settings, client, counter, context, app.state.metrics
+        )
+        try:
+            yield
+        finally:
+            holder.clear()
+            app.state.api = None
+            if own:
+                with contextlib.suppress(Exception):
+                    await client.drain()
+
+    app = FastAPI(title="hybridgen cloud API", version="1", lifespan=lifespan)
+
+    async def ready_check() -> tuple[bool, dict[str, Any]]:
+        state = holder.get("state")
+        if state is None:
+            return False, {"reason": "starting"}
+        return await _ready(state)
+
+    install_common(
+        app, service="cloud_api", max_body_bytes=settings.max_body_bytes, ready_check=ready_check
+    )
+
+    auth = [Depends(require_api_key(settings.api_keys))]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> JSONResponse:
+        return JSONResponse(model_list(settings.models).body())
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(
+        request: Request,
+        body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
+        state: StateDep,
+    ) -> Any:
+        prompt = body.prompt_text()
+        return await _serve(request, state, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(
+        request: Request,
+        body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
+        state: StateDep,
+    ) -> Any:
+        prompt = render_chat(body.message_dicts())
+        return await _serve(request, state, body, prompt, chat=True)
+
+    return app
+
+
+def _generate_request(
+    state: ApiState, body: CompletionRequest | ChatCompletionRequest, prompt: str, *, chat: bool
+) -> wire.GenerateRequest:
+    """Validate model and context window; build the bus request."""
+    if body.model not in state.settings.models:
+        raise NotFound(
+            f"model {body.model!r} does not exist; available: {', '.join(state.settings.models)}",
+            param="model",
+        )
+    prompt_tokens = state.counter.count(prompt)
+    window = state.context_length
+    if prompt_tokens == 0 and not chat:
+        raise BadRequest("the prompt is empty", param="prompt")
+    if prompt_tokens >= window:
+        raise ContextLengthExceeded(
+            f"this model's context window is {window} tokens; the prompt has {prompt_tokens}",
+            param="messages" if chat else "prompt",
+        )
+    sampling = body.sampling()
+    max_tokens = sampling.max_tokens
+    if max_tokens is None:
+        default = state.settings.default_max_tokens if chat else COMPLETION_DEFAULT_MAX_TOKENS
+        max_tokens = min(default, window - prompt_tokens)
+    elif prompt_tokens + max_tokens > window:
+        raise ContextLengthExceeded(
+            f"this model's context window is {window} tokens; the prompt has {prompt_tokens} "
+            f"and max_tokens asks for {max_tokens} more",
+            param="max_tokens",
+        )
+    return wire.GenerateRequest(
+        request_id=wire.new_request_id(),
+        model=body.model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        stop=sampling.stop,
+        seed=sampling.seed,
+        timeout_ms=int(state.settings.request_timeout_s * 1000),
+        origin="cloud-api",
+    )
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise Cancelled("the client disconnected")
+    return task.result()
+
+
+async def _serve(
+    request: Request,
+    state: ApiState,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt: str,
+    *,
+    chat: bool,
+) -> Any:
+    try:
+        generate = _generate_request(state, body, prompt, chat=chat)
+    except HybridgenError as exc:
+        state.metrics.errors.labels(exc.code.value).inc()
+        raise
+    settings = state.settings
+    request_id, model, created = generate.request_id, body.model, int(time.time())
+    headers = {"X-Request-Id": request_id}
+    logger.info("request %s -> %s (%s)", request_id, model, "stream" if body.stream else "whole")
+
+    def open_stream() -> AbstractAsyncContextManager[ReplyStream]:
+        return request_stream(
+            state.nc,
+            generate,
+            accept_timeout=settings.accept_timeout_s,
+            idle_timeout=settings.idle_timeout_s,
+            total_timeout=settings.request_timeout_s,
+        )
+
+    if not body.stream:
+
+        async def collect() -> tuple[str, wire.Done]:
+            async with open_stream() as stream:
+                return await stream.collect()
+
+        try:
+            text, done = await _until_disconnect(request, collect())
+        except HybridgenError as exc:
+            state.metrics.errors.labels(exc.code.value).inc()
+            raise
+        _count_tokens(state, done)
+        build = chat_response if chat else completion_response
+        answer = build(
+            request_id=request_id,
+            model=model,
+            created=created,
+            text=text,
+            finish_reason=done.finish_reason,
+            usage=(done.usage.prompt_tokens, done.usage.completion_tokens),
+            served_by="cloud",
+            worker=done.served_by,
+        )
+        return JSONResponse(answer.body(), headers=headers)
+
+    def piece(
+        text: str | None = None,
+        *,
+        first: bool = False,
+        finish_reason: str | None = None,
+        usage: tuple[int, int] | None = None,
+        **extra: Any,
+    ) -> Any:
+        if chat:
+            return chat_chunk(
+                request_id=request_id, model=model, created=created, content=text,
+                role="assistant" if first else None, finish_reason=finish_reason, usage=usage,
+                with_choice=usage is None, **extra,
+            )  # fmt: skip
+        return completion_chunk(
+            request_id=request_id, model=model, created=created, text=text or "",
+            finish_reason=finish_reason, usage=usage, with_choice=usage is None, **extra,
+        )  # fmt: skip
+
+    async def chunks() -> AsyncIterator[Any]:
+        try:
+            async with open_stream() as stream:
+                yield piece("", first=True)
+                async for chunk in stream:
+                    if chunk.text:
+                        yield piece(chunk.text)
+                done = stream.done
+        except HybridgenError as exc:
+            state.metrics.errors.labels(exc.code.value).inc()
+            raise
+        assert done is not None
+        _count_tokens(state, done)
+        yield piece(finish_reason=done.finish_reason, served_by="cloud", worker=done.served_by)
+        if body.include_usage:
+            yield piece(usage=(done.usage.prompt_tokens, done.usage.completion_tokens))
+
+    return await sse_response(chunks(), headers=headers)
+
+
+def _count_tokens(state: ApiState, done: wire.Done) -> None:
+    state.metrics.tokens.labels("prompt").inc(done.usage.prompt_tokens)
+    state.metrics.tokens.labels("completion").inc(done.usage.completion_tokens)

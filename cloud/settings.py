@@ -1,0 +1,105 @@
+"""Settings of the cloud worker and the cloud API (environment prefix `HG_CLOUD_`).
+
+Both read the same prefix; each class ignores the other's fields. Command-line flags
+override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.registry import CLOUD_MODEL
+
+
+class WorkerSettings(BaseSettings):
+    """`hybridgen cloud worker`."""
+
+    model_config = SettingsConfigDict(env_prefix="HG_CLOUD_", extra="ignore")
+
+    model: str = Field(
+        default=CLOUD_MODEL, description="Model name served on `hg.gen.<model>` (a subject token)."
+    )
+    model_dir: Path | None = Field(
+        default=None,
+        description="Checkpoint folder to load; default: the `cloud/` model of the current "
+        "model set (`hybridgen models build`).",
+    )
+    model_set: str | None = Field(
+        default=None, description="Model-set version to load from (default: CURRENT)."
+    )
+    node_id: str | None = Field(
+        default=None, description="This worker's node id (default: cloud-<host>-<hex>)."
+    )
+    device: str | None = Field(
+        default=None, description="'cpu' or 'cuda'; default: CUDA when available."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="torch threads on CPU (default: all cores)."
+    )
+    max_queue_requests: int = Field(
+        default=64, ge=1, description="Requests admitted at once (running + waiting)."
+    )
+    max_queue_tokens: int = Field(
+        default=32768,
+        ge=16,
+        description="Sum of prompt + max_tokens over admitted requests; beyond it: overloaded.",
+    )
+    max_batch_requests: int = Field(default=32, ge=1, description="Sequences per forward step.")
+    max_batch_tokens: int = Field(default=1024, ge=16, description="Tokens per forward step.")
+    cache_tokens: int = Field(
+        default=16384, ge=64, description="KV-cache capacity in tokens (CPU; CUDA sizes itself)."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    heartbeat_s: float = Field(default=1.0, gt=0, description="Heartbeat interval.")
+    retry_after_s: float = Field(
+        default=1.0, gt=0, description="Retry-After sent with `overloaded`."
+    )
+
+
+class ApiSettings(BaseSettings):
+    """`hybridgen cloud api`."""
+
+    model_config = SettingsConfigDict(env_prefix="HG_CLOUD_", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8500, ge=0, le=65535, description="Port (0: any free port).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys, comma-separated (HG_CLOUD_API_KEYS); empty = open "
+        "(dev mode, only allowed on a loopback host).",
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [CLOUD_MODEL],
+        description="Model names served (comma-separated); each is `hg.gen.<model>`.",
+    )
+    tokenizer_dir: Path | None = Field(
+        default=None,
+        description="Tokenizer used to count prompt tokens; default: the current model set's.",
+    )
+    context_length: int | None = Field(
+        default=None, ge=16, description="Context window; default: from the model set manifest."
+    )
+    model_set: str | None = Field(default=None, description="Model-set version (default CURRENT).")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="max_tokens of a chat request that sets none."
+    )
+    accept_timeout_s: float = Field(default=2.0, gt=0, description="Wait for a worker to admit.")
+    idle_timeout_s: float = Field(default=15.0, gt=0, description="Longest gap between tokens.")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="Whole-request deadline.")
+    allow_open: bool = Field(
+        default=False, description="Allow no API keys on a non-loopback host (insecure)."
+    )
+
+    @field_validator("api_keys", "models", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,339 @@
+"""The cloud generation worker: an `Engine` served on `hg.gen.<model>` over NATS.
+
+Several workers (processes or machines) share the queue group `cloud.<model>` with no other
+coordination. Each one:
+
+* admits a request only when its bounded queue has room, by requests and by tokens
+  (prompt + max_tokens); otherwise it answers `overloaded` at once — before the accept
+  chunk — so the caller can go elsewhere;
+* streams `Chunk`s as tokens come out of the running batch, then `Done`;
+* honours the request's deadline (`timeout_ms`; the service cancels the handler and answers
+  `timeout`, the engine frees the sequence) and `hg.cancel.<request_id>`;
+* publishes a heartbeat every second and an event per failed request;
+* on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
+  then exits. A crash inside one request answers it `internal`; the worker stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client
+
+from broker import wire
+from broker.bus import GenerationService
+from broker.errors import ContextLengthExceeded, HybridgenError, Overloaded, Unavailable
+from broker.service import SOFTWARE_VERSION, Responder, serve_control
+from broker.telemetry import Telemetry, default_node_id
+from cloud.engine import Engine, EngineConfig, SamplingParams
+from cloud.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+ROLE = "cloud"
+
+
+def resolve_model_dir(settings: WorkerSettings) -> tuple[Path, Path | None, str | None]:
+    """(checkpoint dir, tokenizer dir or None, model version) to load.
+
+    Raises:
+        NotFound: no model set is installed and no `model_dir` was given.
+    """
+    if settings.model_dir is not None:
+        return Path(settings.model_dir), None, Path(settings.model_dir).name
+    from models.registry import resolve
+
+    model_set = resolve(settings.model_set)
+    return model_set.cloud_dir, None, model_set.version
+
+
+class CloudWorker:
+    """One worker process's serving state. Async context manager; `close()` is idempotent.
+
+    Args:
+        nc: a connected NATS client.
+        settings: the worker's settings.
+        engine: an already loaded engine (tests share one); loaded from settings otherwise.
+    """
+
+    def __init__(self, nc: Client, settings: WorkerSettings, engine: Engine | None = None) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.node_id = settings.node_id or default_node_id(ROLE)
+        self.engine = engine
+        self._own_engine = engine is None
+        self.model_version: str | None = None
+        self.service: GenerationService | None = None
+        self.telemetry: Telemetry | None = None
+        self._control: Any = None
+        self.status: wire.NodeStatus = "starting"
+        self.admitted = 0
+        self.admitted_tokens = 0
+        self.queued = 0
+        self.tokens_out = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load the model (in a thread), start batching, then serve and publish telemetry."""
+        self.status = "loading"
+        if self.engine is None:
+            model_dir, tokenizer_dir, self.model_version = resolve_model_dir(self.settings)
+            config = EngineConfig(
+                max_batch_requests=self.settings.max_batch_requests,
+                max_batch_tokens=self.settings.max_batch_tokens,
+                cache_tokens=self.settings.cache_tokens,
+                threads=self.settings.threads,
+                device=self.settings.device,
+            )
+            self.engine = await asyncio.to_thread(
+                Engine.load, model_dir, tokenizer_dir=tokenizer_dir, config=config
+            )
+        elif self.engine.model_dir is not None:
+            self.model_version = self.engine.model_dir.name
+        self.engine.start()
+        self.telemetry = Telemetry(
+            self.nc,
+            role=ROLE,
+            node_id=self.node_id,
+            build_heartbeat=self.heartbeat,
+            interval=self.settings.heartbeat_s,
+        )
+        self.service = GenerationService(
+            self.nc,
+            model=self.settings.model,
+            handler=self.handle,
+            node_id=self.node_id,
+            metadata={"role": ROLE, "model_version": self.model_version or ""},
+            auto_accept=False,
+        )
+        await self.service.start()
+        self._control = await serve_control(
+            self.nc,
+            node_id=self.node_id,
+            role=ROLE,
+            handlers={"drain": self._on_drain, "resume": self._on_resume},
+        )
+        self.status = "ready"
+        await self.telemetry.start()
+        logger.info(
+            "cloud worker %s ready: model %s (%s) on %s",
+            self.node_id,
+            self.settings.model,
+            self.model_version,
+            self.engine.device,
+        )
+
+    async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Stop taking requests and wait up to `timeout` s for in-flight ones; True if idle."""
+        timeout = self.settings.drain_timeout_s if timeout is None else timeout
+        self.status = "draining"
+        if self.telemetry is not None:
+            await self.telemetry.publish_event("drain", f"{self.node_id} draining")
+            await self.telemetry.publish_heartbeat()
+        if self.service is None:
+            return True
+        await self.service.stop_accepting()
+        idle = await self.service.wait_idle(timeout)
+        if not idle:
+            logger.warning("drain: %d requests still in flight after %gs", self.admitted, timeout)
+        return idle
+
+    async def close(self) -> None:
+        """Stop serving, cancel what is left, stop the engine. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.status = "stopped"
+        if self.telemetry is not None:
+            await self.telemetry.publish_heartbeat()
+            await self.telemetry.close()
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                await self._control.stop()
+        if self.service is not None:
+            await self.service.close()
+        if self.engine is not None and self._own_engine:
+            await asyncio.to_thread(self.engine.close)
+
+    async def __aenter__(self) -> CloudWorker:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _on_drain(self, request: wire.ControlRequest) -> wire.ControlReply:
+        timeout = float(request.args.get("timeout_s", self.settings.drain_timeout_s))
+        idle = await self.drain(timeout)
+        return wire.ControlReply(ok=True, message="drained" if idle else "draining",
+                                 data={"in_flight": self.admitted})  # fmt: skip
+
+    async def _on_resume(self, request: wire.ControlRequest) -> wire.ControlReply:
+        if self.service is not None:
+            await self.service.resume()
+        self.status = "ready"
+        return wire.ControlReply(ok=True, message="resumed")
+
+    # ------------------------------------------------------------------------ serving
+
+    def _admit(self, cost: int) -> None:
+        settings = self.settings
+        if self.admitted >= settings.max_queue_requests:
+            raise Overloaded(
+                f"{self.node_id}: queue full ({self.admitted} requests)",
+                retry_after=settings.retry_after_s,
+            )
+        if self.admitted and self.admitted_tokens + cost > settings.max_queue_tokens:
+            raise Overloaded(
+                f"{self.node_id}: queue full ({self.admitted_tokens} tokens admitted)",
+                retry_after=settings.retry_after_s,
+            )
+        self.admitted += 1
+        self.admitted_tokens += cost
+        self.queued += 1
+
+    async def handle(self, request: wire.GenerateRequest, responder: Responder) -> None:
+        """Serve one `GenerateRequest` (the service calls it in its own task)."""
+        engine = self.engine
+        if engine is None or not engine.healthy:
+            raise Unavailable(f"{self.node_id}: the generation engine is not running")
+        try:
+            await self._handle(engine, request, responder)
+        except HybridgenError as exc:
+            if self.telemetry is not None and exc.code.value not in ("overloaded", "cancelled"):
+                await self.telemetry.publish_event(
+                    "error", exc.message, request_id=request.request_id, code=exc.code.value
+                )
+            raise
+        except Exception as exc:
+            if self.telemetry is not None:
+                await self.telemetry.publish_event(
+                    "error", f"{type(exc).__name__}: {exc}", request_id=request.request_id,
+                    code="internal",
+                )  # fmt: skip
+            raise
+
+    async def _handle(
+        self, engine: Engine, request: wire.GenerateRequest, responder: Responder
+    ) -> None:
+        prompt_ids = engine.encode(request.prompt)
+        window = engine.context_length
+        if len(prompt_ids) + request.max_tokens > window:
+            raise ContextLengthExceeded(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
+                f"the context window of {window} tokens",
+                param="prompt" if len(prompt_ids) >= window else "max_tokens",
+            )
+        cost = len(prompt_ids) + request.max_tokens
+        self._admit(cost)
+        waiting = True
+        try:
+            await responder.accept()
+            sampling = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                stop=tuple(request.stop),
+                seed=request.seed,
+            )
+            started = time.monotonic()
+            async for delta in engine.generate(request.request_id, prompt_ids, sampling):
+                if waiting:
+                    waiting = False
+                    self.queued -= 1
+                    logger.debug("%s: first token after %.3fs", request.request_id,
+                                 time.monotonic() - started)  # fmt: skip
+                self.tokens_out += len(delta.token_ids)
+                if delta.text or delta.token_ids:
+                    await responder.chunk(delta.text, delta.token_ids)
+                if delta.finish_reason is not None:
+                    await responder.done(
+                        delta.finish_reason,  # type: ignore[arg-type]
+                        wire.Usage(
+                            prompt_tokens=delta.prompt_tokens,
+                            completion_tokens=delta.completion_tokens,
+                        ),
+                        model_version=self.model_version,
+                    )
+                    return
+        finally:
+            if waiting:
+                self.queued -= 1
+            self.admitted -= 1
+            self.admitted_tokens -= cost
+
+    def heartbeat(self) -> wire.Heartbeat:
+        """This worker's current heartbeat."""
+        stats = self.service.stats.snapshot() if self.service is not None else {}
+        engine = self.engine
+        if self.status == "ready" and engine is not None and not engine.healthy:
+            self.status = "degraded"
+        return wire.Heartbeat(
+            role=ROLE,
+            node_id=self.node_id,
+            version=SOFTWARE_VERSION,
+            status=self.status,
+            model=self.settings.model,
+            model_version=self.model_version,
+            queue_depth=self.queued,
+            in_flight=self.admitted,
+            rps=stats.get("rps", 0.0),
+            latency_p50_ms=stats.get("latency_p50_ms"),
+            latency_p95_ms=stats.get("latency_p95_ms"),
+            tokens_per_s=stats.get("tokens_per_s", 0.0),
+            errors=stats.get("errors", 0),
+            extra={
+                "device": str(engine.device) if engine is not None else None,
+                "context_length": engine.context_length if engine is not None else None,
+                "admitted_tokens": self.admitted_tokens,
+                "max_queue_requests": self.settings.max_queue_requests,
+                "max_queue_tokens": self.settings.max_queue_tokens,
+                "tokens_out_total": self.tokens_out,
+            },
+        )
+
+
+async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry)."""
+    import signal
+
+    from broker.bus import connect, connect_settings
+    from broker.settings import BusSettings
+
+    nc = (
+        await connect(nats_url, name="hybridgen-cloud-worker")
+        if nats_url
+        else await connect_settings(BusSettings(), name="hybridgen-cloud-worker")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with CloudWorker(nc, settings) as worker:
+            await stop.wait()
+            logger.info("signal received: draining (up to %gs)", settings.drain_timeout_s)
+            await worker.drain()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+    return 0

@@ -1,0 +1,353 @@
+"""Cloud API + workers + a real nats-server, driven by the official openai client.
+
+Workers run in-process (their engine in its own thread) except in the kill test, where a
+real worker process is killed mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from broker import subjects
+from broker.bus import connect
+from cloud.api import create_app
+from cloud.engine import Engine, EngineConfig
+from cloud.settings import ApiSettings, WorkerSettings
+from cloud.worker import CloudWorker
+
+pytestmark = pytest.mark.slow
+
+MODEL = "hg-cloud"
+
+
+@pytest.fixture(scope="module")
+def cloud_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """(checkpoint dir, tokenizer dir, context length) of a small random Llama."""
+    from cloud.random_model import make_random_llama
+
+    root = tmp_path_factory.mktemp("cloud_model")
+    make_random_llama(root, preset="tiny", context_length=256)
+    return root, root, 256
+
+
+@pytest.fixture(scope="module")
+def engine_config() -> EngineConfig:
+    return EngineConfig(threads=1, cache_tokens=4096, max_batch_tokens=512)
+
+
+@pytest.fixture
+async def start_worker(
+    nats_url: str, cloud_model: tuple[Path, Path, int], engine_config: EngineConfig
+) -> AsyncIterator[Callable[..., Any]]:
+    workers: list[CloudWorker] = []
+    clients: list[Client] = []
+
+    async def start(**overrides: Any) -> CloudWorker:
+        nc = await connect(nats_url, name="test-worker")
+        clients.append(nc)
+        settings = WorkerSettings(model_dir=cloud_model[0], threads=1, **overrides)
+        engine = await asyncio.to_thread(Engine.load, cloud_model[0], config=engine_config)
+        worker = CloudWorker(nc, settings, engine)
+        worker._own_engine = True
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            await worker.close()
+        for nc in clients:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+@pytest.fixture
+async def api(
+    nats_url: str, cloud_model: tuple[Path, Path, int]
+) -> AsyncIterator[tuple[str, ApiSettings]]:
+    """A live uvicorn serving the cloud API on a free port; yields its base URL."""
+    settings = ApiSettings(
+        port=0,
+        tokenizer_dir=cloud_model[1],
+        context_length=cloud_model[2],
+        idle_timeout_s=2.0,
+        accept_timeout_s=2.0,
+        max_body_bytes=64 * 1024,
+    )
+    app = create_app(settings, nats_url=nats_url)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+        assert not task.done(), "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", settings
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def client_for(url: str, **kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, **kwargs)
+
+
+async def test_completions_and_chat_stream_and_not(
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+) -> None:
+    await start_worker()
+    url, _ = api
+    client = client_for(url)
+    done = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage is not None and 0 < done.usage.completion_tokens <= 8
+    assert done.model_extra is not None and done.model_extra["served_by"] == "cloud"
+
+    pieces, finish = [], None
+    stream = await client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=8, temperature=0, stream=True
+    )
+    async for chunk in stream:
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == done.choices[0].text and finish == done.choices[0].finish_reason
+
+    messages: Any = [{"role": "user", "content": "Say hi"}]
+    chat = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage is not None and chat.usage.prompt_tokens > 3
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    ]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert "hybridgen_cloud_api_tokens_total" in metrics
+
+
+async def test_bad_input(start_worker: Callable[..., Any], api: tuple[str, ApiSettings]) -> None:
+    await start_worker()
+    url, _ = api
+    client = client_for(url)
+
+    async def expect(status: int, code: str, **kwargs: Any) -> None:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.completions.create(**{"model": MODEL, "prompt": "x", **kwargs})
+        assert info.value.status_code == status, info.value
+        assert info.value.code == code
+
+    await expect(400, "bad_request", max_tokens=0)
+    await expect(400, "bad_request", extra_body={"temperature": "hot"})
+    await expect(400, "context_length_exceeded", prompt="word " * 400)
+    await expect(400, "context_length_exceeded", max_tokens=10_000)
+    await expect(404, "not_found", model="no-such-model")
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model=MODEL, messages=[])
+
+    async with httpx.AsyncClient(base_url=url) as http:
+        for content in (b"{oops", b"\xff\xfe", b"[1]", b'"text"'):
+            resp = await http.post("/v1/completions", content=content)
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_request"
+        resp = await http.post("/v1/completions", content=b"x" * 100_000)
+        assert resp.status_code == 413
+
+
+async def test_api_keys(nats_url: str, cloud_model: tuple[Path, Path, int]) -> None:
+    settings = ApiSettings(
+        tokenizer_dir=cloud_model[1], context_length=cloud_model[2], api_keys=["secret"]
+    )
+    app = create_app(settings, nats_url=nats_url)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        http_client = httpx.AsyncClient(transport=transport)
+        client = openai.AsyncOpenAI(
+            base_url="http://t/v1", api_key="wrong", max_retries=0, http_client=http_client
+        )
+        with pytest.raises(openai.AuthenticationError) as info:
+            await client.models.list()
+        assert info.value.code == "unauthorized"
+        resp = await http_client.get("http://t/v1/models")
+        assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+        client = openai.AsyncOpenAI(
+            base_url="http://t/v1", api_key="secret", max_retries=0, http_client=http_client
+        )
+        assert (await client.models.list()).data[0].id == MODEL
+
+
+async def test_no_worker_is_503_and_not_ready(api: tuple[str, ApiSettings]) -> None:
+    url, _ = api
+    with pytest.raises(openai.APIStatusError) as info:
+        await client_for(url).completions.create(model=MODEL, prompt="x", max_tokens=4)
+    assert info.value.status_code == 503 and info.value.code == "unavailable"
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/readyz")).status_code == 503
+
+
+async def test_disconnect_cancels_on_worker(
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
+) -> None:
+    worker = await start_worker()
+    url, _ = api
+    cancels: list[str] = []
+
+    async def on_cancel(msg: Msg) -> None:
+        cancels.append(msg.subject)
+
+    await nc.subscribe(subjects.CANCEL_ALL, cb=on_cancel)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True,
+                "temperature": 0}  # fmt: skip
+        async with http.stream("POST", "/v1/completions", json=body) as resp:
+            request_id = resp.headers["x-request-id"]
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and '"text":""' not in line:
+                    break  # one token in: hang up
+    for _ in range(200):
+        if cancels and worker.admitted == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert cancels == [subjects.cancel(request_id)], (cancels, worker.admitted)
+    assert worker.admitted == 0
+    assert worker.engine is not None
+    assert not worker.engine._manager.output_router.result_handlers
+
+
+async def test_overload_is_coded(
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+) -> None:
+    await start_worker(max_queue_requests=1)
+    url, _ = api
+    client = client_for(url)
+    stream = await client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=240, stream=True, temperature=0
+    )
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.completions.create(model=MODEL, prompt="x", max_tokens=4)
+    assert info.value.status_code == 503 and info.value.code == "overloaded"
+    assert info.value.response.headers["retry-after"] == "1"
+    await stream.close()
+
+
+async def test_two_workers_share_load(
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+) -> None:
+    first = await start_worker(node_id="cloud-a")
+    second = await start_worker(node_id="cloud-b")
+    url, _ = api
+    client = client_for(url)
+    answers = await asyncio.gather(
+        *(client.completions.create(model=MODEL, prompt=f"n{i}", max_tokens=4) for i in range(16))
+    )
+    served = {a.model_extra["worker"] for a in answers if a.model_extra}
+    assert served == {first.node_id, second.node_id}
+
+
+async def test_worker_killed_mid_stream_ends_stream(
+    nats_url: str, api: tuple[str, ApiSettings], cloud_model: tuple[Path, Path, int]
+) -> None:
+    env = {**os.environ, "HG_CLOUD_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a worker process to kill)
+        [sys.executable, "-m", "cloud", "worker", "--model-dir", str(cloud_model[0]),
+         "--nats", nats_url, "--node-id", "cloud-victim"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url, _ = api
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            for _ in range(600):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                await asyncio.sleep(0.1)
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True,
+                "temperature": 0}  # fmt: skip
+            events: list[str] = []
+            started = 0.0
+            async with http.stream("POST", "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if not line:
+                        continue
+                    events.append(line)
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGKILL)
+                        started = time.monotonic()
+        elapsed = time.monotonic() - started
+        assert events[-1] == "data: [DONE]"
+        assert '"error"' in events[-2], events[-3:]
+        assert elapsed < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def test_bundled_model_set_end_to_end(
+    nats_url: str, tiny_models: Any, tiny_models_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker and API resolve the model set (checkpoint, tokenizer, context) themselves."""
+    monkeypatch.setenv("HG_HOME", str(tiny_models_home))
+    nc = await connect(nats_url, name="test-worker")
+    settings = WorkerSettings(model_set=tiny_models.version, threads=1, cache_tokens=4096)
+    try:
+        async with CloudWorker(nc, settings) as worker:
+            assert worker.model_version == tiny_models.version
+            assert worker.engine is not None
+            assert worker.engine.context_length == tiny_models.cloud_context_length
+            app = create_app(ApiSettings(model_set=tiny_models.version), nats_url=nats_url)
+            async with app.router.lifespan_context(app):
+                http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+                client = openai.AsyncOpenAI(
+                    base_url="http://t/v1", api_key="x", max_retries=0, http_client=http_client
+                )
+                messages: Any = [{"role": "user", "content": "What is a module?"}]
+                chat = await client.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=12, seed=1
+                )
+                assert chat.choices[0].finish_reason in ("stop", "length")
+                streamed = [
+                    c.choices[0].delta.content or ""
+                    async for c in await client.chat.completions.create(
+                        model=MODEL, messages=messages, max_tokens=12, seed=1, stream=True
+                    )
+                    if c.choices
+                ]
+                assert "".join(streamed) == chat.choices[0].message.content
+                with pytest.raises(openai.BadRequestError) as info:
+                    too_long: Any = [{"role": "user", "content": "word " * 2000}]
+                    await client.chat.completions.create(model=MODEL, messages=too_long)
+                assert info.value.code == "context_length_exceeded"
+    finally:
+        await nc.close()
