@@ -264,7 +264,8 @@ def build_model_set(options: BuildOptions) -> ModelSet:
         t = lap("eval_s", t)
 
         builds: dict[str, dict[str, Any]] = {}
-        probe = held["in_domain"][:AGREEMENT_TOKENS].tolist()
+        edge_context = entries[EDGE_MODEL]["context_length"]
+        probe = held["in_domain"][: min(AGREEMENT_TOKENS, edge_context)].tolist()
         for precision in precisions:
             out = staging / f"edge-{precision}"
             edge_build.build_edge(staging / "edge", out, precision)

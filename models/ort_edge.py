@@ -56,7 +56,7 @@ def teacher_forced_argmax(model: Any, tokens: Sequence[int]) -> list[int]:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(tokens) + 1, do_sample=False)
+    params.set_search_options(max_length=len(tokens), do_sample=False)
     generator = og.Generator(model, params)
     predictions = []
     for token in tokens:
