@@ -168,6 +168,12 @@ def main(argv: list[str]) -> int:
     requests = args.requests or (1000 if args.quick else 5000)
     if requests < 1:
         parser.error("--requests must be at least 1")
+    try:  # the edge's figures, where the edge is installed
+        from edge.bench import register
+
+        register()
+    except ImportError:
+        pass
     result = asyncio.run(run(requests, quick=args.quick, warmup=min(200, requests)))
     if args.json:
         print(json.dumps(result))

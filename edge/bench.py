@@ -203,3 +203,30 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+async def hop_measurement(bench: Any) -> dict[str, Any]:
+    """The edge's fields of `hybridgen bench hop` (a `broker.bench.EXTRA_MEASUREMENTS` entry).
+
+    Uses the current model set's int4 edge build; without one, reports why in `edge_error`.
+    """
+    from broker.errors import HybridgenError
+    from models.registry import resolve
+
+    try:
+        model_dir = resolve().edge_dir("int4")
+    except HybridgenError as exc:
+        return {"edge_error": exc.message}
+    figures: dict[str, Any] = await measure_decision_and_fallback(
+        model_dir, rounds=20 if getattr(bench, "quick", False) else 100
+    )
+    figures["edge_rss_mb"] = await asyncio.to_thread(measure_edge_rss, model_dir)
+    return figures
+
+
+def register() -> None:
+    """Add the edge's fields to `hybridgen bench hop` (idempotent)."""
+    from broker import bench
+
+    if hop_measurement not in bench.EXTRA_MEASUREMENTS:
+        bench.EXTRA_MEASUREMENTS.append(hop_measurement)
