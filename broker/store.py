@@ -11,6 +11,7 @@ writes to a temporary file that is renamed into place only when both match.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -69,7 +70,8 @@ class FleetConfig:
     Open it with `await FleetConfig.open(nc)`; the bucket is created when missing.
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, nc: Client, kv: KeyValue) -> None:
+        self.nc = nc
         self.kv = kv
 
     @classmethod
@@ -92,7 +94,7 @@ class FleetConfig:
                 kv = await js.create_key_value(bucket=subjects.CONFIG_BUCKET, history=history)
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
             raise Unavailable(f"JetStream is not available: {exc}") from None
-        return cls(kv)
+        return cls(nc, kv)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         """The value of `key`, or `None` when it is absent or deleted."""
@@ -122,30 +124,57 @@ class FleetConfig:
         await self.kv.delete(key)
 
     async def watch(
-        self, key_or_pattern: str = ">"
+        self, key_or_pattern: str = ">", *, check_interval: float = 1.0
     ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
         """Yield `(key, value)` for the current values, then for every change.
 
         `value` is `None` when the key was deleted. A value that is not a JSON object is
         logged and skipped. Stop by leaving the `async for` (or closing the generator).
+
+        The watch survives a broker restart: nats-py's watcher goes silent when its
+        consumer disappears with the server, so after every reconnect (checked each
+        `check_interval` seconds) the watch is made again; values already yielded are not
+        repeated.
         """
-        watcher = await self.kv.watch(key_or_pattern)
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    continue
-                if entry.operation in _KV_DELETES or entry.value is None:
-                    yield entry.key, None
-                    continue
-                try:
-                    value = _loads(entry.key, entry.value)
-                except BadRequest as exc:
-                    log.warning("ignoring config update: %s", exc.message)
-                    continue
-                yield entry.key, value
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        last: dict[str, tuple[int, bytes | None]] = {}
+        while True:
+            reconnects = self.nc.stats["reconnects"]
+            try:
+                watcher = await self.kv.watch(key_or_pattern)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("config watch on %r not (re)made yet: %s", key_or_pattern, exc)
+                await asyncio.sleep(check_interval)
+                continue
+            try:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=check_interval)
+                    except nats.errors.TimeoutError:
+                        if self.nc.stats["reconnects"] != reconnects:
+                            log.info("reconnected: remaking the config watch on %r", key_or_pattern)
+                            break
+                        continue
+                    if entry is None:  # end of the initial values
+                        continue
+                    if not isinstance(entry, KeyValue.Entry):  # the watcher was stopped
+                        return
+                    raw = None if entry.operation in _KV_DELETES else entry.value
+                    seen = (entry.revision or 0, raw)
+                    if last.get(entry.key) == seen:
+                        continue
+                    last[entry.key] = seen
+                    if raw is None:
+                        yield entry.key, None
+                        continue
+                    try:
+                        value = _loads(entry.key, raw)
+                    except BadRequest as exc:
+                        log.warning("ignoring config update: %s", exc.message)
+                        continue
+                    yield entry.key, value
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
 
 
 def _info_sha256(info: api.ObjectInfo) -> str:

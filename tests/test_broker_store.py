@@ -15,6 +15,8 @@ from nats.aio.client import Client
 from nats.js import api
 
 from broker import errors, subjects
+from broker.bus import connect
+from broker.server import NatsServer
 from broker.store import ArtifactStore, FleetConfig
 
 
@@ -141,3 +143,38 @@ async def test_truncated_artifact_refused(nc: Client, tmp_path: Path) -> None:
     with pytest.raises(errors.Internal, match="'weights' is truncated"):
         await store.get_file("weights", tmp_path / "weights")
     assert not (tmp_path / "weights").exists()
+
+
+async def test_kv_watch_survives_broker_restart(tmp_path: Path) -> None:
+    first = NatsServer(store_dir=tmp_path / "nats")
+    await first.start()
+    port = int(first.client_url.rsplit(":", 1)[1])
+    second = NatsServer(store_dir=tmp_path / "nats", port=port)
+    client = await connect(first.client_url, name="watcher")
+    updates: asyncio.Queue[tuple[str, dict | None]] = asyncio.Queue()
+
+    async def watch(config: FleetConfig) -> None:
+        async for item in config.watch("policy.>", check_interval=0.1):
+            updates.put_nowait(item)
+
+    task = None
+    try:
+        config = await FleetConfig.open(client)
+        await config.put("policy.default", {"n": 1})
+        task = asyncio.create_task(watch(config))
+        assert await asyncio.wait_for(updates.get(), 3) == ("policy.default", {"n": 1})
+        await first.shutdown()
+        await second.start()
+        writer = await connect(second.client_url, name="writer")
+        try:
+            await (await FleetConfig.open(writer)).put("policy.default", {"n": 2})
+            assert await asyncio.wait_for(updates.get(), 10) == ("policy.default", {"n": 2})
+        finally:
+            await writer.close()
+        assert updates.empty()  # the remade watch did not repeat {"n": 1}
+    finally:
+        if task is not None:
+            task.cancel()
+        await client.close()
+        await second.shutdown()
+        await first.shutdown()
