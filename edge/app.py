@@ -45,7 +45,10 @@ HEADER_REQUEST_ID = "X-Request-Id"
 def resolve_model_dir(settings: EdgeSettings) -> tuple[Path, str | None]:
     """The model folder to serve and its model-set version (None for a bare folder)."""
     if settings.model_dir is not None:
-        return Path(settings.model_dir), None
+        path = Path(settings.model_dir)
+        if not (path / "genai_config.json").is_file():
+            raise NotFound(f"{path} is not an onnxruntime-genai model folder (no genai_config)")
+        return path, None
     from models.registry import resolve
 
     model_set = resolve(settings.model_version)

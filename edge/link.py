@@ -55,6 +55,7 @@ class BusLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.policy_updates = 0
+        self._connect_failures = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -113,7 +114,9 @@ class BusLink:
         try:
             nc = await connect_settings(self.settings.bus(), name=f"hybridgen-{self.node.node_id}")
         except HybridgenError as exc:
-            logger.warning("bus unavailable (%s); serving locally, retrying", exc.message)
+            level = logging.DEBUG if self._connect_failures else logging.WARNING
+            self._connect_failures += 1
+            logger.log(level, "bus unavailable (%s); serving locally, retrying", exc.message)
             return False
         self.nc = nc
         self.node.nc = nc

@@ -604,3 +604,50 @@ async def test_reload_model_pulls_a_version_from_the_object_store(
     assert extra(body)["served_by"] == "edge"
     missing = await send_control(nc, edge.node_id, "reload-model", {"version": "nope-1"})
     assert not missing.ok and "nope-1" in missing.message
+
+
+async def test_client_hang_up_cancels_locally_and_on_the_cloud(
+    start_edge: Callable[..., Any], nats_url: str, nc: Client
+) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: wire.GenerateRequest, responder: Responder) -> None:
+        for index in range(1000):
+            await responder.chunk(text=f" {index}", token_ids=[index])
+            started.set()
+            await asyncio.sleep(0.01)
+        await responder.done("length", wire.Usage(prompt_tokens=1, completion_tokens=1000))
+
+    cancels: list[str] = []
+
+    async def on_cancel(msg: Any) -> None:
+        cancels.append(msg.subject)
+
+    await nc.subscribe(subjects.CANCEL_ALL, cb=on_cancel)
+    worker_nc = await connect(nats_url, name="slow-worker")
+    async with GenerationService(worker_nc, model="hg-cloud", handler=slow, node_id="slow"):
+        edge = await start_edge()
+        async with httpx.AsyncClient(base_url=edge.url) as http:
+            for route in ("cloud", "edge"):
+                body = {"model": "hg-edge", "prompt": "x", "max_tokens": 100, "stream": True}
+                async with http.stream(
+                    "POST", "/v1/completions", json={**body, "route": route}
+                ) as response:
+                    request_id = response.headers["x-request-id"]
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and '"text":" ' in line:
+                            break
+                if route == "cloud":
+                    await eventually(lambda rid=request_id: subjects.cancel(rid) in cancels)
+        await eventually(lambda: edge.node.runtime.in_flight == 0)
+    await worker_nc.close()
+
+
+async def test_api_keys(start_edge: Callable[..., Any]) -> None:
+    edge = await start_edge(no_cloud=True, api_keys=["sekret"])
+    async with edge.client() as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.completions.create(model="hg-edge", prompt="x", max_tokens=1)
+    async with openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="sekret") as client:
+        answer = await client.completions.create(model="hg-edge", prompt="x", max_tokens=1)
+        assert extra(answer)["served_by"] == "edge"
