@@ -6,8 +6,9 @@ fresh inbox as reply subject; the worker answers `Chunk(seq=0)` at once on admis
 turns that into an async iterator with timeouts, a sequence check and typed errors, and
 publishes `hg.cancel.<request_id>` when the caller leaves early.
 
-All streams of one connection share one wildcard inbox subscription (`_INBOX.<nuid>.*`),
-so a request costs one publish, not a SUB/UNSUB pair.
+All streams of one connection share one wildcard inbox subscription (`_INBOX.<nuid>.*`, or
+`_INBOX_<user>.<nuid>.*` for an authenticated user), so a request costs one publish, not
+a SUB/UNSUB pair.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker import subjects, wire
+from broker.config import inbox_prefix
 from broker.errors import (
     BadRequest,
     HybridgenError,
@@ -100,7 +102,8 @@ async def connect(
         error_cb: called with asynchronous errors after the connection is up (permission
             violations arrive here); default logs them.
         connect_timeout: seconds to wait for each server.
-        **options: any other `nats.connect` keyword, overriding the defaults here.
+        **options: any other `nats.connect` keyword, overriding the defaults here. With a
+            `user`, reply inboxes are `_INBOX_<user>.…` (see `broker.config.inbox_prefix`).
 
     Raises:
         Unauthorized: the server refused the credentials.
@@ -151,6 +154,8 @@ async def connect(
     }
     if user is not None:
         settings["user"] = user
+        # Replies come to this user's own inboxes, the only ones its permissions allow.
+        settings["inbox_prefix"] = inbox_prefix(user)
     if password is not None:
         settings["password"] = password
     if token is not None:

@@ -78,8 +78,22 @@ class Permissions:
     allow_responses: bool = False
 
 
+def inbox_prefix(user: str | None) -> str:
+    """The reply-inbox prefix of a user: `_INBOX_<user>` (plain `_INBOX` without one).
+
+    Each user may only subscribe to its own inboxes, so no client can read the replies
+    (generated text) meant for another. `broker.bus.connect` uses the same prefix.
+    """
+    if user and subjects.is_token(user):
+        return f"_INBOX_{user}"
+    return "_INBOX"
+
+
 def permissions_for(
-    role: Role, node_id: str | None = None, js_domain: str | None = None
+    role: Role,
+    node_id: str | None = None,
+    js_domain: str | None = None,
+    user: str | None = None,
 ) -> Permissions:
     """The subject permissions of a role.
 
@@ -87,7 +101,9 @@ def permissions_for(
         role: edge, cloud, api or operator.
         node_id: limit telemetry, events and control to this node's subjects.
         js_domain: also allow the JetStream API of this domain (clients of a leaf node).
+        user: the user name: replies are limited to its own inboxes (`inbox_prefix`).
     """
+    inbox = f"{inbox_prefix(user)}.>"
     node = subjects.token(node_id, what="node_id") if node_id else "*"
     own_telemetry = f"hg.telemetry.{role}.{node}" if node_id else f"hg.telemetry.{role}.>"
     own_events = f"hg.events.{role}.{node}" if node_id else f"hg.events.{role}.>"
@@ -105,19 +121,19 @@ def permissions_for(
                     + _stream_read_api(_OBJ_STREAM, js_domain)
                 ),
             ),
-            subscribe=("_INBOX.>", own_control, discovery),
+            subscribe=(inbox, own_control, discovery),
             allow_responses=True,
         )
     if role == "cloud":
         return Permissions(
             publish=(own_telemetry, own_events),
-            subscribe=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_control, discovery, "_INBOX.>"),
+            subscribe=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_control, discovery, inbox),
             allow_responses=True,
         )
     if role == "api":
         return Permissions(
             publish=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_telemetry, own_events),
-            subscribe=("_INBOX.>", own_control, discovery),
+            subscribe=(inbox, own_control, discovery),
             allow_responses=True,
         )
     if role == "operator":
@@ -133,7 +149,7 @@ def permissions_for(
                 "$JS.ACK.>",
                 "hg.events.operator.>",
             ),
-            subscribe=(subjects.TELEMETRY_ALL, subjects.EVENTS_ALL, "_INBOX.>"),
+            subscribe=(subjects.TELEMETRY_ALL, subjects.EVENTS_ALL, inbox),
         )
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
 
@@ -248,7 +264,7 @@ def _tls_block(tls: TLSFiles, indent: str, *, remote: bool = False) -> list[str]
 def _users_block(users: Sequence[User], js_domain: str | None) -> list[str]:
     lines = ["authorization {", "  users: ["]
     for user in users:
-        perms = permissions_for(user.role, user.node_id, js_domain)
+        perms = permissions_for(user.role, user.node_id, js_domain, user.name)
         lines += [
             f"    {{  # role: {user.role}" + (f", node: {user.node_id}" if user.node_id else ""),
             f"      user: {_q(user.name)}",

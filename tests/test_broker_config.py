@@ -177,7 +177,7 @@ async def connect_as(url: str, user: str, password: str, seen: list[Exception]) 
 async def wait_for_violation(seen: list[Exception], fragment: str) -> str:
     for _ in range(100):
         for exc in seen:
-            if "permissions violation" in str(exc).lower() and fragment in str(exc):
+            if "permissions violation" in str(exc).lower() and fragment.lower() in str(exc).lower():
                 return str(exc)
         await asyncio.sleep(0.02)
     raise AssertionError(f"no permissions violation for {fragment!r}; errors: {seen}")
@@ -212,6 +212,11 @@ async def test_role_permissions(secured: NatsServer) -> None:
             # An edge may not serve generation.
             await edge.subscribe(subjects.GEN_ALL)
             await wait_for_violation(seen, "hg.gen.>")
+            # Nor read replies meant for others: only its own inboxes.
+            await edge.subscribe("_INBOX.>")
+            await wait_for_violation(seen, "_INBOX.>")
+            await edge.subscribe("_INBOX_api.>")
+            await wait_for_violation(seen, "_INBOX_api.>")
             # An edge may not publish another node's telemetry.
             await edge.publish(subjects.telemetry("edge", "edge-2"), b"")
             await wait_for_violation(seen, "hg.telemetry.edge.edge-2")
