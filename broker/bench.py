@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import subjects, wire
-from broker.bus import connect
+from broker.bus import GenerationService, Responder, connect, request_stream
 from broker.server import NatsServer
 
 BENCH_MODEL = "bench"
@@ -69,8 +69,36 @@ class HopBench:
 
 
 Measurement = Callable[[HopBench], Awaitable[dict[str, Any]]]
+
+
+async def measure_stream(context: HopBench) -> dict[str, Any]:
+    """The full streaming path (`request_stream` to a `GenerationService`: accept + Done).
+
+    A fifth of the requests (at least 50): it adds a task per request and two replies.
+    """
+    model = "bench-stream"
+
+    async def handler(request: wire.GenerateRequest, responder: Responder) -> None:
+        await responder.done("stop", wire.Usage(prompt_tokens=0, completion_tokens=0))
+
+    samples = []
+    async with GenerationService(context.nc, model=model, handler=handler, node_id="bench"):
+        for _ in range(max(50, context.requests // 5)):
+            request = wire.GenerateRequest(
+                request_id=wire.new_request_id(), model=model, prompt="hello " * 20
+            )
+            started = time.perf_counter()
+            async with request_stream(context.nc, request) as stream:
+                await stream.collect()
+            samples.append((time.perf_counter() - started) * 1000)
+    return {
+        "stream_p50_ms": round(percentile(samples, 0.50), 4),
+        "stream_p99_ms": round(percentile(samples, 0.99), 4),
+    }
+
+
 #: Extra measurements merged into the result (e.g. the edge's no-responders decision time).
-EXTRA_MEASUREMENTS: list[Measurement] = []
+EXTRA_MEASUREMENTS: list[Measurement] = [measure_stream]
 
 
 async def measure_inproc(requests: int) -> list[float]:

@@ -350,3 +350,18 @@ async def test_closed_connection_is_unavailable(nats_url: str) -> None:
     with pytest.raises(errors.Unavailable):
         async with request_stream(client, make_request()):
             pass
+
+
+async def test_connect_settings(nats_url: str) -> None:
+    from broker.bus import connect_settings
+    from broker.settings import BusSettings
+
+    client = await connect_settings(BusSettings(url=nats_url), name="from-settings")
+    try:
+        assert client.is_connected
+    finally:
+        await client.close()
+    with pytest.raises(errors.Unavailable):
+        await connect_settings(
+            BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.5), name="nowhere"
+        )

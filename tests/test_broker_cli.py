@@ -170,4 +170,5 @@ async def test_hop_bench_runs() -> None:
     for key in ("inproc_p50_ms", "nats_p50_ms", "nats_p99_ms", "added_p50_ms", "added_p99_ms"):
         assert isinstance(result[key], float)
     assert result["requests"] == 30 and result["extra_field_ms"] == 1.0
+    assert result["stream_p50_ms"] > 0
     json.dumps(result)
