@@ -76,11 +76,32 @@ def find_nats_server() -> Path:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the child when its parent dies, so no server is left orphaned."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_LIBC: Any = None
+#: Rotate the server log to `.1` when it is bigger than this at start.
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+
+
+def _death_signal_hook() -> Any:
+    """A pre-exec hook that makes Linux SIGTERM the server when its parent dies.
+
+    libc is loaded here, in the parent: between fork and exec the child only makes the
+    `prctl` call, which takes no lock. Linux sends the signal when the *thread* that
+    started the server ends, so start servers from a long-lived thread (the event loop's).
+    """
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return None
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return None
+    libc = _LIBC
+
+    def hook() -> None:  # pragma: no cover - runs in the child
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return hook
 
 
 _JETSTREAM_BLOCK = re.compile(r"^\s*jetstream\s*[:={]", re.MULTILINE | re.IGNORECASE)
@@ -218,6 +239,9 @@ class NatsServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._ports_dir = Path(tempfile.mkdtemp(prefix="hg-nats-ports-"))
         cmd = self.command(binary, self._ports_dir)
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size > LOG_ROTATE_BYTES:
+                self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - kept open while it runs
         self._log_offset = self._log_file.tell()
         log.debug("starting %s", " ".join(cmd))
@@ -229,7 +253,7 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 # Own process group: Ctrl-C reaches us, and we stop the server last.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_death_signal_hook(),
             )
         except OSError as exc:
             self._close_files()
