@@ -358,7 +358,8 @@ async def test_out_of_domain_escalates_in_domain_stays_and_kv_policy_is_live(
     # ... and so does the set-policy control verb (it writes the node override).
     reply = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": 1e9})
     assert reply.ok, reply.message
-    assert (await config.get(subjects.policy_key(edge.node_id)))["perplexity_threshold"] == 1e9
+    stored = await config.get(subjects.policy_key(edge.node_id))
+    assert stored is not None and stored["perplexity_threshold"] == 1e9
     body = await chat(edge, OUT_OF_DOMAIN)
     assert extra(body)["route_reason"] == "in_domain"
     bad = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": -3})
@@ -403,6 +404,8 @@ async def test_hot_swap_under_load_loses_no_request(
 
 async def test_drain_and_resume(start_edge: Callable[..., Any], nc: Client) -> None:
     edge = await start_edge()
+    info = json.loads((await nc.request("$SRV.INFO.hybridgen-edge", b"", timeout=2)).data)
+    assert info["metadata"]["node_id"] == edge.node_id  # discoverable as a nats.micro service
     assert (await send_control(nc, edge.node_id, "drain")).ok
     async with httpx.AsyncClient(base_url=edge.url) as http:
         response = await http.post(
@@ -638,7 +641,8 @@ async def test_client_hang_up_cancels_locally_and_on_the_cloud(
                         if line.startswith("data: {") and '"text":" ' in line:
                             break
                 if route == "cloud":
-                    await eventually(lambda rid=request_id: subjects.cancel(rid) in cancels)
+                    cancel_subject = subjects.cancel(request_id)
+                    await eventually(lambda: cancel_subject in cancels)
         await eventually(lambda: edge.node.runtime.in_flight == 0)
     await worker_nc.close()
 
