@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import operator
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -641,8 +643,10 @@ async def test_client_hang_up_cancels_locally_and_on_the_cloud(
                         if line.startswith("data: {") and '"text":" ' in line:
                             break
                 if route == "cloud":
-                    cancel_subject = subjects.cancel(request_id)
-                    await eventually(lambda: cancel_subject in cancels)
+                    cancelled = functools.partial(
+                        operator.contains, cancels, subjects.cancel(request_id)
+                    )
+                    await eventually(cancelled)
         await eventually(lambda: edge.node.runtime.in_flight == 0)
     await worker_nc.close()
 
