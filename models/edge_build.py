@@ -96,13 +96,16 @@ def build_edge(checkpoint: Path, out_dir: Path, precision: str = "int4") -> Path
     check_architecture(checkpoint)
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
+    # int8 cannot quantize a shared embedding's Gather (the builder logs an error and falls
+    # back); exporting the tied matrix as embedding + LM head keeps the int8 build clean.
+    extra = ["shared_embeddings=false"] if precision == "int8" else []
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(tempfile.mkdtemp(prefix="hg-builder-cache-"))
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             options = parse_extra_options(
-                None, str(checkpoint), str(out_dir), precision, "cpu", str(cache_dir), []
+                None, str(checkpoint), str(out_dir), precision, "cpu", str(cache_dir), extra
             )
             create_model(
                 None, str(checkpoint), str(out_dir), precision, "cpu", str(cache_dir), **options
