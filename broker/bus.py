@@ -119,7 +119,10 @@ async def connect(
     async def _error_cb(exc: Exception) -> None:
         if not connected:
             failures.append(exc)
-            if len(failures) >= len(servers) or _is_auth_error(exc):
+            # A server that refuses a login closes the socket right after its -ERR, and the
+            # reset can swallow the -ERR: give resets a few tries to show the real reason.
+            weight = sum(1 / _RESET_TRIES if _is_reset(e) else 1 for e in failures)
+            if weight >= len(servers) - 1e-9 or _is_auth_error(exc):
                 gave_up.set()
             return
         if error_cb is not None:
@@ -175,23 +178,36 @@ async def connect(
             timeout=connect_timeout * len(servers) + 0.5,
             return_when=asyncio.FIRST_COMPLETED,
         )
+        if attempt in done and not attempt.cancelled() and attempt.exception() is None:
+            connected = True
+            return nc
     finally:
         giving_up.cancel()
-    if attempt in done and attempt.exception() is None:
-        connected = True
-        return nc
-    attempt.cancel()
-    with contextlib.suppress(BaseException):
-        await attempt
-    with contextlib.suppress(Exception):
-        await nc.close()
+        if not connected:  # failed, timed out, or we were cancelled: leave nothing running
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            with contextlib.suppress(Exception):
+                await nc.close()
     cause: BaseException | None = failures[-1] if failures else None
     if attempt.done() and not attempt.cancelled() and attempt.exception() is not None:
         cause = attempt.exception()
     detail = f"{type(cause).__name__}: {cause}" if cause is not None else "timed out"
+    if failures and all(_is_reset(e) for e in failures):
+        detail += "; the server closed the connection during the handshake (credentials? TLS?)"
     if cause is not None and _is_auth_error(cause):
         raise Unauthorized(f"NATS server at {url} refused the credentials of {name!r}")
     raise Unavailable(f"cannot connect to NATS at {url} ({detail})")
+
+
+_RESET_TRIES = 3
+
+
+def _is_reset(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, ConnectionResetError | BrokenPipeError)
+        or "unexpected eof" in str(exc).lower()
+    )
 
 
 def _is_auth_error(exc: BaseException) -> bool:
