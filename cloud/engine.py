@@ -70,6 +70,8 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Keep generating past EOS (benchmarks: every request makes exactly max_tokens).
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -402,7 +404,7 @@ class Engine:
                 request_id=request_id,
                 max_new_tokens=sampling.max_tokens,
                 streaming=True,
-                eos_token_id=self.eos_ids,
+                eos_token_id=-1 if sampling.ignore_eos else self.eos_ids,
                 **self._processor_kwargs(sampling, slot),
             )
             if accepted is None:
@@ -419,7 +421,12 @@ class Engine:
                 new_ids = list(output.generated_tokens[seen:])
                 seen = len(output.generated_tokens)
                 done = output.is_finished()
-                hit_eos = done and bool(new_ids) and new_ids[-1] in self.eos_ids
+                hit_eos = (
+                    done
+                    and not sampling.ignore_eos
+                    and bool(new_ids)
+                    and new_ids[-1] in self.eos_ids
+                )
                 text_ids = new_ids[:-1] if hit_eos else new_ids
                 text, stopped = stops.push(detok.push(text_ids))
                 if stopped or done:

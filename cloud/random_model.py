@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128),
-    # ~90M parameters with an 8k vocabulary.
-    "90m": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12,
+    # ~90M parameters (with a small vocabulary).
+    "90m": dict(hidden_size=768, num_hidden_layers=14, num_attention_heads=12,
                 num_key_value_heads=4, intermediate_size=2048),
     # ~1B parameters (for a GPU).
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
