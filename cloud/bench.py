@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
                "p50_ttft_ms", "p95_ttft_ms")  # fmt: skip
     print("  ".join(f"{c:>16}" for c in columns))
     for run in runs:
-        print("  ".join(f"{str(run.get(c, '-')):>16}" for c in columns))
+        print("  ".join(f"{run.get(c, '-')!s:>16}" for c in columns))
     for run in runs:
         if "skipped" in run:
             print(f"{run['model']}: skipped ({run['skipped']})")
