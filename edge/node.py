@@ -210,7 +210,11 @@ class EdgeNode:
         drafted: list[Token] = []
         finished: Finished | None = None
         if decision.target is Target.PREFILL:
-            generation = runtime.submit(prompt_ids, request.options, hold_after_prefill=True)
+            try:
+                generation = runtime.submit(prompt_ids, request.options, hold_after_prefill=True)
+            except Overloaded:
+                decision = self._when_queue_full(request)
+        if generation is not None:
             try:
                 prefill = await generation.next_event()
                 assert isinstance(prefill, Prefill)
@@ -235,7 +239,15 @@ class EdgeNode:
             options = request.options
             if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
                 options = _with_max_tokens(options, decision.max_tokens)
-            generation = runtime.submit(prompt_ids, options)
+            try:
+                generation = runtime.submit(prompt_ids, options)
+            except Overloaded:
+                decision = self._when_queue_full(request)
+                async for item in self._serve_cloud(
+                    request, prompt_ids, decision, started, perplexity
+                ):
+                    yield item
+                return
             first = await generation.next_event()
             assert isinstance(first, Prefill)
             perplexity = first.perplexity
@@ -272,6 +284,16 @@ class EdgeNode:
                 generation.cancel()
         self.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
         yield outcome
+
+    def _when_queue_full(self, request: EdgeRequest) -> Decision:
+        """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
+        if request.local_only or request.route == "edge" or not self.cloud_available():
+            raise Overloaded(
+                f"edge queue full ({self.runtime.max_queue} waiting) and the request cannot "
+                "go to the cloud",
+                retry_after=max(1.0, self.runtime.estimate_wait_s()),
+            )
+        return Decision(Target.CLOUD, Reason.EDGE_OVERLOADED, request.options.max_tokens)
 
     async def _draft(
         self, generation: Generation, policy: PolicySettings

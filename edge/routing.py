@@ -246,13 +246,14 @@ def decide_after_draft(
 
     The draft is discarded when escalating, so nothing the client saw is contradicted.
     """
-    if not draft_logprobs or not cloud_available:
-        reason = Reason.CONFIDENT_DRAFT if cloud_available else Reason.CLOUD_UNAVAILABLE
-        return Decision(Target.EDGE, reason)
+    if not draft_logprobs:  # the answer ended before the first token: nothing to judge
+        return Decision(Target.EDGE, Reason.CONFIDENT_DRAFT)
     mean = sum(draft_logprobs) / len(draft_logprobs)
-    if mean < policy.draft_logprob_threshold:
-        return Decision(Target.CLOUD, Reason.LOW_DRAFT_CONFIDENCE)
-    return Decision(Target.EDGE, Reason.CONFIDENT_DRAFT)
+    if mean >= policy.draft_logprob_threshold:
+        return Decision(Target.EDGE, Reason.CONFIDENT_DRAFT)
+    if not cloud_available:
+        return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE)
+    return Decision(Target.CLOUD, Reason.LOW_DRAFT_CONFIDENCE)
 
 
 BreakerState = Literal["closed", "open", "half_open"]

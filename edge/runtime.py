@@ -342,7 +342,7 @@ class EdgeRuntime:
         with self._lock:
             if self._closing:
                 raise Overloaded("the edge model is being unloaded", retry_after=1.0)
-            if len(self._pending) >= self.max_queue:
+            if len(self._active) + len(self._pending) >= self.max_active + self.max_queue:
                 raise Overloaded(
                     f"edge queue full ({self.max_queue} waiting)",
                     retry_after=max(1.0, self.estimate_wait_s()),

@@ -659,3 +659,31 @@ async def test_api_keys(start_edge: Callable[..., Any]) -> None:
     async with openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="sekret") as client:
         answer = await client.completions.create(model="hg-edge", prompt="x", max_tokens=1)
         assert extra(answer)["served_by"] == "edge"
+
+
+async def test_full_edge_queue_goes_to_cloud_or_is_a_503(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    await start_worker()
+    edge = await start_edge(max_active=1, max_queue=0, policy={"latency_budget_ms": 1e9})
+    runtime = edge.node.runtime
+    # Take the only slot and keep it (held after its prefill, never resumed); no queue.
+    busy = runtime.submit(
+        runtime.encode("busy"), SamplingOptions(max_tokens=8), hold_after_prefill=True
+    )
+    await busy.next_event()
+    try:
+        body = await chat(edge, "hello")
+        assert (extra(body)["served_by"], extra(body)["route_reason"]) == (
+            "cloud",
+            "edge_overloaded",
+        )
+        async with edge.client() as client:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(
+                    model="hg-edge", prompt="x", max_tokens=2, extra_body={"local_only": True}
+                )
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers.get("retry-after")
+    finally:
+        busy.cancel()

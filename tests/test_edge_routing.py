@@ -111,6 +111,10 @@ def test_second_stage() -> None:
     assert (ok.target, ok.reason) == (Target.EDGE, Reason.CONFIDENT_DRAFT)
     down = decide_after_draft([-9.0], policy, cloud_available=False)
     assert (down.target, down.reason) == (Target.EDGE, Reason.CLOUD_UNAVAILABLE)
+    fine = decide_after_draft([-0.1], policy, cloud_available=False)
+    assert (fine.target, fine.reason) == (Target.EDGE, Reason.CONFIDENT_DRAFT)
+    empty = decide_after_draft([], policy, cloud_available=True)
+    assert empty.target is Target.EDGE
 
 
 # ------------------------------------------------------------------------ cloud health
