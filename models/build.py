@@ -203,9 +203,12 @@ def build_model_set(options: BuildOptions) -> ModelSet:
 
     staging = registry.staging_dir(version, options.home)
     try:
-        corpus = corpus_mod.build_corpus(
-            profile.budgets, options.domain, min_domain_bytes=profile.min_domain_bytes
-        )
+        try:
+            corpus = corpus_mod.build_corpus(
+                profile.budgets, options.domain, min_domain_bytes=profile.min_domain_bytes
+            )
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="domain") from None
         t = lap("corpus_s", t)
         tokenizer_dir = staging / "tokenizer"
         if given:
