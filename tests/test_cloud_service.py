@@ -241,6 +241,17 @@ async def test_disconnect_cancels_on_worker(
     assert worker.engine is not None
     assert not worker.engine._manager.output_router.result_handlers
 
+    # A client of a non-streamed request that gives up cancels it too.
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(0.3)) as http:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=body)
+    for _ in range(200):
+        if len(cancels) == 2 and worker.admitted == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert len(cancels) == 2 and worker.admitted == 0
+
 
 async def test_overload_is_coded(
     start_worker: Callable[..., Any], api: tuple[str, ApiSettings]

@@ -1,0 +1,149 @@
+"""The cloud worker over a real nats-server, spoken to with the bus helpers directly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from broker import subjects, wire
+from broker.bus import request_stream
+from broker.errors import ContextLengthExceeded, Internal, NoResponders, Overloaded, Timeout
+from cloud.engine import Engine, EngineConfig
+from cloud.settings import WorkerSettings
+from cloud.worker import CloudWorker
+
+MODEL = "hg-cloud"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cloud.random_model import make_random_llama
+
+    return make_random_llama(tmp_path_factory.mktemp("worker_model"), context_length=256)
+
+
+@pytest.fixture
+async def make_worker(nc: Client, model_dir: Path) -> AsyncIterator[Callable[..., Any]]:
+    workers: list[CloudWorker] = []
+
+    async def make(**overrides: Any) -> CloudWorker:
+        settings = WorkerSettings(model_dir=model_dir, threads=1, heartbeat_s=0.2, **overrides)
+        engine = await asyncio.to_thread(
+            Engine.load, model_dir, config=EngineConfig(threads=1, cache_tokens=4096)
+        )
+        worker = CloudWorker(nc, settings, engine)
+        worker._own_engine = True
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    try:
+        yield make
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+def request(prompt: str = "Hello", **fields: Any) -> wire.GenerateRequest:
+    fields.setdefault("temperature", 0.0)
+    return wire.GenerateRequest(
+        request_id=wire.new_request_id(), model=MODEL, prompt=prompt, **fields
+    )
+
+
+async def test_stream_protocol_and_heartbeat(make_worker: Callable[..., Any], nc: Client) -> None:
+    worker = await make_worker(node_id="cloud-hb")
+    beats: list[wire.Heartbeat] = []
+
+    async def on_beat(msg: Msg) -> None:
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    await nc.subscribe(subjects.telemetry("cloud", "cloud-hb"), cb=on_beat)
+    async with request_stream(nc, request(max_tokens=8)) as stream:
+        chunks = [chunk async for chunk in stream]
+    assert chunks[0].seq == 0 and chunks[0].text == ""
+    assert stream.done is not None and stream.done.served_by == "cloud-hb"
+    assert stream.done.usage.completion_tokens == sum(len(c.token_ids) for c in chunks) == 8
+    for _ in range(50):
+        if beats:
+            break
+        await asyncio.sleep(0.05)
+    beat = beats[-1]
+    assert beat.status == "ready" and beat.model == MODEL and beat.in_flight == 0
+    assert beat.model_version == worker.model_version and beat.extra["device"] == "cpu"
+
+
+async def test_deadline_and_window_and_overload(
+    make_worker: Callable[..., Any], nc: Client
+) -> None:
+    worker = await make_worker(max_queue_tokens=300)
+    with pytest.raises(Timeout):
+        async with request_stream(nc, request(max_tokens=240, timeout_ms=30)) as stream:
+            async for _ in stream:
+                pass
+    with pytest.raises(ContextLengthExceeded):
+        async with request_stream(nc, request(max_tokens=256)):
+            pass
+    async with request_stream(nc, request(max_tokens=240)) as first:
+        with pytest.raises(Overloaded) as info:
+            async with request_stream(nc, request(max_tokens=100)):
+                pass
+        assert info.value.retry_after == 1.0
+        async for _ in first:
+            pass
+    for _ in range(100):
+        if worker.admitted == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.admitted == 0 and worker.admitted_tokens == 0 and worker.queued == 0
+
+
+async def test_crash_in_one_request_answers_internal(
+    make_worker: Callable[..., Any], nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = await make_worker()
+    assert worker.engine is not None
+    encode = worker.engine.encode
+
+    def faulty(text: str) -> list[int]:
+        if text == "boom":
+            raise RuntimeError("injected fault")
+        return encode(text)
+
+    monkeypatch.setattr(worker.engine, "encode", faulty)
+    events: list[wire.Event] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(wire.decode(msg.data, wire.Event))
+
+    await nc.subscribe(subjects.events("cloud", worker.node_id), cb=on_event)
+    with pytest.raises(Internal):
+        async with request_stream(nc, request("boom")):
+            pass
+    async with request_stream(nc, request(max_tokens=4)) as stream:
+        text, done = await stream.collect()
+    assert done.usage.completion_tokens == 4
+    await nc.flush()
+    await asyncio.sleep(0.1)
+    assert [e.kind for e in events] == ["error"] and events[0].data["code"] == "internal"
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(
+    make_worker: Callable[..., Any], nc: Client
+) -> None:
+    worker = await make_worker()
+    async with request_stream(nc, request(max_tokens=120)) as stream:
+        drain = asyncio.create_task(worker.drain(timeout=10))
+        text, done = await stream.collect()
+    assert done.finish_reason == "length" and done.usage.completion_tokens == 120
+    assert await drain is True
+    with pytest.raises(NoResponders):
+        async with request_stream(nc, request()):
+            pass
+    assert worker.heartbeat().status == "draining"
