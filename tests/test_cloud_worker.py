@@ -127,7 +127,7 @@ async def test_crash_in_one_request_answers_internal(
         async with request_stream(nc, request("boom")):
             pass
     async with request_stream(nc, request(max_tokens=4)) as stream:
-        text, done = await stream.collect()
+        _text, done = await stream.collect()
     assert done.usage.completion_tokens == 4
     await nc.flush()
     await asyncio.sleep(0.1)
@@ -140,7 +140,7 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     worker = await make_worker()
     async with request_stream(nc, request(max_tokens=120)) as stream:
         drain = asyncio.create_task(worker.drain(timeout=10))
-        text, done = await stream.collect()
+        _text, done = await stream.collect()
     assert done.finish_reason == "length" and done.usage.completion_tokens == 120
     assert await drain is True
     with pytest.raises(NoResponders):
