@@ -248,9 +248,7 @@ class EdgeNode:
                 ):
                     yield item
                 return
-            first = await generation.next_event()
-            assert isinstance(first, Prefill)
-            perplexity = first.perplexity
+            # Decided: answer at once; the Prefill event is skipped in the loop below.
         else:
             generation.resume()
         self._count(decision)
