@@ -92,8 +92,19 @@ class FleetConfig:
                 kv = await js.key_value(subjects.CONFIG_BUCKET)
             except nats.js.errors.BucketNotFoundError:
                 kv = await js.create_key_value(bucket=subjects.CONFIG_BUCKET, history=history)
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
-            raise Unavailable(f"JetStream is not available: {exc}") from None
+        except (
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+        ) as exc:
+            raise Unavailable(f"JetStream is not available: {exc!r}") from None
+        except TimeoutError:
+            # A denied JetStream API request is dropped by the server and times out.
+            raise Unavailable(
+                "JetStream did not answer: is the bucket missing and this user not allowed "
+                "to create it? (start the broker with `hybridgen up`, or open it once as an "
+                "operator)"
+            ) from None
         return cls(nc, kv)
 
     async def get(self, key: str) -> dict[str, Any] | None:
@@ -239,8 +250,19 @@ class ArtifactStore:
                 obs = await js.object_store(subjects.MODELS_BUCKET)
             except nats.js.errors.BucketNotFoundError:
                 obs = await js.create_object_store(subjects.MODELS_BUCKET)
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
-            raise Unavailable(f"JetStream is not available: {exc}") from None
+        except (
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+        ) as exc:
+            raise Unavailable(f"JetStream is not available: {exc!r}") from None
+        except TimeoutError:
+            # A denied JetStream API request is dropped by the server and times out.
+            raise Unavailable(
+                "JetStream did not answer: is the bucket missing and this user not allowed "
+                "to create it? (start the broker with `hybridgen up`, or open it once as an "
+                "operator)"
+            ) from None
         return cls(js, obs)
 
     async def _put(self, name: str, data: Any, meta: dict[str, Any] | None) -> str:
