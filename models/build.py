@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Held-out tokens used for the int4/int8 top-1 agreement check at build time.
 AGREEMENT_TOKENS = 96
+#: How many times the chat-formatted examples appear in the training text.
+CHAT_REPEATS = 2
 
 
 @dataclass
@@ -224,8 +226,17 @@ def build_model_set(options: BuildOptions) -> ModelSet:
             tokenizer_source = "trained"
         t = lap("tokenizer_s", t)
 
-        in_domain = train.encode_stream(tokenizer, corpus.texts(in_domain=True, held_out=False))
-        everything = train.encode_stream(tokenizer, corpus.texts(held_out=False))
+        # Plain documents plus chat-formatted exchanges drawn from them (seen twice, ~10% of
+        # the text), so both models learn the chat format and to end a turn with <|end|>.
+        edge_chats = corpus.chat_texts(in_domain=True)
+        all_chats = corpus.chat_texts()
+        corpus.stats["chat_examples"] = {"edge": len(edge_chats), "cloud": len(all_chats)}
+        in_domain = train.encode_stream(
+            tokenizer, corpus.texts(in_domain=True, held_out=False) + edge_chats * CHAT_REPEATS
+        )
+        everything = train.encode_stream(
+            tokenizer, corpus.texts(held_out=False) + all_chats * CHAT_REPEATS
+        )
         held = {
             "in_domain": train.encode_stream(
                 tokenizer, corpus.texts(in_domain=True, held_out=True)

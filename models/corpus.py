@@ -79,6 +79,15 @@ class Corpus:
     documents: list[Document]
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def chat_texts(self, *, in_domain: bool | None = None) -> list[str]:
+        """Chat-formatted question/answer examples made from the training documents."""
+        examples = (
+            chat_example(d)
+            for d in self.documents
+            if not d.held_out and (in_domain is None or (d.source in self.domain) == in_domain)
+        )
+        return [e for e in examples if e]
+
     def texts(self, *, in_domain: bool | None = None, held_out: bool) -> list[str]:
         """Document texts of one split; `in_domain` None means both domains."""
         return [
@@ -202,12 +211,26 @@ def _read_maybe_gz(path: Path) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+#: At most this many pages per command family (`git-*`, `gcloud_*`, ...): some packages ship
+#: thousands of near-identical generated pages that would otherwise swamp the domain.
+MAX_PAGES_PER_FAMILY = 8
+
+
+def _man_family(name: str) -> str:
+    return re.split(r"[-_.]", name, maxsplit=1)[0].lower()
+
+
 def iter_man(root: Path = MAN_ROOT) -> Iterator[Document]:
-    """English man pages (sections 1-8), `.so` redirections skipped."""
+    """English man pages (sections 1-8), `.so` redirections skipped, families capped."""
     pages = [
         p for section in sorted(root.glob("man[1-8]")) for p in section.iterdir() if p.is_file()
     ]
+    per_family: dict[str, int] = {}
     for path in _ordered(pages, root):
+        family = _man_family(path.name)
+        if per_family.get(family, 0) >= MAX_PAGES_PER_FAMILY:
+            continue
+        per_family[family] = per_family.get(family, 0) + 1
         try:
             roff = _read_maybe_gz(path)
         except (OSError, EOFError, gzip.BadGzipFile):
@@ -386,3 +409,89 @@ def build_corpus(
             key = f"{split}_{'in' if in_domain else 'out_of'}_domain_bytes"
             stats[key] = sum(len(t.encode()) for t in texts)
     return corpus
+
+
+# --- chat examples ------------------------------------------------------------------------
+
+_MAX_ANSWER_CHARS = 480
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _is_underline(paragraph: str) -> bool:
+    return bool(re.fullmatch(r"[*=\-.]+", paragraph.splitlines()[-1].strip()))
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) <= _MAX_ANSWER_CHARS:
+        return text
+    cut = text[:_MAX_ANSWER_CHARS]
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > 80 else cut.rsplit(" ", 1)[0] + " ..."
+
+
+def _prose(paragraphs: list[str]) -> str | None:
+    """The first paragraph that reads like prose (not a heading, table or code)."""
+    for paragraph in paragraphs:
+        if _is_underline(paragraph) or paragraph.startswith(("+-", "|", ">>>", "def ", "class ")):
+            continue
+        if len(paragraph) >= 40 and paragraph[0].isalpha():
+            return paragraph
+    return None
+
+
+def _question_answer(document: Document) -> tuple[str, str] | None:
+    paragraphs = _paragraphs(document.text)
+    if len(paragraphs) < 2:
+        return None
+    if document.source == "man":
+        if "NAME" not in paragraphs:
+            return None
+        index = paragraphs.index("NAME")
+        if index + 1 >= len(paragraphs) or " - " not in paragraphs[index + 1]:
+            return None
+        name_line = paragraphs[index + 1]
+        command = name_line.split(" - ", 1)[0].split(",")[0].strip()
+        rest = (
+            paragraphs[paragraphs.index("DESCRIPTION") + 1 :] if "DESCRIPTION" in paragraphs else []
+        )
+        detail = _prose(rest)
+        answer = name_line + (f". {detail}" if detail else "")
+        return f"What does {command} do?", answer
+    if document.source == "info":
+        heading = paragraphs[0].splitlines()[0].strip()
+        if heading.startswith(("This is", "File:")) or len(heading) > 80:
+            return None
+        topic = re.sub(r"^[0-9.]+\s+", "", heading)
+        manual = document.name.split(".info", 1)[0]
+        answer = _prose(paragraphs[1:])
+        return (f"Tell me about {topic} in {manual}.", answer) if answer else None
+    if document.source == "licenses":
+        answer = _prose(paragraphs) or paragraphs[0]
+        return f"What does the {document.name} licence say?", answer
+    if document.source == "python-topics":
+        answer = _prose(paragraphs[1:])
+        return (f"Explain {document.name} in Python.", answer) if answer else None
+    if document.source == "python-docstrings":
+        answer = _prose(paragraphs[1:2])
+        module = document.name
+        return (f"What is the Python module {module} for?", answer) if answer else None
+    return None
+
+
+def chat_example(document: Document) -> str | None:
+    """One chat-formatted exchange (`models.chat` format) drawn from a document, or None."""
+    from models.chat import render_chat
+
+    pair = _question_answer(document)
+    if pair is None:
+        return None
+    question, answer = pair
+    messages = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": _shorten(answer)},
+    ]
+    return render_chat(messages, add_generation_prompt=False)
