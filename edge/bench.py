@@ -90,6 +90,9 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
                     nc, model="hg-cloud", handler=_stand_in_worker, node_id="bench-worker"
                 )
                 await service.start()
+                await nc.flush()
+                await client_nc.flush()
+                await _until_served(client_nc)
                 node.breaker.record_success()
                 transport = httpx.ASGITransport(app=app)
                 body = {"model": "hg-cloud", "prompt": "hello", "max_tokens": 4}
@@ -120,6 +123,22 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
         "cloud_via_edge_p50_ms": round(statistics.median(via_edge), 3),
         "fallback_added_p50_ms": round(statistics.median(via_edge) - statistics.median(direct), 3),
     }
+
+
+async def _until_served(nc: Any, attempts: int = 100) -> None:
+    """Wait until the stand-in worker's subscription answers (it propagates asynchronously)."""
+    from broker.errors import NoResponders
+
+    for _ in range(attempts):
+        request = wire.GenerateRequest(
+            request_id=wire.new_request_id(), model="hg-cloud", prompt="hello"
+        )
+        try:
+            async with request_stream(nc, request) as stream:
+                await stream.collect()
+            return
+        except NoResponders:
+            await asyncio.sleep(0.01)
 
 
 def _free_port() -> int:
