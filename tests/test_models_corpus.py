@@ -91,3 +91,15 @@ def test_edge_decode_bench_on_tiny_set(
     )
     assert 0 < result["bytes_per_token"] < tiny_models.manifest["edge_builds"]["int4"]["bytes"]
     assert result["new_tokens"] == tiny_models.edge_context_length - 32
+
+
+def test_chat_examples_use_the_chat_format() -> None:
+    result = corpus.build_corpus(BUDGETS)
+    examples = result.chat_texts(in_domain=True)
+    assert examples
+    for example in examples:
+        assert example.startswith("<|user|>\n") and example.endswith("<|end|>\n")
+        assert "\n<|assistant|>\n" in example
+    man_questions = [e for e in examples if e.startswith("<|user|>\nWhat does ")]
+    assert man_questions
+    assert len(result.chat_texts()) > len(examples)
