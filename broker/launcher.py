@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 from broker.bus import connect
 from broker.cli import StopSignals
@@ -59,6 +60,36 @@ class ChildSpec:
     ready: Callable[[], Awaitable[bool]] | None = None
     ready_timeout: float = 300.0
     stop_timeout: float = 10.0
+
+
+def http_ready(url: str, *, timeout_s: float = 1.0) -> Callable[[], Awaitable[bool]]:
+    """A `ChildSpec.ready` check: True once `GET url` answers 2xx (e.g. `/readyz`).
+
+    Plain asyncio, no HTTP client dependency; `http://host:port/path` only.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"http_ready needs an http://host:port/path URL, got {url!r}")
+    host, port, path = parts.hostname, parts.port or 80, parts.path or "/"
+
+    async def check() -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    writer.write(
+                        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    await writer.drain()
+                    status = await reader.readline()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
+        fields = status.split()
+        return len(fields) >= 2 and fields[1].startswith(b"2")
+
+    return check
 
 
 class ChildFailed(HybridgenError):

@@ -15,7 +15,7 @@ import pytest
 from broker import bench
 from broker.bus import connect
 from broker.cli import main as broker_main
-from broker.launcher import ChildSpec, Launcher
+from broker.launcher import ChildSpec, Launcher, http_ready
 from broker.server import find_nats_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,3 +172,22 @@ async def test_hop_bench_runs() -> None:
     assert result["requests"] == 30 and result["extra_field_ms"] == 1.0
     assert result["stream_p50_ms"] > 0
     json.dumps(result)
+
+
+async def test_http_ready_check() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readline()
+        ok = b"/readyz" in request
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" if ok else b"HTTP/1.1 503 No\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await http_ready(f"http://127.0.0.1:{port}/readyz")()
+        assert not await http_ready(f"http://127.0.0.1:{port}/other")()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not await http_ready(f"http://127.0.0.1:{port}/readyz", timeout_s=0.5)()
