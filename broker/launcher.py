@@ -284,17 +284,24 @@ class Launcher:
         await self.stop()
 
 
+def _signal(spec: ChildSpec, process: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal a background child's whole process group (its own helpers too)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if spec.foreground:
+            process.send_signal(sig)
+        else:
+            os.killpg(process.pid, sig)
+
+
 async def _terminate(spec: ChildSpec, process: asyncio.subprocess.Process) -> None:
     if process.returncode is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
+    _signal(spec, process, signal.SIGTERM)
     try:
         await asyncio.wait_for(process.wait(), spec.stop_timeout)
     except TimeoutError:
         log.warning("%s ignored SIGTERM for %g s; killing it", spec.name, spec.stop_timeout)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        _signal(spec, process, signal.SIGKILL)
         await process.wait()
     log.info("stopped %s", spec.name)
 
