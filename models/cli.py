@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -228,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen models`."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -235,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A terminated build or pull unwinds like Ctrl-C, so its staging folder is removed.
+    previous = None
+    with contextlib.suppress(ValueError):  # not in the main thread
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except HybridgenError as exc:
@@ -243,3 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybridgen models: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

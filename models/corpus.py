@@ -467,18 +467,16 @@ def _question_answer(document: Document) -> tuple[str, str] | None:
             return None
         topic = re.sub(r"^[0-9.]+\s+", "", heading)
         manual = document.name.split(".info", 1)[0]
-        answer = _prose(paragraphs[1:])
-        return (f"Tell me about {topic} in {manual}.", answer) if answer else None
+        prose = _prose(paragraphs[1:])
+        return (f"Tell me about {topic} in {manual}.", prose) if prose else None
     if document.source == "licenses":
-        answer = _prose(paragraphs) or paragraphs[0]
-        return f"What does the {document.name} licence say?", answer
+        return f"What does the {document.name} licence say?", _prose(paragraphs) or paragraphs[0]
     if document.source == "python-topics":
-        answer = _prose(paragraphs[1:])
-        return (f"Explain {document.name} in Python.", answer) if answer else None
+        prose = _prose(paragraphs[1:])
+        return (f"Explain {document.name} in Python.", prose) if prose else None
     if document.source == "python-docstrings":
-        answer = _prose(paragraphs[1:2])
-        module = document.name
-        return (f"What is the Python module {module} for?", answer) if answer else None
+        prose = _prose(paragraphs[1:2])
+        return (f"What is the Python module {document.name} for?", prose) if prose else None
     return None
 
 

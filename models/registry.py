@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,25 @@ def staging_dir(version: str, home: Path | None = None) -> Path:
     check_version(version)
     base = models_home(home)
     base.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(base)
     return Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+
+
+#: Staging folders untouched this long belong to a build or pull that was killed.
+STALE_STAGING_S = 24 * 3600
+
+
+def _remove_stale_staging(base: Path) -> None:
+    now = time.time()
+    for child in base.iterdir():
+        if not child.name.startswith((".tmp-", ".old-")) or not child.is_dir():
+            continue
+        try:
+            if now - child.stat().st_mtime > STALE_STAGING_S:
+                logger.info("removing stale staging folder %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def install_dir(
