@@ -365,3 +365,18 @@ async def test_connect_settings(nats_url: str) -> None:
         await connect_settings(
             BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.5), name="nowhere"
         )
+
+
+async def test_worker_reachable_right_after_resubscribing(nats_url: str, nc: Client) -> None:
+    # A worker that leaves and comes back (restart, drain + resume) is found by the very
+    # next request: no spurious no-responders.
+    worker = await connect(nats_url, name="worker")
+    try:
+        for _ in range(100):
+            async with (
+                GenerationService(worker, model=MODEL, handler=echo_handler, node_id="w"),
+                request_stream(nc, make_request("x")) as stream,
+            ):
+                await stream.collect()
+    finally:
+        await worker.close()
