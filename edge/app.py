@@ -27,7 +27,13 @@ from broker.errors import BadRequest, HybridgenError, NotFound, Unavailable
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from cloud import protocol
-from cloud.http import install_common, json_body, require_api_key, sse_response
+from cloud.http import (
+    error_response,
+    install_common,
+    json_body,
+    require_api_key,
+    sse_response,
+)
 from edge.link import BusLink
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.routing import merge_policy
@@ -252,11 +258,13 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         items = node.generate(edge_request)
         try:
             info = await anext(items)
-        except BaseException as exc:
+        except HybridgenError as exc:
             await items.aclose()
-            if isinstance(exc, HybridgenError):
-                node.counters.errors += 1
-                metrics.errors.labels(exc.code.value).inc()
+            node.counters.errors += 1
+            metrics.errors.labels(exc.code.value).inc()
+            return error_response(exc, headers={HEADER_REQUEST_ID: request_id})
+        except BaseException:
+            await items.aclose()
             raise
         assert isinstance(info, RouteInfo)
         routes.labels(info.served_by, info.route_reason).inc()

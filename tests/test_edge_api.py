@@ -531,6 +531,8 @@ async def test_bad_inputs_are_coded_errors(
             "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
         )
         assert response.status_code == status, response.text
+        if status == 404 or (param == "max_tokens" and b"local_only" in payload):
+            assert response.headers["x-request-id"]  # routed, then refused: traceable
         error = response.json()["error"]
         assert error["message"] and error["code"]
         if param is not None:
