@@ -67,6 +67,9 @@ class ModelSet:
     version: str
     manifest: dict[str, Any]
 
+    def __hash__(self) -> int:  # the manifest dict is not hashable; root + version identify
+        return hash((self.root, self.version))
+
     @property
     def cloud_dir(self) -> Path:
         """HF checkpoint of the cloud model (`AutoModelForCausalLM.from_pretrained`)."""
