@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from broker.errors import BadRequest, ErrorCode, HybridgenError, error_for_code
 
-VERSION = 1
+VERSION: Literal[1] = 1
 #: Largest message accepted on decode (NATS' default max_payload is 1 MiB).
 MAX_MESSAGE_BYTES = 1024 * 1024
 
