@@ -22,6 +22,9 @@ What transformers' CB manager does per request, and what this module adds:
 * stop sequences: matched here on the detokenized text (text that may be the start of a
   stop sequence is held back until it can be decided); a match finishes the request and
   cancels it in the manager.
+* CUDA graphs and async batching are off on every device: `_RowSampler` is host-side
+  logic inside the step (it could not be captured in a graph). On a GPU that costs some
+  per-step overhead; a graph-friendly sampler is the way to win it back.
 * cancellation: `cancel_request` frees the sequence's cache blocks at the scheduler's next
   step; a cancelled request gets no final output from the manager, so its result handler is
   removed here.
@@ -108,7 +111,12 @@ class EngineConfig:
 
 
 class _RowSampler(ContinuousBatchingLogitsProcessor):
-    """Greedy and seeded rows (see the module docstring). Runs in the generation thread."""
+    """Greedy and seeded rows (see the module docstring). Runs in the generation thread.
+
+    The manager calls `prepare_tensor_args` (host side) right before the step that calls
+    `__call__` (synchronous batching), so the row slots are read from the host list kept
+    here, without a device sync.
+    """
 
     supported_kwargs: dict[str, type] = {"sampler_slot": int}
     ignored_kwargs: tuple[str, ...] = ()
@@ -116,6 +124,7 @@ class _RowSampler(ContinuousBatchingLogitsProcessor):
     def __init__(self) -> None:
         self.generators: dict[int, torch.Generator] = {}
         self._lock = threading.Lock()
+        self._slots: list[int] | None = None
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(_NO_SLOT)
@@ -125,29 +134,30 @@ class _RowSampler(ContinuousBatchingLogitsProcessor):
             r.state.logit_processor_kwargs.get("sampler_slot", _NO_SLOT)
             for r in requests_with_new_token
         ]
+        self._slots = slots
         return torch.tensor(slots, dtype=torch.int32, device="cpu")
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        slots = tensor_arg[: scores.size(0)].tolist()
-        if all(s == _NO_SLOT for s in slots):
+        rows = scores.size(0)  # [B, V]
+        slots = self._slots[:rows] if self._slots is not None else None
+        if slots is None or len(slots) != rows:
+            slots = tensor_arg[:rows].tolist()
+        forced_rows = [row for row, slot in enumerate(slots) if slot != _NO_SLOT]
+        if not forced_rows:
             return scores
         chosen = scores.argmax(dim=-1)  # [B]
-        keep = torch.zeros(scores.size(0), dtype=torch.bool)
         for row, slot in enumerate(slots):
-            if slot == _NO_SLOT:
-                continue
-            keep[row] = True
             if slot >= 0:
                 with self._lock:
                     generator = self.generators.get(slot)
                 if generator is not None:
-                    probs = torch.softmax(scores[row].float(), dim=-1).cpu()
-                    chosen[row] = torch.multinomial(probs, 1, generator=generator).item()
-        rows = keep.nonzero().flatten().to(scores.device)
-        forced = torch.full_like(scores[rows], float("-inf"))
-        forced.scatter_(1, chosen[rows].unsqueeze(-1), 0.0)
+                    probs = torch.softmax(scores[row].float(), dim=-1).cpu()  # [V]
+                    chosen[row] = int(torch.multinomial(probs, 1, generator=generator))
+        index = torch.tensor(forced_rows, device=scores.device)
+        forced = torch.full_like(scores[index], float("-inf"))  # [R, V]
+        forced.scatter_(1, chosen[index].unsqueeze(-1), 0.0)
         scores = scores.clone()
-        scores[rows] = forced
+        scores[index] = forced
         return scores
 
 
@@ -301,8 +311,10 @@ class Engine:
             num_blocks=num_blocks,
             max_batch_tokens=cfg.max_batch_tokens,
             max_requests_per_batch=cfg.max_batch_requests,
-            use_cuda_graph=False if on_cpu else None,
-            use_async_batching=False if on_cpu else None,
+            # The per-row sampler is Python logic inside the step: no graph capture, and
+            # synchronous batching so its host-side slots match the step being run.
+            use_cuda_graph=False,
+            use_async_batching=False,
             per_request_processors=True,
             allow_block_sharing=True,
         )

@@ -213,6 +213,10 @@ class CloudWorker:
         """Serve one `GenerateRequest` (the service calls it in its own task)."""
         engine = self.engine
         if engine is None or not engine.healthy:
+            # Leave the queue group so the other workers take the traffic.
+            self.status = "degraded"
+            if self.service is not None and self.service.accepting:
+                asyncio.get_running_loop().create_task(self.service.stop_accepting())
             raise Unavailable(f"{self.node_id}: the generation engine is not running")
         try:
             await self._handle(engine, request, responder)
