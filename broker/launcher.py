@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -307,13 +308,50 @@ async def _terminate(spec: ChildSpec, process: asyncio.subprocess.Process) -> No
 
 
 def default_children(args: argparse.Namespace) -> list[ChildSpec]:
-    """The processes `hybridgen up` runs next to the broker.
+    """The processes `hybridgen up` runs next to the broker, in start order.
 
-    For now only the broker runs; the cloud worker, the cloud API, the edge node and (unless
-    `--headless`) the TUI are added here as `ChildSpec`s, e.g.
-    `ChildSpec("cloud-worker", [sys.executable, "-m", "cloud", "worker"])`.
+    The cloud API is ready only once a worker answers it, so the edge starts after the whole
+    cloud path serves; the edge is ready once its model is loaded.
     """
-    return []
+    python = sys.executable
+    api_url = f"http://127.0.0.1:{args.api_port}"
+    edge_url = f"http://127.0.0.1:{args.edge_port}"
+    return [
+        ChildSpec("cloud-worker", [python, "-m", "cloud", "worker"]),
+        ChildSpec(
+            "cloud-api",
+            [python, "-m", "cloud", "api", "--host", args.http_host, "--port", str(args.api_port)],
+            ready=http_ready(f"{api_url}/readyz"),
+        ),
+        ChildSpec(
+            "edge",
+            [python, "-m", "edge", "--host", args.http_host, "--port", str(args.edge_port)],
+            ready=http_ready(f"{edge_url}/readyz"),
+        ),
+    ]
+
+
+def ensure_models(home: Path, profile: str) -> int:
+    """Build the bundled model set on first run (progress bars on this terminal).
+
+    Returns:
+        0 when a model set is installed (already, or now), else the build's exit status.
+    """
+    from broker.errors import NotFound
+    from models.registry import resolve
+
+    try:
+        resolve(home=home)
+        return 0
+    except NotFound:
+        pass
+    print(
+        f"hybridgen: no model set under {home / 'models'}; building the {profile!r} profile "
+        "once (later runs reuse it)",
+        flush=True,
+    )
+    argv = [sys.executable, "-m", "models", "build", "--profile", profile, "--home", str(home)]
+    return subprocess.call(argv)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -322,7 +360,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Start everything locally: the embedded NATS broker (data under $HG_HOME) "
         "and the hybridgen services; Ctrl-C stops them all.",
     )
-    parser.add_argument("--headless", action="store_true", help="do not open the TUI")
+    parser.add_argument(
+        "--headless",
+        action="store_true",
+        help="run without a terminal UI (the operator console is not part of this release, "
+        "so this is currently always the case)",
+    )
+    parser.add_argument(
+        "--broker-only", action="store_true", help="start only the NATS broker, no services"
+    )
+    parser.add_argument(
+        "--profile",
+        default="quick",
+        choices=["tiny", "quick", "full"],
+        help="model profile built on first run when no model set is installed (default quick)",
+    )
+    parser.add_argument("--api-port", type=int, default=8500, help="cloud API port (default 8500)")
+    parser.add_argument("--edge-port", type=int, default=8400, help="edge API port (default 8400)")
+    parser.add_argument(
+        "--http-host", default="127.0.0.1", help="address the HTTP APIs bind (default 127.0.0.1)"
+    )
     parser.add_argument(
         "--nats-url", default=None, help="use this NATS server instead of starting one"
     )
@@ -340,9 +397,16 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _up(args: argparse.Namespace) -> int:
     home = args.home or hg_home()
+    children = []
+    if not args.broker_only:
+        status = await asyncio.to_thread(ensure_models, home, args.profile)
+        if status != 0:
+            print(f"hybridgen up: building the models failed (status {status})", file=sys.stderr)
+            return status
+        children = default_children(args)
     launcher = Launcher(
         home=home,
-        children=default_children(args),
+        children=children,
         nats_url=args.nats_url,
         host=args.host,
         port=args.port,

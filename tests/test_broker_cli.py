@@ -95,7 +95,7 @@ async def test_broker_reports_bad_config(tmp_path: Path) -> None:
 
 
 async def test_up_headless_starts_broker_and_stops(tmp_path: Path) -> None:
-    process = await start("-m", "hybridgen", "up", "--headless", "--port", "-1",
+    process = await start("-m", "hybridgen", "up", "--broker-only", "--port", "-1",
                           "--home", str(tmp_path))  # fmt: skip
     try:
         assert process.stdout is not None
