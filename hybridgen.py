@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("broker.launcher", "main", "start the broker, a cloud worker, the cloud API and an edge node"),
+    "up": ("broker.launcher", "main", "start broker, cloud worker, cloud API and edge node"),
     "broker": ("broker.cli", "main", "run a nats-server, or print a deployment config"),
     "models": ("models.cli", "main", "build, verify, list, publish and pull model sets"),
     "cloud": ("cloud.cli", "main", "run a cloud generation worker or the cloud API"),
@@ -48,8 +48,10 @@ def bench_main(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHES:
-        print(f"hybridgen bench: unknown benchmark {name!r}; one of: {', '.join(BENCHES)}",
-              file=sys.stderr)
+        print(
+            f"hybridgen bench: unknown benchmark {name!r}; one of: {', '.join(BENCHES)}",
+            file=sys.stderr,
+        )
         return 2
     return _resolve(*BENCHES[name])(rest)
 
