@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per request (64)")
     parser.add_argument("--threads", type=int, help="torch threads on CPU (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when present")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1024,
+        help="tokens per forward step of the batched engine (1024)",
+    )
     return parser  # fmt: skip
 
 
@@ -159,7 +165,7 @@ async def _measure(label: str, model_dir: Path, args: argparse.Namespace) -> dic
     streams, new_tokens = args.streams, (32 if args.quick else args.new_tokens)
     config = EngineConfig(
         max_batch_requests=max(16, streams),
-        max_batch_tokens=1024,
+        max_batch_tokens=args.max_batch_tokens,
         cache_tokens=max(4096, streams * 512),
         threads=args.threads,
         device=args.device,
