@@ -84,6 +84,7 @@ class ApiState:
 
 
 def _resolve_model_set(settings: ApiSettings) -> tuple[Path, int]:
+    """(tokenizer dir, context window): from the settings, else from the model set."""
     tokenizer_dir, context = settings.tokenizer_dir, settings.context_length
     if tokenizer_dir is None or context is None:
         from models.registry import resolve

@@ -103,7 +103,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.api import create_app
+    from cloud.api import _resolve_model_set, create_app
     from cloud.settings import ApiSettings
 
     settings = ApiSettings(
@@ -111,6 +111,7 @@ def _run_api(args: argparse.Namespace) -> int:
             args, ["host", "port", "api_keys", "model_set", "tokenizer_dir", "context_length"]
         )
     )
+    _resolve_model_set(settings)  # fail now, with a hint, when no model set is installed
     app = create_app(settings, nats_url=args.nats)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
