@@ -36,6 +36,7 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
+from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.http import HttpMetrics, install_common, json_body, require_api_key, sse_response
 from cloud.protocol import (
     ChatCompletionRequest,
@@ -80,6 +81,9 @@ class ApiState:
     counter: TokenCounter
     context_length: int
     metrics: HttpMetrics
+    node_id: str = ""
+    stats: RequestStats = field(default_factory=RequestStats)
+    in_flight: int = 0
     _ready_cache: tuple[float, bool, dict[str, Any]] = field(default=(0.0, False, {}))
 
 
@@ -138,6 +142,28 @@ async def _ready(state: ApiState) -> tuple[bool, dict[str, Any]]:
     return ready, detail
 
 
+def _heartbeat(state: ApiState) -> wire.Heartbeat:
+    """The API's heartbeat on `hg.telemetry.api.<node_id>` (readiness as of the last probe)."""
+    from broker.service import SOFTWARE_VERSION
+
+    snapshot = state.stats.snapshot()
+    ready = state._ready_cache[1]
+    return wire.Heartbeat(
+        role="api",
+        node_id=state.node_id,
+        version=SOFTWARE_VERSION,
+        status="ready" if ready else "degraded",
+        model=",".join(state.settings.models),
+        in_flight=state.in_flight,
+        rps=snapshot["rps"],
+        latency_p50_ms=snapshot["latency_p50_ms"],
+        latency_p95_ms=snapshot["latency_p95_ms"],
+        tokens_per_s=snapshot["tokens_per_s"],
+        errors=snapshot["errors"],
+        extra={"port": state.settings.port, "context_length": state.context_length},
+    )
+
+
 def get_state(request: Request) -> ApiState:
     """FastAPI dependency: the API's state (503 while starting)."""
     state: ApiState | None = getattr(request.app.state, "api", None)
@@ -181,12 +207,18 @@ def create_app(
                 if nats_url
                 else await connect_settings(BusSettings(), name="hybridgen-cloud-api")
             )
-        holder["state"] = app.state.api = ApiState(
-            settings, client, counter, context, app.state.metrics
+        state = ApiState(
+            settings, client, counter, context, app.state.metrics, default_node_id("api")
         )
+        holder["state"] = app.state.api = state
+        telemetry = Telemetry(
+            client, role="api", node_id=state.node_id, build_heartbeat=lambda: _heartbeat(state)
+        )
+        await telemetry.start()
         try:
             yield
         finally:
+            await telemetry.close()
             holder.clear()
             app.state.api = None
             if own:
@@ -332,11 +364,17 @@ async def _serve(
             async with open_stream() as stream:
                 return await stream.collect()
 
+        started = time.monotonic()
+        state.in_flight += 1
         try:
             text, done = await _until_disconnect(request, collect())
         except HybridgenError as exc:
             state.metrics.errors.labels(exc.code.value).inc()
+            state.stats.record(time.monotonic() - started, error=True)
             raise
+        finally:
+            state.in_flight -= 1
+        state.stats.record(time.monotonic() - started, done.usage.completion_tokens)
         _count_tokens(state, done)
         build = chat_response if chat else completion_response
         answer = build(
@@ -371,6 +409,10 @@ async def _serve(
         )  # fmt: skip
 
     async def chunks() -> AsyncIterator[Any]:
+        started = time.monotonic()
+        state.in_flight += 1
+        failed = True
+        done: wire.Done | None = None
         try:
             async with open_stream() as stream:
                 yield piece("", first=True)
@@ -378,9 +420,14 @@ async def _serve(
                     if chunk.text:
                         yield piece(chunk.text)
                 done = stream.done
+            failed = False
         except HybridgenError as exc:
             state.metrics.errors.labels(exc.code.value).inc()
             raise
+        finally:
+            state.in_flight -= 1
+            tokens = done.usage.completion_tokens if done is not None else 0
+            state.stats.record(time.monotonic() - started, tokens, error=failed)
         assert done is not None
         _count_tokens(state, done)
         yield piece(finish_reason=done.finish_reason, served_by="cloud", worker=done.served_by)

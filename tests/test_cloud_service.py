@@ -24,7 +24,7 @@ import uvicorn
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from broker import subjects
+from broker import subjects, wire
 from broker.bus import connect
 from cloud.api import create_app
 from cloud.engine import Engine, EngineConfig
@@ -270,8 +270,14 @@ async def test_overload_is_coded(
 
 
 async def test_two_workers_share_load(
-    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
 ) -> None:
+    beats: list[wire.Heartbeat] = []
+
+    async def on_beat(msg: Msg) -> None:
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    await nc.subscribe(subjects.telemetry_of_role("api"), cb=on_beat)
     first = await start_worker(node_id="cloud-a")
     second = await start_worker(node_id="cloud-b")
     url, _ = api
@@ -281,6 +287,11 @@ async def test_two_workers_share_load(
     )
     served = {a.model_extra["worker"] for a in answers if a.model_extra}
     assert served == {first.node_id, second.node_id}
+    for _ in range(40):  # the API's own heartbeat, every second
+        if beats and beats[-1].rps > 0:
+            break
+        await asyncio.sleep(0.05)
+    assert beats[-1].role == "api" and beats[-1].rps > 0 and beats[-1].in_flight == 0
 
 
 async def test_worker_killed_mid_stream_ends_stream(
