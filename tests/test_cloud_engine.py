@@ -122,3 +122,24 @@ def test_detokenizer_never_splits_characters(model_dir: Path) -> None:
     pieces = [detok.push([i]) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+async def test_new_request_joins_the_running_batch(engine: Engine) -> None:
+    long_done = asyncio.Event()
+    greedy = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def long_request() -> None:
+        count = 0
+        async for delta in engine.generate("long", engine.encode("hello"), greedy):
+            count += len(delta.token_ids)
+            if count >= 5:
+                started.set()
+        long_done.set()
+
+    task = asyncio.create_task(long_request())
+    await started.wait()
+    _, ids, _ = await run(engine, "short", "hi", SamplingParams(max_tokens=4, temperature=0))
+    assert len(ids) == 4
+    assert not long_done.is_set(), "the short request waited for the long one"
+    await task
