@@ -174,6 +174,7 @@ def build_model_set(options: BuildOptions) -> ModelSet:
     for precision in precisions:
         if precision not in edge_build.PRECISIONS:
             raise BadRequest(f"precision {precision!r} is not one of int4, int8, fp32")
+    edge_build.check_head_size(profile.edge.hidden_size, profile.edge.num_heads)
     version = registry.check_version(options.version or default_version(profile.name, options.seed))
     final = registry.models_home(options.home) / version
     if final.exists() and not options.force:

@@ -60,6 +60,24 @@ def checkpoint_architecture(checkpoint: Path) -> str:
     return str(architectures[0])
 
 
+#: onnxruntime's CPU GroupQueryAttention kernel needs a head size that is a multiple of 16.
+HEAD_SIZE_MULTIPLE = 16
+
+
+def check_head_size(hidden_size: int, num_heads: int, head_dim: int | None = None) -> None:
+    """Refuse a shape whose attention head size the edge runtime cannot run.
+
+    Raises:
+        BadRequest: head size not a multiple of HEAD_SIZE_MULTIPLE.
+    """
+    head_size = head_dim or hidden_size // max(1, num_heads)
+    if head_size % HEAD_SIZE_MULTIPLE:
+        raise BadRequest(
+            f"attention head size {head_size} (hidden {hidden_size} / {num_heads} heads) is not a "
+            f"multiple of {HEAD_SIZE_MULTIPLE}; onnxruntime's CPU attention kernel cannot run it"
+        )
+
+
 def check_architecture(checkpoint: Path) -> str:
     """Refuse a checkpoint the onnxruntime-genai builder cannot convert.
 
@@ -71,6 +89,7 @@ def check_architecture(checkpoint: Path) -> str:
             causal-LM ones).
     """
     architecture = checkpoint_architecture(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     supported = builder_architectures()
     if architecture not in supported:
         causal = sorted(a for a in supported if a.endswith("ForCausalLM"))
@@ -79,6 +98,10 @@ def check_architecture(checkpoint: Path) -> str:
             f"onnxruntime-genai model builder cannot convert for the edge; use a Llama-family "
             f"checkpoint (supported: {', '.join(causal)})",
             param="edge_from",
+        )
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        check_head_size(
+            int(config["hidden_size"]), int(config["num_attention_heads"]), config.get("head_dim")
         )
     return architecture
 

@@ -27,6 +27,10 @@ class ModelSpec:
     train_length: int = 0
 
     @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
     def window(self) -> int:
         return self.train_length or self.context_length
 
@@ -64,7 +68,7 @@ PROFILES: dict[str, Profile] = {
         },
         vocab_size=512,
         edge=ModelSpec(64, 2, 2, 1, 128, 128, steps=30, batch_size=8, learning_rate=3e-3),
-        cloud=ModelSpec(96, 2, 4, 2, 256, 256, steps=30, batch_size=8, learning_rate=3e-3,
+        cloud=ModelSpec(128, 2, 4, 2, 256, 256, steps=30, batch_size=8, learning_rate=3e-3,
                         train_length=128),
         eval_windows=8,
         min_domain_bytes=5_000,
@@ -80,7 +84,7 @@ PROFILES: dict[str, Profile] = {
             "python-docstrings": 1_500_000,
         },
         vocab_size=4096,
-        edge=ModelSpec(160, 4, 4, 2, 448, 256, steps=240, batch_size=16, learning_rate=3e-3,
+        edge=ModelSpec(160, 4, 5, 5, 448, 256, steps=240, batch_size=16, learning_rate=3e-3,
                        train_length=128),
         cloud=ModelSpec(256, 6, 4, 2, 704, 512, steps=150, batch_size=16, learning_rate=2e-3,
                         train_length=128),
