@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def home(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log more")  # fmt: skip
         p.add_argument(
             "--home", type=Path, help="data directory (default $HG_HOME or ~/.hybridgen)"
         )
