@@ -98,7 +98,7 @@ class EngineConfig:
         cache_tokens: KV-cache capacity in tokens (on CPU; None on CUDA sizes it from free
             memory).
         page_size: tokens per cache page.
-        threads: torch intra-op threads on CPU (None leaves torch's default).
+        threads: torch intra-op threads on CPU (None: all cores).
         device: "cpu", "cuda" or None (CUDA when available).
     """
 
@@ -284,10 +284,11 @@ class Engine:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise Unavailable(f"no model checkpoint (config.json) in {model_dir}")
-        if config.threads:
-            torch.set_num_threads(config.threads)
-            os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
         device, dtype = pick_device(config.device)
+        if device.type == "cpu":
+            # Explicit, so a shared machine is not oversubscribed by accident (and the
+            # generation thread, which is not the caller, uses the same count).
+            torch.set_num_threads(config.threads or os.cpu_count() or 1)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, local_files_only=True

@@ -34,6 +34,8 @@ from cloud.worker import CloudWorker
 pytestmark = pytest.mark.slow
 
 MODEL = "hg-cloud"
+#: A second model name, served by the worker that the drain test stops.
+DRAIN_MODEL = "hg-drain"
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,7 @@ async def api(
     """A live uvicorn serving the cloud API on a free port; yields its base URL."""
     settings = ApiSettings(
         port=0,
+        models=[MODEL, DRAIN_MODEL],
         tokenizer_dir=cloud_model[1],
         context_length=cloud_model[2],
         idle_timeout_s=2.0,
@@ -148,7 +151,7 @@ async def test_completions_and_chat_stream_and_not(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
     models = await client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, DRAIN_MODEL]
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.get("/readyz")).status_code == 200
         metrics = (await http.get("/metrics")).text
@@ -294,46 +297,79 @@ async def test_two_workers_share_load(
     assert beats[-1].role == "api" and beats[-1].rps > 0 and beats[-1].in_flight == 0
 
 
-async def test_worker_killed_mid_stream_ends_stream(
-    nats_url: str, api: tuple[str, ApiSettings], cloud_model: tuple[Path, Path, int]
+async def _stream_events(
+    http: httpx.AsyncClient, model: str, on_event: Callable[[int], None]
+) -> list[str]:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 240, "stream": True,
+            "temperature": 0}  # fmt: skip
+    events: list[str] = []
+    async with http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line:
+                events.append(line)
+                on_event(len(events))
+    return events
+
+
+async def test_worker_processes_killed_and_drained_mid_stream(
+    nats_url: str, api: tuple[str, ApiSettings], cloud_model: tuple[Path, Path, int], nc: Client
 ) -> None:
+    """SIGKILL: error event then [DONE], within a bound. SIGTERM: the stream completes."""
     env = {**os.environ, "HG_CLOUD_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(  # noqa: ASYNC220 (a worker process to kill)
-        [sys.executable, "-m", "cloud", "worker", "--model-dir", str(cloud_model[0]),
-         "--nats", nats_url, "--node-id", "cloud-victim"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    ready: set[str] = set()
+
+    async def on_beat(msg: Msg) -> None:
+        beat = wire.decode(msg.data, wire.Heartbeat)
+        if beat.status == "ready":
+            ready.add(beat.node_id)
+
+    await nc.subscribe(subjects.telemetry_of_role("cloud"), cb=on_beat)
+    procs = {
+        node: subprocess.Popen(  # noqa: ASYNC220 (worker processes to kill)
+            [sys.executable, "-m", "cloud", "worker", "--model-dir", str(cloud_model[0]),
+             "--nats", nats_url, "--node-id", node, "--model", model],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for node, model in (("cloud-victim", MODEL), ("cloud-drained", DRAIN_MODEL))
+    }  # fmt: skip
     url, _ = api
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            for _ in range(600):
-                if (await http.get("/readyz")).status_code == 200:
-                    break
+        for _ in range(1200):
+            if len(ready) == 2:
+                break
+            for proc in procs.values():
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                await asyncio.sleep(0.1)
-            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True,
-                "temperature": 0}  # fmt: skip
-            events: list[str] = []
-            started = 0.0
-            async with http.stream("POST", "/v1/completions", json=body) as resp:
-                assert resp.status_code == 200
-                async for line in resp.aiter_lines():
-                    if not line:
-                        continue
-                    events.append(line)
-                    if len(events) == 2:
-                        proc.send_signal(signal.SIGKILL)
-                        started = time.monotonic()
-        elapsed = time.monotonic() - started
-        assert events[-1] == "data: [DONE]"
-        assert '"error"' in events[-2], events[-3:]
-        assert elapsed < 10
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            victim = procs["cloud-victim"]
+            killed_at = 0.0
+
+            def kill(count: int) -> None:
+                nonlocal killed_at
+                if count == 2:
+                    victim.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+
+            events = await _stream_events(http, MODEL, kill)
+            assert time.monotonic() - killed_at < 10
+            assert events[-1] == "data: [DONE]"
+            assert '"error"' in events[-2], events[-3:]
+
+            drained = procs["cloud-drained"]
+            events = await _stream_events(
+                http, DRAIN_MODEL, lambda n: n == 2 and drained.send_signal(signal.SIGTERM)
+            )
+            assert events[-1] == "data: [DONE]"
+            assert '"finish_reason":"length"' in events[-2], events[-3:]
+            assert await asyncio.to_thread(drained.wait, 30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
 
 
 async def test_bundled_model_set_end_to_end(
