@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -117,27 +118,43 @@ def check_settings(settings: ApiSettings) -> None:
         )
 
 
+async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[str, Any] | None:
+    """Ask every worker for `$SRV.INFO`; the first that serves a wanted subject, or None."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(f"$SRV.INFO.{WORKER_SERVICE}", b"", reply=inbox)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except (nats.errors.TimeoutError, TimeoutError):
+                return None
+            if msg.headers and msg.headers.get("Status") == "503":
+                return None  # no responders at all
+            info = json.loads(msg.data)
+            if {e.get("subject") for e in info.get("endpoints") or []} & wanted:
+                return info  # type: ignore[no-any-return]
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 async def _ready(state: ApiState) -> tuple[bool, dict[str, Any]]:
-    """Ready when a worker answers `$SRV.INFO` with an endpoint of a served model (cached 1 s)."""
+    """Ready when some worker's `$SRV.INFO` lists a served model's subject (cached 1 s)."""
     checked_at, ready, detail = state._ready_cache
     if time.monotonic() - checked_at < 1.0:
         return ready, detail
     wanted = {subjects.gen(m) for m in state.settings.models}
-    ready, detail = False, {"reason": "no cloud worker answers"}
     try:
-        msg = await state.nc.request(f"$SRV.INFO.{WORKER_SERVICE}", b"", timeout=0.5)
-        import json
-
-        info = json.loads(msg.data)
-        served = {e.get("subject") for e in info.get("endpoints") or []} & wanted
-        if served:
+        info = await _probe_workers(state.nc, wanted, wait_s=0.5)
+        if info is not None:
             ready, detail = True, {"worker": info.get("metadata", {}).get("node_id")}
         else:
-            detail = {"reason": "no worker serves " + ", ".join(sorted(wanted))}
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
-        pass
+            ready, detail = False, {"reason": "no worker serves " + ", ".join(sorted(wanted))}
     except Exception as exc:
-        detail = {"reason": f"bus error: {type(exc).__name__}"}
+        ready, detail = False, {"reason": f"bus error: {type(exc).__name__}: {exc}"}
     state._ready_cache = (time.monotonic(), ready, detail)
     return ready, detail
 
