@@ -404,7 +404,7 @@ async def _serve(
             served_by="cloud",
             worker=done.served_by,
         )
-        return JSONResponse(answer.body(), headers=headers)
+        return JSONResponse({**answer.body(), "request_id": request_id}, headers=headers)
 
     def piece(
         text: str | None = None,
@@ -447,7 +447,8 @@ async def _serve(
             state.stats.record(time.monotonic() - started, tokens, error=failed)
         assert done is not None
         _count_tokens(state, done)
-        yield piece(finish_reason=done.finish_reason, served_by="cloud", worker=done.served_by)
+        last = piece(finish_reason=done.finish_reason, served_by="cloud", worker=done.served_by)
+        yield {**last.body(), "request_id": request_id}
         if body.include_usage:
             yield piece(usage=(done.usage.prompt_tokens, done.usage.completion_tokens))
 

@@ -123,6 +123,7 @@ async def test_completions_and_chat_stream_and_not(
     assert done.choices[0].finish_reason in ("stop", "length")
     assert done.usage is not None and 0 < done.usage.completion_tokens <= 8
     assert done.model_extra is not None and done.model_extra["served_by"] == "cloud"
+    assert done.id == f"cmpl-{done.model_extra['request_id']}"
 
     pieces, finish = [], None
     stream = await client.completions.create(
