@@ -317,7 +317,8 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     api_url = f"http://127.0.0.1:{args.api_port}"
     edge_url = f"http://127.0.0.1:{args.edge_port}"
     return [
-        ChildSpec("cloud-worker", [python, "-m", "cloud", "worker"]),
+        # The worker drains on SIGTERM (in-flight requests finish, up to 30 s by default).
+        ChildSpec("cloud-worker", [python, "-m", "cloud", "worker"], stop_timeout=40.0),
         ChildSpec(
             "cloud-api",
             [python, "-m", "cloud", "api", "--host", args.http_host, "--port", str(args.api_port)],
