@@ -229,15 +229,19 @@ def build_model_set(options: BuildOptions) -> ModelSet:
 
         # Plain documents plus chat-formatted exchanges drawn from them (seen twice, ~10% of
         # the text), so both models learn the chat format and to end a turn with <|end|>.
-        edge_chats = corpus.chat_texts(in_domain=True)
-        all_chats = corpus.chat_texts()
-        corpus.stats["chat_examples"] = {"edge": len(edge_chats), "cloud": len(all_chats)}
+        in_chats = corpus.chat_texts(in_domain=True)
+        out_chats = corpus.chat_texts(in_domain=False)
+        corpus.stats["chat_examples"] = {
+            "in_domain": len(in_chats),
+            "out_of_domain": len(out_chats),
+        }
         in_domain = train.encode_stream(
-            tokenizer, corpus.texts(in_domain=True, held_out=False) + edge_chats * CHAT_REPEATS
+            tokenizer, corpus.texts(in_domain=True, held_out=False) + in_chats * CHAT_REPEATS
         )
-        everything = train.encode_stream(
-            tokenizer, corpus.texts(held_out=False) + all_chats * CHAT_REPEATS
+        out_of_domain = train.encode_stream(
+            tokenizer, corpus.texts(in_domain=False, held_out=False) + out_chats * CHAT_REPEATS
         )
+        everything = torch.cat([in_domain, out_of_domain])
         held = {
             "in_domain": train.encode_stream(
                 tokenizer, corpus.texts(in_domain=True, held_out=True)

@@ -84,9 +84,11 @@ PROFILES: dict[str, Profile] = {
             "python-docstrings": 1_500_000,
         },
         vocab_size=4096,
-        edge=ModelSpec(160, 4, 5, 5, 448, 256, steps=240, batch_size=16, learning_rate=3e-3,
+        # Most of the compute goes to the cloud: small batches, many updates (early in
+        # training, updates matter more than tokens per update).
+        edge=ModelSpec(160, 4, 5, 5, 448, 256, steps=420, batch_size=8, learning_rate=3e-3,
                        train_length=128),
-        cloud=ModelSpec(256, 6, 4, 2, 704, 512, steps=150, batch_size=16, learning_rate=2e-3,
+        cloud=ModelSpec(256, 6, 4, 2, 704, 512, steps=360, batch_size=8, learning_rate=3e-3,
                         train_length=128),
         eval_windows=48,
         precisions=("int4",),
