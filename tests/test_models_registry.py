@@ -114,3 +114,17 @@ def test_cli_verify_list_use(
     (copy.tokenizer_dir / "tokenizer.json").write_text("{}")
     assert main(["verify", *home]) == 1
     assert "tokenizer/tokenizer.json" in capsys.readouterr().err
+
+
+def test_profiles_fit_the_edge_runtime() -> None:
+    from models.edge_build import check_head_size
+    from models.profiles import PROFILES
+
+    contexts = {
+        name: (p.edge.context_length, p.cloud.context_length) for name, p in PROFILES.items()
+    }
+    assert contexts == {"tiny": (128, 256), "quick": (256, 512), "full": (512, 1024)}
+    for profile in PROFILES.values():
+        check_head_size(profile.edge.hidden_size, profile.edge.num_heads)
+    with pytest.raises(BadRequest, match="multiple of 16"):
+        check_head_size(160, 4)
