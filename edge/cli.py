@@ -17,7 +17,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an edge node: the local OpenAI-compatible API on the bundled int4 "
         "edge model (onnxruntime-genai), with routing to the cloud workers over NATS. Every "
         "option also reads HG_EDGE_<OPTION> (e.g. HG_EDGE_PORT); the bus URL also HG_NATS_URL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8400; 0 = any free)")
