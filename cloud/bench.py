@@ -72,7 +72,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _prepare_model(spec: str, workdir: Path) -> tuple[str, Path] | None:
     """(label, checkpoint dir) for a --model value; None when `bundled` is not installed."""
-    from cloud.random_model import make_random_llama
+    from models.random_model import make_random_llama
 
     if spec == "bundled":
         from broker.errors import NotFound

@@ -149,32 +149,13 @@ def _bundled_model(threads: int) -> Iterator[tuple[Path, dict[str, Path], str, i
 @contextlib.contextmanager
 def _gpt2_small_model() -> Iterator[tuple[Path, dict[str, Path], str, int]]:
     """A GPT-2-small-sized Llama (124M parameters, random weights) and its int4/int8 builds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from models import edge_build
-    from models.corpus import iter_python_topics
-    from models.tokenizer import train_tokenizer
+    from models.random_model import make_random_llama
 
     with tempfile.TemporaryDirectory(prefix="hg-bench-gpt2s-") as tmp:
-        checkpoint = Path(tmp) / "checkpoint"
-        texts = [d.text for _, d in zip(range(20), iter_python_topics(), strict=False)]
-        tokenizer_dir = train_tokenizer(texts or ["hello world"] * 10, 512, checkpoint,
-                                        max_length=1024)  # fmt: skip
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
-            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-            architectures=["LlamaForCausalLM"],
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():  # keep random logits well-behaved (no overflow)
-            for param in model.parameters():
-                if param.dim() > 1:
-                    param.normal_(0.0, 0.02)
-        model.save_pretrained(str(tokenizer_dir))
-        del model
+        checkpoint = make_random_llama(
+            Path(tmp) / "checkpoint", preset="gpt2-small", tokenizer_vocab=512, context_length=1024
+        )
         folders: dict[str, Path] = {
             p: edge_build.build_edge(checkpoint, Path(tmp) / f"edge-{p}", p)
             for p in ("int4", "int8")

@@ -20,7 +20,7 @@ from cloud.engine import (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloud.random_model import make_random_llama
+    from models.random_model import make_random_llama
 
     return make_random_llama(tmp_path_factory.mktemp("engine_model"), context_length=256)
 

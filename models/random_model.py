@@ -1,9 +1,9 @@
 """Random-weight Llama checkpoints for benchmarks and tests (no training, no downloads).
 
-`hybridgen bench cloud-batching --model random-90m` measures batching on a model of a
-realistic size without waiting for training; tests use `tiny` when no model set is at hand.
-The tokenizer is a byte-level BPE with the chat special tokens of `models.chat`, trained
-in well under a second on text found in this package.
+`hybridgen bench cloud-batching --model random-90m` and `hybridgen bench edge-decode
+--model gpt2-small` measure models of a realistic size without waiting for training; tests
+use `tiny`. The tokenizer is the project's own byte-level BPE (`models.tokenizer`) trained in
+well under a second on CPython's help topics.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-
-from models.chat import CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -23,50 +21,24 @@ PRESETS: dict[str, dict[str, int]] = {
     # ~90M parameters (with a small vocabulary).
     "90m": dict(hidden_size=768, num_hidden_layers=14, num_attention_heads=12,
                 num_key_value_heads=4, intermediate_size=2048),
+    # GPT-2 small's size (124M parameters with GPT-2's vocabulary size).
+    "gpt2-small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, intermediate_size=2048, vocab_size=50304),
     # ~1B parameters (for a GPU).
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=5632),
 }  # fmt: skip
 
 
-def _training_text() -> list[str]:
-    """Some English-like text to train a throwaway tokenizer on (docstrings of this repo)."""
-    root = Path(__file__).resolve().parent.parent
-    texts = []
-    for path in sorted(root.glob("*/*.py"))[:200]:
-        if ".venv" not in path.parts:
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-    return texts or ["hello world " * 100]
-
-
 def make_tokenizer(out_dir: Path, *, vocab_size: int = 2048, max_length: int = 512) -> Path:
-    """Train and save a small byte-level BPE tokenizer (transformers fast format)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Train and save a small byte-level BPE tokenizer on local text (well under a second)."""
+    from models.corpus import iter_python_topics
+    from models.tokenizer import train_tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    texts = [doc.text for _, doc in zip(range(200), iter_python_topics(), strict=False)]
+    return train_tokenizer(
+        texts or ["hello world"] * 10, vocab_size, out_dir, max_length=max_length
     )
-    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
-        model_max_length=max_length,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE_JINJA
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    return out_dir
 
 
 def make_random_llama(
@@ -76,6 +48,7 @@ def make_random_llama(
     tokenizer_dir: Path | None = None,
     context_length: int = 512,
     seed: int = 0,
+    tokenizer_vocab: int = 2048,
 ) -> Path:
     """Save a random-weight Llama checkpoint (with its tokenizer) to `out_dir`.
 
@@ -84,6 +57,9 @@ def make_random_llama(
         tokenizer_dir: tokenizer to use (copied into the checkpoint); a fresh small one
             is trained when None.
         context_length: `max_position_embeddings`.
+        seed: torch seed of the weights.
+        tokenizer_vocab: vocabulary of the fresh tokenizer (a preset may size the model's
+            embedding larger, as `gpt2-small` does to match GPT-2's parameter count).
 
     Returns:
         `out_dir`, loadable with `from_pretrained`.
@@ -93,11 +69,12 @@ def make_random_llama(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
-        tokenizer_dir = make_tokenizer(out_dir, max_length=context_length)
+        tokenizer_dir = make_tokenizer(
+            out_dir, vocab_size=tokenizer_vocab, max_length=context_length
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    shape: dict[str, Any] = dict(PRESETS[preset])
+    shape: dict[str, Any] = {"vocab_size": len(tokenizer), **PRESETS[preset]}
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
         max_position_embeddings=context_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -107,6 +84,10 @@ def make_random_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # keep random logits well-behaved (no overflow in low precision)
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.02)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     count = sum(p.numel() for p in model.parameters())
