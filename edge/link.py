@@ -234,7 +234,9 @@ class BusLink:
                 "mid_stream_recoveries": node.counters.mid_stream_recoveries,
                 "predicted_wait_ms": round(runtime.estimate_wait_s() * 1e3, 3),
                 "per_token_ms": round(runtime.per_token_s * 1e3, 4),
-                "perplexity_threshold": node.policy.perplexity_threshold,
+                "perplexity_threshold": node.perplexity_threshold,
+                "perplexity_threshold_source": node.threshold_source,
+                "calibrated_threshold": node.calibrated_threshold,
             },
         )
 
@@ -275,7 +277,12 @@ class BusLink:
             await self._config.put(subjects.policy_key(self.node.node_id), merged_override)
         self.node_policy = merged_override
         self._apply_policy()
-        return wire.ControlReply(ok=True, message="policy set", data=policy.model_dump())
+        data = {
+            **policy.model_dump(),
+            "effective_perplexity_threshold": self.node.perplexity_threshold,
+            "perplexity_threshold_source": self.node.threshold_source,
+        }
+        return wire.ControlReply(ok=True, message="policy set", data=data)
 
     def _state(self) -> dict[str, Any]:
         return {

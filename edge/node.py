@@ -42,11 +42,15 @@ from edge.routing import (
     Reason,
     RequestFacts,
     Target,
+    ThresholdSource,
     decide,
     decide_after_draft,
+    effective_threshold,
+    with_threshold,
 )
 from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, SamplingOptions, Token
 from edge.settings import EdgeSettings
+from models.manifest import routing_calibration
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -82,6 +86,9 @@ class RouteInfo:
     model: str
     decision_ms: float
     prompt_perplexity: float | None = None
+    #: The perplexity threshold in force for this request and where it came from.
+    perplexity_threshold: float | None = None
+    threshold_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,12 +125,22 @@ class EdgeNode:
 
     The bus link (`edge.link.BusLink`) sets `nc` when connected and updates `policy`; a
     `local_only` request never touches `nc`.
+
+    `policy` is the merged policy as configured (local, fleet, node); `routing_policy` is
+    what requests are routed with: the same, with the model set's calibrated perplexity
+    threshold (`manifest.json` -> `routing`) filled in when the policy leaves it unset. It is
+    recomputed when the policy changes and when the model is swapped.
     """
 
     def __init__(self, settings: EdgeSettings, runtime: EdgeRuntime, policy: PolicySettings):
         self.settings = settings
         self.runtime = runtime
         self.policy = policy
+        self.calibration: dict[str, Any] | None = routing_calibration(runtime.model_dir)
+        self.routing_policy = policy
+        self.perplexity_threshold = float("inf")
+        self.threshold_source: ThresholdSource = "off"
+        self._resolve_threshold()
         self.breaker = CircuitBreaker(policy.breaker)
         self.nc: Client | None = None
         self.node_id = settings.node_id or "edge"
@@ -133,15 +150,46 @@ class EdgeNode:
 
     # ----------------------------------------------------------------------- state
 
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The served model set's calibrated perplexity threshold, if it has one."""
+        value = (self.calibration or {}).get("perplexity_threshold")
+        return float(value) if value is not None else None
+
+    def _resolve_threshold(self) -> None:
+        calibrated = self.calibrated_threshold
+        self.perplexity_threshold, self.threshold_source = effective_threshold(
+            self.policy, calibrated
+        )
+        self.routing_policy = with_threshold(self.policy, calibrated)
+
     def set_policy(self, policy: PolicySettings) -> None:
         """Apply a new policy now (the breaker keeps its state, takes the new thresholds)."""
         self.policy = policy
         self.breaker.settings = policy.breaker
-        logger.info("routing policy now %s", policy.model_dump())
+        self._resolve_threshold()
+        logger.info(
+            "routing policy now %s; perplexity threshold %s (%s)",
+            policy.model_dump(),
+            self.perplexity_threshold,
+            self.threshold_source,
+        )
 
     def swap_runtime(self, runtime: EdgeRuntime) -> EdgeRuntime:
-        """Serve new requests from `runtime`; returns the old one (still finishing its own)."""
+        """Serve new requests from `runtime`; returns the old one (still finishing its own).
+
+        The new model's calibrated threshold applies from now on where the policy sets none.
+        """
+        calibration = routing_calibration(runtime.model_dir)
         old, self.runtime = self.runtime, runtime
+        self.calibration = calibration
+        self._resolve_threshold()
+        logger.info(
+            "model %s: perplexity threshold %s (%s)",
+            runtime.version,
+            self.perplexity_threshold,
+            self.threshold_source,
+        )
         return old
 
     @property
@@ -193,7 +241,8 @@ class EdgeNode:
             local_only=request.local_only,
             cloud_only_model=cloud_only,
         )
-        policy = self.policy
+        policy = self.routing_policy
+        threshold = (policy.perplexity_threshold, self.threshold_source)
         # Judged once, on arrival: after the prefill the request's own job would count.
         wait_s = runtime.estimate_wait_s()
 
@@ -231,7 +280,9 @@ class EdgeNode:
                 generation = None
 
         if decision.target is Target.CLOUD:
-            async for item in self._serve_cloud(request, prompt_ids, decision, started, perplexity):
+            async for item in self._serve_cloud(
+                request, prompt_ids, decision, started, perplexity, threshold
+            ):
                 yield item
             return
 
@@ -244,7 +295,7 @@ class EdgeNode:
             except Overloaded:
                 decision = self._when_queue_full(request)
                 async for item in self._serve_cloud(
-                    request, prompt_ids, decision, started, perplexity
+                    request, prompt_ids, decision, started, perplexity, threshold
                 ):
                     yield item
                 return
@@ -259,6 +310,7 @@ class EdgeNode:
             self.settings.edge_model_name,
             (time.perf_counter() - started) * 1e3,
             perplexity,
+            *threshold,
         )
         outcome = None
         try:
@@ -318,8 +370,9 @@ class EdgeNode:
         decision: Decision,
         started: float,
         perplexity: float | None,
+        threshold: tuple[float | None, str],
     ) -> AsyncIterator[Item]:
-        policy = self.policy
+        policy = self.routing_policy
         nc = self.nc
         wanted = decision.reason.value
         if nc is None or not self.breaker.allow():
@@ -362,9 +415,14 @@ class EdgeNode:
                 raise
             self.breaker.record_success()
             self._count(decision)
-            self._event(
-                "fallback", f"served by the cloud: {wanted}", request.request_id, reason=wanted
-            )
+            details: dict[str, Any] = {"reason": wanted}
+            if decision.reason is Reason.LOW_CONFIDENCE:
+                details.update(
+                    prompt_perplexity=perplexity,
+                    perplexity_threshold=threshold[0],
+                    threshold_source=threshold[1],
+                )
+            self._event("fallback", f"served by the cloud: {wanted}", request.request_id, **details)
             yield RouteInfo(
                 "cloud",
                 wanted,
@@ -372,6 +430,7 @@ class EdgeNode:
                 self.settings.cloud_model,
                 (time.perf_counter() - started) * 1e3,
                 perplexity,
+                *threshold,
             )
             streamed: list[str] = []
             completion_tokens = 0
@@ -415,7 +474,7 @@ class EdgeNode:
         decision = decide(
             facts,
             EdgeState(runtime.context_length),
-            self.policy,
+            self.routing_policy,
             cloud_available=False,
         )
         options = _with_max_tokens(request.options, decision.max_tokens or 1)

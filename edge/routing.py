@@ -86,11 +86,12 @@ class PolicySettings(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    perplexity_threshold: float = Field(
-        default=math.inf,
+    perplexity_threshold: float | None = Field(
+        default=None,
         gt=0,
-        description="Prompt perplexity above which a request goes to the cloud "
-        "(inf: never for this reason). Calibrate on the model set's held-out figures.",
+        description="Prompt perplexity above which a request goes to the cloud. Unset "
+        "(None): the model set's calibrated threshold (`manifest.json` -> `routing`), off "
+        "when it has none; a very large number turns this rule off.",
     )
     second_stage_k: int = Field(
         default=0,
@@ -129,6 +130,30 @@ def merge_policy(*layers: dict | None) -> PolicySettings:
             else:
                 merged[key] = value
     return PolicySettings.model_validate(merged)
+
+
+ThresholdSource = Literal["policy", "model_set", "off"]
+
+
+def effective_threshold(
+    policy: PolicySettings, calibrated: float | None
+) -> tuple[float, ThresholdSource]:
+    """The perplexity threshold in force and where it comes from. Pure.
+
+    An explicit policy value always wins (a very large one disables the rule); otherwise the
+    model set's calibrated threshold applies; without one the rule is off (inf).
+    """
+    if policy.perplexity_threshold is not None:
+        return policy.perplexity_threshold, "policy"
+    if calibrated is not None and math.isfinite(calibrated) and calibrated > 0:
+        return calibrated, "model_set"
+    return math.inf, "off"
+
+
+def with_threshold(policy: PolicySettings, calibrated: float | None) -> PolicySettings:
+    """`policy` with its effective perplexity threshold filled in (see effective_threshold)."""
+    threshold, _ = effective_threshold(policy, calibrated)
+    return policy.model_copy(update={"perplexity_threshold": threshold})
 
 
 @dataclass(frozen=True)
@@ -175,7 +200,8 @@ def decide(
     Args:
         facts: the request.
         edge: the edge's context window and predicted wait.
-        policy: the thresholds.
+        policy: the thresholds; an unset `perplexity_threshold` counts as off (the node
+            fills in the model set's calibrated one first, see `with_threshold`).
         cloud_available: the breaker allows a cloud request and the bus is connected
             (always pass False for a `local_only` request: it never leaves the node).
         perplexity: the edge model's prompt perplexity, once prefilled.
@@ -229,12 +255,15 @@ def decide(
     # Load.
     if edge.predicted_wait_s * 1000.0 > policy.latency_budget_ms:
         return to_cloud(Reason.EDGE_OVERLOADED)
-    # Confidence.
-    if math.isinf(policy.perplexity_threshold) and policy.second_stage_k == 0:
+    # Confidence (an unset threshold is off here: the caller fills in a calibrated one).
+    threshold = policy.perplexity_threshold
+    if threshold is None:
+        threshold = math.inf
+    if math.isinf(threshold) and policy.second_stage_k == 0:
         return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
     if perplexity is None:
         return Decision(Target.PREFILL, Reason.PENDING, facts.max_tokens)
-    if perplexity > policy.perplexity_threshold:
+    if perplexity > threshold:
         return to_cloud(Reason.LOW_CONFIDENCE)
     return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
 

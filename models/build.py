@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from broker.errors import BadRequest
+from models import calibration, edge_build, manifest, registry, train
 from models import corpus as corpus_mod
-from models import edge_build, manifest, registry, train
 from models.chat import END_OF_TURN
 from models.profiles import PROFILES, Profile
 from models.registry import CLOUD_MODEL, EDGE_MODEL, ModelSet
@@ -297,6 +297,18 @@ def build_model_set(options: BuildOptions) -> ModelSet:
             }
             t = lap(f"edge_{precision}_s", t)
 
+        # The edge's default routing threshold, measured the way its router reads it.
+        measured = "int4" if "int4" in precisions else precisions[0]
+        routing = calibration.calibrate(
+            staging / f"edge-{measured}",
+            corpus.texts(in_domain=True, held_out=True),
+            corpus.texts(in_domain=False, held_out=True),
+            seed=options.seed,
+            threads=options.threads,
+            precision=measured,
+        )
+        t = lap("calibration_s", t)
+
         timings["total_s"] = round(time.perf_counter() - started, 1)
         _make_readable(staging)
         manifest.write_manifest(
@@ -323,6 +335,7 @@ def build_model_set(options: BuildOptions) -> ModelSet:
                     "eval_window": window,
                     "eval_windows_per_domain": profile.eval_windows,
                 },
+                "routing": routing,
                 "timings": timings,
                 "runtime": manifest.runtime_versions(),
                 **options.extra_manifest,

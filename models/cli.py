@@ -142,7 +142,33 @@ def _summary(model_set: registry.ModelSet) -> dict[str, Any]:
         "cloud_context_length": model_set.cloud_context_length,
         "edge_precisions": model_set.edge_precisions,
         "perplexity": model_set.perplexity,
+        "routing": _routing(model_set),
     }
+
+
+def _routing(model_set: registry.ModelSet) -> dict[str, Any] | None:
+    """The calibrated routing threshold of a set (None for sets built before calibration)."""
+    routing = model_set.manifest.get("routing")
+    if not isinstance(routing, dict):
+        return None
+    return {
+        "perplexity_threshold": routing.get("perplexity_threshold"),
+        "auc": routing.get("auc"),
+        "balanced_accuracy": routing.get("balanced_accuracy"),
+        "prompts": routing.get("prompts"),
+        "precision": routing.get("precision"),
+    }
+
+
+def _routing_text(routing: dict[str, Any] | None) -> str:
+    if routing is None:
+        return "-"
+    auc = routing.get("auc")
+    auc_text = f" AUC {auc:.2f}" if isinstance(auc, int | float) else ""
+    threshold = routing.get("perplexity_threshold")
+    if threshold is None:
+        return f"off{auc_text}"
+    return f"{threshold:.1f}{auc_text}"
 
 
 def _print_list(sets: list[registry.ModelSet]) -> None:
@@ -150,7 +176,7 @@ def _print_list(sets: list[registry.ModelSet]) -> None:
         print("no model sets installed; run `hybridgen models build`")
         return
     print(f"{'':1} {'VERSION':<32} {'PROFILE':<7} {'EDGE':>7} {'CLOUD':>7} {'BUILDS':<14} "
-          f"{'PPL edge in/out':>17} {'PPL cloud in/out':>17}")  # fmt: skip
+          f"{'PPL edge in/out':>17} {'PPL cloud in/out':>17}  ROUTE PPL>")  # fmt: skip
     for s in sets:
         info = _summary(s)
         ppl = s.perplexity
@@ -160,7 +186,8 @@ def _print_list(sets: list[registry.ModelSet]) -> None:
             f"{info['edge_parameters'] / 1e6:>6.1f}M {info['cloud_parameters'] / 1e6:>6.1f}M "
             f"{','.join(s.edge_precisions):<14} "
             f"{e.get('in_domain', 0):>8.1f}/{e.get('out_of_domain', 0):<8.1f} "
-            f"{c.get('in_domain', 0):>8.1f}/{c.get('out_of_domain', 0):<8.1f}"
+            f"{c.get('in_domain', 0):>8.1f}/{c.get('out_of_domain', 0):<8.1f}  "
+            f"{_routing_text(info['routing'])}"
         )
 
 
@@ -192,6 +219,11 @@ def _run(args: argparse.Namespace) -> int:
             for name, values in model_set.perplexity.items():
                 print(f"  held-out perplexity {name}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in values.items()))  # fmt: skip
+            routing = _routing(model_set)
+            if routing is not None:
+                print(f"  routing: cloud above prompt perplexity {_routing_text(routing)}, "
+                      f"balanced accuracy {routing.get('balanced_accuracy')} on "
+                      f"{routing.get('prompts')} held-out prompts")  # fmt: skip
         return 0
     if args.command == "verify":
         from models.manifest import verify

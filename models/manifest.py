@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
 import tempfile
@@ -19,6 +21,8 @@ from typing import Any
 
 from broker.errors import Internal
 from models.registry import MANIFEST_FORMAT, MANIFEST_NAME, ModelSet
+
+logger = logging.getLogger(__name__)
 
 RUNTIME_PACKAGES = (
     "hybridgen",
@@ -138,3 +142,40 @@ def verify(model_set: ModelSet) -> None:
     problems = check_files(model_set.root, files, label=f"model set {model_set.version}")
     if problems:
         raise IntegrityError("; ".join(problems), problems)
+
+
+def routing_calibration(edge_dir: Path) -> dict[str, Any] | None:
+    """The `routing` section (calibrated perplexity threshold) for an edge build folder.
+
+    Found when `edge_dir` is one of the edge builds of a model set (its manifest.json one level
+    up lists it under `edge_builds`); a folder outside a model set has none.
+
+    Returns:
+        The section (its `perplexity_threshold` a positive float, or None when the build
+        skipped calibration), or None when there is no usable section.
+    """
+    path = Path(edge_dir).parent / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    builds = data.get("edge_builds")
+    names = (
+        {b.get("dir") for b in builds.values() if isinstance(b, dict)}
+        if isinstance(builds, dict)
+        else set()
+    )
+    if Path(edge_dir).name not in names:
+        return None
+    routing = data.get("routing")
+    if not isinstance(routing, dict):
+        return None
+    threshold = routing.get("perplexity_threshold")
+    if threshold is not None and not (
+        isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0
+    ):
+        logger.warning("%s: ignoring invalid routing.perplexity_threshold %r", path, threshold)
+        routing = {**routing, "perplexity_threshold": None}
+    return routing

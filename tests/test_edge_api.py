@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import operator
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -366,6 +368,80 @@ async def test_out_of_domain_escalates_in_domain_stays_and_kv_policy_is_live(
     assert extra(body)["route_reason"] == "in_domain"
     bad = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": -3})
     assert not bad.ok and "perplexity_threshold" in bad.message
+
+
+#: Further from the tiny edge's domain than OUT_OF_DOMAIN (a wider margin over the threshold).
+FAR_OUT_OF_DOMAIN = (
+    "class OrderedDict(dict):\n    def popitem(self, last=True):\n        Remove and return a "
+    "(key, value) pair from the dictionary. Pairs are returned in LIFO order if last is true "
+    "or FIFO order if false."
+)
+
+
+async def test_model_sets_calibrated_threshold_is_the_default(
+    start_edge: Callable[..., Any],
+    start_worker: Callable[..., Any],
+    nc: Client,
+    edge_dir: Path,
+    tiny_models: ModelSet,
+    tmp_path: Path,
+) -> None:
+    calibrated = tiny_models.manifest["routing"]["perplexity_threshold"]
+    ppl_in = await _perplexity(edge_dir, IN_DOMAIN)
+    ppl_out = await _perplexity(edge_dir, FAR_OUT_OF_DOMAIN)
+    beats: list[wire.Heartbeat] = []
+
+    async def on_beat(msg: Any) -> None:
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    await nc.subscribe(subjects.telemetry_of_role("edge"), cb=on_beat)
+    await start_worker()
+    edge = await start_edge(telemetry_interval_s=0.2)  # no policy anywhere
+    assert edge.node.policy.perplexity_threshold is None
+    assert (edge.node.perplexity_threshold, edge.node.threshold_source) == (
+        calibrated,
+        "model_set",
+    )
+    # Routed against the calibrated threshold, with no policy set.
+    for text, ppl in ((IN_DOMAIN, ppl_in), (FAR_OUT_OF_DOMAIN, ppl_out)):
+        body = await chat(edge, text)
+        expected = ("cloud", "low_confidence") if ppl > calibrated else ("edge", "in_domain")
+        assert (extra(body)["served_by"], extra(body)["route_reason"]) == expected, (
+            ppl,
+            calibrated,
+        )
+    await eventually(lambda: any(b.extra.get("perplexity_threshold_source") for b in beats))
+    beat = [b for b in beats if b.node_id == edge.node_id][-1]
+    assert beat.extra["perplexity_threshold"] == calibrated
+    assert beat.extra["perplexity_threshold_source"] == "model_set"
+
+    # An explicit policy value wins, live (here: a huge one, i.e. this rule off).
+    config = await FleetConfig.open(nc)
+    await config.put(subjects.policy_key(), {"perplexity_threshold": 1e9})
+    await eventually(lambda: edge.node.threshold_source == "policy")
+    body = await chat(edge, FAR_OUT_OF_DOMAIN)
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "in_domain")
+    # ... and removing it hands the threshold back to the model set.
+    await config.put(subjects.policy_key(), {"latency_budget_ms": 5000})
+    await eventually(lambda: edge.node.threshold_source == "model_set")
+    assert edge.node.perplexity_threshold == calibrated
+
+    # A model outside any model set has no calibration: the rule is off after the swap.
+    alone = tmp_path / "edge-int4"
+    shutil.copytree(edge_dir, alone)
+    reply = await send_control(nc, edge.node_id, "reload-model", {"model_dir": str(alone)})
+    assert reply.ok, reply.message
+    assert (edge.node.perplexity_threshold, edge.node.threshold_source) == (math.inf, "off")
+    body = await chat(edge, FAR_OUT_OF_DOMAIN)
+    assert extra(body)["route_reason"] == "in_domain"
+    # ... and swapping back to a build of the set restores it.
+    fp32 = tiny_models.edge_dir("fp32")
+    reply = await send_control(nc, edge.node_id, "reload-model", {"model_dir": str(fp32)})
+    assert reply.ok, reply.message
+    assert (edge.node.perplexity_threshold, edge.node.threshold_source) == (
+        calibrated,
+        "model_set",
+    )
 
 
 async def test_hot_swap_under_load_loses_no_request(

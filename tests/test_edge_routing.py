@@ -18,7 +18,9 @@ from edge.routing import (
     Target,
     decide,
     decide_after_draft,
+    effective_threshold,
     merge_policy,
+    with_threshold,
 )
 
 EDGE = EdgeState(context_length=128, predicted_wait_s=0.0)
@@ -196,3 +198,36 @@ def test_merge_policy_node_overrides_fleet() -> None:
     assert policy.perplexity_threshold == 20
     assert policy.breaker.failure_threshold == 5 and policy.breaker.open_seconds == 1
     assert merge_policy().latency_budget_ms == PolicySettings().latency_budget_ms
+
+
+# ------------------------------------------------------------ calibrated default threshold
+
+
+def test_unset_threshold_uses_the_model_sets_calibration() -> None:
+    unset = merge_policy({"latency_budget_ms": 900})
+    assert unset.perplexity_threshold is None
+    assert effective_threshold(unset, 120.5) == (120.5, "model_set")
+    assert effective_threshold(unset, None) == (math.inf, "off")
+    assert effective_threshold(unset, math.nan) == (math.inf, "off")
+    filled = with_threshold(unset, 120.5)
+    assert filled.perplexity_threshold == 120.5 and filled.latency_budget_ms == 900
+    facts = RequestFacts(5, 5)
+    assert route(facts, policy=filled, ppl=121).reason is Reason.LOW_CONFIDENCE
+    assert route(facts, policy=filled, ppl=120).reason is Reason.IN_DOMAIN
+    # decide() itself treats an unset threshold as off: no prefill wait.
+    assert route(facts, policy=unset).reason is Reason.IN_DOMAIN
+
+
+def test_explicit_policy_threshold_beats_the_calibration() -> None:
+    fleet = merge_policy({"perplexity_threshold": 1e9})
+    assert effective_threshold(fleet, 120.5) == (1e9, "policy")
+    assert route(RequestFacts(5, 5), policy=with_threshold(fleet, 120.5), ppl=500).reason is (
+        Reason.IN_DOMAIN
+    )
+    node = merge_policy({"perplexity_threshold": 80}, {"perplexity_threshold": 30})
+    assert effective_threshold(node, 120.5) == (30, "policy")
+    # A layer that sets it back to null hands it to the model set again.
+    cleared = merge_policy({"perplexity_threshold": 80}, {"perplexity_threshold": None})
+    assert effective_threshold(cleared, 120.5) == (120.5, "model_set")
+    with pytest.raises(ValueError):
+        merge_policy({"perplexity_threshold": 0})

@@ -1,0 +1,247 @@
+"""Calibrate the edge's routing threshold on held-out prompts, at build time.
+
+The edge sends a request to the cloud when its prompt perplexity (read from the prefill
+logits) is above `perplexity_threshold`. This module chooses that threshold for a model set:
+it cuts held-out passages of `min_tokens`..`max_tokens` tokens from both sides of the corpus
+(the edge's domain and the rest; documents the models never trained on), measures each one's
+prompt perplexity with the edge runtime itself (`edge.runtime.EdgeRuntime`, the same
+tokenizer, prefill and `prompt_perplexity` the router sees at serving time, on the int4 build)
+and picks the threshold that maximises balanced accuracy for "out of domain -> cloud". It
+also reports the ROC AUC of the signal. The result goes into `manifest.json` under `routing`;
+the edge uses it whenever its policy leaves `perplexity_threshold` unset.
+
+Torch-free (the edge runtime is), deterministic given the seed and the corpus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import random
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Passages per side (in / out of the edge's domain) at most.
+MAX_PROMPTS = 192
+MIN_TOKENS = 32
+MAX_TOKENS = 96
+#: Fewer passages than this on either side: no calibration (too noisy to trust).
+MIN_PROMPTS = 8
+
+T = TypeVar("T")
+
+
+def roc_auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
+    """Probability that a positive scores above a negative (ties count one half)."""
+    neg = np.asarray(negatives, dtype=np.float64)[:, None]
+    pos = np.asarray(positives, dtype=np.float64)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (neg.size * pos.size))
+
+
+def best_threshold(
+    negatives: Sequence[float], positives: Sequence[float]
+) -> tuple[float, float, float, float]:
+    """The threshold T maximising balanced accuracy of "score > T -> positive".
+
+    T is placed halfway (geometrically: perplexities are ratios) between the last score kept
+    below it and the next one, so small drifts do not flip a calibration prompt. Among equal
+    balanced accuracies the largest T wins (more stays on the edge).
+
+    Returns:
+        (threshold, balanced accuracy, true-positive rate, true-negative rate).
+    """
+    neg = np.sort(np.asarray(negatives, dtype=np.float64))
+    pos = np.sort(np.asarray(positives, dtype=np.float64))
+    values = np.unique(np.concatenate([neg, pos]))
+    best: tuple[float, float, float, float] | None = None
+    # Candidate i: T in [values[i], values[i+1]); scores <= values[i] stay on the edge.
+    for i in range(len(values) - 1, -1, -1):
+        cut = values[i]
+        tpr = float((pos > cut).mean())
+        tnr = float((neg <= cut).mean())
+        score = (tpr + tnr) / 2
+        if best is None or score > best[1] + 1e-12:
+            upper = values[i + 1] if i + 1 < len(values) else cut
+            threshold = math.sqrt(cut * upper) if cut > 0 else (cut + upper) / 2
+            best = (float(threshold), score, tpr, tnr)
+    assert best is not None
+    return best
+
+
+def passages(
+    texts: Sequence[str],
+    encode: Any,
+    decode: Any,
+    *,
+    rng: random.Random,
+    limit: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> list[str]:
+    """Up to `limit` passages of `min_tokens`..`max_tokens` tokens cut from `texts`.
+
+    Each document is cut into consecutive windows of random length; windows are taken
+    round-robin over documents (first window of every document, then the second...), so a
+    long document does not crowd out the others.
+    """
+    per_doc: list[list[str]] = []
+    for text in texts:
+        ids = encode(text)
+        windows: list[str] = []
+        start = 0
+        while True:
+            size = rng.randint(min_tokens, max_tokens)
+            if start + size > len(ids):
+                break
+            windows.append(decode(ids[start : start + size]))
+            start += size
+        if windows:
+            per_doc.append(windows)
+    out: list[str] = []
+    depth = 0
+    while len(out) < limit and any(depth < len(w) for w in per_doc):
+        for windows in per_doc:
+            if depth < len(windows) and len(out) < limit:
+                out.append(windows[depth])
+        depth += 1
+    return out
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to completion from sync code, also when called inside an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _perplexities(runtime: Any, prompts: list[str]) -> list[float]:
+    """Prompt perplexity of each prompt, exactly as the edge router reads it."""
+    from edge.runtime import Prefill, SamplingOptions
+
+    options = SamplingOptions(max_tokens=1, temperature=0.0)
+    values: list[float] = []
+    for prompt in prompts:
+        ids = runtime.encode(prompt)
+        generation = runtime.submit(ids, options, hold_after_prefill=True)
+        try:
+            event = await generation.next_event()
+        finally:
+            generation.cancel()
+        if isinstance(event, Prefill) and event.perplexity is not None:
+            values.append(event.perplexity)
+    return values
+
+
+def calibrate(
+    edge_dir: Path,
+    in_domain: Sequence[str],
+    out_of_domain: Sequence[str],
+    *,
+    seed: int = 0,
+    threads: int = 1,
+    max_prompts: int = MAX_PROMPTS,
+    min_tokens: int = MIN_TOKENS,
+    max_tokens: int = MAX_TOKENS,
+    precision: str = "int4",
+) -> dict[str, Any]:
+    """Choose the edge's perplexity threshold on held-out text.
+
+    Args:
+        edge_dir: the onnxruntime-genai edge build to measure (the one the edge serves).
+        in_domain: held-out documents of the edge's domain.
+        out_of_domain: held-out documents outside it.
+        seed: passage lengths are drawn from a generator seeded with it.
+        threads: intra-op threads of the edge runtime.
+        max_prompts: passages per side at most.
+        min_tokens: shortest passage (tokens).
+        max_tokens: longest passage (tokens; capped below the edge's context window).
+        precision: recorded with the result.
+
+    Returns:
+        The manifest's `routing` section: `perplexity_threshold` (None when a side has fewer
+        than MIN_PROMPTS passages or the signal does not separate the sides at all, with
+        `skipped` saying why), `auc`, `balanced_accuracy`, `to_cloud_rate_out_of_domain`,
+        `to_edge_rate_in_domain`, `median_perplexity`, `prompts`, `prompt_tokens`,
+        `precision`, `seconds`.
+    """
+    from edge.runtime import EdgeRuntime
+
+    started = time.perf_counter()
+    runtime = EdgeRuntime(edge_dir, threads=threads, max_active=1, max_queue=4)
+    try:
+        top = max(2, min(max_tokens, runtime.context_length - 1))
+        low = max(2, min(min_tokens, top))
+        rng = random.Random(seed)
+
+        def decode(ids: list[int]) -> str:
+            return str(runtime.tokenizer.decode(ids, skip_special_tokens=False))
+
+        sides = {
+            name: passages(
+                texts,
+                runtime.encode,
+                decode,
+                rng=rng,
+                limit=max_prompts,
+                min_tokens=low,
+                max_tokens=top,
+            )
+            for name, texts in (("in_domain", in_domain), ("out_of_domain", out_of_domain))
+        }
+        result: dict[str, Any] = {
+            "perplexity_threshold": None,
+            "prompts": {k: len(v) for k, v in sides.items()},
+            "prompt_tokens": [low, top],
+            "precision": precision,
+            "seed": seed,
+        }
+        if min(result["prompts"].values()) < MIN_PROMPTS:
+            result["skipped"] = (
+                f"too little held-out text (passages: {result['prompts']}, need {MIN_PROMPTS} "
+                "on each side)"
+            )
+            logger.warning("routing calibration skipped: %s", result["skipped"])
+            return result
+        scores = {
+            name: _run_sync(_perplexities(runtime, prompts)) for name, prompts in sides.items()
+        }
+    finally:
+        _run_sync(runtime.close())
+    inside, outside = scores["in_domain"], scores["out_of_domain"]
+    auc = roc_auc(inside, outside)
+    threshold, balanced, tpr, tnr = best_threshold(inside, outside)
+    result.update(
+        auc=round(auc, 4),
+        balanced_accuracy=round(balanced, 4),
+        to_cloud_rate_out_of_domain=round(tpr, 4),
+        to_edge_rate_in_domain=round(tnr, 4),
+        median_perplexity={
+            "in_domain": round(float(np.median(inside)), 3),
+            "out_of_domain": round(float(np.median(outside)), 3),
+        },
+        prompts={"in_domain": len(inside), "out_of_domain": len(outside)},
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    if balanced > 0.5:
+        result["perplexity_threshold"] = round(threshold, 3)
+    else:
+        result["skipped"] = "prompt perplexity does not separate the domains on this model set"
+    logger.info(
+        "routing calibration: threshold %s, AUC %.3f, balanced accuracy %.3f (%s prompts)",
+        result["perplexity_threshold"],
+        auc,
+        balanced,
+        result["prompts"],
+    )
+    return result

@@ -1,0 +1,111 @@
+"""The build-time calibration of the edge's routing threshold (manifest `routing`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models import calibration
+from models.cli import main
+from models.manifest import routing_calibration, verify
+from models.registry import ModelSet
+
+
+def test_tiny_build_records_a_calibrated_threshold(tiny_models: ModelSet) -> None:
+    routing = tiny_models.manifest["routing"]
+    threshold = routing["perplexity_threshold"]
+    assert isinstance(threshold, float) and math.isfinite(threshold) and threshold > 0
+    assert 0.0 <= routing["auc"] <= 1.0
+    assert 0.5 < routing["balanced_accuracy"] <= 1.0
+    assert routing["prompts"]["in_domain"] > 0 and routing["prompts"]["out_of_domain"] > 0
+    assert routing["precision"] == "int4"
+    low, high = routing["prompt_tokens"]
+    assert 2 <= low <= high < tiny_models.edge_context_length
+    # The threshold sits between the two sides' typical perplexities.
+    medians = routing["median_perplexity"]
+    assert medians["in_domain"] < medians["out_of_domain"]
+    assert "calibration_s" in tiny_models.manifest["timings"]
+    verify(tiny_models)  # calibration wrote nothing into the set behind the manifest's back
+
+
+def test_edge_builds_find_their_calibration(tiny_models: ModelSet, tmp_path: Path) -> None:
+    expected = tiny_models.manifest["routing"]["perplexity_threshold"]
+    for precision in ("int4", "fp32"):
+        found = routing_calibration(tiny_models.edge_dir(precision))
+        assert found is not None and found["perplexity_threshold"] == expected
+    # A folder outside a model set (or not listed as one of its builds) has none.
+    alone = tmp_path / "edge-int4"
+    shutil.copytree(tiny_models.edge_dir("int4"), alone)
+    assert routing_calibration(alone) is None
+    assert routing_calibration(tiny_models.root / "tokenizer") is None
+
+
+def test_calibration_matches_the_runtime_and_is_deterministic(tiny_models: ModelSet) -> None:
+    in_texts = ["NAME\n\nls - list directory contents. " * 30]
+    out_texts = ["def popitem(self, last=True):\n    Remove and return a pair. " * 30]
+    first = calibration.calibrate(tiny_models.edge_dir("int4"), in_texts, out_texts, seed=3)
+    again = calibration.calibrate(tiny_models.edge_dir("int4"), in_texts, out_texts, seed=3)
+    for result in (first, again):
+        result.pop("seconds")
+    assert first == again
+    assert first["prompts"]["in_domain"] >= calibration.MIN_PROMPTS
+
+
+def test_no_out_of_domain_text_records_null(tiny_models: ModelSet) -> None:
+    result = calibration.calibrate(tiny_models.edge_dir("int4"), ["some text " * 200], [])
+    assert result["perplexity_threshold"] is None
+    assert result["prompts"]["out_of_domain"] == 0 and "skipped" in result
+
+
+def test_threshold_and_auc() -> None:
+    assert calibration.roc_auc([1, 2, 3], [4, 5, 6]) == 1.0
+    assert calibration.roc_auc([4, 5, 6], [1, 2, 3]) == 0.0
+    assert calibration.roc_auc([1, 2], [1, 2]) == 0.5
+    threshold, balanced, tpr, tnr = calibration.best_threshold([10, 20, 30], [40, 50])
+    assert 30 < threshold < 40 and balanced == tpr == tnr == 1.0
+    threshold, balanced, _, _ = calibration.best_threshold([10, 20, 45], [40, 50, 60])
+    # Two cuts tie (20..40 and 45..50): the larger one keeps more on the edge.
+    assert balanced == pytest.approx((2 / 3 + 1) / 2) and 45 < threshold < 50
+    # No separation at all: the largest threshold (everything stays on the edge).
+    threshold, balanced, _, _ = calibration.best_threshold([5, 5], [5, 5])
+    assert balanced == 0.5 and threshold == 5
+
+
+def test_passages_are_round_robin_and_bounded() -> None:
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    out = calibration.passages(
+        ["a" * 100, "b" * 30, "c" * 50],
+        encode,
+        decode,
+        rng=random.Random(0),
+        limit=4,
+        min_tokens=10,
+        max_tokens=20,
+    )
+    assert len(out) == 4 and all(10 <= len(p) <= 20 for p in out)
+    assert [p[0] for p in out[:3]] == ["a", "b", "c"]
+
+
+def test_models_list_shows_the_threshold(
+    tiny_models: ModelSet, tiny_models_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["list", "--home", str(tiny_models_home), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    routing = next(s for s in listed if s["version"] == tiny_models.version)["routing"]
+    assert (
+        routing["perplexity_threshold"] == tiny_models.manifest["routing"]["perplexity_threshold"]
+    )
+    assert routing["auc"] == tiny_models.manifest["routing"]["auc"]
+    assert main(["list", "--home", str(tiny_models_home)]) == 0
+    table = capsys.readouterr().out
+    assert "ROUTE PPL>" in table and f"AUC {routing['auc']:.2f}" in table
