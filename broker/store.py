@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -33,6 +33,8 @@ from nats.js.object_store import ObjectStore
 
 from broker import subjects
 from broker.errors import BadRequest, Internal, NotFound, Unavailable
+
+BucketT = TypeVar("BucketT", KeyValue, ObjectStore)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,30 @@ def _loads(key: str, raw: bytes) -> dict[str, Any]:
     return value
 
 
+async def _bind(
+    existing: Callable[[], Awaitable[BucketT]], create: Callable[[], Awaitable[BucketT]]
+) -> BucketT:
+    """Bind a JetStream bucket, creating it when missing; JetStream trouble is `Unavailable`."""
+    try:
+        try:
+            return await existing()
+        except nats.js.errors.BucketNotFoundError:
+            return await create()
+    except (
+        nats.js.errors.ServiceUnavailableError,
+        nats.errors.NoRespondersError,
+        nats.js.errors.NoStreamResponseError,
+    ) as exc:
+        raise Unavailable(f"JetStream is not available: {exc!r}") from None
+    except TimeoutError:
+        # A denied JetStream API request is dropped by the server and times out.
+        raise Unavailable(
+            "JetStream did not answer: is the bucket missing and this user not allowed "
+            "to create it? (start the broker with `hybridgen up`, or open it once as an "
+            "operator)"
+        ) from None
+
+
 class FleetConfig:
     """The fleet's configuration in the KV bucket `hg_config` (routing policy, ...).
 
@@ -87,24 +113,10 @@ class FleetConfig:
             Unavailable: JetStream is not enabled or not reachable.
         """
         js = jetstream(nc, domain)
-        try:
-            try:
-                kv = await js.key_value(subjects.CONFIG_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(bucket=subjects.CONFIG_BUCKET, history=history)
-        except (
-            nats.js.errors.ServiceUnavailableError,
-            nats.errors.NoRespondersError,
-            nats.js.errors.NoStreamResponseError,
-        ) as exc:
-            raise Unavailable(f"JetStream is not available: {exc!r}") from None
-        except TimeoutError:
-            # A denied JetStream API request is dropped by the server and times out.
-            raise Unavailable(
-                "JetStream did not answer: is the bucket missing and this user not allowed "
-                "to create it? (start the broker with `hybridgen up`, or open it once as an "
-                "operator)"
-            ) from None
+        kv = await _bind(
+            lambda: js.key_value(subjects.CONFIG_BUCKET),
+            lambda: js.create_key_value(bucket=subjects.CONFIG_BUCKET, history=history),
+        )
         return cls(nc, kv)
 
     async def get(self, key: str) -> dict[str, Any] | None:
@@ -245,24 +257,10 @@ class ArtifactStore:
             Unavailable: JetStream is not enabled or not reachable.
         """
         js = jetstream(nc, domain)
-        try:
-            try:
-                obs = await js.object_store(subjects.MODELS_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                obs = await js.create_object_store(subjects.MODELS_BUCKET)
-        except (
-            nats.js.errors.ServiceUnavailableError,
-            nats.errors.NoRespondersError,
-            nats.js.errors.NoStreamResponseError,
-        ) as exc:
-            raise Unavailable(f"JetStream is not available: {exc!r}") from None
-        except TimeoutError:
-            # A denied JetStream API request is dropped by the server and times out.
-            raise Unavailable(
-                "JetStream did not answer: is the bucket missing and this user not allowed "
-                "to create it? (start the broker with `hybridgen up`, or open it once as an "
-                "operator)"
-            ) from None
+        obs = await _bind(
+            lambda: js.object_store(subjects.MODELS_BUCKET),
+            lambda: js.create_object_store(subjects.MODELS_BUCKET),
+        )
         return cls(js, obs)
 
     async def _put(self, name: str, data: Any, meta: dict[str, Any] | None) -> str:
