@@ -7,7 +7,7 @@ real worker process is killed mid-stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -27,7 +27,6 @@ from nats.aio.msg import Msg
 from broker import subjects, wire
 from broker.bus import connect
 from cloud.api import create_app
-from cloud.engine import Engine, EngineConfig
 from cloud.settings import ApiSettings, WorkerSettings
 from cloud.worker import CloudWorker
 
@@ -48,37 +47,12 @@ def cloud_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, i
     return root, root, 256
 
 
-@pytest.fixture(scope="module")
-def engine_config() -> EngineConfig:
-    return EngineConfig(threads=1, cache_tokens=4096, max_batch_tokens=512)
-
-
 @pytest.fixture
-async def start_worker(
-    nats_url: str, cloud_model: tuple[Path, Path, int], engine_config: EngineConfig
-) -> AsyncIterator[Callable[..., Any]]:
-    workers: list[CloudWorker] = []
-    clients: list[Client] = []
-
-    async def start(**overrides: Any) -> CloudWorker:
-        nc = await connect(nats_url, name="test-worker")
-        clients.append(nc)
-        settings = WorkerSettings(model_dir=cloud_model[0], threads=1, **overrides)
-        engine = await asyncio.to_thread(Engine.load, cloud_model[0], config=engine_config)
-        worker = CloudWorker(nc, settings, engine)
-        worker._own_engine = True
-        workers.append(worker)
-        await worker.start()
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in workers:
-            await worker.close()
-        for nc in clients:
-            with contextlib.suppress(Exception):
-                await nc.close()
+def start_worker(
+    start_cloud_worker: Callable[..., Any], cloud_model: tuple[Path, Path, int]
+) -> Callable[..., Any]:
+    """`await start_worker(**WorkerSettings overrides)`: a worker on the random model."""
+    return functools.partial(start_cloud_worker, cloud_model[0])
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,6 @@ from nats.aio.msg import Msg
 from broker import subjects, wire
 from broker.bus import request_stream
 from broker.errors import ContextLengthExceeded, Internal, NoResponders, Overloaded, Timeout
-from cloud.engine import Engine, EngineConfig
-from cloud.settings import WorkerSettings
-from cloud.worker import CloudWorker
 
 MODEL = "hg-cloud"
 
@@ -29,25 +27,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def make_worker(nc: Client, model_dir: Path) -> AsyncIterator[Callable[..., Any]]:
-    workers: list[CloudWorker] = []
-
-    async def make(**overrides: Any) -> CloudWorker:
-        settings = WorkerSettings(model_dir=model_dir, threads=1, heartbeat_s=0.2, **overrides)
-        engine = await asyncio.to_thread(
-            Engine.load, model_dir, config=EngineConfig(threads=1, cache_tokens=4096)
-        )
-        worker = CloudWorker(nc, settings, engine)
-        worker._own_engine = True
-        workers.append(worker)
-        await worker.start()
-        return worker
-
-    try:
-        yield make
-    finally:
-        for worker in workers:
-            await worker.close()
+def make_worker(start_cloud_worker: Callable[..., Any], model_dir: Path) -> Callable[..., Any]:
+    """`await make_worker(**WorkerSettings overrides)`: a worker with a fast heartbeat."""
+    return functools.partial(start_cloud_worker, model_dir, heartbeat_s=0.2)
 
 
 def request(prompt: str = "Hello", **fields: Any) -> wire.GenerateRequest:

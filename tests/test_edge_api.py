@@ -121,37 +121,13 @@ async def start_edge(
 
 
 @pytest.fixture
-async def start_worker(
-    nats_url: str, tiny_models: ModelSet
-) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+def start_worker(
+    start_cloud_worker: Callable[..., Awaitable[Any]], tiny_models: ModelSet
+) -> Callable[..., Awaitable[Any]]:
     """`await start_worker()` -> a real cloud worker (tiny cloud model), closed after."""
-    from cloud.engine import Engine, EngineConfig
-    from cloud.settings import WorkerSettings
-    from cloud.worker import CloudWorker
-
-    workers: list[Any] = []
-    clients: list[Client] = []
-
-    async def start(**overrides: Any) -> Any:
-        nc = await connect(nats_url, name="test-cloud-worker")
-        clients.append(nc)
-        settings = WorkerSettings(model_dir=tiny_models.cloud_dir, threads=1, **overrides)
-        config = EngineConfig(threads=1, cache_tokens=2048, max_batch_tokens=256)
-        engine = await asyncio.to_thread(Engine.load, tiny_models.cloud_dir, config=config)
-        worker = CloudWorker(nc, settings, engine)
-        worker._own_engine = True
-        workers.append(worker)
-        await worker.start()
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in workers:
-            await worker.close()
-        for nc in clients:
-            with contextlib.suppress(Exception):
-                await nc.close()
+    return functools.partial(
+        start_cloud_worker, tiny_models.cloud_dir, cache_tokens=2048, max_batch_tokens=256
+    )
 
 
 async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
