@@ -44,12 +44,13 @@ async def test_up_serves_edge_and_cloud_then_stops(tiny_models: ModelSet, tmp_pa
         assert "building" not in output  # an installed model set is reused
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"model": "hg-edge", "prompt": "The ls command", "max_tokens": 4}
-            local = await client.post(f"http://127.0.0.1:{edge_port}/v1/completions", json=body)
-            assert local.status_code == 200, local.text
-            assert local.headers["x-hybridgen-served-by"] == "edge"
-            forced = await client.post(
-                f"http://127.0.0.1:{edge_port}/v1/completions", json={**body, "route": "cloud"}
-            )
+            edge_url = f"http://127.0.0.1:{edge_port}/v1/completions"
+            routed = await client.post(edge_url, json=body)
+            assert routed.status_code == 200, routed.text
+            assert routed.headers["x-hybridgen-route-reason"] in ("in_domain", "low_confidence")
+            local = await client.post(edge_url, json={**body, "route": "edge"})
+            assert local.headers["x-hybridgen-served-by"] == "edge", local.text
+            forced = await client.post(edge_url, json={**body, "route": "cloud"})
             assert forced.json()["served_by"] == "cloud", forced.text
             direct = await client.post(
                 f"http://127.0.0.1:{api_port}/v1/completions", json={**body, "model": "hg-cloud"}
