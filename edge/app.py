@@ -39,7 +39,7 @@ from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.routing import merge_policy
 from edge.runtime import EdgeRuntime, SamplingOptions
 from edge.settings import EdgeSettings
-from models.chat import render_chat
+from models.chat import ROLE_TOKENS, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         *,
         chat: bool,
         echo: str = "",
+        score_span: tuple[int, int] | None = None,
     ) -> Response:
         node = service.node
         options, given = _options(req, settings.default_max_tokens)
@@ -254,6 +255,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
             local_only=req.local_only,
             user=req.user,
             max_tokens_given=given,
+            score_span=score_span,
         )
         items = node.generate(edge_request)
         try:
@@ -384,11 +386,12 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         service: Service,
         req: ChatBody,
     ) -> Response:
+        messages = req.message_dicts()
         try:
-            prompt = render_chat(req.message_dicts())
+            prompt = render_chat(messages)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
-        return await serve(service, req, prompt, chat=True)
+        return await serve(service, req, prompt, chat=True, score_span=_user_span(messages))
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def list_models(service: Service) -> dict[str, Any]:
@@ -408,3 +411,18 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         return {"object": "list", "data": [edge_card, cloud_card]}
 
     return app
+
+
+def _user_span(messages: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """Characters of the last user message's content in `render_chat(messages)`.
+
+    The router scores only those tokens (not role tags or the template); None without a
+    non-empty user message (the whole prompt is scored).
+    """
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message["role"] == "user" and message["content"]:
+            head = render_chat(messages[:index], add_generation_prompt=False)
+            start = len(head) + len(ROLE_TOKENS["user"]) + 1  # "<|user|>\n"
+            return start, start + len(message["content"])
+    return None

@@ -46,9 +46,19 @@ from edge.routing import (
     decide,
     decide_after_draft,
     effective_threshold,
+    length_threshold,
     with_threshold,
 )
-from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, SamplingOptions, Token
+from edge.runtime import (
+    EdgeRuntime,
+    Finished,
+    Generation,
+    Prefill,
+    SamplingOptions,
+    Token,
+    encode_with_span,
+    scored_positions,
+)
 from edge.settings import EdgeSettings
 from models.manifest import routing_calibration
 
@@ -76,6 +86,9 @@ class EdgeRequest:
     user: str | None = None
     #: max_tokens was given by the client (else options.max_tokens is the default).
     max_tokens_given: bool = True
+    #: [start, end) characters of `prompt` whose tokens the prompt perplexity scores (a chat
+    #: request's last user message content); None: the whole prompt.
+    score_span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,8 @@ class RouteInfo:
     #: The perplexity threshold in force for this request and where it came from.
     perplexity_threshold: float | None = None
     threshold_source: str | None = None
+    #: Prompt tokens the perplexity was averaged over (it picks the calibrated length bucket).
+    scored_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,13 @@ class EdgeNode:
         """The served model set's calibrated perplexity threshold, if it has one."""
         value = (self.calibration or {}).get("perplexity_threshold")
         return float(value) if value is not None else None
+
+    def threshold_for(self, scored_tokens: int) -> tuple[float, ThresholdSource]:
+        """Threshold in force for a prompt of `scored_tokens` scored tokens, and its source.
+
+        The policy's value when set (all lengths); else the model set's length bucket.
+        """
+        return effective_threshold(self.policy, length_threshold(self.calibration, scored_tokens))
 
     def _resolve_threshold(self) -> None:
         calibrated = self.calibrated_threshold
@@ -233,7 +255,8 @@ class EdgeNode:
             raise Overloaded("this edge node is draining", retry_after=5.0)
         cloud_only = self.check_model(request.model)
         runtime = self.runtime
-        prompt_ids = runtime.encode(request.prompt)
+        prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
+        scored_tokens = len(scored_positions(len(prompt_ids), span))
         facts = RequestFacts(
             prompt_tokens=len(prompt_ids),
             max_tokens=request.options.max_tokens,
@@ -242,7 +265,10 @@ class EdgeNode:
             cloud_only_model=cloud_only,
         )
         policy = self.routing_policy
-        threshold = (policy.perplexity_threshold, self.threshold_source)
+        # (threshold, its source, scored tokens): reported with the route.
+        threshold = (*self.threshold_for(scored_tokens), scored_tokens)
+        if threshold[0] != policy.perplexity_threshold:
+            policy = policy.model_copy(update={"perplexity_threshold": threshold[0]})
         # Judged once, on arrival: after the prefill the request's own job would count.
         wait_s = runtime.estimate_wait_s()
 
@@ -260,7 +286,9 @@ class EdgeNode:
         finished: Finished | None = None
         if decision.target is Target.PREFILL:
             try:
-                generation = runtime.submit(prompt_ids, request.options, hold_after_prefill=True)
+                generation = runtime.submit(
+                    prompt_ids, request.options, hold_after_prefill=True, score_span=span
+                )
             except Overloaded:
                 decision = self._when_queue_full(request)
         if generation is not None:
@@ -370,7 +398,7 @@ class EdgeNode:
         decision: Decision,
         started: float,
         perplexity: float | None,
-        threshold: tuple[float | None, str],
+        threshold: tuple[float | None, str, int],
     ) -> AsyncIterator[Item]:
         policy = self.routing_policy
         nc = self.nc
@@ -421,6 +449,7 @@ class EdgeNode:
                     prompt_perplexity=perplexity,
                     perplexity_threshold=threshold[0],
                     threshold_source=threshold[1],
+                    scored_tokens=threshold[2],
                 )
             self._event("fallback", f"served by the cloud: {wanted}", request.request_id, **details)
             yield RouteInfo(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -148,6 +148,38 @@ def effective_threshold(
     if calibrated is not None and math.isfinite(calibrated) and calibrated > 0:
         return calibrated, "model_set"
     return math.inf, "off"
+
+
+def length_threshold(routing: Mapping[str, object] | None, scored_tokens: int) -> float | None:
+    """The model set's calibrated threshold for a prompt of `scored_tokens` scored tokens. Pure.
+
+    `routing` is the manifest's `routing` section. Its `thresholds_by_length` buckets
+    (`max_tokens` ascending, None for the last, open one) are searched for the first with
+    `scored_tokens <= max_tokens`; that bucket's threshold applies when it has one, else the
+    overall `perplexity_threshold` (also for sets calibrated before buckets existed).
+    """
+    if not routing:
+        return None
+    overall = _positive(routing.get("perplexity_threshold"))
+    buckets = routing.get("thresholds_by_length")
+    if not isinstance(buckets, list):
+        return overall
+    for bucket in buckets:
+        if not isinstance(bucket, Mapping):
+            continue
+        most = bucket.get("max_tokens")
+        if most is None or (isinstance(most, int | float) and scored_tokens <= most):
+            found = _positive(bucket.get("threshold"))
+            return found if found is not None else overall
+    return overall
+
+
+def _positive(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and number > 0:
+            return number
+    return None
 
 
 def with_threshold(policy: PolicySettings, calibrated: float | None) -> PolicySettings:

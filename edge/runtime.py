@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,10 +71,13 @@ class Prefill:
     """First event of a generation: the prompt has been read."""
 
     prompt_tokens: int
-    #: exp(mean negative log-likelihood) of prompt tokens 2..n; None for a 1-token prompt.
+    #: exp(mean negative log-likelihood) of the scored prompt tokens (the whole prompt but
+    #: its first token, or the span given to `submit`); None when no token is scored.
     perplexity: float | None
     queue_wait_s: float
     prefill_s: float
+    #: How many prompt tokens the perplexity averages over.
+    scored_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,25 +108,63 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def prompt_perplexity(logits: np.ndarray, token_ids: list[int]) -> float | None:
-    """Perplexity of a prompt from its prefill logits.
+def scored_positions(n: int, span: tuple[int, int] | None = None) -> range:
+    """Prompt positions whose tokens the perplexity scores: `span` (or all), never position 0.
+
+    Position 0 has no context to be predicted from, so it is never scored.
+    """
+    start, end = span if span is not None else (0, n)
+    return range(max(1, start), min(n, end))
+
+
+def prompt_perplexity(
+    logits: np.ndarray, token_ids: list[int], span: tuple[int, int] | None = None
+) -> float | None:
+    """Perplexity of a prompt (or of a span of it) from its prefill logits.
 
     Args:
         logits: (n, V) logits of every prompt position.
         token_ids: the n prompt token ids.
+        span: [start, end) token positions to score (e.g. a chat message's content, not its
+            role tags); None scores the whole prompt.
 
     Returns:
-        exp(-mean log p(token[i+1] | token[..i])), or None when n < 2.
+        exp(-mean log p(token[i] | token[..i-1])) over the scored positions i
+        (`scored_positions`), or None when there is none.
     """
-    n = len(token_ids)
-    if n < 2:
+    positions = np.asarray(scored_positions(len(token_ids), span), dtype=np.int64)
+    if positions.size == 0:
         return None
-    predicted = logits[: n - 1]  # (n-1, V): position i predicts token i+1
-    targets = np.asarray(token_ids[1:], dtype=np.int64)
+    predicted = logits[positions - 1]  # position i-1 predicts token i
+    targets = np.asarray(token_ids, dtype=np.int64)[positions]
     peak = predicted.max(axis=-1)
     lse = peak + np.log(np.exp(predicted - peak[:, None]).sum(axis=-1))
-    nll = lse - predicted[np.arange(n - 1), targets]
+    nll = lse - predicted[np.arange(positions.size), targets]
     return float(np.exp(nll.mean()))
+
+
+def encode_with_span(
+    encode: Callable[[str], list[int]], text: str, char_span: tuple[int, int] | None
+) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of `text` and the token span of its characters `char_span`.
+
+    The span is found by tokenizing the text up to the span's start and up to its end: with
+    byte-level BPE and special tokens (a chat message's content sits between `<|role|>\\n`
+    and `<|end|>`) both are prefixes of the whole. When they are not (a merge across the
+    boundary), the whole prompt is the span.
+    """
+    ids = encode(text)
+    whole = (0, len(ids))
+    if char_span is None:
+        return ids, whole
+    start, end = char_span
+    if not 0 <= start < end <= len(text):
+        return ids, whole
+    head = encode(text[:start]) if start else []
+    upto = encode(text[:end])
+    if ids[: len(upto)] != upto or upto[: len(head)] != head or len(upto) <= len(head):
+        return ids, whole
+    return ids, (len(head), len(upto))
 
 
 def _held_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -146,9 +187,11 @@ class _Job:
         prompt_ids: list[int],
         options: SamplingOptions,
         hold_after_prefill: bool,
+        score_span: tuple[int, int] | None = None,
     ) -> None:
         self.loop = loop
         self.prompt_ids = prompt_ids
+        self.score_span = score_span
         self.options = options
         self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self.held = hold_after_prefill
@@ -329,8 +372,12 @@ class EdgeRuntime:
         options: SamplingOptions,
         *,
         hold_after_prefill: bool = False,
+        score_span: tuple[int, int] | None = None,
     ) -> Generation:
         """Queue a generation (call from the event loop).
+
+        `score_span` ([start, end) token positions) limits the prompt perplexity of the
+        Prefill event to those tokens (see `encode_with_span`); None scores the whole prompt.
 
         Raises:
             BadRequest: empty prompt.
@@ -340,7 +387,9 @@ class EdgeRuntime:
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
         self.check_fits(len(prompt_ids), options.max_tokens)
-        job = _Job(asyncio.get_running_loop(), list(prompt_ids), options, hold_after_prefill)
+        job = _Job(
+            asyncio.get_running_loop(), list(prompt_ids), options, hold_after_prefill, score_span
+        )
         with self._lock:
             if self._closing:
                 raise Overloaded("the edge model is being unloaded", retry_after=1.0)
@@ -438,7 +487,7 @@ class EdgeRuntime:
         generator = og.Generator(self._model, params)
         generator.append_tokens(job.prompt_ids)
         logits = generator.get_output("logits")[0]  # (n, V): every prompt position
-        perplexity = prompt_perplexity(logits, job.prompt_ids)
+        perplexity = prompt_perplexity(logits, job.prompt_ids, job.score_span)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
         job.emit(
@@ -447,6 +496,7 @@ class EdgeRuntime:
                 perplexity=perplexity,
                 queue_wait_s=started - job.enqueued_at,
                 prefill_s=time.perf_counter() - started,
+                scored_tokens=len(scored_positions(len(job.prompt_ids), job.score_span)),
             )
         )
 

@@ -33,7 +33,8 @@ from broker.bus import GenerationService, Responder, connect, send_control
 from broker.server import NatsServer
 from broker.store import FleetConfig
 from edge.app import create_app
-from edge.runtime import EdgeRuntime, Prefill, SamplingOptions
+from edge.routing import length_threshold
+from edge.runtime import EdgeRuntime, Prefill, SamplingOptions, encode_with_span
 from edge.settings import EdgeSettings
 from models.chat import render_chat
 from models.registry import ModelSet
@@ -166,7 +167,8 @@ async def chat(edge: LiveEdge, content: str, **kwargs: Any) -> Any:
 
 
 async def test_local_answer_plain_and_streamed(start_edge: Callable[..., Any]) -> None:
-    edge = await start_edge()
+    # The perplexity rule off: a 2-token greeting is not what this test is about.
+    edge = await start_edge(policy={"perplexity_threshold": 1e9})
     body = await chat(edge, "hello there")
     assert extra(body)["served_by"] == "edge"
     assert extra(body)["route_reason"] == "in_domain"
@@ -290,17 +292,26 @@ async def test_local_only_publishes_nothing(
     await eventually(lambda: subjects.gen("hg-cloud") in seen)
 
 
-async def _perplexity(edge_dir: Path, text: str) -> float:
+async def _scored(edge_dir: Path, text: str) -> tuple[float, int]:
+    """Perplexity of a chat user message as the edge scores it (content tokens only)."""
     runtime = EdgeRuntime(edge_dir, threads=1)
     try:
-        prompt = runtime.encode(render_chat([{"role": "user", "content": text}]))
-        generation = runtime.submit(prompt, SamplingOptions(max_tokens=1), hold_after_prefill=True)
+        rendered = render_chat([{"role": "user", "content": text}])
+        start = rendered.index(text)
+        ids, span = encode_with_span(runtime.encode, rendered, (start, start + len(text)))
+        generation = runtime.submit(
+            ids, SamplingOptions(max_tokens=1), hold_after_prefill=True, score_span=span
+        )
         prefill = await generation.next_event()
         generation.cancel()
         assert isinstance(prefill, Prefill) and prefill.perplexity is not None
-        return prefill.perplexity
+        return prefill.perplexity, prefill.scored_tokens
     finally:
         await runtime.close()
+
+
+async def _perplexity(edge_dir: Path, text: str) -> float:
+    return (await _scored(edge_dir, text))[0]
 
 
 async def test_out_of_domain_escalates_in_domain_stays_and_kv_policy_is_live(
@@ -362,9 +373,13 @@ async def test_model_sets_calibrated_threshold_is_the_default(
     tiny_models: ModelSet,
     tmp_path: Path,
 ) -> None:
-    calibrated = tiny_models.manifest["routing"]["perplexity_threshold"]
-    ppl_in = await _perplexity(edge_dir, IN_DOMAIN)
-    ppl_out = await _perplexity(edge_dir, FAR_OUT_OF_DOMAIN)
+    routing = tiny_models.manifest["routing"]
+    calibrated = routing["perplexity_threshold"]
+    ppl_in, n_in = await _scored(edge_dir, IN_DOMAIN)
+    ppl_out, n_out = await _scored(edge_dir, FAR_OUT_OF_DOMAIN)
+    # Each prompt is judged against its length bucket's threshold.
+    by_length = {n: length_threshold(routing, n) for n in (n_in, n_out)}
+    assert all(t is not None for t in by_length.values())
     beats: list[wire.Heartbeat] = []
 
     async def on_beat(msg: Any) -> None:
@@ -379,12 +394,13 @@ async def test_model_sets_calibrated_threshold_is_the_default(
         "model_set",
     )
     # Routed against the calibrated threshold, with no policy set.
-    for text, ppl in ((IN_DOMAIN, ppl_in), (FAR_OUT_OF_DOMAIN, ppl_out)):
+    for text, ppl, n in ((IN_DOMAIN, ppl_in, n_in), (FAR_OUT_OF_DOMAIN, ppl_out, n_out)):
+        assert edge.node.threshold_for(n) == (by_length[n], "model_set")
         body = await chat(edge, text)
-        expected = ("cloud", "low_confidence") if ppl > calibrated else ("edge", "in_domain")
+        expected = ("cloud", "low_confidence") if ppl > by_length[n] else ("edge", "in_domain")  # type: ignore[operator]
         assert (extra(body)["served_by"], extra(body)["route_reason"]) == expected, (
             ppl,
-            calibrated,
+            by_length,
         )
     await eventually(lambda: any(b.extra.get("perplexity_threshold_source") for b in beats))
     beat = [b for b in beats if b.node_id == edge.node_id][-1]
@@ -395,6 +411,7 @@ async def test_model_sets_calibrated_threshold_is_the_default(
     config = await FleetConfig.open(nc)
     await config.put(subjects.policy_key(), {"perplexity_threshold": 1e9})
     await eventually(lambda: edge.node.threshold_source == "policy")
+    assert edge.node.threshold_for(n_in) == edge.node.threshold_for(n_out) == (1e9, "policy")
     body = await chat(edge, FAR_OUT_OF_DOMAIN)
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "in_domain")
     # ... and removing it hands the threshold back to the model set.
@@ -626,8 +643,15 @@ async def test_load_and_second_stage_send_to_cloud(
     await eventually(lambda: runtime.in_flight == 0)
 
     # Second stage: k drafted tokens, never shown; a mean log-prob below 0 always escalates.
+    # (The perplexity rule off, so the draft decides.)
     edge.node.set_policy(
-        edge.node.policy.model_copy(update={"second_stage_k": 3, "draft_logprob_threshold": 0.0})
+        edge.node.policy.model_copy(
+            update={
+                "second_stage_k": 3,
+                "draft_logprob_threshold": 0.0,
+                "perplexity_threshold": 1e9,
+            }
+        )
     )
     body = await chat(edge, "hello")
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == (

@@ -19,6 +19,7 @@ from edge.routing import (
     decide,
     decide_after_draft,
     effective_threshold,
+    length_threshold,
     merge_policy,
     with_threshold,
 )
@@ -231,3 +232,32 @@ def test_explicit_policy_threshold_beats_the_calibration() -> None:
     assert effective_threshold(cleared, 120.5) == (120.5, "model_set")
     with pytest.raises(ValueError):
         merge_policy({"perplexity_threshold": 0})
+
+
+ROUTING = {
+    "perplexity_threshold": 300.0,
+    "thresholds_by_length": [
+        {"max_tokens": 12, "threshold": 1000.0, "auc": 0.75},
+        {"max_tokens": 24, "threshold": None, "auc": None},
+        {"max_tokens": 48, "threshold": 320.0, "auc": 0.84},
+        {"max_tokens": None, "threshold": 330.0, "auc": 0.85},
+    ],
+}
+
+
+def test_length_bucket_threshold_by_scored_tokens() -> None:
+    assert length_threshold(ROUTING, 1) == length_threshold(ROUTING, 12) == 1000.0
+    assert length_threshold(ROUTING, 13) == 300.0  # bucket not fitted: the overall threshold
+    assert length_threshold(ROUTING, 48) == 320.0
+    assert length_threshold(ROUTING, 49) == length_threshold(ROUTING, 10_000) == 330.0
+    # Sets calibrated before buckets existed, or not at all.
+    assert length_threshold({"perplexity_threshold": 300.0}, 5) == 300.0
+    assert length_threshold({"perplexity_threshold": None}, 5) is None
+    assert length_threshold(None, 5) is None
+    # Unset policy: the bucket; an explicit policy value wins for every length.
+    unset = PolicySettings()
+    assert effective_threshold(unset, length_threshold(ROUTING, 8)) == (1000.0, "model_set")
+    assert effective_threshold(unset, length_threshold(ROUTING, 80)) == (330.0, "model_set")
+    fixed = PolicySettings(perplexity_threshold=250)
+    for n in (1, 8, 20, 40, 80):
+        assert effective_threshold(fixed, length_threshold(ROUTING, n)) == (250, "policy")

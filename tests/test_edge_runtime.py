@@ -16,6 +16,7 @@ import onnxruntime_genai as og
 import pytest
 
 from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
+from edge.app import _user_span
 from edge.runtime import (
     EdgeRuntime,
     Finished,
@@ -24,8 +25,11 @@ from edge.runtime import (
     SamplingOptions,
     Token,
     _held_suffix,
+    encode_with_span,
     prompt_perplexity,
+    scored_positions,
 )
+from models.chat import render_chat
 from models.registry import ModelSet
 
 PROMPT = "<|user|>\nPermission is hereby granted, free of charge<|end|>\n<|assistant|>\n"
@@ -64,6 +68,61 @@ async def test_prompt_perplexity_matches_stepping(runtime: EdgeRuntime) -> None:
     assert math.isclose(prefill.perplexity, reference, rel_tol=1e-3)
     assert prefill.prompt_tokens == len(ids)
     assert prompt_perplexity(np.zeros((1, 4)), [1]) is None
+
+
+CHATS = [
+    [{"role": "user", "content": "How do I list files sorted by size with ls?"}],
+    [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": " def fibonacci(n):\n    return a generator  \n"},
+    ],
+    [{"role": "user", "content": "ünïcödé — 字 \t tabs\n\nand <|end|> a literal tag"}],
+]
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_chat_span_is_the_last_user_messages_content_tokens(
+    runtime: EdgeRuntime, messages: list[dict[str, str]]
+) -> None:
+    rendered = render_chat(messages)
+    char_span = _user_span(messages)
+    assert char_span is not None
+    content = messages[-1]["content"]
+    assert rendered[char_span[0] : char_span[1]] == content
+    ids, (start, end) = encode_with_span(runtime.encode, rendered, char_span)
+    assert ids == runtime.encode(rendered)
+    # The span is exactly the content's tokens: no role tag, newline or <|end|> in it.
+    assert ids[start:end] == runtime.encode(content)
+    assert runtime.tokenizer.decode(ids[start:end], skip_special_tokens=False) == content
+    assert runtime.tokenizer.decode(ids[:start], skip_special_tokens=False).endswith("<|user|>\n")
+    assert runtime.tokenizer.decode(ids[end:], skip_special_tokens=False).startswith("<|end|>")
+    # No span, or a broken one: the whole prompt.
+    assert encode_with_span(runtime.encode, rendered, None)[1] == (0, len(ids))
+    assert encode_with_span(runtime.encode, rendered, (5, 2))[1] == (0, len(ids))
+
+
+async def test_perplexity_over_a_span_scores_only_its_tokens(runtime: EdgeRuntime) -> None:
+    messages = CHATS[0]
+    rendered = render_chat(messages)
+    ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages))
+    options = SamplingOptions(max_tokens=1)
+    whole, _, _, _ = await run(runtime.submit(ids, options))
+    part, _, _, _ = await run(runtime.submit(ids, options, score_span=span))
+    assert whole.scored_tokens == len(ids) - 1
+    assert part.scored_tokens == span[1] - span[0] == len(runtime.encode(messages[0]["content"]))
+    assert part.perplexity is not None and part.perplexity != whole.perplexity
+    # The same as the mean over those positions of the full-prompt logits.
+    logits = np.random.default_rng(0).normal(size=(len(ids), runtime.vocab_size))
+    nll = [
+        -(logits[i - 1] - np.log(np.exp(logits[i - 1]).sum()))[ids[i]]
+        for i in range(span[0], span[1])
+    ]
+    value = prompt_perplexity(logits, ids, span)
+    assert value is not None and math.isclose(value, math.exp(float(np.mean(nll))), rel_tol=1e-9)
+    assert list(scored_positions(10, (0, 4))) == [1, 2, 3]  # position 0 is never scored
+    assert prompt_perplexity(logits, ids, (0, 1)) is None
 
 
 async def test_greedy_is_deterministic_and_logprobs_are_kept(runtime: EdgeRuntime) -> None:
