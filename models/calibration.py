@@ -10,6 +10,12 @@ and picks the threshold that maximises balanced accuracy for "out of domain -> c
 also reports the ROC AUC of the signal. The result goes into `manifest.json` under `routing`;
 the edge uses it whenever its policy leaves `perplexity_threshold` unset.
 
+Short prompts have a higher perplexity than long ones (less context), so passages are cut at
+varied lengths (LENGTH_BUCKETS) and one threshold is fitted per bucket of scored tokens
+(`thresholds_by_length`); the edge picks the bucket by the request's scored-token count. Each
+passage is scored twice, as the edge serves it: as a completion prompt (all its tokens) and
+wrapped as a chat user message (its content tokens only, not the role tags).
+
 Torch-free (the edge runtime is), deterministic given the seed and the corpus.
 """
 
@@ -29,9 +35,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: Passages per side (in / out of the edge's domain) at most.
-MAX_PROMPTS = 192
-MIN_TOKENS = 32
+#: Passages per side (in / out of the edge's domain) and length bucket at most.
+MAX_PROMPTS = 48
+#: Length buckets of scored tokens: (shortest passage, largest scored-token count; None for
+#: the last, open bucket, whose passages are cut up to MAX_TOKENS).
+LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((4, 12), (13, 24), (25, 48), (49, None))
+MIN_TOKENS = 4
 MAX_TOKENS = 96
 #: Fewer passages than this on either side: no calibration (too noisy to trust).
 MIN_PROMPTS = 8
@@ -125,15 +134,16 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _perplexities(runtime: Any, prompts: list[str]) -> list[float]:
-    """Prompt perplexity of each prompt, exactly as the edge router reads it."""
+async def _perplexities(
+    runtime: Any, prompts: list[tuple[list[int], tuple[int, int]]]
+) -> list[float]:
+    """Prompt perplexity of each (token ids, scored span), exactly as the edge router reads it."""
     from edge.runtime import Prefill, SamplingOptions
 
     options = SamplingOptions(max_tokens=1, temperature=0.0)
     values: list[float] = []
-    for prompt in prompts:
-        ids = runtime.encode(prompt)
-        generation = runtime.submit(ids, options, hold_after_prefill=True)
+    for ids, span in prompts:
+        generation = runtime.submit(ids, options, hold_after_prefill=True, score_span=span)
         try:
             event = await generation.next_event()
         finally:
@@ -141,6 +151,30 @@ async def _perplexities(runtime: Any, prompts: list[str]) -> list[float]:
         if isinstance(event, Prefill) and event.perplexity is not None:
             values.append(event.perplexity)
     return values
+
+
+def _fit(inside: Sequence[float], outside: Sequence[float]) -> dict[str, Any]:
+    """Threshold, AUC and rates for one set of scores (threshold None when it cannot be fitted)."""
+    out: dict[str, Any] = {
+        "threshold": None,
+        "prompts": {"in_domain": len(inside), "out_of_domain": len(outside)},
+    }
+    if min(len(inside), len(outside)) < MIN_PROMPTS:
+        return out
+    threshold, balanced, tpr, tnr = best_threshold(inside, outside)
+    out.update(
+        auc=round(roc_auc(inside, outside), 4),
+        balanced_accuracy=round(balanced, 4),
+        to_cloud_rate_out_of_domain=round(tpr, 4),
+        to_edge_rate_in_domain=round(tnr, 4),
+        median_perplexity={
+            "in_domain": round(float(np.median(inside)), 3),
+            "out_of_domain": round(float(np.median(outside)), 3),
+        },
+    )
+    if balanced > 0.5:
+        out["threshold"] = round(threshold, 3)
+    return out
 
 
 def calibrate(
@@ -155,7 +189,7 @@ def calibrate(
     max_tokens: int = MAX_TOKENS,
     precision: str = "int4",
 ) -> dict[str, Any]:
-    """Choose the edge's perplexity threshold on held-out text.
+    """Choose the edge's perplexity thresholds (overall and per length bucket) on held-out text.
 
     Args:
         edge_dir: the onnxruntime-genai edge build to measure (the one the edge serves).
@@ -163,85 +197,110 @@ def calibrate(
         out_of_domain: held-out documents outside it.
         seed: passage lengths are drawn from a generator seeded with it.
         threads: intra-op threads of the edge runtime.
-        max_prompts: passages per side at most.
+        max_prompts: passages per side and length bucket at most.
         min_tokens: shortest passage (tokens).
         max_tokens: longest passage (tokens; capped below the edge's context window).
         precision: recorded with the result.
 
     Returns:
-        The manifest's `routing` section: `perplexity_threshold` (None when a side has fewer
-        than MIN_PROMPTS passages or the signal does not separate the sides at all, with
-        `skipped` saying why), `auc`, `balanced_accuracy`, `to_cloud_rate_out_of_domain`,
-        `to_edge_rate_in_domain`, `median_perplexity`, `prompts`, `prompt_tokens`,
-        `precision`, `seconds`.
+        The manifest's `routing` section: `perplexity_threshold` fitted on every score (None
+        when a side has fewer than MIN_PROMPTS passages or the signal does not separate the
+        sides at all, with `skipped` saying why), `thresholds_by_length` (one entry per
+        bucket: `max_tokens` of scored tokens, None for the last; `threshold`, None when that
+        bucket cannot be fitted; `auc`; `prompts`), `auc`, `balanced_accuracy`,
+        `to_cloud_rate_out_of_domain`, `to_edge_rate_in_domain`, `median_perplexity`,
+        `prompts` (scored prompts per side: each passage twice, completion and chat),
+        `prompt_tokens`, `precision`, `seconds`.
     """
-    from edge.runtime import EdgeRuntime
+    from edge.runtime import EdgeRuntime, encode_with_span
+    from models.chat import render_chat
 
     started = time.perf_counter()
     runtime = EdgeRuntime(edge_dir, threads=threads, max_active=1, max_queue=4)
     try:
-        top = max(2, min(max_tokens, runtime.context_length - 1))
+        # Room for the chat wrapping (a few tokens) inside the context window.
+        top = max(2, min(max_tokens, runtime.context_length - 16))
         low = max(2, min(min_tokens, top))
         rng = random.Random(seed)
 
         def decode(ids: list[int]) -> str:
             return str(runtime.tokenizer.decode(ids, skip_special_tokens=False))
 
-        sides = {
-            name: passages(
-                texts,
-                runtime.encode,
-                decode,
-                rng=rng,
-                limit=max_prompts,
-                min_tokens=low,
-                max_tokens=top,
-            )
-            for name, texts in (("in_domain", in_domain), ("out_of_domain", out_of_domain))
-        }
+        buckets: list[tuple[int, int, int | None]] = []  # (shortest, longest passage, max)
+        for shortest, most in LENGTH_BUCKETS:
+            a = max(low, shortest)
+            b = min(top, most if most is not None else top)
+            if a <= b:
+                buckets.append((a, b, most))
+        # side -> bucket index -> scored prompts (token ids, span)
+        sides: dict[str, list[list[tuple[list[int], tuple[int, int]]]]] = {}
+        for name, texts in (("in_domain", in_domain), ("out_of_domain", out_of_domain)):
+            per_bucket = []
+            for a, b, _ in buckets:
+                cut = passages(
+                    texts,
+                    runtime.encode,
+                    decode,
+                    rng=rng,
+                    limit=max_prompts,
+                    min_tokens=a,
+                    max_tokens=b,
+                )
+                scored: list[tuple[list[int], tuple[int, int]]] = []
+                for text in cut:
+                    scored.append(encode_with_span(runtime.encode, text, None))
+                    chat = render_chat([{"role": "user", "content": text}])
+                    begin = chat.index(text)
+                    scored.append(
+                        encode_with_span(runtime.encode, chat, (begin, begin + len(text)))
+                    )
+                per_bucket.append(scored)
+            sides[name] = per_bucket
         result: dict[str, Any] = {
             "perplexity_threshold": None,
-            "prompts": {k: len(v) for k, v in sides.items()},
+            "thresholds_by_length": [],
+            "prompts": {k: sum(len(b) for b in v) for k, v in sides.items()},
             "prompt_tokens": [low, top],
             "precision": precision,
             "seed": seed,
         }
         if min(result["prompts"].values()) < MIN_PROMPTS:
             result["skipped"] = (
-                f"too little held-out text (passages: {result['prompts']}, need {MIN_PROMPTS} "
-                "on each side)"
+                f"too little held-out text (scored prompts: {result['prompts']}, need "
+                f"{MIN_PROMPTS} on each side)"
             )
             logger.warning("routing calibration skipped: %s", result["skipped"])
             return result
         scores = {
-            name: _run_sync(_perplexities(runtime, prompts)) for name, prompts in sides.items()
+            name: [_run_sync(_perplexities(runtime, prompts)) for prompts in per_bucket]
+            for name, per_bucket in sides.items()
         }
     finally:
         _run_sync(runtime.close())
-    inside, outside = scores["in_domain"], scores["out_of_domain"]
-    auc = roc_auc(inside, outside)
-    threshold, balanced, tpr, tnr = best_threshold(inside, outside)
+    inside = [v for bucket in scores["in_domain"] for v in bucket]
+    outside = [v for bucket in scores["out_of_domain"] for v in bucket]
+    overall = _fit(inside, outside)
+    by_length = []
+    for index, (_, _, most) in enumerate(buckets):
+        fit = _fit(scores["in_domain"][index], scores["out_of_domain"][index])
+        entry = {"max_tokens": most, "threshold": fit["threshold"], "auc": fit.get("auc")}
+        entry["balanced_accuracy"] = fit.get("balanced_accuracy")
+        entry["prompts"] = fit["prompts"]
+        by_length.append(entry)
     result.update(
-        auc=round(auc, 4),
-        balanced_accuracy=round(balanced, 4),
-        to_cloud_rate_out_of_domain=round(tpr, 4),
-        to_edge_rate_in_domain=round(tnr, 4),
-        median_perplexity={
-            "in_domain": round(float(np.median(inside)), 3),
-            "out_of_domain": round(float(np.median(outside)), 3),
-        },
-        prompts={"in_domain": len(inside), "out_of_domain": len(outside)},
+        {k: v for k, v in overall.items() if k not in ("threshold",)},
+        thresholds_by_length=by_length,
         seconds=round(time.perf_counter() - started, 2),
     )
-    if balanced > 0.5:
-        result["perplexity_threshold"] = round(threshold, 3)
+    if overall["threshold"] is not None:
+        result["perplexity_threshold"] = overall["threshold"]
     else:
         result["skipped"] = "prompt perplexity does not separate the domains on this model set"
     logger.info(
-        "routing calibration: threshold %s, AUC %.3f, balanced accuracy %.3f (%s prompts)",
+        "routing calibration: threshold %s (by length %s), AUC %s (%s prompts)",
         result["perplexity_threshold"],
-        auc,
-        balanced,
+        [(e["max_tokens"], e["threshold"], e["auc"]) for e in by_length],
+        result.get("auc"),
         result["prompts"],
     )
     return result

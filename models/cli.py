@@ -157,6 +157,7 @@ def _routing(model_set: registry.ModelSet) -> dict[str, Any] | None:
         "balanced_accuracy": routing.get("balanced_accuracy"),
         "prompts": routing.get("prompts"),
         "precision": routing.get("precision"),
+        "thresholds_by_length": routing.get("thresholds_by_length"),
     }
 
 
@@ -169,6 +170,20 @@ def _routing_text(routing: dict[str, Any] | None) -> str:
     if threshold is None:
         return f"off{auc_text}"
     return f"{threshold:.1f}{auc_text}"
+
+
+def _buckets_text(routing: dict[str, Any]) -> str:
+    """Per-length thresholds, e.g. "<=12: 1078.1 (AUC 0.75), >48: 331.5 (AUC 0.85)"."""
+    parts = []
+    previous = 0
+    for bucket in routing.get("thresholds_by_length") or []:
+        most, threshold, auc = bucket.get("max_tokens"), bucket.get("threshold"), bucket.get("auc")
+        label = f"<={most}" if most is not None else f">{previous}"
+        previous = most if most is not None else previous
+        value = f"{threshold:.1f}" if isinstance(threshold, int | float) else "overall"
+        auc_text = f" (AUC {auc:.2f})" if isinstance(auc, int | float) else ""
+        parts.append(f"{label}: {value}{auc_text}")
+    return ", ".join(parts)
 
 
 def _print_list(sets: list[registry.ModelSet]) -> None:
@@ -224,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  routing: cloud above prompt perplexity {_routing_text(routing)}, "
                       f"balanced accuracy {routing.get('balanced_accuracy')} on "
                       f"{routing.get('prompts')} held-out prompts")  # fmt: skip
+                if routing.get("thresholds_by_length"):
+                    print(f"  by scored prompt tokens: {_buckets_text(routing)}")
         return 0
     if args.command == "verify":
         from models.manifest import verify
