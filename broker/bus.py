@@ -195,7 +195,8 @@ async def connect(
     detail = f"{type(cause).__name__}: {cause}" if cause is not None else "timed out"
     if failures and all(_is_reset(e) for e in failures):
         detail += "; the server closed the connection during the handshake (credentials? TLS?)"
-    if cause is not None and _is_auth_error(cause):
+    # The refusal can come first and resets of the retries after it: any refusal decides.
+    if any(_is_auth_error(e) for e in [*failures, *([cause] if cause is not None else [])]):
         raise Unauthorized(f"NATS server at {url} refused the credentials of {name!r}")
     raise Unavailable(f"cannot connect to NATS at {url} ({detail})")
 
