@@ -15,10 +15,11 @@ the stream ends with an error event.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -340,28 +341,12 @@ class EdgeNode:
             perplexity,
             *threshold,
         )
-        outcome = None
-        try:
-            for token in drafted:
-                if token.text:
-                    yield Piece(token.text)
-            while True:
-                event = finished or await generation.next_event()
-                if isinstance(event, Token):
-                    if event.text:
-                        yield Piece(event.text)
-                elif isinstance(event, Finished):
-                    if event.text:
-                        yield Piece(event.text)
-                    outcome = Outcome(
-                        event.finish_reason, event.prompt_tokens, event.completion_tokens
-                    )
-                    break
-        finally:
-            if outcome is None:
-                generation.cancel()
-        self.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
-        yield outcome
+        # aclosing: a client that hangs up cancels the generation now, not at GC.
+        async with contextlib.aclosing(
+            self._drain_generation(generation, started, drafted, finished)
+        ) as items:
+            async for item in items:
+                yield item
 
     def _when_queue_full(self, request: EdgeRequest) -> Decision:
         """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
@@ -518,8 +503,9 @@ class EdgeNode:
             (time.perf_counter() - started) * 1e3,
             None,
         )
-        async for item in self._drain_generation(generation, started):
-            yield item
+        async with contextlib.aclosing(self._drain_generation(generation, started)) as items:
+            async for item in items:
+                yield item
 
     async def _finish_locally(
         self,
@@ -552,23 +538,33 @@ class EdgeNode:
         self.counters.mid_stream_recoveries += 1
         generation = runtime.submit(context_ids, _with_max_tokens(request.options, budget))
         await generation.next_event()  # Prefill
-        async for item in self._drain_generation(generation, started):
-            if isinstance(item, Outcome):
-                item = Outcome(
-                    item.finish_reason,
-                    len(prompt_ids),
-                    cloud_tokens + item.completion_tokens,
-                    completed_locally=True,
-                )
-            yield item
+        async with contextlib.aclosing(self._drain_generation(generation, started)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    item = Outcome(
+                        item.finish_reason,
+                        len(prompt_ids),
+                        cloud_tokens + item.completion_tokens,
+                        completed_locally=True,
+                    )
+                yield item
 
     async def _drain_generation(
-        self, generation: Generation, started: float
-    ) -> AsyncIterator[Item]:
+        self,
+        generation: Generation,
+        started: float,
+        drafted: Sequence[Token] = (),
+        finished: Finished | None = None,
+    ) -> AsyncGenerator[Item, None]:
+        """Stream a local generation: tokens already drafted first, then the rest (or the
+        `Finished` the draft already reached); the outcome last. Cancels it if abandoned."""
         outcome = None
         try:
+            for token in drafted:
+                if token.text:
+                    yield Piece(token.text)
             while outcome is None:
-                event = await generation.next_event()
+                event = finished or await generation.next_event()
                 if isinstance(event, Token) and event.text:
                     yield Piece(event.text)
                 elif isinstance(event, Finished):
@@ -589,11 +585,4 @@ class EdgeNode:
 
 
 def _with_max_tokens(options: SamplingOptions, max_tokens: int) -> SamplingOptions:
-    return SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        stop=options.stop,
-        seed=options.seed,
-    )
+    return dataclasses.replace(options, max_tokens=max_tokens)
