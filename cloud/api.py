@@ -1,11 +1,14 @@
 """The cloud API: OpenAI-compatible HTTP in front of the cloud workers (no model in-process).
 
-`POST /v1/completions` and `POST /v1/chat/completions` validate the request, count the
-prompt's tokens with the model set's tokenizer (`tokenizers`, no torch), and forward a
+`POST /v1/completions` and `POST /v1/chat/completions` validate the request and forward a
 `GenerateRequest` to `hg.gen.<model>` with `broker.bus.request_stream`; whichever worker of
-the queue group admits it answers. A client that goes away cancels the generation on the
-worker (leaving the stream's context publishes `hg.cancel.<request_id>`). `/readyz` is ready
-only while some worker answers nats.micro discovery for a served model.
+the queue group admits it answers. A chat travels as its messages: the worker applies its own
+model's chat template and is the one judge of the context window (it answers
+`context_length_exceeded`, which becomes a 400 here), so the API needs no model files.
+
+A client that goes away cancels the generation on the worker (leaving the stream's context
+publishes `hg.cancel.<request_id>`). `/readyz` is ready only while some worker answers
+nats.micro discovery for a served model.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import nats.errors
@@ -32,7 +34,6 @@ from broker.bus import ReplyStream, request_stream
 from broker.errors import (
     BadRequest,
     Cancelled,
-    ContextLengthExceeded,
     HybridgenError,
     NotFound,
     Unavailable,
@@ -49,7 +50,6 @@ from cloud.protocol import (
     model_list,
 )
 from cloud.settings import ApiSettings
-from models.chat import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -61,43 +61,17 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 WORKER_SERVICE = "hybridgen-cloud"
 
 
-class TokenCounter:
-    """Counts prompt tokens with the model set's tokenizer (`tokenizer.json`)."""
-
-    def __init__(self, tokenizer_dir: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-
-    def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-
 @dataclass
 class ApiState:
     """What the routes need, built in the lifespan."""
 
     settings: ApiSettings
     nc: Client
-    counter: TokenCounter
-    context_length: int
     metrics: HttpMetrics
     node_id: str = ""
     stats: RequestStats = field(default_factory=RequestStats)
     in_flight: int = 0
     _ready_cache: tuple[float, bool, dict[str, Any]] = field(default=(0.0, False, {}))
-
-
-def _resolve_model_set(settings: ApiSettings) -> tuple[Path, int]:
-    """(tokenizer dir, context window): from the settings, else from the model set."""
-    tokenizer_dir, context = settings.tokenizer_dir, settings.context_length
-    if tokenizer_dir is None or context is None:
-        from models.registry import resolve
-
-        model_set = resolve(settings.model_set)
-        tokenizer_dir = tokenizer_dir or model_set.tokenizer_dir
-        context = context or model_set.cloud_context_length
-    return Path(tokenizer_dir), int(context)
 
 
 def _is_loopback(host: str) -> bool:
@@ -177,7 +151,7 @@ def _heartbeat(state: ApiState) -> wire.Heartbeat:
         latency_p95_ms=snapshot["latency_p95_ms"],
         tokens_per_s=snapshot["tokens_per_s"],
         errors=snapshot["errors"],
-        extra={"port": state.settings.port, "context_length": state.context_length},
+        extra={"port": state.settings.port},
     )
 
 
@@ -214,8 +188,6 @@ def create_app(
         from broker.bus import connect, connect_settings
         from broker.settings import BusSettings
 
-        tokenizer_dir, context = _resolve_model_set(settings)
-        counter = await asyncio.to_thread(TokenCounter, tokenizer_dir)
         own = nc is None
         client = nc
         if client is None:
@@ -224,9 +196,7 @@ def create_app(
                 if nats_url
                 else await connect_settings(BusSettings(), name="hybridgen-cloud-api")
             )
-        state = ApiState(
-            settings, client, counter, context, app.state.metrics, default_node_id("api")
-        )
+        state = ApiState(settings, client, app.state.metrics, default_node_id("api"))
         holder["state"] = app.state.api = state
         telemetry = Telemetry(
             client, role="api", node_id=state.node_id, build_heartbeat=lambda: _heartbeat(state)
@@ -266,8 +236,7 @@ def create_app(
         body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
         state: StateDep,
     ) -> Any:
-        prompt = body.prompt_text()
-        return await _serve(request, state, body, prompt, chat=False)
+        return await _serve(request, state, body, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(
@@ -275,45 +244,34 @@ def create_app(
         body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
         state: StateDep,
     ) -> Any:
-        prompt = render_chat(body.message_dicts())
-        return await _serve(request, state, body, prompt, chat=True)
+        return await _serve(request, state, body, chat=True)
 
     return app
 
 
 def _generate_request(
-    state: ApiState, body: CompletionRequest | ChatCompletionRequest, prompt: str, *, chat: bool
+    state: ApiState, body: CompletionRequest | ChatCompletionRequest, *, chat: bool
 ) -> wire.GenerateRequest:
-    """Validate model and context window; build the bus request."""
+    """Check the model name and build the bus request (a chat as its messages)."""
     if body.model not in state.settings.models:
         raise NotFound(
             f"model {body.model!r} does not exist; available: {', '.join(state.settings.models)}",
             param="model",
         )
-    prompt_tokens = state.counter.count(prompt)
-    window = state.context_length
-    if prompt_tokens == 0 and not chat:
-        raise BadRequest("the prompt is empty", param="prompt")
-    if prompt_tokens >= window:
-        raise ContextLengthExceeded(
-            f"this model's context window is {window} tokens; the prompt has {prompt_tokens}",
-            param="messages" if chat else "prompt",
-        )
     sampling = body.sampling()
     max_tokens = sampling.max_tokens
-    if max_tokens is None:
-        default = state.settings.default_max_tokens if chat else COMPLETION_DEFAULT_MAX_TOKENS
-        max_tokens = min(default, window - prompt_tokens)
-    elif prompt_tokens + max_tokens > window:
-        raise ContextLengthExceeded(
-            f"this model's context window is {window} tokens; the prompt has {prompt_tokens} "
-            f"and max_tokens asks for {max_tokens} more",
-            param="max_tokens",
-        )
+    if max_tokens is None and not chat:
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    if isinstance(body, ChatCompletionRequest):
+        inputs: dict[str, Any] = {"messages": body.message_dicts()}
+    else:
+        prompt = body.prompt_text()
+        if not prompt:
+            raise BadRequest("the prompt is empty", param="prompt")
+        inputs = {"prompt": prompt}
     return wire.GenerateRequest(
         request_id=wire.new_request_id(),
         model=body.model,
-        prompt=prompt,
         max_tokens=max_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
@@ -322,6 +280,7 @@ def _generate_request(
         seed=sampling.seed,
         timeout_ms=int(state.settings.request_timeout_s * 1000),
         origin="cloud-api",
+        **inputs,
     )
 
 
@@ -352,12 +311,11 @@ async def _serve(
     request: Request,
     state: ApiState,
     body: CompletionRequest | ChatCompletionRequest,
-    prompt: str,
     *,
     chat: bool,
 ) -> Any:
     try:
-        generate = _generate_request(state, body, prompt, chat=chat)
+        generate = _generate_request(state, body, chat=chat)
     except HybridgenError as exc:
         state.metrics.errors.labels(exc.code.value).inc()
         raise

@@ -65,9 +65,6 @@ def _parser() -> argparse.ArgumentParser:
         dest="api_keys",
         help="accepted API key (repeat; default HG_CLOUD_API_KEYS; none = open)",
     )
-    api.add_argument("--model-set", help="model-set version whose tokenizer counts tokens")
-    api.add_argument("--tokenizer-dir", type=Path, help="tokenizer folder (overrides model set)")
-    api.add_argument("--context-length", type=int, help="context window (overrides model set)")
     return parser  # fmt: skip
 
 
@@ -103,15 +100,14 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud.api import _resolve_model_set, create_app
+    from cloud.api import create_app
     from cloud.settings import ApiSettings
 
     settings = ApiSettings(
         **_overrides(  # type: ignore[arg-type]
-            args, ["host", "port", "api_keys", "model_set", "tokenizer_dir", "context_length"]
+            args, ["host", "port", "api_keys"]
         )
     )
-    _resolve_model_set(settings)  # fail now, with a hint, when no model set is installed
     app = create_app(settings, nats_url=args.nats)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0

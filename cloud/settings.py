@@ -53,6 +53,11 @@ class WorkerSettings(BaseSettings):
     cache_tokens: int = Field(
         default=16384, ge=64, description="KV-cache capacity in tokens (CPU; CUDA sizes itself)."
     )
+    default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="max_tokens of a request that sets none (bounded by the context window).",
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )
@@ -78,18 +83,7 @@ class ApiSettings(BaseSettings):
         default_factory=lambda: [CLOUD_MODEL],
         description="Model names served (comma-separated); each is `hg.gen.<model>`.",
     )
-    tokenizer_dir: Path | None = Field(
-        default=None,
-        description="Tokenizer used to count prompt tokens; default: the current model set's.",
-    )
-    context_length: int | None = Field(
-        default=None, ge=16, description="Context window; default: from the model set manifest."
-    )
-    model_set: str | None = Field(default=None, description="Model-set version (default CURRENT).")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
-    default_max_tokens: int = Field(
-        default=256, ge=1, description="max_tokens of a chat request that sets none."
-    )
     accept_timeout_s: float = Field(default=2.0, gt=0, description="Wait for a worker to admit.")
     idle_timeout_s: float = Field(default=15.0, gt=0, description="Longest gap between tokens.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="Whole-request deadline.")

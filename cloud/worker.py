@@ -28,7 +28,13 @@ from nats.aio.client import Client
 
 from broker import wire
 from broker.bus import GenerationService
-from broker.errors import ContextLengthExceeded, HybridgenError, Overloaded, Unavailable
+from broker.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    HybridgenError,
+    Overloaded,
+    Unavailable,
+)
 from broker.service import SOFTWARE_VERSION, Responder, serve_control
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Engine, EngineConfig, SamplingParams
@@ -237,21 +243,31 @@ class CloudWorker:
     async def _handle(
         self, engine: Engine, request: wire.GenerateRequest, responder: Responder
     ) -> None:
-        prompt_ids = engine.encode(request.prompt)
+        prompt_ids = self._prompt_ids(engine, request)
         window = engine.context_length
-        if len(prompt_ids) + request.max_tokens > window:
+        room = window - len(prompt_ids)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.settings.default_max_tokens, room)
+        if room < 1:
             raise ContextLengthExceeded(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
-                f"the context window of {window} tokens",
-                param="prompt" if len(prompt_ids) >= window else "max_tokens",
+                f"the prompt ({len(prompt_ids)} tokens) fills the context window of {window} "
+                "tokens",
+                param="messages" if request.messages is not None else "prompt",
             )
-        cost = len(prompt_ids) + request.max_tokens
+        if len(prompt_ids) + max_tokens > window:
+            raise ContextLengthExceeded(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the context window of {window} tokens",
+                param="max_tokens",
+            )
+        cost = len(prompt_ids) + max_tokens
         self._admit(cost)
         waiting = True
         try:
             await responder.accept()
             sampling = SamplingParams(
-                max_tokens=request.max_tokens,
+                max_tokens=max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
                 top_k=request.top_k,
@@ -283,6 +299,29 @@ class CloudWorker:
                 self.queued -= 1
             self.admitted -= 1
             self.admitted_tokens -= cost
+
+    @staticmethod
+    def _prompt_ids(engine: Engine, request: wire.GenerateRequest) -> list[int]:
+        """Token ids of the request: its messages through this model's own chat template
+        (the assistant's turn opened), or its completion prompt as it is.
+
+        Raises:
+            BadRequest: an empty prompt, or messages the model's template refuses.
+        """
+        if request.messages is None:
+            prompt_ids = engine.encode(request.prompt or "")
+            if not prompt_ids:
+                raise BadRequest("the prompt is empty", param="prompt")
+            return prompt_ids
+        try:
+            text = engine.tokenizer.apply_chat_template(
+                request.message_dicts(), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja's TemplateError and the template's own raise
+            raise BadRequest(
+                f"the cloud model's chat template refused the messages: {exc}", param="messages"
+            ) from None
+        return engine.encode(str(text))
 
     def heartbeat(self) -> wire.Heartbeat:
         """This worker's current heartbeat."""

@@ -39,7 +39,6 @@ from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.routing import merge_policy
 from edge.runtime import EdgeRuntime, SamplingOptions
 from edge.settings import EdgeSettings
-from models.chat import ROLE_TOKENS, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -239,16 +238,18 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         req: protocol.CompletionRequest | protocol.ChatCompletionRequest,
         prompt: str,
         *,
-        chat: bool,
+        messages: list[dict[str, Any]] | None = None,
         echo: str = "",
         score_span: tuple[int, int] | None = None,
     ) -> Response:
+        chat = messages is not None
         node = service.node
         options, given = _options(req, settings.default_max_tokens)
         request_id = wire.new_request_id()
         edge_request = EdgeRequest(
             request_id=request_id,
             prompt=prompt,
+            messages=messages,
             model=req.model,
             options=options,
             route=req.route,
@@ -379,7 +380,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         prompt = req.prompt_text()
         if not prompt:
             raise BadRequest("prompt must not be empty", param="prompt")
-        return await serve(service, req, prompt, chat=False, echo=prompt if req.echo else "")
+        return await serve(service, req, prompt, echo=prompt if req.echo else "")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(
@@ -387,11 +388,10 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         req: ChatBody,
     ) -> Response:
         messages = req.message_dicts()
-        try:
-            prompt = render_chat(messages)
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="messages") from None
-        return await serve(service, req, prompt, chat=True, score_span=_user_span(messages))
+        prompt = service.node.runtime.render_chat(messages)
+        return await serve(
+            service, req, prompt, messages=messages, score_span=_user_span(messages, prompt)
+        )
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def list_models(service: Service) -> dict[str, Any]:
@@ -413,16 +413,16 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     return app
 
 
-def _user_span(messages: list[dict[str, Any]]) -> tuple[int, int] | None:
-    """Characters of the last user message's content in `render_chat(messages)`.
+def _user_span(messages: list[dict[str, Any]], prompt: str) -> tuple[int, int] | None:
+    """Characters of the last user message's content in `prompt` (the rendered chat).
 
-    The router scores only those tokens (not role tags or the template); None without a
-    non-empty user message (the whole prompt is scored).
+    The router scores only those tokens (not role tags, a default system message or the rest
+    of the template); None without a non-empty user message (the whole prompt is scored).
+    The template writes the content verbatim, so its last occurrence is the last message's.
     """
-    for index in range(len(messages) - 1, -1, -1):
-        message = messages[index]
-        if message["role"] == "user" and message["content"]:
-            head = render_chat(messages[:index], add_generation_prompt=False)
-            start = len(head) + len(ROLE_TOKENS["user"]) + 1  # "<|user|>\n"
-            return start, start + len(message["content"])
+    for message in reversed(messages):
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str) and content:
+            start = prompt.rfind(content)
+            return (start, start + len(content)) if start >= 0 else None
     return None

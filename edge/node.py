@@ -79,9 +79,14 @@ class EdgeRequest:
     """One generation request as the router sees it."""
 
     request_id: str
+    #: What the edge model reads: the completion prompt, or the chat rendered with the edge
+    #: model's own template.
     prompt: str
     model: str
     options: SamplingOptions
+    #: A chat request's messages: the cloud gets these (and applies its own template), not
+    #: the edge's rendering of them.
+    messages: list[dict[str, Any]] | None = None
     route: str = "auto"
     local_only: bool = False
     user: str | None = None
@@ -392,17 +397,23 @@ class EdgeNode:
             async for item in self._serve_local_after_cloud(request, started, wanted, "no bus"):
                 yield item
             return
+        inputs: dict[str, Any] = (
+            {"messages": request.messages}
+            if request.messages is not None
+            else {"prompt": request.prompt}
+        )
         bus_request = wire.GenerateRequest(
             request_id=request.request_id,
             model=self.settings.cloud_model,
-            prompt=request.prompt,
-            max_tokens=request.options.max_tokens,
+            # An unset max_tokens lets the cloud use its own default within its own context.
+            max_tokens=request.options.max_tokens if request.max_tokens_given else None,
             temperature=request.options.temperature,
             top_p=request.options.top_p,
             top_k=request.options.top_k,
             stop=list(request.options.stop),
             seed=request.options.seed,
             origin=self.node_id,
+            **inputs,
         )
         async with contextlib.AsyncExitStack() as stack:
             try:

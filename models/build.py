@@ -22,7 +22,7 @@ from broker.errors import BadRequest
 from models import calibration, edge_build, manifest, registry, train
 from models import corpus as corpus_mod
 from models.chat import END_OF_TURN
-from models.profiles import PROFILES, Profile
+from models.profiles import PRETRAINED_PROFILE, PROFILES, Profile
 from models.registry import CLOUD_MODEL, EDGE_MODEL, ModelSet
 from models.tokenizer import train_tokenizer
 
@@ -38,7 +38,7 @@ CHAT_REPEATS = 2
 class BuildOptions:
     """What `build_model_set` builds. Defaults follow the profile."""
 
-    profile: str = "quick"
+    profile: str = PRETRAINED_PROFILE
     seed: int = 0
     version: str | None = None
     home: Path | None = None
@@ -78,10 +78,6 @@ def _load_checkpoint(path: Path, role: str) -> tuple[torch.nn.Module, PreTrained
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-def _same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    return bool(a.get_vocab() == b.get_vocab())
 
 
 def _context_length(model: torch.nn.Module, fallback: int) -> int:
@@ -167,8 +163,26 @@ def build_model_set(options: BuildOptions) -> ModelSet:
     Raises:
         BadRequest: unknown profile/precision, bad checkpoint, version already installed.
     """
+    if options.profile == PRETRAINED_PROFILE or (options.edge_from and options.cloud_from):
+        from models.build_pretrained import build_pretrained_set
+
+        name = PRETRAINED_PROFILE if options.profile == PRETRAINED_PROFILE else "pretrained"
+        return build_pretrained_set(
+            version=registry.check_version(
+                options.version or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+            ),
+            home=options.home,
+            edge_from=options.edge_from,
+            cloud_from=options.cloud_from,
+            precisions=tuple(dict.fromkeys(options.precisions or ("int4",))),
+            threads=options.threads,
+            force=options.force,
+            set_current=options.set_current,
+            progress=options.progress,
+        )
     if options.profile not in PROFILES:
-        raise BadRequest(f"unknown profile {options.profile!r}; one of {', '.join(PROFILES)}")
+        known = ", ".join([PRETRAINED_PROFILE, *PROFILES])
+        raise BadRequest(f"unknown profile {options.profile!r}; one of {known}")
     profile: Profile = PROFILES[options.profile]
     precisions = tuple(dict.fromkeys(options.precisions or profile.precisions))
     for precision in precisions:
@@ -201,8 +215,6 @@ def build_model_set(options: BuildOptions) -> ModelSet:
         if path is not None:
             model, tok = _load_checkpoint(Path(path).expanduser().resolve(), role)
             given[role] = (model, tok, Path(path))
-    if len(given) == 2 and not _same_tokenizer(given[EDGE_MODEL][1], given[CLOUD_MODEL][1]):
-        raise BadRequest("--edge-from and --cloud-from checkpoints must share one tokenizer")
 
     staging = registry.staging_dir(version, options.home)
     try:

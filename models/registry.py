@@ -4,10 +4,13 @@ Torch-free on purpose: the edge imports this module (no torch, transformers or o
 even indirectly). Layout under `$HG_HOME/models`::
 
     <version>/manifest.json
-             /tokenizer/     transformers fast tokenizer (save_pretrained), chat_template set
-             /cloud/         HF Llama checkpoint of the cloud model
-             /edge/          HF Llama checkpoint of the edge model (source of the ONNX builds)
-             /edge-int4/     onnxruntime-genai folder (also edge-int8/, edge-fp32/ when built)
+             /NOTICE.md      where the weights come from and under which licence
+             /cloud/         HF checkpoint of the cloud model, with its tokenizer and template
+             /edge/          HF checkpoint of the edge model (source of the ONNX builds);
+                             absent when both ends run the same weights (`cloud/` is it)
+             /edge-int4/     onnxruntime-genai folder (also edge-int8/, edge-fp32/ when built),
+                             with the edge model's own tokenizer and chat template
+             /tokenizer/     lab profiles only: the tokenizer both trained models share
     CURRENT                  text file: the default version
 
 A model set is only ever made visible by renaming a finished temporary folder into place
@@ -82,8 +85,10 @@ class ModelSet:
 
     @property
     def edge_checkpoint_dir(self) -> Path:
-        """HF checkpoint of the edge model (fp32), the source of the ONNX builds."""
-        return self.root / "edge"
+        """HF checkpoint of the edge model (fp32), the source of the ONNX builds (`cloud/`
+        when both ends run the same weights)."""
+        folder = self.manifest.get("models", {}).get(EDGE_MODEL, {}).get("checkpoint_dir")
+        return self.root / (folder if isinstance(folder, str) and folder else "edge")
 
     def edge_dir(self, precision: str = "int4") -> Path:
         """The onnxruntime-genai folder of the edge model at `precision`.

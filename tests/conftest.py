@@ -5,4 +5,9 @@ import os
 # Two cores: keep every runtime single-threaded unless a test says otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-pytest_plugins = ["tests.fixtures_broker", "tests.fixtures_models", "tests.fixtures_cloud"]
+pytest_plugins = [
+    "tests.fixtures_broker",
+    "tests.fixtures_models",
+    "tests.fixtures_cloud",
+    "tests.fixtures_gguf",
+]

@@ -129,3 +129,44 @@ async def test_drain_finishes_in_flight_and_refuses_new(
         async with request_stream(nc, request()):
             pass
     assert worker.heartbeat().status == "draining"
+
+
+async def test_chat_messages_use_the_workers_own_template(
+    make_worker: Callable[..., Any], nc: Client, model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    await make_worker()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = wire.GenerateRequest(
+        request_id=wire.new_request_id(),
+        model=MODEL,
+        messages=[wire.ChatMessage(**m) for m in messages],
+        max_tokens=6,
+        temperature=0.0,
+    )
+    async with request_stream(nc, chat) as stream:
+        answer = "".join([chunk.text async for chunk in stream])
+    assert stream.done is not None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert stream.done.usage.prompt_tokens == len(expected_ids)
+    # The worker's rendering is exactly what a completion of the rendered text reads.
+    async with request_stream(nc, request(rendered, max_tokens=6)) as same:
+        assert "".join([chunk.text async for chunk in same]) == answer
+
+
+async def test_unset_max_tokens_fits_the_context_window(
+    make_worker: Callable[..., Any], nc: Client
+) -> None:
+    await make_worker(default_max_tokens=10_000)
+    async with request_stream(nc, request("word " * 60)) as stream:
+        async for _ in stream:
+            pass
+    assert stream.done is not None
+    usage = stream.done.usage
+    assert usage.prompt_tokens + usage.completion_tokens <= 256
+    assert (
+        usage.completion_tokens == 256 - usage.prompt_tokens or stream.done.finish_reason == "stop"
+    )

@@ -627,8 +627,13 @@ async def test_load_and_second_stage_send_to_cloud(
     await start_worker()
     edge = await start_edge(max_active=1, policy={"latency_budget_ms": 0.001})
     runtime = edge.node.runtime
+    # Held after their prefill, they keep the one slot and the queue busy until cancelled
+    # (running ones could finish before the request below arrives on a fast machine).
     busy = [
-        runtime.submit(runtime.encode("busy"), SamplingOptions(max_tokens=100)) for _ in range(3)
+        runtime.submit(
+            runtime.encode("busy"), SamplingOptions(max_tokens=100), hold_after_prefill=True
+        )
+        for _ in range(3)
     ]
     try:
         await eventually(lambda: runtime.estimate_wait_s() > 0)

