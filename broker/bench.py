@@ -48,7 +48,7 @@ def trivial_handler(request: wire.GenerateRequest) -> wire.Done:
         request_id=request.request_id,
         seq=0,
         finish_reason="stop",
-        usage=wire.Usage(prompt_tokens=len(request.prompt), completion_tokens=0),
+        usage=wire.Usage(prompt_tokens=len(request.prompt or ""), completion_tokens=0),
     )
 
 
