@@ -14,6 +14,8 @@ reason                 served    why
 local_only             edge      the request must never leave the node
 requested_edge         edge      `route: edge`
 in_domain              edge      prompt perplexity at or below the threshold
+edge_default           edge      no confidence rule in force (no threshold: e.g. both ends run
+                                 the same weights), and nothing sent it to the cloud
 confident_draft        edge      second stage: the first k drafted tokens were confident
 cloud_unavailable      edge      the cloud was wanted but the breaker is open / no bus / failed
 requested_cloud        cloud     `route: cloud`
@@ -50,6 +52,7 @@ class Reason(StrEnum):
     LOCAL_ONLY = "local_only"
     REQUESTED_EDGE = "requested_edge"
     IN_DOMAIN = "in_domain"
+    EDGE_DEFAULT = "edge_default"
     CONFIDENT_DRAFT = "confident_draft"
     CLOUD_UNAVAILABLE = "cloud_unavailable"
     REQUESTED_CLOUD = "requested_cloud"
@@ -292,7 +295,7 @@ def decide(
     if threshold is None:
         threshold = math.inf
     if math.isinf(threshold) and policy.second_stage_k == 0:
-        return Decision(Target.EDGE, Reason.IN_DOMAIN, facts.max_tokens)
+        return Decision(Target.EDGE, Reason.EDGE_DEFAULT, facts.max_tokens)
     if perplexity is None:
         return Decision(Target.PREFILL, Reason.PENDING, facts.max_tokens)
     if perplexity > threshold:

@@ -426,7 +426,7 @@ async def test_model_sets_calibrated_threshold_is_the_default(
     assert reply.ok, reply.message
     assert (edge.node.perplexity_threshold, edge.node.threshold_source) == (math.inf, "off")
     body = await chat(edge, FAR_OUT_OF_DOMAIN)
-    assert extra(body)["route_reason"] == "in_domain"
+    assert extra(body)["route_reason"] == "edge_default"
     # ... and swapping back to a build of the set restores it.
     fp32 = tiny_models.edge_dir("fp32")
     reply = await send_control(nc, edge.node_id, "reload-model", {"model_dir": str(fp32)})

@@ -96,7 +96,7 @@ def test_perplexity_threshold() -> None:
 def test_infinite_threshold_skips_prefill_wait() -> None:
     policy = PolicySettings(perplexity_threshold=math.inf)
     decision = route(RequestFacts(5, 5), policy=policy)
-    assert (decision.target, decision.reason) == (Target.EDGE, Reason.IN_DOMAIN)
+    assert (decision.target, decision.reason) == (Target.EDGE, Reason.EDGE_DEFAULT)
 
 
 def test_second_stage_needs_a_prefill_even_without_threshold() -> None:
@@ -215,8 +215,9 @@ def test_unset_threshold_uses_the_model_sets_calibration() -> None:
     facts = RequestFacts(5, 5)
     assert route(facts, policy=filled, ppl=121).reason is Reason.LOW_CONFIDENCE
     assert route(facts, policy=filled, ppl=120).reason is Reason.IN_DOMAIN
-    # decide() itself treats an unset threshold as off: no prefill wait.
-    assert route(facts, policy=unset).reason is Reason.IN_DOMAIN
+    # decide() itself treats an unset threshold as off: no prefill wait, and the answer does
+    # not claim a confidence it never measured.
+    assert route(facts, policy=unset).reason is Reason.EDGE_DEFAULT
 
 
 def test_explicit_policy_threshold_beats_the_calibration() -> None:
