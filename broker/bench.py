@@ -5,9 +5,9 @@ The same trivial handler is called (1) in-process and (2) through the embedded n
 the request, decode it, run the handler, encode the reply, decode it), so the difference
 is the hop itself: 5,000 sequential requests each (`--quick`: 1,000).
 
-Other parts add measurements of their own to the same JSON by appending an async function
-to `EXTRA_MEASUREMENTS`: it receives a `HopBench` (with a connected client, the server URL,
-and the request count) and returns a dict of extra fields.
+Other parts add measurements of their own to the same JSON: `main(argv, extra=[...])` takes
+async functions that receive a `HopBench` (a connected client, the server URL, the request
+count) and return a dict of extra fields. The top layer (`hybridgen.benches`) composes them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,8 @@ async def measure_stream(context: HopBench) -> dict[str, Any]:
 
 
 #: Extra measurements merged into the result (e.g. the edge's no-responders decision time).
-EXTRA_MEASUREMENTS: list[Measurement] = [measure_stream]
+#: Measurements of the bus itself, run after the hop.
+BUS_MEASUREMENTS: tuple[Measurement, ...] = (measure_stream,)
 
 
 async def measure_inproc(requests: int) -> list[float]:
@@ -130,8 +131,15 @@ async def measure_nats(client: Client, requests: int) -> list[float]:
     return samples
 
 
-async def run(requests: int, *, quick: bool = False, warmup: int = 200) -> dict[str, Any]:
-    """Run the benchmark; the result dict (see module docstring)."""
+async def run(
+    requests: int,
+    *,
+    quick: bool = False,
+    warmup: int = 200,
+    extra: Sequence[Measurement] = (),
+) -> dict[str, Any]:
+    """Run the benchmark; the result dict (see module docstring). `extra` measurements (other
+    parts' fields) run after the bus's own."""
     with tempfile.TemporaryDirectory(prefix="hg-bench-hop-") as tmp:
         async with NatsServer(store_dir=Path(tmp) / "nats", jetstream=False) as server:
             worker = await connect(server.client_url, name="bench-worker")
@@ -165,7 +173,7 @@ async def run(requests: int, *, quick: bool = False, warmup: int = 200) -> dict[
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
                 context = HopBench(nc=client, url=server.client_url, requests=requests, quick=quick)
-                for measurement in EXTRA_MEASUREMENTS:
+                for measurement in (*BUS_MEASUREMENTS, *extra):
                     result.update(await measurement(context))
                 return result
             finally:
@@ -182,8 +190,8 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """`hybridgen bench hop [--json] [--quick] [--requests N]`."""
+def main(argv: list[str], extra: Sequence[Measurement] = ()) -> int:
+    """`hybridgen bench hop [--json] [--quick] [--requests N]`, with `extra` measurements."""
     parser = argparse.ArgumentParser(
         prog="hybridgen bench hop",
         description="Latency one NATS hop adds: the same trivial handler in-process and "
@@ -196,13 +204,7 @@ def main(argv: list[str]) -> int:
     requests = args.requests or (1000 if args.quick else 5000)
     if requests < 1:
         parser.error("--requests must be at least 1")
-    try:  # the edge's figures, where the edge is installed
-        from edge.bench import register
-
-        register()
-    except ImportError:
-        pass
-    result = asyncio.run(run(requests, quick=args.quick, warmup=min(200, requests)))
+    result = asyncio.run(run(requests, quick=args.quick, warmup=min(200, requests), extra=extra))
     if args.json:
         print(json.dumps(result))
     else:

@@ -105,10 +105,10 @@ def permissions_for(
     """
     inbox = f"{inbox_prefix(user)}.>"
     node = subjects.token(node_id, what="node_id") if node_id else "*"
-    own_telemetry = f"hg.telemetry.{role}.{node}" if node_id else f"hg.telemetry.{role}.>"
-    own_events = f"hg.events.{role}.{node}" if node_id else f"hg.events.{role}.>"
-    own_control = f"hg.ctl.{node}.>" if node_id else "hg.ctl.>"
-    discovery = "$SRV.>"
+    own_telemetry = subjects.telemetry(role, node) if node_id else subjects.telemetry_of_role(role)
+    own_events = subjects.events(role, node) if node_id else subjects.events_of_role(role)
+    own_control = subjects.control_of_node(node) if node_id else subjects.CONTROL_ALL
+    discovery = subjects.DISCOVERY_ALL
     if role == "edge":
         return Permissions(
             publish=(
@@ -147,7 +147,7 @@ def permissions_for(
                 f"$O.{subjects.MODELS_BUCKET}.>",
                 "$JS.FC.>",
                 "$JS.ACK.>",
-                "hg.events.operator.>",
+                subjects.events_of_role("operator"),
             ),
             subscribe=(subjects.TELEMETRY_ALL, subjects.EVENTS_ALL, inbox),
         )

@@ -33,6 +33,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from broker.errors import Unavailable
+from broker.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def find_nats_server() -> Path:
     Raises:
         BrokerStartError: no binary found (the message says how to install one).
     """
-    override = os.environ.get(BINARY_ENV)
+    override = BusSettings().server_bin
     if override:
         path = Path(override).expanduser()
         if path.is_file() and os.access(path, os.X_OK):

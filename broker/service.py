@@ -287,7 +287,7 @@ class GenerationService:
     async def _on_request(self, request: Request) -> None:
         received_at = time.monotonic()
         data = request.data
-        if not request._msg.reply:
+        if not reply_subject(request):
             log.warning("%s: request without a reply subject ignored", self.subject)
             return
         try:
@@ -433,10 +433,23 @@ def _control_endpoint(verb: str, handler: ControlHandler) -> Callable[[Request],
         except Exception as exc:
             log.exception("control %s failed", verb)
             reply = wire.ControlReply(ok=False, message=f"internal error ({type(exc).__name__})")
-        if request._msg.reply:
+        if reply_subject(request):
             await request.respond(wire.encode(reply))
 
     return handle
+
+
+def reply_subject(request: Request) -> str | None:
+    """The reply subject of a nats.micro request (None for a fire-and-forget publish).
+
+    nats.micro's `Request` does not expose it (nats-py 2.16): `respond()` only raises when it
+    is missing, after the work is done. A generation must be refused before any work, so this
+    one adapter reads the message underneath; nats-py is pinned below 2.17 and
+    `test_micro_request_reply_subject` fails loudly if an upgrade moves it.
+    """
+    message = getattr(request, "_msg", None)
+    reply = getattr(message, "reply", None)
+    return reply if isinstance(reply, str) and reply else None
 
 
 async def send_control(

@@ -33,13 +33,12 @@ from nats.js.object_store import ObjectStore
 
 from broker import subjects
 from broker.errors import BadRequest, Internal, NotFound, Unavailable
+from broker.settings import BusSettings
 
 BucketT = TypeVar("BucketT", KeyValue, ObjectStore)
 
 log = logging.getLogger(__name__)
 
-#: JetStream domain of the hub, for clients of a leaf node (the leaf has no JetStream).
-DOMAIN_ENV = "HG_NATS_JS_DOMAIN"
 _KV_DELETES = ("DEL", "PURGE")
 _SHA_HEADER = "Hg-Sha256"
 _META_HEADER = "Hg-Meta"
@@ -47,12 +46,14 @@ _FETCH_BATCH = 64
 
 
 def jetstream(nc: Client, domain: str | None = None) -> JetStreamContext:
-    """A JetStream context; `domain` defaults to `$HG_NATS_JS_DOMAIN` (unset: the local one).
+    """A JetStream context; `domain` defaults to the bus settings' `js_domain`
+    (`HG_NATS_JS_DOMAIN`; unset: the local one).
 
     Clients of a leaf node reach the hub's JetStream through the hub's domain
     (`hybridgen broker config --role hub` gives the hub the domain `hub`).
     """
-    domain = domain if domain is not None else os.environ.get(DOMAIN_ENV) or None
+    if domain is None:
+        domain = BusSettings().js_domain
     return nc.jetstream(domain=domain) if domain else nc.jetstream()
 
 

@@ -17,12 +17,11 @@ CANCEL_ALL = f"{PREFIX}.cancel.>"
 TELEMETRY_ALL = f"{PREFIX}.telemetry.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 CONTROL_ALL = f"{PREFIX}.ctl.>"
-EVERYTHING = f"{PREFIX}.>"
+#: nats.micro discovery: `$SRV.PING|INFO|STATS[.<service>[.<id>]]`.
+DISCOVERY_ALL = "$SRV.>"
 
 #: Verbs answered on `hg.ctl.<node_id>.<verb>`.
 CONTROL_VERBS = ("drain", "resume", "reload-model", "set-policy")
-#: Roles that publish telemetry.
-ROLES = ("edge", "cloud", "api", "operator")
 
 #: JetStream key-value bucket holding fleet configuration (routing policy, ...).
 CONFIG_BUCKET = "hg_config"
@@ -51,11 +50,6 @@ def gen(model: str) -> str:
     return f"{PREFIX}.gen.{token(model, what='model')}"
 
 
-def model_from_gen(subject: str) -> str:
-    """Inverse of `gen`: the model token of a `hg.gen.<model>` subject."""
-    return subject.rsplit(".", 1)[-1]
-
-
 def queue_group(model: str) -> str:
     """Queue group cloud workers serving `model` share."""
     return f"cloud.{token(model, what='model')}"
@@ -79,6 +73,16 @@ def telemetry_of_role(role: str) -> str:
 def events(role: str, node_id: str) -> str:
     """Subject a node's events (fallback, error, drain, ...) are published on."""
     return f"{PREFIX}.events.{token(role, what='role')}.{token(node_id, what='node_id')}"
+
+
+def events_of_role(role: str) -> str:
+    """Wildcard matching every event of one role."""
+    return f"{PREFIX}.events.{token(role, what='role')}.*"
+
+
+def discovery_info(service: str) -> str:
+    """nats.micro's INFO request for every instance of one service."""
+    return f"$SRV.INFO.{token(service, what='service')}"
 
 
 def control(node_id: str, verb: str) -> str:

@@ -39,8 +39,11 @@ from broker.errors import (
     Unavailable,
 )
 from broker.telemetry import RequestStats, Telemetry, default_node_id
-from cloud.http import HttpMetrics, install_common, json_body, require_api_key, sse_response
-from cloud.protocol import (
+from cloud.settings import ApiSettings
+from serving.auth import require_api_key
+from serving.bodies import json_body
+from serving.metrics import HttpMetrics, install_common
+from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_chunk,
@@ -49,7 +52,7 @@ from cloud.protocol import (
     completion_response,
     model_list,
 )
-from cloud.settings import ApiSettings
+from serving.sse import sse_response
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[st
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish(f"$SRV.INFO.{WORKER_SERVICE}", b"", reply=inbox)
+        await nc.publish(subjects.discovery_info(WORKER_SERVICE), b"", reply=inbox)
         deadline = time.monotonic() + wait_s
         while (left := deadline - time.monotonic()) > 0:
             try:

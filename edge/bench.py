@@ -225,7 +225,7 @@ if __name__ == "__main__":
 
 
 async def hop_measurement(bench: Any) -> dict[str, Any]:
-    """The edge's fields of `hybridgen bench hop` (a `broker.bench.EXTRA_MEASUREMENTS` entry).
+    """The edge's fields of `hybridgen bench hop` (composed by `hybridgen.benches.hop`).
 
     Uses the current model set's int4 edge build; without one, reports why in `edge_error`.
     """
@@ -241,11 +241,3 @@ async def hop_measurement(bench: Any) -> dict[str, Any]:
     )
     figures["edge_rss_mb"] = await asyncio.to_thread(measure_edge_rss, model_dir)
     return figures
-
-
-def register() -> None:
-    """Add the edge's fields to `hybridgen bench hop` (idempotent)."""
-    from broker import bench
-
-    if hop_measurement not in bench.EXTRA_MEASUREMENTS:
-        bench.EXTRA_MEASUREMENTS.append(hop_measurement)

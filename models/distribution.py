@@ -9,19 +9,18 @@ then renames it into place: a runtime never sees a half-written model set.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from nats.aio.client import Client
 
 from broker.errors import BadRequest, Internal, NotFound
 from broker.store import ArtifactStore
 from models import registry
-from models.manifest import verify
-from models.registry import MANIFEST_NAME, ModelSet
+from models.manifest import MANIFEST_NAME, parse_manifest_json, verify
+from models.manifest_schema import Manifest
+from models.registry import ModelSet
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +48,14 @@ async def publish(nc: Client, model_set: ModelSet) -> int:
     """
     verify(model_set)
     store = await ArtifactStore.open(nc)
-    files: dict[str, dict[str, Any]] = model_set.manifest["files"]
+    files = model_set.manifest.files
     for rel, entry in sorted(files.items()):
         sha = await store.put_file(
             object_name(model_set.version, rel),
             model_set.root / rel,
             meta={"version": model_set.version, "path": rel},
         )
-        if sha != entry["sha256"]:
+        if sha != entry.sha256:
             raise Internal(f"model set {model_set.version}: file {rel} changed while publishing")
     await store.put_file(
         object_name(model_set.version, MANIFEST_NAME),
@@ -84,6 +83,7 @@ async def pull(
     Raises:
         NotFound: the store has no such version.
         BadRequest: the version is installed already (and `force` is False).
+        ManifestError: the published manifest is not valid (the message names the field).
         Internal / IntegrityError: a file fails verification (the message names it); nothing
             is installed.
     """
@@ -95,30 +95,18 @@ async def pull(
             param="version",
         )
     store = await ArtifactStore.open(nc)
-    try:
-        raw = await store.get_bytes(object_name(version, MANIFEST_NAME))
-    except NotFound:
-        available = ", ".join(await published_versions(nc)) or "none"
-        raise NotFound(
-            f"model set {version!r} is not published in hg_models (published: {available})"
-        ) from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise Internal(f"published manifest of {version!r} is not JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != version:
-        raise Internal(f"published manifest of {version!r} names another version")
-    files: dict[str, dict[str, Any]] = manifest.get("files") or {}
+    raw, manifest = await _published_manifest(nc, store, version)
     staging = registry.staging_dir(version, home)
     try:
-        for rel, entry in sorted(files.items()):
+        for rel, entry in sorted(manifest.files.items()):
             dest = staging / _safe_rel(rel)
             sha = await store.get_file(object_name(version, rel), dest)
-            if sha != entry.get("sha256"):
+            if sha != entry.sha256:
                 raise Internal(
                     f"model set {version}: file {rel} has sha256 {sha}, the manifest says "
-                    f"{entry.get('sha256')}"
+                    f"{entry.sha256}"
                 )
+        # The manifest exactly as published (an older format stays as it was written).
         (staging / MANIFEST_NAME).write_bytes(raw)
         verify(ModelSet(root=staging, version=version, manifest=manifest))
         for path in [staging, *staging.rglob("*")]:
@@ -127,8 +115,32 @@ async def pull(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("pulled model set %s (%d files)", version, len(files))
+    logger.info("pulled model set %s (%d files)", version, len(manifest.files))
     return registry.resolve(version, home)
+
+
+async def _published_manifest(
+    nc: Client, store: ArtifactStore, version: str
+) -> tuple[bytes, Manifest]:
+    """The published manifest of `version`: its bytes and the validated manifest.
+
+    Raises:
+        NotFound: the store has no such version.
+        ManifestError (an Internal): the manifest is not valid.
+        Internal: it names another version.
+    """
+    name = object_name(version, MANIFEST_NAME)
+    try:
+        raw = await store.get_bytes(name)
+    except NotFound:
+        available = ", ".join(await published_versions(nc)) or "none"
+        raise NotFound(
+            f"model set {version!r} is not published in hg_models (published: {available})"
+        ) from None
+    manifest = parse_manifest_json(raw, source=f"hg_models object {name}")
+    if manifest.version != version:
+        raise Internal(f"published manifest of {version!r} names another version")
+    return raw, manifest
 
 
 async def _connect(nats_url: str | None) -> Client:

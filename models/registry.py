@@ -19,7 +19,6 @@ A model set is only ever made visible by renaming a finished temporary folder in
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,18 +27,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from broker.errors import BadRequest, Internal, NotFound
 from broker.settings import hg_home
+from models.manifest import MANIFEST_NAME, read_manifest
+from models.manifest_schema import CLOUD_MODEL as CLOUD_MODEL  # the model names, for callers
+from models.manifest_schema import EDGE_MODEL as EDGE_MODEL
+from models.manifest_schema import Manifest, ModelEntry
 
 logger = logging.getLogger(__name__)
 
-EDGE_MODEL = "hg-edge"
-CLOUD_MODEL = "hg-cloud"
-MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
-MANIFEST_FORMAT = 1
 PRECISIONS = ("int4", "int8", "fp32")
 #: A version is one path component of letters, digits, dot, dash and underscore.
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -62,15 +60,15 @@ class ModelSet:
 
     Attributes:
         root: the model set's folder (`$HG_HOME/models/<version>`).
-        version: the folder name, equal to `manifest["version"]`.
-        manifest: the parsed `manifest.json`.
+        version: the folder name, equal to `manifest.version`.
+        manifest: the validated `manifest.json`.
     """
 
     root: Path
     version: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
-    def __hash__(self) -> int:  # the manifest dict is not hashable; root + version identify
+    def __hash__(self) -> int:  # the manifest is not hashable; root + version identify
         return hash((self.root, self.version))
 
     @property
@@ -87,8 +85,7 @@ class ModelSet:
     def edge_checkpoint_dir(self) -> Path:
         """HF checkpoint of the edge model (fp32), the source of the ONNX builds (`cloud/`
         when both ends run the same weights)."""
-        folder = self.manifest.get("models", {}).get(EDGE_MODEL, {}).get("checkpoint_dir")
-        return self.root / (folder if isinstance(folder, str) and folder else "edge")
+        return self.root / self.manifest.models.edge.checkpoint_dir
 
     def edge_dir(self, precision: str = "int4") -> Path:
         """The onnxruntime-genai folder of the edge model at `precision`.
@@ -116,32 +113,36 @@ class ModelSet:
         """Precisions of the edge builds present, in PRECISIONS order."""
         return [p for p in PRECISIONS if (self.root / f"edge-{p}" / "genai_config.json").is_file()]
 
-    def model_info(self, name: str) -> dict[str, Any]:
-        """The manifest's entry for model `name` (EDGE_MODEL or CLOUD_MODEL)."""
-        info = self.manifest.get("models", {}).get(name)
-        if not isinstance(info, dict):
-            raise Internal(f"manifest of model set {self.version!r} has no entry for {name!r}")
-        return info
+    def model_info(self, name: str) -> ModelEntry:
+        """The manifest's entry for model `name` (EDGE_MODEL or CLOUD_MODEL).
+
+        Raises:
+            Internal: another name.
+        """
+        try:
+            return self.manifest.models.role(name)
+        except KeyError:
+            raise Internal(f"model set {self.version!r} has no model {name!r}") from None
 
     @property
     def edge_context_length(self) -> int:
         """Context window of the edge model in tokens (prompt + generated)."""
-        return int(self.model_info(EDGE_MODEL)["context_length"])
+        return self.manifest.models.edge.context_length
 
     @property
     def cloud_context_length(self) -> int:
         """Context window of the cloud model in tokens (prompt + generated)."""
-        return int(self.model_info(CLOUD_MODEL)["context_length"])
+        return self.manifest.models.cloud.context_length
 
     @property
     def perplexity(self) -> dict[str, dict[str, float]]:
         """Held-out perplexity: `{model_name: {"overall", "in_domain", "out_of_domain"}}`."""
-        return dict(self.manifest.get("metrics", {}).get("perplexity", {}))
+        return dict(self.manifest.metrics.perplexity)
 
     @property
     def created(self) -> str:
         """ISO-8601 creation time recorded in the manifest."""
-        return str(self.manifest.get("created", ""))
+        return self.manifest.created
 
     def is_current(self, home: Path | None = None) -> bool:
         """Whether CURRENT names this model set."""
@@ -153,25 +154,18 @@ def models_home(home: Path | None = None) -> Path:
     return (home if home is not None else hg_home()) / "models"
 
 
-def load_manifest(root: Path) -> dict[str, Any]:
-    """Read and check `root/manifest.json`.
+def load_manifest(root: Path) -> Manifest:
+    """Read and validate `root/manifest.json` (older formats are upgraded).
 
     Raises:
         NotFound: no manifest there.
-        Internal: the manifest is not a JSON object with a version.
+        ManifestError (an Internal): the manifest is not valid; the message names the file
+            and each field at fault.
     """
-    path = root / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_manifest(root / MANIFEST_NAME)
     except FileNotFoundError:
         raise NotFound(f"no model set at {root} ({MANIFEST_NAME} missing); {_BUILD_HINT}") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise Internal(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("version"), str):
-        raise Internal(f"{path} is not a model-set manifest (no version)")
-    return manifest
 
 
 def load_model_set(root: Path) -> ModelSet:

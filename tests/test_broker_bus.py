@@ -380,3 +380,16 @@ async def test_worker_reachable_right_after_resubscribing(nats_url: str, nc: Cli
                 await stream.collect()
     finally:
         await worker.close()
+
+
+def test_micro_request_reply_subject() -> None:
+    """nats.micro hides a request's reply subject; the one adapter that reads it must notice
+    an upgrade that moves it (and the pin in pyproject.toml says why)."""
+    from nats.aio.msg import Msg
+    from nats.micro.request import Request
+
+    from broker.service import reply_subject
+
+    with_reply = Request(Msg(_client=None, subject="hg.gen.m", reply="_INBOX.a.b", data=b""))  # type: ignore[arg-type]
+    assert reply_subject(with_reply) == "_INBOX.a.b"
+    assert reply_subject(Request(Msg(_client=None, subject="hg.gen.m", reply="", data=b""))) is None  # type: ignore[arg-type]

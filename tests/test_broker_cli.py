@@ -15,8 +15,8 @@ import pytest
 from broker import bench
 from broker.bus import connect
 from broker.cli import main as broker_main
-from broker.launcher import ChildSpec, Launcher, http_ready
 from broker.server import find_nats_server
+from hybridgen.launcher import ChildSpec, Launcher, http_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,11 +162,7 @@ async def test_hop_bench_runs() -> None:
         assert context.nc.is_connected and context.requests == 30
         return {"extra_field_ms": 1.0}
 
-    bench.EXTRA_MEASUREMENTS.append(extra)
-    try:
-        result = await bench.run(30, quick=True, warmup=5)
-    finally:
-        bench.EXTRA_MEASUREMENTS.remove(extra)
+    result = await bench.run(30, quick=True, warmup=5, extra=[extra])
     for key in ("inproc_p50_ms", "nats_p50_ms", "nats_p99_ms", "added_p50_ms", "added_p99_ms"):
         assert isinstance(result[key], float)
     assert result["requests"] == 30 and result["extra_field_ms"] == 1.0

@@ -92,10 +92,13 @@ def test_build_from_user_checkpoint(tiny_models: ModelSet, tmp_path: Path) -> No
     assert main(argv) == 0
     model_set = registry.resolve(home=home)
     assert model_set.version == "mine"
-    edge = model_set.manifest["models"][registry.EDGE_MODEL]
-    assert edge["source"] == "checkpoint" and edge["hidden_size"] == 32
+    edge = model_set.manifest.models.edge
+    assert edge.source == "checkpoint" and edge.hidden_size == 32
+    assert edge.training == {"from": str(checkpoint)}
     assert model_set.edge_context_length == 96
-    assert model_set.manifest["models"][registry.CLOUD_MODEL]["source"] == "trained"
+    assert model_set.model_info(registry.CLOUD_MODEL).source == "trained"
+    assert model_set.manifest.tokenizer is not None
+    assert model_set.manifest.tokenizer.source == f"checkpoint {checkpoint}"
     model = ort_edge.load_model(model_set.edge_dir("int4"), threads=1)
     assert len(ort_edge.greedy(model, [5, 6, 7], 4, min_new_tokens=4)) == 4
     # Building the same version again is refused, not overwritten.

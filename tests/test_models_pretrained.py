@@ -72,12 +72,20 @@ def test_build_from_one_gguf_shares_the_weights(
     assert model_set.is_current(tmp_path)
     assert model_set.edge_checkpoint_dir == model_set.cloud_dir
     assert not (model_set.root / "edge").exists()
-    routing = model_set.manifest["routing"]
-    assert routing["mode"] == "same_weights" and routing["perplexity_threshold"] is None
-    source = model_set.model_info(registry.EDGE_MODEL)["from"]
-    assert source["kind"] == "gguf" and len(source["sha256"]) == 64
+    m = model_set.manifest
+    assert m.format == 2 and m.profile == "pretrained"
+    assert m.routing is not None
+    assert m.routing.mode == "same_weights" and m.routing.perplexity_threshold is None
+    assert m["routing"]["perplexity_threshold"] is None  # written out, not left out
+    source = model_set.model_info(registry.EDGE_MODEL).from_
+    assert source is not None and source.kind == "gguf"
+    assert source.sha256 is not None and len(source.sha256) == 64
+    assert m.models.edge.checkpoint_dir == m.models.cloud.checkpoint_dir == "cloud"
+    assert m.license is not None and m.license.edge == "see the source model's licence"
     assert "licence" in (model_set.root / "NOTICE.md").read_text()
-    assert model_set.manifest["edge_builds"]["int4"]["top1_agreement_teacher_forced"] > 0
+    agreement = m.edge_builds["int4"].top1_agreement_teacher_forced
+    assert agreement is not None and agreement > 0
+    assert set(m.timings.steps()) == {"cloud_import_s", "edge_int4_s", "total_s"}
 
     async def check() -> None:
         runtime = EdgeRuntime(model_set.edge_dir("int4"), threads=1)
@@ -146,7 +154,10 @@ def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> registry.ModelSet:
 def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet) -> None:
     from edge.runtime import EdgeRuntime, Finished, SamplingOptions, Token
 
-    assert smollm2_set.manifest["routing"]["mode"] == "same_weights"
+    routing = smollm2_set.manifest.routing
+    assert routing is not None and routing.mode == "same_weights"
+    source = smollm2_set.manifest.models.edge.from_
+    assert source is not None and source.kind == "bundled" and source.license == "Apache-2.0"
 
     async def ask() -> tuple[str, str]:
         runtime = EdgeRuntime(smollm2_set.edge_dir("int4"), threads=2)

@@ -6,7 +6,7 @@ of getting a silently coerced answer; unknown fields are ignored like OpenAI doe
 
 How the edge reuses it:
 
-* parse bodies with `cloud.http.json_body(CompletionRequest)` /
+* parse bodies with `serving.bodies.json_body(CompletionRequest)` /
   `json_body(ChatCompletionRequest)` (400 envelope naming the field on bad input);
 * read the common sampling knobs with `request.sampling()` (a `Sampling`), and the
   extensions `user`, `route` (`"auto" | "edge" | "cloud"`) and `local_only` from the request

@@ -1,4 +1,5 @@
-"""The shared OpenAI HTTP layer (cloud/protocol.py, cloud/http.py) on a small app of its own."""
+"""The shared serving layer (serving/: OpenAI schema, errors, bodies, auth, SSE, metrics) on a
+small app of its own."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from broker.errors import Overloaded, Timeout
-from cloud.http import install_common, json_body, require_api_key, sse_response
-from cloud.protocol import (
+from serving.auth import require_api_key
+from serving.bodies import json_body
+from serving.metrics import install_common
+from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_chunk,
     completion_chunk,
     completion_response,
 )
+from serving.sse import sse_response
 
 
 def make_app(*, ready: bool = True, keys: list[str] | None = None) -> FastAPI:
@@ -201,7 +205,8 @@ async def test_health_ready_metrics() -> None:
 
 def test_shared_layer_is_torch_free() -> None:
     code = (
-        "import sys, cloud.http, cloud.protocol; "
+        "import sys, serving.auth, serving.bodies, serving.errors, serving.metrics, "
+        "serving.protocol, serving.sse; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )

@@ -1,0 +1,269 @@
+"""Serving a request through the cloud, and what the edge does when the cloud fails.
+
+`CloudBridge.serve` sends a routed request over the bus (`hg.gen.<model>`) and streams the
+cloud's answer back as items. Cloud failures never hang a request and never truncate it
+silently:
+
+* a cloud that does not accept (no responders, accept timeout, overloaded, bus down) feeds
+  the breaker and the request is served locally (`cloud_unavailable`);
+* a cloud that fails after streaming part of the answer feeds the breaker and the edge
+  finishes the answer locally from the text already streamed (prompt + partial answer as its
+  context); when that does not fit the edge context, the stream ends with an error event;
+* a mid-stream error that says the request itself is wrong, or was cancelled, ends the
+  stream as it is: finishing it locally would hide it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from broker import wire
+from broker.bus import request_stream
+from broker.errors import (
+    ErrorCode,
+    HybridgenError,
+    NoResponders,
+    Overloaded,
+    Timeout,
+    Unavailable,
+)
+from edge.lifecycle import NodeLifecycle
+from edge.request import (
+    EdgeRequest,
+    Item,
+    Outcome,
+    Piece,
+    RouteInfo,
+    stream_local,
+    with_max_tokens,
+)
+from edge.routing import Decision, EdgeState, Reason, RequestFacts, decide
+
+logger = logging.getLogger(__name__)
+
+#: Cloud errors that say "the cloud cannot take it now" (they feed the breaker).
+CLOUD_DOWN = (NoResponders, Timeout, Overloaded, Unavailable)
+#: Cloud errors mid-stream that the edge must not paper over (they end the stream).
+_NOT_RECOVERABLE = (ErrorCode.BAD_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED, ErrorCode.CANCELLED)
+
+#: The perplexity threshold in force for a request, its source, and the tokens scored.
+ThresholdInfo = tuple[float | None, str, int]
+
+
+class CloudBridge:
+    """Sends routed requests to the cloud through the node's bus connection and breaker.
+
+    Args:
+        node: the node whose connection, breaker, policy, counters and runtime are used.
+    """
+
+    def __init__(self, node: NodeLifecycle) -> None:
+        self.node = node
+
+    async def serve(
+        self,
+        request: EdgeRequest,
+        prompt_ids: list[int],
+        decision: Decision,
+        started: float,
+        perplexity: float | None,
+        threshold: ThresholdInfo,
+    ) -> AsyncIterator[Item]:
+        """Serve a request routed to the cloud: `RouteInfo`, then `Piece`s, then an `Outcome`.
+
+        Args:
+            request: the request.
+            prompt_ids: its prompt as the edge model's tokens (the edge's own recovery uses
+                them; the cloud gets the text or messages).
+            decision: the routing decision that sent it to the cloud.
+            started: `time.perf_counter()` when the request arrived.
+            perplexity: the prompt perplexity, when the edge prefilled it.
+            threshold: the threshold in force, its source and the tokens scored.
+
+        Raises:
+            HybridgenError: a mid-stream error the edge must not hide (bad request, context
+                length, cancelled), or `Unavailable` when the cloud failed mid-stream and the
+                answer so far does not fit the edge context.
+        """
+        node = self.node
+        policy = node.routing_policy
+        nc = node.nc
+        wanted = decision.reason.value
+        if nc is None or not node.breaker.allow():
+            async for item in self._serve_locally(request, started, "no bus"):
+                yield item
+            return
+        inputs: dict[str, Any] = (
+            {"messages": request.messages}
+            if request.messages is not None
+            else {"prompt": request.prompt}
+        )
+        bus_request = wire.GenerateRequest(
+            request_id=request.request_id,
+            model=node.settings.cloud_model,
+            # An unset max_tokens lets the cloud use its own default within its own context.
+            max_tokens=request.options.max_tokens if request.max_tokens_given else None,
+            temperature=request.options.temperature,
+            top_p=request.options.top_p,
+            top_k=request.options.top_k,
+            stop=list(request.options.stop),
+            seed=request.options.seed,
+            origin=node.node_id,
+            **inputs,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                stream = await stack.enter_async_context(
+                    request_stream(
+                        nc,
+                        bus_request,
+                        accept_timeout=policy.cloud_timeout_ms / 1e3,
+                        idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
+                    )
+                )
+            except CLOUD_DOWN as exc:
+                node.breaker.record_failure()
+                node.counters.cloud_failures += 1
+                node.publish_event(
+                    "cloud_error", f"{exc.code.value}: {exc.message}", request.request_id
+                )
+                async for item in self._serve_locally(request, started, exc.code.value):
+                    yield item
+                return
+            except BaseException:
+                # Cancelled, or an error that says nothing of the cloud's health: give back
+                # the half-open probe slot `allow()` took, or the breaker would stay stuck.
+                node.breaker.release()
+                raise
+            node.breaker.record_success()
+            node.record_route(decision)
+            details: dict[str, Any] = {"reason": wanted}
+            if decision.reason is Reason.LOW_CONFIDENCE:
+                details.update(
+                    prompt_perplexity=perplexity,
+                    perplexity_threshold=threshold[0],
+                    threshold_source=threshold[1],
+                    scored_tokens=threshold[2],
+                )
+            node.publish_event(
+                "fallback", f"served by the cloud: {wanted}", request.request_id, **details
+            )
+            yield RouteInfo(
+                "cloud",
+                wanted,
+                request.request_id,
+                node.settings.cloud_model,
+                (time.perf_counter() - started) * 1e3,
+                perplexity,
+                *threshold,
+            )
+            streamed: list[str] = []
+            completion_tokens = 0
+            try:
+                async for chunk in stream:
+                    completion_tokens += len(chunk.token_ids)
+                    if chunk.text:
+                        streamed.append(chunk.text)
+                        yield Piece(chunk.text)
+            except HybridgenError as exc:
+                if exc.code in _NOT_RECOVERABLE:
+                    raise
+                node.breaker.record_failure()
+                node.counters.cloud_failures += 1
+                node.publish_event(
+                    "cloud_error",
+                    f"cloud failed mid-stream: {exc.code.value}: {exc.message}",
+                    request.request_id,
+                )
+                async for item in self._finish_locally(
+                    request, prompt_ids, "".join(streamed), completion_tokens, exc, started
+                ):
+                    yield item
+                return
+            done = stream.done
+            assert done is not None
+            outcome = Outcome(
+                done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens
+            )
+            node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
+            yield outcome
+
+    async def _serve_locally(
+        self, request: EdgeRequest, started: float, why: str
+    ) -> AsyncIterator[Item]:
+        """The cloud was wanted but cannot take it: serve locally, `cloud_unavailable`."""
+        logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
+        node = self.node
+        runtime = node.runtime
+        prompt_ids = runtime.encode(request.prompt)
+        facts = RequestFacts(len(prompt_ids), request.options.max_tokens, route="cloud")
+        decision = decide(
+            facts,
+            EdgeState(runtime.context_length),
+            node.routing_policy,
+            cloud_available=False,
+        )
+        options = with_max_tokens(request.options, decision.max_tokens or 1)
+        generation = runtime.submit(prompt_ids, options)
+        node.record_route(decision)
+        # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
+        yield RouteInfo(
+            "edge",
+            Reason.CLOUD_UNAVAILABLE.value,
+            request.request_id,
+            node.settings.edge_model_name,
+            (time.perf_counter() - started) * 1e3,
+            None,
+        )
+        local = stream_local(generation, started, node.counters.stats)
+        async with contextlib.aclosing(local) as items:
+            async for item in items:
+                yield item
+
+    async def _finish_locally(
+        self,
+        request: EdgeRequest,
+        prompt_ids: list[int],
+        streamed: str,
+        cloud_tokens: int,
+        cause: HybridgenError,
+        started: float,
+    ) -> AsyncIterator[Item]:
+        """The cloud failed after streaming `streamed`: continue it on the edge, or fail."""
+        node = self.node
+        runtime = node.runtime
+        context_ids = runtime.encode(request.prompt + streamed)
+        left = request.options.max_tokens - max(cloud_tokens, 0)
+        room = runtime.context_length - len(context_ids)
+        budget = min(left, room)
+        if budget < 1 or left < 1:
+            if left < 1:
+                yield Outcome("length", len(prompt_ids), cloud_tokens)
+                return
+            raise Unavailable(
+                f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and the "
+                "answer so far does not fit the edge context to finish it locally"
+            )
+        logger.warning(
+            "request %s: cloud failed mid-stream (%s); finishing locally",
+            request.request_id,
+            cause.code.value,
+        )
+        node.counters.mid_stream_recoveries += 1
+        generation = runtime.submit(context_ids, with_max_tokens(request.options, budget))
+        await generation.next_event()  # Prefill
+        local = stream_local(generation, started, node.counters.stats)
+        async with contextlib.aclosing(local) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    item = Outcome(
+                        item.finish_reason,
+                        len(prompt_ids),
+                        cloud_tokens + item.completion_tokens,
+                        completed_locally=True,
+                    )
+                yield item

@@ -1,0 +1,122 @@
+"""One routed request: what the router is given and the items its answer streams as.
+
+`EdgeNode.generate` takes an `EdgeRequest` and yields a `RouteInfo` first (where the answer
+comes from and why, known before any text), then `Piece`s of text, then an `Outcome`. The
+HTTP layer turns those items into OpenAI responses; the benchmark times them.
+
+`stream_local` turns a local generation into items; the router and the cloud bridge both
+stream local answers through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.telemetry import RequestStats
+from edge.runtime import Finished, Generation, SamplingOptions, Token
+
+
+@dataclass(frozen=True)
+class EdgeRequest:
+    """One generation request as the router sees it."""
+
+    request_id: str
+    #: What the edge model reads: the completion prompt, or the chat rendered with the edge
+    #: model's own template.
+    prompt: str
+    model: str
+    options: SamplingOptions
+    #: A chat request's messages: the cloud gets these (and applies its own template), not
+    #: the edge's rendering of them.
+    messages: list[dict[str, Any]] | None = None
+    route: str = "auto"
+    local_only: bool = False
+    user: str | None = None
+    #: max_tokens was given by the client (else options.max_tokens is the default).
+    max_tokens_given: bool = True
+    #: [start, end) characters of `prompt` whose tokens the prompt perplexity scores (a chat
+    #: request's last user message content); None: the whole prompt.
+    score_span: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """Where a request is served and why: the first item of every answer."""
+
+    served_by: str  # "edge" | "cloud"
+    route_reason: str
+    request_id: str
+    model: str
+    decision_ms: float
+    prompt_perplexity: float | None = None
+    #: The perplexity threshold in force for this request and where it came from.
+    perplexity_threshold: float | None = None
+    threshold_source: str | None = None
+    #: Prompt tokens the perplexity was averaged over (it picks the calibrated length bucket).
+    scored_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of the answer's text."""
+
+    text: str
+
+
+@dataclass
+class Outcome:
+    """How an answer ended: the last item of every answer."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: The cloud failed mid-stream and the edge wrote the rest.
+    completed_locally: bool = False
+
+
+Item = RouteInfo | Piece | Outcome
+
+
+def with_max_tokens(options: SamplingOptions, max_tokens: int) -> SamplingOptions:
+    """`options` with another token budget."""
+    return dataclasses.replace(options, max_tokens=max_tokens)
+
+
+async def stream_local(
+    generation: Generation,
+    started: float,
+    stats: RequestStats,
+    drafted: Sequence[Token] = (),
+    finished: Finished | None = None,
+) -> AsyncGenerator[Item, None]:
+    """Stream a local generation as `Piece`s, then its `Outcome`; cancel it if abandoned.
+
+    Args:
+        generation: the local generation (its `Prefill` event, if still to come, is skipped).
+        started: `time.perf_counter()` when the request arrived (its latency is recorded).
+        stats: where the request's latency and completion tokens are recorded.
+        drafted: tokens already read by the second stage, streamed first.
+        finished: the `Finished` event the draft already reached, if the answer ended there.
+    """
+    outcome = None
+    try:
+        for token in drafted:
+            if token.text:
+                yield Piece(token.text)
+        while outcome is None:
+            event = finished or await generation.next_event()
+            if isinstance(event, Token) and event.text:
+                yield Piece(event.text)
+            elif isinstance(event, Finished):
+                if event.text:
+                    yield Piece(event.text)
+                outcome = Outcome(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+    finally:
+        if outcome is None:
+            generation.cancel()
+    stats.record(time.perf_counter() - started, outcome.completion_tokens)
+    yield outcome

@@ -1,0 +1,210 @@
+"""Where each request is served: the `generate` flow that applies the routing policy.
+
+`Router.generate` is the one place a request is routed. The rules themselves are pure
+(`edge.routing.decide`); this module feeds them a request's facts and the node's state, in
+up to three steps:
+
+1. On arrival: hard limits (context, model, `route`), the predicted edge wait and the
+   cloud's health can settle it at once.
+2. Otherwise (`Target.PREFILL`) the edge prefills the prompt and holds the generation; the
+   prompt perplexity decides again, against the threshold in force for the prompt's scored
+   length (the policy's, else the model set's calibrated one: `NodeLifecycle.threshold_for`).
+3. When the edge keeps it and a second stage is set, the edge drafts `second_stage_k`
+   tokens unseen and decides once more on their confidence (`decide_after_draft`).
+
+A request routed to the cloud goes to `edge.cloud_bridge.CloudBridge`; a local one streams
+from the generation already prefilled (and drafted), so nothing is computed twice. A full
+edge queue sends the request to the cloud when it may go there, else it is refused (503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+
+from broker.errors import NotFound, Overloaded
+from edge.cloud_bridge import CloudBridge
+from edge.lifecycle import NodeLifecycle
+from edge.request import EdgeRequest, Item, RouteInfo, stream_local, with_max_tokens
+from edge.routing import (
+    Decision,
+    EdgeState,
+    PolicySettings,
+    Reason,
+    RequestFacts,
+    Target,
+    decide,
+    decide_after_draft,
+)
+from edge.runtime import (
+    Finished,
+    Generation,
+    Prefill,
+    Token,
+    encode_with_span,
+    scored_positions,
+)
+
+
+class Router:
+    """Routes each request of a node and serves it locally or through the cloud bridge.
+
+    Args:
+        node: the node whose runtime, policy and thresholds requests are routed with.
+        cloud: the bridge that serves requests routed to the cloud.
+    """
+
+    def __init__(self, node: NodeLifecycle, cloud: CloudBridge) -> None:
+        self.node = node
+        self.cloud = cloud
+
+    def check_model(self, model: str) -> bool:
+        """Whether `model` is served only by the cloud.
+
+        Raises:
+            NotFound: neither the edge nor the cloud model has that name.
+        """
+        settings = self.node.settings
+        if model == settings.edge_model_name:
+            return False
+        if model == settings.cloud_model:
+            return True
+        raise NotFound(
+            f"model {model!r} does not exist here; use {settings.edge_model_name!r} "
+            f"or {settings.cloud_model!r}",
+            param="model",
+        )
+
+    async def generate(self, request: EdgeRequest) -> AsyncGenerator[Item, None]:
+        """Route and serve one request: `RouteInfo`, then `Piece`s, then an `Outcome`.
+
+        Raises (before the RouteInfo): BadRequest, NotFound, ContextLengthExceeded,
+        Overloaded (edge queue full and no cloud). Raises after it only when the answer can
+        be neither finished by the cloud nor locally.
+        """
+        node = self.node
+        started = time.perf_counter()
+        if node.draining:
+            raise Overloaded("this edge node is draining", retry_after=5.0)
+        cloud_only = self.check_model(request.model)
+        runtime = node.runtime
+        prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
+        scored_tokens = len(scored_positions(len(prompt_ids), span))
+        facts = RequestFacts(
+            prompt_tokens=len(prompt_ids),
+            max_tokens=request.options.max_tokens,
+            route=request.route,  # type: ignore[arg-type]
+            local_only=request.local_only,
+            cloud_only_model=cloud_only,
+        )
+        policy = node.routing_policy
+        # (threshold, its source, scored tokens): reported with the route.
+        threshold = (*node.threshold_for(scored_tokens), scored_tokens)
+        if threshold[0] != policy.perplexity_threshold:
+            policy = policy.model_copy(update={"perplexity_threshold": threshold[0]})
+        # Judged once, on arrival: after the prefill the request's own job would count.
+        wait_s = runtime.estimate_wait_s()
+
+        def route(perplexity: float | None = None, *, cloud: bool | None = None) -> Decision:
+            available = (not request.local_only) and (
+                node.cloud_available() if cloud is None else cloud
+            )
+            state = EdgeState(runtime.context_length, wait_s)
+            return decide(facts, state, policy, cloud_available=available, perplexity=perplexity)
+
+        decision = route()
+        perplexity: float | None = None
+        generation = None
+        drafted: list[Token] = []
+        finished: Finished | None = None
+        if decision.target is Target.PREFILL:
+            try:
+                generation = runtime.submit(
+                    prompt_ids, request.options, hold_after_prefill=True, score_span=span
+                )
+            except Overloaded:
+                decision = self._when_queue_full(request)
+        if generation is not None:
+            try:
+                prefill = await generation.next_event()
+                assert isinstance(prefill, Prefill)
+                perplexity = prefill.perplexity
+                decision = route(perplexity)
+                if decision.target is Target.EDGE and policy.second_stage_k > 0:
+                    generation.resume()
+                    drafted, finished, decision = await self._draft(generation, policy)
+            except BaseException:
+                generation.cancel()
+                raise
+            if decision.target is Target.CLOUD:
+                generation.cancel()
+                generation = None
+
+        if decision.target is Target.CLOUD:
+            async for item in self.cloud.serve(
+                request, prompt_ids, decision, started, perplexity, threshold
+            ):
+                yield item
+            return
+
+        if generation is None:
+            options = request.options
+            if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
+                options = with_max_tokens(options, decision.max_tokens)
+            try:
+                generation = runtime.submit(prompt_ids, options)
+            except Overloaded:
+                decision = self._when_queue_full(request)
+                async for item in self.cloud.serve(
+                    request, prompt_ids, decision, started, perplexity, threshold
+                ):
+                    yield item
+                return
+            # Decided: answer at once; the Prefill event is skipped in the loop below.
+        else:
+            generation.resume()
+        node.record_route(decision)
+        yield RouteInfo(
+            "edge",
+            decision.reason.value,
+            request.request_id,
+            node.settings.edge_model_name,
+            (time.perf_counter() - started) * 1e3,
+            perplexity,
+            *threshold,
+        )
+        # aclosing: a client that hangs up cancels the generation now, not at GC.
+        local = stream_local(generation, started, node.counters.stats, drafted, finished)
+        async with contextlib.aclosing(local) as items:
+            async for item in items:
+                yield item
+
+    def _when_queue_full(self, request: EdgeRequest) -> Decision:
+        """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
+        node = self.node
+        if request.local_only or request.route == "edge" or not node.cloud_available():
+            raise Overloaded(
+                f"edge queue full ({node.runtime.max_queue} waiting) and the request cannot "
+                "go to the cloud",
+                retry_after=max(1.0, node.runtime.estimate_wait_s()),
+            )
+        return Decision(Target.CLOUD, Reason.EDGE_OVERLOADED, request.options.max_tokens)
+
+    async def _draft(
+        self, generation: Generation, policy: PolicySettings
+    ) -> tuple[list[Token], Finished | None, Decision]:
+        """Second stage: read k tokens (not shown yet) and decide whether to stay."""
+        drafted: list[Token] = []
+        finished: Finished | None = None
+        while len(drafted) < policy.second_stage_k:
+            event = await generation.next_event()
+            if isinstance(event, Finished):
+                finished = event  # a short answer ended inside the draft
+                break
+            if isinstance(event, Token):
+                drafted.append(event)
+        decision = decide_after_draft(
+            [t.logprob for t in drafted], policy, cloud_available=self.node.cloud_available()
+        )
+        return drafted, finished, decision

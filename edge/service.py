@@ -1,0 +1,134 @@
+"""The running edge service: its node, the bus link, and loading and reloading the model.
+
+The app's lifespan builds one `EdgeService` and keeps it in `app.state.service`; routes
+reach it through the `Service` dependency, which answers 503 while the model is still
+loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from broker.errors import BadRequest, NotFound, Unavailable
+from broker.service import SOFTWARE_VERSION
+from edge.link import BusLink
+from edge.node import EdgeNode
+from edge.runtime import EdgeRuntime
+from edge.settings import EdgeSettings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(settings: EdgeSettings) -> tuple[Path, str | None]:
+    """The model folder to serve and its model-set version (None for a bare folder).
+
+    Raises:
+        NotFound: `model_dir` is not an onnxruntime-genai model folder, or the model set is
+            not installed.
+    """
+    if settings.model_dir is not None:
+        path = Path(settings.model_dir)
+        if not (path / "genai_config.json").is_file():
+            raise NotFound(f"{path} is not an onnxruntime-genai model folder (no genai_config)")
+        return path, None
+    from models.registry import resolve
+
+    model_set = resolve(settings.model_version)
+    return model_set.edge_dir(settings.precision), model_set.version
+
+
+def load_runtime(settings: EdgeSettings, model_dir: Path, version: str | None) -> EdgeRuntime:
+    """Load the model in `model_dir` with the node's thread and queue settings (blocking)."""
+    return EdgeRuntime(
+        model_dir,
+        threads=settings.threads,
+        max_active=settings.max_active,
+        max_queue=settings.max_queue,
+        version=version,
+    )
+
+
+class EdgeService:
+    """Everything the routes need: the node, its bus link, and model reloading."""
+
+    def __init__(self, settings: EdgeSettings, node: EdgeNode) -> None:
+        self.settings = settings
+        self.node = node
+        self.link = BusLink(node, reload_model=self.reload_model, software_version=SOFTWARE_VERSION)
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def reload_model(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Load a model next to the current one, then swap; the old one finishes its requests.
+
+        Args:
+            args: `{"model_dir": PATH}`, or `{"version": V, "precision": "int4"}` (pulled from
+                the object store when not installed here).
+        """
+        async with self._reload_lock:
+            model_dir, version = await self._locate(args)
+            started = time.perf_counter()
+            runtime = await asyncio.to_thread(load_runtime, self.settings, model_dir, version)
+            old = self.node.swap_runtime(runtime)
+            task = asyncio.create_task(old.close(drain_timeout=300.0))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            info = {
+                "model_dir": str(model_dir),
+                "model_version": runtime.version,
+                "previous_version": old.version,
+                "load_s": round(time.perf_counter() - started, 3),
+            }
+            logger.info("model swapped: %s", info)
+            return info
+
+    async def _locate(self, args: dict[str, Any]) -> tuple[Path, str | None]:
+        if args.get("model_dir"):
+            path = Path(str(args["model_dir"]))
+            if not (path / "genai_config.json").is_file():
+                raise NotFound(f"{path} is not an onnxruntime-genai model folder")
+            return path, args.get("version")
+        version = args.get("version")
+        if not isinstance(version, str) or not version:
+            raise BadRequest("reload-model needs `version` or `model_dir`", param="version")
+        precision = str(args.get("precision", self.settings.precision))
+        from models import registry
+
+        try:
+            model_set = registry.resolve(version)
+        except NotFound:
+            model_set = await self._pull(version)
+        return model_set.edge_dir(precision), model_set.version
+
+    async def _pull(self, version: str) -> Any:
+        """Pull a model set from the object store with the models part's (torch-free) code."""
+        if self.link.nc is None:
+            raise NotFound(f"model set {version!r} is not installed and the bus is unavailable")
+        from models import distribution
+
+        logger.info("pulling model set %s from the object store", version)
+        return await distribution.pull(self.link.nc, version)
+
+    async def close(self) -> None:
+        """Stop the bus link, let retiring models finish, then close the runtime."""
+        await self.link.close()
+        for task in list(self._retiring):
+            await task
+        await self.node.runtime.close()
+
+
+def get_service(request: Request) -> EdgeService:
+    """The app's EdgeService (503 while the model is still loading)."""
+    service: EdgeService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise Unavailable("the edge model is still loading", retry_after=1.0)
+    return service
+
+
+Service = Annotated[EdgeService, Depends(get_service)]
