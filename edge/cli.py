@@ -6,9 +6,26 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
+from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
+
+#: EdgeSettings fields offered as options (help and defaults come from the fields).
+OPTIONS = (
+    "host",
+    "port",
+    "model_dir",
+    "model_version",
+    "precision",
+    "threads",
+    "max_active",
+    "max_queue",
+    "default_max_tokens",
+    "nats_url",
+    "node_id",
+    "no_cloud",
+    "api_keys",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,31 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         "edge model (onnxruntime-genai), with routing to the cloud workers over NATS. Every "
         "option also reads HG_EDGE_<OPTION> (e.g. HG_EDGE_PORT); the bus URL also HG_NATS_URL.",
     )
-    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8400; 0 = any free)")
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        help="any onnxruntime-genai model folder (builder output); default: the edge build "
-        "of the current model set under $HG_HOME/models",
-    )
-    parser.add_argument("--model-version", help="model-set version (default: CURRENT)")
-    parser.add_argument("--precision", choices=("int4", "int8", "fp32"), help="edge build")
-    parser.add_argument("--threads", type=int, help="ONNX intra-op threads (default 1)")
-    parser.add_argument("--max-active", type=int, help="requests generated at once (default 4)")
-    parser.add_argument("--max-queue", type=int, help="requests waiting for a slot (default 32)")
-    parser.add_argument("--nats", dest="nats_url", help="NATS URL (default $HG_NATS_URL)")
-    parser.add_argument("--node-id", help="node id on the bus (default edge-<host>-<hex>)")
-    parser.add_argument(
-        "--no-cloud", action="store_true", default=None, help="never use the bus or the cloud"
+    add_settings_arguments(
+        parser,
+        EdgeSettings,
+        OPTIONS,
+        flags={"nats_url": "--nats", "api_keys": "--api-key"},
     )
     parser.add_argument(
         "--policy",
         help="local routing policy as JSON, e.g. '{\"perplexity_threshold\": 40}' "
         "(the KV bucket's fleet and node policy override it)",
-    )
-    parser.add_argument(
-        "--api-key", action="append", dest="api_keys", help="accepted bearer key (repeatable)"
     )
     parser.add_argument("--log-level", default="info", help="logging level")
     return parser
@@ -50,11 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> EdgeSettings:
     """EdgeSettings from the environment, overridden by the options given."""
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("log_level", "policy") and value is not None
-    }
+    overrides = settings_overrides(args, OPTIONS)
     if args.policy:
         overrides["policy"] = json.loads(args.policy)
     return EdgeSettings(**overrides)

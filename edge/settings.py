@@ -21,11 +21,11 @@ class EdgeSettings(BaseSettings):
     port: int = Field(default=8400, ge=0, le=65535, description="HTTP port (0: any free one).")
     model_dir: Path | None = Field(
         default=None,
-        description="An onnxruntime-genai model folder (any builder output). Default: the "
+        description="An onnxruntime-genai model folder (any builder output); none: the "
         "edge build of the current model set.",
     )
     model_version: str | None = Field(
-        default=None, description="Model-set version to serve (default: CURRENT)."
+        default=None, description="Model-set version to serve (none: CURRENT)."
     )
     precision: str = Field(default="int4", description="Edge build of the model set to use.")
     threads: int = Field(default=1, ge=1, le=64, description="ONNX intra-op threads.")
@@ -43,10 +43,10 @@ class EdgeSettings(BaseSettings):
         default_factory=list, description="Accepted bearer keys; empty leaves the API open."
     )
     node_id: str | None = Field(
-        default=None, description="Node id on the bus (default: edge-<host>-<4 hex>)."
+        default=None, description="Node id on the bus (none: edge-<host>-<4 hex>)."
     )
     nats_url: str | None = Field(
-        default=None, description="NATS server URL (default: HG_NATS_URL or localhost:4222)."
+        default=None, description="NATS server URL (none: HG_NATS_URL or localhost:4222)."
     )
     no_cloud: bool = Field(
         default=False, description="Never connect to the bus: serve everything locally."
