@@ -6,9 +6,28 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
 from broker.errors import HybridgenError
+from broker.settings import add_settings_arguments, settings_overrides
+from cloud.settings import ApiSettings, WorkerSettings
+
+#: Settings fields offered as options (help and defaults come from the fields).
+WORKER_OPTIONS = (
+    "model_dir",
+    "model_set",
+    "model",
+    "node_id",
+    "device",
+    "threads",
+    "max_queue_requests",
+    "max_queue_tokens",
+    "max_batch_requests",
+    "max_batch_tokens",
+    "cache_tokens",
+    "default_max_tokens",
+    "drain_timeout_s",
+)
+API_OPTIONS = ("host", "port", "api_keys", "models", "request_timeout_s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,27 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         "cloud.<model>. Start several (on any machines reaching the same NATS) to share "
         "the load. SIGTERM drains: no new requests, in-flight ones finish, then exit.",
     )
-    worker.add_argument(
-        "--model-dir",
-        type=Path,
-        help="checkpoint folder (default: cloud/ of the current model set)",
-    )
-    worker.add_argument("--model-set", help="model-set version to load (default: CURRENT)")
-    worker.add_argument("--model", help="model name served (default hg-cloud)")
+    add_settings_arguments(worker, WorkerSettings, WORKER_OPTIONS)
     worker.add_argument("--nats", help="NATS URL (default HG_NATS_URL or nats://127.0.0.1:4222)")
-    worker.add_argument("--node-id", help="node id (default cloud-<host>-<hex>)")
-    worker.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when present")
-    worker.add_argument("--threads", type=int, help="torch threads on CPU (default: all cores)")
-    worker.add_argument("--max-queue-requests", type=int, help="admitted requests at most")
-    worker.add_argument("--max-queue-tokens", type=int, help="admitted prompt+max_tokens at most")
-    worker.add_argument("--max-batch-requests", type=int, help="sequences per forward step")
-    worker.add_argument("--cache-tokens", type=int, help="KV-cache capacity in tokens (CPU)")
-    worker.add_argument(
-        "--drain-timeout",
-        type=float,
-        dest="drain_timeout_s",
-        help="seconds in-flight requests get on SIGTERM (default 30)",
-    )
 
     api = sub.add_parser(
         "api",
@@ -56,44 +56,15 @@ def _parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
         "/v1/models, /healthz, /readyz, /metrics) forwarding to cloud workers over NATS.",
     )
-    api.add_argument("--host", help="address (default 127.0.0.1)")
-    api.add_argument("--port", type=int, help="port (default 8500; 0 = any free port)")
+    add_settings_arguments(api, ApiSettings, API_OPTIONS, flags={"api_keys": "--api-key"})
     api.add_argument("--nats", help="NATS URL (default HG_NATS_URL or nats://127.0.0.1:4222)")
-    api.add_argument(
-        "--api-key",
-        action="append",
-        dest="api_keys",
-        help="accepted API key (repeat; default HG_CLOUD_API_KEYS; none = open)",
-    )
     return parser  # fmt: skip
 
 
-def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, object]:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
 def _run_worker(args: argparse.Namespace) -> int:
-    from cloud.settings import WorkerSettings
     from cloud.worker import run_worker
 
-    settings = WorkerSettings(
-        **_overrides(  # type: ignore[arg-type]
-            args,
-            [
-                "model_dir",
-                "model_set",
-                "model",
-                "node_id",
-                "device",
-                "threads",
-                "max_queue_requests",
-                "max_queue_tokens",
-                "max_batch_requests",
-                "cache_tokens",
-                "drain_timeout_s",
-            ],
-        )
-    )
+    settings = WorkerSettings(**settings_overrides(args, WORKER_OPTIONS))
     return asyncio.run(run_worker(settings, args.nats))
 
 
@@ -101,13 +72,8 @@ def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cloud.api import create_app
-    from cloud.settings import ApiSettings
 
-    settings = ApiSettings(
-        **_overrides(  # type: ignore[arg-type]
-            args, ["host", "port", "api_keys"]
-        )
-    )
+    settings = ApiSettings(**settings_overrides(args, API_OPTIONS))
     app = create_app(settings, nats_url=args.nats)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0

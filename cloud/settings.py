@@ -25,20 +25,20 @@ class WorkerSettings(BaseSettings):
     )
     model_dir: Path | None = Field(
         default=None,
-        description="Checkpoint folder to load; default: the `cloud/` model of the current "
+        description="Checkpoint folder to load; none: the `cloud/` model of the current "
         "model set (`hybridgen models build`).",
     )
     model_set: str | None = Field(
-        default=None, description="Model-set version to load from (default: CURRENT)."
+        default=None, description="Model-set version to load from (none: CURRENT)."
     )
     node_id: str | None = Field(
-        default=None, description="This worker's node id (default: cloud-<host>-<hex>)."
+        default=None, description="This worker's node id (none: cloud-<host>-<hex>)."
     )
     device: str | None = Field(
-        default=None, description="'cpu' or 'cuda'; default: CUDA when available."
+        default=None, description="'cpu' or 'cuda'; none: CUDA when available."
     )
     threads: int | None = Field(
-        default=None, ge=1, description="torch threads on CPU (default: all cores)."
+        default=None, ge=1, description="torch threads on CPU (none: all cores)."
     )
     max_queue_requests: int = Field(
         default=64, ge=1, description="Requests admitted at once (running + waiting)."
