@@ -23,7 +23,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 
-from broker.errors import NotFound, Overloaded
+from broker.errors import NotFound, Overloaded, Unavailable
 from edge.cloud_bridge import CloudBridge
 from edge.lifecycle import NodeLifecycle
 from edge.request import EdgeRequest, Item, RouteInfo, stream_local, with_max_tokens
@@ -86,7 +86,8 @@ class Router:
         node = self.node
         started = time.perf_counter()
         if node.draining:
-            raise Overloaded("this edge node is draining", retry_after=5.0)
+            # The same answer a draining cloud worker gives: go elsewhere, not "busy, retry".
+            raise Unavailable("this edge node is draining", retry_after=5.0)
         cloud_only = self.check_model(request.model)
         runtime = node.runtime
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)

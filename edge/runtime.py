@@ -40,17 +40,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime_genai as og
 from tokenizers import Tokenizer
 
 from broker.errors import BadRequest, ContextLengthExceeded, Internal, NotFound, Overloaded
+from broker.wire import FinishReason
 
 logger = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Route = Literal["auto", "edge", "cloud"]
-FinishReason = Literal["stop", "length", "cancelled"]
 
 #: How many stop sequences a request may carry (OpenAI allows 4; the bus allows 16).
 MAX_STOP_SEQUENCES = 4

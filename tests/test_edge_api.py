@@ -483,7 +483,9 @@ async def test_drain_and_resume(start_edge: Callable[..., Any], nc: Client) -> N
             "/v1/completions", json={"model": "hg-edge", "prompt": "x", "max_tokens": 2}
         )
         assert response.status_code == 503
-        assert response.json()["error"]["code"] == "overloaded"
+        # As a draining cloud worker answers: go elsewhere (not "busy, retry here").
+        assert response.json()["error"]["code"] == "unavailable"
+        assert response.headers["retry-after"]
         assert (await http.get("/readyz")).status_code == 503
         assert (await send_control(nc, edge.node_id, "resume")).ok
         assert (await http.get("/readyz")).status_code == 200
