@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -94,7 +94,8 @@ def add_settings_arguments(
         elif get_origin(kind) is list:
             parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
         elif kind in (int, float, Path):
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+            convert: Callable[[str], Any] = kind  # type: ignore[assignment]
+            parser.add_argument(flag, dest=name, type=convert, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
 

@@ -46,9 +46,8 @@ from serving.metrics import HttpMetrics, install_common
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    chat_chunk,
+    StreamChunks,
     chat_response,
-    completion_chunk,
     completion_response,
     model_list,
 )
@@ -367,24 +366,7 @@ async def _serve(
         )
         return JSONResponse({**answer.body(), "request_id": request_id}, headers=headers)
 
-    def piece(
-        text: str | None = None,
-        *,
-        first: bool = False,
-        finish_reason: str | None = None,
-        usage: tuple[int, int] | None = None,
-        **extra: Any,
-    ) -> Any:
-        if chat:
-            return chat_chunk(
-                request_id=request_id, model=model, created=created, content=text,
-                role="assistant" if first else None, finish_reason=finish_reason, usage=usage,
-                with_choice=usage is None, **extra,
-            )  # fmt: skip
-        return completion_chunk(
-            request_id=request_id, model=model, created=created, text=text or "",
-            finish_reason=finish_reason, usage=usage, with_choice=usage is None, **extra,
-        )  # fmt: skip
+    chunks_of = StreamChunks(chat=chat, request_id=request_id, model=model, created=created)
 
     async def chunks() -> AsyncIterator[Any]:
         started = time.monotonic()
@@ -392,12 +374,12 @@ async def _serve(
         failed = True
         done: wire.Done | None = None
         try:
-            async with open_stream() as stream:
-                yield piece("", first=True)
-                async for chunk in stream:
+            async with open_stream() as replies:
+                yield chunks_of.first()
+                async for chunk in replies:
                     if chunk.text:
-                        yield piece(chunk.text)
-                done = stream.done
+                        yield chunks_of.delta(chunk.text)
+                done = replies.done
             failed = False
         except HybridgenError as exc:
             state.metrics.errors.labels(exc.code.value).inc()
@@ -408,10 +390,10 @@ async def _serve(
             state.stats.record(time.monotonic() - started, tokens, error=failed)
         assert done is not None
         _count_tokens(state, done)
-        last = piece(finish_reason=done.finish_reason, served_by="cloud", worker=done.served_by)
+        last = chunks_of.finish(done.finish_reason, served_by="cloud", worker=done.served_by)
         yield {**last.body(), "request_id": request_id}
         if body.include_usage:
-            yield piece(usage=(done.usage.prompt_tokens, done.usage.completion_tokens))
+            yield chunks_of.usage(done.usage.prompt_tokens, done.usage.completion_tokens)
 
     return await sse_response(chunks(), headers=headers)
 

@@ -295,54 +295,25 @@ async def _stream(
 ) -> AsyncIterator[dict[str, Any]]:
     """The SSE chunks of one answer: the first (role, echo), the text, the finish, usage."""
 
-    def chunk(
-        text: str | None,
-        *,
-        first: bool = False,
-        finish: str | None = None,
-        usage: tuple[int, int] | None = None,
-        fields: dict[str, Any] = extra,
-    ) -> dict[str, Any]:
-        with_choice = usage is None
-        model: Any
-        if chat:
-            model = protocol.chat_chunk(
-                request_id=info.request_id,
-                model=info.model,
-                created=created,
-                content=text,
-                role="assistant" if first else None,
-                finish_reason=finish,
-                usage=usage,
-                with_choice=with_choice,
-            )
-        else:
-            model = protocol.completion_chunk(
-                request_id=info.request_id,
-                model=info.model,
-                created=created,
-                text=text or "",
-                finish_reason=finish,
-                usage=usage,
-                with_choice=with_choice,
-            )
-        return _tagged(model, fields)
+    chunks_of = protocol.StreamChunks(
+        chat=chat, request_id=info.request_id, model=info.model, created=created
+    )
 
     try:
-        yield chunk(echo, first=True)
+        yield _tagged(chunks_of.first(echo), extra)
         async for item in items:
             if isinstance(item, Piece):
-                yield chunk(item.text)
+                yield _tagged(chunks_of.delta(item.text), extra)
             elif isinstance(item, Outcome):
                 final = dict(extra)
                 if item.completed_locally:
                     final["completed_by"] = "edge"
                 metrics.http.tokens.labels("prompt").inc(item.prompt_tokens)
                 metrics.http.tokens.labels("completion").inc(item.completion_tokens)
-                yield chunk("", finish=item.finish_reason, fields=final)
+                yield _tagged(chunks_of.finish(item.finish_reason), final)
                 if include_usage:
-                    usage = (item.prompt_tokens, item.completion_tokens)
-                    yield chunk(None, usage=usage, fields=final)
+                    usage = chunks_of.usage(item.prompt_tokens, item.completion_tokens)
+                    yield _tagged(usage, final)
     finally:
         await items.aclose()
 

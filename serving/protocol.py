@@ -388,6 +388,57 @@ def chat_chunk(
     )
 
 
+@dataclass(frozen=True)
+class StreamChunks:
+    """Every chunk of one streamed answer, chat or completion, built the same way on the edge
+    and the cloud: the first (the assistant role), text deltas, the last (`finish_reason`),
+    and the usage-only chunk of `stream_options.include_usage`. `extra` fields (hybridgen's
+    `served_by`, `route_reason`, ...) land next to OpenAI's."""
+
+    chat: bool
+    request_id: str
+    model: str
+    created: int
+
+    def _chunk(
+        self,
+        text: str | None,
+        *,
+        first: bool = False,
+        finish_reason: str | None = None,
+        usage: tuple[int, int] | None = None,
+        **extra: Any,
+    ) -> ChatCompletionChunk | Completion:
+        common: dict[str, Any] = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "created": self.created,
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "with_choice": usage is None,
+        }
+        if self.chat:
+            role: Literal["assistant"] | None = "assistant" if first else None
+            return chat_chunk(content=text, role=role, **common, **extra)
+        return completion_chunk(text=text or "", **common, **extra)
+
+    def first(self, text: str = "", **extra: Any) -> ChatCompletionChunk | Completion:
+        """The opening chunk (the role; a completion's echoed prompt, if any)."""
+        return self._chunk(text, first=True, **extra)
+
+    def delta(self, text: str, **extra: Any) -> ChatCompletionChunk | Completion:
+        """A piece of the answer's text."""
+        return self._chunk(text, **extra)
+
+    def finish(self, finish_reason: str, **extra: Any) -> ChatCompletionChunk | Completion:
+        """The closing chunk, with the finish reason."""
+        return self._chunk("", finish_reason=finish_reason, **extra)
+
+    def usage(self, prompt: int, completion: int, **extra: Any) -> ChatCompletionChunk | Completion:
+        """The usage-only chunk after the last one (no choices)."""
+        return self._chunk(None, usage=(prompt, completion), **extra)
+
+
 def model_list(names: list[str], *, owned_by: str = "hybridgen", **extra: Any) -> ModelList:
     """`GET /v1/models` body for the given model names."""
     return ModelList(data=[ModelCard(id=name, owned_by=owned_by, **extra) for name in names])
