@@ -37,14 +37,8 @@ from edge.routing import (
     decide,
     decide_after_draft,
 )
-from edge.runtime import (
-    Finished,
-    Generation,
-    Prefill,
-    Token,
-    encode_with_span,
-    scored_positions,
-)
+from edge.runtime import Finished, Generation, Prefill, Token
+from models.scoring import encode_with_span, scored_positions
 
 
 class Router:

@@ -37,17 +37,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime_genai as og
-from tokenizers import Tokenizer
 
-from broker.errors import BadRequest, ContextLengthExceeded, Internal, NotFound, Overloaded
+from broker.errors import BadRequest, ContextLengthExceeded, Internal, Overloaded
 from broker.wire import FinishReason
+from models.ort_edge import EdgeModel
+from models.scoring import prefill, scored_positions
 
 logger = logging.getLogger(__name__)
 
@@ -120,80 +121,6 @@ def log_softmax(logits: np.ndarray, index: int | None = None) -> np.ndarray | fl
         return float(logits[index] - peak[0]) - float(np.log(total))
     shifted = logits - peak
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def scored_positions(n: int, span: tuple[int, int] | None = None) -> range:
-    """Prompt positions whose tokens the perplexity scores: `span` (or all), never position 0.
-
-    Position 0 has no context to be predicted from, so it is never scored.
-    """
-    start, end = span if span is not None else (0, n)
-    return range(max(1, start), min(n, end))
-
-
-def prompt_perplexity(
-    logits: np.ndarray, token_ids: list[int], span: tuple[int, int] | None = None
-) -> float | None:
-    """Perplexity of a prompt (or of a span of it) from its prefill logits.
-
-    Args:
-        logits: (n, V) logits of every prompt position.
-        token_ids: the n prompt token ids.
-        span: [start, end) token positions to score (e.g. a chat message's content, not its
-            role tags); None scores the whole prompt.
-
-    Returns:
-        exp(-mean log p(token[i] | token[..i-1])) over the scored positions i
-        (`scored_positions`), or None when there is none.
-    """
-    positions = scored_positions(len(token_ids), span)
-    if not positions:
-        return None
-    # Position i-1 predicts token i; the scored positions are contiguous, so this is a view.
-    predicted = logits[positions.start - 1 : positions.stop - 1]
-    targets = np.asarray(token_ids, dtype=np.int64)[positions.start : positions.stop]
-    # A few rows (~256 KiB) at a time through one reused buffer that stays in cache: for 256
-    # positions x V=49152 (50 MB of float32) this takes ~13 ms, against ~48 ms with
-    # whole-array temporaries (fancy-indexed copy, shifted copy, exp copy). Sums are in the
-    # logits' own precision; numpy sums pairwise (float32: relative error ~1e-6 over V).
-    dtype = np.result_type(logits.dtype, np.float32)  # float32 logits stay float32
-    rows = max(1, (256 * 1024) // (dtype.itemsize * max(1, logits.shape[-1])))
-    buffer = np.empty((min(rows, len(positions)), logits.shape[-1]), dtype=dtype)
-    nll = 0.0
-    for first in range(0, len(positions), rows):
-        block = predicted[first : first + rows]
-        scratch = buffer[: block.shape[0]]
-        peak = block.max(axis=-1)
-        np.subtract(block, peak[:, None], out=scratch)
-        np.exp(scratch, out=scratch)
-        lse = peak.astype(np.float64) + np.log(scratch.sum(axis=-1).astype(np.float64))
-        chosen = block[np.arange(block.shape[0]), targets[first : first + rows]]
-        nll += float((lse - chosen).sum())
-    return float(np.exp(nll / len(positions)))
-
-
-def encode_with_span(
-    encode: Callable[[str], list[int]], text: str, char_span: tuple[int, int] | None
-) -> tuple[list[int], tuple[int, int]]:
-    """Token ids of `text` and the token span of its characters `char_span`.
-
-    The span is found by tokenizing the text up to the span's start and up to its end: with
-    byte-level BPE and special tokens (a chat message's content sits between `<|role|>\\n`
-    and `<|end|>`) both are prefixes of the whole. When they are not (a merge across the
-    boundary), the whole prompt is the span.
-    """
-    ids = encode(text)
-    whole = (0, len(ids))
-    if char_span is None:
-        return ids, whole
-    start, end = char_span
-    if not 0 <= start < end <= len(text):
-        return ids, whole
-    head = encode(text[:start]) if start else []
-    upto = encode(text[:end])
-    if ids[: len(upto)] != upto or upto[: len(head)] != head or len(upto) <= len(head):
-        return ids, whole
-    return ids, (len(head), len(upto))
 
 
 def _held_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -305,31 +232,21 @@ class EdgeRuntime:
         max_queue: int = 32,
         version: str | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir)
-        config_path = self.model_dir / "genai_config.json"
-        if not config_path.is_file():
-            raise NotFound(f"{self.model_dir} is not an onnxruntime-genai model folder")
-        genai_config = json.loads(config_path.read_text(encoding="utf-8"))
-        self.context_length = int(genai_config["model"]["context_length"])
-        self.vocab_size = int(genai_config["model"]["vocab_size"])
+        started = time.perf_counter()
+        edge_model = EdgeModel(model_dir, threads)
+        self.load_s = time.perf_counter() - started
+        self.edge_model = edge_model
+        self.model_dir = edge_model.model_dir
+        self.context_length = edge_model.context_length
+        self.vocab_size = edge_model.vocab_size
         self.threads = threads
         self.max_active = max_active
         self.max_queue = max_queue
         self.version = version or _version_of(self.model_dir)
-        config = og.Config(str(self.model_dir))
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        started = time.perf_counter()
-        self._model = og.Model(config)
-        self._og_tokenizer = og.Tokenizer(self._model)
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self.load_s = time.perf_counter() - started
-        # The model's own end tokens (end of text and end of turn): the builder copies them
-        # from the checkpoint's generation config into genai_config.json.
-        self.stop_token_ids = {
-            int(t) for t in np.atleast_1d(genai_config["model"].get("eos_token_id", []))
-        } | {int(t) for t in self._og_tokenizer.eos_token_ids}
-        self.chat_template = _read_chat_template(self.model_dir)
+        self._model = edge_model.model
+        self._og_tokenizer = edge_model.og_tokenizer
+        self.tokenizer = edge_model.tokenizer
+        self.stop_token_ids = edge_model.stop_token_ids
         self._lock = threading.Condition()
         self._pending: deque[_Job] = deque()
         self._active: list[_Job] = []
@@ -353,33 +270,11 @@ class EdgeRuntime:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (special tokens such as `<|im_start|>` included)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.edge_model.encode(text)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The model's own chat template (its Jinja template, rendered by onnxruntime-genai's
-        tokenizer) applied to `messages`, ending with the assistant's turn opened.
-
-        Raises:
-            BadRequest: the model has no chat template, or the template refuses the messages
-                (for example a role it does not know).
-        """
-        if self.chat_template is None:
-            raise BadRequest(
-                f"the edge model {self.model_dir.name} has no chat template; use /v1/completions",
-                param="messages",
-            )
-        try:
-            return str(
-                self._og_tokenizer.apply_chat_template(
-                    template_str=self.chat_template,
-                    messages=json.dumps(messages),
-                    add_generation_prompt=True,
-                )
-            )
-        except Exception as exc:  # the template's own refusals come back as RuntimeError
-            raise BadRequest(
-                f"the edge model's chat template refused the messages: {exc}", param="messages"
-            ) from None
+        """The edge model's own chat template applied to `messages` (`EdgeModel.render_chat`)."""
+        return self.edge_model.render_chat(messages)
 
     @property
     def per_token_s(self) -> float:
@@ -539,29 +434,7 @@ class EdgeRuntime:
             search["do_sample"] = False
         params.set_search_options(**search)
         generator = og.Generator(self._model, params)
-        # The prompt goes in 64-token chunks. `append_tokens` holds the GIL for the whole
-        # forward pass (unlike `generate_next_token`/`get_logits`), so one call on a long
-        # prompt froze the event loop for the whole prefill (~0.7 s for 256 tokens of
-        # SmolLM2-135M at 1 thread); between chunks it runs. Each chunk's logits (1, c, V)
-        # are scored at once: 64 x V=49152 floats (12.5 MB) stays under the 32 MB ceiling of
-        # glibc's dynamic mmap threshold, so the copies reuse heap pages instead of faulting
-        # in a fresh 50 MB per prompt. 256 tokens, logits copies included: 663 ms chunked vs
-        # 747 ms in one call at 1 thread (SmolLM2-135M int4; 0.80x on a random 124M Llama),
-        # within 4% at 2 threads on a busy machine; same perplexity and next token. Event
-        # loop stalls during that prefill: 690-710 ms before, 170-210 ms now.
-        ids = job.prompt_ids
-        positions = scored_positions(len(ids), job.score_span)
-        chunk, nll = 64, 0.0
-        for first in range(0, len(ids), chunk):
-            last = min(len(ids), first + chunk)
-            generator.append_tokens(ids[first:last])
-            # Rows first..last-1 of this chunk predict tokens first+1..last.
-            low, high = max(positions.start, first + 1), min(positions.stop, last + 1)
-            if low < high:
-                logits = generator.get_output("logits")[0]  # (last - first, V)
-                part = prompt_perplexity(logits, ids[first : last + 1], (low - first, high - first))
-                nll += float(np.log(part)) * (high - low) if part is not None else 0.0
-        perplexity = float(np.exp(nll / len(positions))) if positions else None
+        perplexity = prefill(generator, job.prompt_ids, job.score_span)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
         job.emit(
@@ -632,20 +505,6 @@ class EdgeRuntime:
             )
         )
         job.cancelled = True  # dropped from the pool at the next pass
-
-
-def _read_chat_template(model_dir: Path) -> str | None:
-    """The model's Jinja chat template: `chat_template.jinja` (what transformers 5 writes and
-    the builder copies), else `tokenizer_config.json`'s `chat_template`; None without one."""
-    path = model_dir / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    try:
-        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    return template if isinstance(template, str) and template else None
 
 
 def _version_of(model_dir: Path) -> str:

@@ -228,13 +228,14 @@ def _calibrate(
     staging: Path, precisions: tuple[str, ...], corpus: corpus_mod.Corpus, options: BuildOptions
 ) -> Routing:
     """The edge's default routing threshold, measured the way its router reads it."""
+    from models.ort_edge import EdgeModel
+
     measured = "int4" if "int4" in precisions else precisions[0]
     result = calibration.calibrate(
-        staging / f"edge-{measured}",
+        EdgeModel(staging / f"edge-{measured}", options.threads),
         corpus.texts(in_domain=True, held_out=True),
         corpus.texts(in_domain=False, held_out=True),
         seed=options.seed,
-        threads=options.threads,
         precision=measured,
     )
     return Routing.model_validate({"mode": "calibrated", **result})

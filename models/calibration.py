@@ -4,8 +4,9 @@ The edge sends a request to the cloud when its prompt perplexity (read from the 
 logits) is above `perplexity_threshold`. This module chooses that threshold for a model set:
 it cuts held-out passages of `min_tokens`..`max_tokens` tokens from both sides of the corpus
 (the edge's domain and the rest; documents the models never trained on), measures each one's
-prompt perplexity with the edge runtime itself (`edge.runtime.EdgeRuntime`, the same
-tokenizer, prefill and `prompt_perplexity` the router sees at serving time, on the int4 build)
+prompt perplexity with a scorer: the build passes `models.ort_edge.EdgeModel`, which the edge
+runtime serves too (the same loader, tokenizer, chat template and `models.scoring.prefill`
+the router reads at serving time, on the int4 build)
 and picks the threshold that maximises balanced accuracy for "out of domain -> cloud". It
 also reports the ROC AUC of the signal. The result goes into `manifest.json` under `routing`;
 the edge uses it whenever its policy leaves `perplexity_threshold` unset.
@@ -16,22 +17,21 @@ varied lengths (LENGTH_BUCKETS) and one threshold is fitted per bucket of scored
 passage is scored twice, as the edge serves it: as a completion prompt (all its tokens) and
 wrapped as a chat user message (its content tokens only, not the role tags).
 
-Torch-free (the edge runtime is), deterministic given the seed and the corpus.
+Torch-free, deterministic given the seed and the corpus; it imports no service.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import math
 import random
 import time
-from collections.abc import Coroutine, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
+
+from models.scoring import encode_with_span
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ MIN_TOKENS = 4
 MAX_TOKENS = 96
 #: Fewer passages than this on either side: no calibration (too noisy to trust).
 MIN_PROMPTS = 8
-
-T = TypeVar("T")
 
 
 def roc_auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
@@ -124,33 +122,12 @@ def passages(
     return out
 
 
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` to completion from sync code, also when called inside an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-async def _perplexities(
-    runtime: Any, prompts: list[tuple[list[int], tuple[int, int]]]
+def _perplexities(
+    scorer: PromptScorer, prompts: list[tuple[list[int], tuple[int, int]]]
 ) -> list[float]:
-    """Prompt perplexity of each (token ids, scored span), exactly as the edge router reads it."""
-    from edge.runtime import Prefill, SamplingOptions
-
-    options = SamplingOptions(max_tokens=1, temperature=0.0)
-    values: list[float] = []
-    for ids, span in prompts:
-        generation = runtime.submit(ids, options, hold_after_prefill=True, score_span=span)
-        try:
-            event = await generation.next_event()
-        finally:
-            generation.cancel()
-        if isinstance(event, Prefill) and event.perplexity is not None:
-            values.append(event.perplexity)
-    return values
+    """Prompt perplexity of each (token ids, scored span)."""
+    values = (scorer.perplexity(ids, span) for ids, span in prompts)
+    return [value for value in values if value is not None]
 
 
 def _fit(inside: Sequence[float], outside: Sequence[float]) -> dict[str, Any]:
@@ -177,13 +154,28 @@ def _fit(inside: Sequence[float], outside: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+class PromptScorer(Protocol):
+    """What calibration needs of the edge model: its text side and its prompt perplexity."""
+
+    context_length: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
+
+    def perplexity(
+        self, ids: Sequence[int], span: tuple[int, int] | None = None
+    ) -> float | None: ...
+
+
 def calibrate(
-    edge_dir: Path,
+    scorer: PromptScorer,
     in_domain: Sequence[str],
     out_of_domain: Sequence[str],
     *,
     seed: int = 0,
-    threads: int = 1,
     max_prompts: int = MAX_PROMPTS,
     min_tokens: int = MIN_TOKENS,
     max_tokens: int = MAX_TOKENS,
@@ -192,11 +184,10 @@ def calibrate(
     """Choose the edge's perplexity thresholds (overall and per length bucket) on held-out text.
 
     Args:
-        edge_dir: the onnxruntime-genai edge build to measure (the one the edge serves).
+        scorer: the edge build to measure, loaded (`models.ort_edge.EdgeModel`).
         in_domain: held-out documents of the edge's domain.
         out_of_domain: held-out documents outside it.
         seed: passage lengths are drawn from a generator seeded with it.
-        threads: intra-op threads of the edge runtime.
         max_prompts: passages per side and length bucket at most.
         min_tokens: shortest passage (tokens).
         max_tokens: longest passage (tokens; capped below the edge's context window).
@@ -212,71 +203,60 @@ def calibrate(
         `prompts` (scored prompts per side: each passage twice, completion and chat),
         `prompt_tokens`, `precision`, `seconds`.
     """
-    from edge.runtime import EdgeRuntime, encode_with_span
-
     started = time.perf_counter()
-    runtime = EdgeRuntime(edge_dir, threads=threads, max_active=1, max_queue=4)
-    try:
-        # Room for the chat wrapping (a few tokens) inside the context window.
-        top = max(2, min(max_tokens, runtime.context_length - 16))
-        low = max(2, min(min_tokens, top))
-        rng = random.Random(seed)
+    # Room for the chat wrapping (a few tokens) inside the context window.
+    top = max(2, min(max_tokens, scorer.context_length - 16))
+    low = max(2, min(min_tokens, top))
+    rng = random.Random(seed)
 
-        def decode(ids: list[int]) -> str:
-            return str(runtime.tokenizer.decode(ids, skip_special_tokens=False))
-
-        buckets: list[tuple[int, int, int | None]] = []  # (shortest, longest passage, max)
-        for shortest, most in LENGTH_BUCKETS:
-            a = max(low, shortest)
-            b = min(top, most if most is not None else top)
-            if a <= b:
-                buckets.append((a, b, most))
-        # side -> bucket index -> scored prompts (token ids, span)
-        sides: dict[str, list[list[tuple[list[int], tuple[int, int]]]]] = {}
-        for name, texts in (("in_domain", in_domain), ("out_of_domain", out_of_domain)):
-            per_bucket = []
-            for a, b, _ in buckets:
-                cut = passages(
-                    texts,
-                    runtime.encode,
-                    decode,
-                    rng=rng,
-                    limit=max_prompts,
-                    min_tokens=a,
-                    max_tokens=b,
-                )
-                scored: list[tuple[list[int], tuple[int, int]]] = []
-                for text in cut:
-                    scored.append(encode_with_span(runtime.encode, text, None))
-                    # Wrapped by the edge model's own chat template, as the edge serves it.
-                    chat = runtime.render_chat([{"role": "user", "content": text}])
-                    begin = chat.rindex(text)
-                    scored.append(
-                        encode_with_span(runtime.encode, chat, (begin, begin + len(text)))
-                    )
-                per_bucket.append(scored)
-            sides[name] = per_bucket
-        result: dict[str, Any] = {
-            "perplexity_threshold": None,
-            "thresholds_by_length": [],
-            "prompts": {k: sum(len(b) for b in v) for k, v in sides.items()},
-            "prompt_tokens": [low, top],
-            "precision": precision,
-            "seed": seed,
-        }
-        if min(result["prompts"].values()) < MIN_PROMPTS:
-            result["skipped"] = (
-                f"too little held-out text (scored prompts: {result['prompts']}, need "
-                f"{MIN_PROMPTS} on each side)"
+    buckets: list[tuple[int, int, int | None]] = []  # (shortest, longest passage, max)
+    for shortest, most in LENGTH_BUCKETS:
+        a = max(low, shortest)
+        b = min(top, most if most is not None else top)
+        if a <= b:
+            buckets.append((a, b, most))
+    # side -> bucket index -> scored prompts (token ids, span)
+    sides: dict[str, list[list[tuple[list[int], tuple[int, int]]]]] = {}
+    for name, texts in (("in_domain", in_domain), ("out_of_domain", out_of_domain)):
+        per_bucket = []
+        for a, b, _ in buckets:
+            cut = passages(
+                texts,
+                scorer.encode,
+                scorer.decode,
+                rng=rng,
+                limit=max_prompts,
+                min_tokens=a,
+                max_tokens=b,
             )
-            logger.warning("routing calibration skipped: %s", result["skipped"])
-            return result
-        scores = {
-            name: [_run_sync(_perplexities(runtime, prompts)) for prompts in per_bucket]
-            for name, per_bucket in sides.items()
-        }
-    finally:
-        _run_sync(runtime.close())
+            scored: list[tuple[list[int], tuple[int, int]]] = []
+            for text in cut:
+                scored.append(encode_with_span(scorer.encode, text, None))
+                # Wrapped by the edge model's own chat template, as the edge serves it.
+                chat = scorer.render_chat([{"role": "user", "content": text}])
+                begin = chat.rindex(text)
+                scored.append(encode_with_span(scorer.encode, chat, (begin, begin + len(text))))
+            per_bucket.append(scored)
+        sides[name] = per_bucket
+    result: dict[str, Any] = {
+        "perplexity_threshold": None,
+        "thresholds_by_length": [],
+        "prompts": {k: sum(len(b) for b in v) for k, v in sides.items()},
+        "prompt_tokens": [low, top],
+        "precision": precision,
+        "seed": seed,
+    }
+    if min(result["prompts"].values()) < MIN_PROMPTS:
+        result["skipped"] = (
+            f"too little held-out text (scored prompts: {result['prompts']}, need "
+            f"{MIN_PROMPTS} on each side)"
+        )
+        logger.warning("routing calibration skipped: %s", result["skipped"])
+        return result
+    scores = {
+        name: [_perplexities(scorer, prompts) for prompts in per_bucket]
+        for name, per_bucket in sides.items()
+    }
     inside = [v for bucket in scores["in_domain"] for v in bucket]
     outside = [v for bucket in scores["out_of_domain"] for v in bucket]
     overall = _fit(inside, outside)

@@ -1,4 +1,4 @@
-"""The chat format of the bundled models: simple role tags, shared by cloud and edge.
+"""Chat formats: the lab models' role tags, and reading any model's own Jinja template.
 
 Torch-free (the edge imports it). The same format is stored as the tokenizer's Jinja
 `chat_template`, so `tokenizer.apply_chat_template` in transformers renders identical text.
@@ -6,7 +6,9 @@ Torch-free (the edge imports it). The same format is stored as the tokenizer's J
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 EOS_TOKEN = "<|endoftext|>"
@@ -41,3 +43,17 @@ def render_chat(
     if add_generation_prompt:
         parts.append(f"{ROLE_TOKENS['assistant']}\n")
     return "".join(parts)
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """The model's Jinja chat template: `chat_template.jinja` (what transformers 5 writes and
+    the builder copies), else `tokenizer_config.json`'s `chat_template`; None without one."""
+    path = model_dir / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) and template else None

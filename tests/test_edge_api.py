@@ -34,10 +34,11 @@ from broker.server import NatsServer
 from broker.store import FleetConfig
 from edge.app import create_app
 from edge.routing import length_threshold
-from edge.runtime import EdgeRuntime, Prefill, SamplingOptions, encode_with_span
+from edge.runtime import EdgeRuntime, Prefill, SamplingOptions
 from edge.settings import EdgeSettings
 from models.chat import render_chat
 from models.registry import ModelSet
+from models.scoring import encode_with_span
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,11 @@ from edge.runtime import (
     SamplingOptions,
     Token,
     log_softmax,
-    prompt_perplexity,
 )
 from models import bench as decode_bench
 from models import bench_sweep, edge_build
 from models.registry import ModelSet
+from models.scoring import prompt_perplexity
 
 
 @pytest.mark.slow

@@ -25,12 +25,10 @@ from edge.runtime import (
     SamplingOptions,
     Token,
     _held_suffix,
-    encode_with_span,
-    prompt_perplexity,
-    scored_positions,
 )
 from models.chat import render_chat
 from models.registry import ModelSet
+from models.scoring import encode_with_span, prompt_perplexity, scored_positions
 
 PROMPT = "<|user|>\nPermission is hereby granted, free of charge<|end|>\n<|assistant|>\n"
 

@@ -13,6 +13,7 @@ import pytest
 from models import calibration
 from models.cli import main
 from models.manifest import routing_calibration, verify
+from models.ort_edge import EdgeModel
 from models.registry import ModelSet
 
 
@@ -57,8 +58,12 @@ def test_edge_builds_find_their_calibration(tiny_models: ModelSet, tmp_path: Pat
 def test_calibration_matches_the_runtime_and_is_deterministic(tiny_models: ModelSet) -> None:
     in_texts = ["NAME\n\nls - list directory contents. " * 30]
     out_texts = ["def popitem(self, last=True):\n    Remove and return a pair. " * 30]
-    first = calibration.calibrate(tiny_models.edge_dir("int4"), in_texts, out_texts, seed=3)
-    again = calibration.calibrate(tiny_models.edge_dir("int4"), in_texts, out_texts, seed=3)
+    first = calibration.calibrate(
+        EdgeModel(tiny_models.edge_dir("int4")), in_texts, out_texts, seed=3
+    )
+    again = calibration.calibrate(
+        EdgeModel(tiny_models.edge_dir("int4")), in_texts, out_texts, seed=3
+    )
     for result in (first, again):
         result.pop("seconds")
     assert first == again
@@ -66,7 +71,9 @@ def test_calibration_matches_the_runtime_and_is_deterministic(tiny_models: Model
 
 
 def test_no_out_of_domain_text_records_null(tiny_models: ModelSet) -> None:
-    result = calibration.calibrate(tiny_models.edge_dir("int4"), ["some text " * 200], [])
+    result = calibration.calibrate(
+        EdgeModel(tiny_models.edge_dir("int4")), ["some text " * 200], []
+    )
     assert result["perplexity_threshold"] is None
     assert result["prompts"]["out_of_domain"] == 0 and "skipped" in result
 
