@@ -121,3 +121,18 @@ def test_unsupported_architecture_is_refused(
     assert main(["build", "--profile", "tiny", "--edge-from", str(tmp_path / "missing"),
                  "--home", str(home)]) == 1  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_builder_architectures_match_the_installed_builder() -> None:
+    """The builder has no public list of what it converts: the pinned table must follow the
+    installed builder's dispatch (this fails on an upgrade that changes it)."""
+    import importlib.util
+    import re
+
+    from models.edge_build import BUILDER_ARCHITECTURES
+
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    dispatch = set(re.findall(r'config\.architectures\[0\] == "([A-Za-z0-9_]+)"', source))
+    assert dispatch == set(BUILDER_ARCHITECTURES)
