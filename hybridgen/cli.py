@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("hybridgen.benches", "main", "run a benchmark: hybridgen bench NAME [--json]"),
 }
 
+
 def _resolve(module: str, function: str) -> Callable[[list[str]], int]:
     return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
 
@@ -48,5 +49,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, function, _ = COMMANDS[command]
     return _resolve(module, function)(rest)
-
-

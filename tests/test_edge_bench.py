@@ -23,8 +23,9 @@ from edge.runtime import (
     Token,
     log_softmax,
 )
-from models import bench as decode_bench
-from models import bench_sweep, edge_build
+from hybridgen.benches import edge_decode as decode_bench
+from hybridgen.benches import edge_decode_sweep as bench_sweep
+from models import edge_build
 from models.registry import ModelSet
 from models.scoring import prompt_perplexity
 

@@ -77,7 +77,7 @@ def test_edge_decode_bench_on_tiny_set(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from models import bench
+    from hybridgen.benches import edge_decode as bench
 
     monkeypatch.setenv("HG_HOME", str(tiny_models_home))
     monkeypatch.setattr(bench, "measure_read_bandwidth", lambda: 10.0)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 #: bench name -> (module, function taking argv and returning an exit status)
 BENCHES: dict[str, tuple[str, str]] = {
     "hop": ("hybridgen.benches", "hop"),
-    "edge-decode": ("models.bench", "main"),
+    "edge-decode": ("hybridgen.benches.edge_decode", "main"),
     "cloud-batching": ("cloud.bench", "main"),
 }
 

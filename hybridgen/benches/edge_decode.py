@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bench_measure import (
+from hybridgen.benches.edge_decode_measure import (
     cpu_info,
     load_average,
     prompt_ids,
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if not threads or min(threads) < 1:
         parser.error("--threads needs positive counts")
     if args.sweep:
-        from models import bench_sweep
+        from hybridgen.benches import edge_decode_sweep as bench_sweep
 
         return bench_sweep.main_sweep(args, threads=threads, runs=runs)
     result = run(

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models import bench, bench_measure
+from hybridgen.benches import edge_decode as bench
+from hybridgen.benches import edge_decode_measure as bench_measure
 
 logger = logging.getLogger(__name__)
 
