@@ -49,6 +49,7 @@ from broker.errors import BadRequest, ContextLengthExceeded, Internal, Overloade
 from broker.wire import FinishReason
 from models.ort_edge import EdgeModel
 from models.scoring import prefill, scored_positions
+from serving.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +124,6 @@ def log_softmax(logits: np.ndarray, index: int | None = None) -> np.ndarray | fl
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _held_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:size]):
-                best = size
-                break
-    return best
-
-
 class _Job:
     """One request inside the worker thread (fields touched by both sides are simple flags)."""
 
@@ -156,7 +146,7 @@ class _Job:
         self.generator: Any = None
         self.stream: Any = None
         self.completion_tokens = 0
-        self.pending_text = ""  # decoded but not yet released (possible stop prefix)
+        self.stops = StopMatcher(options.stop)  # holds what may start a stop string
 
     def emit(self, event: Event | BaseException) -> None:
         try:
@@ -470,32 +460,15 @@ class EdgeRuntime:
             job.emit(Token(token_id=token_id, text="", logprob=logprob))
             self._finish(job, "stop")
             return
-        job.pending_text += job.stream.decode(token_id)
-        released, stopped = self._release(job)
+        released, stopped = job.stops.push(job.stream.decode(token_id))
         job.emit(Token(token_id=token_id, text=released, logprob=logprob))
         if stopped:
             self._finish(job, "stop", flush=False)
         elif generator.is_done() or job.remaining <= 0:
             self._finish(job, "length")
 
-    def _release(self, job: _Job) -> tuple[str, bool]:
-        """Text that can be shown now, and whether a stop sequence was reached."""
-        stops = job.options.stop
-        text = job.pending_text
-        if not stops:
-            job.pending_text = ""
-            return text, False
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            job.pending_text = ""
-            return text[:cut], True
-        keep = _held_suffix(text, stops)
-        job.pending_text = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
     def _finish(self, job: _Job, reason: FinishReason, *, flush: bool = True) -> None:
-        tail = job.pending_text if flush else ""
-        job.pending_text = ""
+        tail = job.stops.flush() if flush else ""
         job.emit(
             Finished(
                 finish_reason=reason,

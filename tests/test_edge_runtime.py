@@ -24,7 +24,6 @@ from edge.runtime import (
     Prefill,
     SamplingOptions,
     Token,
-    _held_suffix,
 )
 from models.chat import render_chat
 from models.registry import ModelSet
@@ -158,8 +157,6 @@ async def test_stop_sequence_cuts_the_text(runtime: EdgeRuntime) -> None:
     )
     assert stopped == text[:cut]
     assert finished.finish_reason == "stop"
-    assert _held_suffix("abcde", ("dex", "zz")) == 2
-    assert _held_suffix("abc", ("x",)) == 0
 
 
 async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:

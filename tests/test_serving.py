@@ -211,3 +211,24 @@ def test_shared_layer_is_torch_free() -> None:
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_stop_matcher_holds_back_only_what_may_start_a_stop() -> None:
+    from serving.stops import StopMatcher, held_suffix
+
+    assert held_suffix("abcde", ("dex", "zz")) == 2
+    assert held_suffix("abc", ("x",)) == 0
+    matcher = StopMatcher(["\n\nUser:", "###"])
+    # Nothing here can start a stop string: all of it is shown at once.
+    assert matcher.push("Hello there") == ("Hello there", False)
+    # "\n\nU" may start "\n\nUser:": held until the next piece decides.
+    assert matcher.push(" friend\n\nU") == (" friend", False)
+    assert matcher.push("nder the sea") == ("\n\nUnder the sea", False)
+    # A stop string split across pieces, and the earliest of two matches wins.
+    assert matcher.push(" #") == (" ", False)
+    assert matcher.push("## and \n\nUser:") == ("", True)
+    assert matcher.flush() == ""
+    tail = StopMatcher(["END"])
+    assert tail.push("the EN") == ("the ", False)
+    assert tail.flush() == "EN"  # the answer ended without a stop: the held text is shown
+    assert StopMatcher([]).push("as is") == ("as is", False)
