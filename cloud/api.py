@@ -260,10 +260,9 @@ def _generate_request(
             f"model {body.model!r} does not exist; available: {', '.join(state.settings.models)}",
             param="model",
         )
-    sampling = body.sampling()
-    max_tokens = sampling.max_tokens
-    if max_tokens is None and not chat:
-        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    sampling = body.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
+    # A chat that sets none leaves max_tokens to the worker (its default, within its window).
+    max_tokens = None if chat and body.requested_max_tokens() is None else sampling.max_tokens
     if isinstance(body, ChatCompletionRequest):
         inputs: dict[str, Any] = {"messages": body.message_dicts()}
     else:
@@ -275,11 +274,7 @@ def _generate_request(
         request_id=wire.new_request_id(),
         model=body.model,
         max_tokens=max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        stop=sampling.stop,
-        seed=sampling.seed,
+        **sampling.to_wire(),
         timeout_ms=int(state.settings.request_timeout_s * 1000),
         origin="cloud-api",
         **inputs,

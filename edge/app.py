@@ -28,7 +28,7 @@ from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.routing import merge_policy
-from edge.runtime import SamplingOptions
+from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from serving import protocol
@@ -320,17 +320,9 @@ async def _stream(
 
 def _options(
     req: protocol.CompletionRequest | protocol.ChatCompletionRequest, default: int
-) -> tuple[SamplingOptions, bool]:
-    """The request's sampling options, and whether it gave max_tokens itself."""
-    sampling = req.sampling()
-    return SamplingOptions(
-        max_tokens=sampling.max_tokens or default,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        stop=tuple(sampling.stop),
-        seed=sampling.seed,
-    ), sampling.max_tokens is not None
+) -> tuple[SamplingParams, bool]:
+    """The request's sampling parameters, and whether it gave max_tokens itself."""
+    return req.sampling(default), req.requested_max_tokens() is not None
 
 
 def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:

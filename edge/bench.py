@@ -58,7 +58,7 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
 
     from edge.app import create_app
     from edge.node import EdgeRequest, RouteInfo
-    from edge.runtime import SamplingOptions
+    from edge.runtime import SamplingParams
 
     with tempfile.TemporaryDirectory(prefix="hg-edge-bench-") as tmp:
         async with NatsServer(store_dir=Path(tmp) / "nats") as server:
@@ -73,7 +73,7 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
                         request_id=wire.new_request_id(),
                         prompt="hello",
                         model="hg-edge",
-                        options=SamplingOptions(max_tokens=1),
+                        options=SamplingParams(max_tokens=1),
                         route="cloud",
                     )
                     items = node.generate(request)

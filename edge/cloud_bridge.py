@@ -39,7 +39,6 @@ from edge.request import (
     Piece,
     RouteInfo,
     stream_local,
-    with_max_tokens,
 )
 from edge.routing import Decision, EdgeState, Reason, RequestFacts, decide
 
@@ -107,12 +106,8 @@ class CloudBridge:
             model=node.settings.cloud_model,
             # An unset max_tokens lets the cloud use its own default within its own context.
             max_tokens=request.options.max_tokens if request.max_tokens_given else None,
-            temperature=request.options.temperature,
-            top_p=request.options.top_p,
-            top_k=request.options.top_k,
-            stop=list(request.options.stop),
-            seed=request.options.seed,
             origin=node.node_id,
+            **request.options.to_wire(),
             **inputs,
         )
         async with contextlib.AsyncExitStack() as stack:
@@ -207,7 +202,7 @@ class CloudBridge:
             node.routing_policy,
             cloud_available=False,
         )
-        options = with_max_tokens(request.options, decision.max_tokens or 1)
+        options = request.options.with_max_tokens(decision.max_tokens or 1)
         generation = runtime.submit(prompt_ids, options)
         node.record_route(decision)
         # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
@@ -254,7 +249,7 @@ class CloudBridge:
             cause.code.value,
         )
         node.counters.mid_stream_recoveries += 1
-        generation = runtime.submit(context_ids, with_max_tokens(request.options, budget))
+        generation = runtime.submit(context_ids, request.options.with_max_tokens(budget))
         await generation.next_event()  # Prefill
         local = stream_local(generation, started, node.counters.stats)
         async with contextlib.aclosing(local) as items:

@@ -10,14 +10,13 @@ stream local answers through it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from broker.telemetry import RequestStats
-from edge.runtime import Finished, Generation, SamplingOptions, Token
+from edge.runtime import Finished, Generation, SamplingParams, Token
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class EdgeRequest:
     #: model's own template.
     prompt: str
     model: str
-    options: SamplingOptions
+    options: SamplingParams
     #: A chat request's messages: the cloud gets these (and applies its own template), not
     #: the edge's rendering of them.
     messages: list[dict[str, Any]] | None = None
@@ -79,11 +78,6 @@ class Outcome:
 
 
 Item = RouteInfo | Piece | Outcome
-
-
-def with_max_tokens(options: SamplingOptions, max_tokens: int) -> SamplingOptions:
-    """`options` with another token budget."""
-    return dataclasses.replace(options, max_tokens=max_tokens)
 
 
 async def stream_local(

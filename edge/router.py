@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator
 from broker.errors import NotFound, Overloaded, Unavailable
 from edge.cloud_bridge import CloudBridge
 from edge.lifecycle import NodeLifecycle
-from edge.request import EdgeRequest, Item, RouteInfo, stream_local, with_max_tokens
+from edge.request import EdgeRequest, Item, RouteInfo, stream_local
 from edge.routing import (
     Decision,
     EdgeState,
@@ -146,7 +146,7 @@ class Router:
         if generation is None:
             options = request.options
             if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
-                options = with_max_tokens(options, decision.max_tokens)
+                options = options.with_max_tokens(decision.max_tokens)
             try:
                 generation = runtime.submit(prompt_ids, options)
             except Overloaded:

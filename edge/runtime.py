@@ -49,21 +49,10 @@ from broker.errors import BadRequest, ContextLengthExceeded, Internal, Overloade
 from broker.wire import FinishReason
 from models.ort_edge import EdgeModel
 from models.scoring import prefill, scored_positions
+from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to sample one answer. `temperature` 0 means greedy; `top_k` 0 disables top-k."""
-
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +120,7 @@ class _Job:
         self,
         loop: asyncio.AbstractEventLoop,
         prompt_ids: list[int],
-        options: SamplingOptions,
+        options: SamplingParams,
         hold_after_prefill: bool,
         score_span: tuple[int, int] | None = None,
     ) -> None:
@@ -308,7 +297,7 @@ class EdgeRuntime:
     def submit(
         self,
         prompt_ids: list[int],
-        options: SamplingOptions,
+        options: SamplingParams,
         *,
         hold_after_prefill: bool = False,
         score_span: tuple[int, int] | None = None,

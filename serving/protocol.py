@@ -8,7 +8,8 @@ How the edge reuses it:
 
 * parse bodies with `serving.bodies.json_body(CompletionRequest)` /
   `json_body(ChatCompletionRequest)` (400 envelope naming the field on bad input);
-* read the common sampling knobs with `request.sampling()` (a `Sampling`), and the
+* read the common sampling knobs with `request.sampling(default)` (a
+  `serving.sampling.SamplingParams`), and the
   extensions `user`, `route` (`"auto" | "edge" | "cloud"`) and `local_only` from the request
   (the cloud accepts and ignores them);
 * answer with `completion_response` / `chat_response` (non-stream) and
@@ -20,10 +21,12 @@ How the edge reuses it:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serving.sampling import SamplingParams
 
 Route = Literal["auto", "edge", "cloud"]
 
@@ -39,21 +42,6 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The sampling knobs of one request, normalised (the edge and the cloud both use it).
-
-    `max_tokens` is None when the client did not set one (the service picks its default).
-    """
-
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
 
 
 class _GenerationRequest(_Request):
@@ -99,14 +87,15 @@ class _GenerationRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling(self) -> Sampling:
-        """The normalised sampling options of this request."""
-        return Sampling(
-            max_tokens=self.requested_max_tokens(),
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """This request's sampling parameters; `default_max_tokens` where it sets none
+        (`requested_max_tokens()` tells whether it did)."""
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens() or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
-            stop=self.stop_list(),
+            stop=tuple(self.stop_list()),
             seed=self.seed,
         )
 

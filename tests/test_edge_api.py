@@ -34,7 +34,7 @@ from broker.server import NatsServer
 from broker.store import FleetConfig
 from edge.app import create_app
 from edge.routing import length_threshold
-from edge.runtime import EdgeRuntime, Prefill, SamplingOptions
+from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from edge.settings import EdgeSettings
 from models.chat import render_chat
 from models.registry import ModelSet
@@ -301,7 +301,7 @@ async def _scored(edge_dir: Path, text: str) -> tuple[float, int]:
         start = rendered.index(text)
         ids, span = encode_with_span(runtime.encode, rendered, (start, start + len(text)))
         generation = runtime.submit(
-            ids, SamplingOptions(max_tokens=1), hold_after_prefill=True, score_span=span
+            ids, SamplingParams(max_tokens=1), hold_after_prefill=True, score_span=span
         )
         prefill = await generation.next_event()
         generation.cancel()
@@ -634,7 +634,7 @@ async def test_load_and_second_stage_send_to_cloud(
     # (running ones could finish before the request below arrives on a fast machine).
     busy = [
         runtime.submit(
-            runtime.encode("busy"), SamplingOptions(max_tokens=100), hold_after_prefill=True
+            runtime.encode("busy"), SamplingParams(max_tokens=100), hold_after_prefill=True
         )
         for _ in range(3)
     ]
@@ -755,7 +755,7 @@ async def test_full_edge_queue_goes_to_cloud_or_is_a_503(
     runtime = edge.node.runtime
     # Take the only slot and keep it (held after its prefill, never resumed); no queue.
     busy = runtime.submit(
-        runtime.encode("busy"), SamplingOptions(max_tokens=8), hold_after_prefill=True
+        runtime.encode("busy"), SamplingParams(max_tokens=8), hold_after_prefill=True
     )
     await busy.next_event()
     try:

@@ -19,7 +19,7 @@ from edge.bench import hop_measurement
 from edge.runtime import (
     EdgeRuntime,
     Prefill,
-    SamplingOptions,
+    SamplingParams,
     Token,
     log_softmax,
 )
@@ -175,7 +175,7 @@ async def test_token_logprobs_score_the_chosen_token(tiny_models: ModelSet) -> N
     runtime = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=1)
     try:
         ids = runtime.encode("Permission is hereby granted, free of charge, to any person")
-        greedy = SamplingOptions(max_tokens=10, temperature=0)
+        greedy = SamplingParams(max_tokens=10, temperature=0)
         events = [e async for e in runtime.submit(ids, greedy)]
         tokens = [e for e in events if isinstance(e, Token)]
         assert tokens
@@ -208,7 +208,7 @@ async def test_chunked_prefill_perplexity_matches_one_pass(tiny_models: ModelSet
         generator.append_tokens(ids)
         logits = np.array(generator.get_output("logits")[0])
         for span in (None, (10, len(ids) - 3), (63, 66), (0, 1)):
-            generation = runtime.submit(ids, SamplingOptions(max_tokens=1), score_span=span)
+            generation = runtime.submit(ids, SamplingParams(max_tokens=1), score_span=span)
             prefill = await generation.next_event()
             assert isinstance(prefill, Prefill)
             async for _ in generation:

@@ -22,7 +22,7 @@ from edge.runtime import (
     Finished,
     Generation,
     Prefill,
-    SamplingOptions,
+    SamplingParams,
     Token,
 )
 from models.chat import render_chat
@@ -51,7 +51,7 @@ async def run(generation: Generation) -> tuple[Prefill, str, list[Token], Finish
 
 async def test_prompt_perplexity_matches_stepping(runtime: EdgeRuntime) -> None:
     ids = runtime.encode(PROMPT)
-    prefill, _, _, _ = await run(runtime.submit(ids, SamplingOptions(max_tokens=1)))
+    prefill, _, _, _ = await run(runtime.submit(ids, SamplingParams(max_tokens=1)))
     # Reference: feed the prompt one token at a time and read the last-position logits.
     params = og.GeneratorParams(runtime._model)
     params.set_search_options(max_length=len(ids) + 1)
@@ -105,7 +105,7 @@ async def test_perplexity_over_a_span_scores_only_its_tokens(runtime: EdgeRuntim
     messages = CHATS[0]
     rendered = runtime.render_chat(messages)
     ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages, rendered))
-    options = SamplingOptions(max_tokens=1)
+    options = SamplingParams(max_tokens=1)
     whole, _, _, _ = await run(runtime.submit(ids, options))
     part, _, _, _ = await run(runtime.submit(ids, options, score_span=span))
     assert whole.scored_tokens == len(ids) - 1
@@ -125,7 +125,7 @@ async def test_perplexity_over_a_span_scores_only_its_tokens(runtime: EdgeRuntim
 
 async def test_greedy_is_deterministic_and_logprobs_are_kept(runtime: EdgeRuntime) -> None:
     ids = runtime.encode(PROMPT)
-    options = SamplingOptions(max_tokens=12, temperature=0)
+    options = SamplingParams(max_tokens=12, temperature=0)
     first = await run(runtime.submit(ids, options))
     second = await run(runtime.submit(ids, options))
     assert first[1] == second[1]
@@ -138,7 +138,7 @@ async def test_greedy_is_deterministic_and_logprobs_are_kept(runtime: EdgeRuntim
 
 async def test_seeded_sampling_is_reproducible(runtime: EdgeRuntime) -> None:
     ids = runtime.encode(PROMPT)
-    options = SamplingOptions(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=7)
+    options = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=7)
     a = await run(runtime.submit(ids, options))
     b = await run(runtime.submit(ids, options))
     assert a[1] == b[1]
@@ -146,14 +146,14 @@ async def test_seeded_sampling_is_reproducible(runtime: EdgeRuntime) -> None:
 
 async def test_stop_sequence_cuts_the_text(runtime: EdgeRuntime) -> None:
     ids = runtime.encode("Permission is hereby granted")
-    options = SamplingOptions(max_tokens=24, temperature=1.0, seed=3)
+    options = SamplingParams(max_tokens=24, temperature=1.0, seed=3)
     _, text, _, _ = await run(runtime.submit(ids, options))
     assert len(text) >= 4, text
     start = len(text) // 2
     stop = text[start : start + 2]
     cut = text.index(stop)
     _, stopped, _, finished = await run(
-        runtime.submit(ids, SamplingOptions(max_tokens=24, temperature=1.0, seed=3, stop=(stop,)))
+        runtime.submit(ids, SamplingParams(max_tokens=24, temperature=1.0, seed=3, stop=(stop,)))
     )
     assert stopped == text[:cut]
     assert finished.finish_reason == "stop"
@@ -162,11 +162,11 @@ async def test_stop_sequence_cuts_the_text(runtime: EdgeRuntime) -> None:
 async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:
     ids = runtime.encode(PROMPT)
     with pytest.raises(ContextLengthExceeded):
-        runtime.submit(ids, SamplingOptions(max_tokens=runtime.context_length))
+        runtime.submit(ids, SamplingParams(max_tokens=runtime.context_length))
     with pytest.raises(BadRequest):
-        runtime.submit([], SamplingOptions())
+        runtime.submit([], SamplingParams())
     idle_wait = runtime.estimate_wait_s()
-    long = SamplingOptions(max_tokens=60, temperature=0.8, seed=1)
+    long = SamplingParams(max_tokens=60, temperature=0.8, seed=1)
     held = [runtime.submit(ids, long, hold_after_prefill=True) for _ in range(2)]
     for _ in range(200):  # wait until the worker admitted both into its pool
         if runtime.queue_depth == 0:
@@ -185,21 +185,21 @@ async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:
             break
         await asyncio.sleep(0.01)
     assert runtime.in_flight == 0
-    result = await run(runtime.submit(ids, SamplingOptions(max_tokens=3)))
+    result = await run(runtime.submit(ids, SamplingParams(max_tokens=3)))
     assert result[3].completion_tokens <= 3
 
 
 async def test_concurrent_requests_and_close_drains(tiny_models: ModelSet) -> None:
     rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=3)
     ids = rt.encode(PROMPT)
-    generations = [rt.submit(ids, SamplingOptions(max_tokens=16, temperature=0)) for _ in range(5)]
+    generations = [rt.submit(ids, SamplingParams(max_tokens=16, temperature=0)) for _ in range(5)]
     collecting = [asyncio.create_task(run(g)) for g in generations]
     await asyncio.sleep(0)
     await rt.close()  # admitted requests finish first
     results = await asyncio.gather(*collecting)
     assert len({text for _, text, _, _ in results}) == 1
     with pytest.raises(Overloaded):
-        rt.submit(ids, SamplingOptions())
+        rt.submit(ids, SamplingParams())
 
 
 def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None:

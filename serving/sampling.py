@@ -1,0 +1,66 @@
+"""How to sample one answer: the one sampling-parameters type of the edge and the cloud.
+
+The HTTP schema produces it (`serving.protocol`'s `request.sampling(default_max_tokens)`),
+the bus carries its fields (`to_wire` / `from_wire`), and both engines take it: the edge's
+onnxruntime-genai runtime and the cloud's batching engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from broker import wire
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling of one answer. `temperature` 0 means greedy; `top_k` 0 disables top-k.
+
+    Attributes:
+        max_tokens: most tokens to generate.
+        temperature, top_p, top_k: the usual knobs (OpenAI's meaning; `top_k` as vLLM's).
+        stop: strings that end the answer (not shown).
+        seed: makes a sampled answer repeat.
+        ignore_eos: keep generating past the model's end tokens (benchmarks only).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 (or close enough): always the most likely token."""
+        return self.temperature <= 1e-5
+
+    def with_max_tokens(self, max_tokens: int) -> SamplingParams:
+        """The same parameters with another `max_tokens`."""
+        return dataclasses.replace(self, max_tokens=max_tokens)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The `wire.GenerateRequest` fields these parameters set (not `max_tokens`)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_wire(cls, request: wire.GenerateRequest, max_tokens: int) -> SamplingParams:
+        """The parameters a bus request asks for, with the `max_tokens` the worker settled."""
+        return cls(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            stop=tuple(request.stop),
+            seed=request.seed,
+        )
