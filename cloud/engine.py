@@ -1,80 +1,89 @@
-"""The cloud generation engine: transformers' own continuous batching, streamed per request.
+"""The cloud generation engine: step-level dynamic batching on the model's own forward.
 
-One persistent `ContinuousBatchingManager` runs the model in its background thread; every
-request joins the running batch as soon as the scheduler has room (no waiting for a batch
-to finish). Results come back per token through `register_result_handler` onto the asyncio
-loop, are detokenized incrementally and checked against the request's stop sequences.
+Only the public model API is used: `model(input_ids, attention_mask, position_ids,
+cache=..., logits_to_keep=1)` with a transformers `Cache` of our own layers. One
+persistent generation thread (`cloud.scheduler`) runs rounds over a left-padded running
+batch (`cloud.batching`); at each round boundary it
 
-What transformers' CB manager does per request, and what this module adds:
+1. drops cancelled rows (marked dead; the slab is compacted once a quarter are dead);
+2. admits waiting requests in FIFO order while the rows (`max_batch_requests`) and the
+   tokens admitted (prompt + max_tokens, `cache_tokens`) allow — the first request that
+   does not fit waits, and so does everything behind it; a request alone always gets in;
+3. prefills the admitted requests in groups of similar prompt length (left-padded
+   together, at most 25% padding), `max_batch_tokens` tokens per forward, one chunk per
+   round so the running rows keep decoding between the chunks of a long prompt; a
+   finished group's first tokens are sampled and the group is merged into the running
+   batch (`rebuild`: one copy, rows sorted longest first, unneeded padding dropped);
+4. runs one decode step for every running row (per-row `position_ids`; on SDPA models the
+   4D padding mask and attention per range of rows of similar length, `cloud.attention`),
+   then samples per row (`cloud.sampling`: greedy, temperature, top-k, top-p, a
+   `torch.Generator` per row, seeded when the request has a seed).
 
-* `max_new_tokens`, EOS ids: per request in the manager.
-* temperature, top_k, top_p: per request through CB's per-request logits processors
-  (`per_request_processors=True`; they only exist when the generation config sets a
-  non-default value at creation, hence the placeholder values in `_generation_config`).
-* greedy decoding (temperature 0) and `seed`: the manager samples every row with one
-  shared RNG and a global `do_sample`, so both are done here by `_RowSampler`, an extra
-  per-request processor appended last: for a greedy row it keeps only the argmax, for a
-  seeded row it draws the token with the request's own `torch.Generator` and keeps only that
-  one — the manager's own multinomial then picks it with probability 1. A seeded request
-  repeats exactly when run alone; inside a batch the logits of a row can differ in the last
-  bits from a batch of one (batched matmuls), so repeatability is "same text in practice",
-  not bit-exact.
-* stop sequences: matched here on the detokenized text (text that may be the start of a
-  stop sequence is held back until it can be decided); a match finishes the request and
-  cancels it in the manager.
-* CUDA graphs and async batching are off on every device: `_RowSampler` is host-side
-  logic inside the step (it could not be captured in a graph). On a GPU that costs some
-  per-step overhead; a graph-friendly sampler is the way to win it back.
-* cancellation: `cancel_request` frees the sequence's cache blocks at the scheduler's next
-  step; a cancelled request gets no final output from the manager, so its result handler is
-  removed here.
+The KV cache is one preallocated slab per layer written in place (transformers'
+`DynamicLayer` concatenates, copying the whole cache on every step). Each round's tokens
+go to the requests' asyncio queues with one `loop.call_soon_threadsafe`; `generate`
+detokenizes them incrementally and matches stop strings, holding back text that may start
+one (`cloud.text`). A step that raises fails the rows of that step with `Internal` (a
+prefill: its group; a decode step: the running batch) and the loop goes on.
+
+dtype: bf16 where the hardware does bf16 math (CUDA; a CPU with AVX512_BF16 or AMX), else
+fp32 (`EngineConfig.dtype`, "auto"). Threads: `torch.set_num_threads(threads)` where the
+model is loaded and in the generation thread; the model is loaded in a thread that ends
+(`call_in_fresh_thread`: libgomp slows every thread's parallel regions once idle OpenMP
+pools outnumber the cores).
+
+Measured with `hybridgen bench cloud-batching` (SmolLM2-135M-Instruct, 2 threads of a
+2-core AMD EPYC VM with AVX512_BF16, shared; 16 chat prompts of 37-375 tokens x 64 new
+tokens; four runs; details and where the time goes in `cloud.bench`), tok/s:
+
+    dtype     one at a time  16 at once  padded generate  ratio    vs padded
+    float32   12.6-15.2      87-106      44-50            6.1-8.3  1.9-2.4
+    bfloat16  24-27          133-180     82-93            5.5-7.2  1.6-2.0
+
+The transformers continuous-batching engine this replaces, same bench, fp32: 50 tok/s 16
+at once, 12 one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import inspect
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    ContinuousBatchingConfig,
-    GenerationConfig,
-)
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor,
-)
-from transformers.generation.continuous_batching.requests import RequestStatus
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, DynamicLayer
 
-from broker.errors import BadRequest, Internal, Unavailable
-from models.chat import END_OF_TURN, EOS_TOKEN
+from broker.errors import BadRequest, ContextLengthExceeded, Unavailable
+from cloud import attention
+from cloud.sampling import RowSampling
+from cloud.scheduler import Scheduler, Ticket
+from cloud.text import IncrementalDetokenizer
+from serving.sampling import SamplingParams
+from serving.stops import StopMatcher
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "IncrementalDetokenizer",
+    "SamplingParams",
+    "StopMatcher",
+    "call_in_fresh_thread",
+    "cpu_supports_bf16",
+    "pick_device",
+]
 
 logger = logging.getLogger(__name__)
 
-_NO_SLOT = -1
-_GREEDY = -2
+T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling options (temperature 0 = greedy; top_k 0 = off)."""
-
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    #: Keep generating past EOS (benchmarks: every request makes exactly max_tokens).
-    ignore_eos: bool = False
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -90,16 +99,21 @@ class Delta:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine sizes its batch and cache.
+    """How the engine sizes its batch and picks its device.
 
     Attributes:
-        max_batch_requests: most sequences in one forward step.
-        max_batch_tokens: most tokens (prefill + decode) in one forward step.
-        cache_tokens: KV-cache capacity in tokens (on CPU; None on CUDA sizes it from free
-            memory).
-        page_size: tokens per cache page.
+        max_batch_requests: most rows in the running batch (prefilling rows included).
+        max_batch_tokens: most prompt tokens (rows x columns) in one prefill forward; a
+            longer prompt is prefilled in chunks, between decode steps of the running rows.
+        cache_tokens: most tokens (prompt + max_tokens, summed) admitted at once; requests
+            beyond it wait in FIFO order (None: no limit but the rows).
+        page_size: unused (kept for configurations written for the paged engine).
         threads: torch intra-op threads on CPU (None: all cores).
         device: "cpu", "cuda" or None (CUDA when available).
+        dtype: "auto" (bf16 on CUDA and on CPUs with bf16 math, else fp32), "float32" or
+            "bfloat16".
+        bucketed_attention: on decode steps, attend per range of rows of similar length
+            (`cloud.attention`; models on SDPA only).
     """
 
     max_batch_requests: int = 32
@@ -108,136 +122,85 @@ class EngineConfig:
     page_size: int = 32
     threads: int | None = None
     device: str | None = None
+    dtype: str = "auto"
+    bucketed_attention: bool = True
 
 
-class _RowSampler(ContinuousBatchingLogitsProcessor):
-    """Greedy and seeded rows (see the module docstring). Runs in the generation thread.
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU does bf16 math natively (AVX512_BF16 or AMX, from /proc/cpuinfo)."""
+    capability = str(torch.backends.cpu.get_cpu_capability()).lower()
+    if "amx" in capability:
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
 
-    The manager calls `prepare_tensor_args` (host side) right before the step that calls
-    `__call__` (synchronous batching), so the row slots are read from the host list kept
-    here, without a device sync.
+
+def pick_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) to run on: CUDA when available (or asked for), bf16 where supported.
+
+    Raises:
+        ValueError: `dtype` is not "auto", "float32" or "bfloat16".
     """
-
-    supported_kwargs: dict[str, type] = {"sampler_slot": int}
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self.generators: dict[int, torch.Generator] = {}
-        self._lock = threading.Lock()
-        self._slots: list[int] | None = None
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(_NO_SLOT)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        slots = [
-            r.state.logit_processor_kwargs.get("sampler_slot", _NO_SLOT)
-            for r in requests_with_new_token
-        ]
-        self._slots = slots
-        return torch.tensor(slots, dtype=torch.int32, device="cpu")
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = scores.size(0)  # [B, V]
-        slots = self._slots[:rows] if self._slots is not None else None
-        if slots is None or len(slots) != rows:
-            slots = tensor_arg[:rows].tolist()
-        forced_rows = [row for row, slot in enumerate(slots) if slot != _NO_SLOT]
-        if not forced_rows:
-            return scores
-        chosen = scores.argmax(dim=-1)  # [B]
-        for row, slot in enumerate(slots):
-            if slot >= 0:
-                with self._lock:
-                    generator = self.generators.get(slot)
-                if generator is not None:
-                    probs = torch.softmax(scores[row].float(), dim=-1).cpu()  # [V]
-                    chosen[row] = int(torch.multinomial(probs, 1, generator=generator))
-        index = torch.tensor(forced_rows, device=scores.device)
-        forced = torch.full_like(scores[index], float("-inf"))  # [R, V]
-        forced.scatter_(1, chosen[index].unsqueeze(-1), 0.0)
-        scores = scores.clone()
-        scores[index] = forced
-        return scores
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        bf16 = target.type == "cuda" or (target.type == "cpu" and cpu_supports_bf16())
+        return target, (torch.bfloat16 if bf16 else torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, float32 or bfloat16")
+    return target, DTYPES[dtype]
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas (never splitting a UTF-8 char)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def push(self, new_ids: list[int]) -> str:
-        """Add token ids; return the text they complete (may be "" while a char is partial)."""
-        self.ids.extend(new_ids)
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before) :]
-        return ""
+def _threads(config: EngineConfig) -> int:
+    return config.threads or os.cpu_count() or 1
 
 
-class StopMatcher:
-    """Finds stop sequences in streamed text, holding back what could start one."""
+def call_in_fresh_thread(function: Callable[[], T]) -> T:
+    """Run `function` in a new thread that ends with it; return its result (or raise).
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
-        self._pending = ""
+    For torch work outside the generation thread (loading the model, a benchmark's
+    reference run). libgomp keeps an OpenMP pool for every thread that ever ran a parallel
+    region, and once its pools hold more threads than there are cores it cuts the spinning
+    of idle workers from ~300k iterations to 1000: each parallel region then waits for its
+    workers to wake up. On 2 cores that made a decode step of the generation thread ~40%
+    slower (SmolLM2-135M bf16, one row: 36 -> 50 ms) whenever the model had been loaded
+    in the asyncio worker thread that stays alive. A thread that ends frees its pool.
+    """
+    box: dict[str, Any] = {}
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Feed text; return (text safe to emit, whether a stop sequence was reached)."""
-        if not self.stops:
-            return text, False
-        self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
-        cut = max(0, len(self._pending) - self._hold)
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
+    def run() -> None:
+        try:
+            box["result"] = function()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
 
-    def flush(self) -> str:
-        """The held-back text, at the end of a request that hit no stop sequence."""
-        out, self._pending = self._pending, ""
-        return out
-
-
-def _generation_config(tokenizer: Any, eos_ids: list[int]) -> GenerationConfig:
-    # Non-default placeholders make the per-request temperature/top-k/top-p processors
-    # exist; every request overrides all three.
-    return GenerationConfig(
-        do_sample=True,
-        temperature=0.5,
-        top_k=50,
-        top_p=0.9,
-        max_new_tokens=128,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    thread = threading.Thread(target=run, name="hg-engine-torch")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
 
 
-def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bf16 when available (or asked for), else CPU fp32."""
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = torch.device(name)
-    return target, (torch.bfloat16 if target.type == "cuda" else torch.float32)
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The model's own stop tokens: generation config's eos ids plus the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return sorted({int(i) for i in ids if isinstance(i, int) and i >= 0})
 
 
 class Engine:
-    """A loaded model behind one persistent continuous-batching manager.
+    """A loaded model behind one persistent step-level batching loop.
 
     Build with `Engine.load(...)` (blocking: run it in a thread from async code), then
-    `start()`; `generate(...)` from the asyncio loop that called `start()`; `close()` is
-    idempotent.
+    `start()`; `generate(...)` from any asyncio loop; `close()` is idempotent.
     """
 
     def __init__(
@@ -253,19 +216,28 @@ class Engine:
         self.config = config
         self.model_dir = model_dir
         self.device = model.device
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in (EOS_TOKEN, END_OF_TURN)]
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = sorted({i for i in eos if isinstance(i, int) and i >= 0})
+        self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         self.context_length = int(
             getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length
         )
-        self._sampler = _RowSampler()
-        self._slots = itertools.count()
-        self._manager: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        pad = tokenizer.pad_token_id
+        sdpa = getattr(model.config, "_attn_implementation", None) in ("sdpa", attention.NAME)
+        buckets = sdpa and config.bucketed_attention and attention.install(model)
+        self._scheduler = Scheduler(
+            forward=self._forward,
+            num_layers=_check_cache_layout(model),
+            pad_id=int(pad if pad is not None else (self.eos_ids or [0])[0]),
+            device=self.device,
+            max_rows=config.max_batch_requests,
+            max_tokens=config.cache_tokens,
+            prefill_tokens=config.max_batch_tokens,
+            threads=_threads(config) if self.device.type == "cpu" else None,
+            sdpa_mask=sdpa,
+            buckets=buckets,
+        )
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(
@@ -284,180 +256,170 @@ class Engine:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise Unavailable(f"no model checkpoint (config.json) in {model_dir}")
-        device, dtype = pick_device(config.device)
-        if device.type == "cpu":
-            # Explicit, so a shared machine is not oversubscribed by accident (and the
-            # generation thread, which is not the caller, uses the same count).
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        device, dtype = pick_device(config.device, config.dtype)
+
+        def load_model() -> Any:
+            if device.type == "cpu":
+                # Explicit, so a shared machine is not oversubscribed by accident (the
+                # generation thread sets the same count for itself).
+                torch.set_num_threads(_threads(config))
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=dtype, local_files_only=True
+            ).to(device)  # type: ignore[arg-type]
+            return loaded.eval()
+
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, local_files_only=True
-        ).to(device)  # type: ignore[arg-type]
-        model.eval()
-        logger.info(
-            "loaded %s on %s (%s, %d threads)", model_dir, device, dtype, torch.get_num_threads()
-        )
+        model = call_in_fresh_thread(load_model)
+        logger.info("loaded %s on %s (%s, %d threads)", model_dir, device, dtype, _threads(config))
         return cls(model, tokenizer, config, model_dir=model_dir)
 
     # ----------------------------------------------------------------------- lifecycle
 
-    def _cb_config(self) -> ContinuousBatchingConfig:
-        cfg = self.config
-        on_cpu = self.device.type == "cpu"
-        num_blocks = None
-        if cfg.cache_tokens is not None and (on_cpu or cfg.device is not None):
-            num_blocks = max(4, -(-cfg.cache_tokens // cfg.page_size))
-        return ContinuousBatchingConfig(
-            page_size=cfg.page_size,
-            num_blocks=num_blocks,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_requests_per_batch=cfg.max_batch_requests,
-            # The per-row sampler is Python logic inside the step: no graph capture, and
-            # synchronous batching so its host-side slots match the step being run.
-            use_cuda_graph=False,
-            use_async_batching=False,
-            per_request_processors=True,
-            allow_block_sharing=True,
-        )
-
     def start(self) -> None:
-        """Create the manager and start its generation thread (call from the asyncio loop)."""
-        if self._manager is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        manager = self.model.init_continuous_batching(
-            generation_config=_generation_config(self.tokenizer, self.eos_ids),
-            continuous_batching_config=self._cb_config(),
-        )
-        processors = manager.logit_processor
-        processors.logits_processor.append(self._sampler)
-        processors.tensors_required += 1
-        processors.supported_keys.update(self._sampler.supported_kwargs)
-        processors.do_processing = True
-        manager.start()
-        self._manager = manager
+        """Start the generation thread (idempotent; call from the asyncio loop)."""
+        self._scheduler.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the generation thread (pending requests fail). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        manager, self._manager = self._manager, None
-        if manager is not None:
-            manager.stop(block=True, timeout=timeout, hard_stop=True)
+        """Stop the generation thread; requests still in flight fail. Idempotent."""
+        self._scheduler.close(timeout)
 
     @property
     def healthy(self) -> bool:
         """The generation thread is alive."""
-        return self._manager is not None and self._manager.is_running()
+        return self._scheduler.running
+
+    def stats(self) -> dict[str, float]:
+        """Requests in flight; waiting, pending, prefilling and running rows; batch rows and
+        width; tokens admitted; cumulative prefill/decode/rebuild counters and seconds."""
+        return self._scheduler.stats()
 
     # ------------------------------------------------------------------------- requests
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kwarg: cache},
+        )
+        return out.logits  # type: ignore[no-any-return]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt (no special tokens added)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _processor_kwargs(self, sampling: SamplingParams, slot: int | None) -> dict[str, Any]:
-        greedy = sampling.temperature <= 1e-5
-        top_k = sampling.top_k if 0 < sampling.top_k < self.vocab_size else self.vocab_size
-        return {
-            "temperature": 1.0 if greedy else float(sampling.temperature),
-            "top_k": self.vocab_size if greedy else int(top_k),
-            "top_p": 1.0 if greedy else float(sampling.top_p),
-            "sampler_slot": _GREEDY if greedy else (slot if slot is not None else _NO_SLOT),
-        }
-
-    def _forget(self, request_id: str, slot: int | None) -> None:
-        manager = self._manager
-        if manager is not None:
-            with manager.output_router._lock:
-                manager.output_router.result_handlers.pop(request_id, None)
-        if slot is not None:
-            with self._sampler._lock:
-                self._sampler.generators.pop(slot, None)
-
     def cancel(self, request_id: str) -> None:
-        """Stop a request: its cache blocks are freed at the scheduler's next step."""
-        if self._manager is not None:
-            self._manager.cancel_request(request_id)
+        """Stop a request: its row leaves the batch at the next step boundary."""
+        self._scheduler.cancel(request_id)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream a request's output. Closing the iterator early cancels the request.
 
         Raises:
-            BadRequest: empty prompt, or prompt + max_tokens beyond the context window.
+            BadRequest: empty prompt, or a request id already in flight.
+            ContextLengthExceeded: prompt + max_tokens beyond the context window.
             Unavailable: the engine is not running.
             Internal: the request failed inside the model.
         """
-        manager = self._manager
-        if manager is None or not manager.is_running():
+        if not self._scheduler.running:
             raise Unavailable("the generation engine is not running")
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
+        if sampling.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
         if len(prompt_ids) + sampling.max_tokens > self.context_length:
-            raise BadRequest(
+            # The same code the worker and the edge answer for an overflow.
+            raise ContextLengthExceeded(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
                 f"the context window of {self.context_length} tokens",
                 param="max_tokens",
             )
-        slot: int | None = None
-        if sampling.seed is not None and sampling.temperature > 1e-5:
-            slot = next(self._slots) % (2**31 - 1)
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-            with self._sampler._lock:
-                self._sampler.generators[slot] = generator
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        manager.register_result_handler(request_id, queue.put_nowait)
+        ticket = Ticket(
+            request_id=request_id,
+            prompt=list(prompt_ids),
+            max_tokens=sampling.max_tokens,
+            eos=frozenset() if sampling.ignore_eos else frozenset(self.eos_ids),
+            sampling=RowSampling.create(
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                device=self.device,
+            ),
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+        self._scheduler.submit(ticket)
         finished = False
         try:
-            accepted = manager.add_request(
-                prompt_ids,
-                request_id=request_id,
-                max_new_tokens=sampling.max_tokens,
-                streaming=True,
-                eos_token_id=-1 if sampling.ignore_eos else self.eos_ids,
-                **self._processor_kwargs(sampling, slot),
-            )
-            if accepted is None:
-                finished = True
-                raise Unavailable("the generation engine is not accepting requests")
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(sampling.stop)
-            seen = 0
+            count = 0
             while True:
-                output = await queue.get()
-                if output.status == RequestStatus.FAILED:
-                    finished = True
-                    raise Internal(f"generation failed: {output.error or 'unknown error'}")
-                new_ids = list(output.generated_tokens[seen:])
-                seen = len(output.generated_tokens)
-                done = output.is_finished()
-                hit_eos = (
-                    done
-                    and not sampling.ignore_eos
-                    and bool(new_ids)
-                    and new_ids[-1] in self.eos_ids
-                )
-                text_ids = new_ids[:-1] if hit_eos else new_ids
-                text, stopped = stops.push(detok.push(text_ids))
-                if stopped or done:
-                    finished = done
+                new_ids, reason = await _next_output(ticket.queue)
+                count += len(new_ids)
+                hit_eos = reason == "eos"
+                text, stopped = stops.push(detok.push(new_ids[:-1] if hit_eos else new_ids))
+                if stopped or reason is not None:
+                    finished = reason is not None
                     if not stopped:
                         text += stops.flush()
-                    reason = "stop" if stopped or hit_eos else "length"
                     yield Delta(
                         text=text,
                         token_ids=new_ids,
-                        finish_reason=reason,
+                        finish_reason="stop" if stopped or hit_eos else "length",
                         prompt_tokens=len(prompt_ids),
-                        completion_tokens=seen,
+                        completion_tokens=count,
                     )
                     return
                 if text or new_ids:
                     yield Delta(text=text, token_ids=new_ids)
         finally:
             if not finished:
-                self.cancel(request_id)
-            self._forget(request_id, slot)
+                self._scheduler.cancel(request_id)
+            self._scheduler.forget(ticket)
+
+
+async def _next_output(queue: asyncio.Queue[Any]) -> tuple[list[int], str | None]:
+    """Everything the generation thread has posted so far, coalesced: (new ids, reason).
+
+    Raises:
+        HybridgenError: the request failed (the error the thread posted).
+    """
+    ids: list[int] = []
+    item = await queue.get()
+    while True:
+        if isinstance(item, BaseException):
+            raise item
+        new_ids, reason = item
+        ids.extend(new_ids)
+        if reason is not None or queue.empty():
+            return ids, reason
+        item = queue.get_nowait()
+
+
+def _check_cache_layout(model: Any) -> int:
+    """Cache layers of the model; the engine's slab cache handles full attention only.
+
+    Raises:
+        Unavailable: the model has sliding-window, linear or otherwise special cache layers.
+    """
+    layers = DynamicCache(config=model.config).layers
+    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise Unavailable(
+            "the cloud engine supports full-attention models only (cache layers: "
+            f"{', '.join(sorted(odd))})"
+        )
+    return len(layers) or int(model.config.get_text_config().num_hidden_layers)

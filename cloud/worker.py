@@ -37,8 +37,9 @@ from broker.errors import (
 )
 from broker.service import SOFTWARE_VERSION, Responder, serve_control
 from broker.telemetry import Telemetry, default_node_id
-from cloud.engine import Engine, EngineConfig, SamplingParams
+from cloud.engine import Engine, EngineConfig
 from cloud.settings import WorkerSettings
+from serving.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -266,14 +267,7 @@ class CloudWorker:
         waiting = True
         try:
             await responder.accept()
-            sampling = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                stop=tuple(request.stop),
-                seed=request.seed,
-            )
+            sampling = SamplingParams.from_wire(request, max_tokens)
             started = time.monotonic()
             async for delta in engine.generate(request.request_id, prompt_ids, sampling):
                 if waiting:

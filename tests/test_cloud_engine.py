@@ -1,21 +1,27 @@
-"""The cloud engine on transformers' continuous batching (tiny random Llama, one thread)."""
+"""The cloud engine's step-level batching (tiny random Llama, fp32, one thread)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from broker.errors import BadRequest, ContextLengthExceeded, Internal, Unavailable
 from cloud.engine import (
     Delta,
     Engine,
     EngineConfig,
     IncrementalDetokenizer,
     SamplingParams,
-    StopMatcher,
+    pick_device,
 )
+from cloud.sampling import RowSampling, sample_rows
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +31,16 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_llama(tmp_path_factory.mktemp("engine_model"), context_length=256)
 
 
+async def start_engine(model_dir: Path, **config: Any) -> Engine:
+    values: dict[str, Any] = {"threads": 1, "cache_tokens": 4096, "dtype": "float32", **config}
+    loaded = await asyncio.to_thread(Engine.load, model_dir, config=EngineConfig(**values))
+    loaded.start()
+    return loaded
+
+
 @pytest.fixture
 async def engine(model_dir: Path) -> AsyncIterator[Engine]:
-    loaded = await asyncio.to_thread(
-        Engine.load, model_dir, config=EngineConfig(threads=1, cache_tokens=4096)
-    )
-    loaded.start()
+    loaded = await start_engine(model_dir)
     try:
         yield loaded
     finally:
@@ -49,14 +59,37 @@ async def run(
     return "".join(text), ids, last
 
 
+async def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def start_long(engine: Engine, request_id: str, tokens: int = 60) -> asyncio.Task[Any]:
+    """A long greedy request, returned once it is decoding in the running batch."""
+    started = asyncio.Event()
+
+    async def long_request() -> list[int]:
+        ids: list[int] = []
+        sampling = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        async for delta in engine.generate(request_id, engine.encode("hello there"), sampling):
+            ids += delta.token_ids
+            if len(ids) >= 3:
+                started.set()
+        return ids
+
+    task = asyncio.create_task(long_request())
+    await started.wait()
+    return task
+
+
 async def test_greedy_batch_matches_sequential_generate(engine: Engine) -> None:
     prompts = ["abc def ghi", "The quick brown fox", "import os\nimport sys", "x"]
-    greedy = SamplingParams(max_tokens=12, temperature=0)
     results = await asyncio.gather(
-        *(run(engine, f"g{i}", p, greedy) for i, p in enumerate(prompts))
+        *(run(engine, f"g{i}", p, GREEDY) for i, p in enumerate(prompts))
     )
-    import torch
-
     for prompt, (_, ids, last) in zip(prompts, results, strict=True):
         input_ids = torch.tensor([engine.encode(prompt)])
         reference = engine.model.generate(
@@ -67,12 +100,55 @@ async def test_greedy_batch_matches_sequential_generate(engine: Engine) -> None:
         assert last.finish_reason == ("stop" if ids[-1] in engine.eos_ids else "length")
 
 
+async def test_chunked_prefill_and_merges_keep_greedy_outputs(model_dir: Path) -> None:
+    engine = await start_engine(model_dir, max_batch_tokens=3)  # chunks of 1-3 columns
+    try:
+        prompts = ["abc def ghi jkl", "The quick brown fox jumps", "x", "import os\nimport sys"]
+        long_task = await start_long(engine, "long")
+        results = await asyncio.gather(
+            *(run(engine, f"c{i}", p, GREEDY) for i, p in enumerate(prompts))
+        )
+        await long_task
+        for prompt, (_, ids, _) in zip(prompts, results, strict=True):
+            input_ids = torch.tensor([engine.encode(prompt)])
+            reference = engine.model.generate(
+                input_ids, max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids
+            )
+            assert reference[0, input_ids.shape[1] :].tolist() == ids
+        assert engine.stats()["prefill_chunks"] > len(prompts) + 1
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+async def test_joining_a_running_batch_keeps_greedy_outputs(engine: Engine) -> None:
+    sampling = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    _, alone, _ = await run(engine, "alone", "The quick brown fox", sampling)
+    _, long_alone, _ = await run(
+        engine, "long-alone", "hello there", SamplingParams(max_tokens=60, temperature=0,
+                                                            ignore_eos=True)
+    )  # fmt: skip
+    long_task = await start_long(engine, "long")
+    _, joined, _ = await run(engine, "joined", "The quick brown fox", sampling)
+    assert not long_task.done(), "the short request waited for the long one"
+    assert joined == alone
+    assert await long_task == long_alone
+
+
+async def test_seeded_sampling_repeats_alone_and_in_a_batch(engine: Engine) -> None:
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=11)
+    first, _, _ = await run(engine, "s1", "abc def", seeded)
+    again, _, _ = await run(engine, "s2", "abc def", seeded)
+    long_task = await start_long(engine, "busy")
+    in_batch, _, _ = await run(engine, "s3", "abc def", seeded)
+    await long_task
+    other, _, _ = await run(engine, "s4", "abc def", SamplingParams(max_tokens=20, seed=12))
+    assert first == again == in_batch
+    assert first != other
+
+
 async def test_seed_repeats_and_stop_sequences_cut(engine: Engine) -> None:
     seeded = SamplingParams(max_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=7)
     first, _, _ = await run(engine, "s1", "abc def", seeded)
-    again, _, _ = await run(engine, "s2", "abc def", seeded)
-    other, _, _ = await run(engine, "s3", "abc def", SamplingParams(max_tokens=30, seed=8))
-    assert first == again and first != other
     stop = first[12:15]
     cut, _, last = await run(
         engine, "s4", "abc def", SamplingParams(max_tokens=30, seed=7, top_k=50, top_p=0.95,
@@ -81,35 +157,170 @@ async def test_seed_repeats_and_stop_sequences_cut(engine: Engine) -> None:
     assert cut == first[: first.find(stop)] and last.finish_reason == "stop"
 
 
-async def test_cancel_frees_the_sequence(engine: Engine) -> None:
+async def test_stop_string_ends_a_greedy_request_and_frees_it(engine: Engine) -> None:
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    full, _, _ = await run(engine, "full", "import os", sampling)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    stopped = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop, "@@@"))
+    cut, ids, last = await run(engine, "cut", "import os", stopped)
+    assert cut == full[: full.find(stop)]
+    assert last.finish_reason == "stop" and len(ids) < 40
+    await wait_for(lambda: engine.stats()["requests"] == 0 and engine.stats()["running"] == 0)
+
+
+async def test_eos_stops_without_its_text(engine: Engine) -> None:
+    _, ids, _ = await run(engine, "probe", "abc def", GREEDY)
+    engine.eos_ids = [ids[3]]  # the model's 4th greedy token now ends the request
+    text, stopped, last = await run(engine, "eos", "abc def", GREEDY)
+    assert stopped == ids[: ids.index(ids[3]) + 1]
+    assert last.finish_reason == "stop" and last.completion_tokens == len(stopped)
+    assert text == engine.tokenizer.decode(stopped[:-1], skip_special_tokens=True)
+    _, ignored, last = await run(
+        engine, "ign", "abc def", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
+    assert ignored == ids and last.finish_reason == "length"
+
+
+async def test_cancel_frees_the_row(engine: Engine) -> None:
     stream = engine.generate("c1", engine.encode("hello"), SamplingParams(max_tokens=200))
     async for _ in stream:
         break
     await stream.aclose()
-    manager = engine._manager
-    for _ in range(100):
-        active = manager.batch_processor.scheduler.active_requests if manager else {}
-        if not active:
-            break
-        await asyncio.sleep(0.01)
-    assert not active
-    assert not manager.output_router.result_handlers
+    await wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["requests"] == 0)
+    assert engine.stats()["admitted_tokens"] == 0
+    engine.cancel("unknown-id")  # no-op
+    _, ids, _ = await run(engine, "after", "hello", GREEDY)
+    assert len(ids) >= 1
 
 
-async def test_context_window_is_checked(engine: Engine) -> None:
-    with pytest.raises(Exception, match="context window"):
+async def test_failing_prefill_fails_only_its_request(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = engine.encode("zebra")[0]
+    forward = engine.model.forward
+
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == marker).any()):
+            raise RuntimeError("injected prefill fault")
+        return forward(*args, **kwargs)
+
+    _, long_alone, _ = await run(
+        engine, "la", "hello there", SamplingParams(max_tokens=60, temperature=0,
+                                                    ignore_eos=True)
+    )  # fmt: skip
+    monkeypatch.setattr(engine.model, "forward", faulty)
+    long_task = await start_long(engine, "long")
+    with pytest.raises(Internal, match="injected prefill fault"):
+        await run(engine, "bad", "zebra zebra", GREEDY)
+    assert await long_task == long_alone
+    assert engine.healthy
+    _, ids, _ = await run(engine, "good", "abc def", GREEDY)
+    assert len(ids) >= 1
+
+
+async def test_failing_decode_step_fails_its_rows_and_the_loop_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forward = engine.model.forward
+    broken = {"on": False}
+
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        if broken["on"] and kwargs["input_ids"].shape[1] == 1:
+            raise RuntimeError("injected decode fault")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", faulty)
+    sampling = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    with pytest.raises(Internal, match="injected decode fault"):
+        async for _ in engine.generate("d1", engine.encode("hello"), sampling):
+            broken["on"] = True
+    broken["on"] = False
+    assert engine.healthy and engine.stats()["requests"] == 0
+    _, ids, _ = await run(engine, "d2", "abc def", GREEDY)
+    assert len(ids) >= 1
+
+
+async def test_rows_beyond_the_limits_wait_in_fifo_order(model_dir: Path) -> None:
+    engine = await start_engine(model_dir, max_batch_requests=1)
+    try:
+        order: list[str] = []
+
+        async def one(name: str) -> None:
+            async for delta in engine.generate(name, engine.encode("hi"), GREEDY):
+                order.append(name)
+                if delta.finish_reason:
+                    order.append(f"{name}-done")
+
+        await asyncio.gather(one("a"), one("b"))
+        assert order.index("a-done") < order.index("b")
+    finally:
+        await asyncio.to_thread(engine.close)
+    engine = await start_engine(model_dir, cache_tokens=30)
+    try:
+        order = []
+        await asyncio.gather(one("x"), one("y"), one("z"))  # ~14 tokens each: two at a time
+        assert order.index("x-done") < order.index("z") or order.index("y-done") < order.index("z")
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+async def test_bad_requests_and_lifecycle(model_dir: Path) -> None:
+    engine = await start_engine(model_dir)
+    with pytest.raises(ContextLengthExceeded, match="context window"):
         await run(engine, "w", "hi", SamplingParams(max_tokens=engine.context_length))
+    with pytest.raises(BadRequest, match="empty"):
+        async for _ in engine.generate("e", [], GREEDY):
+            pass
+    stream = engine.generate("inflight", engine.encode("hello"), SamplingParams(max_tokens=200))
+    await stream.__anext__()
+    await asyncio.to_thread(engine.close)
+    with pytest.raises(Unavailable):
+        async for _ in stream:
+            pass
+    engine.close()  # idempotent
+    assert not engine.healthy
+    with pytest.raises(Unavailable):
+        await run(engine, "late", "hi", GREEDY)
 
 
-def test_stop_matcher_holds_back_partial_matches() -> None:
-    matcher = StopMatcher(("END",))
-    out = [matcher.push(piece) for piece in ("abc E", "N", "D tail")]
-    assert "".join(text for text, _ in out) == "abc " and out[-1][1]
-    matcher = StopMatcher(("END",))
-    out = [matcher.push(piece) for piece in ("abc EN", "x")]
-    assert not any(hit for _, hit in out)
-    assert "".join(text for text, _ in out) + matcher.flush() == "abc ENx"
-    assert StopMatcher(()).push("anything") == ("anything", False)
+def test_eos_ids_come_from_the_generation_config_and_tokenizer(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model.generation_config.eos_token_id = [5, 6]
+    engine = Engine(model, tokenizer, EngineConfig(threads=1))
+    assert engine.eos_ids == sorted({5, 6, tokenizer.eos_token_id})
+    assert engine.context_length == 256 and engine.vocab_size == model.config.vocab_size
+
+
+def test_pick_device_dtype() -> None:
+    assert pick_device("cpu", "float32") == (torch.device("cpu"), torch.float32)
+    assert pick_device("cpu", "bfloat16")[1] == torch.bfloat16
+    assert pick_device("cpu")[1] in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError):
+        pick_device("cpu", "float16")
+
+
+def test_sampling_rows() -> None:
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    greedy = RowSampling.create(temperature=0, top_k=0, top_p=1.0, seed=None)
+    top1 = RowSampling.create(temperature=1.0, top_k=1, top_p=1.0, seed=1)
+    nucleus = RowSampling.create(temperature=1.0, top_k=0, top_p=1e-6, seed=2)
+    tokens = sample_rows(logits, [greedy, top1, nucleus, greedy])
+    assert tokens == logits.argmax(dim=-1).tolist()
+
+    def draws(seed: int, top_p: float, row: torch.Tensor) -> list[int]:
+        sampler = RowSampling.create(temperature=1.0, top_k=0, top_p=top_p, seed=seed)
+        return [sample_rows(row, [sampler])[0] for _ in range(20)]
+
+    flat = torch.zeros(1, 1000)  # top-p over a flat distribution: beyond the candidates
+    assert draws(3, 0.9, flat) == draws(3, 0.9, flat)
+    assert len(set(draws(3, 0.9, flat))) > 10
+    peaked = torch.full((1, 1000), -20.0)
+    peaked[0, 7], peaked[0, 9] = 5.0, 5.0
+    assert set(draws(4, 0.9, peaked)) <= {7, 9}
 
 
 def test_detokenizer_never_splits_characters(model_dir: Path) -> None:
@@ -122,24 +333,3 @@ def test_detokenizer_never_splits_characters(model_dir: Path) -> None:
     pieces = [detok.push([i]) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
-
-
-async def test_new_request_joins_the_running_batch(engine: Engine) -> None:
-    long_done = asyncio.Event()
-    greedy = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-    started = asyncio.Event()
-
-    async def long_request() -> None:
-        count = 0
-        async for delta in engine.generate("long", engine.encode("hello"), greedy):
-            count += len(delta.token_ids)
-            if count >= 5:
-                started.set()
-        long_done.set()
-
-    task = asyncio.create_task(long_request())
-    await started.wait()
-    _, ids, _ = await run(engine, "short", "hi", SamplingParams(max_tokens=4, temperature=0))
-    assert len(ids) == 4
-    assert not long_done.is_set(), "the short request waited for the long one"
-    await task

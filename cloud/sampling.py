@@ -1,0 +1,124 @@
+"""Per-row next-token choice for the cloud engine's batches, in plain torch.
+
+Every row of a batch carries its own `RowSampling`: greedy rows (temperature 0) take the
+argmax (one vectorised call for the whole batch); sampled rows apply their temperature,
+top-k and top-p and draw with their own `torch.Generator` (seeded when the request gave a
+seed, from the OS otherwise), so a seeded row's draws never depend on its neighbours.
+
+Top-p without a full-vocabulary sort: the `_CANDIDATES` most likely tokens are taken with
+`topk` and their probabilities computed against the full softmax; when they already hold
+`top_p` of the mass (nearly always for a trained model) the cut is made among them, exactly
+as a full sort would; otherwise the row falls back to a full sort. A full sort of a 49k
+vocabulary costs about a millisecond per row on a CPU core; `topk(256)` a tenth of that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Candidates taken with `topk` before falling back to a full sort for top-p.
+_CANDIDATES = 256
+#: Temperatures at or below this are greedy.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class RowSampling:
+    """How one row picks its next token.
+
+    Attributes:
+        temperature: softmax temperature (unused when greedy).
+        top_k: keep the k most likely tokens (0: all).
+        top_p: keep the smallest set of most likely tokens holding this much mass (1: all).
+        generator: the row's own random source; None for a greedy row.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the row takes the argmax."""
+        return self.generator is None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        device: torch.device | str = "cpu",
+    ) -> RowSampling:
+        """A row's sampling state; greedy when `temperature` is (about) 0.
+
+        Args:
+            temperature: softmax temperature; <= 1e-5 means greedy.
+            top_k: 0 (or >= vocabulary) keeps every token.
+            top_p: nucleus mass in (0, 1]; 1 keeps every token.
+            seed: seeds the row's generator (repeatable draws); None seeds it from the OS.
+            device: where the generator lives (the logits' device).
+        """
+        if temperature <= GREEDY_TEMPERATURE:
+            return cls(temperature=0.0)
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed) % (2**63 - 1))
+        return cls(
+            temperature=float(temperature),
+            top_k=max(0, int(top_k)),
+            top_p=float(top_p),
+            generator=generator,
+        )
+
+
+def _sample_row(logits: torch.Tensor, row: RowSampling) -> int:
+    """Draw one token id from one row's logits ([V], any float dtype)."""
+    scores = logits.float() / row.temperature  # [V]
+    vocab = scores.shape[0]
+    top_k = row.top_k if 0 < row.top_k < vocab else 0
+    top_p = row.top_p
+    ids: torch.Tensor | None = None
+    if top_k or top_p < 1.0:
+        count = top_k or min(vocab, _CANDIDATES)
+        values, ids = scores.topk(count)  # [C] descending
+        if top_p < 1.0:
+            probs = torch.exp(values - torch.logsumexp(scores if not top_k else values, dim=0))
+            if not top_k and float(probs.sum()) < top_p and count < vocab:
+                values, ids = scores.sort(descending=True)  # the candidates fell short
+                probs = torch.softmax(values, dim=0)
+            before = probs.cumsum(0) - probs  # mass of the more likely tokens
+            drop = before >= top_p
+            drop[0] = False  # the most likely token always stays
+            values = values.masked_fill(drop, float("-inf"))
+        scores = values
+    probs = torch.softmax(scores, dim=0)
+    choice = torch.multinomial(probs, 1, generator=row.generator)
+    if ids is not None:
+        choice = ids[choice]
+    return int(choice)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
+    """The next token of every row of a batch.
+
+    Args:
+        logits: [B, V] last-position logits.
+        rows: B sampling states, in batch order.
+
+    Returns:
+        B token ids.
+    """
+    # argmax of bf16 is not vectorised on CPU: 1.4 ms for 16 x 49k logits, 0.4 in fp32.
+    tokens: list[int] = logits.float().argmax(dim=-1).tolist()  # [B]
+    for index, row in enumerate(rows):
+        if not row.greedy:
+            tokens[index] = _sample_row(logits[index], row)
+    return tokens
