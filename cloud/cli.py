@@ -33,7 +33,7 @@ API_OPTIONS = ("host", "port", "api_keys", "models", "request_timeout_s")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridgen cloud",
-        description="Cloud generation: workers (transformers continuous batching) serving "
+        description="Cloud generation: workers (transformers, step-level batching) serving "
         "hg.gen.<model> over NATS, and the OpenAI-compatible cloud API in front of them. "
         "Settings also come from HG_CLOUD_* environment variables (flags win).",
     )
