@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("models.cli", "main", "build, verify, list, publish and pull model sets"),
     "cloud": ("cloud.cli", "main", "run a cloud generation worker or the cloud API"),
     "edge": ("edge.cli", "main", "run an edge node (local OpenAI-compatible API)"),
+    "tui": ("tui.cli", "main", "the operator console (Textual)"),
     "bench": ("hybridgen.benches", "main", "run a benchmark: hybridgen bench NAME [--json]"),
 }
 

@@ -1,0 +1,235 @@
+"""The console driven by Pilot against a real nats-server; the test plays the nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from nats.aio.client import Client
+from rich.text import Text
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Static
+
+from broker import subjects, wire
+from broker.service import serve_control
+from broker.settings import BusSettings
+from tui.app import HybridgenConsole
+from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
+from tui.state import EventLog, FleetState, Node
+
+SIZE = (160, 40)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(pilot: Pilot[None], check: Callable[[], bool], what: str) -> None:
+    """Let the app run until `check()` holds (bounded by a number of turns, not asserted)."""
+    for _ in range(200):
+        if check():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def publish_beat(nc: Client, node_id: str, role: str = "edge", **fields: object) -> None:
+    heartbeat = wire.Heartbeat(role=role, node_id=node_id, **fields)  # type: ignore[arg-type]
+    await nc.publish(subjects.telemetry(role, node_id), wire.encode(heartbeat))
+    await nc.flush()
+
+
+def fleet_order(app: HybridgenConsole) -> list[str]:
+    table = app.query_one("#fleet", DataTable)
+    return [str(row.key.value) for row in table.ordered_rows]
+
+
+def cell(app: HybridgenConsole, node_id: str, column: str) -> Text:
+    value = app.query_one("#fleet", DataTable).get_cell(node_id, column)
+    assert isinstance(value, Text)
+    return value
+
+
+def fleet_node(app: HybridgenConsole, node_id: str) -> Node:
+    node = app.fleet.get(node_id)
+    assert node is not None
+    return node
+
+
+def notes(app: HybridgenConsole) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def console(nats_url: str, clock: Clock) -> HybridgenConsole:
+    fleet = FleetState(stale_after=5, gone_after=30, clock=clock)
+    return HybridgenConsole(BusSettings(url=nats_url), fleet=fleet, events=EventLog())
+
+
+async def connected(pilot: Pilot[None], app: HybridgenConsole) -> None:
+    await until(pilot, lambda: app.connected, "connected to NATS")
+    assert "connected" in str(app.query_one("#connection", Static).render())
+
+
+async def seen(pilot: Pilot[None], app: HybridgenConsole, *node_ids: str) -> None:
+    await until(pilot, lambda: all(app.fleet.get(n) for n in node_ids), f"heartbeats {node_ids}")
+    app.refresh_fleet()
+    await pilot.pause()
+
+
+async def test_rows_appear_go_stale_stay_visible_then_leave(
+    console: HybridgenConsole, nc: Client, clock: Clock
+) -> None:
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        await publish_beat(nc, "edge-1", model="smol", model_version="3", rps=4.0)
+        await publish_beat(nc, "worker-1", role="cloud", status="draining")
+        await seen(pilot, console, "edge-1", "worker-1")
+        assert fleet_order(console) == ["edge-1", "worker-1"]
+        assert cell(console, "edge-1", "status").plain == "ready"
+        assert cell(console, "edge-1", "model").plain == "smol@3"
+        assert cell(console, "worker-1", "status").plain == "draining"
+
+        clock.now += 6
+        await publish_beat(nc, "worker-1", role="cloud")
+        await until(pilot, lambda: fleet_node(console, "worker-1").last_seen == clock.now, "beat")
+        console.refresh_fleet()
+        assert fleet_order(console) == ["edge-1", "worker-1"]
+        assert cell(console, "edge-1", "status").plain == "stale"
+        assert cell(console, "worker-1", "status").plain == "ready"
+
+        clock.now += 30
+        console.refresh_fleet()
+        assert fleet_order(console) == []
+
+
+async def test_sorting_and_filtering(console: HybridgenConsole, nc: Client) -> None:
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        await publish_beat(nc, "edge-a", rps=5.0)
+        await publish_beat(nc, "edge-b", rps=1.0)
+        await publish_beat(nc, "worker-c", role="cloud", rps=9.0)
+        await seen(pilot, console, "edge-a", "edge-b", "worker-c")
+        assert fleet_order(console) == ["edge-a", "edge-b", "worker-c"]
+
+        while console.sort_by != "rps":
+            await pilot.press("s")
+        assert fleet_order(console) == ["edge-b", "edge-a", "worker-c"]
+        await pilot.press("r")
+        assert fleet_order(console) == ["worker-c", "edge-a", "edge-b"]
+
+        await pilot.press("t")  # role: edge
+        assert fleet_order(console) == ["edge-a", "edge-b"]
+        await pilot.press("t")  # role: cloud
+        assert fleet_order(console) == ["worker-c"]
+        await pilot.press("t", "t")  # api, then all again
+        assert console.role is None
+
+        await pilot.press("slash", *"edge-b", "enter")
+        assert fleet_order(console) == ["edge-b"]
+        assert console.query_one("#fleet", DataTable).has_focus
+
+
+async def test_node_strings_are_shown_literally(console: HybridgenConsole, nc: Client) -> None:
+    markup = "[bold red]x[/]"
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        await publish_beat(nc, "edge-1", model=markup)
+        event = wire.Event(kind="error", role="edge", node_id="edge-1", message=markup)
+        await nc.publish(subjects.events("edge", "edge-1"), wire.encode(event))
+        await seen(pilot, console, "edge-1")
+        model = cell(console, "edge-1", "model")
+        assert model.plain == markup
+        assert not model.spans
+        await until(pilot, lambda: len(console.events) == 1, "the event")
+
+        await pilot.press("e")
+        assert isinstance(console.screen, EventsScreen)
+        table = console.screen.query_one("#events", DataTable)
+        await until(pilot, lambda: table.row_count == 1, "the event row")
+        message = table.get_row_at(0)[-1]
+        assert isinstance(message, Text) and message.plain == markup and not message.spans
+        await pilot.press("escape")
+
+        await pilot.press("enter")  # the node's detail
+        assert isinstance(console.screen, NodeScreen)
+        figures = console.screen.query_one("#node-figures", Static).render()
+        assert f"model@version: {markup}" in str(figures)
+        assert not getattr(figures, "spans", None)
+
+
+async def test_events_screen_filters(console: HybridgenConsole, nc: Client) -> None:
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        for node_id, kind, request_id in [("e1", "fallback", "r1"), ("e2", "error", "r2")]:
+            event = wire.Event(kind=kind, role="edge", node_id=node_id, request_id=request_id)
+            await nc.publish(subjects.events("edge", node_id), wire.encode(event))
+        await until(pilot, lambda: len(console.events) == 2, "two events")
+        await pilot.press("e")
+        table = console.screen.query_one("#events", DataTable)
+        await until(pilot, lambda: table.row_count == 2, "both events listed")
+        await pilot.press("slash", *"req:r2", "enter")
+        assert table.has_focus
+        assert [str(c) for c in table.get_row_at(0)[2:5]] == ["e2", "error", "r2"]
+        assert table.row_count == 1
+
+
+async def test_drain_asks_first_and_sends_the_verb(console: HybridgenConsole, nc: Client) -> None:
+    received: list[str] = []
+
+    async def drain(request: wire.ControlRequest) -> wire.ControlReply:
+        received.append(request.verb)
+        return wire.ControlReply(ok=True, message="draining now")
+
+    service = await serve_control(nc, node_id="edge-1", role="edge", handlers={"drain": drain})
+    try:
+        async with console.run_test(size=SIZE) as pilot:
+            await connected(pilot, console)
+            await publish_beat(nc, "edge-1")
+            await seen(pilot, console, "edge-1")
+
+            await pilot.press("d")
+            assert isinstance(console.screen, ConfirmScreen)
+            await pilot.press("n")
+            assert not isinstance(console.screen, ConfirmScreen)
+            assert "drain edge-1: cancelled" in notes(console)
+
+            await pilot.press("d")
+            assert isinstance(console.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: any("ok" in n for n in notes(console)), "the reply")
+            assert received == ["drain"]  # the cancelled one sent nothing
+            assert "drain edge-1: ok draining now" in notes(console)
+
+            await pilot.press("u", "y")  # nobody answers resume
+            await until(pilot, lambda: any("resume" in n for n in notes(console)), "refusal")
+            assert any("does not answer resume" in n for n in notes(console))
+    finally:
+        await service.stop()
+
+
+async def test_shows_disconnected_when_nats_is_down() -> None:
+    app = HybridgenConsole(BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.2))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert not app.connected
+        assert "disconnected" in str(app.query_one("#connection", Static).render())
+        await pilot.press("d")
+        assert "no node selected" in notes(app)
+
+
+def test_the_tui_command_is_registered_and_checks_its_thresholds() -> None:
+    from hybridgen.cli import COMMANDS, _resolve
+    from tui.cli import main
+
+    assert _resolve(*COMMANDS["tui"][:2]) is main
+    assert main(["--stale-after", "10", "--gone-after", "5"]) == 2

@@ -1,0 +1,274 @@
+"""`HybridgenConsole`: the operator console's Textual app and its Fleet screen.
+
+The console sees nodes only through the bus: heartbeats (`hg.telemetry.>`) and events
+(`hg.events.>`) feed a `FleetState` and an `EventLog`; actions are control verbs
+(`hg.ctl.<node_id>.<verb>`). Bus consumption runs in an exclusive worker that reconnects
+until the app exits; the tables are redrawn on a timer, never per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.widgets import DataTable, Footer, Header, Input, Static
+
+from broker import subjects, wire
+from broker.bus import connect_settings
+from broker.errors import HybridgenError
+from broker.service import send_control
+from broker.settings import BusSettings
+from tui.screens import ConfirmScreen, EventsScreen, HelpScreen, NodeScreen
+from tui.state import FLEET_COLUMNS, ROLES, SORT_KEYS, EventLog, FleetState
+
+log = logging.getLogger(__name__)
+
+#: Seconds between redraws of the fleet table.
+REFRESH_S = 0.5
+#: Seconds between connection attempts while NATS is away.
+RETRY_S = 1.0
+
+
+class HybridgenConsole(App[None]):
+    """The operator console: fleet table, events, node detail and drain/resume.
+
+    Args:
+        bus: how to reach NATS.
+        fleet: the fleet model (default: a fresh one, stale after 5 s).
+        events: the event ring (default: 1000 events).
+    """
+
+    TITLE = "hybridgen console"
+    CSS = """
+    #connection { height: 1; padding: 0 1; background: $error; color: $text; }
+    #connection.connected { background: $success; }
+    #fleet-filter, #events-filter { height: 3; }
+    #confirm { grid-size: 2; grid-gutter: 1 2; grid-rows: 1fr 3; padding: 0 1;
+               width: 60; height: 11; border: thick $background 80%; background: $surface; }
+    #question { column-span: 2; height: 1fr; width: 1fr; content-align: center middle; }
+    ConfirmScreen, HelpScreen { align: center middle; }
+    #help { width: 80; height: auto; border: round $accent; background: $surface; padding: 0 1; }
+    #node-top { height: 2fr; }
+    #node-figures { width: 40; padding: 0 1; }
+    #node-plots PlotWidget { height: 1fr; border: round $accent; }
+    #node-events { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("question_mark", "help", "help"),
+        Binding("e", "events", "events"),
+        Binding("slash", "focus_filter", "filter"),
+        Binding("s", "cycle_sort", "sort"),
+        Binding("r", "reverse_sort", "reverse"),
+        Binding("t", "cycle_role", "role"),
+        Binding("d", "control('drain')", "drain"),
+        Binding("u", "control('resume')", "resume"),
+    ]
+
+    connected: reactive[bool] = reactive(False)
+    sort_by: reactive[str] = reactive("node")
+    descending: reactive[bool] = reactive(False)
+    role: reactive[str | None] = reactive(None)
+    filter_text: reactive[str] = reactive("")
+
+    def __init__(
+        self,
+        bus: BusSettings,
+        *,
+        fleet: FleetState | None = None,
+        events: EventLog | None = None,
+    ) -> None:
+        super().__init__()
+        self.bus = bus
+        self.fleet = FleetState() if fleet is None else fleet
+        self.events = EventLog() if events is None else events
+        self.nc: Client | None = None
+        # The fleet widgets live on the default screen: keep them at hand while another
+        # screen is on top (`query_one` searches only the active one).
+        self.bar = Static(id="connection")
+        self.fleet_filter = Input(placeholder="filter nodes (/)", id="fleet-filter")
+        self.fleet_table: DataTable[Text] = DataTable(
+            id="fleet", cursor_type="row", zebra_stripes=True
+        )
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield self.bar
+        yield self.fleet_filter
+        yield self.fleet_table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.fleet_table
+        for key, label in FLEET_COLUMNS:
+            table.add_column(label, key=key)
+        table.focus()
+        self.show_connection()
+        self.set_interval(REFRESH_S, self.refresh_fleet)
+        self.consume_bus()
+
+    # -- the bus ------------------------------------------------------------------------------
+
+    @work(exclusive=True, group="bus")
+    async def consume_bus(self) -> None:
+        """Connect, subscribe to heartbeats and events, and reconnect if the first try fails."""
+        while True:
+            try:
+                nc = await connect_settings(self.bus, name="hybridgen-console")
+            except HybridgenError as exc:
+                log.info("console: %s", exc.message)
+                self.connected = False
+                await asyncio.sleep(RETRY_S)
+                continue
+            self.nc = nc
+            try:
+                await nc.subscribe(subjects.TELEMETRY_ALL, cb=self._on_heartbeat)
+                await nc.subscribe(subjects.EVENTS_ALL, cb=self._on_event)
+                await nc.flush()
+                while True:  # nats-py reconnects by itself: only watch the state
+                    self.connected = nc.is_connected
+                    await asyncio.sleep(REFRESH_S / 2)
+            finally:
+                self.nc = None
+                self.connected = False
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.fleet.apply_heartbeat(wire.decode(msg.data, wire.Heartbeat))
+        except HybridgenError as exc:
+            log.debug("console: bad heartbeat on %s: %s", msg.subject, exc.message)
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            self.events.add(wire.decode(msg.data, wire.Event))
+        except HybridgenError as exc:
+            log.debug("console: bad event on %s: %s", msg.subject, exc.message)
+
+    # -- drawing ------------------------------------------------------------------------------
+
+    def watch_connected(self) -> None:
+        if self.bar.is_mounted:
+            self.show_connection()
+
+    def show_connection(self) -> None:
+        """Say whether the bus is reachable, in the bar above the table."""
+        bar = self.bar
+        bar.set_class(self.connected, "connected")
+        state = "connected" if self.connected else "disconnected (retrying)"
+        role = self.role or "all roles"
+        order = "desc" if self.descending else "asc"
+        bar.update(Text(f"NATS {self.bus.url}: {state} · {role} · sort {self.sort_by} {order}"))
+
+    def refresh_fleet(self) -> None:
+        """Redraw the fleet table from the model, keeping the selected node selected."""
+        self.fleet.prune()
+        table = self.fleet_table
+        selected = self.selected_node()
+        rows = self.fleet.rows(
+            sort_by=self.sort_by, descending=self.descending, text=self.filter_text, role=self.role
+        )
+        table.clear()
+        for view in rows:
+            cells = [Text(cell) for cell in view.cells()]
+            if view.status in ("stale", "gone"):
+                cells[2].stylize("bold red")
+            table.add_row(*cells, key=view.node_id)
+        if selected is not None:
+            with contextlib.suppress(Exception):
+                table.move_cursor(row=table.get_row_index(selected))
+        self.show_connection()
+
+    def selected_node(self) -> str | None:
+        """The node id of the fleet table's highlighted row, if any."""
+        table = self.fleet_table
+        if table.row_count == 0:
+            return None
+        try:
+            key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        except Exception:
+            return None
+        return key.value
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "fleet-filter":
+            self.filter_text = event.value
+            self.refresh_fleet()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "fleet-filter":
+            self.fleet_table.focus()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "fleet" and event.row_key.value is not None:
+            self.push_screen(NodeScreen(event.row_key.value, self.fleet, self.events))
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        """Show the key bindings."""
+        self.push_screen(HelpScreen())
+
+    def action_events(self) -> None:
+        """Open the events screen."""
+        self.push_screen(EventsScreen(self.events))
+
+    def action_focus_filter(self) -> None:
+        """Move the focus to the fleet filter."""
+        self.fleet_filter.focus()
+
+    def action_cycle_sort(self) -> None:
+        """Sort by the next column."""
+        self.sort_by = SORT_KEYS[(SORT_KEYS.index(self.sort_by) + 1) % len(SORT_KEYS)]
+        self.refresh_fleet()
+
+    def action_reverse_sort(self) -> None:
+        """Flip the sort order."""
+        self.descending = not self.descending
+        self.refresh_fleet()
+
+    def action_cycle_role(self) -> None:
+        """Show all roles, then each role alone in turn."""
+        choices: list[str | None] = [None, *ROLES]
+        self.role = choices[(choices.index(self.role) + 1) % len(choices)]
+        self.refresh_fleet()
+
+    def action_control(self, verb: str) -> None:
+        """Ask for confirmation, then send `verb` to the node in view (or selected)."""
+        screen = self.screen
+        node_id = screen.node_id if isinstance(screen, NodeScreen) else self.selected_node()
+        if node_id is None:
+            self.notify("no node selected", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send_verb(node_id, verb)
+            else:
+                self.notify(f"{verb} {node_id}: cancelled", markup=False)
+
+        self.push_screen(ConfirmScreen(f"{verb} node {node_id}?"), answered)
+
+    @work(group="control")
+    async def send_verb(self, node_id: str, verb: str) -> wire.ControlReply | None:
+        """Send one control verb and show the reply in a notification."""
+        if self.nc is None or not self.nc.is_connected:
+            self.notify(f"{verb} {node_id}: not connected to NATS", severity="error")
+            return None
+        try:
+            reply = await send_control(self.nc, node_id, verb)
+        except HybridgenError as exc:
+            self.notify(f"{verb} {node_id}: {exc.message}", severity="error", markup=False)
+            return None
+        text = f"{verb} {node_id}: {'ok' if reply.ok else 'refused'} {reply.message}".rstrip()
+        self.notify(text, severity="information" if reply.ok else "error", markup=False)
+        return reply

@@ -1,0 +1,53 @@
+"""`hybridgen tui`: the operator console.
+
+hybridgen tui [--nats URL] [--user U --password P | --creds FILE] [--tls-ca FILE]
+              [--stale-after S] [--gone-after S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from broker.settings import BusSettings, settings_overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridgen tui",
+        description="The operator console: fleet, events, node detail, drain and resume.",
+    )
+    parser.add_argument("--nats", dest="url", default=None, help="NATS URL (env HG_NATS_URL)")
+    parser.add_argument("--user", default=None, help="NATS user (env HG_NATS_USER)")
+    parser.add_argument("--password", default=None, help="NATS password (env HG_NATS_PASSWORD)")
+    parser.add_argument("--creds", type=Path, default=None, help="NATS .creds file")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="CA bundle of the server cert")
+    parser.add_argument(
+        "--stale-after", type=float, default=5.0, help="seconds of silence before 'stale' (5)"
+    )
+    parser.add_argument(
+        "--gone-after",
+        type=float,
+        default=60.0,
+        help="seconds before a node leaves (60)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the console until the operator quits; 2 on bad arguments."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stale_after <= 0 or args.gone_after < args.stale_after:
+        print("hybridgen tui: need 0 < --stale-after <= --gone-after", file=sys.stderr)
+        return 2
+    # The console owns the terminal: keep library logs off it.
+    logging.basicConfig(level=logging.WARNING, handlers=[logging.NullHandler()])
+    from tui.app import HybridgenConsole
+    from tui.state import EventLog, FleetState
+
+    bus = BusSettings(**settings_overrides(args, ["url", "user", "password", "creds", "tls_ca"]))
+    fleet = FleetState(stale_after=args.stale_after, gone_after=args.gone_after)
+    HybridgenConsole(bus, fleet=fleet, events=EventLog()).run()
+    return 0

@@ -1,0 +1,215 @@
+"""The console's secondary screens: events, node detail, help and the confirmation dialog.
+
+Every string a node supplies is drawn as a rich `Text`, never parsed as markup.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
+from textual_plot import PlotWidget
+
+from broker import wire
+from tui.state import FLEET_COLUMNS, EventFilter, EventLog, FleetState
+
+#: (history series, title) of each plot on the node screen.
+PLOTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("latency_p50_ms", "latency_p95_ms"), "latency p50/p95 (ms)"),
+    (("tokens_per_s",), "tokens/s"),
+    (("queue_depth",), "queue depth"),
+    (("cloud_share",), "cloud share"),
+)
+_PLOT_STYLES = ("green", "red")
+
+HELP_TEXT = """\
+hybridgen console
+
+Fleet (the main screen)
+  up/down   select a node          enter   open the node's detail
+  /         filter rows (text)     t       cycle role filter (all/edge/cloud/api)
+  s         next sort column       r       reverse the sort
+  d         drain the node         u       resume the node (both ask first)
+  e         events                 ?       this help
+  q         quit
+
+Events
+  /         filter: node:X kind:Y req:Z and free words    escape  back
+
+Node detail
+  d / u     drain / resume          escape  back
+"""
+
+
+def event_cells(event: wire.Event) -> tuple[Text, ...]:
+    """An event as table cells, every node-supplied string as plain text."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+    return tuple(
+        Text(value)
+        for value in (
+            stamp,
+            event.role,
+            event.node_id,
+            event.kind,
+            event.request_id or "-",
+            event.message,
+        )
+    )
+
+
+EVENT_COLUMNS = ("time", "role", "node", "kind", "request id", "message")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Ask yes or no before an action; dismisses with True only on yes."""
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "yes"),
+        Binding("n,escape", "answer(False)", "no"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Grid(id="confirm"):
+            yield Label(Text(self.question), id="question")
+            yield Button("Yes (y)", variant="error", id="yes")
+            yield Button("No (n)", variant="primary", id="no")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        """Close the dialog with the answer."""
+        self.dismiss(yes)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The key bindings of every screen."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(HELP_TEXT), id="help")
+
+
+class EventsScreen(Screen[None]):
+    """Recent events of the whole fleet, newest first, filterable."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "back"),
+        Binding("slash", "focus_filter", "filter"),
+    ]
+
+    def __init__(self, log: EventLog) -> None:
+        super().__init__()
+        self.log_of_events = log
+        self.where = EventFilter()
+        self._drawn = -1
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Input(placeholder="node:X kind:Y req:Z words", id="events-filter")
+        yield DataTable(id="events", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns(*EVENT_COLUMNS)
+        table.focus()
+        self.redraw(force=True)
+        self.set_interval(0.5, self.redraw)
+
+    def action_focus_filter(self) -> None:
+        """Move the focus to the filter box."""
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_one(DataTable).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.where = EventFilter.parse(event.value)
+        self.redraw(force=True)
+
+    def redraw(self, force: bool = False) -> None:
+        """Redraw the table when events arrived (or `force`)."""
+        if not force and self._drawn == self.log_of_events.added:
+            return
+        self._drawn = self.log_of_events.added
+        table = self.query_one(DataTable)
+        table.clear()
+        for event in self.log_of_events.select(self.where, limit=500):
+            table.add_row(*event_cells(event))
+
+
+class NodeScreen(Screen[None]):
+    """One node: its latest figures, its recent events and live plots."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "back"),
+        Binding("d", "app.control('drain')", "drain"),
+        Binding("u", "app.control('resume')", "resume"),
+    ]
+
+    def __init__(self, node_id: str, fleet: FleetState, log: EventLog) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.fleet = fleet
+        self.log_of_events = log
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="node-top"):
+            yield Static(id="node-figures")
+            with Vertical(id="node-plots"):
+                for index, (_, title) in enumerate(PLOTS):
+                    plot = PlotWidget(id=f"plot-{index}")
+                    plot.border_title = title
+                    yield plot
+        yield DataTable(id="node-events", cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#node-events", DataTable).add_columns(*EVENT_COLUMNS)
+        self.redraw()
+        self.set_interval(1.0, self.redraw)
+
+    def figures(self) -> Text:
+        """The node's latest heartbeat as lines of plain text."""
+        view = self.fleet.view(self.node_id)
+        if view is None:
+            return Text(f"{self.node_id}: no longer known")
+        hb = view.node.heartbeat
+        lines = [
+            f"{label}: {cell}" for (_, label), cell in zip(FLEET_COLUMNS, view.cells(), strict=True)
+        ]
+        lines += [f"last heard: {view.age_s:.1f} s ago", f"version: {hb.version or '-'}"]
+        lines += [f"cloud[{reason}]: {share:.0%}" for reason, share in hb.fallback_ratio.items()]
+        lines += [f"{key}: {value}" for key, value in hb.extra.items()]
+        return Text("\n".join(lines))
+
+    def redraw(self) -> None:
+        """Refresh figures, events and plots from the fleet model."""
+        self.query_one("#node-figures", Static).update(self.figures())
+        table = self.query_one("#node-events", DataTable)
+        table.clear()
+        for event in self.log_of_events.select(EventFilter(node=self.node_id), limit=50):
+            if event.node_id == self.node_id:
+                table.add_row(*event_cells(event))
+        node = self.fleet.get(self.node_id)
+        if node is None or not node.history.at:
+            return
+        start = node.history.at[0]
+        xs = [at - start for at in node.history.at]
+        for index, (series, _) in enumerate(PLOTS):
+            plot = self.query_one(f"#plot-{index}", PlotWidget)
+            plot.clear()
+            for name, style in zip(series, _PLOT_STYLES, strict=False):
+                plot.plot(xs, list(getattr(node.history, name)), line_style=style)
