@@ -332,6 +332,27 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     ]
 
 
+def console_child() -> ChildSpec:
+    """The operator console, in the foreground: leaving it stops the network."""
+    return ChildSpec("console", [sys.executable, "-m", "tui"], foreground=True)
+
+
+def wants_console(args: argparse.Namespace) -> bool:
+    """Open the console unless told not to, or when there is no terminal to draw on."""
+    return not (args.headless or args.broker_only) and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _log_to_file(path: Path) -> None:
+    """Send the launcher's own log lines to `path`: the console owns the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+
+
 def ensure_models(home: Path, profile: str) -> int:
     """Install the default model set on first run (progress bars on this terminal).
 
@@ -364,8 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--headless",
         action="store_true",
-        help="run without a terminal UI (the operator console is not part of this release, "
-        "so this is currently always the case)",
+        help="do not open the operator console (it opens when this runs on a terminal); "
+        "Ctrl-C or SIGTERM then stops everything",
     )
     parser.add_argument(
         "--broker-only", action="store_true", help="start only the NATS broker, no services"
@@ -406,6 +427,9 @@ async def _up(args: argparse.Namespace) -> int:
             print(f"hybridgen up: building the models failed (status {status})", file=sys.stderr)
             return status
         children = default_children(args)
+    console = wants_console(args)
+    if console:
+        children.append(console_child())
     launcher = Launcher(
         home=home,
         children=children,
@@ -414,6 +438,9 @@ async def _up(args: argparse.Namespace) -> int:
         port=args.port,
     )
     signals = StopSignals()
+    if console:
+        print("hybridgen: starting the network; the console opens when it is ready", flush=True)
+        _log_to_file(home / "logs" / "launcher.log")
     try:
         await launcher.start()
     except HybridgenError as exc:
@@ -422,6 +449,8 @@ async def _up(args: argparse.Namespace) -> int:
         print(f"hybridgen up: {exc.message}", file=sys.stderr)
         return 1
     try:
+        if console:  # the console owns the terminal until it exits
+            return await launcher.wait(signals)
         print(f"hybridgen: NATS broker at {launcher.url}", flush=True)
         print(f"  export HG_NATS_URL={launcher.url}   (also in {launcher.url_file})", flush=True)
         for spec, process in launcher.processes:

@@ -187,3 +187,20 @@ async def test_http_ready_check() -> None:
         server.close()
         await server.wait_closed()
     assert not await http_ready(f"http://127.0.0.1:{port}/readyz", timeout_s=0.5)()
+
+
+def test_up_opens_the_console_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from hybridgen.launcher import console_child, wants_console
+
+    args = argparse.Namespace(headless=False, broker_only=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert wants_console(args)
+    assert not wants_console(argparse.Namespace(headless=True, broker_only=False))
+    assert not wants_console(argparse.Namespace(headless=False, broker_only=True))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert not wants_console(args)  # CI, pipes: nothing to draw on
+    console = console_child()
+    assert console.foreground and console.argv[-2:] == ["-m", "tui"]
