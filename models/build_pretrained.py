@@ -59,10 +59,6 @@ SAME_WEIGHTS = (
     "answers better, so requests go to the cloud for privacy, load, context length or when "
     "asked"
 )
-UNCALIBRATED = (
-    "different pretrained models: set perplexity_threshold in the routing policy to route by "
-    "confidence"
-)
 
 
 def build_pretrained_set(
@@ -114,7 +110,13 @@ def build_pretrained_set(
             ),
             edge_builds=builds,
             metrics=Metrics(perplexity={}),
-            routing=_routing(same_weights=edge_dir == cloud_dir),
+            routing=_routing(
+                same_weights=edge_dir == cloud_dir,
+                edge_build=staging / f"edge-{precisions[0]}",
+                cloud_dir=cloud_dir,
+                threads=threads,
+                clock=clock,
+            ),
             timings=clock.timings(),
             runtime=manifest.runtime_versions(),
         )
@@ -235,8 +237,26 @@ def _build_edges(
     )
 
 
-def _routing(*, same_weights: bool) -> Routing:
-    """No calibrated threshold for pretrained sets; the manifest says why."""
+def _routing(
+    *,
+    same_weights: bool,
+    edge_build: Path,
+    cloud_dir: Path,
+    threads: int,
+    clock: Stopwatch,
+) -> Routing:
+    """Same weights: no threshold (the manifest says why). Different models: measured at both
+    ends on held-out local text (models.calibration_pair)."""
     if same_weights:
         return Routing(mode="same_weights", perplexity_threshold=None, skipped=SAME_WEIGHTS)
-    return Routing(mode="uncalibrated", perplexity_threshold=None, skipped=UNCALIBRATED)
+    from models import calibration_pair
+    from models import corpus as corpus_mod
+    from models.profiles import PROFILES
+
+    corpus = corpus_mod.build_corpus(PROFILES["tiny"].budgets, min_domain_bytes=0)
+    texts = corpus.texts(in_domain=True, held_out=True) + corpus.texts(
+        in_domain=False, held_out=True
+    )
+    section = calibration_pair.calibrate_pair(edge_build, cloud_dir, texts, threads=threads)
+    clock.lap("calibration_s")
+    return Routing.model_validate(section)

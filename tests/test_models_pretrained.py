@@ -182,3 +182,35 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet
     answer, reason = asyncio.run(ask())
     assert "Paris" in answer
     assert reason in ("stop", "length")
+
+
+def test_a_different_pair_is_measured_at_both_ends(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from models.random_model import make_random_llama
+
+    gguf_file, _ = tiny_gguf
+    other = make_random_llama(tmp_path / "other", preset="tiny", context_length=256, seed=7)
+    model_set = build_model_set(
+        BuildOptions(
+            edge_from=gguf_file,
+            cloud_from=other,
+            version="pair",
+            home=tmp_path / "home",
+            threads=1,
+            progress=False,
+        )
+    )
+    verify(model_set)
+    assert (
+        model_set.root / "edge"
+    ).is_dir() and model_set.edge_checkpoint_dir != model_set.cloud_dir
+    routing = model_set.manifest.routing.to_json()
+    # Both ends scored the same held-out passages; the section says what it found.
+    sides = routing["prompts"]
+    assert set(sides) == {"edge_as_good", "cloud_better"} and min(sides.values()) >= 8
+    assert routing["label"] == "cloud_gain" and 0.0 <= routing["auc"] <= 1.0
+    if routing["mode"] == "calibrated":
+        assert routing["perplexity_threshold"] > 0
+    else:
+        assert routing["perplexity_threshold"] is None and "AUC" in routing["skipped"]
