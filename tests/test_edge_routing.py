@@ -7,12 +7,11 @@ import math
 import pytest
 
 from broker.errors import ContextLengthExceeded
+from broker.policy import BreakerSettings, PolicySettings, merge_policy
 from edge.routing import (
-    BreakerSettings,
     CircuitBreaker,
     Decision,
     EdgeState,
-    PolicySettings,
     Reason,
     RequestFacts,
     Target,
@@ -20,7 +19,6 @@ from edge.routing import (
     decide_after_draft,
     effective_threshold,
     length_threshold,
-    merge_policy,
     with_threshold,
 )
 

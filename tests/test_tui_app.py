@@ -6,14 +6,17 @@ from collections.abc import Callable
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from rich.text import Text
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Static, TextArea
 
 from broker import subjects, wire
 from broker.service import serve_control
 from broker.settings import BusSettings
+from broker.store import FleetConfig
 from tui.app import HybridgenConsole
+from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
 from tui.state import EventLog, FleetState, Node
 
@@ -215,6 +218,139 @@ async def test_drain_asks_first_and_sends_the_verb(console: HybridgenConsole, nc
             assert any("does not answer resume" in n for n in notes(console))
     finally:
         await service.stop()
+
+
+async def test_drain_is_recorded_as_an_operator_event(
+    console: HybridgenConsole, nc: Client
+) -> None:
+    recorded: list[wire.Event] = []
+
+    async def on_event(msg: Msg) -> None:
+        recorded.append(wire.decode(msg.data, wire.Event))
+
+    await nc.subscribe(subjects.events_of_role("operator"), cb=on_event)
+
+    async def drain(request: wire.ControlRequest) -> wire.ControlReply:
+        return wire.ControlReply(ok=True, message="draining now")
+
+    service = await serve_control(nc, node_id="edge-1", role="edge", handlers={"drain": drain})
+    try:
+        async with console.run_test(size=SIZE) as pilot:
+            await connected(pilot, console)
+            await publish_beat(nc, "edge-1")
+            await seen(pilot, console, "edge-1")
+            await pilot.press("d", "y")
+            await until(pilot, lambda: bool(recorded), "the operator event")
+            event = recorded[0]
+            assert event.kind == "operator_action"
+            assert event.role == "operator"
+            assert event.node_id == console.console_id
+            assert event.node_id.startswith("console-")
+            assert event.data == {
+                "action": "drain",
+                "target": "edge-1",
+                "ok": True,
+                "message": "drain edge-1: ok draining now",
+            }
+            # every console sees it on its events screen, this one included
+            await until(
+                pilot,
+                lambda: any(e.kind == "operator_action" for e in console.events.select(limit=10)),
+                "the event in the console's log",
+            )
+    finally:
+        await service.stop()
+
+
+async def open_policy(pilot: Pilot[None], app: HybridgenConsole) -> PolicyScreen:
+    await pilot.press("p")
+    screen = app.screen
+    assert isinstance(screen, PolicyScreen)
+    await until(pilot, lambda: screen.loaded, "the policy loaded from KV")
+    return screen
+
+
+async def type_policy(pilot: Pilot[None], screen: PolicyScreen, text: str) -> None:
+    screen.query_one("#policy-editor", TextArea).load_text(text)
+    await pilot.press("ctrl+s")
+
+
+async def test_policy_edit_lands_in_kv_after_confirming(
+    console: HybridgenConsole, nc: Client
+) -> None:
+    config = await FleetConfig.open(nc)
+    await config.put(subjects.policy_key(), {"perplexity_threshold": 40.0})
+    recorded: list[wire.Event] = []
+
+    async def on_event(msg: Msg) -> None:
+        recorded.append(wire.decode(msg.data, wire.Event))
+
+    await nc.subscribe(subjects.events_of_role("operator"), cb=on_event)
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        await publish_beat(nc, "edge-1")
+        await seen(pilot, console, "edge-1")
+        screen = await open_policy(pilot, console)
+        assert screen.key == subjects.policy_key("edge-1")
+        shown = str(screen.query_one("#policy-current", Static).render())
+        assert '"perplexity_threshold": 40.0' in shown  # the fleet default
+        assert "policy.node.edge-1): (none)" in shown
+
+        await type_policy(pilot, screen, '{"perplexity_threshold": 25.5}')
+        assert isinstance(console.screen, ConfirmScreen)
+        await pilot.press("y")
+        await until(pilot, lambda: any("written" in n for n in notes(console)), "the write")
+        assert await config.get(subjects.policy_key("edge-1")) == {"perplexity_threshold": 25.5}
+        assert await config.get(subjects.policy_key()) == {"perplexity_threshold": 40.0}
+        await until(pilot, lambda: bool(recorded), "the operator event")
+        assert recorded[0].data["action"] == "policy-write"
+        assert recorded[0].data["target"] == "edge-1"
+        assert recorded[0].data["ok"] is True
+
+        await pilot.press("ctrl+t")  # now the fleet default
+        assert screen.key == subjects.policy_key()
+        await type_policy(pilot, screen, '{"latency_budget_ms": 900}')
+        await pilot.press("y")
+        await until(pilot, lambda: screen.fleet == {"latency_budget_ms": 900}, "fleet write")
+        assert await config.get(subjects.policy_key()) == {"latency_budget_ms": 900}
+        await pilot.press("escape")
+        assert not isinstance(console.screen, PolicyScreen)
+
+
+async def test_policy_edit_cancelled_writes_nothing(console: HybridgenConsole, nc: Client) -> None:
+    config = await FleetConfig.open(nc)
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        screen = await open_policy(pilot, console)  # no node: the fleet default
+        assert screen.key == subjects.policy_key()
+        await type_policy(pilot, screen, '{"perplexity_threshold": 30}')
+        assert isinstance(console.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert isinstance(console.screen, PolicyScreen)
+        assert "policy.default: cancelled, nothing written" in notes(console)
+        assert await config.get(subjects.policy_key()) is None
+
+
+async def test_invalid_policy_is_refused_and_nothing_written(
+    console: HybridgenConsole, nc: Client
+) -> None:
+    config = await FleetConfig.open(nc)
+    async with console.run_test(size=SIZE) as pilot:
+        await connected(pilot, console)
+        await publish_beat(nc, "edge-1")
+        await seen(pilot, console, "edge-1")
+        screen = await open_policy(pilot, console)
+        await type_policy(pilot, screen, '{"perplexity_threshold": -3}')
+        assert isinstance(console.screen, PolicyScreen)  # no confirmation asked
+        refusal = [n for n in notes(console) if "refused" in n]
+        assert refusal and "perplexity_threshold" in refusal[0]
+        assert "greater than 0" in refusal[0]  # pydantic's own message
+
+        await type_policy(pilot, screen, "[1, 2]")
+        assert isinstance(console.screen, PolicyScreen)
+        assert any("must be a JSON object" in n for n in notes(console))
+        assert await config.get(subjects.policy_key("edge-1")) is None
+        assert await config.get(subjects.policy_key()) is None
 
 
 async def test_shows_disconnected_when_nats_is_down() -> None:

@@ -26,6 +26,8 @@ from broker.bus import connect_settings
 from broker.errors import HybridgenError
 from broker.service import send_control
 from broker.settings import BusSettings
+from broker.telemetry import default_node_id
+from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, HelpScreen, NodeScreen
 from tui.state import FLEET_COLUMNS, ROLES, SORT_KEYS, EventLog, FleetState
 
@@ -44,6 +46,8 @@ class HybridgenConsole(App[None]):
         bus: how to reach NATS.
         fleet: the fleet model (default: a fresh one, stale after 5 s).
         events: the event ring (default: 1000 events).
+        console_id: this console's id in its operator events (default:
+            `console-<host>-<4 hex>`).
     """
 
     TITLE = "hybridgen console"
@@ -60,6 +64,8 @@ class HybridgenConsole(App[None]):
     #node-figures { width: 40; padding: 0 1; }
     #node-plots PlotWidget { height: 1fr; border: round $accent; }
     #node-events { height: 1fr; }
+    #policy-current, #policy-editing { height: auto; padding: 0 1; }
+    #policy-editor { height: 1fr; }
     """
     BINDINGS = [
         Binding("q", "quit", "quit"),
@@ -71,6 +77,7 @@ class HybridgenConsole(App[None]):
         Binding("t", "cycle_role", "role"),
         Binding("d", "control('drain')", "drain"),
         Binding("u", "control('resume')", "resume"),
+        Binding("p", "policy", "policy"),
     ]
 
     connected: reactive[bool] = reactive(False)
@@ -85,9 +92,11 @@ class HybridgenConsole(App[None]):
         *,
         fleet: FleetState | None = None,
         events: EventLog | None = None,
+        console_id: str | None = None,
     ) -> None:
         super().__init__()
         self.bus = bus
+        self.console_id = default_node_id("console") if console_id is None else console_id
         self.fleet = FleetState() if fleet is None else fleet
         self.events = EventLog() if events is None else events
         self.nc: Client | None = None
@@ -260,15 +269,45 @@ class HybridgenConsole(App[None]):
 
     @work(group="control")
     async def send_verb(self, node_id: str, verb: str) -> wire.ControlReply | None:
-        """Send one control verb and show the reply in a notification."""
+        """Send one control verb, show the reply in a notification and record it."""
         if self.nc is None or not self.nc.is_connected:
             self.notify(f"{verb} {node_id}: not connected to NATS", severity="error")
             return None
         try:
             reply = await send_control(self.nc, node_id, verb)
         except HybridgenError as exc:
-            self.notify(f"{verb} {node_id}: {exc.message}", severity="error", markup=False)
+            text = f"{verb} {node_id}: {exc.message}"
+            self.notify(text, severity="error", markup=False)
+            await self.record_action(verb, node_id, False, text)
             return None
         text = f"{verb} {node_id}: {'ok' if reply.ok else 'refused'} {reply.message}".rstrip()
         self.notify(text, severity="information" if reply.ok else "error", markup=False)
+        await self.record_action(verb, node_id, reply.ok, text)
         return reply
+
+    def action_policy(self) -> None:
+        """Open the policy screen for the node in view (or selected), else the fleet default."""
+        if self.nc is None or not self.nc.is_connected:
+            self.notify("policy: not connected to NATS", severity="error")
+            return
+        screen = self.screen
+        node_id = screen.node_id if isinstance(screen, NodeScreen) else self.selected_node()
+        self.push_screen(PolicyScreen(self.nc, node_id, self.record_action))
+
+    async def record_action(self, action: str, target: str, ok: bool, message: str) -> None:
+        """Publish an `operator_action` event, seen on the events screen of every console."""
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            log.warning("console: %s not recorded, not connected", action)
+            return
+        event = wire.Event(
+            kind="operator_action",
+            role="operator",
+            node_id=self.console_id,
+            message=message,
+            data={"action": action, "target": target, "ok": ok, "message": message},
+        )
+        try:
+            await nc.publish(subjects.events("operator", self.console_id), wire.encode(event))
+        except Exception as exc:  # the action itself is done; losing its record is logged
+            log.warning("console: %s not recorded: %s", action, exc)

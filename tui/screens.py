@@ -35,6 +35,7 @@ Fleet (the main screen)
   /         filter rows (text)     t       cycle role filter (all/edge/cloud/api)
   s         next sort column       r       reverse the sort
   d         drain the node         u       resume the node (both ask first)
+  p         routing policy of the node (none selected: the fleet default)
   e         events                 ?       this help
   q         quit
 
@@ -42,7 +43,13 @@ Events
   /         filter: node:X kind:Y req:Z and free words    escape  back
 
 Node detail
-  d / u     drain / resume          escape  back
+  d / u     drain / resume          p       routing policy    escape  back
+
+Policy
+  ctrl+s    validate, ask, write to hg_config   ctrl+t  edit fleet default / node override
+  escape    back
+
+Every drain, resume and policy write is published as an operator_action event.
 """
 
 
@@ -156,6 +163,7 @@ class NodeScreen(Screen[None]):
         Binding("escape", "app.pop_screen", "back"),
         Binding("d", "app.control('drain')", "drain"),
         Binding("u", "app.control('resume')", "resume"),
+        Binding("p", "app.policy", "policy"),
     ]
 
     def __init__(self, node_id: str, fleet: FleetState, log: EventLog) -> None:

@@ -1,0 +1,88 @@
+"""The routing policy schema: what the fleet config in `hg_config` may hold under `policy.*`.
+
+It lives with the broker because the fleet config is the broker's (`broker.store.FleetConfig`,
+keys from `broker.subjects.policy_key`): the edge reads it to route, and the operator console
+validates an edit with the very same model before writing it. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BreakerSettings(BaseModel):
+    """Circuit breaker of the cloud path."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    failure_threshold: int = Field(
+        default=3, ge=1, description="Consecutive cloud failures that open the breaker."
+    )
+    open_seconds: float = Field(
+        default=5.0, gt=0, description="How long it stays open before a half-open probe."
+    )
+    half_open_probes: int = Field(
+        default=1, ge=1, description="Requests let through while half-open."
+    )
+
+
+class PolicySettings(BaseModel):
+    """Routing thresholds; read from the `hg_config` KV bucket and changed live.
+
+    Stored as JSON under `policy.default` (fleet) and `policy.node.<node_id>` (override;
+    its fields win over the fleet's).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    perplexity_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="Prompt perplexity above which a request goes to the cloud. Unset "
+        "(None): the model set's calibrated threshold (`manifest.json` -> `routing`), off "
+        "when it has none; a very large number turns this rule off.",
+    )
+    second_stage_k: int = Field(
+        default=0,
+        ge=0,
+        description="Draft this many tokens (not streamed) before committing to the edge; "
+        "0 disables the second stage.",
+    )
+    draft_logprob_threshold: float = Field(
+        default=-math.inf,
+        description="Mean log-probability of the k drafted tokens below which the request "
+        "escalates to the cloud (the draft is discarded).",
+    )
+    latency_budget_ms: float = Field(
+        default=2000.0,
+        gt=0,
+        description="Predicted edge wait beyond which a request goes to the cloud.",
+    )
+    cloud_timeout_ms: float = Field(
+        default=2000.0, gt=0, description="Accept timeout of a cloud request."
+    )
+    cloud_idle_timeout_ms: float = Field(
+        default=10000.0, gt=0, description="Longest gap between two cloud chunks."
+    )
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+
+
+def merge_policy(*layers: dict | None) -> PolicySettings:
+    """Policy from JSON layers, later ones winning field by field (fleet, then node).
+
+    Raises:
+        pydantic.ValidationError: a value out of range or of the wrong type (the message
+            names the field).
+    """
+    merged: dict = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for key, value in layer.items():
+            if key == "breaker" and isinstance(value, dict):
+                merged["breaker"] = {**merged.get("breaker", {}), **value}
+            else:
+                merged[key] = value
+    return PolicySettings.model_validate(merged)
