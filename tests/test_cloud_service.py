@@ -7,6 +7,7 @@ real worker process is killed mid-stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -225,11 +226,20 @@ async def test_disconnect_cancels_on_worker(
     stats = worker.engine.stats()
     assert stats["requests"] == 0 and stats["running"] == 0 and stats["admitted_tokens"] == 0
 
-    # A client of a non-streamed request that gives up cancels it too.
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(0.3)) as http:
+    # A client of a non-streamed request that gives up cancels it too: it hangs up while the
+    # worker is generating (waiting for that, not for a fixed time, keeps a fast engine from
+    # finishing first).
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "temperature": 0}
-        with pytest.raises(httpx.ReadTimeout):
-            await http.post("/v1/completions", json=body)
+        call = asyncio.ensure_future(http.post("/v1/completions", json=body))
+        for _ in range(500):
+            if worker.admitted == 1 or call.done():
+                break
+            await asyncio.sleep(0.002)
+        assert not call.done(), "the request ended before the client could hang up"
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
     for _ in range(200):
         if len(cancels) == 2 and worker.admitted == 0:
             break
