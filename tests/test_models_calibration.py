@@ -31,7 +31,6 @@ def test_tiny_build_records_a_calibrated_threshold(tiny_models: ModelSet) -> Non
     medians = routing["median_perplexity"]
     assert medians["in_domain"] < medians["out_of_domain"]
     assert "calibration_s" in tiny_models.manifest["timings"]
-    assert tiny_models.manifest["timings"]["calibration_s"] < 5
     # One threshold per length bucket of scored tokens, the last one open.
     buckets = routing["thresholds_by_length"]
     assert [b["max_tokens"] for b in buckets] == [12, 24, 48, None]
