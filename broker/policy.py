@@ -8,6 +8,7 @@ validates an edit with the very same model before writing it. Pure: no I/O.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,3 +87,53 @@ def merge_policy(*layers: dict | None) -> PolicySettings:
             else:
                 merged[key] = value
     return PolicySettings.model_validate(merged)
+
+
+#: Where a policy value in force comes from (`policy_sources`): the schema's default, the
+#: node's own settings, the fleet default, the node's override; `model_set` (the calibrated
+#: perplexity threshold) is set by the edge, which alone knows its model set.
+PolicySource = Literal["default", "settings", "fleet", "node", "model_set"]
+
+
+def policy_sources(
+    base: dict | None, fleet: dict | None, node: dict | None
+) -> dict[str, dict[str, object]]:
+    """Each policy value in force and the layer it comes from, for display.
+
+    Args:
+        base: the node's own settings (`EdgeSettings.policy`), source `settings`.
+        fleet: the fleet default (`policy.default`), source `fleet`.
+        node: the node's override (`policy.node.<id>`), source `node`.
+
+    Returns:
+        `{field: {"value": v, "source": "default|settings|fleet|node"}}`; the breaker's
+        fields are named `breaker.<field>`. The latest layer that sets a field wins, as in
+        `merge_policy`.
+
+    Raises:
+        pydantic.ValidationError: the layers do not merge into a valid policy.
+    """
+    merged = merge_policy(base, fleet, node).model_dump()
+    layers: tuple[tuple[PolicySource, dict], ...] = (
+        ("settings", base or {}),
+        ("fleet", fleet or {}),
+        ("node", node or {}),
+    )
+
+    def source(name: str, sub: str | None = None) -> PolicySource:
+        found: PolicySource = "default"
+        for label, layer in layers:
+            value = layer.get(name)
+            sets = name in layer if sub is None else isinstance(value, dict) and sub in value
+            if sets:
+                found = label
+        return found
+
+    result: dict[str, dict[str, object]] = {}
+    for name, value in merged.items():
+        if name == "breaker":
+            for sub, sub_value in value.items():
+                result[f"breaker.{sub}"] = {"value": sub_value, "source": source(name, sub)}
+        else:
+            result[name] = {"value": value, "source": source(name)}
+    return result

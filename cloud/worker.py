@@ -9,7 +9,8 @@ coordination. Each one:
 * streams `Chunk`s as tokens come out of the running batch, then `Done`;
 * honours the request's deadline (`timeout_ms`; the service cancels the handler and answers
   `timeout`, the engine frees the sequence) and `hg.cancel.<request_id>`;
-* publishes a heartbeat every second and an event per failed request;
+* publishes a heartbeat every second, a `request` event per served request and an `error`
+  event per failed one;
 * on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
   then exits. A crash inside one request answers it `internal`; the worker stays up.
 """
@@ -37,7 +38,7 @@ from broker.errors import (
 )
 from broker.service import SOFTWARE_VERSION, Responder, serve_control
 from broker.telemetry import Telemetry, default_node_id
-from cloud.engine import Engine, EngineConfig
+from cloud.engine import Delta, Engine, EngineConfig
 from cloud.settings import WorkerSettings
 from serving.sampling import SamplingParams
 
@@ -264,17 +265,18 @@ class CloudWorker:
             )
         cost = len(prompt_ids) + max_tokens
         self._admit(cost)
+        admitted = time.monotonic()
+        ttft_ms: float | None = None
         waiting = True
         try:
             await responder.accept()
             sampling = SamplingParams.from_wire(request, max_tokens)
-            started = time.monotonic()
             async for delta in engine.generate(request.request_id, prompt_ids, sampling):
                 if waiting:
                     waiting = False
                     self.queued -= 1
-                    logger.debug("%s: first token after %.3fs", request.request_id,
-                                 time.monotonic() - started)  # fmt: skip
+                    ttft_ms = (time.monotonic() - admitted) * 1e3
+                    logger.debug("%s: first token after %.1f ms", request.request_id, ttft_ms)
                 self.tokens_out += len(delta.token_ids)
                 if delta.text or delta.token_ids:
                     await responder.chunk(delta.text, delta.token_ids)
@@ -287,12 +289,44 @@ class CloudWorker:
                         ),
                         model_version=self.model_version,
                     )
+                    await self._publish_request(
+                        request, delta, ttft_ms, (time.monotonic() - admitted) * 1e3
+                    )
                     return
         finally:
             if waiting:
                 self.queued -= 1
             self.admitted -= 1
             self.admitted_tokens -= cost
+
+    async def _publish_request(
+        self,
+        request: wire.GenerateRequest,
+        last: Delta,
+        ttft_ms: float | None,
+        total_ms: float,
+    ) -> None:
+        """Publish a served request as a `request` event: who asked, timings, tokens (no text).
+
+        Timings count from admission: `ttft_ms` to the first output (queue + prefill + first
+        token), `total_ms` to the `Done`.
+        """
+        if self.telemetry is None:
+            return
+        await self.telemetry.publish_event(
+            "request",
+            f"served for {request.origin or 'an unnamed caller'}: {last.finish_reason}, "
+            f"{total_ms:.0f} ms",
+            request_id=request.request_id,
+            origin=request.origin,
+            model=request.model,
+            model_version=self.model_version,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+            ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
+            total_ms=round(total_ms, 3),
+        )
 
     @staticmethod
     def _prompt_ids(engine: Engine, request: wire.GenerateRequest) -> list[int]:

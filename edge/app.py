@@ -31,6 +31,7 @@ from edge.routing import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
+from edge.users_api import users_routes
 from serving import protocol
 from serving.auth import require_api_key
 from serving.bodies import json_body
@@ -129,6 +130,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     )
     app.state.edge_metrics = EdgeMetrics(http_metrics, lambda: _queue_depth(app))
     app.include_router(openai_routes, dependencies=[Depends(require_api_key(settings.api_keys))])
+    app.include_router(users_routes, dependencies=[Depends(require_api_key(settings.api_keys))])
     return app
 
 

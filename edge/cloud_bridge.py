@@ -71,6 +71,7 @@ class CloudBridge:
         started: float,
         perplexity: float | None,
         threshold: ThresholdInfo,
+        trace: dict[str, Any] | None = None,
     ) -> AsyncIterator[Item]:
         """Serve a request routed to the cloud: `RouteInfo`, then `Piece`s, then an `Outcome`.
 
@@ -82,6 +83,9 @@ class CloudBridge:
             started: `time.perf_counter()` when the request arrived.
             perplexity: the prompt perplexity, when the edge prefilled it.
             threshold: the threshold in force, its source and the tokens scored.
+            trace: filled with the cloud hop's facts for the request's `request` event:
+                `hop_ms` (sent until a worker accepted), `worker` (the worker's node id,
+                from its `Done`) and `cloud_model_version`.
 
         Raises:
             HybridgenError: a mid-stream error the edge must not hide (bad request, context
@@ -110,7 +114,9 @@ class CloudBridge:
             **request.options.to_wire(),
             **inputs,
         )
+        trace = {} if trace is None else trace
         async with contextlib.AsyncExitStack() as stack:
+            sent = time.perf_counter()
             try:
                 stream = await stack.enter_async_context(
                     request_stream(
@@ -134,6 +140,7 @@ class CloudBridge:
                 # the half-open probe slot `allow()` took, or the breaker would stay stuck.
                 node.breaker.release()
                 raise
+            trace["hop_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
             node.breaker.record_success()
             node.record_route(decision)
             details: dict[str, Any] = {"reason": wanted}
@@ -181,6 +188,10 @@ class CloudBridge:
                 return
             done = stream.done
             assert done is not None
+            if done.served_by:
+                trace["worker"] = done.served_by
+            if done.model_version:
+                trace["cloud_model_version"] = done.model_version
             outcome = Outcome(
                 done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens
             )

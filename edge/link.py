@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from broker import subjects, wire
 from broker.bus import connect_settings, serve_control
 from broker.errors import BadRequest, HybridgenError
+from broker.policy import policy_sources
 from broker.service import ControlHandler
 from broker.telemetry import Telemetry
 from edge.node import EdgeNode
@@ -56,6 +57,12 @@ class BusLink:
         self._closed = False
         self.policy_updates = 0
         self._connect_failures = 0
+        #: The (settings, fleet, node) policy layers the node runs with (the last valid ones).
+        self._applied_layers: tuple[dict[str, Any] | None, ...] = (
+            self.settings.policy,
+            None,
+            None,
+        )
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -187,6 +194,7 @@ class BusLink:
             logger.error("ignoring invalid routing policy from the KV bucket: %s", exc)
             return
         self.policy_updates += 1
+        self._applied_layers = (self.settings.policy, self.fleet_policy, self.node_policy)
         self.node.set_policy(policy)
 
     # ------------------------------------------------------------------ telemetry
@@ -229,6 +237,7 @@ class BusLink:
             errors=int(snapshot.get("errors", 0)) + node.counters.errors,
             extra={
                 "breaker": node.breaker.state,
+                "api_url": node.settings.advertise_url,
                 "routes": dict(node.counters.by_reason),
                 "cloud_failures": node.counters.cloud_failures,
                 "mid_stream_recoveries": node.counters.mid_stream_recoveries,
@@ -237,8 +246,23 @@ class BusLink:
                 "perplexity_threshold": node.perplexity_threshold,
                 "perplexity_threshold_source": node.threshold_source,
                 "calibrated_threshold": node.calibrated_threshold,
+                "policy": self.policy_in_force(),
             },
         )
+
+    def policy_in_force(self) -> dict[str, dict[str, Any]]:
+        """Each routing value in force and its source (`broker.policy.policy_sources`).
+
+        The perplexity threshold is the one requests are routed with: the model set's
+        calibrated one (source `model_set`) when no layer sets it; `inf` means off.
+        """
+        sources = policy_sources(*self._applied_layers)
+        node = self.node
+        threshold = sources["perplexity_threshold"]
+        threshold["value"] = node.perplexity_threshold
+        if node.threshold_source == "model_set":
+            threshold["source"] = "model_set"
+        return sources
 
     def _publish_event(self, kind: str, message: str, request_id: str | None, **data: Any) -> None:
         if self.telemetry is None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from broker.errors import NotFound, Overloaded, Unavailable
 from edge.cloud_bridge import CloudBridge
 from edge.lifecycle import NodeLifecycle
-from edge.request import EdgeRequest, Item, RouteInfo, stream_local
+from edge.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
 from edge.routing import (
     Decision,
     EdgeState,
@@ -73,12 +74,70 @@ class Router:
     async def generate(self, request: EdgeRequest) -> AsyncGenerator[Item, None]:
         """Route and serve one request: `RouteInfo`, then `Piece`s, then an `Outcome`.
 
+        A finished request is published as one `request` event (`publish_request_event`),
+        unless it is `local_only`.
+
         Raises (before the RouteInfo): BadRequest, NotFound, ContextLengthExceeded,
         Overloaded (edge queue full and no cloud). Raises after it only when the answer can
         be neither finished by the cloud nor locally.
         """
-        node = self.node
         started = time.perf_counter()
+        trace: dict[str, Any] = {}
+        route: RouteInfo | None = None
+        ttft_ms: float | None = None
+        items = self._generate(request, started, trace)
+        async with contextlib.aclosing(items) as answer:
+            async for item in answer:
+                if isinstance(item, RouteInfo):
+                    route = item
+                elif isinstance(item, Piece) and ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1e3
+                elif isinstance(item, Outcome) and route is not None and not request.local_only:
+                    total_ms = (time.perf_counter() - started) * 1e3
+                    self.publish_request_event(route, item, ttft_ms, total_ms, trace)
+                yield item
+
+    def publish_request_event(
+        self,
+        route: RouteInfo,
+        outcome: Outcome,
+        ttft_ms: float | None,
+        total_ms: float,
+        trace: dict[str, Any],
+    ) -> None:
+        """Publish a finished request's path and timings as a `request` event (no text).
+
+        Data: served_by, route_reason, model, prompt_tokens, completion_tokens,
+        finish_reason, route_ms (arrival until decided), ttft_ms (first text), total_ms; for
+        a request routed to the cloud, `hop_ms` (sent on the bus until a worker accepted it),
+        the worker's node id (`worker`, from its `Done`) and `completed_locally` when the edge
+        finished it after a cloud failure.
+        """
+        data: dict[str, Any] = {
+            "served_by": route.served_by,
+            "route_reason": route.route_reason,
+            "model": route.model,
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "finish_reason": outcome.finish_reason,
+            "route_ms": round(route.decision_ms, 3),
+            "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
+            "total_ms": round(total_ms, 3),
+            **trace,
+        }
+        if outcome.completed_locally:
+            data["completed_locally"] = True
+        where = route.served_by
+        if trace.get("worker"):
+            where = f"{where} ({trace['worker']})"
+        message = f"served by {where}: {route.route_reason}, {total_ms:.0f} ms"
+        self.node.publish_event("request", message, route.request_id, **data)
+
+    async def _generate(
+        self, request: EdgeRequest, started: float, trace: dict[str, Any]
+    ) -> AsyncGenerator[Item, None]:
+        """`generate` itself; `trace` collects the cloud hop's facts for the request event."""
+        node = self.node
         if node.draining:
             # The same answer a draining cloud worker gives: go elsewhere, not "busy, retry".
             raise Unavailable("this edge node is draining", retry_after=5.0)
@@ -137,8 +196,9 @@ class Router:
                 generation = None
 
         if decision.target is Target.CLOUD:
+            trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
             async for item in self.cloud.serve(
-                request, prompt_ids, decision, started, perplexity, threshold
+                request, prompt_ids, decision, started, perplexity, threshold, trace
             ):
                 yield item
             return
@@ -151,8 +211,9 @@ class Router:
                 generation = runtime.submit(prompt_ids, options)
             except Overloaded:
                 decision = self._when_queue_full(request)
+                trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
                 async for item in self.cloud.serve(
-                    request, prompt_ids, decision, started, perplexity, threshold
+                    request, prompt_ids, decision, started, perplexity, threshold, trace
                 ):
                     yield item
                 return

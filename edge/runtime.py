@@ -27,6 +27,16 @@ O(n x V).
 
 Per-token log-probabilities are read with `get_logits()` after each step (log-softmax of the
 raw logits, before temperature) and kept for the router.
+
+Personalization. A request may carry a per-user adapter (`edge.adapt.NgramCache`, see
+`submit`). At each step the worker asks it for its sparse next-token distribution after the
+context (the prompt's tail, then the generated tokens); when its gate is non-zero the logits
+are mixed in place (`edge.adapt.mix_logits`: one logsumexp over V, then only the cache's
+tokens) and handed back with `Generator.set_logits((1, 1, V) float32)` before
+`generate_next_token()`, which then samples from the mixture (temperature, top-p and top-k
+apply to the mixed logits). The reported log-probability is that of the mixed distribution
+and reuses the logsumexp, so it costs no second pass over V. A request without an adapter runs
+exactly the code it ran before.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import onnxruntime_genai as og
 
 from broker.errors import BadRequest, ContextLengthExceeded, Internal, Overloaded
 from broker.wire import FinishReason
+from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
 from models.ort_edge import EdgeModel
 from models.scoring import prefill, scored_positions
 from serving.sampling import SamplingParams
@@ -123,6 +134,7 @@ class _Job:
         options: SamplingParams,
         hold_after_prefill: bool,
         score_span: tuple[int, int] | None = None,
+        adapter: NgramCache | None = None,
     ) -> None:
         self.loop = loop
         self.prompt_ids = prompt_ids
@@ -136,6 +148,12 @@ class _Job:
         self.stream: Any = None
         self.completion_tokens = 0
         self.stops = StopMatcher(options.stop)  # holds what may start a stop string
+        self.adapter = adapter
+        # The adapter's context: the last tokens of the prompt, then of the completion.
+        self.context: deque[int] = deque(
+            prompt_ids[-(adapter.order - 1) :] if adapter is not None else (),
+            maxlen=adapter.order - 1 if adapter is not None else 0,
+        )
 
     def emit(self, event: Event | BaseException) -> None:
         try:
@@ -301,11 +319,18 @@ class EdgeRuntime:
         *,
         hold_after_prefill: bool = False,
         score_span: tuple[int, int] | None = None,
+        adapter: NgramCache | None = None,
     ) -> Generation:
         """Queue a generation (call from the event loop).
 
         `score_span` ([start, end) token positions) limits the prompt perplexity of the
         Prefill event to those tokens (see `encode_with_span`); None scores the whole prompt.
+
+        `adapter` personalizes the generation: the user's n-gram cache is mixed into every
+        step's next-token distribution where its gate is open, and token log-probabilities are
+        those of the mixture. The worker thread reads it while the request runs; an update
+        from another thread meanwhile is tolerated (that step goes unmixed), but pass a copy
+        (`NgramCache.from_bytes(cache.to_bytes())`) when the outputs must be reproducible.
 
         Raises:
             BadRequest: empty prompt.
@@ -316,7 +341,12 @@ class EdgeRuntime:
             raise BadRequest("the prompt is empty", param="prompt")
         self.check_fits(len(prompt_ids), options.max_tokens)
         job = _Job(
-            asyncio.get_running_loop(), list(prompt_ids), options, hold_after_prefill, score_span
+            asyncio.get_running_loop(),
+            list(prompt_ids),
+            options,
+            hold_after_prefill,
+            score_span,
+            adapter,
         )
         with self._lock:
             if self._closing:
@@ -438,11 +468,20 @@ class EdgeRuntime:
         # `generate_next_token()` would run the following position's forward pass early and
         # score the chosen token under the wrong distribution (and waste one forward pass
         # per request on the last token).
-        logits = generator.get_logits()[0, 0]  # (V,) raw logits, before temperature
+        raw = generator.get_logits()
+        logits = raw[0, 0]  # (V,) raw logits, before temperature
+        mixed_lse = self._adapt(job, raw) if job.adapter is not None else None
         generator.generate_next_token()
         token_id = int(generator.get_next_tokens()[0])
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
-        logprob = float(log_softmax(logits, token_id))
+        if job.adapter is None:
+            logprob = float(log_softmax(logits, token_id))
+        else:
+            job.context.append(token_id)
+            if mixed_lse is None:
+                logprob = float(log_softmax(logits, token_id))
+            else:  # `logits` now holds the mixed logits
+                logprob = float(logits[token_id]) - mixed_lse
         job.completion_tokens += 1
         self.tokens_generated += 1
         if token_id in self.stop_token_ids:
@@ -455,6 +494,30 @@ class EdgeRuntime:
             self._finish(job, "stop", flush=False)
         elif generator.is_done() or job.remaining <= 0:
             self._finish(job, "length")
+
+    def _adapt(self, job: _Job, raw: np.ndarray) -> float | None:
+        """Mix the job's adapter into `raw` ((1, 1, V) logits) and hand them to the generator.
+
+        Returns the logsumexp of the mixed logits, or None when the gate is closed (the
+        generator keeps its own logits).
+        """
+        assert job.adapter is not None
+        try:
+            ids, probs, weight = job.adapter.predict(job.context)
+        except (RuntimeError, KeyError):  # updated by another thread meanwhile: skip a step
+            return None
+        if weight <= 0.0:
+            return None
+        if int(ids.max()) >= raw.shape[-1]:  # learned with another tokenizer: ignore those ids
+            keep = ids < raw.shape[-1]
+            ids, probs = ids[keep], probs[keep]
+            if len(ids) == 0:
+                return None
+        logits = raw[0, 0]
+        lse = logsumexp(logits)
+        mix_logits(logits, ids, probs, weight, lse=lse)
+        job.generator.set_logits(raw)
+        return mixed_logsumexp(lse, probs, weight)
 
     def _finish(self, job: _Job, reason: FinishReason, *, flush: bool = True) -> None:
         tail = job.stops.flush() if flush else ""

@@ -20,7 +20,8 @@ from broker.service import SOFTWARE_VERSION
 from edge.link import BusLink
 from edge.node import EdgeNode
 from edge.runtime import EdgeRuntime
-from edge.settings import EdgeSettings
+from edge.settings import EdgeSettings, default_users_db
+from edge.users import UserStore
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class EdgeService:
     def __init__(self, settings: EdgeSettings, node: EdgeNode) -> None:
         self.settings = settings
         self.node = node
+        #: Users' profiles and feedback (`edge.users`); the file opens on first use.
+        self.users = UserStore(settings.users_db or default_users_db(settings.node_id))
         self.link = BusLink(node, reload_model=self.reload_model, software_version=SOFTWARE_VERSION)
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -121,6 +124,7 @@ class EdgeService:
         for task in list(self._retiring):
             await task
         await self.node.runtime.close()
+        await asyncio.to_thread(self.users.close)
 
 
 def get_service(request: Request) -> EdgeService:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.settings import BusSettings
+from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
 
 
@@ -65,6 +67,32 @@ class EdgeSettings(BaseSettings):
         default_factory=dict,
         description="Local routing policy (JSON), under the fleet's and the node's KV policy.",
     )
+    advertise_url: str | None = Field(
+        default=None,
+        description="Base URL of this node's HTTP API, told to the fleet in heartbeats (the "
+        "console's test prompt uses it; none: http://<host>:<port>, a wildcard host replaced "
+        "by the hostname; unset when port is 0).",
+    )
+    users_db: Path | None = Field(
+        default=None,
+        description="SQLite file of the users' profiles, feedback and learned state (none: "
+        "<HG_HOME>/edge/<node_id or 'default'>/users.sqlite3; created on first use).",
+    )
+
+    @model_validator(mode="after")
+    def _default_users_db(self) -> EdgeSettings:
+        # Resolved once, here: a node id made up later (at start) must not move the file.
+        if self.users_db is None:
+            self.users_db = default_users_db(self.node_id)
+        return self
+
+    @model_validator(mode="after")
+    def _default_advertise_url(self) -> EdgeSettings:
+        if self.advertise_url is None and self.port != 0:
+            self.advertise_url = default_advertise_url(self.host, self.port)
+        elif self.advertise_url is not None:
+            self.advertise_url = self.advertise_url.rstrip("/") or None
+        return self
 
     def bus(self) -> BusSettings:
         """The bus settings, `nats_url` overriding HG_NATS_URL."""
@@ -72,3 +100,18 @@ class EdgeSettings(BaseSettings):
         if self.nats_url:
             bus = bus.model_copy(update={"url": self.nats_url})
         return bus
+
+
+def default_advertise_url(host: str, port: int) -> str:
+    """`http://<host>:<port>`, a wildcard bind address (0.0.0.0, ::) replaced by the hostname."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):  # an IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def default_users_db(node_id: str | None) -> Path:
+    """`<HG_HOME>/edge/<node_id or 'default'>/users.sqlite3` (odd characters become `_`)."""
+    folder = re.sub(r"[^A-Za-z0-9_-]", "_", node_id or "default")
+    return hg_home() / "edge" / folder / "users.sqlite3"

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_cloud",
     "tests.fixtures_gguf",
+    "tests.fixtures_edge",
 ]

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 import edge.routing
-from broker.policy import BreakerSettings, PolicySettings, merge_policy
+from broker.policy import BreakerSettings, PolicySettings, merge_policy, policy_sources
 
 
 def test_defaults_without_layers() -> None:
@@ -55,3 +55,28 @@ def test_the_edge_uses_the_same_model() -> None:
     assert edge.routing.PolicySettings is PolicySettings
     assert edge.routing.BreakerSettings is BreakerSettings
     assert edge.routing.merge_policy is merge_policy
+
+
+def test_policy_sources_name_the_layer_each_value_comes_from() -> None:
+    base = {"latency_budget_ms": 800, "second_stage_k": 2}
+    fleet = {"perplexity_threshold": 40.0, "latency_budget_ms": 500, "breaker": {"open_seconds": 9}}
+    node = {"perplexity_threshold": 25.0, "breaker": {"failure_threshold": 7}}
+    sources = policy_sources(base, fleet, node)
+    assert sources["perplexity_threshold"] == {"value": 25.0, "source": "node"}
+    assert sources["latency_budget_ms"] == {"value": 500.0, "source": "fleet"}
+    assert sources["second_stage_k"] == {"value": 2, "source": "settings"}
+    assert sources["cloud_timeout_ms"] == {"value": 2000.0, "source": "default"}
+    assert sources["breaker.open_seconds"] == {"value": 9.0, "source": "fleet"}
+    assert sources["breaker.failure_threshold"] == {"value": 7, "source": "node"}
+    assert sources["breaker.half_open_probes"]["source"] == "default"
+    # Every field of the merged policy is there, with the merged value.
+    merged = merge_policy(base, fleet, node).model_dump()
+    flat = {k: v for k, v in merged.items() if k != "breaker"}
+    flat |= {f"breaker.{k}": v for k, v in merged["breaker"].items()}
+    assert {k: v["value"] for k, v in sources.items()} == flat
+
+
+def test_policy_sources_without_layers_are_all_defaults() -> None:
+    sources = policy_sources(None, None, {})
+    assert {entry["source"] for entry in sources.values()} == {"default"}
+    assert sources["perplexity_threshold"]["value"] is None

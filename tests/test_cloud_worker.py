@@ -113,7 +113,10 @@ async def test_crash_in_one_request_answers_internal(
     assert done.usage.completion_tokens == 4
     await nc.flush()
     await asyncio.sleep(0.1)
-    assert [e.kind for e in events] == ["error"] and events[0].data["code"] == "internal"
+    # The crash is an `error` event; the request served after it a `request` event.
+    assert [e.kind for e in events] == ["error", "request"]
+    assert events[0].data["code"] == "internal"
+    assert events[1].data["completion_tokens"] == 4 and events[1].data["finish_reason"]
 
 
 async def test_drain_finishes_in_flight_and_refuses_new(

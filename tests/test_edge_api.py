@@ -8,37 +8,31 @@ session's tiny model set (`tiny_models`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import math
 import operator
 import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect, send_control
 from broker.server import NatsServer
 from broker.store import FleetConfig
-from edge.app import create_app
 from edge.routing import length_threshold
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
-from edge.settings import EdgeSettings
 from models.chat import render_chat
 from models.registry import ModelSet
 from models.scoring import encode_with_span
+from tests.fixtures_edge import LiveEdge
 
 pytestmark = pytest.mark.slow
 
@@ -52,84 +46,8 @@ OUT_OF_DOMAIN = (
 )
 
 
-# ------------------------------------------------------------------------------ fixtures
-
-
-@dataclass
-class LiveEdge:
-    app: FastAPI
-    url: str
-    node_id: str
-
-    @property
-    def node(self) -> Any:
-        return self.app.state.service.node
-
-    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
-        )
-
-
-@asynccontextmanager
-async def serve_edge(settings: EdgeSettings) -> AsyncIterator[LiveEdge]:
-    """Run the edge app under a real uvicorn server on a free port, in this event loop."""
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield LiveEdge(app, f"http://127.0.0.1:{port}", settings.node_id or "")
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-
-
-@pytest.fixture
-def edge_dir(tiny_models: ModelSet) -> Path:
-    return tiny_models.edge_dir("int4")
-
-
-@pytest.fixture
-async def start_edge(
-    edge_dir: Path, nats_url: str
-) -> AsyncIterator[Callable[..., Awaitable[LiveEdge]]]:
-    """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after."""
-    stack = contextlib.AsyncExitStack()
-    count = 0
-
-    async def start(**overrides: Any) -> LiveEdge:
-        nonlocal count
-        count += 1
-        values: dict[str, Any] = {
-            "model_dir": edge_dir,
-            "nats_url": nats_url,
-            "node_id": f"edge-test-{count}",
-            "threads": 1,
-            "reconnect_s": 0.2,
-            **overrides,
-        }
-        return await stack.enter_async_context(serve_edge(EdgeSettings(**values)))
-
-    async with stack:
-        yield start
-
-
-@pytest.fixture
-def start_worker(
-    start_cloud_worker: Callable[..., Awaitable[Any]], tiny_models: ModelSet
-) -> Callable[..., Awaitable[Any]]:
-    """`await start_worker()` -> a real cloud worker (tiny cloud model), closed after."""
-    return functools.partial(
-        start_cloud_worker, tiny_models.cloud_dir, cache_tokens=2048, max_batch_tokens=256
-    )
+# ------------------------------------------------------------------------------ helpers
+# (the fixtures start_edge, start_worker and edge_dir are in tests/fixtures_edge.py)
 
 
 async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
@@ -223,7 +141,8 @@ async def test_forced_cloud_and_cloud_model(
     assert extra(chunks[0])["served_by"] == "cloud"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     await eventually(lambda: any(e.request_id == extra(body)["request_id"] for e in events))
-    assert all(e.kind == "fallback" for e in events)
+    # Each cloud-served request: a `fallback` event, then a `request` event when done.
+    assert {e.kind for e in events} == {"fallback", "request"}
 
 
 async def test_context_overflow_goes_to_cloud(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
@@ -12,6 +13,8 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Static, TextArea
 
 from broker import subjects, wire
+from broker.bus import connect
+from broker.server import NatsServer
 from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
@@ -31,9 +34,11 @@ class Clock:
         return self.now
 
 
-async def until(pilot: Pilot[None], check: Callable[[], bool], what: str) -> None:
+async def until(
+    pilot: Pilot[None], check: Callable[[], bool], what: str, *, turns: int = 200
+) -> None:
     """Let the app run until `check()` holds (bounded by a number of turns, not asserted)."""
-    for _ in range(200):
+    for _ in range(turns):
         if check():
             return
         await pilot.pause(0.02)
@@ -64,7 +69,8 @@ def fleet_node(app: HybridgenConsole, node_id: str) -> Node:
 
 
 def notes(app: HybridgenConsole) -> list[str]:
-    return [n.message for n in app._notifications]
+    """The notifications on screen now (the app runs with `notifications=True`)."""
+    return [str(toast.render()) for toast in app.screen.query("Toast")]
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ async def seen(pilot: Pilot[None], app: HybridgenConsole, *node_ids: str) -> Non
 async def test_rows_appear_go_stale_stay_visible_then_leave(
     console: HybridgenConsole, nc: Client, clock: Clock
 ) -> None:
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         await publish_beat(nc, "edge-1", model="smol", model_version="3", rps=4.0)
         await publish_beat(nc, "worker-1", role="cloud", status="draining")
@@ -116,7 +122,7 @@ async def test_rows_appear_go_stale_stay_visible_then_leave(
 
 
 async def test_sorting_and_filtering(console: HybridgenConsole, nc: Client) -> None:
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         await publish_beat(nc, "edge-a", rps=5.0)
         await publish_beat(nc, "edge-b", rps=1.0)
@@ -144,7 +150,7 @@ async def test_sorting_and_filtering(console: HybridgenConsole, nc: Client) -> N
 
 async def test_node_strings_are_shown_literally(console: HybridgenConsole, nc: Client) -> None:
     markup = "[bold red]x[/]"
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         await publish_beat(nc, "edge-1", model=markup)
         event = wire.Event(kind="error", role="edge", node_id="edge-1", message=markup)
@@ -171,7 +177,7 @@ async def test_node_strings_are_shown_literally(console: HybridgenConsole, nc: C
 
 
 async def test_events_screen_filters(console: HybridgenConsole, nc: Client) -> None:
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         for node_id, kind, request_id in [("e1", "fallback", "r1"), ("e2", "error", "r2")]:
             event = wire.Event(kind=kind, role="edge", node_id=node_id, request_id=request_id)
@@ -195,7 +201,7 @@ async def test_drain_asks_first_and_sends_the_verb(console: HybridgenConsole, nc
 
     service = await serve_control(nc, node_id="edge-1", role="edge", handlers={"drain": drain})
     try:
-        async with console.run_test(size=SIZE) as pilot:
+        async with console.run_test(size=SIZE, notifications=True) as pilot:
             await connected(pilot, console)
             await publish_beat(nc, "edge-1")
             await seen(pilot, console, "edge-1")
@@ -235,7 +241,7 @@ async def test_drain_is_recorded_as_an_operator_event(
 
     service = await serve_control(nc, node_id="edge-1", role="edge", handlers={"drain": drain})
     try:
-        async with console.run_test(size=SIZE) as pilot:
+        async with console.run_test(size=SIZE, notifications=True) as pilot:
             await connected(pilot, console)
             await publish_beat(nc, "edge-1")
             await seen(pilot, console, "edge-1")
@@ -286,7 +292,7 @@ async def test_policy_edit_lands_in_kv_after_confirming(
         recorded.append(wire.decode(msg.data, wire.Event))
 
     await nc.subscribe(subjects.events_of_role("operator"), cb=on_event)
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         await publish_beat(nc, "edge-1")
         await seen(pilot, console, "edge-1")
@@ -319,7 +325,7 @@ async def test_policy_edit_lands_in_kv_after_confirming(
 
 async def test_policy_edit_cancelled_writes_nothing(console: HybridgenConsole, nc: Client) -> None:
     config = await FleetConfig.open(nc)
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         screen = await open_policy(pilot, console)  # no node: the fleet default
         assert screen.key == subjects.policy_key()
@@ -335,7 +341,7 @@ async def test_invalid_policy_is_refused_and_nothing_written(
     console: HybridgenConsole, nc: Client
 ) -> None:
     config = await FleetConfig.open(nc)
-    async with console.run_test(size=SIZE) as pilot:
+    async with console.run_test(size=SIZE, notifications=True) as pilot:
         await connected(pilot, console)
         await publish_beat(nc, "edge-1")
         await seen(pilot, console, "edge-1")
@@ -355,7 +361,7 @@ async def test_invalid_policy_is_refused_and_nothing_written(
 
 async def test_shows_disconnected_when_nats_is_down() -> None:
     app = HybridgenConsole(BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.2))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await pilot.pause()
         assert not app.connected
         assert "disconnected" in str(app.query_one("#connection", Static).render())
@@ -369,3 +375,39 @@ def test_the_tui_command_is_registered_and_checks_its_thresholds() -> None:
 
     assert _resolve(*COMMANDS["tui"][:2]) is main
     assert main(["--stale-after", "10", "--gone-after", "5"]) == 2
+
+
+async def test_reconnects_after_the_broker_restarts(
+    start_nats: Callable[..., Awaitable[NatsServer]], tmp_path: Path
+) -> None:
+    """The broker goes away and comes back on the same port: the console says so, then
+    reconnects by itself and shows new heartbeats, with no restart."""
+    first = await start_nats("broker")
+    port = int(first.client_url.rsplit(":", 1)[1])
+    app = HybridgenConsole(BusSettings(url=first.client_url), events=EventLog())
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await connected(pilot, app)
+        publisher = await connect(first.client_url, name="test-node")
+        await publish_beat(publisher, "edge-1", model_version="1")
+        await seen(pilot, app, "edge-1")
+        await publisher.close()
+
+        await first.shutdown()
+        await until(pilot, lambda: not app.connected, "the loss is noticed", turns=500)
+        app.show_connection()
+        assert "disconnected" in str(app.query_one("#connection", Static).render())
+        await pilot.pause(1.5)  # a real outage: several of the client's reconnect attempts fail
+
+        await start_nats("broker", port=port, store_dir=tmp_path / "broker")
+        await until(pilot, lambda: app.connected, "reconnected", turns=1000)
+        publisher = await connect(first.client_url, name="test-node")
+        try:
+            await publish_beat(publisher, "edge-1", model_version="2")
+            await until(
+                pilot,
+                lambda: fleet_node(app, "edge-1").heartbeat.model_version == "2",
+                "a heartbeat after the reconnect",
+                turns=500,
+            )
+        finally:
+            await publisher.close()

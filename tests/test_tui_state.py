@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker import wire
-from tui.state import EventFilter, EventLog, FleetState
+from tui.state import EventFilter, EventLog, FleetState, SummaryHistory, route_mix, row_style
 
 
 class Clock:
@@ -150,3 +150,134 @@ def test_event_filter_by_node_kind_request_and_text() -> None:
     assert pick("boom") == [("edge-2", "error")]
     assert pick("kind:nothing") == []
     assert EventFilter.parse("request:x y z") == EventFilter(request_id="x", text="y z")
+
+
+# -- discovery ------------------------------------------------------------------------------
+
+
+def test_a_discovered_node_never_heard_is_silent_then_gone(fleet: FleetState, clock: Clock) -> None:
+    fleet.apply_discovery("w-1", "cloud", {"node_id": "w-1", "model": "hg-cloud"}, service="gen")
+    (row,) = fleet.rows()
+    assert row.status == "silent"
+    assert row.cells()[:4] == ("cloud", "w-1", "silent", "hg-cloud")
+    node = fleet.get("w-1")
+    assert node is not None and not node.heard and "gen" in node.services
+    clock.now += 29
+    fleet.apply_discovery("w-1", "cloud", {"node_id": "w-1"})
+    clock.now += 29  # still answering discovery: kept
+    assert fleet.rows()[0].status == "silent"
+    assert fleet.prune() == []
+    clock.now += 1  # discovery silent for gone_after too: the row goes
+    assert fleet.rows()[0].status == "gone"
+    assert fleet.prune() == ["w-1"]
+
+
+def test_discovery_marks_a_heard_node_without_reviving_its_heartbeat(
+    fleet: FleetState, clock: Clock
+) -> None:
+    fleet.apply_heartbeat(beat("e-1", model="smol", status="draining"))
+    fleet.apply_discovery("e-1", "edge", {"node_id": "e-1", "model": "other"})
+    node = fleet.get("e-1")
+    assert node is not None and node.heard and node.discovered_at == clock.now
+    assert node.heartbeat.model == "smol"  # a heartbeat wins over metadata
+    assert fleet.rows()[0].status == "draining"
+    clock.now += 10
+    fleet.apply_discovery("e-1", "edge", {"node_id": "e-1"})
+    assert fleet.rows()[0].status == "stale"  # discovery does not refresh last_seen
+    assert node.last_seen == 1000.0
+    clock.now += 25  # heartbeats gone, but it still answered discovery 25 s ago
+    assert fleet.rows()[0].status == "silent"
+    clock.now += 5
+    assert fleet.prune() == ["e-1"]  # both old: gone
+
+
+def test_a_heartbeat_turns_a_silent_node_into_a_heard_one(fleet: FleetState) -> None:
+    fleet.apply_discovery("e-1", "edge", {"node_id": "e-1"})
+    fleet.apply_heartbeat(beat("e-1", status="degraded"))
+    assert fleet.rows()[0].status == "degraded"
+
+
+def test_row_styles() -> None:
+    assert [row_style(s) for s in ("stale", "gone", "silent")] == ["bold red"] * 3
+    assert [row_style(s) for s in ("draining", "degraded")] == ["yellow"] * 2
+    assert row_style("ready") == ""
+
+
+# -- summary -------------------------------------------------------------------------------
+
+
+def test_route_mix_from_counts_else_fallback_ratio() -> None:
+    counts = beat("e", extra={"routes": {"in_domain": 3, "low_confidence": 1, "bad": "x"}})
+    assert route_mix(counts) == {"in_domain": 0.75, "low_confidence": 0.25}
+    ratio = beat("e", fallback_ratio={"low_confidence": 0.25})
+    assert route_mix(ratio) == {"low_confidence": 0.25, "edge": 0.75}
+    assert route_mix(beat("e")) == {}
+
+
+def test_summary_weights_each_edge_by_its_rps(fleet: FleetState, clock: Clock) -> None:
+    # edge a: 10 rps, 80% in_domain (edge), 20% low_confidence (cloud)
+    fleet.apply_heartbeat(
+        beat(
+            "a",
+            rps=10.0,
+            fallback_ratio={"low_confidence": 0.2},
+            extra={"routes": {"in_domain": 8, "low_confidence": 2}},
+        )
+    )
+    # edge b: 30 rps, everything sent to the cloud (no route counts: its fallback_ratio)
+    fleet.apply_heartbeat(beat("b", rps=30.0, fallback_ratio={"requested_cloud": 1.0}))
+    fleet.apply_heartbeat(beat("w1", role="cloud", rps=20.0, queue_depth=3, errors=6))
+    fleet.apply_heartbeat(beat("w2", role="cloud", rps=12.0, queue_depth=4, errors=0))
+    clock.now += 3
+    fleet.apply_heartbeat(beat("old", rps=100.0))  # fresh now, goes stale below
+    fleet.apply_discovery("quiet", "cloud", {"node_id": "quiet"})
+
+    summary = fleet.summary()
+    assert summary.total_rps == pytest.approx(140.0)  # edges only; workers not counted
+    clock.now += 3  # a, b, w1, w2 are 6 s old: stale; "old" 3 s: still counted
+    assert fleet.summary().statuses == {"ready": 1, "silent": 1, "stale": 4}
+    clock.now -= 3
+
+    assert summary.nodes == 6
+    assert summary.statuses == {"ready": 5, "silent": 1}
+    routes = {r.reason: (r.served, r.rps) for r in summary.routes}
+    assert routes == {
+        "requested_cloud": ("cloud", pytest.approx(30.0)),
+        "in_domain": ("edge", pytest.approx(8.0)),
+        "low_confidence": ("cloud", pytest.approx(2.0)),
+    }
+    assert [r.reason for r in summary.routes] == ["requested_cloud", "in_domain", "low_confidence"]
+    assert summary.edge_share == pytest.approx(8 / 40)
+    assert summary.cloud_share == pytest.approx(32 / 40)
+    assert sum(r.share for r in summary.routes) == pytest.approx(1.0)
+    assert summary.cloud_workers == 2
+    assert summary.cloud_rps == pytest.approx(32.0)
+    assert summary.cloud_queue_depth == 7
+    assert summary.cloud_errors == 6
+    assert summary.cloud_error_rate == pytest.approx(6 / (32 * 30))
+
+
+def test_summary_of_an_idle_fleet_has_no_shares(fleet: FleetState) -> None:
+    summary = fleet.summary()
+    assert summary.nodes == 0 and summary.total_rps == 0
+    assert summary.edge_share is None and summary.cloud_error_rate is None
+    fleet.apply_heartbeat(beat("a", rps=0.0))
+    assert fleet.summary().routes == ()
+
+
+def test_summary_history_is_a_bounded_ring(fleet: FleetState, clock: Clock) -> None:
+    history = SummaryHistory(size=3)
+    for rps in range(5):
+        clock.now += 1
+        fleet.apply_heartbeat(beat("a", rps=float(rps), extra={"routes": {"in_domain": 1}}))
+        fleet.apply_heartbeat(beat("w", role="cloud", queue_depth=rps))
+        history.sample(fleet.summary(), clock.now)
+    assert len(history) == 3
+    assert list(history.at) == [1003.0, 1004.0, 1005.0]
+    assert list(history.series["total_rps"]) == [2.0, 3.0, 4.0]
+    assert list(history.series["cloud_queue_depth"]) == [2.0, 3.0, 4.0]
+    assert list(history.series["edge_share"]) == [1.0, 1.0, 1.0]
+    assert list(history.series["cloud_error_rate"]) == [0.0, 0.0, 0.0]
+    assert history.latest is not None and history.latest.total_rps == 4.0
+    with pytest.raises(ValueError):
+        SummaryHistory(size=0)

@@ -1,13 +1,14 @@
 """`hybridgen tui`: the operator console.
 
 hybridgen tui [--nats URL] [--user U --password P | --creds FILE] [--tls-ca FILE]
-              [--stale-after S] [--gone-after S]
+              [--stale-after S] [--gone-after S] [--edge-api-key KEY]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from broker.settings import BusSettings, settings_overrides
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridgen tui",
-        description="The operator console: fleet, events, node detail, drain and resume.",
+        description="The operator console: fleet, events, node detail, drain and resume, "
+        "routing policy, model roll-out and roll back, test prompts.",
     )
     parser.add_argument("--nats", dest="url", default=None, help="NATS URL (env HG_NATS_URL)")
     parser.add_argument("--user", default=None, help="NATS user (env HG_NATS_USER)")
@@ -32,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds before a node leaves (60)",
+    )
+    parser.add_argument(
+        "--edge-api-key",
+        default=os.environ.get("HG_CONSOLE_EDGE_API_KEY") or None,
+        help="bearer key for the edges' HTTP APIs, used by test prompts "
+        "(env HG_CONSOLE_EDGE_API_KEY)",
     )
     return parser
 
@@ -49,5 +57,5 @@ def main(argv: list[str] | None = None) -> int:
 
     bus = BusSettings(**settings_overrides(args, ["url", "user", "password", "creds", "tls_ca"]))
     fleet = FleetState(stale_after=args.stale_after, gone_after=args.gone_after)
-    HybridgenConsole(bus, fleet=fleet, events=EventLog()).run()
+    HybridgenConsole(bus, fleet=fleet, events=EventLog(), edge_api_key=args.edge_api_key).run()
     return 0

@@ -10,13 +10,14 @@ import time
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 from textual_plot import PlotWidget
 
 from broker import wire
 from tui.state import FLEET_COLUMNS, EventFilter, EventLog, FleetState
+from tui.trace import AskRequestId, TraceScreen
 
 #: (history series, title) of each plot on the node screen.
 PLOTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -113,6 +114,7 @@ class EventsScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back"),
         Binding("slash", "focus_filter", "filter"),
+        Binding("t", "ask_trace", "trace a request id"),
     ]
 
     def __init__(self, log: EventLog) -> None:
@@ -120,6 +122,8 @@ class EventsScreen(Screen[None]):
         self.log_of_events = log
         self.where = EventFilter()
         self._drawn = -1
+        #: The events drawn, in the table's row order.
+        self.shown: list[wire.Event] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -141,6 +145,31 @@ class EventsScreen(Screen[None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.query_one(DataTable).focus()
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row: open the trace of its request id."""
+        event.stop()
+        row = event.cursor_row
+        if not 0 <= row < len(self.shown):
+            return
+        request_id = self.shown[row].request_id
+        if not request_id:
+            self.notify("this event has no request id to trace", severity="warning")
+            return
+        self.open_trace(request_id)
+
+    def action_ask_trace(self) -> None:
+        """Ask for a request id, then open its trace."""
+
+        def answered(request_id: str | None) -> None:
+            if request_id:
+                self.open_trace(request_id)
+
+        self.app.push_screen(AskRequestId(), answered)
+
+    def open_trace(self, request_id: str) -> None:
+        """Show every event of `request_id` across the fleet as a path."""
+        self.app.push_screen(TraceScreen(request_id, self.log_of_events))
+
     def on_input_changed(self, event: Input.Changed) -> None:
         self.where = EventFilter.parse(event.value)
         self.redraw(force=True)
@@ -151,14 +180,52 @@ class EventsScreen(Screen[None]):
             return
         self._drawn = self.log_of_events.added
         table = self.query_one(DataTable)
+        row = table.cursor_row
         table.clear()
-        for event in self.log_of_events.select(self.where, limit=500):
+        self.shown = self.log_of_events.select(self.where, limit=500)
+        for event in self.shown:
             table.add_row(*event_cells(event))
+        if self.shown:
+            table.move_cursor(row=min(row, len(self.shown) - 1))
+
+
+#: Heartbeat `extra` keys the node screen leaves out: the policy block shows them.
+_COVERED_EXTRA = frozenset({"policy", "perplexity_threshold", "perplexity_threshold_source"})
+
+
+def _compact(value: object) -> str:
+    """A heartbeat figure in few characters: dicts as `k=v, ...`, floats to 4 digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, float):
+        return "off" if value == float("inf") else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def policy_lines(extra: dict[str, object]) -> list[str]:
+    """The "policy in force" block from a heartbeat's `extra["policy"]`: value (source)."""
+    policy = extra.get("policy")
+    if not isinstance(policy, dict) or not policy:
+        return ["policy in force: not reported by this node"]
+    lines = ["policy in force (source):"]
+    for name, entry in policy.items():
+        if isinstance(entry, dict):
+            value, source = _compact(entry.get("value")), entry.get("source", "?")
+            lines.append(f" {name}: {value} ({source})")
+    return lines
 
 
 class NodeScreen(Screen[None]):
-    """One node: its latest figures, its recent events and live plots."""
+    """One node: its latest figures, its policy in force, recent events and live plots."""
 
+    CSS = """
+    NodeScreen #node-top { height: 4fr; }
+    NodeScreen #node-info { width: 44; }
+    NodeScreen #node-figures, NodeScreen #node-policy { width: 1fr; height: auto;
+                                                        padding: 0 1; }
+    NodeScreen #node-policy { color: $accent; }
+    NodeScreen #node-events { height: 1fr; }
+    """
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back"),
         Binding("d", "app.control('drain')", "drain"),
@@ -175,7 +242,10 @@ class NodeScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="node-top"):
-            yield Static(id="node-figures")
+            with VerticalScroll(id="node-info"):
+                yield Static(id="node-figures")
+                yield Static(id="node-policy")
+                yield Static(id="node-extra")
             with Vertical(id="node-plots"):
                 for index, (_, title) in enumerate(PLOTS):
                     plot = PlotWidget(id=f"plot-{index}")
@@ -190,22 +260,41 @@ class NodeScreen(Screen[None]):
         self.set_interval(1.0, self.redraw)
 
     def figures(self) -> Text:
-        """The node's latest heartbeat as lines of plain text."""
+        """The node's latest heartbeat, two figures a line, as plain text."""
         view = self.fleet.view(self.node_id)
         if view is None:
             return Text(f"{self.node_id}: no longer known")
         hb = view.node.heartbeat
-        lines = [
-            f"{label}: {cell}" for (_, label), cell in zip(FLEET_COLUMNS, view.cells(), strict=True)
+        self.sub_title = f"{hb.role} node {self.node_id}"  # not repeated in the figures
+        pairs = [
+            f"{label}: {cell}"
+            for (key, label), cell in zip(FLEET_COLUMNS, view.cells(), strict=True)
+            if key not in ("node", "role")
         ]
-        lines += [f"last heard: {view.age_s:.1f} s ago", f"version: {hb.version or '-'}"]
-        lines += [f"cloud[{reason}]: {share:.0%}" for reason, share in hb.fallback_ratio.items()]
-        lines += [f"{key}: {value}" for key, value in hb.extra.items()]
+        pairs += [f"heard: {view.age_s:.1f} s ago", f"version: {hb.version or '-'}"]
+        lines = [" · ".join(pairs[i : i + 2]) for i in range(0, len(pairs), 2)]
+        if hb.fallback_ratio:
+            lines.append("cloud by reason: " + _compact(hb.fallback_ratio))
         return Text("\n".join(lines))
+
+    def policy(self) -> Text:
+        """The node's policy in force, one value a line with where it comes from."""
+        node = self.fleet.get(self.node_id)
+        return Text("\n".join(policy_lines(node.heartbeat.extra if node else {})))
+
+    def extras(self) -> Text:
+        """The node's own extra figures, compact, without those the policy block shows."""
+        node = self.fleet.get(self.node_id)
+        extra = node.heartbeat.extra if node else {}
+        return Text(
+            "\n".join(f"{k}: {_compact(v)}" for k, v in extra.items() if k not in _COVERED_EXTRA)
+        )
 
     def redraw(self) -> None:
         """Refresh figures, events and plots from the fleet model."""
         self.query_one("#node-figures", Static).update(self.figures())
+        self.query_one("#node-policy", Static).update(self.policy())
+        self.query_one("#node-extra", Static).update(self.extras())
         table = self.query_one("#node-events", DataTable)
         table.clear()
         for event in self.log_of_events.select(EventFilter(node=self.node_id), limit=50):

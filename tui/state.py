@@ -1,16 +1,21 @@
 """The console's model of the fleet: pure Python, no Textual, no bus.
 
-Heartbeats and events go in (`FleetState.apply_heartbeat`, `EventLog.add`); sorted and
-filtered rows, per-node history and filtered events come out. Times are the console's own
-clock at receipt (`clock`, monotonic by default), never the node's `ts`, so a node with a
-skewed clock is judged by when it was last heard.
+Heartbeats, discovered services and events go in (`FleetState.apply_heartbeat`,
+`FleetState.apply_discovery`, `EventLog.add`); sorted and filtered rows, per-node history,
+the fleet summary and filtered events come out. Times are the console's own clock at receipt
+(`clock`, monotonic by default), never the node's `ts`, so a node with a skewed clock is
+judged by when it was last heard.
+
+A node's status is its reported one while its heartbeats are fresh; then `stale`, then
+`gone` (pruned). A node that answers nats.micro discovery but sends no heartbeats is
+`silent`; discovery alone never keeps it longer than `gone_after` after the last answer.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,35 @@ FLEET_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 SORT_KEYS: tuple[str, ...] = tuple(key for key, _ in FLEET_COLUMNS)
 ROLES: tuple[str, ...] = ("edge", "cloud", "api")
+
+#: Statuses drawn in bold red across the row: the console no longer hears the node.
+LOST_STATUSES = frozenset({"stale", "gone", "silent"})
+#: Statuses drawn in yellow: the node is up but not taking its full share.
+WARN_STATUSES = frozenset({"draining", "degraded"})
+
+#: Route reasons that send a request to the cloud (mirrors the edge's routing table); a
+#: reason an edge lists in `fallback_ratio` counts as cloud too, whatever its name.
+CLOUD_ROUTE_REASONS = frozenset(
+    {
+        "requested_cloud",
+        "cloud_model",
+        "context_overflow",
+        "edge_overloaded",
+        "low_confidence",
+        "low_draft_confidence",
+    }
+)
+#: Seconds over which nodes count `rps` and `errors` (`broker.telemetry.RequestStats`).
+STATS_WINDOW_S = 30.0
+
+
+def row_style(status: str) -> str:
+    """The rich style a fleet row is drawn in for this status ("" for none)."""
+    if status in LOST_STATUSES:
+        return "bold red"
+    if status in WARN_STATUSES:
+        return "yellow"
+    return ""
 
 
 @dataclass
@@ -83,11 +117,23 @@ def cloud_share(heartbeat: wire.Heartbeat) -> float | None:
 
 @dataclass
 class Node:
-    """What the console knows of one node: its last heartbeat and when it came."""
+    """What the console knows of one node: its last heartbeat and when it came.
+
+    A node known only from discovery (`heard` False) carries a placeholder heartbeat made
+    from its service metadata, and `last_seen` is when it was first discovered.
+
+    Attributes:
+        heard: whether a heartbeat ever came.
+        discovered_at: when nats.micro discovery last listed one of its services.
+        services: service name -> its metadata, as discovery last saw them.
+    """
 
     heartbeat: wire.Heartbeat
     last_seen: float
     history: NodeHistory
+    heard: bool = True
+    discovered_at: float | None = None
+    services: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
@@ -197,17 +243,57 @@ class FleetState:
         else:
             node.heartbeat = heartbeat
             node.last_seen = now
+            node.heard = True
         node.history.append(now, heartbeat)
         return node
 
+    def apply_discovery(
+        self, node_id: str, role: str, info: Mapping[str, str], *, service: str = ""
+    ) -> Node:
+        """Record that nats.micro discovery lists a service of `node_id`.
+
+        A node never heard by heartbeat gets a row (status `silent`) built from `role` and
+        the metadata (`model`, `model_version`); a node already heard is only marked as
+        discovered. Only `discovered_at` is refreshed, so discovery never revives `last_seen`.
+
+        Args:
+            node_id: the service's `node_id` metadata.
+            role: the node's role (the service's `role` metadata, or inferred).
+            info: the service's metadata.
+            service: the service's name, to list it on the node.
+        """
+        now = self.clock()
+        node = self._nodes.get(node_id)
+        if node is None:
+            placeholder = wire.Heartbeat(role=role, node_id=node_id)
+            node = Node(placeholder, now, NodeHistory(self.history_size), heard=False)
+            self._nodes[node_id] = node
+        if not node.heard:
+            hb = node.heartbeat
+            node.heartbeat = hb.model_copy(
+                update={
+                    "role": role or hb.role,
+                    "model": info.get("model") or hb.model,
+                    "model_version": info.get("model_version") or hb.model_version,
+                }
+            )
+        node.discovered_at = now
+        node.services[service or "?"] = dict(info)
+        return node
+
     def status(self, node: Node, now: float | None = None) -> str:
-        """The node's reported status, or `stale` / `gone` when it has gone quiet."""
-        age = (self.clock() if now is None else now) - node.last_seen
-        if age >= self.gone_after:
-            return "gone"
-        if age >= self.stale_after:
-            return "stale"
-        return node.heartbeat.status
+        """The node's status: reported while heard, then `stale`; `silent` while only
+        discovery finds it; `gone` once both heartbeats and discovery are old."""
+        now = self.clock() if now is None else now
+        if node.heard:
+            age = now - node.last_seen
+            if age < self.stale_after:
+                return node.heartbeat.status
+            if age < self.gone_after:
+                return "stale"
+        if node.discovered_at is not None and now - node.discovered_at < self.gone_after:
+            return "silent"
+        return "gone"
 
     def view(self, node_id: str) -> NodeView | None:
         """One node's row now, or None if unknown."""
@@ -258,6 +344,157 @@ class FleetState:
         for node_id in gone:
             del self._nodes[node_id]
         return gone
+
+    def summary(self) -> FleetSummary:
+        """The whole fleet's figures now (nodes that are not heard count only by status).
+
+        Requests/s is what enters the fleet (every node but cloud workers). Edge and cloud
+        shares weight each edge's route mix (`extra["routes"]` counts, else its
+        `fallback_ratio`) by its rps. Cloud figures sum the cloud workers.
+        """
+        now = self.clock()
+        statuses: dict[str, int] = {}
+        total_rps = 0.0
+        by_reason: dict[str, float] = {}
+        cloud_reasons: set[str] = set()
+        workers = queue = errors = 0
+        worker_rps = 0.0
+        for node in self._nodes.values():
+            status = self.status(node, now)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status in LOST_STATUSES:
+                continue
+            hb = node.heartbeat
+            if hb.role == "cloud":
+                workers += 1
+                worker_rps += hb.rps
+                queue += hb.queue_depth
+                errors += hb.errors
+                continue
+            total_rps += hb.rps
+            if hb.role != "edge" or hb.rps <= 0:
+                continue
+            cloud_reasons.update(hb.fallback_ratio)
+            for reason, share in route_mix(hb).items():
+                by_reason[reason] = by_reason.get(reason, 0.0) + share * hb.rps
+        routed = sum(by_reason.values())
+        cloud_reasons |= CLOUD_ROUTE_REASONS
+        routes = tuple(
+            RouteShare(
+                reason=reason,
+                served="cloud" if reason in cloud_reasons else "edge",
+                rps=rps,
+                share=rps / routed,
+            )
+            for reason, rps in sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))
+            if rps > 0
+        )
+        to_cloud = sum(r.rps for r in routes if r.served == "cloud")
+        expected = worker_rps * STATS_WINDOW_S
+        return FleetSummary(
+            nodes=len(self._nodes),
+            statuses=dict(sorted(statuses.items())),
+            total_rps=total_rps,
+            edge_share=(routed - to_cloud) / routed if routed else None,
+            cloud_share=to_cloud / routed if routed else None,
+            routes=routes,
+            cloud_workers=workers,
+            cloud_rps=worker_rps,
+            cloud_queue_depth=queue,
+            cloud_errors=errors,
+            cloud_error_rate=min(1.0, errors / expected) if expected > 0 else None,
+        )
+
+
+def route_mix(heartbeat: wire.Heartbeat) -> dict[str, float]:
+    """An edge's requests by route reason, as shares summing to 1.
+
+    From `extra["routes"]` (counts by reason) when it has any; else from `fallback_ratio`
+    (cloud reasons), the rest counted as `edge` (reason unknown). Empty when neither says.
+    """
+    counts = heartbeat.extra.get("routes")
+    if isinstance(counts, dict):
+        valid = {
+            str(reason): float(count)
+            for reason, count in counts.items()
+            if isinstance(count, int | float) and not isinstance(count, bool) and count > 0
+        }
+        total = sum(valid.values())
+        if total > 0:
+            return {reason: count / total for reason, count in valid.items()}
+    if not heartbeat.fallback_ratio:
+        return {}
+    mix = {r: min(1.0, max(0.0, s)) for r, s in heartbeat.fallback_ratio.items()}
+    rest = 1.0 - sum(mix.values())
+    if rest > 0:
+        mix["edge"] = mix.get("edge", 0.0) + rest
+    return {reason: share for reason, share in mix.items() if share > 0}
+
+
+@dataclass(frozen=True)
+class RouteShare:
+    """One route reason across the fleet's edges."""
+
+    reason: str
+    #: Where requests with this reason are served: `edge` or `cloud`.
+    served: str
+    #: Requests/s with this reason (each edge's share weighted by its rps).
+    rps: float
+    #: Share of all routed edge requests.
+    share: float
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """The fleet at one instant, for the summary screen (see `FleetState.summary`)."""
+
+    nodes: int
+    #: Nodes by status (`stale`, `silent`, ... included).
+    statuses: dict[str, int]
+    #: Requests/s entering the fleet (every heard node but cloud workers).
+    total_rps: float
+    #: Share of edge requests served at the edge / sent to the cloud (None: no traffic).
+    edge_share: float | None
+    cloud_share: float | None
+    #: Route reasons, busiest first.
+    routes: tuple[RouteShare, ...]
+    cloud_workers: int
+    cloud_rps: float
+    cloud_queue_depth: int
+    #: Failed requests the cloud workers report (in their stats window).
+    cloud_errors: int
+    #: Failed share of the cloud workers' requests (None: no cloud traffic).
+    cloud_error_rate: float | None
+
+
+class SummaryHistory:
+    """The last `size` fleet summaries as series for plots, oldest first.
+
+    The console samples it on every refresh tick (0.5 s: 600 samples are 5 minutes).
+    """
+
+    SERIES: tuple[str, ...] = ("total_rps", "edge_share", "cloud_queue_depth", "cloud_error_rate")
+
+    def __init__(self, size: int = 600) -> None:
+        if size < 1:
+            raise ValueError("a summary history needs at least one sample")
+        self.size = size
+        self.at: deque[float] = deque(maxlen=size)
+        self.series: dict[str, deque[float]] = {name: deque(maxlen=size) for name in self.SERIES}
+        #: The latest summary sampled, if any.
+        self.latest: FleetSummary | None = None
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def sample(self, summary: FleetSummary, at: float) -> None:
+        """Append one summary taken at `at` (unknown shares and rates count as 0)."""
+        self.latest = summary
+        self.at.append(at)
+        self.series["total_rps"].append(summary.total_rps)
+        self.series["edge_share"].append(summary.edge_share or 0.0)
+        self.series["cloud_queue_depth"].append(float(summary.cloud_queue_depth))
+        self.series["cloud_error_rate"].append(summary.cloud_error_rate or 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "hop": ("hybridgen.benches", "hop"),
     "edge-decode": ("hybridgen.benches.edge_decode", "main"),
     "cloud-batching": ("cloud.bench", "main"),
+    "console": ("hybridgen.benches.console", "main"),
 }
 
 

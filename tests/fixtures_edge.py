@@ -1,0 +1,103 @@
+"""Edge fixtures: a live edge app (real uvicorn, in the test's event loop) on the test's
+nats-server, and a real cloud worker with the session's tiny cloud model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from edge.app import create_app
+from edge.settings import EdgeSettings
+from models.registry import ModelSet
+
+
+@dataclass
+class LiveEdge:
+    """A running edge: its app, its base URL and its node id."""
+
+    app: FastAPI
+    url: str
+    node_id: str
+
+    @property
+    def node(self) -> Any:
+        """The edge's `EdgeNode`."""
+        return self.app.state.service.node
+
+    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An OpenAI client on this edge (no retries)."""
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
+        )
+
+
+@asynccontextmanager
+async def serve_edge(settings: EdgeSettings) -> AsyncIterator[LiveEdge]:
+    """Run the edge app under a real uvicorn server on a free port, in this event loop."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield LiveEdge(app, f"http://127.0.0.1:{port}", settings.node_id or "")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+def edge_dir(tiny_models: ModelSet) -> Path:
+    return tiny_models.edge_dir("int4")
+
+
+@pytest.fixture
+async def start_edge(
+    edge_dir: Path, nats_url: str
+) -> AsyncIterator[Callable[..., Awaitable[LiveEdge]]]:
+    """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after."""
+    stack = contextlib.AsyncExitStack()
+    count = 0
+
+    async def start(**overrides: Any) -> LiveEdge:
+        nonlocal count
+        count += 1
+        values: dict[str, Any] = {
+            "model_dir": edge_dir,
+            "nats_url": nats_url,
+            "node_id": f"edge-test-{count}",
+            "threads": 1,
+            "reconnect_s": 0.2,
+            **overrides,
+        }
+        return await stack.enter_async_context(serve_edge(EdgeSettings(**values)))
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+def start_worker(
+    start_cloud_worker: Callable[..., Awaitable[Any]], tiny_models: ModelSet
+) -> Callable[..., Awaitable[Any]]:
+    """`await start_worker()` -> a real cloud worker (tiny cloud model), closed after."""
+    return functools.partial(
+        start_cloud_worker, tiny_models.cloud_dir, cache_tokens=2048, max_batch_tokens=256
+    )
