@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(api, ApiSettings, API_OPTIONS, flags={"api_keys": "--api-key"})
     api.add_argument("--nats", help="NATS URL (default HG_NATS_URL or nats://127.0.0.1:4222)")
+    api.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long open requests may finish before they are cancelled (default 10)",
+    )
     return parser  # fmt: skip
 
 
@@ -75,7 +81,14 @@ def _run_api(args: argparse.Namespace) -> int:
 
     settings = ApiSettings(**settings_overrides(args, API_OPTIONS))
     app = create_app(settings, nats_url=args.nats)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        # A stream stuck on a worker must not hold the exit forever.
+        timeout_graceful_shutdown=max(0.0, args.drain_timeout_s),  # type: ignore[arg-type]
+    )
     return 0
 
 

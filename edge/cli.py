@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
+from types import FrameType
+from typing import Any
 
 from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
@@ -46,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="local routing policy as JSON, e.g. '{\"perplexity_threshold\": 40}' "
         "(the KV bucket's fleet and node policy override it)",
     )
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long open requests may finish before they are cancelled "
+        "(default 10); the process then closes the bus link and the model, and exits at most "
+        "5 s later",
+    )
     parser.add_argument("--log-level", default="info", help="logging level")
     return parser
 
@@ -81,11 +93,52 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"hybridgen edge: serving {model_dir} on http://{settings.host}:{settings.port}")
 
-    uvicorn.run(
+    drain_s = max(0.0, args.drain_timeout_s)
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # seconds; a float works
     )
-    return 0
+    started = run_bounded(config, exit_after_s=drain_s + CLOSE_BOUND_S)
+    return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it
+
+
+#: Seconds the edge may take, after its drain, to close the bus link and the model.
+CLOSE_BOUND_S = 5.0
+
+
+def run_bounded(config: Any, *, exit_after_s: float) -> bool:
+    """Run uvicorn with `config`, exiting at the latest `exit_after_s` after a stop signal.
+
+    On SIGTERM/SIGINT open requests get the drain time (`timeout_graceful_shutdown`), are
+    then cancelled, and the app closes (bus link, model). Should any of that hang -- a cloud
+    request stuck on a bus that is gone -- a watchdog ends the process anyway (status 1).
+
+    Returns:
+        Whether the server started.
+    """
+    import uvicorn
+
+    def force_exit() -> None:
+        print(
+            f"hybridgen edge: not stopped {exit_after_s:g} s after the stop signal; exiting now",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    class BoundedServer(uvicorn.Server):
+        watchdog: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            if self.watchdog is None:
+                self.watchdog = threading.Timer(exit_after_s, force_exit)
+                self.watchdog.daemon = True
+                self.watchdog.start()
+
+    server = BoundedServer(config)
+    server.run()
+    return bool(server.started)

@@ -1,13 +1,19 @@
-"""`hybridgen up`: the all-in-one local launcher.
+"""`hybridgen up`: the all-in-one local launcher, with supervision.
 
 It starts the embedded nats-server (data under `$HG_HOME`), then each child command in
-order with `HG_NATS_URL` pointing at it, watches them, and on Ctrl-C/SIGTERM -- or when a
-child dies -- stops the children in reverse order and the broker last.
+order with `HG_NATS_URL` pointing at it, and supervises them: a child that dies (any exit
+the launcher did not ask for) is reported -- a log line and a `child_exited` event on
+`hg.events.launcher.<id>` -- and restarted with exponential back-off (`child_restarted`),
+while the other children keep serving. A dead nats-server is restarted on the same port and
+store; clients reconnect by themselves. Only Ctrl-C/SIGTERM (or leaving the foreground
+console) stops everything: children get SIGTERM in reverse start order and a bounded time to
+drain, then SIGKILL, and the broker stops last.
 
 Children are `ChildSpec`s: a command line, extra environment, and whether the child owns
-the terminal (the TUI: its exit ends the launcher). Background children write to
-`$HG_HOME/logs/<name>.log` and run in their own session so Ctrl-C reaches only the
-launcher, which then stops them in order.
+the terminal (the console: its exit ends the launcher). Background children write to
+`$HG_HOME/logs/<name>.log` and run in their own process group, which the launcher signals
+as a whole, so no helper process is left behind; they also get SIGTERM should the launcher
+itself die.
 """
 
 from __future__ import annotations
@@ -24,19 +30,33 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
+from nats.aio.client import Client
+
+from broker import subjects, wire
 from broker.bus import connect
 from broker.cli import StopSignals
 from broker.errors import HybridgenError
-from broker.server import ExternalServer, NatsServer
+from broker.server import ExternalServer, NatsServer, _death_signal_hook
 from broker.settings import hg_home
 from broker.store import ArtifactStore, FleetConfig
+from broker.telemetry import default_node_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4222
+#: The name the broker goes by in log lines and events.
+BROKER = "nats-server"
+#: Seconds the edge's HTTP server lets open requests finish on SIGTERM (`--drain-timeout-s`).
+EDGE_DRAIN_S = 10.0
+#: Seconds the cloud API lets open requests finish on SIGTERM (`--drain-timeout-s`).
+API_DRAIN_S = 10.0
+#: Seconds a cloud worker lets in-flight requests finish on SIGTERM (`--drain-timeout-s`).
+WORKER_DRAIN_S = 30.0
+#: Each child's SIGKILL comes this many seconds after its drain bound.
+STOP_MARGIN_S = 10.0
 
 
 @dataclass
@@ -51,7 +71,9 @@ class ChildSpec:
         ready: optional check awaited after the start until it returns True (e.g. an HTTP
             `/readyz` probe), so the next child starts only once this one serves.
         ready_timeout: seconds to wait for `ready`.
-        stop_timeout: seconds between SIGTERM and SIGKILL.
+        stop_timeout: seconds between SIGTERM and SIGKILL (the child's drain bound plus a
+            margin).
+        url: where the child serves, if it has an HTTP API (printed by `up`).
     """
 
     name: str
@@ -61,6 +83,24 @@ class ChildSpec:
     ready: Callable[[], Awaitable[bool]] | None = None
     ready_timeout: float = 300.0
     stop_timeout: float = 10.0
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: `initial` seconds, doubling up to `maximum`.
+
+    A child that stayed up for `stable_s` seconds before it died starts again from
+    `initial`; one that keeps crashing quickly waits longer each time, never less.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    stable_s: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """The wait before restart number `failures` (1-based) of a quick-crash streak."""
+        return min(self.maximum, self.initial * 2 ** max(0, failures - 1))
 
 
 def http_ready(url: str, *, timeout_s: float = 1.0) -> Callable[[], Awaitable[bool]]:
@@ -94,11 +134,11 @@ def http_ready(url: str, *, timeout_s: float = 1.0) -> Callable[[], Awaitable[bo
 
 
 class ChildFailed(HybridgenError):
-    """A child exited before it was asked to, or never became ready."""
+    """A child exited while starting, or never became ready."""
 
 
 class Launcher:
-    """The broker plus child processes, started in order and stopped in reverse.
+    """The broker plus supervised child processes, started in order and stopped in reverse.
 
     Args:
         home: the data directory (`$HG_HOME`).
@@ -106,6 +146,11 @@ class Launcher:
         nats_url: use this external server instead of starting one.
         host: broker listen address.
         port: broker client port (if taken, a free one is used instead).
+        backoff: restart delays of children (and of the broker) that die.
+
+    Attributes:
+        node_id: the launcher's id on the bus (its events: `hg.events.launcher.<node_id>`).
+        restarts: how many times each child (and `nats-server`) was restarted.
     """
 
     def __init__(
@@ -116,16 +161,26 @@ class Launcher:
         nats_url: str | None = None,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
+        backoff: Backoff | None = None,
     ) -> None:
         self.home = home
         self.children = list(children or [])
         self.nats_url = nats_url
         self.host = host
         self.port = port
+        self.backoff = backoff or Backoff()
         self.server: NatsServer | ExternalServer | None = None
-        self.processes: list[tuple[ChildSpec, asyncio.subprocess.Process]] = []
-        self._logs: list[IO[bytes]] = []
+        self.node_id = default_node_id("launcher")
+        self.restarts: dict[str, int] = {}
         self.url = ""
+        self._specs: list[ChildSpec] = []  # start order
+        self._running: dict[str, asyncio.subprocess.Process] = {}
+        self._logs: dict[str, IO[bytes]] = {}
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._events: Client | None = None
+        self._stopping = False
+        self._done = asyncio.Event()
+        self._foreground_status: int | None = None
 
     @property
     def logs_dir(self) -> Path:
@@ -135,6 +190,19 @@ class Launcher:
     def url_file(self) -> Path:
         """Where the running broker's URL is written, for commands started by hand."""
         return self.home / "run" / "nats.url"
+
+    @property
+    def processes(self) -> list[tuple[ChildSpec, asyncio.subprocess.Process]]:
+        """The current process of each started child, in start order."""
+        return [(spec, self._running[spec.name]) for spec in self._specs]
+
+    def log_path(self, name: str) -> Path:
+        """The log file of a background child (or the broker)."""
+        if name == BROKER and isinstance(self.server, NatsServer):
+            return self.server.log_path
+        return self.logs_dir / f"{name}.log"
+
+    # -- the broker -------------------------------------------------------------------------
 
     async def start_broker(self) -> str:
         """Start (or check) the broker; its client URL."""
@@ -152,11 +220,15 @@ class Launcher:
                 log.warning("port %s is taken; using a free port instead", self.port)
                 self.server = NatsServer(store_dir=store, host=self.host, port=-1)
                 await self.server.start()
+            # A restart must come back where the clients reconnect to.
+            self.server.port = urlsplit(self.server.client_url).port
         self.url = self.server.client_url
         if isinstance(self.server, NatsServer):
             await self.prepare_buckets()
+            self._supervisors.append(asyncio.create_task(self._supervise_broker()))
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url + "\n")
+        self._events = await connect(self.url, name="hybridgen-launcher")
         return self.url
 
     async def prepare_buckets(self) -> None:
@@ -164,12 +236,43 @@ class Launcher:
 
         Services with read-only permissions (edges) can then bind them from the start.
         """
-        nc = await connect(self.url, name="hybridgen-launcher")
+        nc = await connect(self.url, name="hybridgen-launcher-setup")
         try:
             await FleetConfig.open(nc)
             await ArtifactStore.open(nc)
         finally:
             await nc.close()
+
+    async def _supervise_broker(self) -> None:
+        """Restart a dead nats-server on the same port and store, with back-off."""
+        failures = 0
+        while True:
+            server = self.server
+            assert isinstance(server, NatsServer)
+            started = time.monotonic()
+            status = await server.wait()
+            if self._stopping:
+                return
+            failures = self._next_failures(failures, started)
+            delay = self.backoff.delay(failures)
+            await self._report_exit(BROKER, server.pid, status, delay)
+            while True:
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                await server.shutdown()  # closes its files; the process is gone
+                try:
+                    await server.start()
+                    break
+                except HybridgenError as exc:
+                    failures += 1
+                    delay = self.backoff.delay(failures)
+                    log.error(
+                        "%s did not restart: %s; next try in %.1f s", BROKER, exc.message, delay
+                    )
+            await self._report_restart(BROKER, server.pid)
+
+    # -- children ---------------------------------------------------------------------------
 
     def child_env(self, spec: ChildSpec) -> dict[str, str]:
         return {
@@ -180,26 +283,44 @@ class Launcher:
             **spec.env,
         }
 
-    async def start_child(self, spec: ChildSpec) -> asyncio.subprocess.Process:
-        """Start one child (and wait until it is ready, when it has a check)."""
+    async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
+        """Start the child's process (no readiness wait) and record it as running."""
         if spec.foreground:
             process = await asyncio.create_subprocess_exec(*spec.argv, env=self.child_env(spec))
         else:
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(self.logs_dir / f"{spec.name}.log", "ab")  # noqa: SIM115, ASYNC230
-            self._logs.append(log_file)
+            log_file = self._logs.get(spec.name)
+            if log_file is None:
+                self.logs_dir.mkdir(parents=True, exist_ok=True)
+                log_file = open(self.log_path(spec.name), "ab")  # noqa: SIM115, ASYNC230
+                self._logs[spec.name] = log_file
             process = await asyncio.create_subprocess_exec(
                 *spec.argv,
                 env=self.child_env(spec),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
+                # Its own process group: Ctrl-C reaches only the launcher, which stops the
+                # group as a whole; and SIGTERM should the launcher itself die.
                 start_new_session=True,
+                preexec_fn=_death_signal_hook(),
             )
-        self.processes.append((spec, process))
+        self._running[spec.name] = process
+        return process
+
+    async def start_child(self, spec: ChildSpec) -> asyncio.subprocess.Process:
+        """Start one child, wait until it is ready (when it has a check), then supervise it.
+
+        Raises:
+            ChildFailed: it exited while starting or was not ready in time.
+        """
+        if any(s.name == spec.name for s in self._specs):
+            raise ValueError(f"a child named {spec.name!r} is already running")
+        process = await self._spawn(spec)
+        self._specs.append(spec)
         log.info("started %s (pid %s)", spec.name, process.pid)
         if spec.ready is not None:
             await self._wait_ready(spec, process)
+        self._supervisors.append(asyncio.create_task(self._supervise(spec)))
         return process
 
     async def _wait_ready(self, spec: ChildSpec, process: asyncio.subprocess.Process) -> None:
@@ -209,7 +330,7 @@ class Launcher:
             if process.returncode is not None:
                 raise ChildFailed(
                     f"{spec.name} exited with status {process.returncode} while starting "
-                    f"(log: {self.logs_dir / (spec.name + '.log')})"
+                    f"(log: {self.log_path(spec.name)})"
                 )
             with contextlib.suppress(Exception):
                 if await spec.ready():
@@ -218,55 +339,141 @@ class Launcher:
                 raise ChildFailed(f"{spec.name} not ready after {spec.ready_timeout:g} s")
             await asyncio.sleep(0.2)
 
+    def _next_failures(self, failures: int, started: float) -> int:
+        """The quick-crash streak after a death: reset when the child had stayed up."""
+        stable = time.monotonic() - started >= self.backoff.stable_s
+        return 1 if stable else failures + 1
+
+    async def _supervise(self, spec: ChildSpec) -> None:
+        """Wait for the child to die; report it and restart it, with back-off, until stop."""
+        failures = 0
+        while True:
+            process = self._running[spec.name]
+            started = time.monotonic()
+            status = await process.wait()
+            if self._stopping:
+                return
+            if spec.foreground:  # leaving the console stops everything
+                log.info("%s exited with status %s; stopping everything", spec.name, status)
+                self._foreground_status = status
+                self._done.set()
+                return
+            _kill_group(process.pid)  # helpers it left behind
+            failures = self._next_failures(failures, started)
+            delay = self.backoff.delay(failures)
+            await self._report_exit(spec.name, process.pid, status, delay)
+            while True:
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                try:
+                    process = await self._spawn(spec)
+                    break
+                except OSError as exc:
+                    failures += 1
+                    delay = self.backoff.delay(failures)
+                    log.error("%s did not restart: %s; next try in %.1f s", spec.name, exc, delay)
+            await self._report_restart(spec.name, process.pid)
+
+    async def _report_exit(self, name: str, pid: int | None, status: int, delay: float) -> None:
+        where = self.log_path(name)
+        log.error(
+            "%s (pid %s) exited with status %s; restarting it in %.1f s (log: %s)",
+            name, pid, status, delay, where,
+        )  # fmt: skip
+        await self._publish(
+            "child_exited",
+            f"{name} exited with status {status}; restarting in {delay:.1f} s",
+            child=name, pid=pid, status=status, restart_in_s=delay, log=str(where),
+        )  # fmt: skip
+
+    async def _report_restart(self, name: str, pid: int | None) -> None:
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        count = self.restarts[name]
+        log.info("restarted %s (pid %s, restart %d)", name, pid, count)
+        await self._publish(
+            "child_restarted", f"{name} restarted (pid {pid})", child=name, pid=pid, restarts=count
+        )
+
+    async def _publish(self, kind: str, message: str, **data: Any) -> None:
+        """Publish a launcher event; never fatal (buffered while the broker is away)."""
+        if self._events is None:
+            return
+        event = wire.Event(
+            kind=kind, role="launcher", node_id=self.node_id, message=message, data=data
+        )
+        try:
+            await self._events.publish(
+                subjects.events("launcher", self.node_id), wire.encode(event)
+            )
+        except Exception as exc:
+            log.warning("event %s not published: %s", kind, exc)
+
+    # -- running and stopping ---------------------------------------------------------------
+
     async def start(self) -> None:
         """Start the broker, then every child in order."""
         await self.start_broker()
         for spec in self.children:
             await self.start_child(spec)
 
+    async def ready(self) -> None:
+        """Wait until every child with a readiness check answers it (e.g. after restarts)."""
+        for spec in self._specs:
+            if spec.ready is not None:
+                deadline = time.monotonic() + spec.ready_timeout
+                while not await spec.ready():
+                    if time.monotonic() > deadline:
+                        raise ChildFailed(f"{spec.name} not ready after {spec.ready_timeout:g} s")
+                    await asyncio.sleep(0.2)
+
     async def wait(self, signals: StopSignals | None = None) -> int:
-        """Run until a stop signal, the foreground child's exit, or a child's death.
+        """Run until a stop signal or the foreground child's exit; dead children restart.
 
         Args:
             signals: installed signal handlers (default: installed here).
 
         Returns:
-            The exit status for the launcher: 0 on a signal or a clean foreground exit.
+            The exit status for the launcher: 0 on a signal, else the foreground child's.
         """
-        watchers = {asyncio.ensure_future(process.wait()): spec for spec, process in self.processes}
-        if isinstance(self.server, NatsServer):
-            watchers[asyncio.ensure_future(self.server.wait())] = ChildSpec("nats-server", [])
         own = signals is None
         signals = signals or StopSignals()
+        done = asyncio.ensure_future(self._done.wait())
         try:
-            await signals.wait(*watchers)
+            await signals.wait(done)
         finally:
-            for watcher in watchers:
-                watcher.cancel()
+            done.cancel()
             if own:
                 signals.close()
-        for watcher, spec in watchers.items():
-            if watcher.done() and not watcher.cancelled():
-                status = watcher.result()
-                if spec.foreground:
-                    return int(status)
-                log.error(
-                    "%s exited with status %s; stopping everything (log: %s)",
-                    spec.name,
-                    status,
-                    self.logs_dir / f"{spec.name}.log",
-                )
-                return 1
+        if self._foreground_status is not None:
+            return self._foreground_status
+        log.info("stop requested; stopping everything")
         return 0
 
     async def stop(self) -> None:
-        """Stop the children in reverse order, then the broker. Idempotent."""
-        while self.processes:
-            spec, process = self.processes.pop()
-            await _terminate(spec, process)
-        for log_file in self._logs:
+        """Stop the children in reverse order (SIGTERM, then SIGKILL), then the broker.
+
+        Idempotent.
+        """
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        for task in self._supervisors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._supervisors.clear()
+        while self._specs:
+            spec = self._specs.pop()
+            process = self._running.pop(spec.name, None)
+            if process is not None:
+                await _terminate(spec, process)
+        for log_file in self._logs.values():
             log_file.close()
         self._logs.clear()
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                await self._events.close()
+            self._events = None
         if self.server is not None:
             await self.server.shutdown()
             self.server = None
@@ -285,6 +492,12 @@ class Launcher:
         await self.stop()
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a background child's process group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def _signal(spec: ChildSpec, process: asyncio.subprocess.Process, sig: int) -> None:
     """Signal a background child's whole process group (its own helpers too)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -295,41 +508,69 @@ def _signal(spec: ChildSpec, process: asyncio.subprocess.Process, sig: int) -> N
 
 
 async def _terminate(spec: ChildSpec, process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
-        return
-    _signal(spec, process, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), spec.stop_timeout)
-    except TimeoutError:
-        log.warning("%s ignored SIGTERM for %g s; killing it", spec.name, spec.stop_timeout)
-        _signal(spec, process, signal.SIGKILL)
-        await process.wait()
-    log.info("stopped %s", spec.name)
+    if process.returncode is None:
+        _signal(spec, process, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), spec.stop_timeout)
+        except TimeoutError:
+            log.warning("%s ignored SIGTERM for %g s; killing it", spec.name, spec.stop_timeout)
+            _signal(spec, process, signal.SIGKILL)
+            await process.wait()
+        log.info("stopped %s", spec.name)
+    if not spec.foreground:
+        _kill_group(process.pid)
 
 
 def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     """The processes `hybridgen up` runs next to the broker, in start order.
 
-    The cloud API is ready only once a worker answers it, so the edge starts after the whole
-    cloud path serves; the edge is ready once its model is loaded.
+    `args.workers` cloud workers, the cloud API, then `args.edges` edges (edge `i` on
+    `args.edge_port + i`); every worker and edge has its own node id, kept across restarts.
+    The cloud API is ready only once a worker answers it, so the edges start after the whole
+    cloud path serves; an edge is ready once its model is loaded.
     """
     python = sys.executable
+    workers, edges = getattr(args, "workers", 1), getattr(args, "edges", 1)
+    worker_id, edge_id = default_node_id("cloud"), default_node_id("edge")
+
+    def nth(base: str, i: int, count: int) -> str:  # "edge" alone, else "edge-1", "edge-2"...
+        return base if count == 1 else f"{base}-{i + 1}"
+
+    children = [
+        ChildSpec(
+            nth("cloud-worker", i, workers),
+            [python, "-m", "cloud", "worker", "--node-id", nth(worker_id, i, workers),
+             "--drain-timeout-s", f"{WORKER_DRAIN_S:g}"],
+            stop_timeout=WORKER_DRAIN_S + STOP_MARGIN_S,
+        )
+        for i in range(workers)
+    ]  # fmt: skip
     api_url = f"http://127.0.0.1:{args.api_port}"
-    edge_url = f"http://127.0.0.1:{args.edge_port}"
-    return [
-        # The worker drains on SIGTERM (in-flight requests finish, up to 30 s by default).
-        ChildSpec("cloud-worker", [python, "-m", "cloud", "worker"], stop_timeout=40.0),
+    children.append(
         ChildSpec(
             "cloud-api",
-            [python, "-m", "cloud", "api", "--host", args.http_host, "--port", str(args.api_port)],
+            [python, "-m", "cloud", "api", "--host", args.http_host, "--port", str(args.api_port),
+             "--drain-timeout-s", f"{API_DRAIN_S:g}"],
             ready=http_ready(f"{api_url}/readyz"),
-        ),
-        ChildSpec(
-            "edge",
-            [python, "-m", "edge", "--host", args.http_host, "--port", str(args.edge_port)],
-            ready=http_ready(f"{edge_url}/readyz"),
-        ),
-    ]
+            stop_timeout=API_DRAIN_S + STOP_MARGIN_S,
+            url=api_url,
+        )
+    )  # fmt: skip
+    for i in range(edges):
+        url = f"http://127.0.0.1:{args.edge_port + i}"
+        children.append(
+            ChildSpec(
+                nth("edge", i, edges),
+                [python, "-m", "edge", "--host", args.http_host, "--port",
+                 str(args.edge_port + i), "--node-id", nth(edge_id, i, edges),
+                 "--drain-timeout-s", f"{EDGE_DRAIN_S:g}"],
+                ready=http_ready(f"{url}/readyz"),
+                # The edge's own bound: its drain, then 5 s to close (edge/cli.py).
+                stop_timeout=EDGE_DRAIN_S + STOP_MARGIN_S,
+                url=url,
+            )
+        )  # fmt: skip
+    return children
 
 
 def console_child() -> ChildSpec:
@@ -342,15 +583,53 @@ def wants_console(args: argparse.Namespace) -> bool:
     return not (args.headless or args.broker_only) and sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _log_to_file(path: Path) -> None:
-    """Send the launcher's own log lines to `path`: the console owns the terminal."""
+#: What `up` prints about the network; it also goes to the launcher log (never twice on the
+#: terminal).
+_where_log = logging.getLogger("hybridgen.up")
+
+
+def _log_to_file(path: Path, *, only: bool) -> None:
+    """Send the launcher's own log lines to `path` too (`only`: the console owns the terminal)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    if only:
+        for old in list(root.handlers):
+            root.removeHandler(old)
     root.addHandler(handler)
+    _where_log.propagate = False
+    _where_log.setLevel(logging.INFO)
+    _where_log.addHandler(handler)
+
+
+def _tell(line: str, *, terminal: bool) -> None:
+    """One line of what `up` says: on the terminal (unless the console owns it) and in the log."""
+    _where_log.info("%s", line)
+    if terminal:
+        print(line, flush=True)
+
+
+def where_lines(launcher: Launcher) -> list[str]:
+    """What `up` tells about the running network: URLs, logs, and the ready line last."""
+    apis = [spec for spec, _ in launcher.processes if spec.url]
+    edges = [spec.url for spec in apis if spec.name.startswith("edge")]
+    cloud = [spec.url for spec in apis if not spec.name.startswith("edge")]
+    lines = [f"NATS broker at {launcher.url} (export HG_NATS_URL={launcher.url}; "
+             f"also in {launcher.url_file})"]  # fmt: skip
+    for spec, process in launcher.processes:
+        where = "terminal" if spec.foreground else launcher.log_path(spec.name)
+        serving = f", serving {spec.url}" if spec.url else ""
+        lines.append(f"  {spec.name}: pid {process.pid}{serving}, output {where}")
+    lines.append(f"  logs in {launcher.logs_dir}")
+    parts = []
+    if edges:
+        parts.append(("edge " if len(edges) == 1 else "edges ") + ", ".join(map(str, edges)))
+    if cloud:
+        parts.append("cloud API " + ", ".join(map(str, cloud)))
+    parts += [f"NATS {launcher.url}", f"logs {launcher.logs_dir}"]
+    lines.append("hybridgen is ready: " + " · ".join(parts))
+    return lines
 
 
 def ensure_models(home: Path, profile: str) -> int:
@@ -376,11 +655,19 @@ def ensure_models(home: Path, profile: str) -> int:
     return subprocess.call(argv)
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridgen up",
         description="Start everything locally: the embedded NATS broker (data under $HG_HOME) "
-        "and the hybridgen services; Ctrl-C stops them all.",
+        "and the hybridgen services. A service that dies is restarted (with back-off) while "
+        "the rest keep serving; Ctrl-C or SIGTERM drains and stops them all.",
     )
     parser.add_argument(
         "--headless",
@@ -398,8 +685,19 @@ def _parser() -> argparse.ArgumentParser:
         help="model set built on first run when none is installed: smollm2 (default, the real "
         "SmolLM2-135M-Instruct, about a minute) or a trained lab profile",
     )
+    parser.add_argument(
+        "--workers", type=_count, default=1, help="cloud workers to start (default 1)"
+    )
+    parser.add_argument(
+        "--edges",
+        type=_count,
+        default=1,
+        help="edge nodes to start (default 1); edge i listens on --edge-port + i",
+    )
     parser.add_argument("--api-port", type=int, default=8500, help="cloud API port (default 8500)")
-    parser.add_argument("--edge-port", type=int, default=8400, help="edge API port (default 8400)")
+    parser.add_argument(
+        "--edge-port", type=int, default=8400, help="(first) edge API port (default 8400)"
+    )
     parser.add_argument(
         "--http-host", default="127.0.0.1", help="address the HTTP APIs bind (default 127.0.0.1)"
     )
@@ -428,8 +726,6 @@ async def _up(args: argparse.Namespace) -> int:
             return status
         children = default_children(args)
     console = wants_console(args)
-    if console:
-        children.append(console_child())
     launcher = Launcher(
         home=home,
         children=children,
@@ -438,30 +734,31 @@ async def _up(args: argparse.Namespace) -> int:
         port=args.port,
     )
     signals = StopSignals()
+    _log_to_file(home / "logs" / "launcher.log", only=console)
     if console:
         print("hybridgen: starting the network; the console opens when it is ready", flush=True)
-        _log_to_file(home / "logs" / "launcher.log")
+        print(f"  launcher log: {home / 'logs' / 'launcher.log'}", flush=True)
     try:
         await launcher.start()
+        await launcher.ready()
     except HybridgenError as exc:
         await launcher.stop()
         signals.close()
+        log.error("hybridgen up: %s", exc.message)
         print(f"hybridgen up: {exc.message}", file=sys.stderr)
         return 1
     try:
+        for line in where_lines(launcher):
+            _tell(line, terminal=not console)
         if console:  # the console owns the terminal until it exits
-            return await launcher.wait(signals)
-        print(f"hybridgen: NATS broker at {launcher.url}", flush=True)
-        print(f"  export HG_NATS_URL={launcher.url}   (also in {launcher.url_file})", flush=True)
-        for spec, process in launcher.processes:
-            where = "terminal" if spec.foreground else launcher.logs_dir / f"{spec.name}.log"
-            print(f"  {spec.name}: pid {process.pid}, output {where}", flush=True)
-        print("  Ctrl-C stops everything.", flush=True)
+            await launcher.start_child(console_child())
+        else:
+            print("  Ctrl-C stops everything.", flush=True)
         return await launcher.wait(signals)
     finally:
         await launcher.stop()
         signals.close()
-        print("hybridgen: stopped", flush=True)
+        _tell("hybridgen: stopped", terminal=True)
 
 
 def main(argv: list[str]) -> int:

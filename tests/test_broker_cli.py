@@ -16,7 +16,7 @@ from broker import bench
 from broker.bus import connect
 from broker.cli import main as broker_main
 from broker.server import find_nats_server
-from hybridgen.launcher import ChildSpec, Launcher, http_ready
+from hybridgen.launcher import Backoff, ChildSpec, Launcher, http_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,10 +151,13 @@ async def test_launcher_children_get_url_and_stop_in_reverse(tmp_path: Path) -> 
     assert (tmp_path / "home" / "nats" / "jetstream").is_dir()  # buckets created
 
 
-async def test_launcher_stops_when_a_child_dies(tmp_path: Path) -> None:
+async def test_launcher_restarts_a_child_that_dies(tmp_path: Path) -> None:
     children = [ChildSpec("crasher", [sys.executable, "-c", "import sys; sys.exit(3)"])]
-    async with Launcher(home=tmp_path, children=children, port=-1) as launcher:
-        assert await asyncio.wait_for(launcher.wait(), 10) == 1
+    backoff = Backoff(initial=0.05, maximum=0.2)
+    async with Launcher(home=tmp_path, children=children, port=-1, backoff=backoff) as launcher:
+        async with asyncio.timeout(30):
+            while launcher.restarts.get("crasher", 0) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
 
 
 async def test_hop_bench_runs() -> None:

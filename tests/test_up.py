@@ -1,20 +1,44 @@
-"""`hybridgen up` end to end: broker, cloud worker, cloud API and edge from one command."""
+"""`hybridgen up` end to end: broker, cloud workers, cloud API and edges from one command,
+supervised (a killed child is reported and restarted) and stopped without leftovers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from broker import subjects, wire
+from broker.bus import connect
+from broker.server import NatsServer
+from broker.store import FleetConfig
+from hybridgen.launcher import Backoff, Launcher
 from models.registry import ModelSet, set_current
 from tests.fixtures_models import copy_model_set
 
 REPO = Path(__file__).resolve().parent.parent
+BODY = {"model": "hg-edge", "prompt": "The ls command", "max_tokens": 4}
+
+
+@contextlib.asynccontextmanager
+async def within(seconds: float, what: str, output: Callable[[], str]) -> AsyncIterator[None]:
+    """A bounded wait that fails with `what` and the end of the launcher's output."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {seconds:g} s\n{output()[-6000:]}") from None
 
 
 def free_port() -> int:
@@ -23,43 +47,332 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_up_serves_edge_and_cloud_then_stops(tiny_models: ModelSet, tmp_path: Path) -> None:
+@dataclass
+class Up:
+    """A running `hybridgen up --headless` and everything it printed so far."""
+
+    process: asyncio.subprocess.Process
+    home: Path
+    api_port: int
+    edge_port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def until(self, pattern: str, *, timeout: float = 240) -> re.Match[str]:  # noqa: ASYNC109
+        """The first match of `pattern` in the output, waiting for it (bounded)."""
+        async with within(timeout, f"no {pattern!r} in the output", lambda: self.output):
+            while True:
+                match = re.search(pattern, self.output)
+                if match:
+                    return match
+                if self.process.returncode is not None:
+                    raise AssertionError(f"`hybridgen up` ended early:\n{self.output}")
+                await asyncio.sleep(0.1)
+
+    def pids(self) -> dict[str, int]:
+        """The current pid of each child, from the start lines and the restart lines."""
+        found: dict[str, int] = {}
+        for name, pid in re.findall(r"(?:started|restarted) (\S+) \(pid (\d+)", self.output):
+            found[name] = int(pid)
+        broker = re.findall(r"nats-server (\d+) serving at", self.output)
+        found["nats-server"] = int(broker[-1])
+        return found
+
+    @property
+    def nats_url(self) -> str:
+        match = re.search(r"NATS broker at (\S+)", self.output)
+        assert match, self.output
+        return match.group(1)
+
+
+@contextlib.asynccontextmanager
+async def running_up(tiny_models: ModelSet, tmp_path: Path, *extra: str) -> AsyncIterator[Up]:
+    """`hybridgen up --headless` on the tiny model set, ready; killed at the end if still up."""
     home = tmp_path / "home"
     set_current(copy_model_set(tiny_models, home).version, home)
     api_port, edge_port = free_port(), free_port()
     env = {**os.environ, "HG_CLOUD_THREADS": "1", "HG_EDGE_THREADS": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hybridgen", "up", "--headless", "--port", "-1",
-        "--api-port", str(api_port), "--edge-port", str(edge_port), "--home", str(home),
+        "--api-port", str(api_port), "--edge-port", str(edge_port), "--home", str(home), *extra,
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    output = ""
-    try:
+    up = Up(process, home, api_port, edge_port)
+
+    async def read() -> None:  # keep the pipe drained so the launcher never blocks on it
         assert process.stdout is not None
-        async with asyncio.timeout(240):
-            while "Ctrl-C stops everything" not in output:
-                line = await process.stdout.readline()
-                assert line, f"`hybridgen up` ended early:\n{output}"
-                output += line.decode()
-        assert "building" not in output  # an installed model set is reused
-        async with httpx.AsyncClient(timeout=60) as client:
-            body = {"model": "hg-edge", "prompt": "The ls command", "max_tokens": 4}
-            edge_url = f"http://127.0.0.1:{edge_port}/v1/completions"
-            routed = await client.post(edge_url, json=body)
-            assert routed.status_code == 200, routed.text
-            assert routed.headers["x-hybridgen-route-reason"] in ("in_domain", "low_confidence")
-            local = await client.post(edge_url, json={**body, "route": "edge"})
-            assert local.headers["x-hybridgen-served-by"] == "edge", local.text
-            forced = await client.post(edge_url, json={**body, "route": "cloud"})
-            assert forced.json()["served_by"] == "cloud", forced.text
-            direct = await client.post(
-                f"http://127.0.0.1:{api_port}/v1/completions", json={**body, "model": "hg-cloud"}
-            )
-            assert direct.status_code == 200, direct.text
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 60) == 0
+        while line := await process.stdout.readline():
+            up.lines.append(line.decode())
+
+    reader = asyncio.create_task(read())
+    try:
+        await up.until(r"hybridgen is ready: ")
+        yield up
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert not (home / "run" / "nats.url").exists()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader, 10)
+
+
+async def http_in_flight(client: httpx.AsyncClient, port: int) -> float:
+    """The `*_http_in_flight` gauge of the API on `port`."""
+    metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    match = re.search(r"^\w+_http_in_flight (\S+)$", metrics, re.MULTILINE)
+    assert match, metrics
+    return float(match.group(1))
+
+
+def alive_in_groups(pgids: set[int]) -> list[int]:
+    """Pids of live (non-zombie) processes whose process group is one of `pgids`."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) in pgids:
+            alive.append(int(entry.name))
+    return alive
+
+
+async def stop_and_check_no_leftovers(up: Up, sig: int | None = signal.SIGTERM) -> None:
+    """Signal the launcher (unless `sig` is None: already done); it exits 0 and every child
+    (and its helpers) is gone."""
+    pids = set(up.pids().values())
+    if sig is not None:
+        up.process.send_signal(sig)
+    assert await asyncio.wait_for(up.process.wait(), 120) == 0, up.output
+    assert "ignored SIGTERM" not in up.output, up.output  # each drained within its bound
+    assert not alive_in_groups(pids), f"left behind: {alive_in_groups(pids)}\n{up.output}"
+    assert not (up.home / "run" / "nats.url").exists()
+
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    backoff = Backoff(initial=0.5, maximum=30.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff.delay(20) == 30.0
+
+
+async def test_a_dead_broker_comes_back_on_its_port_and_store(tmp_path: Path) -> None:
+    backoff = Backoff(initial=0.05, maximum=0.2)
+    async with Launcher(home=tmp_path, port=-1, backoff=backoff) as launcher:
+        assert isinstance(launcher.server, NatsServer)
+        url, old = launcher.url, launcher.server.pid
+        assert old is not None
+        events: list[wire.Event] = []
+
+        async def on_event(msg: Msg) -> None:
+            events.append(wire.decode(msg.data, wire.Event))
+
+        nc = await connect(url, name="test-up-broker")  # reconnects by itself
+        try:
+            await nc.subscribe(subjects.events_of_role("launcher"), cb=on_event)
+            config = await FleetConfig.open(nc)
+            await config.put("probe", {"kept": True})
+            os.kill(old, signal.SIGKILL)
+            async with within(60, "no child_exited and child_restarted events", lambda: ""):
+                while {"child_exited", "child_restarted"} - {e.kind for e in events}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert all(e.data["child"] == "nats-server" for e in events), events
+            assert launcher.server.client_url == url and launcher.server.pid != old
+            assert await config.get("probe") == {"kept": True}  # the same store
+        finally:
+            await nc.close()
+
+
+@pytest.mark.slow
+async def test_up_serves_edge_and_cloud_then_stops(tiny_models: ModelSet, tmp_path: Path) -> None:
+    async with running_up(tiny_models, tmp_path) as up:
+        assert "building" not in up.output  # an installed model set is reused
+        ready = (await up.until(r"hybridgen is ready: .*")).group(0)
+        for where in (f"edge http://127.0.0.1:{up.edge_port}",
+                      f"cloud API http://127.0.0.1:{up.api_port}",
+                      f"NATS {up.nats_url}", f"logs {up.home / 'logs'}"):  # fmt: skip
+            assert where in ready, ready
+        assert ready in (up.home / "logs" / "launcher.log").read_text()
+        async with httpx.AsyncClient(timeout=60) as client:
+            edge_url = f"http://127.0.0.1:{up.edge_port}/v1/completions"
+            routed = await client.post(edge_url, json=BODY)
+            assert routed.status_code == 200, routed.text
+            assert routed.headers["x-hybridgen-route-reason"] in ("in_domain", "low_confidence")
+            local = await client.post(edge_url, json={**BODY, "route": "edge"})
+            assert local.headers["x-hybridgen-served-by"] == "edge", local.text
+            forced = await client.post(edge_url, json={**BODY, "route": "cloud"})
+            assert forced.json()["served_by"] == "cloud", forced.text
+            direct = await client.post(
+                f"http://127.0.0.1:{up.api_port}/v1/completions", json={**BODY, "model": "hg-cloud"}
+            )
+            assert direct.status_code == 200, direct.text
+        await stop_and_check_no_leftovers(up, signal.SIGINT)
+
+
+@pytest.mark.slow
+async def test_up_restarts_a_killed_worker_while_the_edge_serves(
+    tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    async with running_up(tiny_models, tmp_path) as up:
+        events: list[wire.Event] = []
+
+        async def on_event(msg: Msg) -> None:
+            events.append(wire.decode(msg.data, wire.Event))
+
+        nc = await connect(up.nats_url, name="test-up-events")
+        try:
+            await nc.subscribe(subjects.events_of_role("launcher"), cb=on_event)
+            await nc.flush()
+            old = up.pids()["cloud-worker"]
+            os.kill(old, signal.SIGKILL)
+            line = await up.until(r".*cloud-worker \(pid \d+\) exited with status -9.*")
+            assert str(up.home / "logs" / "cloud-worker.log") in line.group(0)
+
+            edge_url = f"http://127.0.0.1:{up.edge_port}/v1/completions"
+            api_url = f"http://127.0.0.1:{up.api_port}/v1/completions"
+            async with httpx.AsyncClient(timeout=60) as client:
+                # The edge keeps answering while the worker is down and as it comes back.
+                served = 0
+                async with within(120, "no child_restarted event", lambda: up.output):
+                    while "child_restarted" not in [e.kind for e in events] or served < 2:
+                        local = await client.post(edge_url, json={**BODY, "route": "edge"})
+                        assert local.status_code == 200, local.text
+                        routed = await client.post(edge_url, json=BODY)  # local when no cloud
+                        assert routed.status_code == 200, routed.text
+                        served += 1
+                        await asyncio.sleep(0.2)
+                exited = next(e for e in events if e.kind == "child_exited")
+                assert exited.role == "launcher"
+                assert exited.data["child"] == "cloud-worker" and exited.data["status"] == -9
+                restarted = next(e for e in events if e.kind == "child_restarted")
+                assert restarted.data["child"] == "cloud-worker"
+                await up.until(r"restarted cloud-worker \(pid")
+                new = up.pids()["cloud-worker"]
+                assert new != old and restarted.data["pid"] == new
+                # The cloud API answers again, through the restarted worker (bounded retries
+                # while it loads its model).
+                async with within(120, "the cloud API did not answer again", lambda: up.output):
+                    while True:
+                        direct = await client.post(api_url, json={**BODY, "model": "hg-cloud"})
+                        if direct.status_code == 200:
+                            break
+                        assert direct.status_code in (502, 503, 504), direct.text
+                        await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+        assert up.process.returncode is None  # the launcher stayed up
+        await stop_and_check_no_leftovers(up)
+
+
+@pytest.mark.slow
+async def test_up_starts_several_workers_and_edges(tiny_models: ModelSet, tmp_path: Path) -> None:
+    async with running_up(tiny_models, tmp_path, "--workers", "2", "--edges", "2") as up:
+        ready = (await up.until(r"hybridgen is ready: .*")).group(0)
+        assert f"edges http://127.0.0.1:{up.edge_port}, http://127.0.0.1:{up.edge_port + 1}" in (
+            ready
+        ), ready
+        nodes: dict[str, set[str]] = {"cloud": set(), "edge": set()}
+
+        async def on_beat(msg: Msg) -> None:
+            role = msg.subject.split(".")[2]
+            nodes[role].add(msg.subject.split(".")[3])
+
+        nc = await connect(up.nats_url, name="test-up-beats")
+        try:
+            await nc.subscribe(subjects.telemetry_of_role("cloud"), cb=on_beat)
+            await nc.subscribe(subjects.telemetry_of_role("edge"), cb=on_beat)
+            async with within(60, f"two workers and two edges: {nodes}", lambda: up.output):
+                while len(nodes["cloud"]) < 2 or len(nodes["edge"]) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+        async with httpx.AsyncClient(timeout=60) as client:
+            for port in (up.edge_port, up.edge_port + 1):
+                local = await client.post(
+                    f"http://127.0.0.1:{port}/v1/completions", json={**BODY, "route": "edge"}
+                )
+                assert local.status_code == 200, local.text
+        await stop_and_check_no_leftovers(up)
+
+
+NEVER_MS = 600_000.0
+
+
+async def never_answering_cloud(up: Up, nc: NATS) -> int:
+    """An edge that waits for the cloud far beyond its drain, and a cloud worker that never
+    answers (stopped with SIGSTOP: SIGCONT it when done); the worker's pid."""
+    beats: list[wire.Heartbeat] = []
+
+    async def on_beat(msg: Msg) -> None:
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    sub = await nc.subscribe(subjects.telemetry_of_role("edge"), cb=on_beat)
+    config = await FleetConfig.open(nc)
+    await config.put(
+        subjects.policy_key(), {"cloud_timeout_ms": NEVER_MS, "cloud_idle_timeout_ms": NEVER_MS}
+    )
+    async with within(60, "the edge did not take the policy", lambda: up.output):
+        while not beats or beats[-1].extra["policy"]["cloud_timeout_ms"]["value"] != NEVER_MS:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    await sub.unsubscribe()
+    worker = up.pids()["cloud-worker"]
+    os.kill(worker, signal.SIGSTOP)
+    return worker
+
+
+async def stuck_request(up: Up, client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
+    """A streamed completion sent to the (never answering) cloud, once the edge serves it."""
+    idle = await http_in_flight(client, up.edge_port)
+    request = asyncio.create_task(
+        client.post(
+            f"http://127.0.0.1:{up.edge_port}/v1/completions",
+            json={**BODY, "route": "cloud", "stream": True},
+        )
+    )
+    async with within(60, "the request never reached the edge", lambda: up.output):
+        while await http_in_flight(client, up.edge_port) <= idle:
+            assert not request.done(), request
+            await asyncio.sleep(0.1)
+    return request
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_an_edge_stuck_on_the_cloud(
+    tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    """The edge exits within its drain bound even while its cloud request hangs."""
+    async with running_up(tiny_models, tmp_path) as up:
+        nc = await connect(up.nats_url, name="test-up-stuck")
+        worker = await never_answering_cloud(up, nc)
+        try:
+            async with httpx.AsyncClient(timeout=None) as client:
+                request = await stuck_request(up, client)
+                up.process.send_signal(signal.SIGTERM)
+                await up.until(r"stopped edge", timeout=120)
+                assert "edge ignored SIGTERM" not in up.output, up.output
+                with contextlib.suppress(httpx.HTTPError):
+                    await asyncio.wait_for(request, 30)  # it ends one way or another
+        finally:
+            os.kill(worker, signal.SIGCONT)  # let it drain in its turn
+            await nc.close()
+        await stop_and_check_no_leftovers(up, None)
+
+
+@pytest.mark.slow
+async def test_children_stop_when_the_launcher_is_killed(
+    tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    """Even a launcher killed outright (no chance to stop anything) leaves no process behind:
+    each child gets SIGTERM when its parent dies, and drains."""
+    async with running_up(tiny_models, tmp_path) as up:
+        pids = set(up.pids().values())
+        up.process.kill()
+        await up.process.wait()
+        async with within(120, "children outlived the killed launcher", lambda: up.output):
+            while alive_in_groups(pids):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
