@@ -82,7 +82,7 @@ _LIBC: Any = None
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
 
-def _death_signal_hook() -> Any:
+def death_signal_hook() -> Any:
     """A pre-exec hook that makes Linux SIGTERM the server when its parent dies.
 
     libc is loaded here, in the parent: between fork and exec the child only makes the
@@ -254,7 +254,7 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 # Own process group: Ctrl-C reaches us, and we stop the server last.
                 start_new_session=True,
-                preexec_fn=_death_signal_hook(),
+                preexec_fn=death_signal_hook(),
             )
         except OSError as exc:
             self._close_files()

@@ -39,7 +39,7 @@ from broker import subjects, wire
 from broker.bus import connect
 from broker.cli import StopSignals
 from broker.errors import HybridgenError
-from broker.server import ExternalServer, NatsServer, _death_signal_hook
+from broker.server import ExternalServer, NatsServer, death_signal_hook
 from broker.settings import hg_home
 from broker.store import ArtifactStore, FleetConfig
 from broker.telemetry import default_node_id
@@ -302,7 +302,7 @@ class Launcher:
                 # Its own process group: Ctrl-C reaches only the launcher, which stops the
                 # group as a whole; and SIGTERM should the launcher itself die.
                 start_new_session=True,
-                preexec_fn=_death_signal_hook(),
+                preexec_fn=death_signal_hook(),
             )
         self._running[spec.name] = process
         return process
