@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.text import Text
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, OptionList, Static
+from textual.widgets import DataTable, Input, Label, OptionList, Static
 
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect
@@ -28,7 +28,7 @@ from tests.test_tui_app import SIZE, Clock, connected, publish_beat, seen
 from tui.app import HybridgenConsole
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
-from tui.screens import ConfirmScreen
+from tui.screens import ConfirmScreen, NodeScreen
 from tui.state import EventLog, FleetState
 
 MARKUP = "[bold red]x[/]"
@@ -202,6 +202,81 @@ async def test_rollout_shows_each_node_halts_at_a_failure_and_rolls_back(
             assert running["edge-a"] == "v1"
     finally:
         release.set()
+        for service in services:
+            await service.stop()
+
+
+async def test_roll_back_after_the_rollout_screen_was_closed_and_node_screen_keys(
+    nats_url: str, nc: Client
+) -> None:
+    """`m` and `g` on a node's screen reach that node; a roll-out started there can be
+    rolled back from a roll-out screen opened later (the app keeps `last_rollout`)."""
+    running = {"edge-a": "v1", "edge-b": "v1"}
+    received: dict[str, list[dict[str, Any]]] = {node_id: [] for node_id in running}
+
+    def reload_handler(node_id: str) -> Any:
+        async def reload(request: wire.ControlRequest) -> wire.ControlReply:
+            received[node_id].append(dict(request.args))
+            version = str(request.args["version"])
+            previous, running[node_id] = running[node_id], version
+            info = {"model_version": version, "previous_version": previous}
+            return wire.ControlReply(ok=True, message="model swapped", data=info)
+
+        return reload
+
+    services = [
+        await serve_control(
+            nc, node_id=node_id, role="edge", handlers={"reload-model": reload_handler(node_id)}
+        )
+        for node_id in running
+    ]
+    recorded = await operator_events(nc)
+    app = console_for(nats_url, Clock())
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(pilot, app)
+            for node_id in running:
+                await publish_beat(
+                    nc,
+                    node_id,
+                    model="hg-edge",
+                    model_version="v1",
+                    extra={"api_url": "http://127.0.0.1:9/"},
+                )
+            await seen(pilot, app, *running)
+            await pilot.press("down", "enter")  # edge-b's detail
+            assert isinstance(app.screen, NodeScreen) and app.screen.node_id == "edge-b"
+
+            await pilot.press("g")
+            assert prompt_screen(app).node_id == "edge-b"
+            await pilot.press("escape")
+            assert isinstance(app.screen, NodeScreen)
+
+            await pilot.press("m")
+            screen = app.screen
+            assert isinstance(screen, RolloutScreen) and screen.targets() == ["edge-b"]
+            await pilot.press(*"v2", "enter", "y")
+            await until(pilot, lambda: bool(screen.steps) and not screen.running, "roll-out")
+            assert progress(screen)["edge-b"][:3] == ["v1", "v2", "done"]
+            assert app.last_rollout == {"edge-b": "v1"}
+            await pilot.press("escape", "escape")  # roll-out screen, then node screen
+            assert len(app.screen_stack) == 1
+
+            await pilot.press("m")  # a new roll-out screen, on edge-a (selected now)
+            again = app.screen
+            assert isinstance(again, RolloutScreen) and again is not screen
+            await pilot.press("ctrl+b")
+            assert isinstance(app.screen, ConfirmScreen)
+            question = app.screen.query_one("#question", Label).content
+            assert "edge-b -> v1" in str(question)
+            await pilot.press("y")
+            await until(pilot, lambda: bool(again.steps) and not again.running, "roll back")
+            assert received == {"edge-a": [], "edge-b": [{"version": "v2"}, {"version": "v1"}]}
+            assert progress(again)["edge-b"][:3] == ["v2", "v1", "done"]
+            assert running["edge-b"] == "v1" and app.last_rollout == {}
+            await until(pilot, lambda: len(recorded) == 2, "both operator events")
+            assert [e.data["action"] for e in recorded] == ["rollout", "rollback"]
+    finally:
         for service in services:
             await service.stop()
 

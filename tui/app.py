@@ -99,6 +99,8 @@ class HybridgenConsole(App[None]):
         discovery_s: seconds between nats.micro discovery rounds.
         on_timing: optional `TimingHook`, called with the time each heartbeat and each
             table refresh took (benchmarks set it; nothing is timed when None).
+        last_rollout: nodes changed by roll-outs and not rolled back yet, with the version
+            each ran before (the roll-out screen's `ctrl+b` sends them back).
     """
 
     TITLE = "hybridgen console"
@@ -159,6 +161,10 @@ class HybridgenConsole(App[None]):
         self.summary_history = SummaryHistory()
         self.discovery_s = DISCOVERY_S
         self.on_timing: TimingHook | None = None
+        #: Nodes changed by roll-outs from this console and not rolled back yet, with the
+        #: model-set version each ran before (None: unknown); the roll-out screen rolls
+        #: them back, also after it was closed and opened again.
+        self.last_rollout: dict[str, str | None] = {}
         self.nc: Client | None = None
         # What the fleet table shows now: row keys in order, and each row's cells and style.
         self._shown_order: list[str] = []
@@ -428,7 +434,11 @@ class HybridgenConsole(App[None]):
             return
         screen = self.screen
         node_id = screen.node_id if isinstance(screen, NodeScreen) else self.selected_node()
-        self.push_screen(RolloutScreen(self.nc, self.fleet, node_id, self.record_action))
+        self.push_screen(
+            RolloutScreen(
+                self.nc, self.fleet, node_id, self.record_action, changed=self.last_rollout
+            )
+        )
 
     def action_test_prompt(self) -> None:
         """Open the test-prompt screen for the edge in view (or selected)."""

@@ -4,8 +4,10 @@ node, with per-node progress; roll the changed nodes back to their previous vers
 Each node gets the `reload-model` control verb (`{"version": V}`; the edge pulls the set from
 the object store `hg_models` when it is not installed) and is shown as waiting, loading, done
 or failed. A roll-out halts at the first failure: the nodes after it stay `skipped`. A roll
-back sends every node this screen changed back to the `previous_version` it reported. Every
-node's result is recorded as an `operator_action` event.
+back sends every node changed by a roll-out, and not rolled back since, to the
+`previous_version` it reported. Those nodes are kept in a dict the app owns
+(`HybridgenConsole.last_rollout`), so closing and reopening the screen can still roll back.
+Every node's result is recorded as an `operator_action` event.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class RolloutScreen(Screen[None]):
         selected: the node in view or selected (None: all live edges).
         record: publishes one operator event per node.
         timeout_s: seconds each node has to answer `reload-model`.
+        changed: the nodes rolled out and not rolled back yet, with the version each ran
+            before; updated in place (pass the app's `last_rollout` to keep it past this
+            screen; default: a fresh dict).
     """
 
     DEFAULT_CSS = """
@@ -122,6 +127,7 @@ class RolloutScreen(Screen[None]):
         record: ActionRecorder,
         *,
         timeout_s: float = RELOAD_TIMEOUT_S,
+        changed: dict[str, str | None] | None = None,
     ) -> None:
         super().__init__()
         self.nc = nc
@@ -133,8 +139,9 @@ class RolloutScreen(Screen[None]):
         self.all_edges = selected is None
         self.versions: list[str] = []
         self.steps: list[NodeStep] = []
-        #: Nodes this screen changed, with the version they ran before (None: no version).
-        self.changed: dict[str, str | None] = {}
+        #: Nodes rolled out and not rolled back yet, with the version they ran before (None:
+        #: no version); shared with the app when it passed one.
+        self.changed: dict[str, str | None] = {} if changed is None else changed
         self.running = False
 
     def compose(self) -> ComposeResult:
@@ -237,7 +244,7 @@ class RolloutScreen(Screen[None]):
         self.app.push_screen(ConfirmScreen(question), answered)
 
     def action_roll_back(self) -> None:
-        """Ask, then send every node this screen changed back to its previous version."""
+        """Ask, then send every node rolled out (not rolled back yet) to its previous version."""
         if self.running:
             self.notify("a roll-out is running: wait for it", severity="warning")
             return
@@ -255,7 +262,7 @@ class RolloutScreen(Screen[None]):
                 markup=False,
             )
         if not steps:
-            self.notify("nothing to roll back: no node was changed here", severity="warning")
+            self.notify("nothing to roll back: no roll-out changed a node", severity="warning")
             return
 
         def answered(yes: bool | None) -> None:

@@ -10,7 +10,7 @@ import time
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 from textual_plot import PlotWidget
@@ -28,30 +28,108 @@ PLOTS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 _PLOT_STYLES = ("green", "red")
 
-HELP_TEXT = """\
-hybridgen console
+#: Key names as the help shows them.
+_KEY_NAMES = {"slash": "/", "question_mark": "?"}
 
-Fleet (the main screen)
-  up/down   select a node          enter   open the node's detail
-  /         filter rows (text)     t       cycle role filter (all/edge/cloud/api)
-  s         next sort column       r       reverse the sort
-  d         drain the node         u       resume the node (both ask first)
-  p         routing policy of the node (none selected: the fleet default)
-  e         events                 ?       this help
-  q         quit
+#: The help: (section, ((key names, what they do), ...)) for every screen. Key names are
+#: Textual's (`slash`, `ctrl+s`); each is bound on that screen (tests check it).
+HELP_SECTIONS: tuple[tuple[str, tuple[tuple[tuple[str, ...], str], ...]], ...] = (
+    (
+        "Fleet (the main screen)",
+        (
+            (("up", "down"), "select a node (the mouse works too)"),
+            (("enter",), "the node's detail"),
+            (("slash",), "filter the rows by text (enter: back to the table)"),
+            (("t",), "role shown: all, edge, cloud, api"),
+            (("s", "r"), "sort by the next column / reverse the order"),
+            (("d", "u"), "drain / resume the node (both ask first)"),
+            (("p",), "routing policy (no node selected: the fleet default)"),
+            (("m",), "roll a model-set version out, or roll back"),
+            (("g",), "send a test prompt to the selected edge"),
+            (("o",), "summary of the whole fleet"),
+            (("e",), "events"),
+            (("question_mark",), "this help"),
+            (("q",), "quit"),
+        ),
+    ),
+    ("Summary", ((("o", "escape"), "back"),)),
+    (
+        "Events",
+        (
+            (("slash",), "filter: node:X kind:Y req:Z and free words"),
+            (("enter",), "trace the request id of the row"),
+            (("t",), "trace a request id (asks for it)"),
+            (("escape",), "back"),
+        ),
+    ),
+    ("Trace", ((("escape",), "back"),)),
+    (
+        "Node detail",
+        (
+            (("d", "u"), "drain / resume this node (both ask first)"),
+            (("p",), "routing policy of this node"),
+            (("m",), "roll a model-set version out to this node"),
+            (("g",), "send a test prompt to this node"),
+            (("escape",), "back"),
+        ),
+    ),
+    (
+        "Policy",
+        (
+            (("ctrl+t",), "edit the fleet default / the node override"),
+            (("ctrl+s",), "validate, ask, then write to hg_config"),
+            (("escape",), "back"),
+        ),
+    ),
+    (
+        "Roll-out",
+        (
+            (("enter",), "roll out the version typed or picked (asks first)"),
+            (("ctrl+o",), "target: the node / every live edge"),
+            (("ctrl+b",), "roll the changed nodes back (asks first)"),
+            (("ctrl+r",), "list the versions in hg_models again"),
+            (("escape",), "back"),
+        ),
+    ),
+    (
+        "Test prompt",
+        (
+            (("enter",), "send the prompt"),
+            (("ctrl+t",), "route: auto (the edge decides) / cloud"),
+            (("escape",), "back"),
+        ),
+    ),
+    (
+        "Confirmation dialog",
+        (
+            (("y",), "yes"),
+            (("n", "escape"), "no"),
+        ),
+    ),
+    ("Help", ((("escape", "q", "question_mark"), "close"),)),
+)
 
-Events
-  /         filter: node:X kind:Y req:Z and free words    escape  back
 
-Node detail
-  d / u     drain / resume          p       routing policy    escape  back
+def key_label(keys: tuple[str, ...]) -> str:
+    """Key names as the help shows them: `ctrl+s`, `/`, `d / u`."""
+    return " / ".join(_KEY_NAMES.get(key, key) for key in keys)
 
-Policy
-  ctrl+s    validate, ask, write to hg_config   ctrl+t  edit fleet default / node override
-  escape    back
 
-Every drain, resume and policy write is published as an operator_action event.
-"""
+def help_text() -> str:
+    """The help screen's text: every screen's keys, one a line, under the screen's name."""
+    lines = ["hybridgen console: keys (scroll with up/down; escape closes)"]
+    for section, entries in HELP_SECTIONS:
+        lines += ["", section]
+        lines += [f"  {key_label(keys):<14} {does}" for keys, does in entries]
+    lines += [
+        "",
+        "Every drain, resume, policy write, roll-out, roll back and test prompt",
+        "is published as an operator_action event (events: kind:operator_action).",
+    ]
+    return "\n".join(lines)
+
+
+HELP_TEXT = help_text()
 
 
 def event_cells(event: wire.Event) -> tuple[Text, ...]:
@@ -100,12 +178,21 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class HelpScreen(ModalScreen[None]):
-    """The key bindings of every screen."""
+    """The key bindings of every screen, in a box that scrolls when the terminal is short
+    (the whole box stays on screen down to 80x24)."""
 
+    DEFAULT_CSS = """
+    HelpScreen #help { max-height: 100%; max-width: 100%; }
+    HelpScreen #help-text { width: 100%; height: auto; }
+    """
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
 
     def compose(self) -> ComposeResult:
-        yield Static(Text(HELP_TEXT), id="help")
+        with VerticalScroll(id="help"):
+            yield Static(Text(HELP_TEXT), id="help-text")
+
+    def on_mount(self) -> None:
+        self.query_one("#help", VerticalScroll).focus()
 
 
 class EventsScreen(Screen[None]):
@@ -219,10 +306,11 @@ class NodeScreen(Screen[None]):
     """One node: its latest figures, its policy in force, recent events and live plots."""
 
     CSS = """
-    NodeScreen #node-top { height: 4fr; }
+    NodeScreen #node-top { height: 5fr; }
     NodeScreen #node-info { width: 44; }
-    NodeScreen #node-figures, NodeScreen #node-policy { width: 1fr; height: auto;
-                                                        padding: 0 1; }
+    NodeScreen #node-figures, NodeScreen #node-policy, NodeScreen #node-extra {
+        width: 1fr; height: auto; padding: 0 1; }
+    NodeScreen #node-plots { grid-size: 2 2; }
     NodeScreen #node-policy { color: $accent; }
     NodeScreen #node-events { height: 1fr; }
     """
@@ -231,6 +319,8 @@ class NodeScreen(Screen[None]):
         Binding("d", "app.control('drain')", "drain"),
         Binding("u", "app.control('resume')", "resume"),
         Binding("p", "app.policy", "policy"),
+        Binding("m", "app.rollout", "roll out"),
+        Binding("g", "app.test_prompt", "test prompt"),
     ]
 
     def __init__(self, node_id: str, fleet: FleetState, log: EventLog) -> None:
@@ -246,7 +336,7 @@ class NodeScreen(Screen[None]):
                 yield Static(id="node-figures")
                 yield Static(id="node-policy")
                 yield Static(id="node-extra")
-            with Vertical(id="node-plots"):
+            with Grid(id="node-plots"):
                 for index, (_, title) in enumerate(PLOTS):
                     plot = PlotWidget(id=f"plot-{index}")
                     plot.border_title = title
