@@ -218,15 +218,32 @@ def _is_auth_error(exc: BaseException) -> bool:
 async def connect_settings(
     settings: BusSettings, *, name: str, error_cb: ErrorCallback | None = None
 ) -> Client:
-    """`connect` with the values of a `BusSettings` (env `HG_NATS_*`)."""
+    """`connect` with the values of a `BusSettings` (env `HG_NATS_*`).
+
+    The password is `password`, else read from `password_file`; `tls_ca` (the CA that
+    signed the server's certificate) turns on TLS verified against that CA.
+
+    Raises:
+        Unauthorized: the server refused the credentials.
+        Unavailable: no server answered, or the password file cannot be read.
+    """
     tls = None
     if settings.tls_ca is not None:
-        tls = ssl.create_default_context(cafile=str(settings.tls_ca))
+        try:
+            tls = ssl.create_default_context(cafile=str(settings.tls_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise Unavailable(
+                f"cannot load the CA bundle {settings.tls_ca} (HG_NATS_TLS_CA): {exc}"
+            ) from None
+    try:
+        password = settings.resolved_password()
+    except ValueError as exc:
+        raise Unavailable(str(exc)) from None
     return await connect(
         settings.url,
         name=name,
         user=settings.user,
-        password=settings.password,
+        password=password,
         token=settings.token,
         creds=str(settings.creds) if settings.creds else None,
         tls=tls,

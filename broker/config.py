@@ -12,19 +12,32 @@ Topologies:
 Users carry a role, and each role gets subject permissions (`ROLE_PERMISSIONS`):
 
 - `edge`: request `hg.gen.>` and cancel; publish its own telemetry/events; answer its
-  control subjects and `$SRV` discovery; read the fleet config (KV) and pull artifacts.
+  control subjects and `$SRV` discovery; read the fleet config (KV) and pull artifacts. It
+  cannot write the KV bucket, except (with a `node_id`) its own policy override
+  `policy.node.<node_id>`, which its `set-policy` control verb stores.
 - `cloud`: subscribe `hg.gen.>`/`hg.cancel.>` and answer (`allow_responses`); publish its
   telemetry/events; answer control and discovery. It cannot send generation requests.
-- `api`: like an edge for requests (the cloud HTTP API), without KV/artifact access.
+- `api`: like an edge for requests (the cloud HTTP API), plus `$SRV` discovery requests
+  (its readiness probe), without KV/artifact access.
 - `operator`: read all telemetry/events, send control requests, discover services, and
   manage the fleet config and artifacts (JetStream API).
+- `launcher`: an operator that also publishes `hg.events.launcher.*` (`hybridgen up`'s
+  supervision events) and creates the buckets at start.
 
 A user with a `node_id` is limited to that node's telemetry, events and control subjects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +45,9 @@ from typing import Literal
 
 from broker import subjects
 
-Role = Literal["edge", "cloud", "api", "operator"]
+Role = Literal["edge", "cloud", "api", "operator", "launcher"]
 Topology = Literal["standalone", "hub", "leaf", "cluster"]
-ROLES: tuple[Role, ...] = ("edge", "cloud", "api", "operator")
+ROLES: tuple[Role, ...] = ("edge", "cloud", "api", "operator", "launcher")
 
 _KV_STREAM = f"KV_{subjects.CONFIG_BUCKET}"
 _OBJ_STREAM = f"OBJ_{subjects.MODELS_BUCKET}"
@@ -98,7 +111,7 @@ def permissions_for(
     """The subject permissions of a role.
 
     Args:
-        role: edge, cloud, api or operator.
+        role: edge, cloud, api, operator or launcher.
         node_id: limit telemetry, events and control to this node's subjects.
         js_domain: also allow the JetStream API of this domain (clients of a leaf node).
         user: the user name: replies are limited to its own inboxes (`inbox_prefix`).
@@ -110,12 +123,17 @@ def permissions_for(
     own_control = subjects.control_of_node(node) if node_id else subjects.CONTROL_ALL
     discovery = subjects.DISCOVERY_ALL
     if role == "edge":
+        # Its own policy override only (the `set-policy` verb); never the fleet default.
+        own_policy = (
+            [f"$KV.{subjects.CONFIG_BUCKET}.{subjects.policy_key(node_id)}"] if node_id else []
+        )
         return Permissions(
             publish=(
                 subjects.GEN_ALL,
                 subjects.CANCEL_ALL,
                 own_telemetry,
                 own_events,
+                *own_policy,
                 *dict.fromkeys(
                     _stream_read_api(_KV_STREAM, js_domain)
                     + _stream_read_api(_OBJ_STREAM, js_domain)
@@ -132,11 +150,19 @@ def permissions_for(
         )
     if role == "api":
         return Permissions(
-            publish=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_telemetry, own_events),
+            publish=(
+                subjects.GEN_ALL,
+                subjects.CANCEL_ALL,
+                own_telemetry,
+                own_events,
+                # `$SRV.INFO.<service>`: the readiness probe asks which workers serve.
+                discovery,
+            ),
             subscribe=(inbox, own_control, discovery),
             allow_responses=True,
         )
-    if role == "operator":
+    if role in ("operator", "launcher"):
+        own_role_events = subjects.events_of_role(role)
         return Permissions(
             publish=(
                 subjects.CONTROL_ALL,
@@ -147,7 +173,7 @@ def permissions_for(
                 f"$O.{subjects.MODELS_BUCKET}.>",
                 "$JS.FC.>",
                 "$JS.ACK.>",
-                subjects.events_of_role("operator"),
+                *dict.fromkeys([subjects.events_of_role("operator"), own_role_events]),
             ),
             subscribe=(subjects.TELEMETRY_ALL, subjects.EVENTS_ALL, inbox),
         )
@@ -392,3 +418,123 @@ def cluster_configs(
         )
         for index in range(len(hosts))
     ]
+
+
+# -- secrets on disk --------------------------------------------------------------------------
+
+#: Mode of the secrets directory and of each file in it: the owner only.
+SECRETS_DIR_MODE = 0o700
+SECRET_FILE_MODE = 0o600
+
+
+def ensure_secrets_dir(folder: Path) -> Path:
+    """Create `folder` (and parents) if needed, and make it owner-only (0700)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=SECRETS_DIR_MODE)
+    folder.chmod(SECRETS_DIR_MODE)
+    return folder
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600 from the first byte (atomic replace)."""
+    ensure_secrets_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, SECRET_FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_password(path: Path) -> str:
+    """The password stored in `path`; a new random one (written with mode 0600) if none.
+
+    Later calls return the same password, so services keep their credentials across
+    restarts. A file whose mode lets others read it is tightened to 0600.
+    """
+    if path.is_file():
+        path.chmod(SECRET_FILE_MODE)
+        text = path.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    password = secrets.token_urlsafe(24)
+    write_secret(path, password + "\n")
+    return password
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); wildcards are not."""
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def self_signed_tls(folder: Path, hosts: Sequence[str] = ()) -> TLSFiles:
+    """A private CA and a server certificate signed by it, made with the `openssl` CLI.
+
+    Kept in `folder` (mode 0700; keys 0600) and reused when they exist. The server
+    certificate names `localhost`, 127.0.0.1, ::1, this machine's hostname and `hosts`
+    (names or IP addresses). Copy `ca.pem` to the other machines and point their
+    `HG_NATS_TLS_CA` at it.
+
+    Raises:
+        RuntimeError: `openssl` is not installed or failed (the message says what to do).
+    """
+    files = TLSFiles(
+        cert=folder / "server.pem", key=folder / "server-key.pem", ca=folder / "ca.pem"
+    )
+    if all(p is not None and p.is_file() for p in (files.cert, files.key, files.ca)):
+        return files
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError(
+            "TLS needs a certificate: install openssl (then hybridgen makes a private CA), "
+            "or pass --tls-cert, --tls-key and --tls-ca"
+        )
+    ensure_secrets_dir(folder)
+    names = {"localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts}
+    names -= {"", "0.0.0.0", "::", "[::]"}
+    sans = []
+    for name in sorted(names):
+        try:
+            sans.append(f"IP:{ipaddress.ip_address(name.strip('[]'))}")
+        except ValueError:
+            sans.append(f"DNS:{name}")
+    ext = folder / "server.ext"
+    ext.write_text(
+        f"subjectAltName={','.join(sans)}\nextendedKeyUsage=serverAuth\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+    ca_key, csr = folder / "ca-key.pem", folder / "server.csr"
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
+         "-keyout", str(ca_key), "-out", str(files.ca), "-subj", "/CN=hybridgen private CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files.key),
+         "-out", str(csr), "-subj", "/CN=hybridgen nats-server"],
+        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "825", "-out", str(files.cert), "-extfile", str(ext)],
+    ]  # fmt: skip
+    old_umask = os.umask(0o077)
+    try:
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"openssl failed making the TLS certificates in {folder}: "
+                    f"{result.stderr.strip()[-400:]}"
+                )
+    finally:
+        os.umask(old_umask)
+    for path in folder.iterdir():
+        path.chmod(SECRET_FILE_MODE)
+    return files

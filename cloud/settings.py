@@ -90,6 +90,10 @@ class ApiSettings(BaseSettings):
     allow_open: bool = Field(
         default=False, description="Allow no API keys on a non-loopback host (insecure)."
     )
+    metrics_require_key: bool = Field(
+        default=False,
+        description="Require an API key on /metrics too (default: open, like /healthz).",
+    )
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod

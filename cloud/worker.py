@@ -7,8 +7,10 @@ coordination. Each one:
   (prompt + max_tokens); otherwise it answers `overloaded` at once — before the accept
   chunk — so the caller can go elsewhere;
 * streams `Chunk`s as tokens come out of the running batch, then `Done`;
-* honours the request's deadline (`timeout_ms`; the service cancels the handler and answers
-  `timeout`, the engine frees the sequence) and `hg.cancel.<request_id>`;
+* honours the request's deadline (`timeout_ms`, counted from when the worker received it): a
+  request whose deadline passed before admission is refused with `timeout`; one running when
+  it passes is stopped (the service cancels the handler and answers an `Error` coded
+  `timeout`, the engine frees the sequence); `hg.cancel.<request_id>` stops it likewise;
 * publishes a heartbeat every second, a `request` event per served request and an `error`
   event per failed one;
 * on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
@@ -34,6 +36,7 @@ from broker.errors import (
     ContextLengthExceeded,
     HybridgenError,
     Overloaded,
+    Timeout,
     Unavailable,
 )
 from broker.service import SOFTWARE_VERSION, Responder, serve_control
@@ -263,6 +266,13 @@ class CloudWorker:
                 f"the context window of {window} tokens",
                 param="max_tokens",
             )
+        if request.timeout_ms is not None:
+            waited_ms = (time.monotonic() - responder.received_at) * 1e3
+            if waited_ms >= request.timeout_ms:
+                raise Timeout(
+                    f"request {request.request_id} reached its deadline of "
+                    f"{request.timeout_ms} ms before admission"
+                )
         cost = len(prompt_ids) + max_tokens
         self._admit(cost)
         admitted = time.monotonic()

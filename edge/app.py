@@ -27,6 +27,7 @@ from broker.errors import BadRequest, HybridgenError
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
+from edge.personalize import Personalization
 from edge.routing import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
@@ -35,6 +36,7 @@ from edge.users_api import users_routes
 from serving import protocol
 from serving.auth import require_api_key
 from serving.bodies import json_body
+from serving.deadlines import client_timeout_s, until_disconnect
 from serving.errors import error_response
 from serving.metrics import HttpMetrics, install_common
 from serving.sse import sse_response
@@ -145,26 +147,48 @@ def _queue_depth(app: FastAPI) -> float:
 
 
 @openai_routes.post("/v1/completions")
-async def completions(service: Service, req: CompletionBody, metrics: Metrics) -> Response:
+async def completions(
+    request: Request, service: Service, req: CompletionBody, metrics: Metrics
+) -> Response:
     """OpenAI text completion, routed between the edge and the cloud."""
     prompt = req.prompt_text()
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
-    return await serve(service, metrics, req, prompt, echo=prompt if req.echo else "")
+    personal = await _personalization(service, req.user, prompt)
+    edge_prompt, cloud_prompt = personal.prompt(prompt) if personal else (prompt, None)
+    return await serve(
+        service,
+        metrics,
+        req,
+        edge_prompt,
+        echo=prompt if req.echo else "",
+        # Behind a persona prefix, only the caller's own prompt is scored.
+        score_span=(len(edge_prompt) - len(prompt), len(edge_prompt)) if personal else None,
+        http=request,
+        personal=personal,
+        cloud_prompt=cloud_prompt,
+    )
 
 
 @openai_routes.post("/v1/chat/completions")
-async def chat_completions(service: Service, req: ChatBody, metrics: Metrics) -> Response:
+async def chat_completions(
+    request: Request, service: Service, req: ChatBody, metrics: Metrics
+) -> Response:
     """OpenAI chat completion, routed between the edge and the cloud."""
     messages = req.message_dicts()
-    prompt = service.node.runtime.render_chat(messages)
+    personal = await _personalization(service, req.user, _last_user_text(messages))
+    # The edge reads the persona and samples; the cloud gets what the user lets it see.
+    edge_messages, cloud_messages = personal.chat(messages) if personal else (messages, messages)
+    prompt = service.node.runtime.render_chat(edge_messages)
     return await serve(
         service,
         metrics,
         req,
         prompt,
-        messages=messages,
-        score_span=_user_span(messages, prompt),
+        messages=cloud_messages,
+        score_span=_user_span(edge_messages, prompt),
+        http=request,
+        personal=personal,
     )
 
 
@@ -200,8 +224,14 @@ async def serve(
     messages: list[dict[str, Any]] | None = None,
     echo: str = "",
     score_span: tuple[int, int] | None = None,
+    http: Request | None = None,
+    personal: Personalization | None = None,
+    cloud_prompt: str | None = None,
 ) -> Response:
     """Route one request through the node and answer it as JSON or as an SSE stream.
+
+    A client that hangs up cancels the generation, streamed or not: on the edge (the
+    runtime's job) and, for a request routed to the cloud, on the worker (`hg.cancel.<id>`).
 
     Args:
         service: the running edge service.
@@ -211,6 +241,11 @@ async def serve(
         messages: a chat request's messages (None for a text completion).
         echo: text the answer starts with (the prompt, for `echo: true`).
         score_span: the characters of `prompt` whose tokens the perplexity scores.
+        http: the HTTP request: its `X-Request-Timeout` sets the deadline, and a non-streamed
+            answer is cancelled when its client disconnects.
+        personal: the user's personalization (`prompt` and `messages` already carry it): its
+            sampling defaults, its consent (`local_only`) and its adapter apply.
+        cloud_prompt: a personalized completion's prompt for the cloud (None: `prompt`).
 
     Returns:
         The answer, or the error envelope when the request fails before it is routed.
@@ -218,7 +253,10 @@ async def serve(
     chat = messages is not None
     node = service.node
     options, given = _options(req, service.settings.default_max_tokens)
+    if personal is not None:
+        options, given = personal.sampling(options, given, req.model_fields_set)
     request_id = wire.new_request_id()
+    client_s = client_timeout_s(http) if http is not None else None
     edge_request = EdgeRequest(
         request_id=request_id,
         prompt=prompt,
@@ -226,16 +264,22 @@ async def serve(
         model=req.model,
         options=options,
         route=req.route,
-        local_only=req.local_only,
+        local_only=req.local_only or (personal is not None and personal.local_only),
         user=req.user,
         max_tokens_given=given,
         score_span=score_span,
+        timeout_ms=None if client_s is None else client_s * 1e3,
+        cloud_prompt=cloud_prompt,
+        adapter=None if personal is None else personal.adapter,
+        **_prefix(personal, prompt),
     )
     items = node.generate(edge_request)
     try:
         info = await anext(items)
     except HybridgenError as exc:
         await items.aclose()
+        if exc.param == "messages" and not chat:
+            exc.param = "prompt"  # the router names a chat's field; a completion has a prompt
         node.counters.errors += 1
         metrics.http.errors.labels(exc.code.value).inc()
         return error_response(exc, headers={HEADER_REQUEST_ID: request_id})
@@ -259,15 +303,21 @@ async def serve(
         chunks = _stream(items, metrics, info, extra, req.include_usage, chat, echo, created)
         return await sse_response(chunks, headers=headers)
     parts = [echo]
-    outcome = None
-    try:
-        async for item in items:
-            if isinstance(item, Piece):
-                parts.append(item.text)
-            elif isinstance(item, Outcome):
-                outcome = item
-    finally:
-        await items.aclose()
+
+    async def collect() -> Outcome | None:
+        outcome = None
+        try:
+            async for item in items:
+                if isinstance(item, Piece):
+                    parts.append(item.text)
+                elif isinstance(item, Outcome):
+                    outcome = item
+        finally:
+            await items.aclose()
+        return outcome
+
+    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
+    outcome = await (collect() if http is None else until_disconnect(http, collect()))
     assert outcome is not None
     if outcome.completed_locally:
         extra["completed_by"] = "edge"
@@ -334,6 +384,40 @@ def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = model.body()
     body.update(extra)
     return body
+
+
+async def _personalization(
+    service: EdgeService, user: str | None, text: str
+) -> Personalization | None:
+    """The personalization of a request with `user` (None: no user, or an unknown one)."""
+    if not user:
+        return None
+    # The user's samples take at most a quarter of the edge context.
+    budget = service.node.runtime.context_length // 4
+    return await asyncio.to_thread(service.personalizer.prepare, user, text, budget)
+
+
+def _prefix(personal: Personalization | None, prompt: str) -> dict[str, Any]:
+    """`prefix_key` and `prefix_chars` of a personalized prompt: up to the end of the
+    persona/samples text, which the runtime may reuse from a kept prefill."""
+    if personal is None or not personal.system_text:
+        return {}
+    start = prompt.find(personal.system_text)
+    if start < 0:
+        return {}
+    return {
+        "prefix_key": personal.prefix_key,
+        "prefix_chars": start + len(personal.system_text),
+    }
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The last user message's content (what the user's samples are matched against)."""
+    for message in reversed(messages):
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
+    return ""
 
 
 def _user_span(messages: list[dict[str, Any]], prompt: str) -> tuple[int, int] | None:

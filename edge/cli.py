@@ -29,6 +29,8 @@ OPTIONS = (
     "node_id",
     "no_cloud",
     "api_keys",
+    "allow_open",
+    "metrics_require_key",
 )
 
 
@@ -81,10 +83,15 @@ def main(argv: list[str]) -> int:
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"hybridgen edge: invalid option: {exc}", file=sys.stderr)
         return 2
+    try:
+        settings.check_exposure()
+    except ValueError as exc:
+        print(f"hybridgen edge: {exc}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from broker.errors import HybridgenError
-    from edge.app import create_app, resolve_model_dir
+    from edge.app import resolve_model_dir
 
     try:
         model_dir, _ = resolve_model_dir(settings)
@@ -95,7 +102,7 @@ def main(argv: list[str]) -> int:
 
     drain_s = max(0.0, args.drain_timeout_s)
     config = uvicorn.Config(
-        create_app(settings),
+        build_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level.lower(),
@@ -103,6 +110,18 @@ def main(argv: list[str]) -> int:
     )
     started = run_bounded(config, exit_after_s=drain_s + CLOSE_BOUND_S)
     return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it
+
+
+def build_app(settings: EdgeSettings) -> Any:
+    """The edge app `main` serves: `create_app`, with /metrics behind the API key when
+    `metrics_require_key` is set."""
+    from edge.app import create_app
+    from serving.metrics import protect_metrics
+
+    app = create_app(settings)
+    if settings.metrics_require_key:
+        protect_metrics(app, settings.api_keys)
+    return app
 
 
 #: Seconds the edge may take, after its drain, to close the bus link and the model.

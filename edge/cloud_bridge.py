@@ -10,7 +10,15 @@ silently:
   finishes the answer locally from the text already streamed (prompt + partial answer as its
   context); when that does not fit the edge context, the stream ends with an error event;
 * a mid-stream error that says the request itself is wrong, or was cancelled, ends the
-  stream as it is: finishing it locally would hide it.
+  stream as it is: finishing it locally would hide it; so does the request's own deadline
+  running out (there is no time left to finish it locally).
+
+Deadlines: the request's budget is the client's own (`X-Request-Timeout`), capped by the
+policy's `request_timeout_ms`, which is also the budget of a client that sets none. The bus
+request carries what is left of it when sent (`timeout_ms`, the time already spent on the
+edge subtracted); the worker stops generating when it runs out and answers `timeout`, and
+the edge's own wait for the stream ends at the same deadline. A request whose budget is
+already spent is not sent: it fails with `timeout`.
 """
 
 from __future__ import annotations
@@ -100,10 +108,19 @@ class CloudBridge:
             async for item in self._serve_locally(request, started, "no bus"):
                 yield item
             return
+        left_s = self.budget_left_s(request, started)
+        if left_s <= 0:
+            node.breaker.release()
+            raise Timeout(
+                f"request {request.request_id} spent its {self.budget_s(request):g} s deadline "
+                "before it could be sent to the cloud"
+            )
+        # A personalized request: `messages` / `cloud_prompt` are what the user lets the
+        # cloud see (never the samples or the cache; the persona only with share_profile).
         inputs: dict[str, Any] = (
             {"messages": request.messages}
             if request.messages is not None
-            else {"prompt": request.prompt}
+            else {"prompt": request.cloud_prompt or request.prompt}
         )
         bus_request = wire.GenerateRequest(
             request_id=request.request_id,
@@ -111,6 +128,7 @@ class CloudBridge:
             # An unset max_tokens lets the cloud use its own default within its own context.
             max_tokens=request.options.max_tokens if request.max_tokens_given else None,
             origin=node.node_id,
+            timeout_ms=max(1, int(left_s * 1e3)),
             **request.options.to_wire(),
             **inputs,
         )
@@ -124,9 +142,13 @@ class CloudBridge:
                         bus_request,
                         accept_timeout=policy.cloud_timeout_ms / 1e3,
                         idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
+                        total_timeout=left_s,
                     )
                 )
             except CLOUD_DOWN as exc:
+                if isinstance(exc, Timeout) and self.budget_left_s(request, started) <= 0:
+                    node.breaker.release()  # the request's own deadline, not the cloud's fault
+                    raise
                 node.breaker.record_failure()
                 node.counters.cloud_failures += 1
                 node.publish_event(
@@ -174,6 +196,10 @@ class CloudBridge:
             except HybridgenError as exc:
                 if exc.code in _NOT_RECOVERABLE:
                     raise
+                if isinstance(exc, Timeout) and self.budget_left_s(request, started) <= 0:
+                    # The request's own deadline: no time is left to finish it locally, and
+                    # a client's short budget says nothing of the cloud's health.
+                    raise
                 node.breaker.record_failure()
                 node.counters.cloud_failures += 1
                 node.publish_event(
@@ -198,6 +224,17 @@ class CloudBridge:
             node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
             yield outcome
 
+    def budget_s(self, request: EdgeRequest) -> float:
+        """The request's whole deadline in seconds: the client's own, capped by the policy's
+        `request_timeout_ms` (that budget when the client sets none)."""
+        cap = self.node.routing_policy.request_timeout_ms
+        wanted = cap if request.timeout_ms is None else min(request.timeout_ms, cap)
+        return wanted / 1e3
+
+    def budget_left_s(self, request: EdgeRequest, started: float) -> float:
+        """Seconds left of the request's deadline (`started`: its `perf_counter` arrival)."""
+        return self.budget_s(request) - (time.perf_counter() - started)
+
     async def _serve_locally(
         self, request: EdgeRequest, started: float, why: str
     ) -> AsyncIterator[Item]:
@@ -214,7 +251,7 @@ class CloudBridge:
             cloud_available=False,
         )
         options = request.options.with_max_tokens(decision.max_tokens or 1)
-        generation = runtime.submit(prompt_ids, options)
+        generation = runtime.submit(prompt_ids, options, adapter=request.adapter)
         node.record_route(decision)
         # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
         yield RouteInfo(
@@ -260,7 +297,9 @@ class CloudBridge:
             cause.code.value,
         )
         node.counters.mid_stream_recoveries += 1
-        generation = runtime.submit(context_ids, request.options.with_max_tokens(budget))
+        generation = runtime.submit(
+            context_ids, request.options.with_max_tokens(budget), adapter=request.adapter
+        )
         await generation.next_event()  # Prefill
         local = stream_local(generation, started, node.counters.stats)
         async with contextlib.aclosing(local) as items:

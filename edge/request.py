@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.telemetry import RequestStats
+from edge.adapt import NgramCache
 from edge.runtime import Finished, Generation, SamplingParams, Token
 
 
@@ -40,6 +41,18 @@ class EdgeRequest:
     #: [start, end) characters of `prompt` whose tokens the prompt perplexity scores (a chat
     #: request's last user message content); None: the whole prompt.
     score_span: tuple[int, int] | None = None
+    #: A personalized completion: the prompt the cloud gets (the caller's own prompt, with
+    #: the persona only when the user shares it); None: `prompt`. A personalized chat keeps
+    #: the cloud's version in `messages` and the edge's in `prompt`.
+    cloud_prompt: str | None = None
+    #: The user's n-gram cache (a snapshot) mixed into the edge model's logits; None: none.
+    adapter: NgramCache | None = None
+    #: A personalized request's stable prefix (persona and samples): its key for the
+    #: runtime's prefix reuse (None: none) and its length in characters of `prompt`.
+    prefix_key: str | None = None
+    prefix_chars: int = 0
+    #: The client's own deadline in ms (`X-Request-Timeout`), None: the policy's budget.
+    timeout_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from edge.routing import (
     decide,
     decide_after_draft,
 )
-from edge.runtime import Finished, Generation, Prefill, Token
+from edge.runtime import Finished, Generation, Prefill, Token, prefix_length
 from models.scoring import encode_with_span, scored_positions
 
 
@@ -145,6 +145,14 @@ class Router:
         runtime = node.runtime
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
         scored_tokens = len(scored_positions(len(prompt_ids), span))
+        # A personalized request's persona/samples prefix, reused by the runtime when kept.
+        prefix: dict[str, Any] = {}
+        if request.prefix_key is not None and request.prefix_chars > 0:
+            prefix_ids = runtime.encode(request.prompt[: request.prefix_chars])
+            prefix = {
+                "prefix_key": request.prefix_key,
+                "prefix_len": prefix_length(prompt_ids, prefix_ids),
+            }
         facts = RequestFacts(
             prompt_tokens=len(prompt_ids),
             max_tokens=request.options.max_tokens,
@@ -175,7 +183,12 @@ class Router:
         if decision.target is Target.PREFILL:
             try:
                 generation = runtime.submit(
-                    prompt_ids, request.options, hold_after_prefill=True, score_span=span
+                    prompt_ids,
+                    request.options,
+                    hold_after_prefill=True,
+                    score_span=span,
+                    adapter=request.adapter,
+                    **prefix,
                 )
             except Overloaded:
                 decision = self._when_queue_full(request)
@@ -208,7 +221,7 @@ class Router:
             if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
                 options = options.with_max_tokens(decision.max_tokens)
             try:
-                generation = runtime.submit(prompt_ids, options)
+                generation = runtime.submit(prompt_ids, options, adapter=request.adapter, **prefix)
             except Overloaded:
                 decision = self._when_queue_full(request)
                 trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)

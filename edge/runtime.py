@@ -37,6 +37,25 @@ tokens) and handed back with `Generator.set_logits((1, 1, V) float32)` before
 apply to the mixed logits). The reported log-probability is that of the mixed distribution
 and reuses the logsumexp, so it costs no second pass over V. A request without an adapter runs
 exactly the code it ran before.
+
+Persona prefix reuse. A request may name a stable prompt prefix (`submit(prefix_key=...,
+prefix_len=...)`: a user's persona/system message, rendered and tokenized). When it ends, its
+generator is kept in an LRU (`_PrefixCache`, one per key, bounded by an estimate of its KV
+bytes: layers x KV heads x head size x 2 x dtype bytes per position, times the generator's
+`max_length`, since onnxruntime-genai's CPU builds share one past/present buffer sized to
+it). The next request with that key takes it (exclusively: a second request with the same key
+meanwhile simply prefills a generator of its own; the one released last is kept),
+`rewind_to(n)` and appends only the rest of its prompt. Onnxruntime-genai 0.18 cannot change a
+generator's search options once it is made (`set_search_options` exists on `GeneratorParams`
+only), so a kept generator is keyed by (prefix key, sampling options): temperature, top-p and
+top-k must match, and a request with a `seed` and temperature > 0 never reuses (a kept
+generator's random stream has moved on, the seed would not reproduce). Its `max_length` is the
+request's need rounded up to `PREFIX_LENGTH_STEP`; a later request that needs more prefills a
+fresh, larger one, which then replaces it. The kept prefix tokens are compared with the
+request's before reuse, so a key reused for another persona falls back to a full prefill. The
+prompt perplexity still works: `n` stays below the first scored position (the user's message
+lies after the persona), so a request scoring the prefix itself does not reuse. Greedy outputs
+are the same as without reuse (tested).
 """
 
 from __future__ import annotations
@@ -46,8 +65,8 @@ import json
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +97,8 @@ class Prefill:
     prefill_s: float
     #: How many prompt tokens the perplexity averages over.
     scored_tokens: int = 0
+    #: Prompt tokens taken from a kept persona prefix instead of being prefilled.
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +156,8 @@ class _Job:
         hold_after_prefill: bool,
         score_span: tuple[int, int] | None = None,
         adapter: NgramCache | None = None,
+        prefix_key: Hashable | None = None,
+        prefix_len: int = 0,
     ) -> None:
         self.loop = loop
         self.prompt_ids = prompt_ids
@@ -154,6 +177,12 @@ class _Job:
             prompt_ids[-(adapter.order - 1) :] if adapter is not None else (),
             maxlen=adapter.order - 1 if adapter is not None else 0,
         )
+        # Persona prefix reuse: the cache key (None: not eligible) and the prefix length.
+        self.prefix_key = prefix_key
+        self.prefix_len = prefix_len
+        self.max_length = 0  # the generator's search max_length (for a kept one)
+        self.failed = False  # an error left the generator in an unknown state
+        self.released = False  # its generator went back to the prefix cache
 
     def emit(self, event: Event | BaseException) -> None:
         try:
@@ -164,6 +193,81 @@ class _Job:
     @property
     def remaining(self) -> int:
         return self.options.max_tokens - self.completion_tokens
+
+
+#: A kept generator's max_length is the request's need rounded up to this many tokens.
+PREFIX_LENGTH_STEP = 256
+
+
+def prefix_length(prompt_ids: Sequence[int], prefix_ids: Sequence[int]) -> int:
+    """`len(prefix_ids)` when they are exactly the first tokens of `prompt_ids`, else 0.
+
+    The caller of `EdgeRuntime.submit(prefix_len=...)` tokenizes the persona/system part of
+    the rendered chat on its own; a merge across its boundary makes it no prefix of the
+    prompt's ids, and then it must not be reused (0 turns reuse off for that request).
+    """
+    n = len(prefix_ids)
+    return n if 0 < n <= len(prompt_ids) and list(prompt_ids[:n]) == list(prefix_ids) else 0
+
+
+@dataclass
+class _Kept:
+    """An idle generator holding a persona prefix (and whatever followed it last time)."""
+
+    generator: Any
+    prefix_ids: tuple[int, ...]
+    max_length: int
+    nbytes: int
+
+
+class _PrefixCache:
+    """Kept generators by key, least recently used first, bounded by their KV bytes.
+
+    Worker thread only (`clear` also after it stopped); the lock guards the readers of
+    `nbytes` / `keys` on other threads.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[Hashable, _Kept] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.evictions = 0
+
+    def snapshot(self) -> list[Hashable]:
+        """Keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def take(self, key: Hashable) -> _Kept | None:
+        """Remove and return the entry of `key` (the caller owns it until `put`)."""
+        with self._lock:
+            kept = self._entries.pop(key, None)
+            if kept is not None:
+                self.nbytes -= kept.nbytes
+            return kept
+
+    def put(self, key: Hashable, kept: _Kept) -> None:
+        """Keep `kept` as the most recent entry of `key`, evicting the oldest beyond budget."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            if kept.nbytes > self.budget_bytes:
+                self.evictions += 1
+                return
+            self._entries[key] = kept
+            self.nbytes += kept.nbytes
+            while self.nbytes > self.budget_bytes:
+                _, oldest = self._entries.popitem(last=False)
+                self.nbytes -= oldest.nbytes
+                self.evictions += 1
+
+    def clear(self) -> None:
+        """Drop every kept generator (their memory goes with them)."""
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
 
 
 class Generation:
@@ -218,6 +322,12 @@ class EdgeRuntime:
         max_queue: requests waiting for a slot before `Overloaded` is raised.
         version: the model version reported in telemetry (default: the manifest's, else the
             folder name).
+        prefix_cache_mb: memory budget of the kept persona prefixes (estimated KV bytes;
+            0 turns prefix reuse off).
+
+    Attributes:
+        prefix_hits: requests that reused a kept prefix; `prefix_misses`: requests with a
+            prefix key that prefilled it (none kept, mismatch, options differ, too short).
     """
 
     def __init__(
@@ -228,6 +338,7 @@ class EdgeRuntime:
         max_active: int = 4,
         max_queue: int = 32,
         version: str | None = None,
+        prefix_cache_mb: float = 256.0,
     ) -> None:
         started = time.perf_counter()
         edge_model = EdgeModel(model_dir, threads)
@@ -250,6 +361,10 @@ class EdgeRuntime:
         self._closing = False
         self._step_s = 0.0  # EWMA of one decode step (one token of one generator)
         self.tokens_generated = 0
+        self._prefix = _PrefixCache(int(prefix_cache_mb * (1 << 20)))
+        self.prefix_hits = 0
+        self.prefix_misses = 0
+        self.kv_bytes_per_token = _kv_bytes_per_token(self.model_dir)
         self._thread = threading.Thread(target=self._run, name="edge-runtime", daemon=True)
         self._warm_up()
         self._thread.start()
@@ -277,6 +392,21 @@ class EdgeRuntime:
     def per_token_s(self) -> float:
         """Recent time of one decode step (seconds)."""
         return self._step_s
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Estimated KV bytes of the kept persona prefixes."""
+        return self._prefix.nbytes
+
+    @property
+    def prefix_cache_keys(self) -> list[Hashable]:
+        """Prefix keys of the kept generators, least recently used first."""
+        return [key[0] for key in self._prefix.snapshot() if isinstance(key, tuple)]
+
+    @property
+    def prefix_evictions(self) -> int:
+        """Kept prefixes dropped to stay within the memory budget."""
+        return self._prefix.evictions
 
     @property
     def queue_depth(self) -> int:
@@ -320,6 +450,8 @@ class EdgeRuntime:
         hold_after_prefill: bool = False,
         score_span: tuple[int, int] | None = None,
         adapter: NgramCache | None = None,
+        prefix_key: Hashable | None = None,
+        prefix_len: int = 0,
     ) -> Generation:
         """Queue a generation (call from the event loop).
 
@@ -331,6 +463,12 @@ class EdgeRuntime:
         those of the mixture. The worker thread reads it while the request runs; an update
         from another thread meanwhile is tolerated (that step goes unmixed), but pass a copy
         (`NgramCache.from_bytes(cache.to_bytes())`) when the outputs must be reproducible.
+
+        `prefix_key` (e.g. a hash of the user's persona) and `prefix_len` (how many of the
+        prompt's first tokens are that persona/system part, see `prefix_length`) let the
+        request reuse a kept prefill of those tokens and keep its own for the next request
+        with the key (module docstring: options must match, no seeded sampling). Reuse never
+        changes the outputs; the Prefill event's `reused_tokens` tells whether it happened.
 
         Raises:
             BadRequest: empty prompt.
@@ -347,6 +485,10 @@ class EdgeRuntime:
             hold_after_prefill,
             score_span,
             adapter,
+            prefix_key
+            if self._prefix_eligible(prefix_key, prefix_len, prompt_ids, options)
+            else None,
+            prefix_len,
         )
         with self._lock:
             if self._closing:
@@ -372,6 +514,7 @@ class EdgeRuntime:
                     job.cancelled = True
                 self._lock.notify()
             await asyncio.to_thread(self._thread.join, 5.0)
+        self._prefix.clear()
 
     # ------------------------------------------------------------------ worker thread
 
@@ -403,6 +546,7 @@ class EdgeRuntime:
                 runnable = [j for j in self._active if j.generator is None or not j.held]
                 if not runnable:
                     if self._closing and not self._active and not self._pending:
+                        self._prefix.clear()
                         return
                     self._lock.wait(0.5)
                     continue
@@ -415,21 +559,19 @@ class EdgeRuntime:
                 except Exception as exc:  # one broken request must not stop the others
                     logger.exception("edge generation failed")
                     job.emit(Internal(f"edge generation failed ({type(exc).__name__}: {exc})"))
+                    job.failed = True
                     job.cancelled = True
 
     def _drop_if_cancelled(self, job: _Job) -> bool:
         if job.cancelled:
+            self._keep(job)
             job.generator = None
             job.stream = None
         return job.cancelled
 
-    def _prefill(self, job: _Job) -> None:
-        started = time.perf_counter()
-        options = job.options
-        params = og.GeneratorParams(self._model)
-        search: dict[str, Any] = {
-            "max_length": min(self.context_length, len(job.prompt_ids) + options.max_tokens),
-        }
+    def _search_options(self, options: SamplingParams) -> dict[str, Any]:
+        """onnxruntime-genai search options of a request, but `max_length`."""
+        search: dict[str, Any] = {}
         if options.temperature > 0:
             search.update(
                 do_sample=True,
@@ -441,9 +583,87 @@ class EdgeRuntime:
                 search["random_seed"] = options.seed
         else:
             search["do_sample"] = False
-        params.set_search_options(**search)
-        generator = og.Generator(self._model, params)
-        perplexity = prefill(generator, job.prompt_ids, job.score_span)
+        return search
+
+    def _prefix_eligible(
+        self,
+        prefix_key: Hashable | None,
+        prefix_len: int,
+        prompt_ids: Sequence[int],
+        options: SamplingParams,
+    ) -> bool:
+        """Whether a request may reuse or keep a prefix (else it runs as without a key)."""
+        return (
+            prefix_key is not None
+            and self._prefix.budget_bytes > 0
+            and 0 < prefix_len <= len(prompt_ids)
+            and (options.temperature <= 0 or options.seed is None)
+        )
+
+    def _prefix_cache_key(self, job: _Job) -> Hashable:
+        """The LRU key: the prefix key and the sampling options a generator is made with."""
+        search = self._search_options(job.options)
+        return (job.prefix_key, tuple(sorted(search.items())))
+
+    def _reusable_depth(self, job: _Job) -> int:
+        """How many prompt tokens a kept prefix may supply: the prefix, but at least one
+        token must be appended (for the next token's logits) and every scored position
+        needs the logits of the position before it, so the depth stays below those."""
+        depth = min(job.prefix_len, len(job.prompt_ids) - 1)
+        scored = scored_positions(len(job.prompt_ids), job.score_span)
+        if scored:
+            depth = min(depth, scored.start - 1)
+        return max(depth, 0)
+
+    def _take_prefix(self, job: _Job, needed: int) -> tuple[Any, int]:
+        """A kept generator rewound for `job` and how many tokens it supplies, or (None, 0)."""
+        depth = self._reusable_depth(job)
+        kept = self._prefix.take(self._prefix_cache_key(job)) if depth > 0 else None
+        if (
+            kept is None
+            or needed > kept.max_length
+            or kept.prefix_ids != tuple(job.prompt_ids[: job.prefix_len])
+        ):
+            self.prefix_misses += 1
+            return None, 0  # a mismatched or too short kept generator is dropped here
+        kept.generator.rewind_to(depth)
+        job.max_length = kept.max_length
+        self.prefix_hits += 1
+        return kept.generator, depth
+
+    def _keep(self, job: _Job) -> None:
+        """Hand a finished (or cancelled) prefix request's generator to the LRU (once)."""
+        if job.prefix_key is None or job.generator is None or job.failed or job.released:
+            return
+        job.released = True
+        if self._closing:
+            return
+        self._prefix.put(
+            self._prefix_cache_key(job),
+            _Kept(
+                generator=job.generator,
+                prefix_ids=tuple(job.prompt_ids[: job.prefix_len]),
+                max_length=job.max_length,
+                nbytes=self.kv_bytes_per_token * job.max_length,
+            ),
+        )
+
+    def _prefill(self, job: _Job) -> None:
+        started = time.perf_counter()
+        options = job.options
+        needed = min(self.context_length, len(job.prompt_ids) + options.max_tokens)
+        generator, reused = (None, 0)
+        if job.prefix_key is not None:
+            generator, reused = self._take_prefix(job, needed)
+        if generator is None:
+            params = og.GeneratorParams(self._model)
+            if job.prefix_key is not None:  # kept afterwards: room for the next requests
+                step = PREFIX_LENGTH_STEP
+                needed = min(self.context_length, -(-needed // step) * step)
+                job.max_length = needed
+            params.set_search_options(max_length=needed, **self._search_options(options))
+            generator = og.Generator(self._model, params)
+        perplexity = prefill(generator, job.prompt_ids, job.score_span, start=reused)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
         job.emit(
@@ -453,6 +673,7 @@ class EdgeRuntime:
                 queue_wait_s=started - job.enqueued_at,
                 prefill_s=time.perf_counter() - started,
                 scored_tokens=len(scored_positions(len(job.prompt_ids), job.score_span)),
+                reused_tokens=reused,
             )
         )
 
@@ -521,6 +742,7 @@ class EdgeRuntime:
 
     def _finish(self, job: _Job, reason: FinishReason, *, flush: bool = True) -> None:
         tail = job.stops.flush() if flush else ""
+        self._keep(job)  # before Finished: the caller's next request finds it kept
         job.emit(
             Finished(
                 finish_reason=reason,
@@ -530,6 +752,24 @@ class EdgeRuntime:
             )
         )
         job.cancelled = True  # dropped from the pool at the next pass
+
+
+def _kv_bytes_per_token(model_dir: Path) -> int:
+    """Estimated KV-cache bytes per position from `genai_config.json`: layers x KV heads x
+    head size x 2 (key and value) x 4 (float32, as the CPU builds keep the cache; 2 for a
+    folder named fp16/bf16)."""
+    try:
+        config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        decoder = config["model"]["decoder"]
+        heads = int(decoder.get("num_key_value_heads") or decoder["num_attention_heads"])
+        head_size = int(
+            decoder.get("head_size") or decoder["hidden_size"] // decoder["num_attention_heads"]
+        )
+        layers = int(decoder["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 1 << 16  # unknown layout: a generous guess keeps the budget meaningful
+    dtype_bytes = 2 if "fp16" in model_dir.name or "bf16" in model_dir.name else 4
+    return layers * heads * head_size * 2 * dtype_bytes
 
 
 def _version_of(model_dir: Path) -> str:

@@ -19,6 +19,7 @@ from broker.errors import BadRequest, NotFound, Unavailable
 from broker.service import SOFTWARE_VERSION
 from edge.link import BusLink
 from edge.node import EdgeNode
+from edge.personalize import Personalizer
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings, default_users_db
 from edge.users import UserStore
@@ -52,6 +53,7 @@ def load_runtime(settings: EdgeSettings, model_dir: Path, version: str | None) -
         max_active=settings.max_active,
         max_queue=settings.max_queue,
         version=version,
+        prefix_cache_mb=settings.prefix_cache_mb,
     )
 
 
@@ -63,6 +65,15 @@ class EdgeService:
         self.node = node
         #: Users' profiles and feedback (`edge.users`); the file opens on first use.
         self.users = UserStore(settings.users_db or default_users_db(settings.node_id))
+        #: Requests with `user` are personalized through it (`edge.personalize`).
+        self.personalizer = Personalizer(
+            self.users,
+            lambda text: self.node.runtime.encode(text),  # the runtime in service now
+            memory_bytes=int(settings.personalize_memory_mb * (1 << 20)),
+            samples_k=settings.personalize_samples,
+            samples_min_overlap=settings.personalize_sample_overlap,
+            persist_s=settings.personalize_persist_s,
+        )
         self.link = BusLink(node, reload_model=self.reload_model, software_version=SOFTWARE_VERSION)
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -124,6 +135,7 @@ class EdgeService:
         for task in list(self._retiring):
             await task
         await self.node.runtime.close()
+        await asyncio.to_thread(self.personalizer.close)
         await asyncio.to_thread(self.users.close)
 
 

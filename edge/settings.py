@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from broker.config import is_loopback
 from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
 
@@ -40,9 +42,24 @@ class EdgeSettings(BaseSettings):
     default_max_tokens: int = Field(
         default=64, ge=1, description="max_tokens when a request sets none."
     )
+    prefix_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description="Memory (estimated KV MiB) for kept persona prefixes reused across a "
+        "user's requests; 0 turns prefix reuse off.",
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
-    api_keys: list[str] = Field(
-        default_factory=list, description="Accepted bearer keys; empty leaves the API open."
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted bearer keys (HG_EDGE_API_KEYS comma-separated); empty leaves the "
+        "API open, which only a loopback host allows.",
+    )
+    allow_open: bool = Field(
+        default=False, description="Allow no API keys on a non-loopback host (insecure)."
+    )
+    metrics_require_key: bool = Field(
+        default=False,
+        description="Require an API key on /metrics too (default: open, like /healthz).",
     )
     node_id: str | None = Field(
         default=None, description="Node id on the bus (none: edge-<host>-<4 hex>)."
@@ -78,6 +95,60 @@ class EdgeSettings(BaseSettings):
         description="SQLite file of the users' profiles, feedback and learned state (none: "
         "<HG_HOME>/edge/<node_id or 'default'>/users.sqlite3; created on first use).",
     )
+
+    personalize_memory_mb: float = Field(
+        default=64.0,
+        gt=0,
+        description="Memory budget (estimated) of the users' n-gram caches kept in memory; "
+        "the least recently used users are dropped past it (their state stays stored).",
+    )
+    personalize_samples: int = Field(
+        default=3,
+        ge=0,
+        le=16,
+        description="Most of a user's own feedback samples put in a request's context (0: none).",
+    )
+    personalize_sample_overlap: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="Token-set overlap (Jaccard) of the best sample with the request that "
+        "lets samples into the context.",
+    )
+    personalize_persist_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds after a feedback before the user's updated cache is written "
+        "back to the user store.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):  # the environment: comma-separated, or a JSON list
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    def check_exposure(self) -> None:
+        """Refuse an open API (no keys) beyond loopback, and a key-protected /metrics
+        without keys.
+
+        Raises:
+            ValueError: the message says how to set a key.
+        """
+        if not self.api_keys and not is_loopback(self.host) and not self.allow_open:
+            raise ValueError(
+                f"refusing to serve without an API key on {self.host} (beyond loopback): set "
+                "one with --api-key KEY or HG_EDGE_API_KEYS=KEY1,KEY2 (or --allow-open / "
+                "HG_EDGE_ALLOW_OPEN=1 to accept the risk)"
+            )
+        if self.metrics_require_key and not self.api_keys:
+            raise ValueError(
+                "metrics_require_key needs API keys: set --api-key KEY or HG_EDGE_API_KEYS"
+            )
 
     @model_validator(mode="after")
     def _default_users_db(self) -> EdgeSettings:

@@ -14,6 +14,16 @@ the terminal (the console: its exit ends the launcher). Background children writ
 `$HG_HOME/logs/<name>.log` and run in their own process group, which the launcher signals
 as a whole, so no helper process is left behind; they also get SIGTERM should the launcher
 itself die.
+
+Secure by default: unless `--insecure-nats` (or `--nats-url`, an external server) is given,
+the broker runs with one NATS user per service and the subject permissions of its role
+(`broker.config.ROLE_PERMISSIONS`): workers `cloud`, edges `edge` bound to their node id,
+the cloud API `api`, the console `operator`, the launcher itself `launcher`. Passwords are
+made once into `$HG_HOME/secrets/<user>.password` (directory 0700, files 0600) and reused;
+the rendered server config is `$HG_HOME/secrets/nats-server.conf`. Each child gets its
+user name and the *path* of its password file (`HG_NATS_USER`, `HG_NATS_PASSWORD_FILE`),
+never the password itself. A broker bound beyond loopback also gets TLS (a private CA made
+with openssl under `$HG_HOME/secrets/tls/`, or the files given with `--tls-*`).
 """
 
 from __future__ import annotations
@@ -36,11 +46,23 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.bus import connect
+from broker.bus import connect, connect_settings
 from broker.cli import StopSignals
+from broker.config import (
+    Role,
+    ServerConfig,
+    TLSFiles,
+    User,
+    ensure_password,
+    ensure_secrets_dir,
+    is_loopback,
+    render,
+    self_signed_tls,
+    write_secret,
+)
 from broker.errors import HybridgenError
 from broker.server import ExternalServer, NatsServer, death_signal_hook
-from broker.settings import hg_home
+from broker.settings import BusSettings, hg_home
 from broker.store import ArtifactStore, FleetConfig
 from broker.telemetry import default_node_id
 
@@ -57,6 +79,12 @@ API_DRAIN_S = 10.0
 WORKER_DRAIN_S = 30.0
 #: Each child's SIGKILL comes this many seconds after its drain bound.
 STOP_MARGIN_S = 10.0
+#: The bus users `up` always makes: the launcher itself and the operator (the console, and
+#: whoever runs `hybridgen tui` or `hybridgen models publish` by hand).
+LAUNCHER_USER = "launcher"
+OPERATOR_USER = "operator"
+#: Environment a child must not inherit when it gets its own credentials.
+_CREDENTIAL_ENV = ("HG_NATS_PASSWORD", "HG_NATS_TOKEN", "HG_NATS_CREDS", "HG_NATS_USER")
 
 
 @dataclass
@@ -74,6 +102,10 @@ class ChildSpec:
         stop_timeout: seconds between SIGTERM and SIGKILL (the child's drain bound plus a
             margin).
         url: where the child serves, if it has an HTTP API (printed by `up`).
+        role: its NATS role (edge, cloud, api, operator); with a secured broker it connects
+            as its own user with that role's permissions. None: no credentials.
+        node_id: the node id it speaks for (its user may use only that node's subjects).
+        user: its NATS user name (default `name`).
     """
 
     name: str
@@ -84,6 +116,14 @@ class ChildSpec:
     ready_timeout: float = 300.0
     stop_timeout: float = 10.0
     url: str | None = None
+    role: Role | None = None
+    node_id: str | None = None
+    user: str | None = None
+
+    @property
+    def nats_user(self) -> str:
+        """The bus user it connects as (when it has a role)."""
+        return self.user or self.name
 
 
 @dataclass(frozen=True)
@@ -147,6 +187,11 @@ class Launcher:
         host: broker listen address.
         port: broker client port (if taken, a free one is used instead).
         backoff: restart delays of children (and of the broker) that die.
+        secure: run the broker with a user per service and role permissions (and TLS
+            beyond loopback); ignored with `nats_url` (then the environment's credentials,
+            `HG_NATS_*`, are passed on as they are).
+        tls: the broker's certificate, key and CA; None makes a private CA when the broker
+            listens beyond loopback (secure only).
 
     Attributes:
         node_id: the launcher's id on the bus (its events: `hg.events.launcher.<node_id>`).
@@ -162,6 +207,8 @@ class Launcher:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         backoff: Backoff | None = None,
+        secure: bool = True,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.home = home
         self.children = list(children or [])
@@ -169,6 +216,10 @@ class Launcher:
         self.host = host
         self.port = port
         self.backoff = backoff or Backoff()
+        self.secure = secure and not nats_url
+        self.tls = tls
+        #: The bus users of a secured broker, by name (filled by `start_broker`).
+        self.users: dict[str, User] = {}
         self.server: NatsServer | ExternalServer | None = None
         self.node_id = default_node_id("launcher")
         self.restarts: dict[str, int] = {}
@@ -185,6 +236,37 @@ class Launcher:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where the credentials, the server config and the TLS files are kept (0700)."""
+        return self.home / "secrets"
+
+    @property
+    def config_file(self) -> Path:
+        """The rendered nats-server config of a secured broker (it holds passwords: 0600)."""
+        return self.secrets_dir / "nats-server.conf"
+
+    def password_file(self, user: str) -> Path:
+        """The password file of a bus user (`<secrets>/<user>.password`)."""
+        return self.secrets_dir / f"{user}.password"
+
+    def bus_settings(self, user: str = OPERATOR_USER) -> BusSettings:
+        """How to reach the running broker as `user` (a user only when it is secured).
+
+        E.g. `connect_settings(launcher.bus_settings("operator"), name=...)`.
+        """
+        if not self.secure:
+            return BusSettings(url=self.url)
+        if user not in self.users:
+            raise KeyError(f"no bus user {user!r}; known: {', '.join(sorted(self.users))}")
+        return BusSettings(
+            url=self.url,
+            user=user,
+            password=None,
+            password_file=self.password_file(user),
+            tls_ca=self.tls.ca if self.tls is not None else None,
+        )
 
     @property
     def url_file(self) -> Path:
@@ -211,32 +293,81 @@ class Launcher:
             await self.server.start()
         else:
             store = self.home / "nats"
-            self.server = NatsServer(store_dir=store, host=self.host, port=self.port)
+            config_file = self.prepare_security() if self.secure else None
+            self.server = NatsServer(
+                store_dir=store, host=self.host, port=self.port, config_file=config_file
+            )
             try:
                 await self.server.start()
             except HybridgenError as exc:
                 if self.port == -1 or "address already in use" not in exc.message:
                     raise
                 log.warning("port %s is taken; using a free port instead", self.port)
-                self.server = NatsServer(store_dir=store, host=self.host, port=-1)
+                self.server = NatsServer(
+                    store_dir=store, host=self.host, port=-1, config_file=config_file
+                )
                 await self.server.start()
             # A restart must come back where the clients reconnect to.
             self.server.port = urlsplit(self.server.client_url).port
         self.url = self.server.client_url
+        if self.secure and self.tls is not None:
+            self.url = self.url.replace("nats://", "tls://", 1)
         if isinstance(self.server, NatsServer):
             await self.prepare_buckets()
             self._supervisors.append(asyncio.create_task(self._supervise_broker()))
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url + "\n")
-        self._events = await connect(self.url, name="hybridgen-launcher")
+        self._events = await self._connect("hybridgen-launcher")
         return self.url
+
+    def prepare_security(self) -> Path:
+        """Make (or reuse) the users' passwords and TLS files; write the server config.
+
+        One user per child with a role (named after the child, bound to its node id),
+        plus `launcher` and `operator`. Returns the config file's path.
+
+        Raises:
+            ChildFailed: TLS is needed but no certificate could be made.
+        """
+        ensure_secrets_dir(self.secrets_dir)
+        wanted: list[tuple[str, Role, str | None]] = [
+            (LAUNCHER_USER, "launcher", None),
+            (OPERATOR_USER, "operator", None),
+        ]
+        wanted += [(s.nats_user, s.role, s.node_id) for s in self.children if s.role is not None]
+        self.users = {}
+        for name, role, node_id in wanted:
+            if name in self.users:
+                continue
+            password = ensure_password(self.password_file(name))
+            self.users[name] = User(name, password, role, node_id)
+        if self.tls is None and not is_loopback(self.host):
+            try:
+                self.tls = self_signed_tls(self.secrets_dir / "tls", [self.host])
+            except RuntimeError as exc:
+                raise ChildFailed(str(exc)) from None
+        config = ServerConfig(
+            host=self.host,
+            port=self.port,
+            store_dir=self.home / "nats",
+            users=list(self.users.values()),
+            tls=self.tls,
+        )
+        write_secret(self.config_file, render(config))
+        return self.config_file
+
+    async def _connect(self, name: str) -> Client:
+        """The launcher's own bus connection (as the `launcher` user when secured)."""
+        if not self.secure:
+            return await connect(self.url, name=name)
+        return await connect_settings(self.bus_settings(LAUNCHER_USER), name=name)
 
     async def prepare_buckets(self) -> None:
         """Create the fleet-config KV bucket and the artifact store if they are missing.
 
         Services with read-only permissions (edges) can then bind them from the start.
         """
-        nc = await connect(self.url, name="hybridgen-launcher-setup")
+        nc = await self._connect("hybridgen-launcher-setup")
         try:
             await FleetConfig.open(nc)
             await ArtifactStore.open(nc)
@@ -275,13 +406,31 @@ class Launcher:
     # -- children ---------------------------------------------------------------------------
 
     def child_env(self, spec: ChildSpec) -> dict[str, str]:
-        return {
+        """The child's environment: ours, the bus URL, `HG_HOME`, its credentials, `env`.
+
+        With a secured broker a child with a role gets its user name and the path of its
+        password file (never the password), and the CA of the broker's TLS certificate.
+        """
+        env = {
             **os.environ,
             "HG_NATS_URL": self.url,
             "HG_HOME": str(self.home),
             "PYTHONUNBUFFERED": "1",
-            **spec.env,
         }
+        if self.secure:
+            for name in _CREDENTIAL_ENV:
+                env.pop(name, None)
+            if self.tls is not None and self.tls.ca is not None:
+                env["HG_NATS_TLS_CA"] = str(self.tls.ca)
+            if spec.role is not None:
+                if spec.nats_user not in self.users:
+                    raise ChildFailed(
+                        f"{spec.name}: no bus user {spec.nats_user!r} (children with a role "
+                        "must be given to the Launcher before it starts)"
+                    )
+                env["HG_NATS_USER"] = spec.nats_user
+                env["HG_NATS_PASSWORD_FILE"] = str(self.password_file(spec.nats_user))
+        return {**env, **spec.env}
 
     async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
         """Start the child's process (no readiness wait) and record it as running."""
@@ -542,6 +691,8 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
             [python, "-m", "cloud", "worker", "--node-id", nth(worker_id, i, workers),
              "--drain-timeout-s", f"{WORKER_DRAIN_S:g}"],
             stop_timeout=WORKER_DRAIN_S + STOP_MARGIN_S,
+            role="cloud",
+            node_id=nth(worker_id, i, workers),
         )
         for i in range(workers)
     ]  # fmt: skip
@@ -554,6 +705,7 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
             ready=http_ready(f"{api_url}/readyz"),
             stop_timeout=API_DRAIN_S + STOP_MARGIN_S,
             url=api_url,
+            role="api",
         )
     )  # fmt: skip
     for i in range(edges):
@@ -568,6 +720,8 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
                 # The edge's own bound: its drain, then 5 s to close (edge/cli.py).
                 stop_timeout=EDGE_DRAIN_S + STOP_MARGIN_S,
                 url=url,
+                role="edge",
+                node_id=nth(edge_id, i, edges),
             )
         )  # fmt: skip
     return children
@@ -575,7 +729,13 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
 
 def console_child() -> ChildSpec:
     """The operator console, in the foreground: leaving it stops the network."""
-    return ChildSpec("console", [sys.executable, "-m", "tui"], foreground=True)
+    return ChildSpec(
+        "console",
+        [sys.executable, "-m", "tui"],
+        foreground=True,
+        role="operator",
+        user=OPERATOR_USER,
+    )
 
 
 def wants_console(args: argparse.Namespace) -> bool:
@@ -622,6 +782,15 @@ def where_lines(launcher: Launcher) -> list[str]:
         serving = f", serving {spec.url}" if spec.url else ""
         lines.append(f"  {spec.name}: pid {process.pid}{serving}, output {where}")
     lines.append(f"  logs in {launcher.logs_dir}")
+    if launcher.secure:
+        tls = f"; TLS, CA {launcher.tls.ca}" if launcher.tls is not None else ""
+        lines.append(
+            f"  bus users per role, credentials in {launcher.secrets_dir}{tls} (by hand: "
+            f"HG_NATS_USER={OPERATOR_USER} "
+            f"HG_NATS_PASSWORD_FILE={launcher.password_file(OPERATOR_USER)})"
+        )
+    else:
+        lines.append("  the bus has NO authentication (--insecure-nats or --nats-url)")
     parts = []
     if edges:
         parts.append(("edge " if len(edges) == 1 else "edges ") + ", ".join(map(str, edges)))
@@ -711,6 +880,23 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_PORT,
         help=f"broker client port (default {DEFAULT_PORT}; a free one if it is taken)",
     )
+    parser.add_argument(
+        "--insecure-nats",
+        action="store_true",
+        help="run the broker without users, permissions or TLS (debugging only; by default "
+        "every service connects as its own user, credentials under $HG_HOME/secrets)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="broker TLS certificate (with --tls-key and --tls-ca; by default a --host beyond "
+        "loopback gets a private CA made under $HG_HOME/secrets/tls); it must name 127.0.0.1",
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA that signed --tls-cert (given to clients)"
+    )
     parser.add_argument("--home", type=Path, default=None, help="data directory (default $HG_HOME)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -726,12 +912,24 @@ async def _up(args: argparse.Namespace) -> int:
             return status
         children = default_children(args)
     console = wants_console(args)
+    tls_given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(tls_given) and not all(tls_given):
+        print("hybridgen up: give --tls-cert, --tls-key and --tls-ca together", file=sys.stderr)
+        return 2
+    if args.insecure_nats and not args.nats_url and not is_loopback(args.host):
+        print(
+            f"hybridgen up: WARNING: the broker listens on {args.host} without "
+            "authentication or TLS (--insecure-nats)",
+            file=sys.stderr,
+        )
     launcher = Launcher(
         home=home,
         children=children,
         nats_url=args.nats_url,
         host=args.host,
         port=args.port,
+        secure=not args.insecure_nats,
+        tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if all(tls_given) else None,
     )
     signals = StopSignals()
     _log_to_file(home / "logs" / "launcher.log", only=console)

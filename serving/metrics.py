@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +25,7 @@ from broker.errors import (
     ErrorCode,
     openai_error_body,
 )
+from serving.auth import require_api_key
 from serving.bodies import BodySizeLimit
 from serving.errors import install_error_handlers
 
@@ -120,8 +121,25 @@ def install_health_routes(app: FastAPI, metrics: HttpMetrics, ready_check: Ready
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        guard = getattr(request.app.state, "metrics_auth", None)
+        if guard is not None:
+            await guard(request)  # 401 envelope without the right key
         return metrics.render()
+
+
+def protect_metrics(app: FastAPI, keys: Sequence[str]) -> None:
+    """Require `Authorization: Bearer <key>` (one of `keys`, constant-time) on `/metrics`.
+
+    By default `/metrics` is open like `/healthz`: fine on loopback, but a scrape reveals
+    traffic figures; call this (the APIs' `metrics_require_key` setting) beyond it.
+
+    Raises:
+        ValueError: no keys (nothing could ever scrape it).
+    """
+    if not [key for key in keys if key]:
+        raise ValueError("protecting /metrics needs at least one API key")
+    app.state.metrics_auth = require_api_key(keys)
 
 
 def install_common(

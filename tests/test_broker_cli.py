@@ -102,7 +102,9 @@ async def test_up_headless_starts_broker_and_stops(tmp_path: Path) -> None:
         output = await read_until(process.stdout, "Ctrl-C stops everything")
         url = output.split("NATS broker at ", 1)[1].split()[0]
         assert (tmp_path / "run" / "nats.url").read_text().strip() == url
-        client = await connect(url, name="probe")
+        # Secure by default: the operator's password file (an anonymous client is refused).
+        password = (tmp_path / "secrets" / "operator.password").read_text().strip()
+        client = await connect(url, name="probe", user="operator", password=password)
         await client.close()
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 10) == 0

@@ -102,7 +102,7 @@ def test_render_refuses_inconsistent_configs() -> None:
 
 
 async def echo(request: wire.GenerateRequest, responder: Responder) -> None:
-    for word in request.prompt.split():
+    for word in (request.prompt or "").split():
         await responder.chunk(word)
     await responder.done("stop", wire.Usage(prompt_tokens=1, completion_tokens=1))
 

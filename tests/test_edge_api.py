@@ -638,7 +638,10 @@ async def test_client_hang_up_cancels_locally_and_on_the_cloud(
     async with GenerationService(worker_nc, model="hg-cloud", handler=slow, node_id="slow"):
         edge = await start_edge()
         async with httpx.AsyncClient(base_url=edge.url) as http:
-            for route in ("cloud", "edge"):
+            # The local route: tests/test_edge_faults.py, where the request waits behind a
+            # held job so that a missing cancel shows (the tiny model finishes any answer
+            # before a hang-up could be noticed here).
+            for route in ("cloud",):
                 body = {"model": "hg-edge", "prompt": "x", "max_tokens": 100, "stream": True}
                 async with http.stream(
                     "POST", "/v1/completions", json={**body, "route": route}
@@ -652,7 +655,6 @@ async def test_client_hang_up_cancels_locally_and_on_the_cloud(
                         operator.contains, cancels, subjects.cancel(request_id)
                     )
                     await eventually(cancelled)
-        await eventually(lambda: edge.node.runtime.in_flight == 0)
     await worker_nc.close()
 
 

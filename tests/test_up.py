@@ -20,8 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from broker import subjects, wire
-from broker.bus import connect
+from broker.bus import connect, connect_settings
+from broker.errors import Unauthorized
 from broker.server import NatsServer
+from broker.settings import BusSettings
 from broker.store import FleetConfig
 from hybridgen.launcher import Backoff, Launcher
 from models.registry import ModelSet, set_current
@@ -86,6 +88,16 @@ class Up:
         match = re.search(r"NATS broker at (\S+)", self.output)
         assert match, self.output
         return match.group(1)
+
+    async def connect(self, name: str) -> NATS:
+        """A bus connection as the `operator` user `up` made (its password file)."""
+        bus = BusSettings(
+            url=self.nats_url,
+            user="operator",
+            password=None,
+            password_file=self.home / "secrets" / "operator.password",
+        )
+        return await connect_settings(bus, name=name)
 
 
 @contextlib.asynccontextmanager
@@ -172,7 +184,8 @@ async def test_a_dead_broker_comes_back_on_its_port_and_store(tmp_path: Path) ->
         async def on_event(msg: Msg) -> None:
             events.append(wire.decode(msg.data, wire.Event))
 
-        nc = await connect(url, name="test-up-broker")  # reconnects by itself
+        # As the operator: the broker runs with a user per role (reconnects by itself).
+        nc = await connect_settings(launcher.bus_settings("operator"), name="test-up-broker")
         try:
             await nc.subscribe(subjects.events_of_role("launcher"), cb=on_event)
             config = await FleetConfig.open(nc)
@@ -224,7 +237,7 @@ async def test_up_restarts_a_killed_worker_while_the_edge_serves(
         async def on_event(msg: Msg) -> None:
             events.append(wire.decode(msg.data, wire.Event))
 
-        nc = await connect(up.nats_url, name="test-up-events")
+        nc = await up.connect("test-up-events")
         try:
             await nc.subscribe(subjects.events_of_role("launcher"), cb=on_event)
             await nc.flush()
@@ -282,7 +295,7 @@ async def test_up_starts_several_workers_and_edges(tiny_models: ModelSet, tmp_pa
             role = msg.subject.split(".")[2]
             nodes[role].add(msg.subject.split(".")[3])
 
-        nc = await connect(up.nats_url, name="test-up-beats")
+        nc = await up.connect("test-up-beats")
         try:
             await nc.subscribe(subjects.telemetry_of_role("cloud"), cb=on_beat)
             await nc.subscribe(subjects.telemetry_of_role("edge"), cb=on_beat)
@@ -347,7 +360,7 @@ async def test_sigterm_drains_an_edge_stuck_on_the_cloud(
 ) -> None:
     """The edge exits within its drain bound even while its cloud request hangs."""
     async with running_up(tiny_models, tmp_path) as up:
-        nc = await connect(up.nats_url, name="test-up-stuck")
+        nc = await up.connect("test-up-stuck")
         worker = await never_answering_cloud(up, nc)
         try:
             async with httpx.AsyncClient(timeout=None) as client:
@@ -376,3 +389,56 @@ async def test_children_stop_when_the_launcher_is_killed(
         async with within(120, "children outlived the killed launcher", lambda: up.output):
             while alive_in_groups(pids):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_up_runs_the_bus_with_a_user_per_role(tiny_models: ModelSet, tmp_path: Path) -> None:
+    """Secure by default: owner-only credentials on disk, anonymous clients refused, each
+    service connected as its own user (password file, not password, in its environment),
+    and the network serves through those users: an edge request routed to the cloud."""
+    async with running_up(tiny_models, tmp_path) as up:
+        secrets = up.home / "secrets"
+        assert secrets.stat().st_mode & 0o777 == 0o700
+        users = {p.stem for p in secrets.glob("*.password")}
+        assert {"launcher", "operator", "cloud-worker", "cloud-api", "edge"} <= users, users
+        for path in [*secrets.glob("*.password"), secrets / "nats-server.conf"]:
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        config = (secrets / "nats-server.conf").read_text()
+        assert "authorization" in config and "# role: edge, node: " in config
+
+        with pytest.raises(Unauthorized):
+            await connect(up.nats_url, name="anonymous")
+        with pytest.raises(Unauthorized):
+            await connect(up.nats_url, name="wrong", user="operator", password="guess")
+
+        environ = Path(f"/proc/{up.pids()['edge']}/environ")
+        edge_env = (await asyncio.to_thread(environ.read_bytes)).split(b"\0")
+        assert b"HG_NATS_USER=edge" in edge_env
+        assert f"HG_NATS_PASSWORD_FILE={secrets / 'edge.password'}".encode() in edge_env
+        assert not any(v.startswith(b"HG_NATS_PASSWORD=") for v in edge_env)
+
+        async with httpx.AsyncClient(timeout=60) as client:
+            forced = await client.post(
+                f"http://127.0.0.1:{up.edge_port}/v1/completions", json={**BODY, "route": "cloud"}
+            )
+            assert forced.status_code == 200, forced.text
+            assert forced.json()["served_by"] == "cloud", forced.text
+            direct = await client.post(
+                f"http://127.0.0.1:{up.api_port}/v1/completions", json={**BODY, "model": "hg-cloud"}
+            )
+            assert direct.status_code == 200, direct.text
+        # The operator (the console's user) sees every service's heartbeat.
+        roles: set[str] = set()
+
+        async def on_beat(msg: Msg) -> None:
+            roles.add(msg.subject.split(".")[2])
+
+        nc = await up.connect("test-up-operator")
+        try:
+            await nc.subscribe(subjects.TELEMETRY_ALL, cb=on_beat)
+            async with within(30, f"heartbeats of every role: {roles}", lambda: up.output):
+                while not {"edge", "cloud", "api"} <= roles:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+        await stop_and_check_no_leftovers(up)

@@ -18,6 +18,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "edge-decode": ("hybridgen.benches.edge_decode", "main"),
     "cloud-batching": ("cloud.bench", "main"),
     "console": ("hybridgen.benches.console", "main"),
+    "prefix": ("hybridgen.benches.prefix", "main"),
 }
 
 

