@@ -27,7 +27,15 @@ WORKER_OPTIONS = (
     "default_max_tokens",
     "drain_timeout_s",
 )
-API_OPTIONS = ("host", "port", "api_keys", "models", "request_timeout_s")
+API_OPTIONS = (
+    "host",
+    "port",
+    "api_keys",
+    "models",
+    "request_timeout_s",
+    "allow_open",
+    "metrics_require_key",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

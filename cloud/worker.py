@@ -396,14 +396,12 @@ async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> i
     """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry)."""
     import signal
 
-    from broker.bus import connect, connect_settings
+    from broker.bus import connect_settings
     from broker.settings import BusSettings
 
-    nc = (
-        await connect(nats_url, name="hybridgen-cloud-worker")
-        if nats_url
-        else await connect_settings(BusSettings(), name="hybridgen-cloud-worker")
-    )
+    # `--nats URL` replaces only the URL: credentials and TLS still come from HG_NATS_*.
+    bus = BusSettings(url=nats_url) if nats_url else BusSettings()
+    nc = await connect_settings(bus, name="hybridgen-cloud-worker")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
