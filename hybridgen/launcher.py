@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 4222
 #: The name the broker goes by in log lines and events.
 BROKER = "nats-server"
+#: Seconds between a restarted broker serving and the launcher publishing its exit and
+#: restart events: clients reconnect every 0.5 s and then subscribe again.
+RESUBSCRIBE_GRACE_S = 1.5
 #: Seconds the edge's HTTP server lets open requests finish on SIGTERM (`--drain-timeout-s`).
 EDGE_DRAIN_S = 10.0
 #: Seconds the cloud API lets open requests finish on SIGTERM (`--drain-timeout-s`).
@@ -386,7 +389,9 @@ class Launcher:
                 return
             failures = self._next_failures(failures, started)
             delay = self.backoff.delay(failures)
-            await self._report_exit(BROKER, server.pid, status, delay)
+            # Nobody can hear an event while the broker is down: log now, publish once it is
+            # back and the clients had time to reconnect and subscribe again.
+            exited = await self._report_exit(BROKER, server.pid, status, delay, publish=False)
             while True:
                 await asyncio.sleep(delay)
                 if self._stopping:
@@ -401,6 +406,8 @@ class Launcher:
                     log.error(
                         "%s did not restart: %s; next try in %.1f s", BROKER, exc.message, delay
                     )
+            await asyncio.sleep(RESUBSCRIBE_GRACE_S)
+            await self._publish(*exited)
             await self._report_restart(BROKER, server.pid)
 
     # -- children ---------------------------------------------------------------------------
@@ -524,32 +531,41 @@ class Launcher:
                     log.error("%s did not restart: %s; next try in %.1f s", spec.name, exc, delay)
             await self._report_restart(spec.name, process.pid)
 
-    async def _report_exit(self, name: str, pid: int | None, status: int, delay: float) -> None:
+    async def _report_exit(
+        self, name: str, pid: int | None, status: int, delay: float, *, publish: bool = True
+    ) -> tuple[str, str, dict[str, Any]]:
+        """Log a child's exit and publish its `child_exited` event (unless `publish` is
+        False); return the event's (kind, message, data) for a later `_publish`."""
         where = self.log_path(name)
         log.error(
             "%s (pid %s) exited with status %s; restarting it in %.1f s (log: %s)",
             name, pid, status, delay, where,
         )  # fmt: skip
-        await self._publish(
+        event = (
             "child_exited",
             f"{name} exited with status {status}; restarting in {delay:.1f} s",
-            child=name, pid=pid, status=status, restart_in_s=delay, log=str(where),
-        )  # fmt: skip
+            {"child": name, "pid": pid, "status": status, "restart_in_s": delay, "log": str(where)},
+        )
+        if publish:
+            await self._publish(*event)
+        return event
 
     async def _report_restart(self, name: str, pid: int | None) -> None:
         self.restarts[name] = self.restarts.get(name, 0) + 1
         count = self.restarts[name]
         log.info("restarted %s (pid %s, restart %d)", name, pid, count)
         await self._publish(
-            "child_restarted", f"{name} restarted (pid {pid})", child=name, pid=pid, restarts=count
+            "child_restarted",
+            f"{name} restarted (pid {pid})",
+            {"child": name, "pid": pid, "restarts": count},
         )
 
-    async def _publish(self, kind: str, message: str, **data: Any) -> None:
+    async def _publish(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Publish a launcher event; never fatal (buffered while the broker is away)."""
         if self._events is None:
             return
         event = wire.Event(
-            kind=kind, role="launcher", node_id=self.node_id, message=message, data=data
+            kind=kind, role="launcher", node_id=self.node_id, message=message, data=data or {}
         )
         try:
             await self._events.publish(
