@@ -101,8 +101,12 @@ class Responder:
         text: str = "",
         token_ids: Sequence[int] = (),
         logprobs: Sequence[float] | None = None,
+        *,
+        tokens: Sequence[str] | None = None,
+        top_logprobs: Sequence[Sequence[tuple[str, float]]] | None = None,
     ) -> None:
-        """Send the next `Chunk` (its `seq` is assigned here)."""
+        """Send the next `Chunk` (its `seq` is assigned here); `tokens` and `top_logprobs`:
+        the scored tokens' texts and their steps' most likely (text, log-prob) pairs."""
         self._check_open()
         message = wire.Chunk(
             request_id=self.request_id,
@@ -110,6 +114,10 @@ class Responder:
             text=text,
             token_ids=list(token_ids),
             logprobs=list(logprobs) if logprobs is not None else None,
+            tokens=list(tokens) if tokens is not None else None,
+            top_logprobs=None
+            if top_logprobs is None
+            else [[wire.TopLogprob(token=t, logprob=lp) for t, lp in top] for top in top_logprobs],
         )
         self._seq += 1
         self.completion_tokens += len(token_ids)

@@ -1,4 +1,4 @@
-"""Bus messages: typed, versioned (`"v": 2`), msgpack-encoded, validated on decode.
+"""Bus messages: typed, versioned (`"v": 3`), msgpack-encoded, validated on decode.
 
 Both sides of every subject use these types. Encoding and decoding are pure functions.
 Decoding never raises anything but `broker.errors.BadRequest`, whose message names the
@@ -10,6 +10,11 @@ so a stream of replies can mix `Chunk`, `Done` and `Error`). Unknown fields are 
 Version 2 carries a chat request as its `messages`, not as a rendered prompt: the edge and the
 cloud may run different models with different tokenizers and chat templates, so each end
 applies its own model's template. A completion still carries its raw `prompt`.
+
+Version 3 adds `GenerateRequest.grammar`: a constrained request (`response_format`) may fall
+back to the cloud, and the cloud must decode it under the same grammar (`serving.grammar`).
+It also carries real log-probabilities: `GenerateRequest.top_logprobs`, and in each `Chunk`
+the scored tokens' texts (`tokens`) and their steps' most likely tokens (`top_logprobs`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from broker.errors import BadRequest, HybridgenError, error_for_code
 
-VERSION: Literal[2] = 2
+VERSION: Literal[3] = 3
 #: Largest message accepted on decode (NATS' default max_payload is 1 MiB).
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -40,7 +45,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=False)
 
-    v: Literal[2] = VERSION
+    v: Literal[3] = VERSION
 
 
 class Usage(BaseModel):
@@ -61,6 +66,16 @@ class ChatMessage(BaseModel):
 
     role: str = Field(min_length=1, max_length=64)
     content: str
+
+
+class Grammar(BaseModel):
+    """A constraint on the whole output (`serving.grammar.Grammar`): `json_schema` (a JSON
+    schema as JSON text), `lark` (llguidance's Lark dialect) or `regex`."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    kind: Literal["json_schema", "lark", "regex"]
+    data: str = Field(min_length=1)
 
 
 class GenerateRequest(Message):
@@ -85,12 +100,16 @@ class GenerateRequest(Message):
     seed: int | None = None
     #: Return per-token log-probabilities in each `Chunk`.
     logprobs: bool = False
+    #: With `logprobs`: also this many most likely tokens of each step (OpenAI's 0-20).
+    top_logprobs: int = Field(default=0, ge=0, le=20)
     #: Budget for the whole request, counted by each hop from when it receives it.
     timeout_ms: int | None = Field(default=None, gt=0)
     #: node_id of the caller, for logs and telemetry.
     origin: str | None = None
     #: Opaque user id, only present where the user consented to it leaving the edge.
     user: str | None = None
+    #: Constrained decoding: the output must match this grammar (None: unconstrained).
+    grammar: Grammar | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -101,6 +120,15 @@ class GenerateRequest(Message):
     def message_dicts(self) -> list[dict[str, str]]:
         """`messages` as plain `{"role", "content"}` dicts (for a chat template)."""
         return [m.model_dump() for m in self.messages or ()]
+
+
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a step: its text and log-probability."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    token: str
+    logprob: float
 
 
 class Chunk(Message):
@@ -116,6 +144,12 @@ class Chunk(Message):
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] | None = None
+    #: With `logprobs`: the text (decoded alone) of each scored token, so the caller needs no
+    #: tokenizer of its own; `logprobs` are theirs. An end token is not scored, so these may
+    #: be one shorter than `token_ids`.
+    tokens: list[str] | None = None
+    #: With `top_logprobs` > 0: the most likely tokens at each step, most likely first.
+    top_logprobs: list[list[TopLogprob]] | None = None
 
 
 class Done(Message):

@@ -45,8 +45,11 @@ from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    ModelCard,
     StreamChunks,
+    TokenLogprob,
     chat_response,
+    chunk_logprobs,
     completion_response,
     model_list,
 )
@@ -231,6 +234,15 @@ def create_app(
     async def list_models() -> JSONResponse:
         return JSONResponse(model_list(settings.models).body())
 
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def get_model(model_id: str) -> JSONResponse:
+        if model_id not in settings.models:
+            raise NotFound(
+                f"model {model_id!r} does not exist; available: {', '.join(settings.models)}",
+                param="model",
+            )
+        return JSONResponse(ModelCard(id=model_id).body())
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(
         request: Request,
@@ -284,6 +296,7 @@ def _generate_request(
         **sampling.to_wire(),
         timeout_ms=max(1, int(1000 * (timeout_s or state.settings.request_timeout_s))),
         origin="cloud-api",
+        grammar=None if (grammar := body.grammar()) is None else grammar.to_wire(),
         **inputs,
     )
 
@@ -320,14 +333,20 @@ async def _serve(
 
     if not body.stream:
 
-        async def collect() -> tuple[str, wire.Done]:
+        async def collect() -> tuple[str, list[TokenLogprob], wire.Done]:
+            parts: list[str] = []
+            scores: list[TokenLogprob] = []
             async with open_stream() as stream:
-                return await stream.collect()
+                async for chunk in stream:
+                    parts.append(chunk.text)
+                    scores.extend(chunk_logprobs(chunk))
+                assert stream.done is not None
+                return "".join(parts), scores, stream.done
 
         started = time.monotonic()
         state.in_flight += 1
         try:
-            text, done = await until_disconnect(request, collect())
+            text, scores, done = await until_disconnect(request, collect())
         except HybridgenError as exc:
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)
@@ -336,7 +355,7 @@ async def _serve(
             state.in_flight -= 1
         state.stats.record(time.monotonic() - started, done.usage.completion_tokens)
         _count_tokens(state, done)
-        build = chat_response if chat else completion_response
+        build: Any = chat_response if chat else completion_response
         answer = build(
             request_id=request_id,
             model=model,
@@ -344,6 +363,8 @@ async def _serve(
             text=text,
             finish_reason=done.finish_reason,
             usage=(done.usage.prompt_tokens, done.usage.completion_tokens),
+            logprobs=scores if generate.logprobs else None,
+            model_version=done.model_version,
             served_by="cloud",
             worker=done.served_by,
         )
@@ -360,8 +381,9 @@ async def _serve(
             async with open_stream() as replies:
                 yield chunks_of.first()
                 async for chunk in replies:
-                    if chunk.text:
-                        yield chunks_of.delta(chunk.text)
+                    scores = chunk_logprobs(chunk)
+                    if chunk.text or scores:
+                        yield chunks_of.delta(chunk.text, scores or None)
                 done = replies.done
             failed = False
         except HybridgenError as exc:
@@ -373,6 +395,7 @@ async def _serve(
             state.stats.record(time.monotonic() - started, tokens, error=failed)
         assert done is not None
         _count_tokens(state, done)
+        chunks_of.model_version = done.model_version  # known at the end: the last chunks
         last = chunks_of.finish(done.finish_reason, served_by="cloud", worker=done.served_by)
         yield {**last.body(), "request_id": request_id}
         if body.include_usage:

@@ -61,9 +61,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Dyna
 
 from broker.errors import BadRequest, ContextLengthExceeded, Unavailable
 from cloud import attention
-from cloud.sampling import RowSampling
+from cloud.sampling import RowSampling, RowScore
 from cloud.scheduler import Scheduler, Ticket
 from cloud.text import IncrementalDetokenizer
+from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
 
@@ -95,6 +96,9 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: When asked for (`SamplingParams.logprobs`): per token of `token_ids` but an end token,
+    #: (its text decoded alone, its log-probability, the top tokens as (text, log-prob)).
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,8 @@ class Engine:
         )
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._lltokenizer: Any = None  # llguidance's view of the tokenizer, made once
+        self._lltokenizer_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -271,7 +277,38 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
         model = call_in_fresh_thread(load_model)
         logger.info("loaded %s on %s (%s, %d threads)", model_dir, device, dtype, _threads(config))
-        return cls(model, tokenizer, config, model_dir=model_dir)
+        engine = cls(model, tokenizer, config, model_dir=model_dir)
+        engine.grammar_tokenizer()  # ~1 s for a 49k vocabulary: at load, not on a request
+        return engine
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer for constrained rows (`llguidance.hf.from_tokenizer`),
+        built on first use and kept (blocking; thread-safe)."""
+        with self._lltokenizer_lock:
+            if self._lltokenizer is None:
+                import llguidance.hf
+
+                self._lltokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, eos_token=self.eos_ids or None
+                )
+            return self._lltokenizer
+
+    def _matcher(self, grammar: Grammar) -> Any:
+        """A fresh `LLMatcher` for one request (blocking: compiles the grammar).
+
+        Raises:
+            BadRequest: the grammar does not compile for this tokenizer (`response_format`).
+        """
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.grammar_tokenizer(), grammar.llguidance(), log_level=0)
+        if matcher.is_error():
+            raise BadRequest(
+                f"the cloud model cannot decode under this {grammar.kind} grammar: "
+                f"{matcher.get_error()}",
+                param="response_format",
+            )
+        return matcher
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -321,13 +358,34 @@ class Engine:
         """Stop a request: its row leaves the batch at the next step boundary."""
         self._scheduler.cancel(request_id)
 
+    def _logprobs(
+        self, scores: list[RowScore], ids: list[int]
+    ) -> list[tuple[str, float, list[tuple[str, float]]]] | None:
+        """`Delta.logprobs` of some tokens: their ids and top ids decoded to text alone."""
+        if not scores:
+            return None
+        decode = self.tokenizer.decode
+        return [
+            (decode([token]), logprob, [(decode([i]), lp) for i, lp in top])
+            for token, (logprob, top) in zip(ids, scores, strict=False)
+        ]
+
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        grammar: Grammar | None = None,
     ) -> AsyncGenerator[Delta, None]:
         """Stream a request's output. Closing the iterator early cancels the request.
 
+        `grammar` constrains the output (`serving.grammar`): the row gets its own
+        `llguidance.LLMatcher` (`cloud.sampling`), and ends with `stop` once it is complete.
+
         Raises:
-            BadRequest: empty prompt, or a request id already in flight.
+            BadRequest: empty prompt, a request id already in flight, or a grammar that does
+                not compile (`response_format`).
             ContextLengthExceeded: prompt + max_tokens beyond the context window.
             Unavailable: the engine is not running.
             Internal: the request failed inside the model.
@@ -345,18 +403,23 @@ class Engine:
                 f"the context window of {self.context_length} tokens",
                 param="max_tokens",
             )
+        row = RowSampling.create(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            device=self.device,
+            top_logprobs=sampling.top_logprobs if sampling.logprobs else -1,
+        )
+        if grammar is not None:
+            row.matcher = await asyncio.to_thread(self._matcher, grammar)
+            row.end_token = (self.eos_ids or [0])[0]
         ticket = Ticket(
             request_id=request_id,
             prompt=list(prompt_ids),
             max_tokens=sampling.max_tokens,
             eos=frozenset() if sampling.ignore_eos else frozenset(self.eos_ids),
-            sampling=RowSampling.create(
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                seed=sampling.seed,
-                device=self.device,
-            ),
+            sampling=row,
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
         )
@@ -367,10 +430,11 @@ class Engine:
             stops = StopMatcher(sampling.stop)
             count = 0
             while True:
-                new_ids, reason = await _next_output(ticket.queue)
+                new_ids, reason, scores = await _next_output(ticket.queue)
                 count += len(new_ids)
                 hit_eos = reason == "eos"
                 text, stopped = stops.push(detok.push(new_ids[:-1] if hit_eos else new_ids))
+                logprobs = self._logprobs(scores[:-1] if hit_eos else scores, new_ids)
                 if stopped or reason is not None:
                     finished = reason is not None
                     if not stopped:
@@ -381,31 +445,37 @@ class Engine:
                         finish_reason="stop" if stopped or hit_eos else "length",
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=count,
+                        logprobs=logprobs,
                     )
                     return
                 if text or new_ids:
-                    yield Delta(text=text, token_ids=new_ids)
+                    yield Delta(text=text, token_ids=new_ids, logprobs=logprobs)
         finally:
             if not finished:
                 self._scheduler.cancel(request_id)
             self._scheduler.forget(ticket)
 
 
-async def _next_output(queue: asyncio.Queue[Any]) -> tuple[list[int], str | None]:
-    """Everything the generation thread has posted so far, coalesced: (new ids, reason).
+async def _next_output(
+    queue: asyncio.Queue[Any],
+) -> tuple[list[int], str | None, list[RowScore]]:
+    """Everything the generation thread has posted so far, coalesced: (new ids, reason, their
+    scores: empty unless the request asked for log-probabilities).
 
     Raises:
         HybridgenError: the request failed (the error the thread posted).
     """
     ids: list[int] = []
+    scores: list[RowScore] = []
     item = await queue.get()
     while True:
         if isinstance(item, BaseException):
             raise item
-        new_ids, reason = item
+        new_ids, reason, new_scores = item
         ids.extend(new_ids)
+        scores.extend(new_scores or ())
         if reason is not None or queue.empty():
-            return ids, reason
+            return ids, reason, scores
         item = queue.get_nowait()
 
 

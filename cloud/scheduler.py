@@ -37,7 +37,7 @@ from cloud.batching import (
     rebuild,
     to_batch,
 )
-from cloud.sampling import RowSampling, sample_rows
+from cloud.sampling import RowSampling, RowScore, row_scores, sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ class Ticket:
         max_tokens: tokens to make at most.
         eos: token ids that end the request (empty: ignore EOS).
         sampling: the row's sampling state.
-        loop, queue: where its outputs go: `(new ids, reason)` tuples, reason None,
-            "eos" or "length", or an exception.
+        loop, queue: where its outputs go: `(new ids, reason, scores)` tuples, reason None,
+            "eos" or "length", scores None or one `RowScore` per id, or an exception.
         generated: tokens made so far.
         cancelled: set by `Scheduler.cancel` (any thread); the row leaves at the next round.
         done: finished, failed or cancelled, and its admission released.
@@ -403,10 +403,12 @@ class Scheduler:
         counters["prefill_real_tokens"] += int(group.mask[:, before : group.done].sum())
         if logits is None:
             return
-        tokens = sample_rows(logits, [t.sampling for t in group.rows])
+        rows = [t.sampling for t in group.rows]
+        tokens = sample_rows(logits, rows)
+        scores = row_scores(logits, rows, tokens)
         joined = to_batch(group, tokens)
         self._prefill = None
-        self._advance(joined, tokens)
+        self._advance(joined, tokens, scores)
         if self._batch is None:
             self._batch = joined
             self._compact()
@@ -418,18 +420,23 @@ class Scheduler:
         assert batch is not None
         started = time.perf_counter()
         logits = decode_step(self._forward, batch, sdpa_mask=self._sdpa_mask, buckets=self._buckets)
-        tokens = sample_rows(logits, [t.sampling if t else _GREEDY for t in batch.rows])
+        rows = [t.sampling if t else _GREEDY for t in batch.rows]
+        tokens = sample_rows(logits, rows)
+        scores = row_scores(logits, rows, tokens)
         batch.tokens = torch.tensor(tokens, dtype=torch.long, device=batch.tokens.device)
         counters = self.counters
         counters["decode_s"] += time.perf_counter() - started
         counters["decode_steps"] += 1
         counters["decode_rows"] += batch.size
         counters["decode_live_rows"] += len(batch.live())
-        self._advance(batch, tokens)
+        self._advance(batch, tokens, scores)
         self._compact()
 
-    def _advance(self, batch: Batch, tokens: list[int]) -> None:
-        """Hand each live row its new token; rows that finish (or were cancelled) die."""
+    def _advance(
+        self, batch: Batch, tokens: list[int], scores: list[RowScore | None] | None = None
+    ) -> None:
+        """Hand each live row its new token (with its scores, when the row asked for them);
+        rows that finish (or were cancelled) die."""
         for index, (ticket, token) in enumerate(zip(batch.rows, tokens, strict=True)):
             if ticket is None:
                 continue
@@ -443,7 +450,8 @@ class Scheduler:
                 reason = "eos"
             elif ticket.generated >= ticket.max_tokens:
                 reason = "length"
-            self._post(ticket, ([token], reason))
+            score = scores[index] if scores is not None else None
+            self._post(ticket, ([token], reason, [score] if score is not None else None))
             if reason is not None:
                 batch.rows[index] = None
                 self._release(ticket)

@@ -43,6 +43,8 @@ from broker.service import SOFTWARE_VERSION, Responder, serve_control
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.settings import WorkerSettings
+from serving.grammar import Grammar
+from serving.protocol import too_long_for
 from serving.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -281,7 +283,10 @@ class CloudWorker:
         try:
             await responder.accept()
             sampling = SamplingParams.from_wire(request, max_tokens)
-            async for delta in engine.generate(request.request_id, prompt_ids, sampling):
+            grammar = Grammar.from_wire(request.grammar)
+            async for delta in engine.generate(
+                request.request_id, prompt_ids, sampling, grammar=grammar
+            ):
                 if waiting:
                     waiting = False
                     self.queued -= 1
@@ -289,7 +294,14 @@ class CloudWorker:
                     logger.debug("%s: first token after %.1f ms", request.request_id, ttft_ms)
                 self.tokens_out += len(delta.token_ids)
                 if delta.text or delta.token_ids:
-                    await responder.chunk(delta.text, delta.token_ids)
+                    scored = delta.logprobs
+                    await responder.chunk(
+                        delta.text,
+                        delta.token_ids,
+                        None if scored is None else [lp for _, lp, _ in scored],
+                        tokens=None if scored is None else [t for t, _, _ in scored],
+                        top_logprobs=None if scored is None else [top for _, _, top in scored],
+                    )
                 if delta.finish_reason is not None:
                     await responder.done(
                         delta.finish_reason,  # type: ignore[arg-type]
@@ -346,6 +358,13 @@ class CloudWorker:
         Raises:
             BadRequest: an empty prompt, or messages the model's template refuses.
         """
+        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+        if too_long_for(chars, engine.context_length):  # refused before the tokenizer runs
+            raise ContextLengthExceeded(
+                f"the input ({chars} characters) cannot fit the context window of "
+                f"{engine.context_length} tokens",
+                param="messages" if request.messages is not None else "prompt",
+            )
         if request.messages is None:
             prompt_ids = engine.encode(request.prompt or "")
             if not prompt_ids:

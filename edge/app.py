@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge
 
 from broker import wire
-from broker.errors import BadRequest, HybridgenError
+from broker.errors import BadRequest, HybridgenError, NotFound
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
@@ -195,6 +195,25 @@ async def chat_completions(
 @openai_routes.get("/v1/models")
 async def list_models(service: Service) -> dict[str, Any]:
     """The edge model and the cloud model, with where each is served."""
+    return {"object": "list", "data": _model_cards(service)}
+
+
+@openai_routes.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, service: Service) -> dict[str, Any]:
+    """One model's card (404 envelope naming `model` for an unknown one)."""
+    for card in _model_cards(service):
+        if card["id"] == model_id:
+            return card
+    settings = service.settings
+    raise NotFound(
+        f"model {model_id!r} does not exist here; use {settings.edge_model_name!r} "
+        f"or {settings.cloud_model!r}",
+        param="model",
+    )
+
+
+def _model_cards(service: EdgeService) -> list[dict[str, Any]]:
+    """The cards of the edge model and the cloud model, with where each is served."""
     node = service.node
     settings = service.settings
     edge_card = _tagged(
@@ -209,7 +228,7 @@ async def list_models(service: Service) -> dict[str, Any]:
         protocol.ModelCard(id=settings.cloud_model, owned_by="hybridgen"),
         {"served_by": "cloud", "available": node.cloud_available()},
     )
-    return {"object": "list", "data": [edge_card, cloud_card]}
+    return [edge_card, cloud_card]
 
 
 # --------------------------------------------------------------------------------- serving
@@ -271,6 +290,7 @@ async def serve(
         timeout_ms=None if client_s is None else client_s * 1e3,
         cloud_prompt=cloud_prompt,
         adapter=None if personal is None else personal.adapter,
+        grammar=req.grammar(),
         **_prefix(personal, prompt),
     )
     items = node.generate(edge_request)
@@ -299,10 +319,20 @@ async def serve(
         HEADER_REQUEST_ID: request_id,
     }
     created = int(time.time())
+    # The edge's model version; a cloud answer's comes with its Outcome.
+    edge_version = node.runtime.version if info.served_by == "edge" else None
     if req.stream:
-        chunks = _stream(items, metrics, info, extra, req.include_usage, chat, echo, created)
+        chunks_of = protocol.StreamChunks(
+            chat=chat,
+            request_id=info.request_id,
+            model=info.model,
+            created=created,
+            model_version=edge_version,
+        )
+        chunks = _stream(items, metrics, extra, req.include_usage, chunks_of, echo)
         return await sse_response(chunks, headers=headers)
     parts = [echo]
+    scores: list[protocol.TokenLogprob] = []
 
     async def collect() -> Outcome | None:
         outcome = None
@@ -310,6 +340,7 @@ async def serve(
             async for item in items:
                 if isinstance(item, Piece):
                     parts.append(item.text)
+                    scores.extend(item.logprobs)
                 elif isinstance(item, Outcome):
                     outcome = item
         finally:
@@ -323,40 +354,41 @@ async def serve(
         extra["completed_by"] = "edge"
     metrics.http.tokens.labels("prompt").inc(outcome.prompt_tokens)
     metrics.http.tokens.labels("completion").inc(outcome.completion_tokens)
-    build = protocol.chat_response if chat else protocol.completion_response
-    body = build(
-        request_id=request_id,
-        model=info.model,
-        text="".join(parts),
-        finish_reason=outcome.finish_reason,
-        usage=(outcome.prompt_tokens, outcome.completion_tokens),
-        created=created,
-    )
+    common: dict[str, Any] = {
+        "request_id": request_id,
+        "model": info.model,
+        "text": "".join(parts),
+        "finish_reason": outcome.finish_reason,
+        "usage": (outcome.prompt_tokens, outcome.completion_tokens),
+        "created": created,
+        "logprobs": scores if options.logprobs else None,
+        "model_version": outcome.model_version or edge_version,
+    }
+    if chat:
+        body: Any = protocol.chat_response(**common)
+    else:
+        body = protocol.completion_response(**common, logprob_offset=len(echo))
     return JSONResponse(_tagged(body, extra), headers=headers)
 
 
 async def _stream(
     items: AsyncGenerator[Item, None],
     metrics: EdgeMetrics,
-    info: RouteInfo,
     extra: dict[str, Any],
     include_usage: bool,
-    chat: bool,
+    chunks_of: protocol.StreamChunks,
     echo: str,
-    created: int,
 ) -> AsyncIterator[dict[str, Any]]:
-    """The SSE chunks of one answer: the first (role, echo), the text, the finish, usage."""
-
-    chunks_of = protocol.StreamChunks(
-        chat=chat, request_id=info.request_id, model=info.model, created=created
-    )
-
+    """The SSE chunks of one answer: the first (role, echo), the text (with its tokens'
+    log-probabilities when asked for), the finish, usage."""
     try:
         yield _tagged(chunks_of.first(echo), extra)
         async for item in items:
             if isinstance(item, Piece):
-                yield _tagged(chunks_of.delta(item.text), extra)
+                yield _tagged(chunks_of.delta(item.text, item.logprobs or None), extra)
             elif isinstance(item, Outcome):
+                if item.model_version:
+                    chunks_of.model_version = item.model_version
                 final = dict(extra)
                 if item.completed_locally:
                     final["completed_by"] = "edge"

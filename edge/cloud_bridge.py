@@ -49,6 +49,7 @@ from edge.request import (
     stream_local,
 )
 from edge.routing import Decision, EdgeState, Reason, RequestFacts, decide
+from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class CloudBridge:
             timeout_ms=max(1, int(left_s * 1e3)),
             **request.options.to_wire(),
             **inputs,
+            grammar=None if request.grammar is None else request.grammar.to_wire(),
         )
         trace = {} if trace is None else trace
         async with contextlib.AsyncExitStack() as stack:
@@ -190,9 +192,10 @@ class CloudBridge:
             try:
                 async for chunk in stream:
                     completion_tokens += len(chunk.token_ids)
-                    if chunk.text:
+                    scores = chunk_logprobs(chunk)
+                    if chunk.text or scores:
                         streamed.append(chunk.text)
-                        yield Piece(chunk.text)
+                        yield Piece(chunk.text, scores)
             except HybridgenError as exc:
                 if exc.code in _NOT_RECOVERABLE:
                     raise
@@ -219,7 +222,10 @@ class CloudBridge:
             if done.model_version:
                 trace["cloud_model_version"] = done.model_version
             outcome = Outcome(
-                done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens
+                done.finish_reason,
+                done.usage.prompt_tokens,
+                done.usage.completion_tokens,
+                model_version=done.model_version,
             )
             node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
             yield outcome
@@ -251,7 +257,9 @@ class CloudBridge:
             cloud_available=False,
         )
         options = request.options.with_max_tokens(decision.max_tokens or 1)
-        generation = runtime.submit(prompt_ids, options, adapter=request.adapter)
+        generation = runtime.submit(
+            prompt_ids, options, adapter=request.adapter, grammar=request.grammar
+        )
         node.record_route(decision)
         # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
         yield RouteInfo(
@@ -283,6 +291,12 @@ class CloudBridge:
         left = request.options.max_tokens - max(cloud_tokens, 0)
         room = runtime.context_length - len(context_ids)
         budget = min(left, room)
+        if request.grammar is not None and left >= 1:
+            # The edge's grammar would start over after the cloud's partial answer.
+            raise Unavailable(
+                f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and a "
+                "constrained answer cannot be finished on the edge; retry the request"
+            )
         if budget < 1 or left < 1:
             if left < 1:
                 yield Outcome("length", len(prompt_ids), cloud_tokens)

@@ -18,6 +18,8 @@ from typing import Any
 from broker.telemetry import RequestStats
 from edge.adapt import NgramCache
 from edge.runtime import Finished, Generation, SamplingParams, Token
+from serving.grammar import Grammar
+from serving.protocol import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class EdgeRequest:
     prefix_chars: int = 0
     #: The client's own deadline in ms (`X-Request-Timeout`), None: the policy's budget.
     timeout_ms: float | None = None
+    #: Constrained decoding (`response_format`), at the edge and, on the bus, in the cloud.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,11 @@ class RouteInfo:
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of the answer's text."""
+    """A piece of the answer's text; with `logprobs` asked for, its tokens' scores (a piece
+    may then carry tokens and no text, while a stop string is held back)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -88,6 +94,8 @@ class Outcome:
     completion_tokens: int
     #: The cloud failed mid-stream and the edge wrote the rest.
     completed_locally: bool = False
+    #: Version of the model that served it (the `system_fingerprint`); None: unknown.
+    model_version: str | None = None
 
 
 Item = RouteInfo | Piece | Outcome
@@ -112,12 +120,12 @@ async def stream_local(
     outcome = None
     try:
         for token in drafted:
-            if token.text:
-                yield Piece(token.text)
+            if token.text or token.token is not None:
+                yield _piece(token)
         while outcome is None:
             event = finished or await generation.next_event()
-            if isinstance(event, Token) and event.text:
-                yield Piece(event.text)
+            if isinstance(event, Token) and (event.text or event.token is not None):
+                yield _piece(event)
             elif isinstance(event, Finished):
                 if event.text:
                     yield Piece(event.text)
@@ -127,3 +135,10 @@ async def stream_local(
             generation.cancel()
     stats.record(time.perf_counter() - started, outcome.completion_tokens)
     yield outcome
+
+
+def _piece(token: Token) -> Piece:
+    """A generated token as a `Piece` (with its scores when they were asked for)."""
+    if token.token is None:
+        return Piece(token.text)
+    return Piece(token.text, (TokenLogprob(token.token, token.logprob, token.top),))

@@ -188,6 +188,7 @@ class Router:
                     hold_after_prefill=True,
                     score_span=span,
                     adapter=request.adapter,
+                    grammar=request.grammar,
                     **prefix,
                 )
             except Overloaded:
@@ -221,7 +222,9 @@ class Router:
             if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
                 options = options.with_max_tokens(decision.max_tokens)
             try:
-                generation = runtime.submit(prompt_ids, options, adapter=request.adapter, **prefix)
+                generation = runtime.submit(
+                    prompt_ids, options, adapter=request.adapter, grammar=request.grammar, **prefix
+                )
             except Overloaded:
                 decision = self._when_queue_full(request)
                 trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)

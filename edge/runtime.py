@@ -26,7 +26,10 @@ log-softmax 7.7 ms, i.e. the signal costs ~3% of the prefill it rides on. The lo
 O(n x V).
 
 Per-token log-probabilities are read with `get_logits()` after each step (log-softmax of the
-raw logits, before temperature) and kept for the router.
+raw logits, before temperature) and kept for the router. A request that asks for
+`top_logprobs` also gets the k most likely tokens of each step: `np.argpartition` over V (no
+Python loop over the vocabulary), then a sort of those k only, scored against the same
+logsumexp; their texts are decoded on the worker thread, only for such requests.
 
 Personalization. A request may carry a per-user adapter (`edge.adapt.NgramCache`, see
 `submit`). At each step the worker asks it for its sparse next-token distribution after the
@@ -79,6 +82,7 @@ from broker.wire import FinishReason
 from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
 from models.ort_edge import EdgeModel
 from models.scoring import prefill, scored_positions
+from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
 
@@ -108,6 +112,11 @@ class Token:
     token_id: int
     text: str
     logprob: float
+    #: Only when the request asked for log-probabilities (`SamplingParams.logprobs`): the
+    #: token's text decoded alone (None otherwise, and for the end token), and the
+    #: `top_logprobs` most likely tokens of this step as (text, log-probability).
+    token: str | None = None
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,8 +167,10 @@ class _Job:
         adapter: NgramCache | None = None,
         prefix_key: Hashable | None = None,
         prefix_len: int = 0,
+        grammar: Grammar | None = None,
     ) -> None:
         self.loop = loop
+        self.grammar = grammar  # constrained decoding (onnxruntime-genai's llguidance)
         self.prompt_ids = prompt_ids
         self.score_span = score_span
         self.options = options
@@ -452,6 +463,7 @@ class EdgeRuntime:
         adapter: NgramCache | None = None,
         prefix_key: Hashable | None = None,
         prefix_len: int = 0,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Queue a generation (call from the event loop).
 
@@ -470,6 +482,11 @@ class EdgeRuntime:
         with the key (module docstring: options must match, no seeded sampling). Reuse never
         changes the outputs; the Prefill event's `reused_tokens` tells whether it happened.
 
+        `grammar` constrains the output (`serving.grammar`: onnxruntime-genai's built-in
+        llguidance masks every step, and forces an end token once the grammar is complete).
+        The guidance state lives in the generator, so a constrained request never reuses or
+        keeps a prefix generator; an adapter still mixes into the logits it masks.
+
         Raises:
             BadRequest: empty prompt.
             ContextLengthExceeded: prompt + max_tokens beyond the context window.
@@ -486,9 +503,11 @@ class EdgeRuntime:
             score_span,
             adapter,
             prefix_key
-            if self._prefix_eligible(prefix_key, prefix_len, prompt_ids, options)
+            if grammar is None
+            and self._prefix_eligible(prefix_key, prefix_len, prompt_ids, options)
             else None,
             prefix_len,
+            grammar,
         )
         with self._lock:
             if self._closing:
@@ -662,7 +681,22 @@ class EdgeRuntime:
                 needed = min(self.context_length, -(-needed // step) * step)
                 job.max_length = needed
             params.set_search_options(max_length=needed, **self._search_options(options))
-            generator = og.Generator(self._model, params)
+            if job.grammar is not None:
+                try:
+                    params.set_guidance(*job.grammar.og_guidance())
+                    generator = og.Generator(self._model, params)
+                except Exception as exc:  # onnxruntime-genai refuses the grammar
+                    job.emit(
+                        BadRequest(
+                            f"the edge model cannot decode under this {job.grammar.kind} "
+                            f"grammar: {exc}",
+                            param="response_format",
+                        )
+                    )
+                    job.failed = job.cancelled = True
+                    return
+            else:
+                generator = og.Generator(self._model, params)
         perplexity = prefill(generator, job.prompt_ids, job.score_span, start=reused)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
@@ -710,11 +744,33 @@ class EdgeRuntime:
             self._finish(job, "stop")
             return
         released, stopped = job.stops.push(job.stream.decode(token_id))
-        job.emit(Token(token_id=token_id, text=released, logprob=logprob))
+        if job.options.logprobs:
+            token, top = self._scores(job, logits, token_id, mixed_lse)
+            job.emit(Token(token_id, released, logprob, token=token, top=top))
+        else:
+            job.emit(Token(token_id=token_id, text=released, logprob=logprob))
         if stopped:
             self._finish(job, "stop", flush=False)
         elif generator.is_done() or job.remaining <= 0:
             self._finish(job, "length")
+
+    def _scores(
+        self, job: _Job, logits: np.ndarray, token_id: int, lse: float | None
+    ) -> tuple[str, tuple[tuple[str, float], ...]]:
+        """The chosen token's text and the step's `top_logprobs` most likely tokens.
+
+        `logits` are the (V,) logits the token was drawn from (mixed, for an adapter, with
+        their logsumexp `lse`; None: computed here). Top-k by `np.argpartition`, O(V).
+        """
+        decode = self.edge_model.decode
+        k = min(job.options.top_logprobs, logits.shape[-1])
+        if k <= 0:
+            return decode([token_id]), ()
+        total = logsumexp(logits) if lse is None else lse
+        ids = np.argpartition(logits, -k)[-k:]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        top = tuple((decode([int(i)]), float(logits[i]) - total) for i in ids)
+        return decode([token_id]), top
 
     def _adapt(self, job: _Job, raw: np.ndarray) -> float | None:
         """Mix the job's adapter into `raw` ((1, 1, V) logits) and hand them to the generator.

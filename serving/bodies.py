@@ -53,7 +53,34 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not isinstance(obj, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a scalar")
         raise BadRequest(f"request body must be a JSON object, got {kind}")
+    if "\\u" in text and (where := _surrogate_at(obj)) is not None:
+        raise BadRequest(
+            f"field {where!r} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape); "
+            "send valid Unicode",
+            param=where,
+        )
     return obj
+
+
+def _surrogate_at(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string holding a lone surrogate (JSON can escape one,
+    UTF-8 cannot carry it: tokenizers fail on it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if not isinstance(value, dict | list):
+        return None
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str) and _surrogate_at(key) is not None:
+            return path or "body"  # in a key (never echoed back: it cannot be encoded)
+        found = _surrogate_at(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def validate_body(cls: type[M], obj: dict[str, Any]) -> M:

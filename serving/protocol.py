@@ -21,17 +21,33 @@ How the edge reuses it:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
+from broker import wire
+from broker.errors import BadRequest
+from serving.grammar import Grammar, from_response_format
 from serving.sampling import SamplingParams
 
 Route = Literal["auto", "edge", "cloud"]
 
+#: No token of a real vocabulary is longer than this many characters: an input with more
+#: characters than this times a context window cannot fit it, and is refused before the
+#: tokenizer spends time on it (`too_long_for`).
+MAX_CHARS_PER_TOKEN = 64
+
 #: How many stop sequences a request may carry (OpenAI allows 4; the bus allows 16).
 MAX_STOP_SEQUENCES = 4
+
+
+def too_long_for(chars: int, context_length: int) -> bool:
+    """Whether an input of `chars` characters certainly exceeds a `context_length` window
+    (see `MAX_CHARS_PER_TOKEN`), so it can be refused without tokenizing it."""
+    return chars > MAX_CHARS_PER_TOKEN * context_length
 
 
 class _Request(BaseModel):
@@ -55,18 +71,81 @@ class _GenerationRequest(_Request):
     top_k: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    #: One answer per request: `n` > 1 is refused (400 naming `n`).
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    #: Accepted for compatibility; not acted on.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    #: OpenAI's additive penalties: 0 (or unset) only; a non-zero value is refused.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     #: Extension shared with the edge: opaque user id (personalization on the edge).
     user: str | None = Field(default=None, max_length=256)
     #: Extension (edge): where to serve the request; the cloud ignores it.
     route: Route = "auto"
     #: Extension (edge): never leave the node; the cloud ignores it.
     local_only: bool = False
+    #: OpenAI options neither API supports: refused (400 naming them) rather than ignored,
+    #: since ignoring them would answer something the client did not ask for.
+    logit_bias: Any = None
+    best_of: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    #: Structured outputs: `text`, `json_object` or `json_schema` (`serving.grammar`);
+    #: the answer is decoded under the grammar at whichever end serves it.
+    response_format: Any = None
+
+    @field_validator(
+        "logit_bias", "best_of", "tools", "tool_choice", "functions", "function_call",
+    )  # fmt: skip
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: Any) -> Any:
+        harmless = (
+            value is None
+            or value in ({}, [], "none")
+            or (info.field_name == "best_of" and value == 1)
+        )
+        if not harmless:
+            raise PydanticCustomError(
+                "unsupported", f"{info.field_name!r} is not supported by this API; remove it"
+            )
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: Any) -> Any:
+        try:
+            from_response_format(value)
+        except BadRequest as exc:
+            raise PydanticCustomError("response_format", exc.message) from None
+        return value
+
+    def grammar(self) -> Grammar | None:
+        """The grammar `response_format` asks for (None: unconstrained); checked when the
+        body was validated."""
+        return from_response_format(self.response_format)
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, value: int) -> int:
+        if value != 1:
+            raise PydanticCustomError(
+                "unsupported",
+                "n > 1 is not supported: one answer per request; send n requests (with "
+                "different seeds) instead",
+            )
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None, info: Any) -> float | None:
+        if value:
+            raise PydanticCustomError(
+                "unsupported",
+                f"{info.field_name!r} is not supported by this API (only 0 is); remove it",
+            )
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -87,9 +166,14 @@ class _GenerationRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(whether log-probabilities are asked for, how many top tokens per step)."""
+        return False, 0
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """This request's sampling parameters; `default_max_tokens` where it sets none
         (`requested_max_tokens()` tells whether it did)."""
+        logprobs, top = self.logprob_request()
         return SamplingParams(
             max_tokens=self.requested_max_tokens() or default_max_tokens,
             temperature=self.temperature,
@@ -97,6 +181,8 @@ class _GenerationRequest(_Request):
             top_k=self.top_k,
             stop=tuple(self.stop_list()),
             seed=self.seed,
+            logprobs=logprobs,
+            top_logprobs=top,
         )
 
     @property
@@ -110,9 +196,13 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: str | list[str]
     echo: bool = False
-    #: Accepted for compatibility; log-probabilities are not returned.
+    #: Log-probabilities of the generated tokens and of this many most likely tokens per step
+    #: (0-5, as OpenAI's completions); None: none.
     logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod
@@ -127,14 +217,34 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ContentPart(_Request):
+    """One part of a message's content. Only `text` parts are read: the models are text-only,
+    so other parts (`image_url`, `input_audio`, `file`) are refused with a 400
+    (`ChatMessage._text_parts_only`)."""
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    #: `developer` is OpenAI's newer name of `system` (rendered as a system message).
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        kinds = (
+            [p.get("type") for p in value if isinstance(p, dict)] if isinstance(value, list) else []
+        )
+        other = next((k for k in kinds if k != "text"), None)
+        if other is not None:
+            raise PydanticCustomError(
+                "unsupported",
+                f"content parts of type {other!r} are not supported: the models read text "
+                "only; send text parts",
+            )
+        return value
 
     def text(self) -> str:
         """The message's content as one string (text parts joined)."""
@@ -147,31 +257,136 @@ class ChatCompletionRequest(_GenerationRequest):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _check_content(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(message.text() for message in value):
+            raise ValueError("every message is empty; give some content")
+        return value
+
     #: Newer name of `max_tokens` in OpenAI's chat API; wins when both are set.
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    #: Accepted for compatibility; log-probabilities are not returned.
+    #: Log-probabilities of the generated tokens; `top_logprobs` (0-20, needs `logprobs`)
+    #: adds the most likely tokens of each step.
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return bool(self.logprobs), (self.top_logprobs or 0) if self.logprobs else 0
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as `{"role", "content"}` dicts, the input of `models.chat.render_chat`."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        """Messages as `{"role", "content"}` dicts, the input of `models.chat.render_chat`
+        (`developer` becomes `system`)."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
 
 
 # ----------------------------------------------------------------------------- responses
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens at its step.
+
+    `token` is the token's text decoded alone (a token that holds part of a UTF-8 character
+    decodes to U+FFFD); `top` lists (text, log-probability), most likely first.
+    """
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def chunk_logprobs(chunk: wire.Chunk) -> tuple[TokenLogprob, ...]:
+    """The token scores a worker's bus chunk carries (empty unless they were asked for)."""
+    if chunk.logprobs is None or chunk.tokens is None:
+        return ()
+    tops = chunk.top_logprobs or [[] for _ in chunk.tokens]
+    return tuple(
+        TokenLogprob(token, logprob, tuple((t.token, t.logprob) for t in top))
+        for token, logprob, top in zip(chunk.tokens, chunk.logprobs, tops, strict=False)
+    )
+
+
+def chat_logprobs(items: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """A chat choice's `logprobs` in OpenAI's shape (`content`, `refusal`)."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]}
+            for i in items
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(items: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """A completion choice's `logprobs` in OpenAI's legacy shape (`tokens`,
+    `token_logprobs`, `top_logprobs`, `text_offset`); `offset`: characters of the answer
+    before the first of `items` (the echoed prompt, earlier chunks)."""
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return {
+        "tokens": [i.token for i in items],
+        "token_logprobs": [i.logprob for i in items],
+        "top_logprobs": [dict(i.top) for i in items],
+        "text_offset": offsets,
+    }
+
+
 class _Response(BaseModel):
-    """Base of the response bodies: extra fields (served_by, route_reason, ...) allowed."""
+    """Base of the response bodies: extra fields (served_by, route_reason, ...) allowed.
+
+    `body()` drops fields left at None, but those in `_nullable`: the ones the OpenAI
+    reference marks required but nullable (`logprobs`, `finish_reason`, `refusal`), which a
+    strict client expects as `null`.
+    """
 
     model_config = ConfigDict(extra="allow")
 
+    _nullable: ClassVar[frozenset[str]] = frozenset()
+
     def body(self) -> dict[str, Any]:
-        """JSON-ready dict (None fields dropped, extras kept)."""
-        return self.model_dump(exclude_none=True)
+        """JSON-ready dict (None fields dropped but the required nullable ones, extras kept)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None or name in self._nullable:
+                out[name] = _plain(value)
+        for name, value in (self.model_extra or {}).items():
+            if value is not None:
+                out[name] = _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Response):
+        return value.body()
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class Usage(_Response):
@@ -189,10 +404,12 @@ class Usage(_Response):
 
 
 class CompletionChoice(_Response):
+    _nullable = frozenset({"finish_reason", "logprobs"})
+
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: Any = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(_Response):
@@ -200,20 +417,27 @@ class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
 
 class ChatMessageOut(_Response):
+    _nullable = frozenset({"refusal"})
+
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None
+    annotations: list[Any] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
+    _nullable = frozenset({"finish_reason", "logprobs"})
+
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None = None
-    logprobs: Any = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(_Response):
@@ -221,6 +445,7 @@ class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage | None = None
 
@@ -231,9 +456,12 @@ class ChatDelta(_Response):
 
 
 class ChatChunkChoice(_Response):
+    _nullable = frozenset({"finish_reason"})
+
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -241,6 +469,7 @@ class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -265,6 +494,11 @@ def chat_completion_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
 
+def fingerprint(model_version: str | None) -> str | None:
+    """`system_fingerprint` of an answer: the serving model's version (`fp_<version>`)."""
+    return f"fp_{model_version}" if model_version else None
+
+
 def _usage(usage: Usage | tuple[int, int] | None) -> Usage | None:
     if usage is None or isinstance(usage, Usage):
         return usage
@@ -279,6 +513,9 @@ def completion_response(
     finish_reason: str,
     usage: Usage | tuple[int, int],
     created: int | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    logprob_offset: int = 0,
+    model_version: str | None = None,
     **extra: Any,
 ) -> Completion:
     """A non-streamed `/v1/completions` answer.
@@ -286,13 +523,18 @@ def completion_response(
     Args:
         request_id: the hybridgen request id (the response id is `cmpl-<request_id>`).
         usage: a `Usage` or `(prompt_tokens, completion_tokens)`.
+        logprobs: the generated tokens' log-probabilities (None: not asked for);
+            `logprob_offset` the characters before the first (an echoed prompt).
+        model_version: the serving model's version (`system_fingerprint`).
         extra: extra top-level fields, e.g. `served_by`, `route_reason`, `request_id`.
     """
+    scores = None if logprobs is None else completion_logprobs(logprobs, logprob_offset)
     return Completion(
         id=completion_id(request_id),
         created=created or int(time.time()),
         model=model,
-        choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
+        system_fingerprint=fingerprint(model_version),
+        choices=[CompletionChoice(text=text, finish_reason=finish_reason, logprobs=scores)],
         usage=_usage(usage),
         **extra,
     )
@@ -307,17 +549,24 @@ def completion_chunk(
     usage: Usage | tuple[int, int] | None = None,
     created: int | None = None,
     with_choice: bool = True,
+    logprobs: dict[str, Any] | None = None,
+    model_version: str | None = None,
     **extra: Any,
 ) -> Completion:
     """One SSE chunk of a streamed `/v1/completions` answer.
 
     `with_choice=False` makes the trailing usage-only chunk (`stream_options.include_usage`).
     """
-    choices = [CompletionChoice(text=text, finish_reason=finish_reason)] if with_choice else []
+    choices = (
+        [CompletionChoice(text=text, finish_reason=finish_reason, logprobs=logprobs)]
+        if with_choice
+        else []
+    )
     return Completion(
         id=completion_id(request_id),
         created=created or int(time.time()),
         model=model,
+        system_fingerprint=fingerprint(model_version),
         choices=choices,
         usage=_usage(usage),
         **extra,
@@ -332,14 +581,26 @@ def chat_response(
     finish_reason: str,
     usage: Usage | tuple[int, int],
     created: int | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    model_version: str | None = None,
     **extra: Any,
 ) -> ChatCompletion:
-    """A non-streamed `/v1/chat/completions` answer (`chatcmpl-<request_id>`)."""
+    """A non-streamed `/v1/chat/completions` answer (`chatcmpl-<request_id>`).
+
+    `logprobs`: the generated tokens' log-probabilities (None: not asked for);
+    `model_version`: the serving model's version (`system_fingerprint`).
+    """
+    scores = None if logprobs is None else chat_logprobs(logprobs)
     return ChatCompletion(
         id=chat_completion_id(request_id),
         created=created or int(time.time()),
         model=model,
-        choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish_reason)],
+        system_fingerprint=fingerprint(model_version),
+        choices=[
+            ChatChoice(
+                message=ChatMessageOut(content=text), finish_reason=finish_reason, logprobs=scores
+            )
+        ],
         usage=_usage(usage),
         **extra,
     )
@@ -355,15 +616,23 @@ def chat_chunk(
     usage: Usage | tuple[int, int] | None = None,
     created: int | None = None,
     with_choice: bool = True,
+    logprobs: dict[str, Any] | None = None,
+    model_version: str | None = None,
     **extra: Any,
 ) -> ChatCompletionChunk:
     """One SSE chunk of a streamed chat answer.
 
-    The first chunk carries `role="assistant"`, the last one `finish_reason`;
-    `with_choice=False` makes the trailing usage-only chunk.
+    The first chunk carries `role="assistant"`, the last one `finish_reason` (null in the
+    others); `with_choice=False` makes the trailing usage-only chunk.
     """
     choices = (
-        [ChatChunkChoice(delta=ChatDelta(role=role, content=content), finish_reason=finish_reason)]
+        [
+            ChatChunkChoice(
+                delta=ChatDelta(role=role, content=content),
+                finish_reason=finish_reason,
+                logprobs=logprobs,
+            )
+        ]
         if with_choice
         else []
     )
@@ -371,23 +640,30 @@ def chat_chunk(
         id=chat_completion_id(request_id),
         created=created or int(time.time()),
         model=model,
+        system_fingerprint=fingerprint(model_version),
         choices=choices,
         usage=_usage(usage),
         **extra,
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamChunks:
     """Every chunk of one streamed answer, chat or completion, built the same way on the edge
     and the cloud: the first (the assistant role), text deltas, the last (`finish_reason`),
     and the usage-only chunk of `stream_options.include_usage`. `extra` fields (hybridgen's
-    `served_by`, `route_reason`, ...) land next to OpenAI's."""
+    `served_by`, `route_reason`, ...) land next to OpenAI's.
+
+    `model_version` (the `system_fingerprint`) may be set once known (the cloud tells it at
+    the end); `offset` counts the characters streamed so far (completions' `text_offset`).
+    """
 
     chat: bool
     request_id: str
     model: str
     created: int
+    model_version: str | None = None
+    offset: int = 0
 
     def _chunk(
         self,
@@ -396,6 +672,7 @@ class StreamChunks:
         first: bool = False,
         finish_reason: str | None = None,
         usage: tuple[int, int] | None = None,
+        logprobs: Sequence[TokenLogprob] | None = None,
         **extra: Any,
     ) -> ChatCompletionChunk | Completion:
         common: dict[str, Any] = {
@@ -405,19 +682,25 @@ class StreamChunks:
             "finish_reason": finish_reason,
             "usage": usage,
             "with_choice": usage is None,
+            "model_version": self.model_version,
         }
         if self.chat:
             role: Literal["assistant"] | None = "assistant" if first else None
-            return chat_chunk(content=text, role=role, **common, **extra)
-        return completion_chunk(text=text or "", **common, **extra)
+            scores = chat_logprobs(logprobs) if logprobs else None
+            return chat_chunk(content=text, role=role, logprobs=scores, **common, **extra)
+        scores = completion_logprobs(logprobs, self.offset) if logprobs else None
+        self.offset += len(text or "")
+        return completion_chunk(text=text or "", logprobs=scores, **common, **extra)
 
     def first(self, text: str = "", **extra: Any) -> ChatCompletionChunk | Completion:
         """The opening chunk (the role; a completion's echoed prompt, if any)."""
         return self._chunk(text, first=True, **extra)
 
-    def delta(self, text: str, **extra: Any) -> ChatCompletionChunk | Completion:
-        """A piece of the answer's text."""
-        return self._chunk(text, **extra)
+    def delta(
+        self, text: str, logprobs: Sequence[TokenLogprob] | None = None, **extra: Any
+    ) -> ChatCompletionChunk | Completion:
+        """A piece of the answer's text, with its tokens' log-probabilities when asked for."""
+        return self._chunk(text, logprobs=logprobs, **extra)
 
     def finish(self, finish_reason: str, **extra: Any) -> ChatCompletionChunk | Completion:
         """The closing chunk, with the finish reason."""

@@ -24,6 +24,9 @@ class SamplingParams:
         stop: strings that end the answer (not shown).
         seed: makes a sampled answer repeat.
         ignore_eos: keep generating past the model's end tokens (benchmarks only).
+        logprobs: report each generated token's log-probability (and its text).
+        top_logprobs: with `logprobs`, also this many most likely tokens of each step
+            (0-20).
     """
 
     max_tokens: int = 64
@@ -33,6 +36,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +56,8 @@ class SamplingParams:
             "top_k": self.top_k,
             "stop": list(self.stop),
             "seed": self.seed,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs if self.logprobs else 0,
         }
 
     @classmethod
@@ -63,4 +70,6 @@ class SamplingParams:
             top_k=request.top_k,
             stop=tuple(request.stop),
             seed=request.seed,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs if request.logprobs else 0,
         )

@@ -185,13 +185,15 @@ async def test_malformed_requests_answer_bad_request(nc: Client) -> None:
             (b"\xc1\xc1garbage", "malformed msgpack"),
             (msgpack.packb([1, 2, 3]), "msgpack map"),
             (msgpack.packb({"v": 1}), "version"),
-            (msgpack.packb({"v": 2, "request_id": "r1", "model": MODEL}), "prompt"),
+            (msgpack.packb({"v": wire.VERSION, "request_id": "r1", "model": MODEL}), "prompt"),
             (
-                msgpack.packb({"v": 2, "request_id": "r1", "model": MODEL, "prompt": 5}),
+                msgpack.packb({"v": wire.VERSION, "request_id": "r1", "model": MODEL, "prompt": 5}),
                 "prompt",
             ),
             (
-                msgpack.packb({"v": 2, "request_id": "a.b", "model": MODEL, "prompt": "x"}),
+                msgpack.packb(
+                    {"v": wire.VERSION, "request_id": "a.b", "model": MODEL, "prompt": "x"}
+                ),
                 "request_id",
             ),
             (b"", "malformed"),
@@ -199,7 +201,9 @@ async def test_malformed_requests_answer_bad_request(nc: Client) -> None:
             reply = await bad_reply(nc, payload)
             assert reply.code == "bad_request", payload
             assert fragment in reply.message, (payload, reply.message)
-        reply = await bad_reply(nc, msgpack.packb({"v": 2, "request_id": "r9", "prompt": 1}))
+        reply = await bad_reply(
+            nc, msgpack.packb({"v": wire.VERSION, "request_id": "r9", "prompt": 1})
+        )
         assert reply.request_id == "r9"
         # And it still serves a good one.
         async with request_stream(nc, make_request("still here")) as stream:

@@ -80,15 +80,15 @@ async def test_round_trip_through_server(nc: Client, message: wire.Message) -> N
         (msgpack.packb("a string"), "must be a msgpack map"),
         (msgpack.packb({"prompt": "x"}), "version"),
         (msgpack.packb({"v": "1"}), "version"),
-        (msgpack.packb({"v": 2, "type": "chunk"}), "expected a 'generate' message"),
-        (msgpack.packb({"v": 2, "model": "m", "prompt": "p"}), "'request_id'"),
+        (msgpack.packb({"v": wire.VERSION, "type": "chunk"}), "expected a 'generate' message"),
+        (msgpack.packb({"v": wire.VERSION, "model": "m", "prompt": "p"}), "'request_id'"),
         # v1 carried a rendered prompt for every request: refused, not misread.
         (msgpack.packb({"v": 1, "request_id": "r", "model": "m", "prompt": "p"}), "version 1"),
-        (msgpack.packb({"v": 2, "request_id": "r", "model": "m"}), "exactly one of"),
+        (msgpack.packb({"v": wire.VERSION, "request_id": "r", "model": "m"}), "exactly one of"),
         (
             msgpack.packb(
                 {
-                    "v": 2,
+                    "v": wire.VERSION,
                     "request_id": "r",
                     "model": "m",
                     "prompt": "p",
@@ -98,25 +98,34 @@ async def test_round_trip_through_server(nc: Client, message: wire.Message) -> N
             "exactly one of",
         ),
         (
-            msgpack.packb({"v": 2, "request_id": "r", "model": "m", "messages": []}),
+            msgpack.packb({"v": wire.VERSION, "request_id": "r", "model": "m", "messages": []}),
             "'messages'",
         ),
         (
             msgpack.packb(
-                {"v": 2, "request_id": "r", "model": "m", "messages": [{"role": "user"}]}
+                {"v": wire.VERSION, "request_id": "r", "model": "m", "messages": [{"role": "user"}]}
             ),
             "'messages.0.content'",
         ),
-        (msgpack.packb({"v": 2, "request_id": "r", "model": "m", "prompt": b"\x00"}), "'prompt'"),
+        (
+            msgpack.packb({"v": wire.VERSION, "request_id": "r", "model": "m", "prompt": b"\x00"}),
+            "'prompt'",
+        ),
         (
             msgpack.packb(
-                {"v": 2, "request_id": "r", "model": "m", "prompt": "p", "max_tokens": 0}
+                {"v": wire.VERSION, "request_id": "r", "model": "m", "prompt": "p", "max_tokens": 0}
             ),
             "'max_tokens'",
         ),
         (
             msgpack.packb(
-                {"v": 2, "request_id": "r", "model": "m", "prompt": "p", "stop": ["a"] * 40}
+                {
+                    "v": wire.VERSION,
+                    "request_id": "r",
+                    "model": "m",
+                    "prompt": "p",
+                    "stop": ["a"] * 40,
+                }
             ),
             "'stop'",
         ),
@@ -132,9 +141,9 @@ def test_decoder_refuses_bad_input(payload: bytes, fragment: str) -> None:
 
 def test_reply_decoder_refuses_unknown_type() -> None:
     with pytest.raises(errors.BadRequest):
-        wire.decode_reply(msgpack.packb({"v": 2, "type": "nope"}))
+        wire.decode_reply(msgpack.packb({"v": wire.VERSION, "type": "nope"}))
     with pytest.raises(errors.BadRequest):
-        wire.decode_reply(msgpack.packb({"v": 2, "type": "chunk", "request_id": "r"}))
+        wire.decode_reply(msgpack.packb({"v": wire.VERSION, "type": "chunk", "request_id": "r"}))
 
 
 def test_deeply_nested_input_does_not_crash() -> None:
@@ -145,7 +154,7 @@ def test_deeply_nested_input_does_not_crash() -> None:
 
 async def test_unknown_fields_ignored(nc: Client) -> None:
     raw = msgpack.packb(
-        {"v": 2, "type": "chunk", "request_id": "r", "seq": 0, "future_field": [1, 2]}
+        {"v": wire.VERSION, "type": "chunk", "request_id": "r", "seq": 0, "future_field": [1, 2]}
     )
     assert wire.decode_reply(raw) == wire.Chunk(request_id="r", seq=0)
     await asyncio.sleep(0)

@@ -263,6 +263,36 @@ async def test_overload_is_coded(
     await stream.close()
 
 
+async def test_the_clients_timeout_header_reaches_the_worker_as_timeout_ms(
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
+) -> None:
+    """`X-Request-Timeout` (seconds) becomes the bus request's `timeout_ms`, below the
+    API's own `request_timeout_s`; without it the worker gets the API's whole budget."""
+    await start_worker()
+    url, settings = api
+    seen: list[wire.GenerateRequest] = []
+
+    async def on_request(msg: Msg) -> None:  # beside the worker's queue group: sees all
+        seen.append(wire.decode(msg.data, wire.GenerateRequest))
+
+    await nc.subscribe(subjects.gen(MODEL), cb=on_request)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        timed = await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "3"})
+        untimed = await http.post("/v1/completions", json=body)
+        bad = await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "-1"})
+    assert timed.status_code == untimed.status_code == 200
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(seen) == 2
+    assert seen[0].timeout_ms is not None and 0 < seen[0].timeout_ms <= 3000
+    assert seen[1].timeout_ms is not None and seen[1].timeout_ms > 3000
+    assert seen[1].timeout_ms <= settings.request_timeout_s * 1000
+
+
 async def test_two_workers_share_load(
     start_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
 ) -> None:

@@ -302,3 +302,78 @@ async def test_worker_killed_mid_stream(
         if victim.poll() is None:
             victim.kill()
         victim.wait(10)
+
+
+# ---------------------------------------------------------------------------- flood, broker
+
+
+async def test_a_flood_beyond_the_queue_is_answered_200_or_503_with_retry_after(
+    start_edge: Callable[..., Any],
+) -> None:
+    """Many concurrent requests, beyond one slot and one queued: each is answered, 200 or a
+    503 carrying Retry-After; the queue never grows past its bound; the edge keeps serving.
+    (`local_only`: no cloud to overflow to, so what does not fit is shed.)"""
+    edge = await start_edge(max_active=1, max_queue=1, policy=LOCAL_POLICY)
+    runtime = edge.node.runtime
+    deepest = 0
+    payload = {**body("edge", stream=False, max_tokens=8), "local_only": True}
+
+    async def one(http: httpx.AsyncClient) -> httpx.Response:
+        nonlocal deepest
+        deepest = max(deepest, runtime.queue_depth)
+        return await http.post("/v1/completions", json=payload)
+
+    async with httpx.AsyncClient(base_url=edge.url, timeout=None) as http:
+        async with slot_taken(edge):  # a full slot: the flood arrives while it is busy
+            calls = [asyncio.ensure_future(one(http)) for _ in range(24)]
+            await eventually(lambda: sum(c.done() for c in calls) >= 22)
+            deepest = max(deepest, runtime.queue_depth)
+        answers = await asyncio.gather(*calls)
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 22, statuses  # one slot busy, one queued: the rest shed
+        for answer in answers:
+            if answer.status_code == 503:
+                assert answer.headers.get("retry-after"), answer.headers
+                assert answer.json()["error"]["code"] in ("overloaded", "unavailable")
+        assert deepest <= 1
+        assert (await http.post("/v1/completions", json=payload)).status_code == 200
+
+
+async def test_broker_restart_mid_request_ends_the_stream_well(
+    start_edge: Callable[..., Any],
+    start_worker: Callable[..., Any],
+    nats_server: Any,
+    tmp_path: Any,
+) -> None:
+    """The broker stops while a cloud stream runs: the stream ends with a local completion or
+    an error event, then [DONE]; once the broker is back the edge reconnects and serves."""
+    from broker.server import NatsServer
+
+    await start_worker()
+    edge = await start_edge(policy={**LOCAL_POLICY, "cloud_idle_timeout_ms": 1000})
+    port = int(nats_server.client_url.rsplit(":", 1)[1])
+    events: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=None) as http,
+        http.stream(
+            "POST", "/v1/completions", json=body("cloud", stream=True, max_tokens=200)
+        ) as response,
+    ):
+        assert response.headers["x-hybridgen-served-by"] == "cloud"
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 2:
+                await nats_server.shutdown()
+    last = ends_well(events)
+    assert last.get("completed_by") == "edge" or "error" in last, last
+    again = NatsServer(store_dir=tmp_path / "again", port=port)
+    await again.start()
+    try:
+        await eventually(lambda: edge.node.bus_connected, within=30)
+        async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+            answer = await http.post("/v1/completions", json=body("auto", stream=False))
+        assert answer.status_code == 200, answer.text
+    finally:
+        await again.shutdown()

@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "cloud-batching": ("cloud.bench", "main"),
     "console": ("hybridgen.benches.console", "main"),
     "prefix": ("hybridgen.benches.prefix", "main"),
+    "constrained": ("hybridgen.benches.constrained", "main"),
     "personalization": ("hybridgen.benches.personalization", "main"),
 }
 
