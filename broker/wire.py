@@ -15,6 +15,8 @@ Version 3 adds `GenerateRequest.grammar`: a constrained request (`response_forma
 back to the cloud, and the cloud must decode it under the same grammar (`serving.grammar`).
 It also carries real log-probabilities: `GenerateRequest.top_logprobs`, and in each `Chunk`
 the scored tokens' texts (`tokens`) and their steps' most likely tokens (`top_logprobs`).
+Tool calling adds optional fields to version 3 (it had not been released yet):
+`GenerateRequest.tools` and, in `ChatMessage`, `tool_calls`, `tool_call_id` and `name`.
 """
 
 from __future__ import annotations
@@ -60,12 +62,20 @@ class Usage(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of a chat request (`role`: system, user, assistant, ...)."""
+    """One message of a chat request (`role`: system, user, assistant, tool, ...).
+
+    Tool turns (optional, v3): an assistant's `tool_calls` (OpenAI's shape: `id`, `type`,
+    `function.name`, `function.arguments` as JSON text), a `tool` message's `tool_call_id`
+    and `name`.
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str = Field(min_length=1, max_length=64)
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class Grammar(BaseModel):
@@ -110,6 +120,9 @@ class GenerateRequest(Message):
     user: str | None = None
     #: Constrained decoding: the output must match this grammar (None: unconstrained).
     grammar: Grammar | None = None
+    #: Tools shown to the model (OpenAI's `tools` list; the grammar forces the call format),
+    #: rendered by the worker's chat template or its fallback (`serving.tools`).
+    tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -117,9 +130,10 @@ class GenerateRequest(Message):
             raise ValueError("exactly one of 'messages' and 'prompt' must be set")
         return self
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        """`messages` as plain `{"role", "content"}` dicts (for a chat template)."""
-        return [m.model_dump() for m in self.messages or ()]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """`messages` as `{"role", "content"}` dicts (for a chat template), with the tool
+        fields a message has."""
+        return [m.model_dump(exclude_none=True) for m in self.messages or ()]
 
 
 class TopLogprob(BaseModel):

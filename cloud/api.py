@@ -54,6 +54,7 @@ from serving.protocol import (
     model_list,
 )
 from serving.sse import sse_response
+from serving.tools import CallStream
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,10 @@ def _generate_request(
     # A chat that sets none leaves max_tokens to the worker (its default, within its window).
     max_tokens = None if chat and body.requested_max_tokens() is None else sampling.max_tokens
     if isinstance(body, ChatCompletionRequest):
-        inputs: dict[str, Any] = {"messages": body.message_dicts()}
+        inputs: dict[str, Any] = {
+            "messages": body.message_dicts(),
+            "tools": body.tool_request().shown(),
+        }
     else:
         prompt = body.prompt_text()
         if not prompt:
@@ -319,6 +323,8 @@ async def _serve(
         state.metrics.errors.labels(exc.code.value).inc()
         raise
     request_id, model, created = generate.request_id, body.model, int(time.time())
+    # The model may call tools: calls in its text become `tool_calls`.
+    tools = isinstance(body, ChatCompletionRequest) and body.tool_request().active
     headers = {"X-Request-Id": request_id}
     logger.info("request %s -> %s (%s)", request_id, model, "stream" if body.stream else "whole")
 
@@ -367,10 +373,17 @@ async def _serve(
             model_version=done.model_version,
             served_by="cloud",
             worker=done.served_by,
+            **({"tools": True} if tools else {}),
         )
         return JSONResponse({**answer.body(), "request_id": request_id}, headers=headers)
 
-    chunks_of = StreamChunks(chat=chat, request_id=request_id, model=model, created=created)
+    chunks_of = StreamChunks(
+        chat=chat,
+        request_id=request_id,
+        model=model,
+        created=created,
+        calls=CallStream() if tools else None,
+    )
 
     async def chunks() -> AsyncIterator[Any]:
         started = time.monotonic()
@@ -383,7 +396,8 @@ async def _serve(
                 async for chunk in replies:
                     scores = chunk_logprobs(chunk)
                     if chunk.text or scores:
-                        yield chunks_of.delta(chunk.text, scores or None)
+                        for out in chunks_of.deltas(chunk.text, scores or None):
+                            yield out
                 done = replies.done
             failed = False
         except HybridgenError as exc:
@@ -396,7 +410,9 @@ async def _serve(
         assert done is not None
         _count_tokens(state, done)
         chunks_of.model_version = done.model_version  # known at the end: the last chunks
-        last = chunks_of.finish(done.finish_reason, served_by="cloud", worker=done.served_by)
+        *held, last = chunks_of.ends(done.finish_reason, served_by="cloud", worker=done.served_by)
+        for out in held:
+            yield out
         yield {**last.body(), "request_id": request_id}
         if body.include_usage:
             yield chunks_of.usage(done.usage.prompt_tokens, done.usage.completion_tokens)

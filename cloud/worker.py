@@ -46,6 +46,7 @@ from cloud.settings import WorkerSettings
 from serving.grammar import Grammar
 from serving.protocol import too_long_for
 from serving.sampling import SamplingParams
+from serving.tools import template_messages, template_supports_tools
 
 logger = logging.getLogger(__name__)
 
@@ -370,9 +371,13 @@ class CloudWorker:
             if not prompt_ids:
                 raise BadRequest("the prompt is empty", param="prompt")
             return prompt_ids
+        # Tools and tool turns: the template's own rendering when it has one, else the
+        # documented fallback (`serving.tools.fallback_messages`).
+        native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
+        messages, tools = template_messages(request.message_dicts(), request.tools, native)
         try:
             text = engine.tokenizer.apply_chat_template(
-                request.message_dicts(), tokenize=False, add_generation_prompt=True
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
             )
         except Exception as exc:  # jinja's TemplateError and the template's own raise
             raise BadRequest(

@@ -40,6 +40,7 @@ from serving.deadlines import client_timeout_s, until_disconnect
 from serving.errors import error_response
 from serving.metrics import HttpMetrics, install_common
 from serving.sse import sse_response
+from serving.tools import CallStream
 
 HEADER_SERVED_BY = "X-Hybridgen-Served-By"
 HEADER_ROUTE_REASON = "X-Hybridgen-Route-Reason"
@@ -179,7 +180,8 @@ async def chat_completions(
     personal = await _personalization(service, req.user, _last_user_text(messages))
     # The edge reads the persona and samples; the cloud gets what the user lets it see.
     edge_messages, cloud_messages = personal.chat(messages) if personal else (messages, messages)
-    prompt = service.node.runtime.render_chat(edge_messages)
+    tools = req.tool_request().shown()
+    prompt = service.node.runtime.render_chat(edge_messages, tools)
     return await serve(
         service,
         metrics,
@@ -270,6 +272,9 @@ async def serve(
         The answer, or the error envelope when the request fails before it is routed.
     """
     chat = messages is not None
+    # The model may call tools: calls in its text become `tool_calls`.
+    shown = req.tool_request().shown() if isinstance(req, protocol.ChatCompletionRequest) else None
+    tools = shown is not None
     node = service.node
     options, given = _options(req, service.settings.default_max_tokens)
     if personal is not None:
@@ -291,6 +296,7 @@ async def serve(
         cloud_prompt=cloud_prompt,
         adapter=None if personal is None else personal.adapter,
         grammar=req.grammar(),
+        tools=shown,
         **_prefix(personal, prompt),
     )
     items = node.generate(edge_request)
@@ -328,6 +334,7 @@ async def serve(
             model=info.model,
             created=created,
             model_version=edge_version,
+            calls=CallStream() if tools else None,
         )
         chunks = _stream(items, metrics, extra, req.include_usage, chunks_of, echo)
         return await sse_response(chunks, headers=headers)
@@ -365,7 +372,7 @@ async def serve(
         "model_version": outcome.model_version or edge_version,
     }
     if chat:
-        body: Any = protocol.chat_response(**common)
+        body: Any = protocol.chat_response(**common, tools=tools)
     else:
         body = protocol.completion_response(**common, logprob_offset=len(echo))
     return JSONResponse(_tagged(body, extra), headers=headers)
@@ -385,7 +392,8 @@ async def _stream(
         yield _tagged(chunks_of.first(echo), extra)
         async for item in items:
             if isinstance(item, Piece):
-                yield _tagged(chunks_of.delta(item.text, item.logprobs or None), extra)
+                for chunk in chunks_of.deltas(item.text, item.logprobs or None):
+                    yield _tagged(chunk, extra)
             elif isinstance(item, Outcome):
                 if item.model_version:
                     chunks_of.model_version = item.model_version
@@ -394,7 +402,8 @@ async def _stream(
                     final["completed_by"] = "edge"
                 metrics.http.tokens.labels("prompt").inc(item.prompt_tokens)
                 metrics.http.tokens.labels("completion").inc(item.completion_tokens)
-                yield _tagged(chunks_of.finish(item.finish_reason), final)
+                for chunk in chunks_of.ends(item.finish_reason):
+                    yield _tagged(chunk, final)
                 if include_usage:
                     usage = chunks_of.usage(item.prompt_tokens, item.completion_tokens)
                     yield _tagged(usage, final)

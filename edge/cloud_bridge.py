@@ -119,7 +119,7 @@ class CloudBridge:
         # A personalized request: `messages` / `cloud_prompt` are what the user lets the
         # cloud see (never the samples or the cache; the persona only with share_profile).
         inputs: dict[str, Any] = (
-            {"messages": request.messages}
+            {"messages": request.messages, "tools": request.tools}
             if request.messages is not None
             else {"prompt": request.cloud_prompt or request.prompt}
         )

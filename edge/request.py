@@ -57,6 +57,9 @@ class EdgeRequest:
     timeout_ms: float | None = None
     #: Constrained decoding (`response_format`), at the edge and, on the bus, in the cloud.
     grammar: Grammar | None = None
+    #: Tools shown to the model (OpenAI's list, `serving.tools`): the edge rendered them
+    #: into `prompt`; the cloud gets them with `messages` and renders them itself.
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

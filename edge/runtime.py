@@ -85,6 +85,7 @@ from models.scoring import prefill, scored_positions
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
+from serving.tools import template_messages, template_supports_tools
 
 logger = logging.getLogger(__name__)
 
@@ -395,9 +396,17 @@ class EdgeRuntime:
         """Token ids of `text` (special tokens such as `<|im_start|>` included)."""
         return self.edge_model.encode(text)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The edge model's own chat template applied to `messages` (`EdgeModel.render_chat`)."""
-        return self.edge_model.render_chat(messages)
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The edge model's own chat template applied to `messages` (`EdgeModel.render_chat`).
+
+        `tools` (shown to the model) and tool turns go to the template when it handles tools,
+        else through the fallback of `serving.tools.fallback_messages`.
+        """
+        native = template_supports_tools(self.edge_model.chat_template)
+        messages, tools = template_messages(messages, tools, native)
+        return self.edge_model.render_chat(messages, tools)
 
     @property
     def per_token_s(self) -> float:

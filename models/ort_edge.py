@@ -83,9 +83,12 @@ class EdgeModel:
         """Text of token ids, special tokens kept."""
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         """The model's own chat template (its Jinja template, rendered by onnxruntime-genai's
-        tokenizer) applied to `messages`, ending with the assistant's turn opened.
+        tokenizer) applied to `messages`, ending with the assistant's turn opened; `tools`
+        (OpenAI's list) go to a template that reads them.
 
         Raises:
             BadRequest: the model has no chat template, or the template refuses the messages
@@ -102,6 +105,7 @@ class EdgeModel:
                     template_str=self.chat_template,
                     messages=json.dumps(messages),
                     add_generation_prompt=True,
+                    **({"tools": json.dumps(tools)} if tools else {}),
                 )
             )
         except Exception as exc:  # the template's own refusals come back as RuntimeError

@@ -32,6 +32,14 @@ from broker import wire
 from broker.errors import BadRequest
 from serving.grammar import Grammar, from_response_format
 from serving.sampling import SamplingParams
+from serving.tools import (
+    CallStream,
+    ToolRequest,
+    check_tool_choice,
+    check_tools,
+    split_calls,
+)
+from serving.tools import finish_reason as tools_finish_reason
 
 Route = Literal["auto", "edge", "cloud"]
 
@@ -88,17 +96,21 @@ class _GenerationRequest(_Request):
     #: since ignoring them would answer something the client did not ask for.
     logit_bias: Any = None
     best_of: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    #: OpenAI's legacy names of tools: refused (use `tools` and `tool_choice`).
     functions: Any = None
     function_call: Any = None
+    #: Tool calling (`serving.tools`), chat only: refused on completions.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     #: Structured outputs: `text`, `json_object` or `json_schema` (`serving.grammar`);
     #: the answer is decoded under the grammar at whichever end serves it.
     response_format: Any = None
 
-    @field_validator(
-        "logit_bias", "best_of", "tools", "tool_choice", "functions", "function_call",
-    )  # fmt: skip
+    #: Whether the request takes `tools` (chat) or refuses them (completions).
+    _takes_tools: ClassVar[bool] = False
+
+    @field_validator("logit_bias", "best_of", "functions", "function_call")
     @classmethod
     def _refuse_unsupported(cls, value: Any, info: Any) -> Any:
         harmless = (
@@ -107,9 +119,30 @@ class _GenerationRequest(_Request):
             or (info.field_name == "best_of" and value == 1)
         )
         if not harmless:
+            hint = "; use tools and tool_choice" if info.field_name.startswith("function") else ""
             raise PydanticCustomError(
-                "unsupported", f"{info.field_name!r} is not supported by this API; remove it"
+                "unsupported",
+                f"{info.field_name!r} is not supported by this API{hint}; remove it",
             )
+        return value
+
+    @field_validator("tools", "tool_choice", "parallel_tool_calls")
+    @classmethod
+    def _check_tools(cls, value: Any, info: Any) -> Any:
+        if value is None or (not cls._takes_tools and value in ([], "none")):
+            return value
+        if not cls._takes_tools:
+            raise PydanticCustomError(
+                "unsupported",
+                f"{info.field_name!r} is only supported by /v1/chat/completions; remove it",
+            )
+        try:
+            if info.field_name == "tools":
+                check_tools(value)
+            elif info.field_name == "tool_choice":
+                check_tool_choice(value, check_tools(info.data.get("tools")))
+        except BadRequest as exc:
+            raise PydanticCustomError("tools", exc.message) from None
         return value
 
     @field_validator("response_format")
@@ -225,11 +258,28 @@ class ContentPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    """A tool call of an assistant message in the history (as the API answered it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
-    #: `developer` is OpenAI's newer name of `system` (rendered as a system message).
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    #: `developer` is OpenAI's newer name of `system` (rendered as a system message); `tool`
+    #: is a tool's result (`tool_call_id` names the call it answers).
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    #: None only for an assistant message that holds `tool_calls`.
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -247,10 +297,27 @@ class ChatMessage(_Request):
         return value
 
     def text(self) -> str:
-        """The message's content as one string (text parts joined)."""
+        """The message's content as one string (text parts joined; "" for none)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """`{"role", "content"}` (`developer` becomes `system`), with `tool_calls`,
+        `tool_call_id` and a tool's `name` when the message has them."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name:
+                out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -258,12 +325,34 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
 
+    _takes_tools: ClassVar[bool] = True
+
     @field_validator("messages")
     @classmethod
     def _check_content(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(message.text() for message in value):
+        if not any(message.text() or message.tool_calls for message in value):
             raise ValueError("every message is empty; give some content")
+        for index, message in enumerate(value):
+            if message.content is None and not message.tool_calls:
+                raise ValueError(f"messages[{index}] has no content")
+            if message.role == "tool" and not message.tool_call_id:
+                raise ValueError(f"messages[{index}]: a tool message needs tool_call_id")
         return value
+
+    def tool_request(self) -> ToolRequest:
+        """The request's tools, `tool_choice` and `parallel_tool_calls` (checked when the
+        body was validated)."""
+        tools = check_tools(self.tools) or []
+        return ToolRequest(
+            tools=tools,
+            choice=check_tool_choice(self.tool_choice, tools),
+            parallel=self.parallel_tool_calls is not False,
+        )
+
+    def grammar(self) -> Grammar | None:
+        """The grammar of the answer: a tool call's when tools are in play (`auto` keeps
+        `response_format`'s for the plain answer), else `response_format`'s."""
+        return self.tool_request().grammar(super().grammar())
 
     #: Newer name of `max_tokens` in OpenAI's chat API; wins when both are set.
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -285,13 +374,10 @@ class ChatCompletionRequest(_GenerationRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as `{"role", "content"}` dicts, the input of `models.chat.render_chat`
-        (`developer` becomes `system`)."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """Messages as `{"role", "content"}` dicts (`developer` becomes `system`; tool
+        turns keep `tool_calls`, `tool_call_id` and `name`: `ChatMessage.as_dict`)."""
+        return [m.as_dict() for m in self.messages]
 
 
 # ----------------------------------------------------------------------------- responses
@@ -423,12 +509,15 @@ class Completion(_Response):
 
 
 class ChatMessageOut(_Response):
-    _nullable = frozenset({"refusal"})
+    _nullable = frozenset({"content", "refusal"})
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    #: None: an answer that is only tool calls.
+    content: str | None
     refusal: str | None = None
     annotations: list[Any] = Field(default_factory=list)
+    #: OpenAI's `tool_calls` (`id`, `type`, `function.name`, `function.arguments`).
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Response):
@@ -453,6 +542,9 @@ class ChatCompletion(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    #: Tool-call deltas: the first of a call has `index`, `id`, `type`, `function.name`;
+    #: the next ones `index` and pieces of `function.arguments`.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -583,24 +675,29 @@ def chat_response(
     created: int | None = None,
     logprobs: Sequence[TokenLogprob] | None = None,
     model_version: str | None = None,
+    tools: bool = False,
     **extra: Any,
 ) -> ChatCompletion:
     """A non-streamed `/v1/chat/completions` answer (`chatcmpl-<request_id>`).
 
     `logprobs`: the generated tokens' log-probabilities (None: not asked for);
-    `model_version`: the serving model's version (`system_fingerprint`).
+    `model_version`: the serving model's version (`system_fingerprint`); `tools`: the request
+    let the model call tools, so calls in `text` become `message.tool_calls`
+    (`serving.tools.split_calls`) and `finish_reason` `tool_calls`.
     """
     scores = None if logprobs is None else chat_logprobs(logprobs)
+    content: str | None = text
+    calls: list[dict[str, Any]] = []
+    if tools:
+        content, calls = split_calls(text)
+        finish_reason = tools_finish_reason(finish_reason, calls)
+    message = ChatMessageOut(content=content, tool_calls=calls or None)
     return ChatCompletion(
         id=chat_completion_id(request_id),
         created=created or int(time.time()),
         model=model,
         system_fingerprint=fingerprint(model_version),
-        choices=[
-            ChatChoice(
-                message=ChatMessageOut(content=text), finish_reason=finish_reason, logprobs=scores
-            )
-        ],
+        choices=[ChatChoice(message=message, finish_reason=finish_reason, logprobs=scores)],
         usage=_usage(usage),
         **extra,
     )
@@ -618,6 +715,7 @@ def chat_chunk(
     with_choice: bool = True,
     logprobs: dict[str, Any] | None = None,
     model_version: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> ChatCompletionChunk:
     """One SSE chunk of a streamed chat answer.
@@ -628,7 +726,7 @@ def chat_chunk(
     choices = (
         [
             ChatChunkChoice(
-                delta=ChatDelta(role=role, content=content),
+                delta=ChatDelta(role=role, content=content, tool_calls=tool_calls),
                 finish_reason=finish_reason,
                 logprobs=logprobs,
             )
@@ -656,6 +754,8 @@ class StreamChunks:
 
     `model_version` (the `system_fingerprint`) may be set once known (the cloud tells it at
     the end); `offset` counts the characters streamed so far (completions' `text_offset`).
+    `calls` (a chat that lets the model call tools): `deltas` and `ends` turn the calls in the
+    text into tool-call deltas and the finish reason into `tool_calls`.
     """
 
     chat: bool
@@ -664,6 +764,7 @@ class StreamChunks:
     created: int
     model_version: str | None = None
     offset: int = 0
+    calls: CallStream | None = None
 
     def _chunk(
         self,
@@ -673,6 +774,7 @@ class StreamChunks:
         finish_reason: str | None = None,
         usage: tuple[int, int] | None = None,
         logprobs: Sequence[TokenLogprob] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> ChatCompletionChunk | Completion:
         common: dict[str, Any] = {
@@ -687,7 +789,9 @@ class StreamChunks:
         if self.chat:
             role: Literal["assistant"] | None = "assistant" if first else None
             scores = chat_logprobs(logprobs) if logprobs else None
-            return chat_chunk(content=text, role=role, logprobs=scores, **common, **extra)
+            return chat_chunk(
+                content=text, role=role, logprobs=scores, tool_calls=tool_calls, **common, **extra
+            )
         scores = completion_logprobs(logprobs, self.offset) if logprobs else None
         self.offset += len(text or "")
         return completion_chunk(text=text or "", logprobs=scores, **common, **extra)
@@ -702,9 +806,40 @@ class StreamChunks:
         """A piece of the answer's text, with its tokens' log-probabilities when asked for."""
         return self._chunk(text, logprobs=logprobs, **extra)
 
+    def tool_calls(
+        self, deltas: list[dict[str, Any]], **extra: Any
+    ) -> ChatCompletionChunk | Completion:
+        """A chat chunk of tool-call deltas (`serving.tools.CallStream`), no content."""
+        return self._chunk(None, tool_calls=deltas, **extra)
+
     def finish(self, finish_reason: str, **extra: Any) -> ChatCompletionChunk | Completion:
         """The closing chunk, with the finish reason."""
         return self._chunk("", finish_reason=finish_reason, **extra)
+
+    def deltas(
+        self, text: str, logprobs: Sequence[TokenLogprob] | None = None, **extra: Any
+    ) -> list[ChatCompletionChunk | Completion]:
+        """The chunks a piece of the answer makes: one `delta`, or with `calls` its content
+        and tool-call deltas (none while a call is still being written)."""
+        if self.calls is None:
+            return [self.delta(text, logprobs, **extra)]
+        out = [
+            self.delta(part, **extra) if isinstance(part, str) else self.tool_calls(part, **extra)
+            for part in self.calls.feed(text)
+        ]
+        if logprobs:
+            out.append(self.delta("", logprobs, **extra))
+        return out
+
+    def ends(self, finish_reason: str, **extra: Any) -> list[ChatCompletionChunk | Completion]:
+        """The closing chunks: text still held back (a call cut short), then `finish`
+        (`tool_calls` when the answer made calls and ended by itself)."""
+        if self.calls is None:
+            return [self.finish(finish_reason, **extra)]
+        held = self.calls.close()
+        out = [self.delta(held, **extra)] if held else []
+        reason = tools_finish_reason(finish_reason, self.calls.calls)
+        return [*out, self.finish(reason, **extra)]
 
     def usage(self, prompt: int, completion: int, **extra: Any) -> ChatCompletionChunk | Completion:
         """The usage-only chunk after the last one (no choices)."""

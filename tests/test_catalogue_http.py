@@ -179,13 +179,15 @@ FIELD_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("n_2", "/v1/completions", {"n": 2}, "n"),
     ("logit_bias", "/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ("tools not a function", "/v1/chat/completions", {"tools": [{"type": "x"}]}, "tools"),
+    ("tool_choice without tools", "/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     (
-        "tools",
-        "/v1/chat/completions",
+        "tools on completions",
+        "/v1/completions",
         {"tools": [{"type": "function", "function": {"name": "f"}}]},
         "tools",
     ),
-    ("tool_choice", "/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("functions (legacy)", "/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("best_of", "/v1/completions", {"best_of": 3}, "best_of"),
     (
         "unknown response_format",
