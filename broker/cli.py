@@ -83,7 +83,19 @@ def _config_parser() -> argparse.ArgumentParser:
     add("--tls-key", type=Path, help="its private key")
     add("--tls-ca", type=Path, help="CA bundle to verify peers")
     add("--tls-verify", action="store_true", help="require client certificates")
-    add("--leaf-port", type=int, default=7422, help="hub: leaf-node listener port (default 7422)")
+    add(
+        "--leaf-port",
+        type=int,
+        default=None,
+        help="hub: leaf-node listener port (default 7422); cluster: give one to make every "
+        "node a hub that edge sites' leaf nodes dial (default none)",
+    )
+    add(
+        "--leaf-no-advertise",
+        action="store_true",
+        help="hub/cluster: do not tell leaf nodes the other nodes' leaf URLs (they dial "
+        "only their --remote URLs; for hubs behind NAT or a load balancer)",
+    )
     add("--leaf-user", help="hub: user leaf nodes log in as; leaf: the user to log in as")
     add("--leaf-password", help="password of --leaf-user")
     add("--leaf-tls-cert", type=Path, help="hub: leaf listener certificate")
@@ -100,7 +112,8 @@ def _config_parser() -> argparse.ArgumentParser:
     add(
         "--js-domain",
         default=None,
-        help="JetStream domain (default 'hub' for hub and leaf roles): leaf clients reach "
+        help="JetStream domain (default 'hub' for hub and leaf roles, and for cluster "
+        "nodes with --leaf-port): leaf clients reach "
         "the hub's JetStream with HG_NATS_JS_DOMAIN=<domain>",
     )
     add("--cluster-name", default="hybridgen", help="cluster name (default hybridgen)")
@@ -132,7 +145,10 @@ def build_config(args: argparse.Namespace) -> str:
     if store_dir is None and args.role != "leaf":
         store_dir = hg_home() / "nats"
     js_domain = args.js_domain
-    if js_domain is None and args.role in ("hub", "leaf"):
+    # A cluster with a leaf-node listener is the hub of its edge sites.
+    if js_domain is None and (
+        args.role in ("hub", "leaf") or (args.role == "cluster" and args.leaf_port is not None)
+    ):
         js_domain = "hub"
     leaf_tls = _tls(args.leaf_tls_cert, args.leaf_tls_key, args.leaf_tls_ca, False)
     if leaf_tls is None and args.leaf_tls_ca is not None:
@@ -169,6 +185,11 @@ def build_config(args: argparse.Namespace) -> str:
                 store_dir=store_dir,
                 cluster_port=own_port,
                 routes=routes,
+                leaf_port=args.leaf_port,
+                leaf_user=args.leaf_user,
+                leaf_password=args.leaf_password,
+                leaf_advertise=not args.leaf_no_advertise,
+                leaf_tls=leaf_tls,
                 **common,  # type: ignore[arg-type]
             )
         )
@@ -181,6 +202,7 @@ def build_config(args: argparse.Namespace) -> str:
             leaf_port=args.leaf_port,
             leaf_user=args.leaf_user,
             leaf_password=args.leaf_password,
+            leaf_advertise=not args.leaf_no_advertise,
             leaf_tls=leaf_tls,
             remotes=args.remote,
             cluster_port=args.cluster_port,

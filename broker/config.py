@@ -228,9 +228,14 @@ class ServerConfig:
         max_payload: largest message in bytes (None: nats-server's 1 MiB).
         users: client users (none: no authentication).
         tls: client TLS.
-        leaf_port: hub's leaf-node listener port (-1: random).
+        leaf_port: hub's leaf-node listener port (-1: random). A cluster node with one
+            also listens for leaf nodes (every node of a cloud cluster can be a hub).
         leaf_user: user leaf nodes authenticate as on the hub (with `leaf_password`).
         leaf_password: its password.
+        leaf_advertise: whether the leaf-node listener tells leaf nodes the leaf URLs of the
+            other cluster nodes (nats-server's default). Off (`no_advertise`), a leaf node
+            only ever dials its configured remotes: for hubs behind NAT or a load balancer,
+            or to cut a site off by its configured link alone (the drill).
         leaf_tls: TLS of the leaf-node listener (hub) or of the remote (leaf; only `ca` used
             unless the hub verifies client certificates).
         remotes: hub URLs a leaf dials (`nats-leaf://host:7422`; credentials are added from
@@ -256,6 +261,7 @@ class ServerConfig:
     leaf_port: int | None = None
     leaf_user: str | None = None
     leaf_password: str | None = None
+    leaf_advertise: bool = True
     leaf_tls: TLSFiles | None = None
     remotes: list[str] = field(default_factory=list)
     cluster_name: str = "hybridgen"
@@ -342,12 +348,15 @@ def render(config: ServerConfig) -> str:
         lines += _tls_block(config.tls, "")
     if config.users:
         lines += _users_block(config.users, config.js_domain)
-    if config.topology == "hub":
+    # A cluster node with a `leaf_port` is also a hub: edge sites' leaf nodes dial it.
+    if config.topology == "hub" or (config.topology == "cluster" and config.leaf_port is not None):
         lines += [
             "leafnodes {",
             f"  host: {_q(config.host)}",
             f"  port: {config.leaf_port if config.leaf_port is not None else 7422}",
         ]
+        if not config.leaf_advertise:
+            lines.append("  no_advertise: true")
         if config.leaf_user:
             lines += [
                 "  authorization {",
@@ -399,7 +408,8 @@ def cluster_configs(
     """One config per node of a cluster whose node `i` runs on `hosts[i]`.
 
     Every node listens on the same ports; routes name every node. Extra keyword
-    arguments go to each node's `ServerConfig` (users, tls, cluster_name, ...).
+    arguments go to each node's `ServerConfig` (users, tls, cluster_name, js_domain, and
+    `leaf_port` to make every node a hub that edge sites' leaf nodes dial, ...).
     """
     if len(hosts) < 3:
         raise ValueError("a JetStream cluster needs at least 3 nodes")
