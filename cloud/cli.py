@@ -10,6 +10,7 @@ import sys
 from broker.errors import HybridgenError
 from broker.settings import add_settings_arguments, settings_overrides
 from cloud.settings import ApiSettings, WorkerSettings
+from serving.slow_clients import add_slow_client_arguments, deadline_protocol
 
 #: Settings fields offered as options (help and defaults come from the fields).
 WORKER_OPTIONS = (
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, how long open requests may finish before they are cancelled (default 10)",
     )
+    add_slow_client_arguments(api)  # --read-timeout-s, --write-timeout-s
     return parser  # fmt: skip
 
 
@@ -88,6 +90,9 @@ def _run_api(args: argparse.Namespace) -> int:
     from cloud.api import create_app
 
     settings = ApiSettings(**settings_overrides(args, API_OPTIONS))
+    http = deadline_protocol(
+        read_timeout_s=args.read_timeout_s, write_timeout_s=args.write_timeout_s
+    )
     app = create_app(settings, nats_url=args.nats)
     uvicorn.run(
         app,
@@ -96,6 +101,7 @@ def _run_api(args: argparse.Namespace) -> int:
         log_level="info",
         # A stream stuck on a worker must not hold the exit forever.
         timeout_graceful_shutdown=max(0.0, args.drain_timeout_s),  # type: ignore[arg-type]
+        http=http,  # slow clients are cut off (serving/slow_clients.py)
     )
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
+from serving.slow_clients import add_slow_client_arguments, deadline_protocol
 
 #: EdgeSettings fields offered as options (help and defaults come from the fields).
 OPTIONS = (
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 10); the process then closes the bus link and the model, and exits at most "
         "5 s later",
     )
+    add_slow_client_arguments(parser)  # --read-timeout-s, --write-timeout-s
     parser.add_argument("--log-level", default="info", help="logging level")
     return parser
 
@@ -100,6 +102,13 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"hybridgen edge: serving {model_dir} on http://{settings.host}:{settings.port}")
 
+    try:
+        http = deadline_protocol(
+            read_timeout_s=args.read_timeout_s, write_timeout_s=args.write_timeout_s
+        )
+    except ValueError as exc:
+        print(f"hybridgen edge: invalid option: {exc}", file=sys.stderr)
+        return 2
     drain_s = max(0.0, args.drain_timeout_s)
     config = uvicorn.Config(
         build_app(settings),
@@ -107,6 +116,7 @@ def main(argv: list[str]) -> int:
         port=settings.port,
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # seconds; a float works
+        http=http,  # slow clients are cut off (serving/slow_clients.py)
     )
     started = run_bounded(config, exit_after_s=drain_s + CLOSE_BOUND_S)
     return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it

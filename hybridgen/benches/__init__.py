@@ -21,6 +21,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "prefix": ("hybridgen.benches.prefix", "main"),
     "constrained": ("hybridgen.benches.constrained", "main"),
     "personalization": ("hybridgen.benches.personalization", "main"),
+    "load": ("hybridgen.benches.load", "main"),
 }
 
 
