@@ -13,6 +13,7 @@ import httpx
 import pytest
 from nats.aio.client import Client
 from rich.text import Text
+from textual.containers import VerticalScroll
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TextArea
 
@@ -173,11 +174,15 @@ async def test_policy_block_fits_the_node_screen_at_80x24(
         policy = screen.query_one("#node-policy", Static)
         await until(pilot, lambda: "(source)" in str(policy.render()), "the policy block")
         await pilot.pause()
-        # Every line of the block is on screen, above the node's own extra figures.
+        # The info column scrolls: brought into view, every line of the block is on screen
+        # at once, inside the column and above the events.
+        info = screen.query_one("#node-info", VerticalScroll)
+        info.scroll_to_widget(policy, animate=False, top=True)
+        await pilot.pause()
         region = policy.region
         assert region.height >= len(str(policy.render()).splitlines())
-        assert screen.region.contains_region(region), (region, screen.region)
-        assert policy.region.bottom <= screen.query_one("#node-events").region.y
+        assert info.region.contains_region(region), (region, info.region)
+        assert region.bottom <= screen.query_one("#node-events").region.y
 
 
 async def test_a_request_traced_across_a_real_edge_and_cloud_worker(
