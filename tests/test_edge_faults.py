@@ -377,3 +377,29 @@ async def test_broker_restart_mid_request_ends_the_stream_well(
         assert answer.status_code == 200, answer.text
     finally:
         await again.shutdown()
+
+
+async def test_hang_up_mid_stream_stops_a_real_worker(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    """A client that hangs up on a stream the edge gets from a real worker: the edge cancels
+    on the bus and the worker stops generating long before `max_tokens`."""
+    worker = await start_worker()
+    edge = await start_edge()
+    budget = 200
+    body = {"model": "hg-edge", "prompt": "Hello", "max_tokens": budget, "stream": True,
+            "temperature": 0, "ignore_eos": True, "route": "cloud"}  # fmt: skip
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.headers["x-hybridgen-served-by"] == "cloud"
+            async for line in response.aiter_lines():
+                if line.startswith("data: {") and '"text":""' not in line:
+                    break  # the first token: hang up
+        at_hang_up = worker.tokens_out
+    for _ in range(400):
+        if worker.admitted == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.admitted == 0, "the worker still holds the request"
+    generated = worker.tokens_out
+    assert generated < budget, (generated, at_hang_up)  # stopped, not run to max_tokens
