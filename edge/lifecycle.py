@@ -88,12 +88,33 @@ class NodeLifecycle:
         value = (self.calibration or {}).get("perplexity_threshold")
         return float(value) if value is not None else None
 
-    def threshold_for(self, scored_tokens: int) -> tuple[float, ThresholdSource]:
+    @property
+    def routing_signal(self) -> str | None:
+        """The model set's calibrated routing signal, described for the console, if any.
+
+        For example `perplexity_by_length (recovers 80% of the gap, ~32% to the cloud)`; None
+        for sets calibrated before signals existed (they route by length buckets).
+        """
+        routing = self.calibration or {}
+        signal = routing.get("signal")
+        if not isinstance(signal, str):
+            return None
+        target, share = routing.get("target_recovered"), routing.get("expected_cloud_share")
+        if isinstance(target, int | float) and isinstance(share, int | float):
+            return f"{signal} (recovers {target:.0%} of the gap, ~{share:.0%} to the cloud)"
+        return signal
+
+    def threshold_for(
+        self, scored_tokens: int, *, chat: bool = False
+    ) -> tuple[float, ThresholdSource]:
         """Threshold in force for a prompt of `scored_tokens` scored tokens, and its source.
 
-        The policy's value when set (all lengths); else the model set's length bucket.
+        The policy's value when set (all lengths); else the model set's calibrated signal
+        at that length for a chat message (`chat`) or a completion, or its length bucket
+        (`edge.routing.length_threshold`).
         """
-        return effective_threshold(self.policy, length_threshold(self.calibration, scored_tokens))
+        calibrated = length_threshold(self.calibration, scored_tokens, chat=chat)
+        return effective_threshold(self.policy, calibrated)
 
     def _resolve_threshold(self) -> None:
         calibrated = self.calibrated_threshold

@@ -254,7 +254,10 @@ class BusLink:
         """Each routing value in force and its source (`broker.policy.policy_sources`).
 
         The perplexity threshold is the one requests are routed with: the model set's
-        calibrated one (source `model_set`) when no layer sets it; `inf` means off.
+        calibrated one (source `model_set`) when no layer sets it; `inf` means off. With
+        the model set's threshold in force, `routing_signal` names the calibrated signal it
+        applies (`NodeLifecycle.routing_signal`; a length-normalised signal's threshold is
+        shown at its reference length).
         """
         sources = policy_sources(*self._applied_layers)
         node = self.node
@@ -262,6 +265,9 @@ class BusLink:
         threshold["value"] = node.perplexity_threshold
         if node.threshold_source == "model_set":
             threshold["source"] = "model_set"
+            signal = node.routing_signal
+            if signal is not None:
+                sources["routing_signal"] = {"value": signal, "source": "model_set"}
         return sources
 
     def _publish_event(self, kind: str, message: str, request_id: str | None, **data: Any) -> None:

@@ -162,7 +162,8 @@ class Router:
         )
         policy = node.routing_policy
         # (threshold, its source, scored tokens): reported with the route.
-        threshold = (*node.threshold_for(scored_tokens), scored_tokens)
+        chat = request.messages is not None
+        threshold = (*node.threshold_for(scored_tokens, chat=chat), scored_tokens)
         if threshold[0] != policy.perplexity_threshold:
             policy = policy.model_copy(update={"perplexity_threshold": threshold[0]})
         # Judged once, on arrival: after the prefill the request's own job would count.

@@ -85,16 +85,23 @@ def effective_threshold(
     return math.inf, "off"
 
 
-def length_threshold(routing: Mapping[str, object] | None, scored_tokens: int) -> float | None:
+def length_threshold(
+    routing: Mapping[str, object] | None, scored_tokens: int, *, chat: bool = False
+) -> float | None:
     """The model set's calibrated threshold for a prompt of `scored_tokens` scored tokens. Pure.
 
-    `routing` is the manifest's `routing` section. Its `thresholds_by_length` buckets
+    `routing` is the manifest's `routing` section. A calibrated `signal` decides when the
+    section has one (`signal_threshold`; `chat`: the prompt is a chat message); otherwise
+    its `thresholds_by_length` buckets
     (`max_tokens` ascending, None for the last, open one) are searched for the first with
     `scored_tokens <= max_tokens`; that bucket's threshold applies when it has one, else the
     overall `perplexity_threshold` (also for sets calibrated before buckets existed).
     """
     if not routing:
         return None
+    by_signal = signal_threshold(routing, scored_tokens, chat=chat)
+    if by_signal is not None:
+        return by_signal
     overall = _positive(routing.get("perplexity_threshold"))
     buckets = routing.get("thresholds_by_length")
     if not isinstance(buckets, list):
@@ -107,6 +114,36 @@ def length_threshold(routing: Mapping[str, object] | None, scored_tokens: int) -
             found = _positive(bucket.get("threshold"))
             return found if found is not None else overall
     return overall
+
+
+#: Signals a model set's calibration may choose (`routing.signal`, models.calibration_eval).
+ROUTING_SIGNALS = ("prompt_perplexity", "perplexity_by_length", "prefill_learned")
+
+
+def signal_threshold(
+    routing: Mapping[str, object], scored_tokens: int, *, chat: bool = False
+) -> float | None:
+    """The perplexity threshold a calibrated routing `signal` sets for one prompt. Pure.
+
+    `exp(signal_threshold + length_intercept + length_slope * ln(scored_tokens) +
+    chat_offset * chat)`: constant for `prompt_perplexity`; for `perplexity_by_length` and
+    `prefill_learned` it follows the prompt's length and kind (short prompts and chat
+    messages score high whatever their domain). Missing terms count 0. None for sets
+    calibrated without a signal (they route by `thresholds_by_length`).
+    """
+    signal = routing.get("signal")
+    threshold = routing.get("signal_threshold")
+    if signal not in ROUTING_SIGNALS or not isinstance(threshold, int | float):
+        return None
+
+    def term(name: str) -> float:
+        value = routing.get(name)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    log_threshold = float(threshold) + term("length_intercept")
+    log_threshold += term("length_slope") * math.log(max(1, scored_tokens))
+    log_threshold += term("chat_offset") if chat else 0.0
+    return math.exp(min(log_threshold, 700.0))
 
 
 def _positive(value: object) -> float | None:

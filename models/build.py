@@ -24,9 +24,9 @@ from broker.errors import BadRequest
 from models import build_steps, build_training, calibration, edge_build, manifest, registry
 from models import corpus as corpus_mod
 from models.build_steps import Stopwatch
-from models.manifest_schema import Manifest, Routing, TokenizerEntry
+from models.manifest_schema import Manifest, Models, Routing, TokenizerEntry
 from models.profiles import PRETRAINED_PROFILE, PROFILES, Profile
-from models.registry import EDGE_MODEL, ModelSet
+from models.registry import CLOUD_MODEL, EDGE_MODEL, ModelSet
 from models.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,9 @@ def _build_lab_set(
         threads=options.threads,
         clock=clock,
     )
-    routing = _calibrate(staging, precisions, corpus, options)
+    routing = _calibrate(
+        staging, precisions, corpus, options, models[CLOUD_MODEL], tokenizer, entries
+    )
     clock.lap("calibration_s")
     fields = {
         "version": version,
@@ -225,17 +227,37 @@ def _make_tokenizer(
 
 
 def _calibrate(
-    staging: Path, precisions: tuple[str, ...], corpus: corpus_mod.Corpus, options: BuildOptions
+    staging: Path,
+    precisions: tuple[str, ...],
+    corpus: corpus_mod.Corpus,
+    options: BuildOptions,
+    cloud: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    entries: Models,
 ) -> Routing:
-    """The edge's default routing threshold, measured the way its router reads it."""
+    """The edge's default routing, measured the way its router reads it: the domain-labelled
+    perplexity thresholds (models.calibration), then the signal and threshold chosen by the
+    quality each end gives held-out continuations (models.calibration_eval), which decide."""
+    from models import calibration_eval
     from models.ort_edge import EdgeModel
 
     measured = "int4" if "int4" in precisions else precisions[0]
+    edge = EdgeModel(staging / f"edge-{measured}", options.threads)
     result = calibration.calibrate(
-        EdgeModel(staging / f"edge-{measured}", options.threads),
+        edge,
         corpus.texts(in_domain=True, held_out=True),
         corpus.texts(in_domain=False, held_out=True),
         seed=options.seed,
         precision=measured,
     )
-    return Routing.model_validate({"mode": "calibrated", **result})
+    quality = calibration_eval.calibrate_quality(
+        edge,
+        cloud,
+        tokenizer,
+        corpus,
+        cloud_context=entries.cloud.context_length,
+        seed=options.seed,
+    )
+    if quality.get("signal"):
+        result.pop("skipped", None)
+    return Routing.model_validate({"mode": "calibrated", **result, **quality})

@@ -191,6 +191,27 @@ class Routing(Section):
     precision: str | None = None
     seed: int | None = None
     seconds: float | None = None
+    #: The routing signal chosen by quality (models.calibration_eval.calibrate_signal):
+    #: "prompt_perplexity", "perplexity_by_length" or "prefill_learned"; None: route by the
+    #: thresholds above.
+    signal: str | None = None
+    #: The edge sends when ln(prompt perplexity) > signal_threshold + length_intercept +
+    #: length_slope * ln(scored tokens) + chat_offset * chat (edge.routing.signal_threshold).
+    signal_threshold: float | None = None
+    length_intercept: float | None = None
+    length_slope: float | None = None
+    #: Added to the ln-perplexity threshold of a chat message (the edge knows at prefill).
+    chat_offset: float | None = None
+    #: Share of the edge-to-cloud quality gap the threshold recovers on calibration prompts.
+    target_recovered: float | None = Field(default=None, ge=0, le=1)
+    #: Share sent to the cloud at that threshold on calibration prompts.
+    expected_cloud_share: float | None = Field(default=None, ge=0, le=1)
+    #: Scored tokens at which `perplexity_threshold` equals the signal's threshold.
+    reference_tokens: int | None = None
+    #: Why no signal was chosen, when none was.
+    signal_skipped: str | None = None
+    #: The quality calibration's figures (prompts, mean gap, each candidate's cpt and AUC).
+    quality: dict[str, Any] = Field(default_factory=dict)
 
 
 class Metrics(Section):

@@ -124,3 +124,82 @@ def test_models_list_shows_the_threshold(
     assert main(["list", "--home", str(tiny_models_home)]) == 0
     table = capsys.readouterr().out
     assert "ROUTE PPL>" in table and f"AUC {routing['auc']:.2f}" in table
+
+
+def test_build_stores_the_quality_signal_and_threshold(tiny_models: ModelSet) -> None:
+    from models.calibration_eval import PREFILL_SIGNALS
+
+    routing = tiny_models.manifest.routing
+    assert routing is not None
+    assert routing.signal in PREFILL_SIGNALS
+    assert isinstance(routing.signal_threshold, float)
+    assert routing.target_recovered == 0.8
+    assert routing.expected_cloud_share is not None and 0 < routing.expected_cloud_share <= 1
+    assert routing.quality["prompts"] >= 8
+    assert set(routing.quality["candidates"]) == set(PREFILL_SIGNALS)
+    # The manifest's perplexity threshold is the signal's at its reference length.
+    assert routing.reference_tokens is not None and routing.perplexity_threshold is not None
+    from edge.routing import length_threshold
+
+    at_reference = length_threshold(routing.to_json(), routing.reference_tokens)
+    assert at_reference == pytest.approx(routing.perplexity_threshold, rel=1e-3)
+
+
+def test_edge_thresholds_follow_the_calibrated_signal() -> None:
+    from edge.routing import length_threshold
+
+    buckets = [{"max_tokens": 12, "threshold": 900.0}, {"max_tokens": None, "threshold": 50.0}]
+    old = {"perplexity_threshold": 80.0, "thresholds_by_length": buckets}
+    assert length_threshold(old, 8) == 900.0 and length_threshold(old, 40) == 50.0
+    plain = {**old, "signal": "prompt_perplexity", "signal_threshold": math.log(60.0)}
+    assert length_threshold(plain, 8) == pytest.approx(60.0)
+    assert length_threshold(plain, 40) == pytest.approx(60.0)
+    by_length = {
+        **old,
+        "signal": "perplexity_by_length",
+        "signal_threshold": 0.25,
+        "length_intercept": 6.0,
+        "length_slope": -0.5,
+    }
+    for n in (4, 12, 100):
+        expected = math.exp(0.25 + 6.0 - 0.5 * math.log(n))
+        assert length_threshold(by_length, n) == pytest.approx(expected)
+    # An unknown signal falls back to the buckets.
+    assert length_threshold({**old, "signal": "draft", "signal_threshold": 1.0}, 8) == 900.0
+
+
+async def test_edge_default_policy_uses_the_signal(tiny_models: ModelSet) -> None:
+    from edge.link import BusLink
+    from edge.node import EdgeNode
+    from edge.routing import PolicySettings
+    from edge.runtime import EdgeRuntime
+    from edge.settings import EdgeSettings
+    from tui.screens import policy_lines
+
+    async def no_reload(args: dict[str, object]) -> dict[str, object]:
+        return {}
+
+    runtime = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1)
+    try:
+        node = EdgeNode(EdgeSettings(), runtime, PolicySettings())
+        routing = tiny_models.manifest["routing"]
+        assert node.routing_signal is not None and node.routing_signal.startswith(routing["signal"])
+        # The heartbeat's policy in force names it, and the console's node screen shows it.
+        shown = BusLink(node, reload_model=no_reload).policy_in_force()
+        assert shown["routing_signal"] == {"value": node.routing_signal, "source": "model_set"}
+        assert f" routing_signal: {node.routing_signal} (model_set)" in policy_lines(
+            {"policy": shown}
+        )
+        log_threshold = routing["signal_threshold"]
+        for n in (4, 30, 90):
+            expected = log_threshold
+            if routing["signal"] == "perplexity_by_length":
+                expected += routing["length_intercept"] + routing["length_slope"] * math.log(n)
+            threshold, source = node.threshold_for(n)
+            assert source == "model_set" and threshold == pytest.approx(math.exp(expected))
+        # A policy value still wins.
+        node.set_policy(PolicySettings(perplexity_threshold=123.0))
+        assert node.threshold_for(4) == (123.0, "policy")
+        assert "routing_signal" not in BusLink(node, reload_model=no_reload).policy_in_force()
+    finally:
+        await runtime.close()

@@ -22,6 +22,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "constrained": ("hybridgen.benches.constrained", "main"),
     "personalization": ("hybridgen.benches.personalization", "main"),
     "load": ("hybridgen.benches.load", "main"),
+    "routing": ("hybridgen.benches.routing", "main"),
 }
 
 
