@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.bus import connect
+from tests.live import serve_app
 
 
 @pytest.fixture
@@ -46,3 +48,15 @@ async def start_cloud_worker(nats_url: str) -> AsyncIterator[Callable[..., Await
         for nc in clients:
             with contextlib.suppress(Exception):
                 await nc.close()
+
+
+@asynccontextmanager
+async def serve_cloud_api(nats_url: str, **settings: Any) -> AsyncIterator[str]:
+    """The cloud API (`ApiSettings` overrides in `settings`) under a real uvicorn on a free
+    port, on the test's nats-server; yields its base URL."""
+    from cloud.api import create_app
+    from cloud.settings import ApiSettings
+
+    app = create_app(ApiSettings(port=0, **settings), nats_url=nats_url)
+    async with serve_app(app) as (_, url):
+        yield url

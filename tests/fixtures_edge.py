@@ -3,7 +3,6 @@ nats-server, and a real cloud worker with the session's tiny cloud model."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,12 +13,12 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
+from tests.live import serve_app
 
 
 @dataclass
@@ -46,21 +45,8 @@ class LiveEdge:
 async def serve_edge(settings: EdgeSettings) -> AsyncIterator[LiveEdge]:
     """Run the edge app under a real uvicorn server on a free port, in this event loop."""
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield LiveEdge(app, f"http://127.0.0.1:{port}", settings.node_id or "")
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    async with serve_app(app, lifespan="on") as (_, url):
+        yield LiveEdge(app, url, settings.node_id or "")
 
 
 @pytest.fixture

@@ -18,11 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from cloud.api import create_app
-from cloud.settings import ApiSettings
 from models.registry import ModelSet
+from tests.fixtures_cloud import serve_cloud_api
 
 pytestmark = pytest.mark.slow
 
@@ -53,23 +51,8 @@ async def api(
         yield Api("edge", edge.url, "hg-edge")
         return
     await start_worker()
-    settings = ApiSettings(
-        port=0,
-        models=["hg-cloud"],
-        max_body_bytes=BODY_LIMIT,
-    )
-    app = create_app(settings, nats_url=nats_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Api("cloud", f"http://127.0.0.1:{port}", "hg-cloud")
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_cloud_api(nats_url, models=["hg-cloud"], max_body_bytes=BODY_LIMIT) as url:
+        yield Api("cloud", url, "hg-cloud")
 
 
 def completion(model: str, **fields: Any) -> dict[str, Any]:

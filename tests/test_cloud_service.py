@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -30,6 +29,7 @@ from broker.bus import connect
 from cloud.api import create_app
 from cloud.settings import ApiSettings, WorkerSettings
 from cloud.worker import CloudWorker
+from tests.fixtures_cloud import serve_cloud_api
 
 pytestmark = pytest.mark.slow
 
@@ -64,24 +64,12 @@ async def api(
     settings = ApiSettings(
         port=0,
         models=[MODEL, DRAIN_MODEL],
-        tokenizer_dir=cloud_model[1],
-        context_length=cloud_model[2],
         idle_timeout_s=2.0,
         accept_timeout_s=2.0,
         max_body_bytes=64 * 1024,
     )
-    app = create_app(settings, nats_url=nats_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", settings
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_cloud_api(nats_url, **settings.model_dump(exclude={"port"})) as url:
+        yield url, settings
 
 
 def client_for(url: str, **kwargs: Any) -> openai.AsyncOpenAI:

@@ -20,11 +20,9 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
-from cloud.api import create_app as create_cloud_app
-from cloud.settings import ApiSettings
 from models.registry import ModelSet
+from tests.fixtures_cloud import serve_cloud_api
 
 pytestmark = pytest.mark.slow
 
@@ -148,19 +146,10 @@ class Target:
 @pytest.fixture
 async def cloud_api(nats_url: str, tiny_models: ModelSet) -> AsyncIterator[str]:
     """A live cloud API (uvicorn) on the test's nats-server; its base URL."""
-    settings = ApiSettings(port=0, models=["hg-cloud"], idle_timeout_s=5.0, accept_timeout_s=5.0)
-    app = create_cloud_app(settings, nats_url=nats_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_cloud_api(
+        nats_url, models=["hg-cloud"], idle_timeout_s=5.0, accept_timeout_s=5.0
+    ) as url:
+        yield url
 
 
 @pytest.fixture(params=["edge", "edge-to-cloud", "cloud"])

@@ -22,6 +22,7 @@ from edge.app import create_app
 from edge.cli import build_parser
 from edge.settings import EdgeSettings
 from serving.slow_clients import deadline_protocol
+from tests.live import serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -50,34 +51,13 @@ async def live_edge(edge_dir: Path) -> AsyncIterator[tuple[uvicorn.Server, str, 
     protocol class), with small send buffers."""
     settings = EdgeSettings(model_dir=edge_dir, no_cloud=True, node_id="edge-slow", threads=1)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="on",
-        http=small_buffers(
-            deadline_protocol(
-                read_timeout_s=READ_TIMEOUT_S,
-                write_timeout_s=WRITE_TIMEOUT_S,
-                first_byte_timeout_s=READ_TIMEOUT_S,
-            )
-        ),
+    protocol = deadline_protocol(
+        read_timeout_s=READ_TIMEOUT_S,
+        write_timeout_s=WRITE_TIMEOUT_S,
+        first_byte_timeout_s=READ_TIMEOUT_S,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield server, f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    async with serve_app(app, lifespan="on", http=small_buffers(protocol)) as (server, url):
+        yield server, url, app
 
 
 def test_the_cli_uses_the_deadlines() -> None:

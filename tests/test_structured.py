@@ -14,15 +14,13 @@ from typing import Any, Literal
 
 import openai
 import pytest
-import uvicorn
 from pydantic import BaseModel, Field
 
 from broker import wire
 from broker.errors import BadRequest
-from cloud.api import create_app
-from cloud.settings import ApiSettings
 from models.registry import CLOUD_MODEL
 from serving.grammar import Grammar, from_response_format, json_schema_grammar
+from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_edge import LiveEdge
 
 EDGE_MODEL = "hg-edge"
@@ -184,19 +182,8 @@ async def test_constrained_fallback_is_constrained_in_the_cloud(
 @pytest.fixture
 async def cloud_api(nats_url: str) -> AsyncIterator[str]:
     """The cloud API on a free port (its workers: `start_worker`); yields its base URL."""
-    settings = ApiSettings(port=0, models=[CLOUD_MODEL], idle_timeout_s=10.0)
-    app = create_app(settings, nats_url=nats_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_cloud_api(nats_url, models=[CLOUD_MODEL], idle_timeout_s=10.0) as url:
+        yield url
 
 
 @pytest.mark.slow
