@@ -37,6 +37,7 @@ from broker import subjects, wire
 from broker.bus import connect
 from broker.server import NatsServer
 from broker.settings import BusSettings
+from hybridgen.benches.machine import cpu_info
 from tui.app import REFRESH_S, HybridgenConsole
 from tui.state import EventLog, FleetState
 
@@ -48,22 +49,6 @@ STALE_EVERY = 20
 REBUILDS = 20
 EDGE_REASONS = ("in_domain", "edge_default", "confident_draft")
 CLOUD_REASONS = ("low_confidence", "requested_cloud", "edge_overloaded")
-
-
-def cpu_info() -> dict[str, Any]:
-    """The CPU model name and whether it has avx2 / avx512 (Linux; `unknown` elsewhere)."""
-    model, flags = "unknown", set[str]()
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return {"model": model, "avx2": "avx2" in flags, "avx512": "avx512f" in flags}
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -171,6 +156,7 @@ async def run(nodes: int, seconds: float, *, seed: int = 7) -> dict[str, Any]:
             finally:
                 await publisher.close()
     applies, renders, rebuilds = timings["apply"], timings["render"], timings["full_refresh"]
+    cpu = cpu_info()
     return {
         "nodes": nodes,
         "seconds": round(elapsed, 2),
@@ -186,7 +172,11 @@ async def run(nodes: int, seconds: float, *, seed: int = 7) -> dict[str, Any]:
         "full_refresh_paint_p95_ms": round(percentile(paints, 0.95), 3),
         "rows": rows,
         "statuses": statuses,
-        "cpu": cpu_info(),
+        "cpu": {
+            "model": cpu["model"],
+            "avx2": cpu["flags"]["avx2"],
+            "avx512": cpu["flags"]["avx512f"],
+        },
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

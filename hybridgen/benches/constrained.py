@@ -203,7 +203,7 @@ def _result(constrained: list[_Run], free: list[_Run]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen bench constrained`."""
     from broker.errors import NotFound
-    from hybridgen.benches.edge_decode_measure import cpu_info
+    from hybridgen.benches.machine import cpu_info
     from models import registry
     from serving.grammar import json_schema_grammar
 

@@ -18,27 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from hybridgen.benches.machine import cpu_info, load_average
+
 logger = logging.getLogger(__name__)
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
-             "amx_int8", "amx_bf16")  # fmt: skip
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model name, the vector/matrix extension flags that matter to the kernels, cores."""
-    model, flags = "unknown", set[str]()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    return {
-        "model": model,
-        "flags": {f: f in flags for f in CPU_FLAGS},
-        "logical_cpus": os.cpu_count(),
-    }
+__all__ = ["cpu_info", "load_average"]  # re-exported for the edge-decode benches
 
 
 def rss_mb() -> float:
@@ -48,10 +32,6 @@ def rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def prompt_ids(folder: Path, count: int, vocab_size: int) -> list[int]:

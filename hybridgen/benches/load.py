@@ -384,7 +384,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(args: argparse.Namespace, run: Run, version: str) -> dict[str, Any]:
     """The JSON figures of a run."""
-    from hybridgen.benches.edge_decode_measure import cpu_info
+    from hybridgen.benches.machine import cpu_info
 
     results = run.results
     completed = [r for r in results if r.completed]

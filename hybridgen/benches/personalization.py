@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
-from hybridgen.benches.edge_decode_measure import cpu_info, load_average
+from hybridgen.benches.machine import cpu_info, load_average
 from hybridgen.benches.personalization_data import User, build_users, generic_samples
 from models.ort_edge import EdgeModel
 

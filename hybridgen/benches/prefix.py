@@ -140,7 +140,7 @@ async def measure(folder: Path, *, threads: int, runs: int, prefix_tokens: int) 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen bench prefix`."""
     from broker.errors import NotFound
-    from hybridgen.benches.edge_decode_measure import cpu_info
+    from hybridgen.benches.machine import cpu_info
 
     parser = argparse.ArgumentParser(
         prog="hybridgen bench prefix",

@@ -321,7 +321,7 @@ def run(model_set: Any, *, limit: int, threads: int, out_dir: Path) -> dict[str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hybridgen.benches.edge_decode_measure import cpu_info
+    from hybridgen.benches.machine import cpu_info
     from models import calibration_eval as ce
     from models import corpus as corpus_mod
     from models.ort_edge import EdgeModel
