@@ -10,7 +10,7 @@ import sys
 from broker.errors import HybridgenError
 from broker.settings import add_settings_arguments, settings_overrides
 from cloud.settings import ApiSettings, WorkerSettings
-from serving.slow_clients import add_slow_client_arguments, deadline_protocol
+from serving.slow_clients import KEEP_ALIVE_S, add_slow_client_arguments, deadline_protocol
 
 #: Settings fields offered as options (help and defaults come from the fields).
 WORKER_OPTIONS = (
@@ -102,6 +102,7 @@ def _run_api(args: argparse.Namespace) -> int:
         # A stream stuck on a worker must not hold the exit forever.
         timeout_graceful_shutdown=max(0.0, args.drain_timeout_s),  # type: ignore[arg-type]
         http=http,  # slow clients are cut off (serving/slow_clients.py)
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
 

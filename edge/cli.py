@@ -13,7 +13,7 @@ from typing import Any
 
 from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
-from serving.slow_clients import add_slow_client_arguments, deadline_protocol
+from serving.slow_clients import KEEP_ALIVE_S, add_slow_client_arguments, deadline_protocol
 
 #: EdgeSettings fields offered as options (help and defaults come from the fields).
 OPTIONS = (
@@ -117,6 +117,7 @@ def main(argv: list[str]) -> int:
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # seconds; a float works
         http=http,  # slow clients are cut off (serving/slow_clients.py)
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     started = run_bounded(config, exit_after_s=drain_s + CLOSE_BOUND_S)
     return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it

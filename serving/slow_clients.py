@@ -128,6 +128,12 @@ def _peer(client: tuple[str, int] | None) -> str:
     return "an unknown client" if client is None else f"{client[0]}:{client[1]}"
 
 
+#: Seconds an idle kept-alive connection stays open. Longer than the clients' own pool
+#: expiry (httpx and the openai client: 5 s), so a client never reuses a connection the
+#: server is closing at that very moment (a `ReadError` on its next request).
+KEEP_ALIVE_S = 15
+
+
 def deadline_protocol(
     *,
     read_timeout_s: float = READ_TIMEOUT_S,
