@@ -3,6 +3,8 @@
 Every answer says where it was served and why: `served_by` (edge|cloud), `route_reason` and
 `request_id` in the JSON body, in the response headers (`X-Hybridgen-Served-By`,
 `X-Hybridgen-Route-Reason`, `X-Request-Id`) and in every SSE chunk (the first included).
+While an A/B experiment is in force, `variant` (a variant's name, or `control`) comes with
+them, and in the header `X-Hybridgen-Variant`.
 
 The model loads in the lifespan, never at import; the bus link starts after it (and never
 blocks start-up: without a bus the node serves locally). The routes are module-level
@@ -45,6 +47,7 @@ from serving.tools import CallStream
 HEADER_SERVED_BY = "X-Hybridgen-Served-By"
 HEADER_ROUTE_REASON = "X-Hybridgen-Route-Reason"
 HEADER_REQUEST_ID = "X-Request-Id"
+HEADER_VARIANT = "X-Hybridgen-Variant"
 
 
 class EdgeMetrics:
@@ -324,6 +327,9 @@ async def serve(
         HEADER_ROUTE_REASON: info.route_reason,
         HEADER_REQUEST_ID: request_id,
     }
+    if info.variant is not None:  # an A/B experiment is in force
+        extra["variant"] = info.variant
+        headers[HEADER_VARIANT] = info.variant
     created = int(time.time())
     # The edge's model version; a cloud answer's comes with its Outcome.
     edge_version = node.runtime.version if info.served_by == "edge" else None

@@ -125,7 +125,8 @@ class CloudBridge:
         )
         bus_request = wire.GenerateRequest(
             request_id=request.request_id,
-            model=node.settings.cloud_model,
+            # A cloud A/B variant's share goes to the variant's model.
+            model=request.cloud_model or node.settings.cloud_model,
             # An unset max_tokens lets the cloud use its own default within its own context.
             max_tokens=request.options.max_tokens if request.max_tokens_given else None,
             origin=node.node_id,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.telemetry import RequestStats
+from edge.experiments import ExperimentState
 from edge.routing import (
     CircuitBreaker,
     Decision,
@@ -79,6 +80,8 @@ class NodeLifecycle:
         self.counters = NodeCounters()
         self.draining = False
         self._event_sink: Any = None
+        #: The A/B experiment in force here and its figures (`edge.experiments`).
+        self.experiments = ExperimentState()
 
     # -------------------------------------------------------------- thresholds
 

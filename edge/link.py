@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from broker import subjects, wire
 from broker.bus import connect_settings, serve_control
 from broker.errors import BadRequest, HybridgenError
+from broker.experiment import EXPERIMENT_KEY
 from broker.policy import policy_sources
 from broker.service import ControlHandler
 from broker.telemetry import Telemetry
@@ -29,6 +30,7 @@ from edge.routing import PolicySettings, merge_policy
 logger = logging.getLogger(__name__)
 
 ReloadModel = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+ApplyExperiment = Callable[[dict[str, Any] | None], Awaitable[None]]
 
 
 class BusLink:
@@ -38,14 +40,22 @@ class BusLink:
         node: the node to serve.
         reload_model: `async (args) -> info` doing the `reload-model` verb.
         software_version: reported in heartbeats.
+        apply_experiment: `async (value) -> None` putting the `experiment` key of
+            `hg_config` in force (None: deleted); without it the value is ignored.
     """
 
     def __init__(
-        self, node: EdgeNode, *, reload_model: ReloadModel, software_version: str = ""
+        self,
+        node: EdgeNode,
+        *,
+        reload_model: ReloadModel,
+        software_version: str = "",
+        apply_experiment: ApplyExperiment | None = None,
     ) -> None:
         self.node = node
         self.settings = node.settings
         self.reload_model = reload_model
+        self.apply_experiment = apply_experiment
         self.software_version = software_version
         self.nc: Client | None = None
         self.telemetry: Telemetry | None = None
@@ -155,6 +165,8 @@ class BusLink:
         except Exception as exc:
             logger.warning("control endpoints not registered: %s", exc)
         self._spawn(self._watch_policy(nc), "hg-edge-policy")
+        if self.apply_experiment is not None:
+            self._spawn(self._watch_experiment(nc, self.apply_experiment), "hg-edge-experiment")
 
     # -------------------------------------------------------------------- policy
 
@@ -182,6 +194,22 @@ class BusLink:
                 raise
             except Exception as exc:
                 logger.warning("policy watch failed (%s); retrying", exc)
+            await asyncio.sleep(self.settings.reconnect_s)
+
+    async def _watch_experiment(self, nc: Client, apply: ApplyExperiment) -> None:
+        """Put the A/B experiment of the KV bucket in force, now and on every change."""
+        from broker.store import FleetConfig
+
+        while not self._closed:
+            try:
+                config = await FleetConfig.open(nc)
+                await apply(await config.get(EXPERIMENT_KEY))
+                async for _key, value in config.watch(EXPERIMENT_KEY):
+                    await apply(value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("experiment watch failed (%s); retrying", exc)
             await asyncio.sleep(self.settings.reconnect_s)
 
     def effective_policy(self, extra: dict[str, Any] | None = None) -> PolicySettings:
@@ -247,6 +275,8 @@ class BusLink:
                 "perplexity_threshold_source": node.threshold_source,
                 "calibrated_threshold": node.calibrated_threshold,
                 "policy": self.policy_in_force(),
+                # The A/B experiment in force and each variant's figures (edge.experiments).
+                **node.experiments.snapshot(),
             },
         )
 

@@ -60,6 +60,10 @@ class EdgeRequest:
     #: Tools shown to the model (OpenAI's list, `serving.tools`): the edge rendered them
     #: into `prompt`; the cloud gets them with `messages` and renders them itself.
     tools: list[dict[str, Any]] | None = None
+    #: The A/B variant the router assigned (`edge.experiments`); None: no experiment.
+    variant: str | None = None
+    #: A cloud-model variant's model (the bus subject); None: the node's cloud model.
+    cloud_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class RouteInfo:
     threshold_source: str | None = None
     #: Prompt tokens the perplexity was averaged over (it picks the calibrated length bucket).
     scored_tokens: int | None = None
+    #: The A/B variant that serves it (`broker.experiment`); None: no experiment in force.
+    variant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ edge queue sends the request to the cloud when it may go there, else it is refus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -38,7 +39,7 @@ from edge.routing import (
     decide,
     decide_after_draft,
 )
-from edge.runtime import Finished, Generation, Prefill, Token, prefix_length
+from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token, prefix_length
 from models.scoring import encode_with_span, scored_positions
 
 
@@ -85,17 +86,33 @@ class Router:
         trace: dict[str, Any] = {}
         route: RouteInfo | None = None
         ttft_ms: float | None = None
-        items = self._generate(request, started, trace)
-        async with contextlib.aclosing(items) as answer:
-            async for item in answer:
-                if isinstance(item, RouteInfo):
-                    route = item
-                elif isinstance(item, Piece) and ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1e3
-                elif isinstance(item, Outcome) and route is not None and not request.local_only:
-                    total_ms = (time.perf_counter() - started) * 1e3
-                    self.publish_request_event(route, item, ttft_ms, total_ms, trace)
-                yield item
+        # An A/B experiment in force picks the request's variant (and its runtime).
+        experiments = self.node.experiments
+        request, runtime = experiments.assign(request)
+        items = self._generate(request, started, trace, runtime)
+        try:
+            async with contextlib.aclosing(items) as answer:
+                async for item in answer:
+                    if isinstance(item, RouteInfo):
+                        if request.variant is not None:
+                            item = dataclasses.replace(item, variant=request.variant)
+                        route = item
+                    elif isinstance(item, Piece) and ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - started) * 1e3
+                    elif isinstance(item, Outcome):
+                        total_ms = (time.perf_counter() - started) * 1e3
+                        experiments.record(
+                            request,
+                            latency_s=total_ms / 1e3,
+                            tokens=item.completion_tokens,
+                            served_by=None if route is None else route.served_by,
+                        )
+                        if route is not None and not request.local_only:
+                            self.publish_request_event(route, item, ttft_ms, total_ms, trace)
+                    yield item
+        except Exception:
+            experiments.record(request, latency_s=time.perf_counter() - started, error=True)
+            raise
 
     def publish_request_event(
         self,
@@ -108,7 +125,8 @@ class Router:
         """Publish a finished request's path and timings as a `request` event (no text).
 
         Data: served_by, route_reason, model, prompt_tokens, completion_tokens,
-        finish_reason, route_ms (arrival until decided), ttft_ms (first text), total_ms; for
+        finish_reason, route_ms (arrival until decided), ttft_ms (first text), total_ms, the
+        A/B `variant` while an experiment is in force; for
         a request routed to the cloud, `hop_ms` (sent on the bus until a worker accepted it),
         the worker's node id (`worker`, from its `Done`) and `completed_locally` when the edge
         finished it after a cloud failure.
@@ -127,6 +145,8 @@ class Router:
         }
         if outcome.completed_locally:
             data["completed_locally"] = True
+        if route.variant is not None:
+            data["variant"] = route.variant
         where = route.served_by
         if trace.get("worker"):
             where = f"{where} ({trace['worker']})"
@@ -134,15 +154,20 @@ class Router:
         self.node.publish_event("request", message, route.request_id, **data)
 
     async def _generate(
-        self, request: EdgeRequest, started: float, trace: dict[str, Any]
+        self,
+        request: EdgeRequest,
+        started: float,
+        trace: dict[str, Any],
+        variant_runtime: EdgeRuntime | None = None,
     ) -> AsyncGenerator[Item, None]:
-        """`generate` itself; `trace` collects the cloud hop's facts for the request event."""
+        """`generate` itself; `trace` collects the cloud hop's facts for the request event;
+        `variant_runtime` serves it locally instead of the node's (an edge A/B variant)."""
         node = self.node
         if node.draining:
             # The same answer a draining cloud worker gives: go elsewhere, not "busy, retry".
             raise Unavailable("this edge node is draining", retry_after=5.0)
         cloud_only = self.check_model(request.model)
-        runtime = node.runtime
+        runtime = variant_runtime or node.runtime
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
         scored_tokens = len(scored_positions(len(prompt_ids), span))
         # A personalized request's persona/samples prefix, reused by the runtime when kept.
@@ -251,6 +276,8 @@ class Router:
         local = stream_local(generation, started, node.counters.stats, drafted, finished)
         async with contextlib.aclosing(local) as items:
             async for item in items:
+                if isinstance(item, Outcome) and runtime is not node.runtime:
+                    item.model_version = runtime.version  # an edge variant's model set
                 yield item
 
     def _when_queue_full(self, request: EdgeRequest) -> Decision:

@@ -74,9 +74,19 @@ class EdgeService:
             samples_min_overlap=settings.personalize_sample_overlap,
             persist_s=settings.personalize_persist_s,
         )
-        self.link = BusLink(node, reload_model=self.reload_model, software_version=SOFTWARE_VERSION)
+        self.link = BusLink(
+            node,
+            reload_model=self.reload_model,
+            software_version=SOFTWARE_VERSION,
+            apply_experiment=self.apply_experiment,
+        )
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        # Feedback counts for the A/B variant that served the user last (edge.experiments).
+        self.users.add_listener(node.experiments)
+        self._experiment_lock = asyncio.Lock()
+        #: The edge A/B variant's (version, runtime) when this service loaded one.
+        self._variant: tuple[str, EdgeRuntime] | None = None
 
     async def reload_model(self, args: dict[str, Any]) -> dict[str, Any]:
         """Load a model next to the current one, then swap; the old one finishes its requests.
@@ -101,6 +111,56 @@ class EdgeService:
             }
             logger.info("model swapped: %s", info)
             return info
+
+    async def apply_experiment(self, value: dict[str, Any] | None) -> None:
+        """Put an A/B experiment in force (`broker.experiment`; None: stop it).
+
+        An edge model-set variant is loaded next to the node's model (from the registry,
+        else pulled from the object store, as `reload-model` does) and replaces any other
+        variant runtime: one extra runtime at most. Stopping unloads it once its requests
+        finish. An invalid value is logged and leaves the experiment in force as it was.
+        """
+        from broker.experiment import Experiment
+
+        try:
+            experiment = None if value is None else Experiment.model_validate(value)
+        except ValueError as exc:
+            logger.error("ignoring an invalid experiment from the KV bucket: %s", exc)
+            return
+        state = self.node.experiments
+        async with self._experiment_lock:
+            if experiment == state.experiment:
+                return
+            wanted = None if experiment is None else experiment.edge_variant
+            version = None if wanted is None else wanted.edge_version
+            if self._variant is not None and self._variant[0] != version:
+                old = self._variant[1]
+                self._variant = None
+                state.edge_runtime = None
+                self._retire(old)
+            state.set(experiment)
+            logger.info("experiment now %s", None if experiment is None else experiment.name)
+            if version is None or self._variant is not None:
+                return
+            try:
+                model_dir, found = await self._locate({"version": version})
+                runtime = await asyncio.to_thread(load_runtime, self.settings, model_dir, found)
+            except Exception as exc:
+                logger.error(
+                    "experiment variant %s not loaded (its share stays control): %s", version, exc
+                )
+                return
+            self._variant = (version, runtime)
+            state.edge_runtime = runtime
+            self.node.publish_event(
+                "experiment", f"variant model set {version} loaded", None, version=version
+            )
+
+    def _retire(self, runtime: EdgeRuntime) -> None:
+        """Close `runtime` once its requests are done, in the background."""
+        task = asyncio.create_task(runtime.close(drain_timeout=300.0))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _locate(self, args: dict[str, Any]) -> tuple[Path, str | None]:
         if args.get("model_dir"):
@@ -132,6 +192,9 @@ class EdgeService:
     async def close(self) -> None:
         """Stop the bus link, let retiring models finish, then close the runtime."""
         await self.link.close()
+        if self._variant is not None:
+            self._retire(self._variant[1])
+            self._variant = None
         for task in list(self._retiring):
             await task
         await self.node.runtime.close()

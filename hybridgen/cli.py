@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "edge": ("edge.cli", "main", "run an edge node (local OpenAI-compatible API)"),
     "tui": ("tui.cli", "main", "the operator console (Textual)"),
     "bench": ("hybridgen.benches", "main", "run a benchmark: hybridgen bench NAME [--json]"),
+    "fleet": ("hybridgen.fleet", "main", "fleet operations: experiment, rollout, rollback"),
 }
 
 

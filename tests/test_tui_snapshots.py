@@ -28,6 +28,7 @@ from textual.widgets import DataTable, Input
 from broker import wire
 from broker.settings import BusSettings
 from tui.app import HybridgenConsole
+from tui.experiment import ExperimentScreen
 from tui.policy import PolicyScreen
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
@@ -449,6 +450,7 @@ _BOUND_IN: dict[str, tuple[type, ...]] = {
     "Node detail": (NodeScreen,),
     "Policy": (PolicyScreen,),
     "Roll-out": (RolloutScreen, Input),
+    "Experiment": (ExperimentScreen, Input),
     "Test prompt": (PromptScreen, Input),
     "Confirmation dialog": (ConfirmScreen,),
     "Help": (HelpScreen, VerticalScroll),

@@ -32,6 +32,7 @@ from broker.service import send_control
 from broker.settings import BusSettings
 from broker.telemetry import default_node_id
 from tui.discovery import DISCOVERY_S, run_discovery
+from tui.experiment import ExperimentScreen
 from tui.policy import PolicyScreen
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
@@ -134,6 +135,7 @@ class HybridgenConsole(App[None]):
         Binding("o", "overview", "overview"),
         Binding("m", "rollout", "roll out"),
         Binding("g", "test_prompt", "test prompt"),
+        Binding("x", "experiment", "experiment"),
     ]
 
     connected: reactive[bool] = reactive(False)
@@ -439,6 +441,15 @@ class HybridgenConsole(App[None]):
                 self.nc, self.fleet, node_id, self.record_action, changed=self.last_rollout
             )
         )
+
+    def action_experiment(self) -> None:
+        """Open the experiment screen: the A/B experiment, its variants, start and stop."""
+        if isinstance(self.screen, ExperimentScreen | RolloutScreen | PromptScreen | ConfirmScreen):
+            return
+        if self.nc is None or not self.nc.is_connected:
+            self.notify("experiment: not connected to NATS", severity="error")
+            return
+        self.push_screen(ExperimentScreen(self.nc, self.fleet, self.record_action))
 
     def action_test_prompt(self) -> None:
         """Open the test-prompt screen for the edge in view (or selected)."""

@@ -7,6 +7,9 @@ or failed. A roll-out halts at the first failure: the nodes after it stay `skipp
 back sends every node changed by a roll-out, and not rolled back since, to the
 `previous_version` it reported. Those nodes are kept in a dict the app owns
 (`HybridgenConsole.last_rollout`), so closing and reopening the screen can still roll back.
+They are also written to the fleet config (`models.rollouts`, key `rollout.last`), the record
+`hybridgen fleet rollout|rollback` reads and writes: a screen opened with no roll-out of its
+own rolls back the nodes of the last recorded one, from the CLI or another console.
 Every node's result is recorded as an `operator_action` event.
 """
 
@@ -29,6 +32,7 @@ from textual.widgets import DataTable, Footer, Header, Input, OptionList, Static
 from broker.errors import HybridgenError
 from broker.service import send_control
 from models.distribution import published_versions
+from models.rollouts import RolloutRecord, load_record, save_record
 from tui.policy import ActionRecorder
 from tui.screens import ConfirmScreen
 from tui.state import FleetState
@@ -142,6 +146,8 @@ class RolloutScreen(Screen[None]):
         #: Nodes rolled out and not rolled back yet, with the version they ran before (None:
         #: no version); shared with the app when it passed one.
         self.changed: dict[str, str | None] = {} if changed is None else changed
+        #: The version of the roll-out `changed` comes from (for the shared record).
+        self.rolled_out: str | None = None
         self.running = False
 
     def compose(self) -> ComposeResult:
@@ -163,6 +169,7 @@ class RolloutScreen(Screen[None]):
         self.show_status("pick a version (listed from hg_models) or type one")
         self.query_one("#rollout-version", Input).focus()
         self.action_load_versions()
+        self.load_shared_record()
         self.set_interval(0.5, self.tick)
 
     # -- target and versions ------------------------------------------------------------------
@@ -208,6 +215,32 @@ class RolloutScreen(Screen[None]):
         options.add_options([Text(version) for version in versions])
         if not versions:
             self.show_status("no version published in hg_models: type one")
+
+    @work(exclusive=True, group="rollout-record")
+    async def load_shared_record(self) -> None:
+        """With no roll-out of this console to roll back, take the last recorded one's."""
+        if self.changed:
+            return
+        try:
+            record = await load_record(self.nc)
+        except (HybridgenError, NatsError) as exc:
+            log.info("roll-out record not read: %s", _why(exc))
+            return
+        if record is not None and record.nodes and not self.changed:
+            self.changed.update(record.nodes)
+            self.rolled_out = record.version
+
+    async def save_shared_record(self, version: str, state: str) -> None:
+        """Write the nodes changed and not rolled back as the fleet's last roll-out."""
+        record = RolloutRecord(version=version, state=state, nodes=dict(self.changed), by="console")
+        try:
+            await save_record(self.nc, record)
+        except (HybridgenError, NatsError) as exc:
+            self.notify(
+                f"roll-out not recorded in hg_config ({_why(exc)}): the CLI cannot roll it back",
+                severity="warning",
+                markup=False,
+            )
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         box = self.query_one("#rollout-version", Input)
@@ -279,6 +312,7 @@ class RolloutScreen(Screen[None]):
         """Reload the nodes one by one, drawing each step, recording each node's result."""
         self.running = True
         self.steps = steps
+        version = steps[0].to_version if action == ROLLOUT else self.rolled_out or ""
         failed: NodeStep | None = None
         try:
             for step in steps:
@@ -300,6 +334,13 @@ class RolloutScreen(Screen[None]):
             self.draw()
         done = sum(step.state == "done" for step in steps)
         skipped = sum(step.state == "skipped" for step in steps)
+        if action == ROLLOUT:
+            self.rolled_out = version
+            await self.save_shared_record(version, "halted" if failed else "done")
+        else:
+            await self.save_shared_record(
+                version, "partly_rolled_back" if self.changed else "rolled_back"
+            )
         summary = f"{action}: {done}/{len(steps)} node(s) done"
         if failed is not None:
             summary += f"; {failed.node_id} failed ({failed.message})"

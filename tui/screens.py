@@ -46,6 +46,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[tuple[tuple[str, ...], str], ...]], ...] =
             (("p",), "routing policy (no node selected: the fleet default)"),
             (("m",), "roll a model-set version out, or roll back"),
             (("g",), "send a test prompt to the selected edge"),
+            (("x",), "A/B experiment: its variants side by side, start, stop"),
             (("o",), "summary of the whole fleet"),
             (("e",), "events"),
             (("question_mark",), "this help"),
@@ -92,6 +93,15 @@ HELP_SECTIONS: tuple[tuple[str, tuple[tuple[tuple[str, ...], str], ...]], ...] =
         ),
     ),
     (
+        "Experiment",
+        (
+            (("enter",), "start the experiment typed in the form (asks first)"),
+            (("ctrl+s",), "stop the experiment (asks first)"),
+            (("ctrl+r",), "read the experiment from hg_config again"),
+            (("escape",), "back"),
+        ),
+    ),
+    (
         "Test prompt",
         (
             (("enter",), "send the prompt"),
@@ -123,8 +133,9 @@ def help_text() -> str:
         lines += [f"  {key_label(keys):<14} {does}" for keys, does in entries]
     lines += [
         "",
-        "Every drain, resume, policy write, roll-out, roll back and test prompt",
-        "is published as an operator_action event (events: kind:operator_action).",
+        "Every drain, resume, policy write, roll-out, roll back, experiment start",
+        "and stop and test prompt is published as an operator_action event",
+        "(events: kind:operator_action).",
     ]
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "personalization": ("hybridgen.benches.personalization", "main"),
     "load": ("hybridgen.benches.load", "main"),
     "routing": ("hybridgen.benches.routing", "main"),
+    "fleet": ("hybridgen.benches.fleet", "main"),
 }
 
 
