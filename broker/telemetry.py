@@ -178,3 +178,22 @@ class Telemetry:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def publish_operator_action(
+    nc: Client, operator_id: str, action: str, target: str, ok: bool, message: str
+) -> None:
+    """Publish what an operator did (console or `hybridgen fleet`) as an `operator_action`
+    event on `hg.events.operator.<operator_id>`; every console shows it.
+
+    Raises:
+        Whatever `nc.publish` raises (the caller decides how to report a lost record).
+    """
+    event = wire.Event(
+        kind="operator_action",
+        role="operator",
+        node_id=operator_id,
+        message=message,
+        data={"action": action, "target": target, "ok": ok, "message": message},
+    )
+    await nc.publish(subjects.events("operator", operator_id), wire.encode(event))

@@ -28,7 +28,7 @@ from nats.errors import Error as NatsError
 from broker import subjects, wire
 from broker.errors import HybridgenError
 from broker.service import send_control
-from broker.telemetry import default_node_id
+from broker.telemetry import default_node_id, publish_operator_action
 from hybridgen.fleet_experiment import add_experiment_parser
 from models.rollouts import RolloutRecord, load_record, save_record
 
@@ -233,15 +233,8 @@ class Operator:
 
     async def record(self, action: str, target: str, ok: bool, message: str) -> None:
         """Publish an `operator_action` event, as the console does (lost ones are printed)."""
-        event = wire.Event(
-            kind="operator_action",
-            role="operator",
-            node_id=self.operator_id,
-            message=message,
-            data={"action": action, "target": target, "ok": ok, "message": message},
-        )
         try:
-            await self.nc.publish(subjects.events("operator", self.operator_id), wire.encode(event))
+            await publish_operator_action(self.nc, self.operator_id, action, target, ok, message)
         except NatsError as exc:
             self.print(f"(event not published: {exc})")
 

@@ -30,7 +30,7 @@ from broker.bus import connect_settings
 from broker.errors import HybridgenError
 from broker.service import send_control
 from broker.settings import BusSettings
-from broker.telemetry import default_node_id
+from broker.telemetry import default_node_id, publish_operator_action
 from tui.discovery import DISCOVERY_S, run_discovery
 from tui.experiment import ExperimentScreen
 from tui.policy import PolicyScreen
@@ -486,15 +486,8 @@ class HybridgenConsole(App[None]):
         if nc is None or not nc.is_connected:
             log.warning("console: %s not recorded, not connected", action)
             return
-        event = wire.Event(
-            kind="operator_action",
-            role="operator",
-            node_id=self.console_id,
-            message=message,
-            data={"action": action, "target": target, "ok": ok, "message": message},
-        )
         try:
-            await nc.publish(subjects.events("operator", self.console_id), wire.encode(event))
+            await publish_operator_action(nc, self.console_id, action, target, ok, message)
         except Exception as exc:  # the action itself is done; losing its record is logged
             log.warning("console: %s not recorded: %s", action, exc)
 

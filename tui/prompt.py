@@ -152,6 +152,9 @@ async def stream_prompt(
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
+        # Greedy: the same prompt gets the same answer from the same model, so two nodes or
+        # two versions can be compared.
+        "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

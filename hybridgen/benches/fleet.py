@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridgen.benches.load import Children, find_model_set
+from hybridgen.benches.load import Children, Scratch, scratch_network
 
 #: Fixed prompts, cycled over the requests.
 PROMPTS = (
@@ -137,10 +137,42 @@ async def warm_up(nc: Any, count: int, children: Children) -> None:
             await asyncio.sleep(0.3)
 
 
+async def _each_count(
+    args: argparse.Namespace, counts: list[int], requests: int, concurrency: int, net: Scratch
+) -> tuple[list[float], int]:
+    """Tokens/s under the same offered load for each worker count; and the failed requests."""
+    from broker.bus import connect
+
+    nc = await connect(net.server.client_url, name="bench-fleet")
+    tok_s: list[float] = []
+    errors = 0
+    try:
+        for count in counts:
+            children = Children(net.logs, net.env)
+            try:
+                for i in range(count):
+                    children.start(
+                        f"worker-{count}-{i}",
+                        [sys.executable, "-m", "cloud", "worker", "--nats",
+                         net.server.client_url, "--model-set", net.version, "--model", MODEL,
+                         "--node-id", f"bench-fleet-{count}-{i}", "--threads", "1",
+                         "--device", "cpu", "--drain-timeout-s", "2"],
+                    )  # fmt: skip
+                await warm_up(nc, count, children)
+                seconds, tokens, failed = await offered_load(
+                    nc, requests, concurrency, args.max_tokens
+                )
+            finally:
+                await asyncio.to_thread(children.stop)
+            errors += failed
+            tok_s.append(round(tokens / seconds, 2) if seconds > 0 else 0.0)
+    finally:
+        await nc.close()
+    return tok_s, errors
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run every worker count and return the figures."""
-    from broker.bus import connect
-    from broker.server import NatsServer
     from hybridgen.benches.machine import cpu_info, load_average
 
     counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
@@ -148,41 +180,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         requests, concurrency = min(requests, 16), min(concurrency, 4)
     with tempfile.TemporaryDirectory(prefix="hg-bench-fleet-") as tmp:
-        scratch = Path(tmp)
-        version, home = find_model_set(args.model_set, args.home, scratch)
-        logs = scratch / "logs"
-        logs.mkdir()
-        server = NatsServer(store_dir=scratch / "nats")
-        await server.start()
-        env = {**os.environ, "HG_HOME": str(home), "OMP_NUM_THREADS": "1"}
-        for name in ("HG_NATS_USER", "HG_NATS_PASSWORD", "HG_NATS_PASSWORD_FILE", "HG_NATS_CREDS"):
-            env.pop(name, None)  # this nats-server has no users
-        nc = await connect(server.client_url, name="bench-fleet")
-        tok_s: list[float] = []
-        errors = 0
-        try:
-            for count in counts:
-                children = Children(logs, env)
-                try:
-                    for i in range(count):
-                        children.start(
-                            f"worker-{count}-{i}",
-                            [sys.executable, "-m", "cloud", "worker", "--nats",
-                             server.client_url, "--model-set", version, "--model", MODEL,
-                             "--node-id", f"bench-fleet-{count}-{i}", "--threads", "1",
-                             "--device", "cpu", "--drain-timeout-s", "2"],
-                        )  # fmt: skip
-                    await warm_up(nc, count, children)
-                    seconds, tokens, failed = await offered_load(
-                        nc, requests, concurrency, args.max_tokens
-                    )
-                finally:
-                    await asyncio.to_thread(children.stop)
-                errors += failed
-                tok_s.append(round(tokens / seconds, 2) if seconds > 0 else 0.0)
-        finally:
-            await nc.close()
-            await server.shutdown()
+        async with scratch_network(args.model_set, args.home, Path(tmp)) as net:
+            version = net.version
+            tok_s, errors = await _each_count(args, counts, requests, concurrency, net)
     cores = usable_cores()
     each = efficiencies(counts, tok_s)
     one_to_two = None

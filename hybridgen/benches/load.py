@@ -315,14 +315,25 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+@dataclass
+class Scratch:
+    """A benchmark's own network: its nats-server (no users), the model set, where the
+    children's logs go, and their environment."""
+
+    server: Any
+    version: str
+    logs: Path
+    env: dict[str, str]
+
+
 @contextlib.asynccontextmanager
-async def network(
-    args: argparse.Namespace, scratch: Path
-) -> AsyncIterator[tuple[str, Children, str]]:
-    """nats-server, a cloud worker and an edge; yields (edge URL, children, model set)."""
+async def scratch_network(
+    model_set: str | None, home: Path | None, scratch: Path
+) -> AsyncIterator[Scratch]:
+    """Find (or build) the model set and start a nats-server in `scratch`; stopped after."""
     from broker.server import NatsServer
 
-    version, home = find_model_set(args.model_set, args.home, scratch)
+    version, home = find_model_set(model_set, home, scratch)
     logs = scratch / "logs"
     logs.mkdir()
     server = NatsServer(store_dir=scratch / "nats")
@@ -330,7 +341,28 @@ async def network(
     env = {**os.environ, "HG_HOME": str(home), "OMP_NUM_THREADS": "1"}
     for name in ("HG_NATS_USER", "HG_NATS_PASSWORD", "HG_NATS_PASSWORD_FILE", "HG_NATS_CREDS"):
         env.pop(name, None)  # this nats-server has no users
-    children = Children(logs, env)
+    try:
+        yield Scratch(server, version, logs, env)
+    finally:
+        await server.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def network(
+    args: argparse.Namespace, scratch: Path
+) -> AsyncIterator[tuple[str, Children, str]]:
+    """nats-server, a cloud worker and an edge; yields (edge URL, children, model set)."""
+    async with (
+        scratch_network(args.model_set, args.home, scratch) as net,
+        _services(args, net) as (url, children),
+    ):
+        yield url, children, net.version
+
+
+@contextlib.asynccontextmanager
+async def _services(args: argparse.Namespace, net: Scratch) -> AsyncIterator[tuple[str, Children]]:
+    server, version = net.server, net.version
+    children = Children(net.logs, net.env)
     port = free_port()
     python = sys.executable
     try:
@@ -347,10 +379,9 @@ async def network(
              "--threads", str(args.edge_threads), "--log-level", "warning",
              "--drain-timeout-s", f"{DRAIN_S:g}"],
         )  # fmt: skip
-        yield f"http://127.0.0.1:{port}", children, version
+        yield f"http://127.0.0.1:{port}", children
     finally:
         await asyncio.to_thread(children.stop)
-        await server.shutdown()
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
