@@ -14,7 +14,6 @@ nats.micro discovery for a served model.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ from broker.errors import (
 )
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
-from serving.auth import require_api_key
+from serving.auth import check_exposure, require_api_key
 from serving.bodies import json_body
 from serving.deadlines import budget_s, client_timeout_s, until_disconnect
 from serving.metrics import HttpMetrics, install_common, protect_metrics
@@ -77,24 +76,17 @@ class ApiState:
     _ready_cache: tuple[float, bool, dict[str, Any]] = field(default=(0.0, False, {}))
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_settings(settings: ApiSettings) -> None:
-    """Refuse an open API (no keys) on a non-loopback address unless explicitly allowed."""
-    if not settings.api_keys and not _is_loopback(settings.host) and not settings.allow_open:
-        raise ValueError(
-            f"refusing to serve without API keys on {settings.host}: set HG_CLOUD_API_KEYS "
-            "(or HG_CLOUD_ALLOW_OPEN=1 to accept the risk)"
-        )
-    if settings.metrics_require_key and not settings.api_keys:
-        raise ValueError("HG_CLOUD_METRICS_REQUIRE_KEY needs API keys: set HG_CLOUD_API_KEYS")
+    """Refuse an open API (no keys) beyond loopback unless explicitly allowed, and a
+    key-protected /metrics without keys (`serving.auth.check_exposure`)."""
+    check_exposure(
+        settings.host,
+        settings.api_keys,
+        allow_open=settings.allow_open,
+        metrics_require_key=settings.metrics_require_key,
+        set_key="--api-key KEY or HG_CLOUD_API_KEYS",
+        allow="--allow-open / HG_CLOUD_ALLOW_OPEN=1",
+    )
 
 
 async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[str, Any] | None:

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from broker.config import is_loopback
 from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
+from serving.auth import check_exposure
 
 
 class EdgeSettings(BaseSettings):
@@ -139,16 +139,14 @@ class EdgeSettings(BaseSettings):
         Raises:
             ValueError: the message says how to set a key.
         """
-        if not self.api_keys and not is_loopback(self.host) and not self.allow_open:
-            raise ValueError(
-                f"refusing to serve without an API key on {self.host} (beyond loopback): set "
-                "one with --api-key KEY or HG_EDGE_API_KEYS=KEY1,KEY2 (or --allow-open / "
-                "HG_EDGE_ALLOW_OPEN=1 to accept the risk)"
-            )
-        if self.metrics_require_key and not self.api_keys:
-            raise ValueError(
-                "metrics_require_key needs API keys: set --api-key KEY or HG_EDGE_API_KEYS"
-            )
+        check_exposure(
+            self.host,
+            self.api_keys,
+            allow_open=self.allow_open,
+            metrics_require_key=self.metrics_require_key,
+            set_key="--api-key KEY or HG_EDGE_API_KEYS=KEY1,KEY2",
+            allow="--allow-open / HG_EDGE_ALLOW_OPEN=1",
+        )
 
     @model_validator(mode="after")
     def _default_users_db(self) -> EdgeSettings:

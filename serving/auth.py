@@ -8,9 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import Request
 
-from broker.errors import (
-    Unauthorized,
-)
+from broker.config import is_loopback
+from broker.errors import Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +43,33 @@ def require_api_key(keys: Sequence[str] | None) -> Callable[[Request], Awaitable
 
 
 # ----------------------------------------------------------------------------------- SSE
+
+
+def check_exposure(
+    host: str,
+    api_keys: Sequence[str],
+    *,
+    allow_open: bool,
+    metrics_require_key: bool,
+    set_key: str,
+    allow: str,
+) -> None:
+    """The rule both APIs start under: no open API (no keys) beyond loopback unless allowed
+    explicitly, and no key-protected /metrics without keys.
+
+    Args:
+        set_key: how to set a key, for the message (e.g. `--api-key KEY or HG_EDGE_API_KEYS`).
+        allow: how to accept the risk, for the message.
+
+    Raises:
+        ValueError: the message says how to set a key.
+    """
+    if not api_keys and not is_loopback(host) and not allow_open:
+        raise ValueError(
+            f"refusing to serve without an API key on {host} (beyond loopback): set one with "
+            f"{set_key} (or {allow} to accept the risk)"
+        )
+    if metrics_require_key and not api_keys:
+        raise ValueError(
+            f"metrics_require_key (a key-protected /metrics) needs API keys: set {set_key}"
+        )
