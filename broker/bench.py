@@ -37,7 +37,9 @@ GOALS = {"added_p50_ms": 0.5, "added_p99_ms": 2.0}
 
 
 def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of samples, in the samples' unit."""
+    """Nearest-rank percentile (q in 0..1) of samples, in the samples' unit; 0 when none."""
+    if not samples:
+        return 0.0
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
 

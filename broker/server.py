@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -45,6 +46,13 @@ _CLUSTER_LISTEN = re.compile(r"Listening for route connections on (\S+):(\d+)")
 
 class BrokerStartError(Unavailable):
     """nats-server did not come up; the message quotes the server's own fatal lines."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, for a server started next (tests, benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def find_nats_server() -> Path:

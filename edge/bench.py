@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 from broker import wire
 from broker.bus import GenerationService, Responder, connect, request_stream
-from broker.server import NatsServer
+from broker.server import NatsServer, free_port
 
 _ANSWER = ["stand", "-in ", "cloud ", "answer"]
 
@@ -141,15 +140,9 @@ async def _until_served(nc: Any, attempts: int = 100) -> None:
             await asyncio.sleep(0.01)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure_edge_rss(model_dir: Path, *, timeout: float = 60.0) -> float:
     """RSS (MB) of a real `python -m edge --no-cloud` process once it is ready."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HG_EDGE_THREADS": "1"}
     process = subprocess.Popen(
         [

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -39,7 +38,7 @@ from broker import subjects, wire
 from broker.bus import connect
 from broker.cli import config_main
 from broker.config import self_signed_tls
-from broker.server import NatsServer, find_nats_server
+from broker.server import NatsServer, find_nats_server, free_port
 from broker.store import FleetConfig
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
@@ -54,13 +53,6 @@ WORKERS = ("worker-a", "worker-b")
 FLEET_POLICY = {"request_timeout_ms": 60_000.0}
 #: Upper bound of every wait in the drill (polling stops as soon as the condition holds).
 WAIT_S = 30.0
-
-
-def free_port() -> int:
-    """A port free now (bound, then released): cluster routes need known ports."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def until(check: Callable[[], Any], what: str, within: float = WAIT_S) -> None:

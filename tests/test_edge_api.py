@@ -13,7 +13,6 @@ import json
 import math
 import operator
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect, send_control
-from broker.server import NatsServer
+from broker.server import NatsServer, free_port
 from broker.store import FleetConfig
 from edge.routing import length_threshold
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
@@ -490,16 +489,10 @@ async def test_mid_stream_cloud_failure_finishes_locally(
     await worker_nc.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_bus_unreachable_serves_locally_then_reconnects(
     start_edge: Callable[..., Any], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     edge = await start_edge(nats_url=f"nats://127.0.0.1:{port}")
     body = await chat(edge, "hello", route="cloud")
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "cloud_unavailable")

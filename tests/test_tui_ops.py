@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Input, Label, OptionList, Static
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect
 from broker.errors import NotFound
+from broker.server import free_port
 from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import ArtifactStore
@@ -82,12 +83,6 @@ def shown(widget: Static) -> Text:
     content = widget.content
     assert isinstance(content, Text)
     return content
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------- roll-out
@@ -432,7 +427,7 @@ async def test_prompt_streams_from_a_real_edge_with_where_why_and_how_fast(
 async def test_prompt_to_an_unreachable_edge_says_so_and_non_edges_are_refused(
     nats_url: str, nc: Client
 ) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     recorded = await operator_events(nc)
     app = console_for(nats_url, Clock())
     async with app.run_test(size=SIZE) as pilot:

@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from nats.aio.msg import Msg
 from broker import subjects, wire
 from broker.bus import connect, connect_settings
 from broker.errors import Unauthorized
-from broker.server import NatsServer
+from broker.server import NatsServer, free_port
 from broker.settings import BusSettings
 from broker.store import FleetConfig
 from hybridgen.launcher import Backoff, Launcher
@@ -41,12 +40,6 @@ async def within(seconds: float, what: str, output: Callable[[], str]) -> AsyncI
             yield
     except TimeoutError:
         raise AssertionError(f"{what}: not within {seconds:g} s\n{output()[-6000:]}") from None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -34,6 +34,7 @@ from nats.aio.client import Client
 from textual.geometry import Region
 
 from broker import subjects, wire
+from broker.bench import percentile
 from broker.bus import connect
 from broker.server import NatsServer
 from broker.settings import BusSettings
@@ -49,14 +50,6 @@ STALE_EVERY = 20
 REBUILDS = 20
 EDGE_REASONS = ("in_domain", "edge_default", "confident_draft")
 CLOUD_REASONS = ("low_confidence", "requested_cloud", "edge_overloaded")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """The `q` quantile (nearest rank) of `samples`; 0 when there are none."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def heartbeat(index: int, rng: random.Random) -> wire.Heartbeat:

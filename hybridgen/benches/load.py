@@ -28,8 +28,6 @@ import json
 import math
 import os
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from broker.bench import percentile
+from broker.server import free_port
 
 #: Short prompts, cycled over the clients.
 PROMPTS = (
@@ -157,13 +158,6 @@ def find_model_set(version: str | None, home: Path | None, scratch: Path) -> tup
             "building the tiny model set failed; run the command by hand: " + " ".join(argv)
         )
     return resolve(None, built).version, built
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Children:
@@ -428,8 +422,8 @@ def summary(args: argparse.Namespace, run: Run, version: str) -> dict[str, Any]:
         "completed": len(completed),
         "shed_503": sum(r.shed for r in results),
         "errors": sum(not (r.completed or r.shed) for r in results),
-        "p50_ttft_ms": _ms(_percentile(ttfts, 50)),
-        "p95_ttft_ms": _ms(_percentile(ttfts, 95)),
+        "p50_ttft_ms": _ms(percentile(ttfts, 0.50)) if ttfts else None,
+        "p95_ttft_ms": _ms(percentile(ttfts, 0.95)) if ttfts else None,
         "edge_share": round(sum(r.served_by == "edge" for r in completed) / len(completed), 3)
         if completed
         else None,
@@ -439,14 +433,6 @@ def summary(args: argparse.Namespace, run: Run, version: str) -> dict[str, Any]:
         "load_avg": round(os.getloadavg()[0], 2),
         "error_kinds": dict(Counter(k for r in results if (k := r.error_kind) is not None)),
     }
-
-
-def _percentile(values: list[float], pct: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
 
 
 def _ms(seconds: float | None) -> float | None:
