@@ -30,6 +30,7 @@ from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.personalize import Personalization
+from edge.request import WithSamples
 from edge.routing import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
@@ -160,6 +161,7 @@ async def completions(
         raise BadRequest("prompt must not be empty", param="prompt")
     personal = await _personalization(service, req.user, prompt)
     edge_prompt, cloud_prompt = personal.prompt(prompt) if personal else (prompt, None)
+    samples_prompt = personal.samples_prompt(prompt) if personal else None
     return await serve(
         service,
         metrics,
@@ -171,6 +173,9 @@ async def completions(
         http=request,
         personal=personal,
         cloud_prompt=cloud_prompt,
+        samples=None
+        if samples_prompt is None
+        else (samples_prompt, (len(samples_prompt) - len(prompt), len(samples_prompt))),
     )
 
 
@@ -184,7 +189,12 @@ async def chat_completions(
     # The edge reads the persona and samples; the cloud gets what the user lets it see.
     edge_messages, cloud_messages = personal.chat(messages) if personal else (messages, messages)
     tools = req.tool_request().shown()
-    prompt = service.node.runtime.render_chat(edge_messages, tools)
+    runtime = service.node.runtime
+    prompt = runtime.render_chat(edge_messages, tools)
+    samples = None
+    if personal is not None and (samples_messages := personal.samples_chat(messages)):
+        samples_prompt = runtime.render_chat(samples_messages, tools)
+        samples = (samples_prompt, _user_span(samples_messages, samples_prompt))
     return await serve(
         service,
         metrics,
@@ -194,6 +204,7 @@ async def chat_completions(
         score_span=_user_span(edge_messages, prompt),
         http=request,
         personal=personal,
+        samples=samples,
     )
 
 
@@ -251,6 +262,7 @@ async def serve(
     http: Request | None = None,
     personal: Personalization | None = None,
     cloud_prompt: str | None = None,
+    samples: tuple[str, tuple[int, int] | None] | None = None,
 ) -> Response:
     """Route one request through the node and answer it as JSON or as an SSE stream.
 
@@ -270,6 +282,9 @@ async def serve(
         personal: the user's personalization (`prompt` and `messages` already carry it): its
             sampling defaults, its consent (`local_only`) and its adapter apply.
         cloud_prompt: a personalized completion's prompt for the cloud (None: `prompt`).
+        samples: a personalized request's edge prompt with the user's own samples in
+            context too, and its `score_span`: the router keeps it when the samples help
+            (None: no samples picked).
 
     Returns:
         The answer, or the error envelope when the request fails before it is routed.
@@ -300,7 +315,8 @@ async def serve(
         adapter=None if personal is None else personal.adapter,
         grammar=req.grammar(),
         tools=shown,
-        **_prefix(personal, prompt),
+        with_samples=_with_samples(personal, samples),
+        **(_prefix(prompt, personal.system_text, personal.prefix_key) if personal else {}),
     )
     items = node.generate(edge_request)
     try:
@@ -317,7 +333,7 @@ async def serve(
         raise
     assert isinstance(info, RouteInfo)
     metrics.routes.labels(info.served_by, info.route_reason).inc()
-    extra = {
+    extra: dict[str, Any] = {
         "served_by": info.served_by,
         "route_reason": info.route_reason,
         "request_id": request_id,
@@ -327,6 +343,8 @@ async def serve(
         HEADER_ROUTE_REASON: info.route_reason,
         HEADER_REQUEST_ID: request_id,
     }
+    if info.samples_in_context is not None:  # a personalized request with samples offered
+        extra["samples_in_context"] = info.samples_in_context
     if info.variant is not None:  # an A/B experiment is in force
         extra["variant"] = info.variant
         headers[HEADER_VARIANT] = info.variant
@@ -440,22 +458,36 @@ async def _personalization(
     if not user:
         return None
     # The user's samples take at most a quarter of the edge context.
-    budget = service.node.runtime.context_length // 4
+    budget = min(
+        service.settings.personalize_sample_tokens, service.node.runtime.context_length // 4
+    )
     return await asyncio.to_thread(service.personalizer.prepare, user, text, budget)
 
 
-def _prefix(personal: Personalization | None, prompt: str) -> dict[str, Any]:
-    """`prefix_key` and `prefix_chars` of a personalized prompt: up to the end of the
-    persona/samples text, which the runtime may reuse from a kept prefill."""
-    if personal is None or not personal.system_text:
+def _prefix(prompt: str, text: str | None, key: str | None) -> dict[str, Any]:
+    """`prefix_key` and `prefix_chars` of a personalized prompt: up to the end of its
+    persona (and samples) `text`, which the runtime may reuse from a kept prefill."""
+    if not text or key is None:
         return {}
-    start = prompt.find(personal.system_text)
+    start = prompt.find(text)
     if start < 0:
         return {}
-    return {
-        "prefix_key": personal.prefix_key,
-        "prefix_chars": start + len(personal.system_text),
-    }
+    return {"prefix_key": key, "prefix_chars": start + len(text)}
+
+
+def _with_samples(
+    personal: Personalization | None, samples: tuple[str, tuple[int, int] | None] | None
+) -> WithSamples | None:
+    """The request's alternative with the user's samples in context (None: none)."""
+    if personal is None or samples is None:
+        return None
+    prompt, span = samples
+    return WithSamples(
+        prompt=prompt,
+        score_span=span,
+        count=personal.samples_used,
+        **_prefix(prompt, personal.samples_text, personal.samples_prefix_key),
+    )
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:

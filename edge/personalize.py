@@ -6,14 +6,17 @@
 - **persona**: the profile's persona, as a system message in front of a chat request's
   messages (merged with the request's own first system message), or as a text prefix of a
   completion prompt (`persona + "\\n\\n" + prompt`);
-- **the user's own samples in context**: up to `samples_k` feedback samples most relevant to
-  the request (token-set Jaccard overlap with the request's text, on the edge model's token
-  ids), put after the persona as "Examples of this user's own writing:". They are *gated*:
-  used only when the best overlap reaches `samples_min_overlap` or the user's n-gram cache
-  matches most of the request's last tokens (`match_rate` >= `samples_min_match`). The picked
-  samples go in their feedback order (oldest first), not score order, so the same picks give
-  the same text: with the persona first, the prefix is stable per user (a prefix cache can
-  reuse it);
+- **the user's own samples in context**: up to `samples_k` feedback samples (at most
+  `max_sample_tokens` tokens in all), picked for their relevance to the request
+  (`pick_samples`: overlap of token unigrams and bigrams, each weighted by its inverse
+  frequency among the user's samples; the user's most representative samples when nothing
+  overlaps), under "Examples of this user's own writing:" after the persona. They go in
+  their feedback order (oldest first), so the same picks give the same text and the prefix
+  cache can reuse it. They are *gated on evidence* by the router (`samples_help`): the
+  request is prefilled with and without them, and they stay only when they make the
+  request's own tokens more likely by more than `samples_min_gain` nats in all. A request
+  with nothing the user's samples explain runs without them. `Personalization.system_text`
+  is the persona alone; `samples_text` the persona with the samples (None: none picked);
 - **the adapter**: the user's `edge.adapt.NgramCache` (a snapshot when one is current, see
   Snapshots), mixed into the edge model's logits at each step
   (`EdgeRuntime.submit(adapter=...)`);
@@ -58,9 +61,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,8 +82,9 @@ BYTES_PER_CONTEXT = 400
 BYTES_PER_USER = 2048
 #: Feedback samples kept in memory per user, for the samples-in-context pick.
 KEPT_SAMPLES = 200
-#: Prompt tokens whose n-gram match the samples gate looks at.
-MATCH_WINDOW = 32
+#: Total log-likelihood gain (nats) over the request's own tokens that the user's samples
+#: must bring for the router to keep them in context (`samples_help`).
+SAMPLES_MIN_GAIN = 2.0
 #: Heading of the samples in the system text.
 SAMPLES_HEADING = "Examples of this user's own writing:"
 
@@ -91,11 +96,13 @@ class Personalization:
     Attributes:
         user_id: the user.
         profile: their profile (sampling defaults and consent flags).
-        system_text: persona and picked samples for the edge (None: neither).
+        system_text: the persona for the edge (None: none).
         cloud_system_text: what the cloud may see: the persona when `share_profile`, else None.
         adapter: the user's n-gram cache, its latest snapshot when current (module
             docstring); None: nothing learned yet.
-        samples_used: how many of the user's samples are in `system_text`.
+        samples_text: the persona with the picked samples under `SAMPLES_HEADING`, the
+            request's alternative for the router's gate (None: no samples picked).
+        samples_used: how many of the user's samples are in `samples_text`.
     """
 
     user_id: str
@@ -103,16 +110,19 @@ class Personalization:
     system_text: str | None
     cloud_system_text: str | None
     adapter: NgramCache | None
+    samples_text: str | None = None
     samples_used: int = 0
 
     @property
     def prefix_key(self) -> str | None:
-        """Key of the edge's persona/samples text for the runtime's prefix reuse: the same
-        for the same user and text (None without a system text)."""
-        if not self.system_text:
-            return None
-        digest = hashlib.sha256(self.system_text.encode()).hexdigest()[:16]
-        return f"user:{self.user_id}:{digest}"
+        """Key of the edge's persona text for the runtime's prefix reuse: the same for the
+        same user and text (None without a persona)."""
+        return _prefix_key(self.user_id, self.system_text)
+
+    @property
+    def samples_prefix_key(self) -> str | None:
+        """`prefix_key` of `samples_text` (the persona and the picked samples)."""
+        return _prefix_key(self.user_id, self.samples_text)
 
     @property
     def local_only(self) -> bool:
@@ -122,16 +132,26 @@ class Personalization:
     def chat(
         self, messages: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """A chat's messages for the edge (persona and samples in front) and for the cloud
-        (the request's own, plus the persona only when shared)."""
+        """A chat's messages for the edge (the persona in front) and for the cloud (the
+        request's own, plus the persona only when shared)."""
         return with_system(messages, self.system_text), with_system(
             messages, self.cloud_system_text
         )
+
+    def samples_chat(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """A chat's messages for the edge with the persona and the samples in front (None:
+        no samples picked)."""
+        return with_system(messages, self.samples_text) if self.samples_text else None
 
     def prompt(self, prompt: str) -> tuple[str, str]:
         """A completion prompt for the edge (`system_text + "\n\n" + prompt`) and for the
         cloud (the prompt, behind the persona only when shared)."""
         return with_prefix(prompt, self.system_text), with_prefix(prompt, self.cloud_system_text)
+
+    def samples_prompt(self, prompt: str) -> str | None:
+        """A completion prompt for the edge behind the persona and the samples (None: no
+        samples picked)."""
+        return with_prefix(prompt, self.samples_text) if self.samples_text else None
 
     def sampling(
         self, options: SamplingParams, max_tokens_given: bool, fields_set: set[str]
@@ -160,11 +180,12 @@ class Personalization:
 
 @dataclass
 class Sample:
-    """One feedback sample held in memory: its store order, text, token-id set and length."""
+    """One feedback sample held in memory: its store order, text, unigrams and bigrams of
+    its token ids (`sample_grams`) and length in tokens."""
 
     order: int
     text: str
-    tokens: frozenset[int]
+    grams: frozenset[tuple[int, ...]]
     length: int = 0
 
 
@@ -182,6 +203,16 @@ class _UserState:
     next_order: int = 0
     #: Estimated bytes of `samples` (kept up to date by `_keep_sample`).
     samples_bytes: int = 0
+    #: In how many of `samples` each gram occurs, as of `version` (`pick_samples`).
+    frequencies: Counter[tuple[int, ...]] | None = None
+    frequencies_version: int = -1
+
+    def sample_frequencies(self) -> Counter[tuple[int, ...]]:
+        """`frequencies`, recounted when the samples changed since (under the lock)."""
+        if self.frequencies is None or self.frequencies_version != self.version:
+            self.frequencies = gram_frequencies(self.samples)
+            self.frequencies_version = self.version
+        return self.frequencies
 
     def adapter(self) -> NgramCache:
         """What a request mixes in: the snapshot when it is current, else the live cache."""
@@ -211,41 +242,67 @@ def with_prefix(prompt: str, text: str | None) -> str:
 
 
 def _sample_bytes(sample: Sample) -> int:
-    """Estimated bytes of a kept sample: its text and its token set."""
-    return 100 + len(sample.text) + 64 * len(sample.tokens)
+    """Estimated bytes of a kept sample: its text and its gram set."""
+    return 100 + len(sample.text) + 96 * len(sample.grams)
 
 
-def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
-    """Token-set Jaccard overlap of two texts (0 when either is empty)."""
-    if not a or not b:
-        return 0.0
-    common = len(a & b)
-    return common / (len(a) + len(b) - common)
+def _prefix_key(user_id: str, text: str | None) -> str | None:
+    if not text:
+        return None
+    return f"user:{user_id}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def match_rate(cache: NgramCache, token_ids: Sequence[int], window: int = MATCH_WINDOW) -> float:
-    """Share of the last `window` tokens of `token_ids` that the cache saw after the same two
-    tokens (how much the text looks like the user's own)."""
-    ids = list(token_ids)
-    positions = range(max(2, len(ids) - window), len(ids))
-    if not positions:
-        return 0.0
-    hits = sum(1 for i in positions if cache.count(ids[i - 2 : i], ids[i]) > 0)
-    return hits / len(positions)
+def sample_grams(ids: Sequence[int]) -> frozenset[tuple[int, ...]]:
+    """The unigrams and bigrams of a text's token ids (what relevance is scored on)."""
+    ids = list(ids)
+    return frozenset(tuple(ids[i : i + n]) for n in (1, 2) for i in range(len(ids) - n + 1))
+
+
+def gram_frequencies(samples: Sequence[Sample]) -> Counter[tuple[int, ...]]:
+    """In how many of `samples` each gram occurs."""
+    return Counter(gram for sample in samples for gram in sample.grams)
 
 
 def pick_samples(
-    samples: Sequence[Sample], query: frozenset[int], k: int, max_tokens: int | None = None
+    samples: Sequence[Sample],
+    query: Sequence[int],
+    k: int,
+    max_tokens: int | None = None,
+    frequencies: Counter[tuple[int, ...]] | None = None,
 ) -> list[Sample]:
-    """Up to `k` distinct samples with the best overlap with `query` (none without any
-    overlap) and at most `max_tokens` tokens in all, in their feedback order (oldest first:
-    the same picks give the same text)."""
-    scored = [(jaccard(s.tokens, query), s.order, s) for s in samples]
-    ranked = sorted((t for t in scored if t[0] > 0.0), key=lambda t: (-t[0], -t[1]))
+    """Up to `k` distinct samples most relevant to the request's token ids `query`, at most
+    `max_tokens` tokens in all, in their feedback order (oldest first: the same picks give
+    the same text).
+
+    Relevance is the overlap of the query's unigrams and bigrams with a sample's, each gram
+    weighted by log(1 + n / f): n samples, f of them have it (a gram every sample has counts
+    little). With an empty query, or one that shares nothing with any sample, the user's most
+    representative samples are picked instead: those whose grams the other samples share
+    most (the same weights times how many others have the gram, per token).
+
+    Args:
+        frequencies: `gram_frequencies(samples)` when the caller keeps it (else counted).
+    """
+    if k <= 0 or not samples:
+        return []
+    counts = frequencies if frequencies is not None else gram_frequencies(samples)
+    n = len(samples)
+
+    def weight(gram: tuple[int, ...]) -> float:
+        return math.log(1.0 + n / counts[gram]) if counts[gram] else 0.0
+
+    wanted = sample_grams(query)
+    scores = [sum(weight(g) for g in s.grams & wanted) for s in samples]
+    if max(scores) <= 0.0:
+        scores = [
+            sum(weight(g) * (counts[g] - 1) for g in s.grams) / max(s.length, 1) for s in samples
+        ]
+    ranked = sorted(range(n), key=lambda i: (-scores[i], -samples[i].order))
     best: list[Sample] = []
     texts: set[str] = set()
     used = 0
-    for _, _, sample in ranked:
+    for i in ranked:
+        sample = samples[i]
         if len(best) >= k:
             break
         if sample.text in texts:
@@ -256,6 +313,17 @@ def pick_samples(
         texts.add(sample.text)
         used += sample.length
     return sorted(best, key=lambda s: s.order)
+
+
+def samples_help(gain: float, min_gain: float = SAMPLES_MIN_GAIN) -> bool:
+    """The router's gate on the user's samples: keep them in context when they raise the
+    log-likelihood of the request's own tokens by more than `min_gain` nats in all.
+
+    `gain` is the sum over the request's scored tokens of log p(token | persona, samples,
+    request so far) - log p(token | persona, request so far). A request the samples do not
+    explain (generic text) gains little or loses, and runs without them.
+    """
+    return gain > min_gain
 
 
 def system_text(persona: str | None, samples: Sequence[str]) -> str | None:
@@ -273,9 +341,8 @@ class Personalizer:
         store: the user store (the personalizer registers itself as its listener).
         encode: the edge model's tokenizer (text -> token ids).
         memory_bytes: budget of the resident users (least recently used ones are dropped).
-        samples_k: most samples put in context.
-        samples_min_overlap: Jaccard overlap of the best sample that opens the samples gate.
-        samples_min_match: cache match rate of the request's last tokens that opens it too.
+        samples_k: most samples offered to a request's context (the router's gate decides
+            whether they stay, `samples_help`).
         persist_s: delay before updated caches are written back to the store.
         order: n-gram order of new caches.
     """
@@ -286,9 +353,7 @@ class Personalizer:
         encode: Callable[[str], list[int]],
         *,
         memory_bytes: int = 64 << 20,
-        samples_k: int = 3,
-        samples_min_overlap: float = 0.2,
-        samples_min_match: float = 0.5,
+        samples_k: int = 8,
         persist_s: float = 2.0,
         order: int = ORDER,
     ) -> None:
@@ -296,8 +361,6 @@ class Personalizer:
         self.encode = encode
         self.memory_bytes = memory_bytes
         self.samples_k = samples_k
-        self.samples_min_overlap = samples_min_overlap
-        self.samples_min_match = samples_min_match
         self.persist_s = persist_s
         self.order = order
         self._lock = threading.RLock()
@@ -377,31 +440,25 @@ class Personalizer:
             with self._lock:
                 if state.cache.samples > 0:
                     adapter = state.adapter()
-                    picked = self._gated_samples(state, query_ids, max_sample_tokens)
-        edge_text = system_text(profile.persona, [s.text for s in picked])
-        cloud_text = profile.persona if profile.share_profile and profile.persona else None
+                    picked = pick_samples(
+                        state.samples,
+                        query_ids,
+                        self.samples_k,
+                        max_sample_tokens,
+                        state.sample_frequencies(),
+                    )
+        persona = profile.persona or None
+        samples_text = system_text(persona, [s.text for s in picked]) if picked else None
+        cloud_text = persona if profile.share_profile else None
         logger.debug(
-            "personalized request: persona %s, %d samples, adapter %s",
-            bool(profile.persona),
+            "personalized request: persona %s, %d samples offered, adapter %s",
+            persona is not None,
             len(picked),
             adapter is not None,
         )
-        return Personalization(user_id, profile, edge_text, cloud_text, adapter, len(picked))
-
-    def _gated_samples(
-        self, state: _UserState, query_ids: list[int], max_tokens: int | None
-    ) -> list[Sample]:
-        if not query_ids or self.samples_k <= 0 or not state.samples:
-            return []
-        picked = pick_samples(state.samples, frozenset(query_ids), self.samples_k, max_tokens)
-        if not picked:
-            return []
-        best = max(jaccard(s.tokens, frozenset(query_ids)) for s in picked)
-        if best >= self.samples_min_overlap:
-            return picked
-        if match_rate(state.cache, query_ids) >= self.samples_min_match:
-            return picked
-        return []
+        return Personalization(
+            user_id, profile, persona, cloud_text, adapter, samples_text, len(picked)
+        )
 
     # ------------------------------------------------------------------ the resident users
 
@@ -462,7 +519,7 @@ class Personalizer:
         return state
 
     def _keep_sample(self, state: _UserState, text: str, ids: list[int]) -> None:
-        sample = Sample(state.next_order, text, frozenset(ids), len(ids))
+        sample = Sample(state.next_order, text, sample_grams(ids), len(ids))
         state.samples.append(sample)
         state.samples_bytes += _sample_bytes(sample)
         state.next_order += 1

@@ -23,6 +23,23 @@ from serving.protocol import TokenLogprob
 
 
 @dataclass(frozen=True)
+class WithSamples:
+    """A personalized request's alternative for the edge: the same request with the user's
+    own samples in context (`edge.personalize`); the router keeps it only when the samples
+    make the request's own tokens more likely (`edge.personalize.samples_help`)."""
+
+    #: What the edge model reads with the samples (persona, samples, then the request).
+    prompt: str
+    #: [start, end) characters of `prompt` whose tokens are the request's own (scored).
+    score_span: tuple[int, int] | None
+    #: How many samples `prompt` holds.
+    count: int
+    #: Prefix reuse of the persona-and-samples text, as `EdgeRequest.prefix_key/chars`.
+    prefix_key: str | None = None
+    prefix_chars: int = 0
+
+
+@dataclass(frozen=True)
 class EdgeRequest:
     """One generation request as the router sees it."""
 
@@ -64,6 +81,9 @@ class EdgeRequest:
     variant: str | None = None
     #: A cloud-model variant's model (the bus subject); None: the node's cloud model.
     cloud_model: str | None = None
+    #: The same request with the user's own samples in context, for the router's gate
+    #: (never sent to the cloud); None: no samples picked.
+    with_samples: WithSamples | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,9 @@ class RouteInfo:
     scored_tokens: int | None = None
     #: The A/B variant that serves it (`broker.experiment`); None: no experiment in force.
     variant: str | None = None
+    #: How many of the user's own samples the edge kept in context (0: the gate left them
+    #: out); None: none were offered.
+    samples_in_context: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ up to three steps:
 3. When the edge keeps it and a second stage is set, the edge drafts `second_stage_k`
    tokens unseen and decides once more on their confidence (`decide_after_draft`).
 
+A personalized request that comes with the user's own samples (`EdgeRequest.with_samples`)
+is first prefilled with and without them (`Router._gate_samples`): it keeps them only when
+they make its own tokens more likely by more than `personalize_sample_gain` nats in all
+(`edge.personalize.samples_help`). Both prefills keep their persona/samples prefix for the
+runtime's prefix reuse, so the answer's own prefill then costs only the request's tokens. The
+routing perplexity stays that of the request without the samples (the thresholds are
+calibrated on plain prompts); the samples never go to the cloud.
+
 A request routed to the cloud goes to `edge.cloud_bridge.CloudBridge`; a local one streams
 from the generation already prefilled (and drafted), so nothing is computed twice. A full
 edge queue sends the request to the cloud when it may go there, else it is refused (503).
@@ -21,13 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from broker.errors import NotFound, Overloaded, Unavailable
+from broker.errors import HybridgenError, NotFound, Overloaded, Unavailable
 from edge.cloud_bridge import CloudBridge
 from edge.lifecycle import NodeLifecycle
+from edge.personalize import samples_help
 from edge.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
 from edge.routing import (
     Decision,
@@ -41,6 +52,8 @@ from edge.routing import (
 )
 from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token, prefix_length
 from models.scoring import encode_with_span, scored_positions
+
+logger = logging.getLogger(__name__)
 
 
 class Router:
@@ -168,16 +181,18 @@ class Router:
             raise Unavailable("this edge node is draining", retry_after=5.0)
         cloud_only = self.check_model(request.model)
         runtime = variant_runtime or node.runtime
+        # The request's perplexity without the user's samples, when the gate measured it.
+        plain_perplexity: float | None = None
+        if request.with_samples is not None:
+            if request.route != "cloud" and not cloud_only:
+                request, plain_perplexity = await self._gate_samples(runtime, request, trace)
+            else:
+                request = dataclasses.replace(request, with_samples=None)
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
         scored_tokens = len(scored_positions(len(prompt_ids), span))
         # A personalized request's persona/samples prefix, reused by the runtime when kept.
-        prefix: dict[str, Any] = {}
-        if request.prefix_key is not None and request.prefix_chars > 0:
-            prefix_ids = runtime.encode(request.prompt[: request.prefix_chars])
-            prefix = {
-                "prefix_key": request.prefix_key,
-                "prefix_len": prefix_length(prompt_ids, prefix_ids),
-            }
+        prefix = _prefix(runtime, request.prompt, prompt_ids, request.prefix_key,
+                         request.prefix_chars)  # fmt: skip
         facts = RequestFacts(
             prompt_tokens=len(prompt_ids),
             max_tokens=request.options.max_tokens,
@@ -223,7 +238,7 @@ class Router:
             try:
                 prefill = await generation.next_event()
                 assert isinstance(prefill, Prefill)
-                perplexity = prefill.perplexity
+                perplexity = plain_perplexity or prefill.perplexity
                 decision = route(perplexity)
                 if decision.target is Target.EDGE and policy.second_stage_k > 0:
                     generation.resume()
@@ -271,6 +286,7 @@ class Router:
             (time.perf_counter() - started) * 1e3,
             perplexity,
             *threshold,
+            samples_in_context=trace.get("samples_in_context"),
         )
         # aclosing: a client that hangs up cancels the generation now, not at GC.
         local = stream_local(generation, started, node.counters.stats, drafted, finished)
@@ -279,6 +295,88 @@ class Router:
                 if isinstance(item, Outcome) and runtime is not node.runtime:
                     item.model_version = runtime.version  # an edge variant's model set
                 yield item
+
+    async def _gate_samples(
+        self, runtime: EdgeRuntime, request: EdgeRequest, trace: dict[str, Any]
+    ) -> tuple[EdgeRequest, float | None]:
+        """The request with the user's samples in context when they help it, else without.
+
+        Both versions are prefilled (held, then cancelled: their prefixes stay kept) and
+        compared on the request's own tokens. A version that cannot be prefilled (too long
+        with the samples, the queue full, a failure) leaves the request without the samples.
+
+        Returns:
+            The request to serve (`with_samples` cleared) and its perplexity without the
+            samples (None when it could not be measured).
+        """
+        alternative = request.with_samples
+        assert alternative is not None
+        plain_request = dataclasses.replace(request, with_samples=None)
+        plain = await self._prefill_only(
+            runtime, request, request.prompt, request.score_span, request.prefix_key,
+            request.prefix_chars,
+        )  # fmt: skip
+        if plain is None:
+            trace["samples_in_context"] = 0
+            return plain_request, None
+        with_samples = await self._prefill_only(
+            runtime, request, alternative.prompt, alternative.score_span,
+            alternative.prefix_key, alternative.prefix_chars,
+        )  # fmt: skip
+        gain = 0.0
+        if with_samples is not None and plain.perplexity and with_samples.perplexity:
+            tokens = min(plain.scored_tokens, with_samples.scored_tokens)
+            gain = tokens * (math.log(plain.perplexity) - math.log(with_samples.perplexity))
+        use = with_samples is not None and samples_help(
+            gain, self.node.settings.personalize_sample_gain
+        )
+        trace["samples_in_context"] = alternative.count if use else 0
+        logger.debug(
+            "request %s: %d samples %s (gain %.2f nats)",
+            request.request_id,
+            alternative.count,
+            "kept" if use else "left out",
+            gain,
+        )
+        if not use:
+            return plain_request, plain.perplexity
+        served = dataclasses.replace(
+            plain_request,
+            prompt=alternative.prompt,
+            score_span=alternative.score_span,
+            prefix_key=alternative.prefix_key,
+            prefix_chars=alternative.prefix_chars,
+        )
+        return served, plain.perplexity
+
+    async def _prefill_only(
+        self,
+        runtime: EdgeRuntime,
+        request: EdgeRequest,
+        prompt: str,
+        score_span: tuple[int, int] | None,
+        prefix_key: str | None,
+        prefix_chars: int,
+    ) -> Prefill | None:
+        """Prefill `prompt` with the request's options and stop: its Prefill event (the
+        perplexity of its scored tokens), or None when it cannot run now."""
+        ids, span = encode_with_span(runtime.encode, prompt, score_span)
+        prefix = _prefix(runtime, prompt, ids, prefix_key, prefix_chars)
+        try:
+            generation = runtime.submit(
+                ids, request.options, hold_after_prefill=True, score_span=span, **prefix
+            )
+        except HybridgenError:  # too long with the samples, or the queue is full
+            return None
+        try:
+            event = await generation.next_event()
+        except HybridgenError as exc:
+            logger.warning("request %s: a prefill for the samples gate failed: %s",
+                           request.request_id, exc)  # fmt: skip
+            return None
+        finally:
+            generation.cancel()
+        return event if isinstance(event, Prefill) and event.perplexity is not None else None
 
     def _when_queue_full(self, request: EdgeRequest) -> Decision:
         """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
@@ -308,3 +406,18 @@ class Router:
             [t.logprob for t in drafted], policy, cloud_available=self.node.cloud_available()
         )
         return drafted, finished, decision
+
+
+def _prefix(
+    runtime: EdgeRuntime,
+    prompt: str,
+    prompt_ids: list[int],
+    prefix_key: str | None,
+    prefix_chars: int,
+) -> dict[str, Any]:
+    """`prefix_key` and `prefix_len` (tokens) of a personalized prompt's persona/samples
+    prefix for `EdgeRuntime.submit` ({} without one)."""
+    if prefix_key is None or prefix_chars <= 0:
+        return {}
+    prefix_ids = runtime.encode(prompt[:prefix_chars])
+    return {"prefix_key": prefix_key, "prefix_len": prefix_length(prompt_ids, prefix_ids)}

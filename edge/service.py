@@ -71,7 +71,6 @@ class EdgeService:
             lambda text: self.node.runtime.encode(text),  # the runtime in service now
             memory_bytes=int(settings.personalize_memory_mb * (1 << 20)),
             samples_k=settings.personalize_samples,
-            samples_min_overlap=settings.personalize_sample_overlap,
             persist_s=settings.personalize_persist_s,
         )
         self.link = BusLink(

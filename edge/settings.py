@@ -103,17 +103,23 @@ class EdgeSettings(BaseSettings):
         "the least recently used users are dropped past it (their state stays stored).",
     )
     personalize_samples: int = Field(
-        default=3,
+        default=8,
         ge=0,
         le=16,
-        description="Most of a user's own feedback samples put in a request's context (0: none).",
+        description="Most of a user's own feedback samples offered to a request's context, "
+        "picked for their relevance to it (0: none).",
     )
-    personalize_sample_overlap: float = Field(
-        default=0.2,
-        ge=0.0,
-        le=1.0,
-        description="Token-set overlap (Jaccard) of the best sample with the request that "
-        "lets samples into the context.",
+    personalize_sample_tokens: int = Field(
+        default=512,
+        ge=0,
+        description="Most tokens of the user's samples in a request's context (also at most "
+        "a quarter of the edge model's context window).",
+    )
+    personalize_sample_gain: float = Field(
+        default=2.0,
+        description="The samples stay in a request's context only when they make the "
+        "request's own tokens more likely by more than this many nats in all (the request "
+        "is prefilled with and without them); otherwise it runs without them.",
     )
     personalize_persist_s: float = Field(
         default=2.0,

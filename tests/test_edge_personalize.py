@@ -24,9 +24,9 @@ from edge.personalize import (
     SAMPLES_HEADING,
     Personalizer,
     Sample,
-    jaccard,
-    match_rate,
     pick_samples,
+    sample_grams,
+    samples_help,
 )
 from edge.users import ProfileUpdate, UserStore
 from tests.fixtures_edge import LiveEdge, serve_edge
@@ -103,21 +103,34 @@ class Spy:
 # ------------------------------------------------------------------------ the pieces
 
 
-def test_sample_pick_and_gate_helpers() -> None:
-    a, b = frozenset({1, 2, 3}), frozenset({2, 3, 4})
-    assert jaccard(a, b) == pytest.approx(0.5)
-    assert jaccard(a, frozenset()) == 0.0
-    cache = NgramCache.from_samples([[5, 6, 7, 8, 9]])
-    assert match_rate(cache, [5, 6, 7, 8, 9]) == 1.0
-    assert match_rate(cache, [1, 2, 3, 4]) == 0.0
-    store_text = ["one", "two", "three"]
+def test_samples_are_picked_for_relevance_else_representative_and_gated_on_gain() -> None:
+    texts_ids = {
+        "one": [1, 2, 7],
+        "two": [4, 5, 7],
+        "three": [1, 3, 7],
+        "four": [4, 5, 6, 7],
+        "five": [9, 4, 5],
+    }
     samples = [
-        Sample(i, text, frozenset(ids))
-        for i, (text, ids) in enumerate(zip(store_text, ([1, 2], [4, 5], [1, 3]), strict=True))
+        Sample(i, text, sample_grams(ids), len(ids))
+        for i, (text, ids) in enumerate(texts_ids.items())
     ]
-    picked = pick_samples(samples, frozenset({1, 3}), 2)
+    assert sample_grams([1, 2, 3]) == {(1,), (2,), (3,), (1, 2), (2, 3)}
+    # Relevance: token 7 is in every sample and counts least; 1 and (1, 3) decide.
+    picked = pick_samples(samples, [1, 3, 7], 2)
     assert [s.text for s in picked] == ["one", "three"]  # feedback order, not score order
-    assert pick_samples(samples, frozenset({99}), 2) == []
+    assert [s.text for s in pick_samples(samples, [1, 3, 7], 1)] == ["three"]
+    # Nothing in common: the most representative samples ((4, 5) is shared most).
+    fallback = [s.text for s in pick_samples(samples, [99], 2)]
+    assert fallback == [s.text for s in pick_samples(samples, [], 2)]
+    assert set(fallback) <= {"two", "four", "five"} and len(fallback) == 2
+    assert pick_samples(samples, [1, 3], 0) == [] and pick_samples([], [1], 2) == []
+    # "four" matches best but does not fit the budget; of "two" and "five" (a tie)
+    # the newer wins.
+    assert [s.text for s in pick_samples(samples, [4, 5, 6], 1)] == ["four"]
+    assert [s.text for s in pick_samples(samples, [4, 5, 6], 2, max_tokens=3)] == ["five"]
+    # The gate: a total gain above the margin keeps the samples.
+    assert samples_help(2.5, 2.0) and not samples_help(2.0, 2.0) and not samples_help(-4.0)
 
 
 def byte_encode(text: str) -> list[int]:
@@ -136,13 +149,14 @@ def test_feedback_updates_at_once_persists_and_reset_forgets(tmp_path: Path) -> 
         learned = personalizer.prepare("ann", SAMPLE)
         assert learned is not None and learned.adapter is not None
         assert learned.adapter.samples == 1  # learned at once, before any write-back
-        assert learned.samples_used == 1 and SAMPLE in (learned.system_text or "")
-        assert (learned.system_text or "").startswith(PERSONA + "\n\n" + SAMPLES_HEADING)
+        # The sample is offered (the router's gate decides); the persona alone otherwise.
+        assert learned.samples_used == 1 and SAMPLE in (learned.samples_text or "")
+        assert (learned.samples_text or "").startswith(PERSONA + "\n\n" + SAMPLES_HEADING)
+        assert learned.system_text == PERSONA
+        assert learned.prefix_key != learned.samples_prefix_key
         assert learned.cloud_system_text is None  # share_profile is off by default
-        # A generic request keeps the samples out (the gate), the persona stays.
-        generic = personalizer.prepare("ann", "xyz")
-        assert generic is not None and generic.samples_used == 0
-        assert generic.system_text == PERSONA
+        assert learned.samples_chat([{"role": "user", "content": "hi"}]) is not None
+        assert (learned.samples_prompt("hi") or "").endswith("\n\nhi")
         assert store.get_learned("ann") is None  # debounced
         assert personalizer.flush() == 1
         blob = store.get_learned("ann")
@@ -240,7 +254,7 @@ async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
     await feedback(edge, "cid", SAMPLE, times=3)
     # On the edge the request would carry the persona and the sample (the gate is open).
     local = await asyncio.to_thread(edge.app.state.service.personalizer.prepare, "cid", QUESTION)
-    assert local.samples_used >= 1 and PERSONA in local.system_text
+    assert local.samples_used >= 1 and PERSONA in local.samples_text
     spy = Spy()
     await spy.start(nc)
 
@@ -344,16 +358,22 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
     )
     async with serve_edge(settings) as edge:
 
-        async def ask(user: str | None) -> str:
+        async def ask(user: str | None, content: str = "What is your team motto?") -> str:
+            answer = await ask_with_samples(user, content)
+            return answer[0]
+
+        async def ask_with_samples(user: str | None, content: str) -> tuple[str, int | None]:
+            """The answer and how many of the user's samples the edge kept in context."""
             async with edge.client() as client:
                 answer = await client.chat.completions.create(
                     model="hg-edge",
-                    messages=[{"role": "user", "content": "What is your team motto?"}],
+                    messages=[{"role": "user", "content": content}],
                     max_tokens=20,
                     temperature=0,
                     extra_body={"user": user} if user else None,
                 )
-            return answer.choices[0].message.content or ""
+            kept = (answer.model_extra or {}).get("samples_in_context")
+            return answer.choices[0].message.content or "", kept
 
         plain = await ask(None)
         await put_user(edge, "fay")
@@ -365,3 +385,13 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
         assert "measure twice" not in plain
         assert "measure twice" in adapted
         assert await ask(None) == plain
+
+        # The samples gate: the motto stays in context for a request it explains (quoting
+        # it), and is left out of one it does not.
+        quoting = "Remind me: ship small changes, measure twice, and always leave the campsite"
+        _, kept = await ask_with_samples("fay", quoting)
+        assert kept == 1
+        _, kept = await ask_with_samples("fay", "Which planet in the solar system is largest?")
+        assert kept == 0
+        _, kept = await ask_with_samples(None, quoting)
+        assert kept is None  # not personalized: nothing offered
