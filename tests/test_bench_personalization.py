@@ -1,5 +1,5 @@
-"""`hybridgen bench personalization --quick --json --in-context` on the session's tiny
-model set: the keys and sane values (not the goals)."""
+"""`hybridgen bench personalization --quick --json` on the session's tiny model set: the
+keys and sane values (not the goals)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_personalization_quick_json(
     tiny_models_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("HG_HOME", str(tiny_models_home))
-    assert bench_main(["personalization", "--quick", "--json", "--in-context"]) == 0
+    assert bench_main(["personalization", "--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= KEYS
     rows = result["per_user"]
@@ -52,8 +52,10 @@ def test_personalization_quick_json(
     assert math.isfinite(result["decode_overhead"]) and result["decode_overhead"] > -1
     assert result["generic_samples"] > 0 and result["vocab_size"] > 0
     assert set(result["goals"]) <= set(result)
-    context = result["in_context"]
-    assert [r["user"] for r in context["per_user"]] == [r["user"] for r in rows]
-    for row in context["per_user"]:
-        assert 0 <= row["gate_open"] <= 1 and 0 <= row["generic_gate_open"] <= 1
-        assert row["ppl_in_context"] > 1 and row["ppl_in_context_and_cache"] > 1
+    for row in rows:
+        assert 0 <= row["samples_gate_open"] <= 1 and 0 <= row["generic_gate_open"] <= 1
+        assert row["samples_prefix_tokens"] > 0
+        for key in ("reduction_cache", "reduction_samples", "generic_change_cache"):
+            assert -1 < row[key] < 1
+    assert result["samples_prefill_ms_p50"] > 0
+    assert result["samples_k"] > 0 and result["samples_tokens"] > 0

@@ -281,6 +281,26 @@ async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
         assert not spy.carries(private), private
 
 
+async def test_samples_that_do_not_fit_leave_the_request_without_them(
+    start_edge: Callable[..., Any], tmp_path: Path
+) -> None:
+    edge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3")
+    runtime = edge.app.state.service.node.runtime
+    await put_user(edge, "gus")
+    short = "purple walrus"  # within the samples' budget of a quarter of the tiny context
+    assert len(runtime.encode(short)) <= runtime.context_length // 4
+    await feedback(edge, "gus", short, times=2)
+    prompt_tokens = len(runtime.encode(QUESTION))
+    # Room for the request alone, not for the request behind the samples.
+    room = runtime.context_length - prompt_tokens - 1
+    answer = await complete(edge, QUESTION, max_tokens=room, user="gus", route="edge")
+    assert extra(answer)["served_by"] == "edge"
+    assert extra(answer)["samples_in_context"] == 0
+    # With room for both, the gate measured them (kept or not: the tiny model decides).
+    answer = await complete(edge, QUESTION, user="gus", route="edge")
+    assert extra(answer)["samples_in_context"] in (0, 1)
+
+
 async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_user_text(
     start_edge: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

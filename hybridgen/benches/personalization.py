@@ -7,14 +7,20 @@ runtime uses it:
 - Users (`personalization_data`): real-text users, each from one local source, with feedback
   and held-out samples from different documents; chat-persona users from templates, reported
   separately; and generic held-out text from sources no user has.
-- Perplexity without and with personalization, teacher-forced over each held-out sample. The
-  model's log-probability of every position comes from one forward pass per sample (the
-  logits of all positions after `append_tokens`). With personalization, the cache holds only
-  the user's feedback samples; at each position it predicts from the held-out sample's own
-  preceding tokens and is mixed in as the runtime mixes it: p = (1 - w) p_model + w p_cache,
-  where `w` is the cache's gate (`NgramCache.predict`); this is the distribution
-  `edge.adapt.mix_logits` produces, read at the scored token. `reduction` = 1 - ppl_with /
-  ppl_without; `generic_change` = generic ppl with the user's cache / without - 1.
+- Perplexity without and with personalization, teacher-forced over every position of each
+  held-out sample. The model's log-probability of every position comes from one forward pass
+  per sample (the logits of all positions after `append_tokens`). With personalization, as
+  the edge does it:
+  - the user's own samples in context, picked for the request so far and gated on the
+    evidence of the tokens before each position (`personalization_samples`);
+  - the user's n-gram cache on top: it holds only the user's feedback samples; at each
+    position it predicts from the held-out sample's own preceding tokens and is mixed in as
+    the runtime mixes it: p = (1 - w) p + w p_cache, where `w` is the cache's gate
+    (`NgramCache.predict`); this is the distribution `edge.adapt.mix_logits` produces, read
+    at the scored token.
+  `reduction` = 1 - ppl_with / ppl_without; `generic_change` = generic ppl with the user's
+  state / without - 1. Each row also gives the cache alone (`reduction_cache`,
+  `generic_change_cache`) and the samples alone (`reduction_samples`).
 - `update_ms_p50`: `NgramCache.update` per feedback sample (median over every user's samples).
 - `mix_us_per_step`: `predict` + the sparse part of `mix_logits` + `mixed_logsumexp` on a real
   (V,) logits row, per held-out position. The logsumexp over V (`logsumexp_us`, reported
@@ -24,8 +30,8 @@ runtime uses it:
   of the same prompts with the user's cache against without, runs alternating; each run's rate
   is 1 / its median time between tokens (robust to another process's stalls), and the figure
   is the median of the per-pair ratios (tok/s without / tok/s with) minus 1.
-- `--in-context` adds `in_context`: the user's own samples in the prompt, picked for their
-  relevance to the request and gated (`personalization_context`), alone and with the cache.
+- `samples_prefill_ms_p50`: one held-out sample (64 tokens) prefilled behind a kept samples
+  prefix (rewound), the extra prefill the samples gate costs a request.
 
 Deterministic inputs (sorted files, fixed seeds); timings vary with the machine, so the JSON
 records the CPU and load average.
@@ -242,13 +248,10 @@ def time_decode(
 # ---------------------------------------------------------------------- the run
 
 
-def run(
-    *, quick: bool, threads: int, edge_dir: Path | None, in_context: bool = False
-) -> dict[str, Any]:
-    """Build the users, measure everything; the result dict of the bench's JSON.
+def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
+    """Build the users, measure everything; the result dict of the bench's JSON."""
+    from hybridgen.benches import personalization_samples
 
-    `in_context` adds the `in_context` variant (`personalization_context`).
-    """
     feedback, held_out, sample_tokens, generic_per_source, prompts, rounds, new_tokens = (
         QUICK if quick else FULL
     )
@@ -266,16 +269,24 @@ def run(
         generic_base = [model_logprobs(model, s) for s in generic]
         generic_ppl = perplexity(generic_base)
         per_user: list[dict[str, Any]] = []
-        bases: dict[str, list[np.ndarray]] = {}
+        prefill_ms: list[float] = []
         for user in users:
             cache = caches[user.name]
-            base = bases[user.name] = [model_logprobs(model, s) for s in user.held_out]
-            mixed = [mixed_logprobs(cache, s, b) for s, b in zip(user.held_out, base, strict=True)]
-            generic_mixed = [
-                mixed_logprobs(cache, s, b) for s, b in zip(generic, generic_base, strict=True)
-            ]
-            without, with_ = perplexity(base), perplexity(mixed)
-            generic_with = perplexity(generic_mixed)
+            base = [model_logprobs(model, s) for s in user.held_out]
+            samples = personalization_samples.measure(model, user, base, generic, generic_base)
+            prefill_ms += samples["prefill_ms"]
+
+            def mixed(texts: list[list[int]], logprobs: list[np.ndarray]) -> float:
+                return perplexity(
+                    [mixed_logprobs(cache, s, lp) for s, lp in zip(texts, logprobs, strict=True)]  # noqa: B023
+                )
+
+            without = perplexity(base)
+            with_ = mixed(user.held_out, samples["held_out"])
+            cache_only = mixed(user.held_out, base)
+            samples_only = perplexity(samples["held_out"])
+            generic_with = mixed(generic, samples["generic"])
+            generic_cache = mixed(generic, generic_base)
             per_user.append(
                 {
                     "user": user.name,
@@ -289,16 +300,15 @@ def run(
                     "ppl_without": round(without, 3),
                     "ppl_with": round(with_, 3),
                     "reduction": round(1.0 - with_ / without, 4),
+                    "reduction_cache": round(1.0 - cache_only / without, 4),
+                    "reduction_samples": round(1.0 - samples_only / without, 4),
+                    "samples_gate_open": round(samples["gate_open"], 3),
+                    "samples_prefix_tokens": samples["prefix_tokens"],
                     "generic_ppl_with": round(generic_with, 3),
                     "generic_change": round(generic_with / generic_ppl - 1.0, 4),
+                    "generic_change_cache": round(generic_cache / generic_ppl - 1.0, 4),
+                    "generic_gate_open": round(samples["generic_gate_open"], 3),
                 }
-            )
-        context = None
-        if in_context:
-            from hybridgen.benches import personalization_context
-
-            context = personalization_context.measure(
-                model, users, caches, bases, generic, generic_base
             )
         mix_us, lse_us = time_mixing(model, caches, users)
         real = [u for u in users if u.kind != "persona"]
@@ -314,8 +324,8 @@ def run(
     def median(rows: list[dict[str, Any]]) -> float | None:
         return round(statistics.median(r["reduction"] for r in rows), 4) if rows else None
 
-    def minimum(rows: list[dict[str, Any]]) -> float | None:
-        return round(min(r["reduction"] for r in rows), 4) if rows else None
+    def minimum(rows: list[dict[str, Any]], key: str = "reduction") -> float | None:
+        return round(min(r[key] for r in rows), 4) if rows else None
 
     result: dict[str, Any] = {
         "users": len(per_user),
@@ -329,6 +339,17 @@ def run(
         "reduction_persona_median": median(persona_rows),
         "generic_change_mean": round(statistics.fmean(changes), 4),
         "generic_change_max": round(max(changes), 4),
+        "reduction_cache_median": round(
+            statistics.median(r["reduction_cache"] for r in real_rows), 4
+        )
+        if real_rows
+        else None,
+        "reduction_cache_prose_min": minimum(prose_rows, "reduction_cache"),
+        "generic_change_cache_max": round(max(r["generic_change_cache"] for r in per_user), 4),
+        "samples_prefill_ms_p50": round(statistics.median(prefill_ms), 2),
+        "samples_k": personalization_samples.SAMPLES_K,
+        "samples_tokens": personalization_samples.SAMPLES_TOKENS,
+        "samples_min_gain": personalization_samples.MIN_GAIN,
         "generic_ppl_without": round(generic_ppl, 3),
         "generic_sources": generic_sources,
         "generic_samples": len(generic),
@@ -347,7 +368,6 @@ def run(
         "feedback_per_user": feedback,
         "held_out_per_user": held_out,
         "notes": notes,
-        "in_context": context,
         "cpu": cpu_info(),
         "load_average_start": load_start,
         "load_average_end": load_average(),
@@ -370,17 +390,24 @@ def _print_table(result: dict[str, Any]) -> None:
           f"samples={result['feedback_per_user']}+{result['held_out_per_user']} x "
           f"{result['sample_tokens']} tokens  load {result['load_average_start']} -> "
           f"{result['load_average_end']}")  # fmt: skip
-    print(f"  {'user':<18} {'kind':<8} {'ppl w/o':>9} {'ppl with':>9} {'reduction':>9} "
-          f"{'generic':>8}  source")  # fmt: skip
+    print(f"  {'user':<18} {'kind':<8} {'ppl w/o':>8} {'ppl with':>8} {'reduction':>9} "
+          f"{'cache':>6} {'samples':>7} {'gate':>5} {'generic':>8} {'(gate)':>6}  "
+          "source")  # fmt: skip
     for kinds in (("prose", "docs", "code"), ("persona",)):
         for row in (r for r in result["per_user"] if r["kind"] in kinds):
-            print(f"  {row['user']:<18} {row['kind']:<8} {row['ppl_without']:>9.2f} "
-                  f"{row['ppl_with']:>9.2f} {row['reduction']:>9.1%} "
-                  f"{row['generic_change']:>+8.1%}  {row['source']}")  # fmt: skip
+            print(f"  {row['user']:<18} {row['kind']:<8} {row['ppl_without']:>8.2f} "
+                  f"{row['ppl_with']:>8.2f} {row['reduction']:>9.1%} "
+                  f"{row['reduction_cache']:>6.1%} {row['reduction_samples']:>7.1%} "
+                  f"{row['samples_gate_open']:>5.0%} {row['generic_change']:>+8.1%} "
+                  f"{row['generic_gate_open']:>6.0%}  {row['source']}")  # fmt: skip
     print(
         f"  generic text ({result['generic_samples']} samples: "
         f"{', '.join(result['generic_sources'])}): ppl {result['generic_ppl_without']:.2f}"
     )
+    print(f"  (cache: n-gram cache alone; samples: gated samples alone; gate: share of positions "
+          f"with the samples in context; up to {result['samples_k']} samples, "
+          f"{result['samples_tokens']} tokens, gain > {result['samples_min_gain']} "
+          "nats)")  # fmt: skip
     for key, goal in result["goals"].items():
         mark = {True: "met", False: "NOT met", None: "n/a"}[goal["met"]]
         print(f"  {key:<26} {result[key]!s:>10}  goal {goal['goal']:<8} {mark}")
@@ -388,21 +415,11 @@ def _print_table(result: dict[str, Any]) -> None:
         f"  (logsumexp over V {result['logsumexp_us']} us/step, in place of the log-softmax; "
         f"decode {result['decode_tok_s_without']} -> {result['decode_tok_s_with']} tok/s)"
     )
-    if context := result["in_context"]:
-        print(f"  in context (k={context['k']}, gated; positions after the first "
-              f"{context['request_tokens']} tokens):")  # fmt: skip
-        for row in context["per_user"]:
-            print(f"  {row['user']:<18} {row['kind']:<8} {row['ppl_without']:>9.2f} "
-                  f"{row['ppl_in_context']:>9.2f} {row['reduction']:>9.1%} "
-                  f"+cache {row['reduction_with_cache']:>6.1%}  gate open "
-                  f"{row['gate_open']:.0%} (generic {row['generic_gate_open']:.0%}, "
-                  f"{row['generic_change_with_cache']:+.1%})")  # fmt: skip
-        print(
-            f"  in context + cache: median {context['reduction_with_cache_median']}, prose "
-            f"min {context['reduction_with_cache_prose_min']}, generic mean "
-            f"{context['generic_change_with_cache_mean']} max "
-            f"{context['generic_change_with_cache_max']}"
-        )
+    print(
+        f"  cache alone: median {result['reduction_cache_median']}, prose min "
+        f"{result['reduction_cache_prose_min']}, generic max {result['generic_change_cache_max']};"
+        f" a sample behind a kept samples prefix prefills in {result['samples_prefill_ms_p50']} ms"
+    )
     for note in result["notes"]:
         print(f"  note: {note}")
 
@@ -411,25 +428,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen bench personalization`."""
     parser = argparse.ArgumentParser(
         prog="hybridgen bench personalization",
-        description="Per-user n-gram caches on the edge model: held-out perplexity without and "
-        "with personalization, generic text, update/mix cost and decode overhead.",
+        description="Personalization on the edge model (the user's gated samples in context "
+        "and n-gram cache): held-out perplexity without and with it, generic text, update/mix "
+        "cost and decode overhead.",
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples (tests)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--edge-dir", type=Path, help="int4 onnxruntime-genai folder")
-    parser.add_argument(
-        "--in-context",
-        action="store_true",
-        help="also measure the user's own samples in the prompt, picked and gated (slower)",
-    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads < 1:
         parser.error("--threads must be positive")
     logging.basicConfig(level=logging.WARNING)
-    result = run(
-        quick=args.quick, threads=args.threads, edge_dir=args.edge_dir, in_context=args.in_context
-    )
+    result = run(quick=args.quick, threads=args.threads, edge_dir=args.edge_dir)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,0 +1,180 @@
+"""The user's own samples in context, for `hybridgen bench personalization`: picked and gated
+exactly as the edge does it (`edge.personalize.pick_samples`, `samples_help`, the edge's
+settings), teacher-forced over held-out text.
+
+Every position of a held-out sample is a request: the text before it is what the caller sent,
+the token at it is what the edge should predict. For each position the edge's rules give:
+
+- **the picks**: the user's samples most relevant to the request so far. Re-picking at every
+  position would cost a forward pass per position, so the picks are made twice per sample:
+  for the positions among its first `REQUEST_TOKENS` tokens, with an empty request (the
+  user's most representative samples, what `pick_samples` falls back to), and after that
+  from its first `REQUEST_TOKENS` tokens. No position is scored with picks made from
+  itself or later tokens.
+- **the gate**: the samples are in context at a position when they made the tokens before
+  it more likely by more than the edge's `personalize_sample_gain` nats in all (the edge
+  compares the request with and without them in the same way); else the model alone.
+- the user's n-gram cache mixed on top (`personalization.mixed_logprobs`), as the edge mixes
+  it into every step.
+
+The samples text is the edge's (`edge.personalize.system_text`: the heading, the samples in
+feedback order) followed by a blank line, as in front of a personalized completion; at most
+`personalize_samples` samples and `personalize_sample_tokens` tokens (the edge's defaults).
+A kept generator holds the representative prefix and is rewound for each sample, as the
+edge's prefix reuse does; `prefill_ms` is the time of one such prefill of a sample behind the
+kept prefix (the extra prefill the gate costs a request whose samples prefix is kept).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge.personalize import (
+    Sample,
+    gram_frequencies,
+    pick_samples,
+    sample_grams,
+    samples_help,
+    system_text,
+    with_prefix,
+)
+from edge.settings import EdgeSettings
+from hybridgen.benches.personalization_data import User
+from models.ort_edge import EdgeModel
+
+#: Tokens at the start of a held-out sample picked for with an empty request.
+REQUEST_TOKENS = 16
+
+_FIELDS = EdgeSettings.model_fields
+#: The edge's defaults: samples offered, their token budget, the gate's margin (nats).
+SAMPLES_K: int = _FIELDS["personalize_samples"].default
+SAMPLES_TOKENS: int = _FIELDS["personalize_sample_tokens"].default
+MIN_GAIN: float = _FIELDS["personalize_sample_gain"].default
+
+
+def _log_softmax_at(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log-softmax of each row of `logits` ((n, V)) at the matching id of `ids`."""
+    rows = logits.astype(np.float64)
+    peak = rows.max(axis=-1)
+    lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=-1))
+    return np.asarray(rows[np.arange(len(ids)), ids] - lse)
+
+
+def logprobs_after(model: EdgeModel, prefix: list[int], ids: list[int]) -> np.ndarray:
+    """log p_model(ids[i] | prefix + ids[:i]) for i = 1..n-1: one forward pass."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model.model)
+    params.set_search_options(max_length=len(prefix) + len(ids))
+    generator = og.Generator(model.model, params)
+    generator.append_tokens(np.asarray(prefix + ids, dtype=np.int32))
+    logits = np.asarray(generator.get_output("logits"))[0, len(prefix) : -1]
+    return _log_softmax_at(logits, ids[1:])
+
+
+class KeptPrefix:
+    """A generator holding `prefix`, rewound to it for each sample scored behind it."""
+
+    def __init__(self, model: EdgeModel, prefix: list[int], longest: int) -> None:
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(model.model)
+        params.set_search_options(max_length=len(prefix) + longest)
+        self.generator = og.Generator(model.model, params)
+        self.generator.append_tokens(np.asarray(prefix, dtype=np.int32))
+        self.depth = len(prefix)
+        self.prefill_ms: list[float] = []
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        """log p_model(ids[i] | prefix + ids[:i]) for i = 1..n-1."""
+        started = time.perf_counter()
+        self.generator.rewind_to(self.depth)
+        self.generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        logits = np.asarray(self.generator.get_output("logits"))[0, :-1]
+        self.prefill_ms.append((time.perf_counter() - started) * 1e3)
+        return _log_softmax_at(logits, ids[1:])
+
+
+@dataclass
+class UserSamples:
+    """A user's feedback samples as the edge keeps them, and the picks' token ids."""
+
+    model: EdgeModel
+    samples: list[Sample]
+    #: The samples' token budget: the edge's setting, at most a quarter of the context.
+    budget: int
+
+    @classmethod
+    def of(cls, model: EdgeModel, user: User) -> UserSamples:
+        samples = [
+            Sample(i, model.decode(ids), sample_grams(ids), len(ids))
+            for i, ids in enumerate(user.feedback)
+        ]
+        return cls(model, samples, min(SAMPLES_TOKENS, model.context_length // 4))
+
+    def prefix(self, request: list[int]) -> list[int]:
+        """Token ids of the samples text picked for `request`, and the blank line after it."""
+        frequencies = gram_frequencies(self.samples)
+        picked = pick_samples(self.samples, request, SAMPLES_K, self.budget, frequencies)
+        text = system_text(None, [s.text for s in picked])
+        return self.model.encode(with_prefix("", text)) if text else []
+
+
+def with_samples(
+    model: EdgeModel, samples: UserSamples, kept: KeptPrefix, ids: list[int]
+) -> np.ndarray:
+    """log-probabilities of `ids` with the picked samples in front: the representative
+    picks for its first `REQUEST_TOKENS` tokens, then the picks for those tokens."""
+    early = kept.logprobs(ids)
+    late = logprobs_after(model, samples.prefix(ids[:REQUEST_TOKENS]), ids)
+    cut = REQUEST_TOKENS - 1  # logprob i is token i + 1's
+    return np.concatenate([early[:cut], late[cut:]])
+
+
+def gated(plain: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per position, the samples' log-probability when they gained more than the margin on
+    the tokens before it (`samples_help`), else the model's alone; and the share of
+    positions with the samples in."""
+    out = plain.copy()
+    gain, used = 0.0, 0
+    for i in range(len(plain)):
+        if samples_help(gain, MIN_GAIN):
+            out[i] = samples[i]
+            used += 1
+        gain += float(samples[i] - plain[i])
+    return out, used / max(len(plain), 1)
+
+
+def measure(
+    model: EdgeModel,
+    user: User,
+    held_base: list[np.ndarray],
+    generic: list[list[int]],
+    generic_base: list[np.ndarray],
+) -> dict[str, Any]:
+    """The user's held-out and generic log-probabilities with the gated samples (before the
+    cache is mixed in), the gate's open share on each, and the kept-prefix prefill times."""
+    samples = UserSamples.of(model, user)
+    longest = max(len(s) for s in [*user.held_out, *generic])
+    kept = KeptPrefix(model, samples.prefix([]), longest)
+    held = [
+        gated(base, with_samples(model, samples, kept, ids))
+        for ids, base in zip(user.held_out, held_base, strict=True)
+    ]
+    other = [
+        gated(base, with_samples(model, samples, kept, ids))
+        for ids, base in zip(generic, generic_base, strict=True)
+    ]
+    return {
+        "held_out": [lp for lp, _ in held],
+        "generic": [lp for lp, _ in other],
+        "gate_open": statistics.fmean(share for _, share in held),
+        "generic_gate_open": statistics.fmean(share for _, share in other),
+        "prefill_ms": kept.prefill_ms,
+        "prefix_tokens": kept.depth,
+    }
