@@ -57,5 +57,5 @@ def test_personalization_quick_json(
         assert row["samples_prefix_tokens"] > 0
         for key in ("reduction_cache", "reduction_samples", "generic_change_cache"):
             assert -1 < row[key] < 1
-    assert result["samples_prefill_ms_p50"] > 0
+    assert result["samples_prefill_ms_p50"] > 0 and result["samples_prefix_ms_p50"] > 0
     assert result["samples_k"] > 0 and result["samples_tokens"] > 0

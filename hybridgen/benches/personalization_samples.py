@@ -22,7 +22,8 @@ feedback order) followed by a blank line, as in front of a personalized completi
 `personalize_samples` samples and `personalize_sample_tokens` tokens (the edge's defaults).
 A kept generator holds the representative prefix and is rewound for each sample, as the
 edge's prefix reuse does; `prefill_ms` is the time of one such prefill of a sample behind the
-kept prefix (the extra prefill the gate costs a request whose samples prefix is kept).
+kept prefix (what each of the gate's extra prefills costs a request whose samples prefix is
+kept), `prefix_ms` the time to prefill the samples prefix itself (paid once per new picks).
 """
 
 from __future__ import annotations
@@ -83,10 +84,13 @@ class KeptPrefix:
     def __init__(self, model: EdgeModel, prefix: list[int], longest: int) -> None:
         import onnxruntime_genai as og
 
+        started = time.perf_counter()
         params = og.GeneratorParams(model.model)
         params.set_search_options(max_length=len(prefix) + longest)
         self.generator = og.Generator(model.model, params)
         self.generator.append_tokens(np.asarray(prefix, dtype=np.int32))
+        #: Milliseconds to prefill the prefix itself (what new picks cost a request once).
+        self.prefix_ms = (time.perf_counter() - started) * 1e3
         self.depth = len(prefix)
         self.prefill_ms: list[float] = []
 
@@ -176,5 +180,6 @@ def measure(
         "gate_open": statistics.fmean(share for _, share in held),
         "generic_gate_open": statistics.fmean(share for _, share in other),
         "prefill_ms": kept.prefill_ms,
+        "prefix_ms": kept.prefix_ms,
         "prefix_tokens": kept.depth,
     }
