@@ -142,7 +142,8 @@ class Router:
         A/B `variant` while an experiment is in force; for
         a request routed to the cloud, `hop_ms` (sent on the bus until a worker accepted it),
         the worker's node id (`worker`, from its `Done`) and `completed_locally` when the edge
-        finished it after a cloud failure.
+        finished it after a cloud failure; `samples_in_context` when the user's samples were
+        offered (how many the gate kept).
         """
         data: dict[str, Any] = {
             "served_by": route.served_by,

@@ -110,7 +110,7 @@ class EdgeSettings(BaseSettings):
         "picked for their relevance to it (0: none).",
     )
     personalize_sample_tokens: int = Field(
-        default=512,
+        default=256,
         ge=0,
         description="Most tokens of the user's samples in a request's context (also at most "
         "a quarter of the edge model's context window).",
