@@ -113,16 +113,9 @@ def edge_folder(edge_dir: Path | None, threads: int) -> Iterator[tuple[Path, str
 
 def model_logprobs(model: EdgeModel, ids: list[int]) -> np.ndarray:
     """log p_model(ids[i] | ids[:i]) for i = 1..n-1: one forward pass over the sample."""
-    import onnxruntime_genai as og
+    from hybridgen.benches.personalization_samples import logprobs_after
 
-    params = og.GeneratorParams(model.model)
-    params.set_search_options(max_length=len(ids))
-    generator = og.Generator(model.model, params)
-    generator.append_tokens(np.asarray(ids, dtype=np.int32))
-    logits = np.asarray(generator.get_output("logits"))[0, :-1].astype(np.float64)  # (n-1, V)
-    peak = logits.max(axis=-1)
-    lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-    return np.asarray(logits[np.arange(len(ids) - 1), ids[1:]] - lse)
+    return logprobs_after(model, [], ids)
 
 
 def mixed_logprobs(cache: NgramCache, ids: list[int], base: np.ndarray) -> np.ndarray:
