@@ -134,11 +134,13 @@ async def test_a_client_that_never_reads_is_cut_off_and_generation_stops(
         )
         await loop.sock_sendall(sock, head + body)
         try:
-            for _ in range(400):  # the generation starts...
-                if runtime.in_flight:
+            # The generation starts (a generous bound: a loaded machine may take seconds).
+            for _ in range(3000):
+                if runtime.in_flight or runtime.tokens_generated:
                     break
                 await asyncio.sleep(0.01)
-            assert runtime.in_flight and server.server_state.connections
+            assert runtime.tokens_generated or runtime.in_flight
+            assert server.server_state.connections
             # ...the server gives up on the client: its connection is dropped...
             for _ in range(400):
                 if not server.server_state.connections:
