@@ -272,7 +272,9 @@ async def test_bad_requests_and_lifecycle(model_dir: Path) -> None:
     with pytest.raises(BadRequest, match="empty"):
         async for _ in engine.generate("e", [], GREEDY):
             pass
-    stream = engine.generate("inflight", engine.encode("hello"), SamplingParams(max_tokens=200))
+    # ignore_eos: a sampled end token must not finish it before the engine closes.
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    stream = engine.generate("inflight", engine.encode("hello"), long)
     await stream.__anext__()
     await asyncio.to_thread(engine.close)
     with pytest.raises(Unavailable):
