@@ -1,5 +1,6 @@
-"""Edge fixtures: a live edge app (real uvicorn, in the test's event loop) on the test's
-nats-server, and a real cloud worker with the session's tiny cloud model."""
+"""Edge fixtures: the edge runtime on the session's tiny int4 model (`runtime`), a live edge
+app (real uvicorn, in the test's event loop) on the test's nats-server, and a real cloud
+worker with the session's tiny cloud model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 
 from edge.app import create_app
+from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from tests.live import serve_app
@@ -52,6 +54,16 @@ async def serve_edge(settings: EdgeSettings) -> AsyncIterator[LiveEdge]:
 @pytest.fixture
 def edge_dir(tiny_models: ModelSet) -> Path:
     return tiny_models.edge_dir("int4")
+
+
+@pytest.fixture
+async def runtime(edge_dir: Path) -> AsyncIterator[EdgeRuntime]:
+    """An `EdgeRuntime` on the tiny int4 model (1 thread, 2 active, 4 queued), closed after."""
+    rt = EdgeRuntime(edge_dir, threads=1, max_active=2, max_queue=4)
+    try:
+        yield rt
+    finally:
+        await rt.close()
 
 
 @pytest.fixture

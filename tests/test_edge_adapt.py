@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 
 import numpy as np
 import onnxruntime_genai as og
@@ -189,15 +188,6 @@ def test_mix_logits_with_a_real_cache_prediction() -> None:
 
 PHRASE = "the purple walrus sings quietly beneath seven frozen lanterns"
 PROMPT = "<|user|>\nTell me about it<|end|>\n<|assistant|>\nthe purple walrus"
-
-
-@pytest.fixture
-async def runtime(tiny_models: ModelSet) -> AsyncIterator[EdgeRuntime]:
-    rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=2, max_queue=4)
-    try:
-        yield rt
-    finally:
-        await rt.close()
 
 
 async def complete(

@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,6 @@ PERSONA = "You are Ada, a kind teacher."
 OTHER_PERSONA = "You are Bo, a sailor."
 QUESTIONS = ["List files?", "Why is my line printed twice?", "Sort?", "List files?"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-
-
-@pytest.fixture
-async def runtime(tiny_models: ModelSet) -> AsyncIterator[EdgeRuntime]:
-    rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_active=2, max_queue=4)
-    try:
-        yield rt
-    finally:
-        await rt.close()
 
 
 def chat(
