@@ -10,11 +10,12 @@
 | `GET /v1/users/{id}/export` | everything held about the user, as JSON |
 
 Errors come in OpenAI's envelope: 404 `not_found` for an unknown user, 400 `bad_request`
-naming `param` for a bad id or field, 503 `unavailable` when the store's file is corrupt or
-locked (the rest of the edge keeps serving). The store is the running service's
-(`EdgeService.users`, an `edge.users.UserStore`); its listeners (`UserStore.add_listener`)
-hear about feedback (`on_feedback`) and about resets and deletions (`on_forget`). The app
-adds these routes behind the same API-key check as the OpenAI routes.
+naming `param` for a bad id or field (the store checks ids before anything else), 503
+`unavailable` when the store's file is corrupt or locked (the rest of the edge keeps
+serving). The store is the running service's (`EdgeService.users`, an
+`edge.users.UserStore`); its listeners (`UserStore.add_listener`) hear about feedback
+(`on_feedback`) and about resets and deletions (`on_forget`). The app adds these routes
+behind the same API-key check as the OpenAI routes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from edge.service import Service
-from edge.users import FeedbackBody, ProfileUpdate, UserStore, check_user_id
+from edge.users import FeedbackBody, ProfileUpdate, UserStore
 from serving.bodies import json_body
 
 #: The user routes; `create_app` adds them behind the API-key check.
@@ -51,21 +52,18 @@ def _profile_body(profile: Any) -> dict[str, Any]:
 @users_routes.put("/{user_id}")
 async def put_user(user_id: str, store: Store, update: UpdateBody) -> dict[str, Any]:
     """Create the user, or change the profile fields the body sets (the others are kept)."""
-    check_user_id(user_id)
     return _profile_body(await asyncio.to_thread(store.put_profile, user_id, update))
 
 
 @users_routes.get("/{user_id}")
 async def get_user(user_id: str, store: Store) -> dict[str, Any]:
     """The user's profile."""
-    check_user_id(user_id)
     return _profile_body(await asyncio.to_thread(store.get_profile, user_id))
 
 
 @users_routes.delete("/{user_id}")
 async def delete_user(user_id: str, store: Store) -> dict[str, Any]:
     """Remove the user and everything held about them."""
-    check_user_id(user_id)
     await asyncio.to_thread(store.delete_profile, user_id)
     return {"object": "user.deleted", "id": user_id, "deleted": True}
 
@@ -73,7 +71,6 @@ async def delete_user(user_id: str, store: Store) -> dict[str, Any]:
 @users_routes.post("/{user_id}/feedback")
 async def post_feedback(user_id: str, store: Store, sample: SampleBody) -> dict[str, Any]:
     """Store a sample of text the user accepted (and optionally one they rejected)."""
-    check_user_id(user_id)
     stored = await asyncio.to_thread(store.add_feedback, user_id, sample.accepted, sample.rejected)
     return {
         "object": "user.feedback",
@@ -86,7 +83,6 @@ async def post_feedback(user_id: str, store: Store, sample: SampleBody) -> dict[
 @users_routes.post("/{user_id}/reset")
 async def reset_user(user_id: str, store: Store) -> dict[str, Any]:
     """Forget the user's feedback and learned state; the profile stays."""
-    check_user_id(user_id)
     await asyncio.to_thread(store.reset, user_id)
     return {"object": "user.reset", "id": user_id, "reset": True}
 
@@ -94,7 +90,6 @@ async def reset_user(user_id: str, store: Store) -> dict[str, Any]:
 @users_routes.get("/{user_id}/export")
 async def export_user(user_id: str, store: Store) -> Response:
     """Everything held about the user, as one JSON document."""
-    check_user_id(user_id)
     body = await asyncio.to_thread(store.export, user_id)
     return JSONResponse(
         body, headers={"Content-Disposition": f'attachment; filename="{user_id}.json"'}
