@@ -235,15 +235,7 @@ class BusLink:
         cloud_reasons = {
             reason: count / total
             for reason, count in node.counters.by_reason.items()
-            if reason
-            in (
-                "requested_cloud",
-                "cloud_model",
-                "context_overflow",
-                "edge_overloaded",
-                "low_confidence",
-                "low_draft_confidence",
-            )
+            if reason in wire.CLOUD_ROUTE_REASONS
         }
         status = "draining" if node.draining else "ready"
         if node.breaker.state != "closed" and status == "ready":

@@ -260,3 +260,11 @@ def test_length_bucket_threshold_by_scored_tokens() -> None:
     fixed = PolicySettings(perplexity_threshold=250)
     for n in (1, 8, 20, 40, 80):
         assert effective_threshold(fixed, length_threshold(ROUTING, n)) == (250, "policy")
+
+
+def test_the_cloud_route_reasons_on_the_wire_are_the_routing_tables() -> None:
+    from broker.wire import CLOUD_ROUTE_REASONS
+    from edge.routing import Reason
+
+    assert {r.value for r in Reason} >= CLOUD_ROUTE_REASONS
+    assert "cloud_unavailable" not in CLOUD_ROUTE_REASONS  # served at the edge

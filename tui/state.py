@@ -45,18 +45,9 @@ LOST_STATUSES = frozenset({"stale", "gone", "silent"})
 #: Statuses drawn in yellow: the node is up but not taking its full share.
 WARN_STATUSES = frozenset({"draining", "degraded"})
 
-#: Route reasons that send a request to the cloud (mirrors the edge's routing table); a
+#: Route reasons that send a request to the cloud (`broker.wire.CLOUD_ROUTE_REASONS`); a
 #: reason an edge lists in `fallback_ratio` counts as cloud too, whatever its name.
-CLOUD_ROUTE_REASONS = frozenset(
-    {
-        "requested_cloud",
-        "cloud_model",
-        "context_overflow",
-        "edge_overloaded",
-        "low_confidence",
-        "low_draft_confidence",
-    }
-)
+CLOUD_ROUTE_REASONS = wire.CLOUD_ROUTE_REASONS
 #: Seconds over which nodes count `rps` and `errors` (`broker.telemetry.RequestStats`).
 STATS_WINDOW_S = 30.0
 
