@@ -14,7 +14,7 @@
   their feedback order (oldest first), so the same picks give the same text and the prefix
   cache can reuse it. They are *gated on evidence* by the router (`samples_help`): the
   request is prefilled with and without them, and they stay only when they make the
-  request's own tokens more likely by more than `samples_min_gain` nats in all. A request
+  request's own tokens more likely by more than `personalize_sample_gain` nats in all. A request
   with nothing the user's samples explain runs without them. `Personalization.system_text`
   is the persona alone; `samples_text` the persona with the samples (None: none picked);
 - **the adapter**: the user's `edge.adapt.NgramCache` (a snapshot when one is current, see
@@ -82,9 +82,6 @@ BYTES_PER_CONTEXT = 400
 BYTES_PER_USER = 2048
 #: Feedback samples kept in memory per user, for the samples-in-context pick.
 KEPT_SAMPLES = 200
-#: Total log-likelihood gain (nats) over the request's own tokens that the user's samples
-#: must bring for the router to keep them in context (`samples_help`).
-SAMPLES_MIN_GAIN = 2.0
 #: Heading of the samples in the system text.
 SAMPLES_HEADING = "Examples of this user's own writing:"
 
@@ -315,7 +312,7 @@ def pick_samples(
     return sorted(best, key=lambda s: s.order)
 
 
-def samples_help(gain: float, min_gain: float = SAMPLES_MIN_GAIN) -> bool:
+def samples_help(gain: float, min_gain: float) -> bool:
     """The router's gate on the user's samples: keep them in context when they raise the
     log-likelihood of the request's own tokens by more than `min_gain` nats in all.
 

@@ -131,7 +131,7 @@ def test_samples_are_picked_for_relevance_else_representative_and_gated_on_gain(
     assert [s.text for s in pick_samples(samples, [4, 5, 6], 1)] == ["four"]
     assert [s.text for s in pick_samples(samples, [4, 5, 6], 2, max_tokens=3)] == ["five"]
     # The gate: a total gain above the margin keeps the samples.
-    assert samples_help(2.5, 2.0) and not samples_help(2.0, 2.0) and not samples_help(-4.0)
+    assert samples_help(2.5, 2.0) and not samples_help(2.0, 2.0) and not samples_help(-4.0, 2.0)
 
 
 def byte_encode(text: str) -> list[int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,8 @@ class UserSamples:
     samples: list[Sample]
     #: The samples' token budget: the edge's setting, at most a quarter of the context.
     budget: int
+    #: `gram_frequencies(samples)`, counted once as the edge keeps it per user.
+    frequencies: Counter[tuple[int, ...]]
 
     @classmethod
     def of(cls, model: EdgeModel, user: User) -> UserSamples:
@@ -119,12 +122,12 @@ class UserSamples:
             Sample(i, model.decode(ids), sample_grams(ids), len(ids))
             for i, ids in enumerate(user.feedback)
         ]
-        return cls(model, samples, min(SAMPLES_TOKENS, model.context_length // 4))
+        budget = min(SAMPLES_TOKENS, model.context_length // 4)
+        return cls(model, samples, budget, gram_frequencies(samples))
 
     def prefix(self, request: list[int]) -> list[int]:
         """Token ids of the samples text picked for `request`, and the blank line after it."""
-        frequencies = gram_frequencies(self.samples)
-        picked = pick_samples(self.samples, request, SAMPLES_K, self.budget, frequencies)
+        picked = pick_samples(self.samples, request, SAMPLES_K, self.budget, self.frequencies)
         text = system_text(None, [s.text for s in picked])
         return self.model.encode(with_prefix("", text)) if text else []
 
