@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures_cloud",
     "tests.fixtures_gguf",
     "tests.fixtures_edge",
+    "tests.fixtures_tui",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.text import Text
@@ -18,20 +17,13 @@ from broker.server import NatsServer
 from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
+from tests.fixtures_tui import Clock
 from tui.app import HybridgenConsole
 from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
-from tui.state import EventLog, FleetState, Node
+from tui.state import EventLog, Node
 
 SIZE = (160, 40)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def until(
@@ -71,17 +63,6 @@ def fleet_node(app: HybridgenConsole, node_id: str) -> Node:
 def notes(app: HybridgenConsole) -> list[str]:
     """The notifications on screen now (the app runs with `notifications=True`)."""
     return [str(toast.render()) for toast in app.screen.query("Toast")]
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def console(nats_url: str, clock: Clock) -> HybridgenConsole:
-    fleet = FleetState(stale_after=5, gone_after=30, clock=clock)
-    return HybridgenConsole(BusSettings(url=nats_url), fleet=fleet, events=EventLog())
 
 
 async def connected(pilot: Pilot[None], app: HybridgenConsole) -> None:

@@ -25,7 +25,8 @@ from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import ArtifactStore
 from models.registry import ModelSet
-from tests.test_tui_app import SIZE, Clock, connected, publish_beat, seen
+from tests.fixtures_tui import Clock
+from tests.test_tui_app import SIZE, connected, publish_beat, seen
 from tui.app import HybridgenConsole
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen

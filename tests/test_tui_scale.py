@@ -15,22 +15,11 @@ from textual_plot import PlotWidget
 
 from broker import wire
 from broker.service import serve_control
-from broker.settings import BusSettings
-from tests.test_tui_app import Clock, cell, connected, fleet_order, publish_beat, seen, until
+from tests.fixtures_tui import Clock
+from tests.test_tui_app import cell, connected, fleet_order, publish_beat, seen, until
 from tui.app import HybridgenConsole
-from tui.state import FLEET_COLUMNS, EventLog, FleetState, Node
+from tui.state import FLEET_COLUMNS, Node
 from tui.summary import SummaryScreen
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def console(nats_url: str, clock: Clock) -> HybridgenConsole:
-    fleet = FleetState(stale_after=5, gone_after=30, clock=clock)
-    return HybridgenConsole(BusSettings(url=nats_url), fleet=fleet, events=EventLog())
 
 
 def node(app: HybridgenConsole, node_id: str) -> Node:

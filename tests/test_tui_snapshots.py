@@ -27,6 +27,7 @@ from textual.widgets import DataTable, Input
 
 from broker import wire
 from broker.settings import BusSettings
+from tests.fixtures_tui import Clock
 from tui.app import HybridgenConsole
 from tui.experiment import ExperimentScreen
 from tui.policy import PolicyScreen
@@ -54,16 +55,6 @@ NOWHERE = BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.2)
 START = 1000.0
 EPOCH = 1_795_165_200.0
 TRACED = "req-7f3a9c"
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _policy(threshold: float, source: str) -> dict[str, dict[str, Any]]:
@@ -166,7 +157,7 @@ def _beats(step: int) -> list[wire.Heartbeat]:
 def demo_fleet() -> tuple[FleetState, SummaryHistory]:
     """A fleet of 3 edges (one draining, one stale), 2 cloud workers and an API, as heard
     over a minute on a fake clock, with the summary sampled every two seconds."""
-    clock = Clock()
+    clock = Clock(START)
     fleet = FleetState(stale_after=5, gone_after=600, clock=clock)
     history = SummaryHistory()
     for step in range(31):

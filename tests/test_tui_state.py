@@ -5,24 +5,12 @@ from __future__ import annotations
 import pytest
 
 from broker import wire
+from tests.fixtures_tui import Clock
 from tui.state import EventFilter, EventLog, FleetState, SummaryHistory, route_mix, row_style
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def beat(node_id: str, role: str = "edge", **fields: object) -> wire.Heartbeat:
     return wire.Heartbeat(role=role, node_id=node_id, **fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
