@@ -14,9 +14,10 @@
   their feedback order (oldest first), so the same picks give the same text and the prefix
   cache can reuse it. They are *gated on evidence* by the router (`samples_help`): the
   request is prefilled with and without them, and they stay only when they make the
-  request's own tokens more likely by more than `personalize_sample_gain` nats in all. A request
-  with nothing the user's samples explain runs without them. `Personalization.system_text`
-  is the persona alone; `samples_text` the persona with the samples (None: none picked);
+  request's own tokens more likely by more than `personalize_sample_gain` nats in all. A
+  request with nothing the user's samples explain runs without them.
+  `Personalization.system_text` is the persona alone; `samples_text` the persona with the
+  samples (None: none picked);
 - **the adapter**: the user's `edge.adapt.NgramCache` (a snapshot when one is current, see
   Snapshots), mixed into the edge model's logits at each step
   (`EdgeRuntime.submit(adapter=...)`);
