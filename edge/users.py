@@ -13,7 +13,12 @@ Everything about a user that personalization needs stays on the device, in
 `reset` forgets feedback and learned state and keeps the profile; `delete_profile` removes
 every row about the user (foreign keys cascade). Deleted content is overwritten
 (`secure_delete`) and the write-ahead log is checkpointed and truncated after each, so the
-text is gone from the files on disk too.
+text is gone from the files on disk too; a checkpoint that a reader blocks is reported and
+retried (`edge.user_files.Scrubber`): both return whether the text is gone already.
+
+The file and its `-wal`/`-shm` are 0600, in a folder created 0700 (`edge.user_files`). Each
+user is bounded (`edge.user_limits.UserLimits`): the number of users and the bytes of each
+user's text (413), and the feedback rate of each user (429).
 
 The file is opened lazily, on the first call: an edge that never sees a user never creates
 it. A corrupt or locked file raises `Unavailable` (HTTP 503) naming the file, per call, and is
@@ -34,178 +39,76 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from typing import Any, TypeVar
 
 from broker.errors import BadRequest, NotFound, Unavailable
+from edge.user_files import Scrubber, checkpoint, private_file
+from edge.user_limits import FeedbackRate, RateLimited, StoreFull, UserLimits
+from edge.user_models import (
+    DEFAULT_MAX_FEEDBACK,
+    MAX_DISPLAY_NAME,
+    MAX_PERSONA,
+    MAX_SAMPLE,
+    USER_ID_PATTERN,
+    Feedback,
+    FeedbackBody,
+    Profile,
+    ProfileUpdate,
+    UserListener,
+    check_user_id,
+)
+from edge.user_schema import (
+    MIGRATIONS,
+    PROFILE_COLUMNS,
+    SCHEMA_VERSION,
+    USER_BYTES,
+    migrate,
+    transaction,
+)
 from serving.bodies import validate_body
+
+__all__ = [
+    "DEFAULT_MAX_FEEDBACK",
+    "MAX_DISPLAY_NAME",
+    "MAX_PERSONA",
+    "MAX_SAMPLE",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "USER_ID_PATTERN",
+    "Feedback",
+    "FeedbackBody",
+    "Profile",
+    "ProfileUpdate",
+    "RateLimited",
+    "StoreFull",
+    "UserLimits",
+    "UserListener",
+    "UserStore",
+    "check_user_id",
+    "migrate",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: A user id: 1 to 128 characters, letters, digits and `._@:-`, starting with a letter or digit.
-USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
-MAX_DISPLAY_NAME = 200
-MAX_PERSONA = 8000
-MAX_SAMPLE = 20000
-DEFAULT_MAX_FEEDBACK = 1000
-
-#: Schema steps: MIGRATIONS[i] takes the file from user_version i to i + 1.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 1: profiles and feedback samples.
-    (
-        """CREATE TABLE users (
-            user_id TEXT PRIMARY KEY,
-            display_name TEXT,
-            persona TEXT,
-            temperature REAL,
-            top_p REAL,
-            max_tokens INTEGER,
-            allow_cloud INTEGER NOT NULL DEFAULT 1,
-            share_profile INTEGER NOT NULL DEFAULT 0,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""",
-        """CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY,
-            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
-            accepted TEXT NOT NULL,
-            rejected TEXT,
-            created REAL NOT NULL
-        )""",
-        "CREATE INDEX feedback_by_user ON feedback(user_id, id)",
-    ),
-    # 2: the adaptation model's serialized per-user state.
-    (
-        """CREATE TABLE learned (
-            user_id TEXT PRIMARY KEY REFERENCES users(user_id) ON DELETE CASCADE,
-            state BLOB NOT NULL,
-            updated REAL NOT NULL
-        )""",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-_PROFILE_COLUMNS = (
-    "user_id",
-    "display_name",
-    "persona",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "allow_cloud",
-    "share_profile",
-    "created",
-    "updated",
-)
-
-
-def check_user_id(user_id: str) -> str:
-    """`user_id` if it is valid.
-
-    Raises:
-        BadRequest: (param `user_id`) not 1-128 characters of letters, digits and `._@:-`
-            starting with a letter or digit.
-    """
-    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id):
-        raise BadRequest(
-            "invalid user id: use 1 to 128 characters of letters, digits and `._@:-`, "
-            "starting with a letter or digit",
-            param="user_id",
-        )
-    return user_id
-
-
-class ProfileUpdate(BaseModel):
-    """A profile change (the body of `PUT /v1/users/{id}`).
-
-    Fields left out keep their current value (their default for a new user); `null` clears
-    display_name, persona and the sampling preferences (the request's or the node's then
-    apply). The consent flags cannot be null.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    display_name: str | None = Field(default=None, max_length=MAX_DISPLAY_NAME)
-    persona: str | None = Field(
-        default=None,
-        max_length=MAX_PERSONA,
-        description="Style or background text put before the user's requests (system message).",
-    )
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    allow_cloud: StrictBool = Field(
-        default=True, description="May this user's requests go to the cloud at all."
-    )
-    share_profile: StrictBool = Field(
-        default=False, description="May the persona and learned data go with them."
-    )
-
-
-class Profile(BaseModel):
-    """A stored profile."""
-
-    user_id: str
-    display_name: str | None = None
-    persona: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    allow_cloud: bool = True
-    share_profile: bool = False
-    created: float
-    updated: float
-
-
-class Feedback(BaseModel):
-    """One stored feedback sample."""
-
-    id: int
-    accepted: str
-    rejected: str | None = None
-    created: float
-
-
-class FeedbackBody(BaseModel):
-    """The body of `POST /v1/users/{id}/feedback`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    accepted: str = Field(
-        min_length=1, max_length=MAX_SAMPLE, description="Text the user accepted or wrote."
-    )
-    rejected: str | None = Field(
-        default=None, max_length=MAX_SAMPLE, description="Text the user rejected, if any."
-    )
-
-
-class UserListener(Protocol):
-    """Told about changes to users' data (the adaptation model plugs in here)."""
-
-    def on_feedback(self, user_id: str, accepted: str, rejected: str | None) -> None:
-        """A feedback sample was stored for `user_id`."""
-
-    def on_forget(self, user_id: str) -> None:
-        """`user_id`'s learned data was wiped (reset) or the user was deleted."""
 
 
 class UserStore:
     """Users' profiles, feedback and learned state in one SQLite file (module docstring).
 
     Args:
-        path: the database file; its folder is created on first use.
+        path: the database file; its folder is created (0700) on first use.
         busy_timeout_s: how long a call waits for another writer's lock before `Unavailable`.
         max_feedback: feedback samples kept per user (the oldest go first).
+        limits: users, bytes per user and feedback rate (None: unbounded; the edge service
+            passes its settings' `personalize_*` caps).
+        checkpoint_wait_s: how long a delete's checkpoint waits for readers before it is
+            reported and retried in the background (`edge.user_files.Scrubber`).
     """
 
     def __init__(
@@ -214,14 +117,19 @@ class UserStore:
         *,
         busy_timeout_s: float = 5.0,
         max_feedback: int = DEFAULT_MAX_FEEDBACK,
+        limits: UserLimits | None = None,
+        checkpoint_wait_s: float = 0.2,
     ) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self.max_feedback = max_feedback
+        self.limits = limits
+        self.checkpoint_wait_s = checkpoint_wait_s
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._listeners: list[UserListener] = []
-        self._closed = False
+        self._rate = FeedbackRate(limits) if limits is not None else None
+        self.scrubber = Scrubber(self._try_checkpoint, self.path)
 
     # ------------------------------------------------------------------------ listeners
 
@@ -269,7 +177,9 @@ class UserStore:
 
         def put(db: sqlite3.Connection) -> Profile:
             now = time.time()
-            with _transaction(db):
+            with transaction(db):
+                if self.limits is not None and not self._exists(db, user_id):
+                    self.limits.check_users(db.execute("SELECT count(*) FROM users").fetchone()[0])
                 db.execute(
                     "INSERT INTO users (user_id, created, updated) VALUES (?, ?, ?) "
                     "ON CONFLICT(user_id) DO NOTHING",
@@ -281,14 +191,20 @@ class UserStore:
                         f"UPDATE users SET {assignments}, updated = ? WHERE user_id = ?",
                         (*changes.values(), now, user_id),
                     )
+                    if "persona" in changes and self.limits is not None:
+                        self.limits.check_bytes(self._user_bytes(db, user_id), "persona")
             return self._profile(db, user_id)
 
         profile = self._run(put)
         logger.debug("user profile stored (%d fields changed)", len(changes))
         return profile
 
-    def delete_profile(self, user_id: str) -> None:
+    def delete_profile(self, user_id: str) -> bool:
         """Remove the user and everything about them, from the files on disk too.
+
+        Returns:
+            Whether the text is gone from the files already (False: a reader blocked the
+            checkpoint; it was logged and is retried, see `scrub_pending`).
 
         Raises:
             NotFound: no such user.
@@ -296,16 +212,19 @@ class UserStore:
         check_user_id(user_id)
 
         def delete(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 gone = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount
             if not gone:
                 raise _not_found(user_id)
-            self._checkpoint(db)
 
         with self._lock:
             self._run(delete)
+            if self._rate is not None:
+                self._rate.forget(user_id)
             self._notify("forget", lambda listener: listener.on_forget(user_id))
+            scrubbed = self.scrubber.scrub()
         logger.debug("user deleted")
+        return scrubbed
 
     # ------------------------------------------------------------------------- feedback
 
@@ -321,8 +240,10 @@ class UserStore:
 
         def add(db: sqlite3.Connection) -> Feedback:
             now = time.time()
-            with _transaction(db):
+            with transaction(db):
                 self._require_user(db, user_id)
+                if self._rate is not None:
+                    self._rate.take(user_id)
                 cursor = db.execute(
                     "INSERT INTO feedback (user_id, accepted, rejected, created) "
                     "VALUES (?, ?, ?, ?)",
@@ -333,6 +254,8 @@ class UserStore:
                     "(SELECT id FROM feedback WHERE user_id = ? ORDER BY id DESC LIMIT ?)",
                     (user_id, user_id, self.max_feedback),
                 )
+                if self.limits is not None:
+                    self.limits.check_bytes(self._user_bytes(db, user_id), "accepted")
             assert cursor.lastrowid is not None
             return Feedback(
                 id=cursor.lastrowid, accepted=sample.accepted, rejected=sample.rejected, created=now
@@ -358,7 +281,7 @@ class UserStore:
             raise BadRequest("limit must be 0 or more", param="limit")
 
         def read(db: sqlite3.Connection) -> list[Feedback]:
-            with _transaction(db, "DEFERRED"):
+            with transaction(db, "DEFERRED"):
                 self._require_user(db, user_id)
                 return self._feedback(db, user_id, limit)
 
@@ -385,7 +308,7 @@ class UserStore:
         check_user_id(user_id)
 
         def put(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 self._require_user(db, user_id)
                 db.execute(
                     "INSERT INTO learned (user_id, state, updated) VALUES (?, ?, ?) "
@@ -396,8 +319,11 @@ class UserStore:
 
         self._run(put)
 
-    def reset(self, user_id: str) -> None:
+    def reset(self, user_id: str) -> bool:
         """Forget what was learned about the user (feedback and learned state); keep the profile.
+
+        Returns:
+            Whether the text is gone from the files already (as `delete_profile`).
 
         Raises:
             NotFound: no such user.
@@ -405,16 +331,17 @@ class UserStore:
         check_user_id(user_id)
 
         def wipe(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 self._require_user(db, user_id)
                 db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
                 db.execute("DELETE FROM learned WHERE user_id = ?", (user_id,))
-            self._checkpoint(db)
 
         with self._lock:
             self._run(wipe)
             self._notify("forget", lambda listener: listener.on_forget(user_id))
+            scrubbed = self.scrubber.scrub()
         logger.debug("user reset")
+        return scrubbed
 
     # --------------------------------------------------------------------------- export
 
@@ -428,7 +355,7 @@ class UserStore:
         check_user_id(user_id)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
-            with _transaction(db, "DEFERRED"):  # one snapshot of all three tables
+            with transaction(db, "DEFERRED"):  # one snapshot of all three tables
                 profile = self._profile(db, user_id)
                 feedback = self._feedback(db, user_id, None)
                 learned = db.execute(
@@ -471,6 +398,9 @@ class UserStore:
                 "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
                 **counts,
                 "bytes": size,
+                "scrub_pending": self.scrubber.pending,
+                "checkpoints_blocked": self.scrubber.blocked,
+                "checkpoint_retries": self.scrubber.retries,
             }
 
         return self._run(read)
@@ -480,10 +410,16 @@ class UserStore:
     def close(self) -> None:
         """Checkpoint and close the file (a later call opens it again)."""
         with self._lock:
+            self.scrubber.close()
             conn, self._conn = self._conn, None
             if conn is not None:
                 try:
-                    self._checkpoint(conn)
+                    if not checkpoint(conn, self._busy_ms(), self._busy_ms()):
+                        logger.error(
+                            "user store %s: a reader blocked the checkpoint at close; deleted "
+                            "text may remain in its write-ahead log",
+                            self.path,
+                        )
                 except sqlite3.Error as exc:
                     logger.warning("user store %s: no checkpoint at close (%s)", self.path, exc)
                 finally:
@@ -506,10 +442,10 @@ class UserStore:
         if self._conn is not None:
             return self._conn
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 before SQLite writes a byte (its -wal/-shm follow)
         except OSError as exc:
             raise Unavailable(
-                f"user store {self.path}: cannot create its folder ({exc.strerror}); "
+                f"user store {self.path}: cannot create it or its folder ({exc.strerror}); "
                 "set HG_EDGE_USERS_DB to a writable path"
             ) from None
         try:
@@ -534,7 +470,7 @@ class UserStore:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Check the file, then set it up and migrate it (nothing is written to a bad file)."""
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms()}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]  # fails on a non-database
         if version > SCHEMA_VERSION:
             raise Unavailable(
@@ -577,17 +513,29 @@ class UserStore:
         if conn is not None:
             conn.close()
 
-    def _checkpoint(self, db: sqlite3.Connection) -> None:
-        """Copy the write-ahead log into the file and truncate it (deleted text leaves it)."""
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def _busy_ms(self) -> int:
+        return int(self.busy_timeout_s * 1000)
+
+    def _try_checkpoint(self) -> bool:
+        """Copy the write-ahead log into the file and truncate it (deleted text leaves it);
+        False when a reader blocked it for `checkpoint_wait_s`."""
+        with self._lock:
+            if self._conn is None:  # closed (close checkpoints) or dropped: nothing to do
+                return True
+            return self._run(
+                lambda db: checkpoint(db, int(self.checkpoint_wait_s * 1000), self._busy_ms())
+            )
+
+    def _user_bytes(self, db: sqlite3.Connection, user_id: str) -> int:
+        return int(db.execute(USER_BYTES, (user_id,)).fetchone()[0])
 
     def _profile(self, db: sqlite3.Connection, user_id: str) -> Profile:
         row = db.execute(
-            f"SELECT {', '.join(_PROFILE_COLUMNS)} FROM users WHERE user_id = ?", (user_id,)
+            f"SELECT {', '.join(PROFILE_COLUMNS)} FROM users WHERE user_id = ?", (user_id,)
         ).fetchone()
         if row is None:
             raise _not_found(user_id)
-        return Profile(**dict(zip(_PROFILE_COLUMNS, row, strict=True)))
+        return Profile(**dict(zip(PROFILE_COLUMNS, row, strict=True)))
 
     def _feedback(self, db: sqlite3.Connection, user_id: str, limit: int | None) -> list[Feedback]:
         rows = db.execute(
@@ -600,45 +548,15 @@ class UserStore:
             for row in reversed(rows)
         ]
 
+    def _exists(self, db: sqlite3.Connection, user_id: str) -> bool:
+        return (
+            db.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
+        )
+
     def _require_user(self, db: sqlite3.Connection, user_id: str) -> None:
-        if db.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is None:
+        if not self._exists(db, user_id):
             raise _not_found(user_id)
-
-
-def migrate(conn: sqlite3.Connection, steps: Sequence[Sequence[str]] = MIGRATIONS) -> int:
-    """Bring the file to `len(steps)`: apply the steps after its `user_version`, in order.
-
-    Each step runs in its own transaction with its new version number, so an interrupted
-    migration leaves the file at the last complete step.
-
-    Returns:
-        The schema version now.
-    """
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    for number, statements in enumerate(steps[version:], start=version + 1):
-        with _transaction(conn):
-            # Another connection may have migrated while this one waited for the lock.
-            if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= number:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-        logger.info("user store migrated to schema %d", number)
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _not_found(user_id: str) -> NotFound:
     return NotFound(f"no user {user_id!r}: create it with PUT /v1/users/{user_id}")
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
-    """One transaction: `IMMEDIATE` takes the write lock at once (waiting `busy_timeout`),
-    `DEFERRED` reads one snapshot."""
-    db.execute(f"BEGIN {mode}")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
