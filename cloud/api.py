@@ -29,6 +29,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import ReplyStream, request_stream
+from broker.config import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the workers
 from broker.errors import (
     BadRequest,
     HybridgenError,
@@ -39,6 +40,7 @@ from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
 from serving.auth import check_exposure, require_api_key
 from serving.bodies import json_body
+from serving.browsers import install_browser_guard, parse_origins
 from serving.deadlines import budget_s, client_timeout_s, until_disconnect
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.protocol import (
@@ -59,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: max_tokens of a completion that sets none (OpenAI's default).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-#: Name of the nats.micro service the workers register (`$SRV.INFO.<name>`).
-WORKER_SERVICE = "hybridgen-cloud"
 
 
 @dataclass
@@ -77,8 +77,10 @@ class ApiState:
 
 
 def check_settings(settings: ApiSettings) -> None:
-    """Refuse an open API (no keys) beyond loopback unless explicitly allowed, and a
-    key-protected /metrics without keys (`serving.auth.check_exposure`)."""
+    """Refuse an open API (no keys) beyond loopback unless explicitly allowed, a
+    key-protected /metrics without keys (`serving.auth.check_exposure`), and an allowed
+    origin that is not one."""
+    parse_origins(settings.allowed_origins, setting="HG_CLOUD_ALLOWED_ORIGINS")
     check_exposure(
         settings.host,
         settings.api_keys,
@@ -103,13 +105,32 @@ async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[st
                 return None
             if msg.headers and msg.headers.get("Status") == "503":
                 return None  # no responders at all
-            info = json.loads(msg.data)
-            if {e.get("subject") for e in info.get("endpoints") or []} & wanted:
-                return info  # type: ignore[no-any-return]
+            info = _worker_info(msg.data, wanted)
+            if info is not None:
+                return info
         return None
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+def _worker_info(data: bytes, wanted: set[str]) -> dict[str, Any] | None:
+    """A `$SRV.INFO` reply if it is a cloud worker's serving a wanted subject, else None:
+    the service is `WORKER_SERVICE` and names its node and model (as `GenerationService`
+    does); anything else (not JSON, another service) is not a worker."""
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("name") != WORKER_SERVICE:
+        return None
+    metadata, endpoints = info.get("metadata"), info.get("endpoints")
+    if not isinstance(metadata, dict) or not metadata.get("node_id") or not metadata.get("model"):
+        return None
+    if not isinstance(endpoints, list):
+        return None
+    served = {e.get("subject") for e in endpoints if isinstance(e, dict)}
+    return info if served & wanted else None
 
 
 async def _ready(state: ApiState) -> tuple[bool, dict[str, Any]]:
@@ -182,7 +203,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from broker.bus import connect_settings
+        from broker.bus import close_bounded, connect_settings
         from broker.settings import BusSettings
 
         own = nc is None
@@ -203,9 +224,8 @@ def create_app(
             await telemetry.close()
             holder.clear()
             app.state.api = None
-            if own:
-                with contextlib.suppress(Exception):
-                    await client.drain()
+            if own:  # within 1 s, broker or not (a drain waits up to 40 s on a frozen one)
+                await close_bounded(client, 1.0)
 
     app = FastAPI(title="hybridgen cloud API", version="1", lifespan=lifespan)
 
@@ -215,6 +235,14 @@ def create_app(
             return False, {"reason": "starting"}
         return await _ready(state)
 
+    install_browser_guard(  # inside the body limit and the metrics: added first
+        app,
+        host=settings.host,
+        advertise_url=None,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        setting="HG_CLOUD_ALLOWED_ORIGINS",
+    )
     install_common(
         app, service="cloud_api", max_body_bytes=settings.max_body_bytes, ready_check=ready_check
     )

@@ -94,8 +94,18 @@ class ApiSettings(BaseSettings):
         default=False,
         description="Require an API key on /metrics too (default: open, like /healthz).",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the API answers to besides its bind host and loopback "
+        "(comma-separated; * for any): other Host headers are refused (DNS rebinding).",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], comma-separated) whose pages may call "
+        "the API; empty: none, every cross-site browser request is refused.",
+    )
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -37,11 +37,12 @@ from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from edge.users_api import users_routes
 from serving import protocol
-from serving.auth import require_api_key
+from serving.auth import authenticate, authorize_user
 from serving.bodies import json_body
+from serving.browsers import install_browser_guard
 from serving.deadlines import client_timeout_s, until_disconnect
 from serving.errors import error_response
-from serving.metrics import HttpMetrics, install_common
+from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.sse import sse_response
 from serving.tools import CallStream
 
@@ -97,8 +98,15 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     Args:
         settings: the node's settings (from the environment by default); a node id is made
             up when it has none.
+
+    Raises:
+        ValueError: the settings break the exposure rule (`EdgeSettings.check_exposure`:
+            no API key beyond loopback, /metrics protected without keys, a malformed key
+            or origin).
     """
     settings = settings or EdgeSettings()
+    settings.check_exposure()
+    keys = settings.key_ring()
     if settings.node_id is None:
         settings = settings.model_copy(update={"node_id": default_node_id("edge")})
 
@@ -132,12 +140,23 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
             return False, {"reason": "draining", **detail}
         return True, detail
 
+    install_browser_guard(  # inside the body limit and the metrics: added first
+        app,
+        host=settings.host,
+        advertise_url=settings.advertise_url,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        setting="HG_EDGE_ALLOWED_ORIGINS",
+    )
     http_metrics = install_common(
         app, service="edge", max_body_bytes=settings.max_body_bytes, ready_check=ready
     )
+    if settings.metrics_require_key:
+        protect_metrics(app, keys.api_keys)
     app.state.edge_metrics = EdgeMetrics(http_metrics, lambda: _queue_depth(app))
-    app.include_router(openai_routes, dependencies=[Depends(require_api_key(settings.api_keys))])
-    app.include_router(users_routes, dependencies=[Depends(require_api_key(settings.api_keys))])
+    # Who the caller is, before anything else; the users a key covers are checked per use.
+    app.include_router(openai_routes, dependencies=[Depends(authenticate(keys))])
+    app.include_router(users_routes, dependencies=[Depends(authenticate(keys))])
     return app
 
 
@@ -159,7 +178,7 @@ async def completions(
     prompt = req.prompt_text()
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
-    personal = await _personalization(service, req.user, prompt)
+    personal = await _personalization(request, service, req.user, prompt)
     edge_prompt, cloud_prompt = personal.prompt(prompt) if personal else (prompt, None)
     samples_prompt = personal.samples_prompt(prompt) if personal else None
     return await serve(
@@ -185,7 +204,7 @@ async def chat_completions(
 ) -> Response:
     """OpenAI chat completion, routed between the edge and the cloud."""
     messages = req.message_dicts()
-    personal = await _personalization(service, req.user, _last_user_text(messages))
+    personal = await _personalization(request, service, req.user, _last_user_text(messages))
     # The edge reads the persona and samples; the cloud gets what the user lets it see.
     edge_messages, cloud_messages = personal.chat(messages) if personal else (messages, messages)
     tools = req.tool_request().shown()
@@ -452,11 +471,17 @@ def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _personalization(
-    service: EdgeService, user: str | None, text: str
+    request: Request, service: EdgeService, user: str | None, text: str
 ) -> Personalization | None:
-    """The personalization of a request with `user` (None: no user, or an unknown one)."""
+    """The personalization of a request with `user` (None: no user, or an unknown one).
+
+    Raises:
+        Unauthorized, Forbidden: the caller's key does not cover `user` (checked before
+            anything of the user is read).
+    """
     if not user:
         return None
+    authorize_user(request, user, param="user")
     # The user's samples take at most a quarter of the edge context.
     budget = min(
         service.settings.personalize_sample_tokens, service.node.runtime.context_length // 4

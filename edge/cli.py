@@ -30,6 +30,9 @@ OPTIONS = (
     "node_id",
     "no_cloud",
     "api_keys",
+    "user_keys",
+    "allowed_hosts",
+    "allowed_origins",
     "allow_open",
     "metrics_require_key",
 )
@@ -46,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         EdgeSettings,
         OPTIONS,
-        flags={"nats_url": "--nats", "api_keys": "--api-key"},
+        flags={
+            "nats_url": "--nats",
+            "api_keys": "--api-key",
+            "user_keys": "--user-key",
+            "allowed_hosts": "--allowed-host",
+            "allowed_origins": "--allowed-origin",
+        },
     )
     parser.add_argument(
         "--policy",
@@ -124,15 +133,11 @@ def main(argv: list[str]) -> int:
 
 
 def build_app(settings: EdgeSettings) -> Any:
-    """The edge app `main` serves: `create_app`, with /metrics behind the API key when
-    `metrics_require_key` is set."""
+    """The edge app `main` serves (`create_app` applies the exposure rule and the metrics
+    key itself)."""
     from edge.app import create_app
-    from serving.metrics import protect_metrics
 
-    app = create_app(settings)
-    if settings.metrics_require_key:
-        protect_metrics(app, settings.api_keys)
-    return app
+    return create_app(settings)
 
 
 #: Seconds the edge may take, after its drain, to close the bus link and the model.

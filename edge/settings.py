@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
-from serving.auth import check_exposure
+from serving.auth import KeyRing, check_exposure, parse_key_entries
+from serving.browsers import parse_origins
 
 
 class EdgeSettings(BaseSettings):
@@ -51,8 +52,26 @@ class EdgeSettings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted bearer keys (HG_EDGE_API_KEYS comma-separated); empty leaves the "
-        "API open, which only a loopback host allows.",
+        description="Bearer keys required on every request (HG_EDGE_API_KEYS comma-separated); "
+        "an entry KEY@alice+bob may also act for those users, KEY@* for every user (admin). "
+        "Empty leaves plain completions open, which only a loopback host allows.",
+    )
+    user_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Keys for users' data only (HG_EDGE_USER_KEYS comma-separated), each "
+        "KEY@alice+bob (those users) or KEY@* (every user): a request's `user` and "
+        "/v1/users/<id> need a key covering the id; these keys do not close the API.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the API answers to besides its bind host, loopback and the "
+        "advertised URL's host (comma-separated; * for any): other Host headers are refused "
+        "(DNS rebinding).",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], comma-separated) whose pages may call "
+        "the API; empty: none, every cross-site browser request is refused.",
     )
     allow_open: bool = Field(
         default=False, description="Allow no API keys on a non-loopback host (insecure)."
@@ -128,7 +147,7 @@ class EdgeSettings(BaseSettings):
         "back to the user store.",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "user_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):  # the environment: comma-separated, or a JSON list
@@ -138,13 +157,28 @@ class EdgeSettings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    def check_exposure(self) -> None:
-        """Refuse an open API (no keys) beyond loopback, and a key-protected /metrics
-        without keys.
+    def key_ring(self) -> KeyRing:
+        """The API keys and user keys, parsed.
 
         Raises:
-            ValueError: the message says how to set a key.
+            ValueError: a malformed entry, named by position (never the key itself).
         """
+        return KeyRing(
+            parse_key_entries(self.api_keys, setting="HG_EDGE_API_KEYS / --api-key"),
+            parse_key_entries(
+                self.user_keys, setting="HG_EDGE_USER_KEYS / --user-key", need_users=True
+            ),
+        )
+
+    def check_exposure(self) -> None:
+        """Refuse malformed keys or origins, an open API (no keys) beyond loopback, and a
+        key-protected /metrics without keys.
+
+        Raises:
+            ValueError: the message says what to fix.
+        """
+        self.key_ring()
+        parse_origins(self.allowed_origins, setting="HG_EDGE_ALLOWED_ORIGINS")
         check_exposure(
             self.host,
             self.api_keys,

@@ -12,10 +12,13 @@
 Errors come in OpenAI's envelope: 404 `not_found` for an unknown user, 400 `bad_request`
 naming `param` for a bad id or field (the store checks ids before anything else), 503
 `unavailable` when the store's file is corrupt or locked (the rest of the edge keeps
-serving). The store is the running service's (`EdgeService.users`, an
-`edge.users.UserStore`); its listeners (`UserStore.add_listener`) hear about feedback
-(`on_feedback`) and about resets and deletions (`on_forget`). The app adds these routes
-behind the same API-key check as the OpenAI routes.
+serving). Every route first checks that the caller's key covers the id
+(`serving.auth.authorize_user`): 401 `unauthorized` without a key, 403 `forbidden` for a key
+bound to other users, before the body or the store is touched. The store is the running
+service's (`EdgeService.users`, an `edge.users.UserStore`); its listeners
+(`UserStore.add_listener`) hear about feedback (`on_feedback`) and about resets and
+deletions (`on_forget`). The app adds these routes behind the same API-key check as the
+OpenAI routes.
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from edge.service import Service
 from edge.users import FeedbackBody, ProfileUpdate, UserStore
+from serving.auth import authorize_user
 from serving.bodies import json_body
 
-#: The user routes; `create_app` adds them behind the API-key check.
-users_routes = APIRouter(prefix="/v1/users")
+
+async def _authorized(request: Request, user_id: str) -> None:
+    """Only a key that covers `user_id` may reach the route (before its body or the store)."""
+    authorize_user(request, user_id, param="user_id")
+
+
+#: The user routes; `create_app` adds them behind the API-key check, which runs first.
+users_routes = APIRouter(prefix="/v1/users", dependencies=[Depends(_authorized)])
 
 UpdateBody = Annotated[ProfileUpdate, Depends(json_body(ProfileUpdate))]
 SampleBody = Annotated[FeedbackBody, Depends(json_body(FeedbackBody))]
