@@ -365,7 +365,11 @@ async def test_the_cloud_api_keeps_browsers_out(nats_url: str) -> None:
 async def test_create_app_applies_the_exposure_rule_and_the_metrics_key(
     edge_dir: Path, tmp_path: Path
 ) -> None:
-    base = {"model_dir": edge_dir, "no_cloud": True, "users_db": tmp_path / "users.sqlite3"}
+    base: dict[str, Any] = {
+        "model_dir": edge_dir,
+        "no_cloud": True,
+        "users_db": tmp_path / "users.sqlite3",
+    }
     with pytest.raises(ValueError, match=r"refusing to serve without an API key on 0\.0\.0\.0"):
         create_app(EdgeSettings(host="0.0.0.0", **base))
     with pytest.raises(ValueError, match="metrics_require_key"):
