@@ -33,13 +33,21 @@ applies temperature / top-p / top-k to the mixed logits: the mixture is formed a
 and tempered afterwards (softmax(log p_mix / T)), not a mixture of tempered distributions.
 Greedy decoding takes the argmax of the mixture.
 
-Memory. At most `max_contexts` contexts are kept (default 100,000). Real text makes about four
-new contexts per token (25 README paragraphs of 100 SmolLM2 tokens: 9,527 contexts, 359 kB
-serialized, i.e. ~38 bytes a context), so the cap is reached near 25,000 learned tokens, at
-about 4 MB serialized and a few tens of MB of Python objects. When an update goes past the cap,
-the least recently updated contexts are dropped down to 90% of it (longest first on a tie).
-Each update touches a context's shorter suffixes after it, so a dropped context never leaves a
-longer extension behind.
+Memory. At most `max_contexts` contexts are kept (default 100,000; the edge sets it from
+`EdgeSettings.personalize_max_contexts`). Real text makes about four new contexts per token (25
+README paragraphs of 100 SmolLM2 tokens: 9,527 contexts, 359 kB serialized, i.e. ~38 bytes a
+context), so the cap is reached near 25,000 learned tokens, at about 4 MB serialized and
+`BYTES_PER_CONTEXT` (455-482 bytes of Python objects a context, measured with tracemalloc,
+the dict's reinsert slack included).
+
+Pruning is incremental. The contexts dict is kept in recency order: an update moves each
+context it touches to the end (pop and reinsert, O(1)), and within one position the longest
+context first, so a context's shorter suffixes always come after it. When the cap is passed
+(checked at each position of an update, so one long sample never holds much more), the
+oldest contexts are dropped from the front down to 90% of the cap: each drop examines only
+the contexts it drops, so a batch costs O(cap / 10) once per cap / 10 new contexts, O(1) per
+new context amortized, and never a sort (`examined` counts them). A dropped context never
+leaves a longer extension behind.
 
 Measured on the 2-core dev machine while other work loaded it (load average 3-4; numpy 2.4,
 SmolLM2-135M int4, V=49152, one thread): `update` of a 100-token sample 0.32-0.36 ms (p50);
@@ -51,6 +59,7 @@ without: +0.4% to +3.2% time per token.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,6 +71,10 @@ import numpy as np
 ORDER = 7
 #: Default cap on kept contexts per user (see the module docstring).
 MAX_CONTEXTS = 100_000
+#: Bytes of Python objects per kept context, measured (tracemalloc, SmolLM2-sized ids).
+BYTES_PER_CONTEXT = 480
+#: Pruning drops down to this fraction of the cap (a batch of a tenth of it).
+PRUNE_TO = 0.9
 #: Gate: the cache's weight tends to this as the matched context's count grows.
 GATE_MAX = 0.3
 #: Gate: half-saturation count of the longest matched context.
@@ -102,10 +115,13 @@ class NgramCache:
             raise ValueError(f"max_contexts must be positive, not {max_contexts}")
         self.order = order
         self.max_contexts = max_contexts
+        # In recency order, least recently updated first (the module docstring).
         self._contexts: dict[tuple[int, ...], _Context] = {}
         self._clock = 0  # update counter: the recency stamp of a context
         self.samples = 0  # samples learned since creation or the last reset
         self.tokens = 0  # tokens learned since creation or the last reset
+        self.created = 0  # contexts created, in all (measurements)
+        self.examined = 0  # contexts the pruning looked at, in all: each one it dropped
 
     # ------------------------------------------------------------------ learning
 
@@ -132,29 +148,45 @@ class NgramCache:
         stamp = self._clock
         contexts = self._contexts
         longest = self.order - 1
+        cap = self.max_contexts
         for i in range(1, len(ids)):
             nxt = ids[i]
-            # Longest context first, so a suffix is always at least as recent as its extensions.
+            # Longest context first, so a suffix is always more recent than its extensions.
             for k in range(min(longest, i), 0, -1):
                 key = ids[i - k : i]
-                entry = contexts.get(key)
+                entry = contexts.pop(key, None)  # reinserted last: the most recent
                 if entry is None:
-                    entry = contexts[key] = _Context(stamp)
+                    entry = _Context(stamp)
+                    self.created += 1
                 else:
                     entry.stamp = stamp
+                contexts[key] = entry
                 followers = entry.followers
                 followers[nxt] = followers.get(nxt, 0) + 1
                 entry.total += 1
+            if len(contexts) > cap:
+                self._prune()
         self.samples += 1
         self.tokens += len(ids)
-        if len(contexts) > self.max_contexts:
-            self._prune()
 
     def _prune(self) -> None:
-        """Drop the least recently updated contexts down to 90% of the cap."""
-        keep = int(self.max_contexts * 0.9)
-        ranked = sorted(self._contexts.items(), key=lambda item: (item[1].stamp, -len(item[0])))
-        self._contexts = dict(ranked[len(ranked) - keep :])
+        """Drop the least recently updated contexts (the front) down to `PRUNE_TO` of the cap."""
+        contexts = self._contexts
+        drop = len(contexts) - max(1, int(self.max_contexts * PRUNE_TO))
+        if drop <= 0:
+            return
+        victims = list(itertools.islice(contexts, drop))
+        for key in victims:
+            del contexts[key]
+        self.examined += len(victims)
+
+    def set_max_contexts(self, max_contexts: int) -> None:
+        """Change the cap (a loaded cache takes the settings' one); prunes when now over it."""
+        if max_contexts < 1:
+            raise ValueError(f"max_contexts must be positive, not {max_contexts}")
+        self.max_contexts = max_contexts
+        if len(self._contexts) > max_contexts:
+            self._prune()
 
     def reset(self) -> None:
         """Forget everything learned."""
@@ -277,6 +309,7 @@ class NgramCache:
             if sum(lengths) != len(keys) or not sum(widths) == len(tokens) == len(counts):
                 raise ValueError("truncated arrays")
             key_at = follower_at = 0
+            loaded: list[tuple[tuple[int, ...], _Context]] = []
             for length, width, stamp in zip(lengths, widths, stamps, strict=True):
                 entry = _Context(stamp)
                 entry.followers = dict(
@@ -287,9 +320,12 @@ class NgramCache:
                     )
                 )
                 entry.total = sum(entry.followers.values())
-                cache._contexts[tuple(keys[key_at : key_at + length])] = entry
+                loaded.append((tuple(keys[key_at : key_at + length]), entry))
                 key_at += length
                 follower_at += width
+            if any(a > b for a, b in itertools.pairwise(stamps)):  # an older blob: by stamp
+                loaded.sort(key=lambda item: (item[1].stamp, -len(item[0])))
+            cache._contexts = dict(loaded)
             cache._clock = int(payload["clock"])
             cache.samples = int(payload["samples"])
             cache.tokens = int(payload["tokens"])
