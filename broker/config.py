@@ -12,13 +12,14 @@ Topologies:
 Users carry a role, and each role gets subject permissions (`ROLE_PERMISSIONS`):
 
 - `edge`: request `hg.gen.>` and cancel; publish its own telemetry/events; answer its
-  control subjects and `$SRV` discovery; read the fleet config (KV) and pull artifacts. It
-  cannot write the KV bucket, except (with a `node_id`) its own policy override
-  `policy.node.<node_id>`, which its `set-policy` control verb stores.
-- `cloud`: subscribe `hg.gen.>`/`hg.cancel.>` and answer (`allow_responses`); publish its
-  telemetry/events; answer control and discovery. It cannot send generation requests.
-- `api`: like an edge for requests (the cloud HTTP API), plus `$SRV` discovery requests
-  (its readiness probe), without KV/artifact access.
+  control subjects and its own service's `$SRV` discovery (one reply each); read the fleet
+  config (KV) and pull artifacts. It writes neither: the operator side stores a node's
+  policy override, which the edge's `set-policy` verb only applies.
+- `cloud`: subscribe `hg.gen.>`/`hg.cancel.>` and stream answers (`allow_responses`);
+  publish its telemetry/events; answer control and its services' discovery. It cannot send
+  generation requests.
+- `api`: like an edge for requests (the cloud HTTP API), plus the workers' `$SRV.INFO`
+  (its readiness probe); it answers nothing and receives no control, no KV/artifact access.
 - `operator`: read all telemetry/events, send control requests, discover services, and
   manage the fleet config and artifacts (JetStream API).
 - `launcher`: an operator that also publishes `hg.events.launcher.*` (`hybridgen up`'s
@@ -77,18 +78,25 @@ def _stream_read_api_of(api: str, stream: str) -> list[str]:
 
 
 #: A plain `allow_responses: true` allows ONE reply per request; a generation streams many
-#: chunks to the same inbox, so responders get a budget of replies for a while instead.
+#: chunks to the same inbox, so a cloud worker gets a budget of replies instead. Every
+#: responder's replies may come up to `RESPONSE_EXPIRES` late (a model reload takes minutes).
 RESPONSE_MAX_MSGS = 100_000
 RESPONSE_EXPIRES = "10m"
 
 
 @dataclass(frozen=True)
 class Permissions:
-    """Subject permissions of one user (`allow_responses` lets it answer any request)."""
+    """Subject permissions of one user.
+
+    `allow_responses` lets it answer the requests it receives, `max_responses` replies to
+    each (a generation streams many). nats-server lets such a reply through whatever the
+    publish list denies, so services answer inboxes only (`broker.inbox_only`).
+    """
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     allow_responses: bool = False
+    max_responses: int = 1
 
 
 def inbox_prefix(user: str | None) -> str:
@@ -102,13 +110,45 @@ def inbox_prefix(user: str | None) -> str:
     return "_INBOX"
 
 
+#: nats.micro service names: the cloud workers' generation service (the api's readiness
+#: probe asks for it), the default control service (a worker's), an edge's control service.
+WORKER_SERVICE = "hybridgen-cloud"
+CONTROL_SERVICE = "hybridgen-control"
+EDGE_SERVICE = "hybridgen-edge"
+#: The services each serving role registers: it may answer discovery
+#: (`$SRV.<verb>.<name>[.<id>]`) for these names only, so no edge can pose as a worker.
+ROLE_SERVICES: dict[str, tuple[str, ...]] = {
+    "edge": (EDGE_SERVICE,),
+    "cloud": (WORKER_SERVICE, CONTROL_SERVICE),
+}
+
+
+def _discovery_of(role: str) -> tuple[str, ...]:
+    """The `$SRV` subjects a serving role answers: the name-less PING/INFO/STATS (consoles
+    list every service with them) and those of its own services."""
+    names = ROLE_SERVICES.get(role, ())
+    return ("$SRV.*", *(f"$SRV.*.{n}" for n in names), *(f"$SRV.*.{n}.*" for n in names))
+
+
 def permissions_for(
     role: Role,
     node_id: str | None = None,
     js_domain: str | None = None,
     user: str | None = None,
 ) -> Permissions:
-    """The subject permissions of a role.
+    """The subject permissions of a role: the least each needs.
+
+    - Only `operator` and `launcher` write the fleet config (KV `hg_config`) and the models
+      (object store `hg_models`); an edge reads both, an edge's `set-policy` verb only
+      applies what the operator side stores.
+    - Only the roles that serve answer requests (`allow_responses`): `cloud` streams
+      (`RESPONSE_MAX_MSGS` replies per request), `edge` sends one (control, discovery);
+      `api` and the operators answer nothing.
+    - Discovery: a serving role subscribes to the name-less `$SRV` verbs and its own
+      services' subjects (`ROLE_SERVICES`), not `$SRV.>`; the api may ask only for the
+      workers (`$SRV.INFO.hybridgen-cloud`, its readiness probe).
+    - Control: an edge or cloud node subscribes to its own `hg.ctl.<node>.*` (with a
+      `node_id`), the api to none; only the operators send control.
 
     Args:
         role: edge, cloud, api, operator or launcher.
@@ -121,32 +161,33 @@ def permissions_for(
     own_telemetry = subjects.telemetry(role, node) if node_id else subjects.telemetry_of_role(role)
     own_events = subjects.events(role, node) if node_id else subjects.events_of_role(role)
     own_control = subjects.control_of_node(node) if node_id else subjects.CONTROL_ALL
-    discovery = subjects.DISCOVERY_ALL
     if role == "edge":
-        # Its own policy override only (the `set-policy` verb); never the fleet default.
-        own_policy = (
-            [f"$KV.{subjects.CONFIG_BUCKET}.{subjects.policy_key(node_id)}"] if node_id else []
-        )
         return Permissions(
             publish=(
                 subjects.GEN_ALL,
                 subjects.CANCEL_ALL,
                 own_telemetry,
                 own_events,
-                *own_policy,
                 *dict.fromkeys(
                     _stream_read_api(_KV_STREAM, js_domain)
                     + _stream_read_api(_OBJ_STREAM, js_domain)
                 ),
             ),
-            subscribe=(inbox, own_control, discovery),
+            subscribe=(inbox, own_control, *_discovery_of(role)),
             allow_responses=True,
         )
     if role == "cloud":
         return Permissions(
             publish=(own_telemetry, own_events),
-            subscribe=(subjects.GEN_ALL, subjects.CANCEL_ALL, own_control, discovery, inbox),
+            subscribe=(
+                subjects.GEN_ALL,
+                subjects.CANCEL_ALL,
+                own_control,
+                *_discovery_of(role),
+                inbox,
+            ),
             allow_responses=True,
+            max_responses=RESPONSE_MAX_MSGS,
         )
     if role == "api":
         return Permissions(
@@ -155,18 +196,16 @@ def permissions_for(
                 subjects.CANCEL_ALL,
                 own_telemetry,
                 own_events,
-                # `$SRV.INFO.<service>`: the readiness probe asks which workers serve.
-                discovery,
+                subjects.discovery_info(WORKER_SERVICE),
             ),
-            subscribe=(inbox, own_control, discovery),
-            allow_responses=True,
+            subscribe=(inbox,),
         )
     if role in ("operator", "launcher"):
         own_role_events = subjects.events_of_role(role)
         return Permissions(
             publish=(
                 subjects.CONTROL_ALL,
-                discovery,
+                subjects.DISCOVERY_ALL,
                 "$JS.API.>",
                 *([f"$JS.{js_domain}.API.>"] if js_domain else []),
                 f"$KV.{subjects.CONFIG_BUCKET}.>",
@@ -307,7 +346,7 @@ def _users_block(users: Sequence[User], js_domain: str | None) -> list[str]:
         ]
         if perms.allow_responses:
             lines.append(
-                f"        allow_responses: {{ max: {RESPONSE_MAX_MSGS}, "
+                f"        allow_responses: {{ max: {perms.max_responses}, "
                 f"expires: {_q(RESPONSE_EXPIRES)} }}"
             )
         lines += ["      }", "    }"]

@@ -5,6 +5,9 @@ scale by starting more of them; it registers with `nats.micro`, so `$SRV.PING/IN
 list it. nats.micro runs a subscription's handler one message at a time, so each request
 gets its own task. A request is answered with a coded `wire.Error` whatever goes wrong
 (malformed input, handler failure, timeout); the service itself never stops on bad input.
+
+Every service here is registered with `broker.inbox_only.add_service`: it answers only reply
+subjects that are inboxes, its nats.micro `$SRV` discovery handlers included.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from nats.aio.subscription import Subscription
 from nats.micro.request import Request
 
 from broker import subjects, wire
+from broker.config import CONTROL_SERVICE, EDGE_SERVICE, WORKER_SERVICE
 from broker.errors import (
     BadRequest,
     Cancelled,
@@ -39,6 +43,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
+from broker.inbox_only import add_service, answerable
 from broker.telemetry import RequestStats
 
 log = logging.getLogger(__name__)
@@ -199,7 +204,7 @@ class GenerationService:
         model: str,
         handler: GenerateHandler,
         node_id: str,
-        name: str = "hybridgen-cloud",
+        name: str = WORKER_SERVICE,
         version: str = SOFTWARE_VERSION,
         metadata: dict[str, Any] | None = None,
         max_in_flight: int | None = None,
@@ -241,7 +246,7 @@ class GenerationService:
         """Take requests again after `stop_accepting()`."""
         if self._closed or self.service is not None:
             return
-        service = await micro.add_service(
+        service = await add_service(
             self.nc, name=self.name, version=self.version, metadata=self.metadata
         )
         await service.add_endpoint(
@@ -295,8 +300,8 @@ class GenerationService:
     async def _on_request(self, request: Request) -> None:
         received_at = time.monotonic()
         data = request.data
-        if not reply_subject(request):
-            log.warning("%s: request without a reply subject ignored", self.subject)
+        if not reply_subject(request):  # none, or not an inbox (`answerable` logged it)
+            log.warning("%s: request without an inbox to reply to ignored", self.subject)
             return
         try:
             generate = wire.decode(data, wire.GenerateRequest)
@@ -400,20 +405,23 @@ async def serve_control(
     node_id: str,
     role: str,
     handlers: dict[str, ControlHandler],
-    name: str = "hybridgen-control",
+    name: str | None = None,
     version: str = SOFTWARE_VERSION,
 ) -> micro.Service:
     """Answer `hg.ctl.<node_id>.<verb>` for each verb of `handlers` (a nats.micro service).
 
-    Bad input, a wrong verb or a failing handler answer `ControlReply(ok=False, message)`.
-    Stop it with `await service.stop()`.
+    The service is `name`, by default its role's (`broker.config.ROLE_SERVICES`: an edge's
+    `hybridgen-edge`, else `hybridgen-control`), the only names its role may answer
+    discovery for. Bad input, a wrong verb or a failing handler answer
+    `ControlReply(ok=False, message)`. Stop it with `await service.stop()`.
 
     Raises:
         ValueError: a verb that is not one of `subjects.CONTROL_VERBS`.
     """
     for verb in handlers:
         subjects.control(node_id, verb)  # validates verb and node id
-    service = await micro.add_service(
+    name = name or (EDGE_SERVICE if role == "edge" else CONTROL_SERVICE)
+    service = await add_service(
         nc, name=name, version=version, metadata={"node_id": node_id, "role": role}
     )
     for verb, handler in handlers.items():
@@ -441,23 +449,25 @@ def _control_endpoint(verb: str, handler: ControlHandler) -> Callable[[Request],
         except Exception as exc:
             log.exception("control %s failed", verb)
             reply = wire.ControlReply(ok=False, message=f"internal error ({type(exc).__name__})")
-        if reply_subject(request):
+        if reply_subject(request):  # add_service dropped any request with a non-inbox one
             await request.respond(wire.encode(reply))
 
     return handle
 
 
 def reply_subject(request: Request) -> str | None:
-    """The reply subject of a nats.micro request (None for a fire-and-forget publish).
+    """The inbox a nats.micro request is answered on (None for a fire-and-forget publish,
+    or a reply subject that is not an inbox: `answerable`).
 
     nats.micro's `Request` does not expose it (nats-py 2.16): `respond()` only raises when it
     is missing, after the work is done. A generation must be refused before any work, so this
     one adapter reads the message underneath; nats-py is pinned below 2.17 and
     `test_micro_request_reply_subject` fails loudly if an upgrade moves it.
     """
-    message = getattr(request, "_msg", None)
-    reply = getattr(message, "reply", None)
-    return reply if isinstance(reply, str) and reply else None
+    reply = getattr(getattr(request, "_msg", None), "reply", None)
+    if not isinstance(reply, str) or not reply:
+        return None
+    return reply if answerable(request.subject, reply) else None
 
 
 async def send_control(

@@ -20,6 +20,9 @@ CONTROL_ALL = f"{PREFIX}.ctl.>"
 #: nats.micro discovery: `$SRV.PING|INFO|STATS[.<service>[.<id>]]`.
 DISCOVERY_ALL = "$SRV.>"
 
+#: A reply inbox: `_INBOX.<id>...` or a user's own `_INBOX_<user>.<id>...` (no wildcards).
+_INBOX = re.compile(r"_INBOX(?:_[A-Za-z0-9_\-]+)?(?:\.[^.\s*>]+)+")
+
 #: Verbs answered on `hg.ctl.<node_id>.<verb>`.
 CONTROL_VERBS = ("drain", "resume", "reload-model", "set-policy")
 
@@ -34,6 +37,16 @@ POLICY_DEFAULT_KEY = "policy.default"
 def is_token(name: str) -> bool:
     """True when `name` is usable as one subject token (no dots, spaces or wildcards)."""
     return bool(_TOKEN.match(name))
+
+
+def is_inbox(subject: str) -> bool:
+    """True when `subject` is a reply inbox (`_INBOX.…`, `_INBOX_<user>.…`).
+
+    A service answers only these: a reply subject is chosen by whoever sends the request,
+    and nats-server lets a responder publish to it past any deny list, so a request naming
+    `$KV.…` or `$O.…` as its reply would make the service write there.
+    """
+    return _INBOX.fullmatch(subject) is not None
 
 
 def token(name: str, *, what: str = "name") -> str:

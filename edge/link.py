@@ -19,6 +19,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import connect_settings, serve_control
+from broker.config import EDGE_SERVICE
 from broker.errors import BadRequest, HybridgenError
 from broker.experiment import EXPERIMENT_KEY
 from broker.policy import policy_sources
@@ -61,7 +62,6 @@ class BusLink:
         self.telemetry: Telemetry | None = None
         self.fleet_policy: dict[str, Any] | None = None
         self.node_policy: dict[str, Any] | None = None
-        self._config: Any = None
         self._control: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -160,7 +160,7 @@ class BusLink:
         }
         try:
             self._control = await serve_control(
-                nc, node_id=node_id, role="edge", handlers=handlers, name="hybridgen-edge"
+                nc, node_id=node_id, role="edge", handlers=handlers, name=EDGE_SERVICE
             )
         except Exception as exc:
             logger.warning("control endpoints not registered: %s", exc)
@@ -178,7 +178,7 @@ class BusLink:
         node_key = subjects.policy_key(self.node.node_id)
         while not self._closed:
             try:
-                self._config = config = await FleetConfig.open(nc)
+                config = await FleetConfig.open(nc)
                 self.fleet_policy = await config.get(fleet_key)
                 self.node_policy = await config.get(node_key)
                 self._apply_policy()
@@ -318,21 +318,25 @@ class BusLink:
         return wire.ControlReply(ok=True, message="model swapped", data=info)
 
     async def _on_set_policy(self, request: wire.ControlRequest) -> wire.ControlReply:
-        """Merge `args` into this node's KV override (or apply in memory without KV)."""
+        """Check `args` and apply them over this node's override, in memory.
+
+        The node never writes the fleet config: the operator side stores the override
+        (`policy.node.<node_id>`, `hybridgen fleet set-policy`), and the watch applies it.
+        The reply's `override` is the override now in force.
+        """
         args = dict(request.args)
         try:
             merged_override = {**(self.node_policy or {}), **args}
             policy = self.effective_policy(args)
         except Exception as exc:
             raise BadRequest(f"invalid policy: {exc}") from None
-        if self._config is not None:
-            await self._config.put(subjects.policy_key(self.node.node_id), merged_override)
         self.node_policy = merged_override
         self._apply_policy()
         data = {
             **policy.model_dump(),
             "effective_perplexity_threshold": self.node.perplexity_threshold,
             "perplexity_threshold_source": self.node.threshold_source,
+            "override": merged_override,
         }
         return wire.ControlReply(ok=True, message="policy set", data=data)
 

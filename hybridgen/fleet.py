@@ -5,6 +5,7 @@
   first; after each step watch the new version's heartbeats and halt on a regression, putting
   the regressing nodes back on their previous version.
 - `rollback`: put every node the last roll-out changed back on its previous version.
+- `set-policy NODE KEY=VALUE...`: one node's routing policy override (`fleet_policy`).
 
 A roll-out is recorded in the fleet config (`models.rollouts`, key `rollout.last`), the same
 record the console's roll-out screen reads and writes, and every step is published as an
@@ -30,7 +31,9 @@ from broker.errors import HybridgenError
 from broker.service import send_control
 from broker.telemetry import default_node_id, publish_operator_action
 from hybridgen.fleet_experiment import add_experiment_parser
+from hybridgen.fleet_policy import add_policy_parser
 from models.rollouts import RolloutRecord, load_record, save_record
+from tui.trust import sent_as
 
 #: Seconds each node has to answer `reload-model` (pulling and loading a set is slow).
 RELOAD_TIMEOUT_S = 300.0
@@ -163,6 +166,8 @@ class HeartbeatLog:
         try:
             beat = wire.decode(msg.data, wire.Heartbeat)
         except HybridgenError:
+            return
+        if not sent_as(msg.subject, beat):  # a node posing as another: not counted
             return
         self.beats.setdefault(beat.node_id, []).append((time.monotonic(), beat))
 
@@ -529,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_experiment_parser(sub)  # hybridgen.fleet_experiment
     add_rollout_parsers(sub)
+    add_policy_parser(sub)  # hybridgen.fleet_policy
     return parser
 
 

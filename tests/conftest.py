@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = [
     "tests.fixtures_broker",
+    "tests.fixtures_secure_bus",
     "tests.fixtures_models",
     "tests.fixtures_cloud",
     "tests.fixtures_gguf",

@@ -88,7 +88,7 @@ async def test_serve_control(nc: Client) -> None:
         assert (await send_control(nc, "n1", "drain")).ok
         with pytest.raises(errors.NoResponders):
             await send_control(nc, "n1", "resume")
-        info = await nc.request("$SRV.INFO.hybridgen-control", b"", timeout=2)
+        info = await nc.request("$SRV.INFO.hybridgen-edge", b"", timeout=2)  # an edge's
         assert b"hg.ctl.n1.drain" in info.data
     finally:
         await service.stop()

@@ -28,6 +28,7 @@ from broker.server import NatsServer, free_port
 from broker.store import FleetConfig
 from edge.routing import length_threshold
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
+from hybridgen.fleet_policy import set_node_policy
 from models.chat import render_chat
 from models.registry import ModelSet
 from models.scoring import encode_with_span
@@ -258,15 +259,17 @@ async def test_out_of_domain_escalates_in_domain_stays_and_kv_policy_is_live(
     await policy_is(1.0)
     body = await chat(edge, IN_DOMAIN)
     assert extra(body)["route_reason"] == "low_confidence"
-    # ... and so does the set-policy control verb (it writes the node override).
-    reply = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": 1e9})
+    # ... and so does `hybridgen fleet set-policy`: the node checks and applies the values
+    # (its set-policy verb), the operator side stores the override (the node never writes).
+    reply = await set_node_policy(nc, edge.node_id, {"perplexity_threshold": 1e9})
     assert reply.ok, reply.message
     stored = await config.get(subjects.policy_key(edge.node_id))
-    assert stored is not None and stored["perplexity_threshold"] == 1e9
+    assert stored == {"perplexity_threshold": 1e9}
     body = await chat(edge, OUT_OF_DOMAIN)
     assert extra(body)["route_reason"] == "in_domain"
-    bad = await send_control(nc, edge.node_id, "set-policy", {"perplexity_threshold": -3})
+    bad = await set_node_policy(nc, edge.node_id, {"perplexity_threshold": -3})
     assert not bad.ok and "perplexity_threshold" in bad.message
+    assert await config.get(subjects.policy_key(edge.node_id)) == stored  # nothing stored
 
 
 #: Further from the tiny edge's domain than OUT_OF_DOMAIN (a wider margin over the threshold).

@@ -10,17 +10,16 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from broker import errors, subjects, wire
-from broker.bus import GenerationService, Responder, connect, connect_settings, request_stream
+from broker import errors, subjects
+from broker.bus import GenerationService, connect, connect_settings, request_stream
 from broker.config import ServerConfig, User, ensure_password, render, self_signed_tls
 from broker.server import NatsServer
 from broker.service import send_control, serve_control
@@ -31,106 +30,12 @@ from cloud.settings import ApiSettings
 from edge.cli import build_app as build_edge_app
 from edge.settings import EdgeSettings
 from hybridgen.launcher import Launcher
+from tests.fixtures_secure_bus import MODEL, Bus, drain, echo, generate, kv_put_fails
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "hg-cloud"
-USERS = {
-    "edge1": ("edge", "edge-1"),
-    "edge2": ("edge", "edge-2"),
-    "cloud1": ("cloud", "cloud-a"),
-    "api": ("api", None),
-    "ops": ("operator", None),
-    "launcher": ("launcher", None),
-}
 
 
-class Bus:
-    """A secured nats-server (rendered config, a user per role) and clients of its users."""
-
-    def __init__(self, server: NatsServer, secrets: Path) -> None:
-        self.server = server
-        self.secrets = secrets
-        self.violations: list[str] = []
-        self.clients: list[Client] = []
-
-    def settings(self, user: str) -> BusSettings:
-        return BusSettings(
-            url=self.server.client_url,
-            user=user,
-            password=None,
-            password_file=self.secrets / f"{user}.password",
-        )
-
-    async def connect(self, user: str) -> Client:
-        async def on_error(exc: Exception) -> None:
-            self.violations.append(f"{user}: {exc}")
-
-        client = await connect_settings(self.settings(user), name=user, error_cb=on_error)
-        self.clients.append(client)
-        return client
-
-    async def violation(self, user: str, subject: str) -> str:
-        """The permissions violation of `user` on `subject` (waits for it, bounded)."""
-        for _ in range(150):
-            for line in self.violations:
-                lower = line.lower()
-                if (
-                    line.startswith(f"{user}: ")
-                    and "permissions violation" in lower
-                    and subject.lower() in lower
-                ):
-                    return line
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no violation of {user} on {subject!r}: {self.violations}")
-
-    def no_violation(self, user: str) -> None:
-        mine = [v for v in self.violations if v.startswith(f"{user}: ")]
-        assert not mine, mine
-
-
-@pytest.fixture
-async def bus(
-    tmp_path: Path, start_nats: Callable[..., Awaitable[NatsServer]]
-) -> AsyncIterator[Bus]:
-    secrets = tmp_path / "secrets"
-    users = [
-        User(name, ensure_password(secrets / f"{name}.password"), role, node)  # type: ignore[arg-type]
-        for name, (role, node) in USERS.items()
-    ]
-    conf = tmp_path / "secure.conf"
-    conf.write_text(
-        render(ServerConfig(host="127.0.0.1", port=-1, users=users, store_dir=tmp_path / "js"))
-    )
-    the_bus = Bus(await start_nats("secure", config_file=conf), secrets)
-    try:
-        yield the_bus
-    finally:
-        for client in the_bus.clients:
-            await client.close()
-
-
-async def echo(request: wire.GenerateRequest, responder: Responder) -> None:
-    for word in (request.prompt or "").split():
-        await responder.chunk(word)
-    await responder.done("stop", wire.Usage(prompt_tokens=1, completion_tokens=1))
-
-
-def generate(prompt: str) -> wire.GenerateRequest:
-    return wire.GenerateRequest(request_id=wire.new_request_id(), model=MODEL, prompt=prompt)
-
-
-async def drain(request: wire.ControlRequest) -> wire.ControlReply:
-    return wire.ControlReply(ok=True, message="draining")
-
-
-async def kv_put_fails(client: Client, key: str) -> None:
-    """A KV put by `client` (what `KeyValue.put` sends) that must fail: the server drops a
-    denied publish, so no acknowledgement ever comes."""
-    js = client.jetstream(timeout=1.0)
-    with pytest.raises((nats.errors.TimeoutError, TimeoutError)):
-        await js.publish(f"$KV.{subjects.CONFIG_BUCKET}.{key}", b'{"hijacked": true}')
-
-
+# The secured bus (`bus` fixture) and its helpers: tests/fixtures_secure_bus.py.
 async def test_edge_cannot_write_config_send_control_or_read_other_replies(bus: Bus) -> None:
     ops, edge1, edge2 = (
         await bus.connect("ops"),
@@ -141,17 +46,17 @@ async def test_edge_cannot_write_config_send_control_or_read_other_replies(bus: 
     config = await FleetConfig.open(ops)
     await config.put(subjects.policy_key(), {"threshold": 2})
 
-    # The fleet config: readable, not writable (only the edge's own override is).
+    # The fleet config: readable, not writable, not even its own override (the operator
+    # side stores that: hybridgen.fleet_policy).
     await kv_put_fails(edge1, subjects.policy_key())
     await bus.violation("edge1", f"$KV.{subjects.CONFIG_BUCKET}.{subjects.policy_key()}")
-    await kv_put_fails(edge1, subjects.policy_key("edge-2"))
-    await bus.violation("edge1", subjects.policy_key("edge-2"))
+    for node in ("edge-2", "edge-1"):
+        await kv_put_fails(edge1, subjects.policy_key(node))
+        await bus.violation("edge1", subjects.policy_key(node))
+        assert await config.get(subjects.policy_key(node)) is None
     assert await config.get(subjects.policy_key()) == {"threshold": 2}
-    assert await config.get(subjects.policy_key("edge-2")) is None
     edge_config = await FleetConfig.open(edge1)
     assert await edge_config.get(subjects.policy_key()) == {"threshold": 2}
-    await edge_config.put(subjects.policy_key("edge-1"), {"threshold": 5})  # set-policy
-    assert await config.get(subjects.policy_key("edge-1")) == {"threshold": 5}
 
     # No control verbs: not to another node, not even to itself.
     service = await serve_control(edge2, node_id="edge-2", role="edge", handlers={"drain": drain})
@@ -373,7 +278,7 @@ def test_edge_refuses_to_listen_beyond_loopback_without_a_key(tmp_path: Path) ->
 async def get(app: object, path: str, key: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         return await client.get(path, headers=headers)
 
 

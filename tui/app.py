@@ -48,6 +48,7 @@ from tui.state import (
     row_style,
 )
 from tui.summary import SummaryScreen
+from tui.trust import receive_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class HybridgenConsole(App[None]):
     async def _on_heartbeat(self, msg: Msg) -> None:
         started = time.perf_counter()
         try:
-            self.fleet.apply_heartbeat(wire.decode(msg.data, wire.Heartbeat))
+            receive_heartbeat(self.fleet, msg.subject, wire.decode(msg.data, wire.Heartbeat))
         except HybridgenError as exc:
             log.debug("console: bad heartbeat on %s: %s", msg.subject, exc.message)
         if self.on_timing is not None:
@@ -462,16 +463,18 @@ class HybridgenConsole(App[None]):
             self.notify("test prompt: no node selected", severity="warning")
             return
         heartbeat = view.node.heartbeat
-        api_url = heartbeat.extra.get("api_url")
-        if heartbeat.role != "edge":
-            self.notify(f"test prompt: {node_id} is not an edge", severity="warning", markup=False)
-            return
-        if not isinstance(api_url, str) or not api_url:
-            self.notify(
-                f"test prompt: {node_id} advertises no api_url (set HG_EDGE_ADVERTISE_URL there)",
-                severity="warning",
-                markup=False,
-            )
+        api_url = url if isinstance(url := heartbeat.extra.get("api_url"), str) else ""
+        refusal = (
+            "posed as another node: its api_url is not trusted"  # the key never goes there
+            if view.node_id in self.fleet.impostors
+            else "is not an edge"
+            if heartbeat.role != "edge"
+            else "advertises no api_url (set HG_EDGE_ADVERTISE_URL there)"
+            if not api_url
+            else None
+        )
+        if refusal is not None:
+            self.notify(f"test prompt: {node_id} {refusal}", severity="warning", markup=False)
             return
         model = heartbeat.model or "hg-edge"
         self.push_screen(

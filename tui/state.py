@@ -216,6 +216,8 @@ class FleetState:
         self.history_size = history_size
         self.clock = clock
         self._nodes: dict[str, Node] = {}
+        #: Nodes that sent a heartbeat naming another node or role (`tui.trust`).
+        self.impostors: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._nodes)
