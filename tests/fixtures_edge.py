@@ -22,6 +22,10 @@ from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from tests.live import serve_app
 
+#: The admin user key (`KEY@*`) the `start_edge` edges accept: tests acting for users send it.
+ADMIN_KEY = "test-admin-key"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
 
 @dataclass
 class LiveEdge:
@@ -36,10 +40,10 @@ class LiveEdge:
         """The edge's `EdgeNode`."""
         return self.app.state.service.node
 
-    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
-        """An OpenAI client on this edge (no retries)."""
+    def client(self, api_key: str = "unused", **kwargs: Any) -> openai.AsyncOpenAI:
+        """An OpenAI client on this edge (no retries; `ADMIN_KEY` to act for users)."""
         return openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
+            base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs
         )
 
 
@@ -70,7 +74,8 @@ async def runtime(edge_dir: Path) -> AsyncIterator[EdgeRuntime]:
 async def start_edge(
     edge_dir: Path, nats_url: str
 ) -> AsyncIterator[Callable[..., Awaitable[LiveEdge]]]:
-    """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after."""
+    """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after; it
+    accepts `ADMIN_KEY` for every user."""
     stack = contextlib.AsyncExitStack()
     count = 0
 
@@ -83,6 +88,7 @@ async def start_edge(
             "node_id": f"edge-test-{count}",
             "threads": 1,
             "reconnect_s": 0.2,
+            "user_keys": [f"{ADMIN_KEY}@*"],
             **overrides,
         }
         return await stack.enter_async_context(serve_edge(EdgeSettings(**values)))

@@ -143,7 +143,9 @@ async def test_bad_input(start_worker: Callable[..., Any], api: tuple[str, ApiSe
 
     async with httpx.AsyncClient(base_url=url) as http:
         for content in (b"{oops", b"\xff\xfe", b"[1]", b'"text"'):
-            resp = await http.post("/v1/completions", content=content)
+            resp = await http.post(
+                "/v1/completions", content=content, headers={"content-type": "application/json"}
+            )
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_request"
         resp = await http.post("/v1/completions", content=b"x" * 100_000)
         assert resp.status_code == 413
@@ -158,15 +160,15 @@ async def test_api_keys(nats_url: str, cloud_model: tuple[Path, Path, int]) -> N
     async with app.router.lifespan_context(app):
         http_client = httpx.AsyncClient(transport=transport)
         client = openai.AsyncOpenAI(
-            base_url="http://t/v1", api_key="wrong", max_retries=0, http_client=http_client
+            base_url="http://127.0.0.1/v1", api_key="wrong", max_retries=0, http_client=http_client
         )
         with pytest.raises(openai.AuthenticationError) as info:
             await client.models.list()
         assert info.value.code == "unauthorized"
-        resp = await http_client.get("http://t/v1/models")
+        resp = await http_client.get("http://127.0.0.1/v1/models")
         assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
         client = openai.AsyncOpenAI(
-            base_url="http://t/v1", api_key="secret", max_retries=0, http_client=http_client
+            base_url="http://127.0.0.1/v1", api_key="secret", max_retries=0, http_client=http_client
         )
         assert (await client.models.list()).data[0].id == MODEL
 
@@ -397,7 +399,10 @@ async def test_bundled_model_set_end_to_end(
             async with app.router.lifespan_context(app):
                 http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
                 client = openai.AsyncOpenAI(
-                    base_url="http://t/v1", api_key="x", max_retries=0, http_client=http_client
+                    base_url="http://127.0.0.1/v1",
+                    api_key="x",
+                    max_retries=0,
+                    http_client=http_client,
                 )
                 messages: Any = [{"role": "user", "content": "What is a module?"}]
                 chat = await client.chat.completions.create(

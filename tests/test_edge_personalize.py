@@ -29,7 +29,7 @@ from edge.personalize import (
 )
 from edge.users import ProfileUpdate, UserStore
 from models.registry import ModelSet
-from tests.fixtures_edge import LiveEdge, serve_edge
+from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge, serve_edge
 from tests.fixtures_models import HAVE_SMOLLM2
 
 PERSONA = "Speaks like a cheerful lighthouse keeper named Orvald"
@@ -44,13 +44,13 @@ def extra(obj: Any) -> dict[str, Any]:
 
 
 async def put_user(edge: LiveEdge, user_id: str, **fields: Any) -> None:
-    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users", headers=ADMIN_HEADERS) as client:
         answer = await client.put(f"/{user_id}", json=fields)
         assert answer.status_code == 200, answer.text
 
 
 async def feedback(edge: LiveEdge, user_id: str, accepted: str, times: int = 1) -> None:
-    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users", headers=ADMIN_HEADERS) as client:
         for _ in range(times):
             answer = await client.post(
                 f"/{user_id}/feedback", json={"accepted": accepted, "rejected": REJECTED}
@@ -59,7 +59,7 @@ async def feedback(edge: LiveEdge, user_id: str, accepted: str, times: int = 1) 
 
 
 async def chat(edge: LiveEdge, content: str, **extra_body: Any) -> Any:
-    async with edge.client() as client:
+    async with edge.client(ADMIN_KEY) as client:
         return await client.chat.completions.create(
             model="hg-edge",
             messages=[{"role": "user", "content": content}],
@@ -70,7 +70,7 @@ async def chat(edge: LiveEdge, content: str, **extra_body: Any) -> Any:
 
 
 async def complete(edge: LiveEdge, prompt: str, max_tokens: int = 12, **extra_body: Any) -> Any:
-    async with edge.client() as client:
+    async with edge.client(ADMIN_KEY) as client:
         return await client.completions.create(
             model="hg-edge",
             prompt=prompt,
@@ -226,7 +226,7 @@ async def test_allow_cloud_false_keeps_every_request_local(
     await spy.start(nc)
     body = await chat(edge, "a note", user="ann", route="cloud")
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "local_only")
-    async with edge.client() as client:
+    async with edge.client(ADMIN_KEY) as client:
         cloud_model = await client.chat.completions.create(
             model="hg-cloud",
             messages=[{"role": "user", "content": "a note"}],
@@ -322,7 +322,7 @@ async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_use
     assert (await complete(edge, PROMPT)).choices[0].text == plain  # others are unchanged
     assert (await complete(edge, PROMPT, user="stranger")).choices[0].text == plain
 
-    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users", headers=ADMIN_HEADERS) as client:
         assert (await client.delete("/dee")).status_code == 200
     assert not service.personalizer.resident("dee")
     await put_user(edge, "dee")  # the same id again: a new user
@@ -330,7 +330,7 @@ async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_use
 
     # Profile sampling defaults apply where the request set nothing.
     await put_user(edge, "eve", persona=PERSONA, max_tokens=2)
-    async with edge.client() as client:
+    async with edge.client(ADMIN_KEY) as client:
         short = await client.completions.create(model="hg-edge", prompt=PROMPT, user="eve")
     assert short.usage is not None and short.usage.completion_tokens <= 2
     await feedback(edge, "eve", SAMPLE)
@@ -364,6 +364,7 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
         node_id="edge-smollm2-personal",
         threads=2,
         users_db=tmp_path / "users.sqlite3",
+        user_keys=[f"{ADMIN_KEY}@*"],
     )
     async with serve_edge(settings) as edge:
 
@@ -373,7 +374,7 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
 
         async def ask_with_samples(user: str | None, content: str) -> tuple[str, int | None]:
             """The answer and how many of the user's samples the edge kept in context."""
-            async with edge.client() as client:
+            async with edge.client(ADMIN_KEY) as client:
                 answer = await client.chat.completions.create(
                     model="hg-edge",
                     messages=[{"role": "user", "content": content}],

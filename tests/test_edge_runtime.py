@@ -213,7 +213,7 @@ def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None
         from edge.settings import EdgeSettings
         app = create_app(EdgeSettings(model_dir={str(tiny_models.edge_dir("int4"))!r},
                                       no_cloud=True, threads=1))
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1") as client:
             r = client.post("/v1/completions",
                             json={{"model": "hg-edge", "prompt": "hi", "max_tokens": 2}})
             assert r.status_code == 200, r.text

@@ -20,6 +20,7 @@ import pytest
 from broker.errors import BadRequest, NotFound, Unavailable
 from edge.settings import EdgeSettings
 from edge.users import MIGRATIONS, SCHEMA_VERSION, ProfileUpdate, UserStore, migrate
+from tests.fixtures_edge import ADMIN_HEADERS
 
 PERSONA = "Answers like a terse Unix greybeard who loves awk"
 ACCEPTED = "pipe it through awk and sort -k2 numerically, quokka style"
@@ -361,7 +362,7 @@ async def test_users_lifecycle_through_the_edge(
 ) -> None:
     db = tmp_path / "users.sqlite3"
     edge = await start_edge(no_cloud=True, users_db=db)
-    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as client:
+    async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users", headers=ADMIN_HEADERS) as client:
         put = await client.put("/gina", json={"persona": PERSONA, "temperature": 0.2})
         assert put.status_code == 200, put.text
         assert put.json()["object"] == "user"
@@ -384,7 +385,7 @@ async def test_users_lifecycle_through_the_edge(
         ]
         assert body["learned"] is None
 
-        reset = await client.post("/gina/reset")
+        reset = await client.post("/gina/reset", json={})
         assert reset.json()["reset"] is True
         after = (await client.get("/gina/export")).json()
         assert after["feedback"] == [] and after["profile"]["persona"] == PERSONA
@@ -405,7 +406,7 @@ def _envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any
 
 @pytest.mark.slow
 async def test_users_error_envelopes(start_edge: Callable[..., Any], tmp_path: Path) -> None:
-    edge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3", api_keys=["k"])
+    edge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3", api_keys=["k@*"])
     async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users") as anonymous:
         _envelope(await anonymous.get("/hank"), 401, "unauthorized")
     headers = {"Authorization": "Bearer k"}
@@ -413,7 +414,7 @@ async def test_users_error_envelopes(start_edge: Callable[..., Any], tmp_path: P
         for response in (
             await client.get("/hank"),
             await client.get("/hank/export"),
-            await client.post("/hank/reset"),
+            await client.post("/hank/reset", json={}),
             await client.delete("/hank"),
             await client.post("/hank/feedback", json={"accepted": "x"}),
         ):
@@ -444,7 +445,7 @@ async def test_corrupt_store_gives_503_and_the_edge_keeps_serving(
     garbage = b"\x00not sqlite\xff" * 512
     db.write_bytes(garbage)
     edge = await start_edge(no_cloud=True, users_db=db)
-    async with httpx.AsyncClient(base_url=edge.url) as client:
+    async with httpx.AsyncClient(base_url=edge.url, headers=ADMIN_HEADERS) as client:
         error = _envelope(await client.put("/v1/users/ivy", json={}), 503, "unavailable")
         assert str(db) in error["message"]
         answer = await client.post(

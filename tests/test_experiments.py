@@ -23,7 +23,7 @@ from broker.experiment import CONTROL, Experiment, bucket
 from broker.store import FleetConfig
 from hybridgen.fleet import run as fleet
 from models.registry import ModelSet, models_home
-from tests.fixtures_edge import LiveEdge
+from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ async def ask(edge: LiveEdge, user: str | None, **body: Any) -> tuple[dict[str, 
     }
     if user is not None:
         payload["user"] = user
-    async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=edge.url, timeout=60, headers=ADMIN_HEADERS) as http:
         response = await http.post("/v1/chat/completions", json=payload)
     assert response.status_code == 200, response.text
     return response.json(), response.headers
@@ -130,7 +130,7 @@ async def test_cloud_model_variant(
     assert "stop it first" in capsys.readouterr().err
 
     # The variant user's feedback counts for the variant that served them last.
-    async with httpx.AsyncClient(base_url=edge.url) as http:
+    async with httpx.AsyncClient(base_url=edge.url, headers=ADMIN_HEADERS) as http:
         assert (await http.put(f"/v1/users/{variant_user}", json={})).status_code == 200
 
     served: dict[str, str] = {}
@@ -141,14 +141,14 @@ async def test_cloud_model_variant(
             assert body["served_by"] == "cloud"
             served[body["request_id"]] = arm
 
-    async with httpx.AsyncClient(base_url=edge.url) as http:
+    async with httpx.AsyncClient(base_url=edge.url, headers=ADMIN_HEADERS) as http:
         feedback = {"accepted": "a nice answer", "rejected": "a bad one"}
         response = await http.post(f"/v1/users/{variant_user}/feedback", json=feedback)
         assert response.status_code == 200
 
     # Streamed: every chunk says the variant.
     async with (
-        httpx.AsyncClient(base_url=edge.url, timeout=60) as http,
+        httpx.AsyncClient(base_url=edge.url, timeout=60, headers=ADMIN_HEADERS) as http,
         http.stream(
             "POST",
             "/v1/completions",

@@ -73,7 +73,7 @@ async def test_slowloris_is_closed_while_a_normal_client_is_served(edge_dir: Pat
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         closed = asyncio.ensure_future(reader.read())  # b"" (or an error) once closed
         request = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\n" + b"X-Filler: " + b"a" * 2000 + b"\r\n"
         )
         served = False
@@ -129,7 +129,7 @@ async def test_a_client_that_never_reads_is_cut_off_and_generation_stops(
             b'"messages":[{"role":"user","content":"Tell me a long story"}]}'
         ) % (runtime.context_length - 40)
         head = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
         )
         await loop.sock_sendall(sock, head + body)
