@@ -31,16 +31,20 @@ An unknown user (or an id the store would refuse) is no error: the request runs 
 A store that cannot be read (corrupt, locked) logs a warning and the request runs unpersonalized.
 
 **The caches.** Each user's cache lives in memory in an LRU bounded by `memory_bytes` (an
-estimate: ~400 bytes a context plus the kept samples' text), loaded on first use from the
-store's learned blob, or rebuilt from the stored feedback (`NgramCache.from_samples`) when
-there is none or it cannot be read. The personalizer is a `UserListener`: a feedback sample
-updates the resident cache at once, tokenized with the edge model's tokenizer. For README
+estimate, `_UserState.size`: `edge.adapt.BYTES_PER_CONTEXT` a context of the cache and of its
+snapshot, plus the kept samples' text and grams), loaded on first use from the store's learned
+blob, or rebuilt from the stored feedback (`NgramCache.from_samples`) when there is none or it
+cannot be read. Each cache holds at most `max_contexts` contexts and each user at most the
+store's `max_user_bytes` of text, so the largest user allowed is bounded
+(`largest_user_bytes`); the constructor refuses caps whose largest user would not fit the
+budget. The personalizer is a `UserListener`: a feedback sample of a resident user is queued
+under the store's lock (O(1)) and learned, tokenized with the edge model's tokenizer, by the
+user's next request or the write-back, outside the store's lock (`_learn`). For README
 paragraphs of 161 SmolLM2 tokens on average, on the 2-core dev machine at load 4-5, tokenizing
-took 0.38 ms and `NgramCache.update` 0.71 ms (p50). The whole listener call took 1.26 ms
-(p50), so about 0.8 ms per 100 tokens. `stats()` reports the mean. A reset or deletion drops
-the user's state from memory. Updated
-caches are written back to the learned blob at most every `persist_s` seconds (a timer thread),
-and at `close`.
+took 0.38 ms and `NgramCache.update` 0.71 ms (p50), about 0.8 ms per 100 tokens. `stats()`
+reports the mean. A reset or deletion drops the user's state from memory, queued samples
+included, and no id of a forgotten user stays behind. Updated caches are written back to the
+learned blob at most every `persist_s` seconds (a timer thread), and at `close`.
 
 Snapshots. A request's adapter is read by the runtime's worker thread while it runs. Copying a
 cache costs ~50 ms per 10,000 contexts (`to_bytes` + `from_bytes`; measured under load), too
@@ -48,143 +52,84 @@ much for a request's path. So the write-back, which serializes the cache anyway,
 an immutable snapshot from those bytes, off the request path, and requests use the latest
 snapshot once it matches the cache. Between a feedback and its write-back (about `persist_s`),
 and for a user loaded but not yet updated, requests use the live cache, so a feedback that
-arrives mid-request can change that request's later steps. The runtime tolerates this: a step
+is learned when a request or the write-back takes it. The runtime tolerates this: a step
 that reads the cache while it changes goes unmixed. Learning therefore applies to the very
 next request.
 
 A write-back that raced a reset (the blob written just after the reset wiped it) is detected
-(a per-user generation number) and repaired by rebuilding the blob from the feedback kept
+(a forget counter; the ids forgotten while write-backs are in flight are kept only until they
+end) and repaired by rebuilding the blob from the feedback kept
 after the reset. Nothing here logs a user's text: only ids, counts and sizes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import math
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import BadRequest, HybridgenError, NotFound
-from edge.adapt import ORDER, NgramCache
-from edge.users import Profile, UserStore
-from serving.sampling import SamplingParams
+from edge.adapt import BYTES_PER_CONTEXT, MAX_CONTEXTS, ORDER, NgramCache
+from edge.samples import (
+    SAMPLES_HEADING,
+    Personalization,
+    Sample,
+    gram_frequencies,
+    owns_prefix,
+    pick_samples,
+    sample_grams,
+    samples_help,
+    system_text,
+    user_prefix_key,
+    with_prefix,
+    with_system,
+)
+from edge.users import UserStore
+
+__all__ = [
+    "SAMPLES_HEADING",
+    "Personalization",
+    "Personalizer",
+    "Sample",
+    "gram_frequencies",
+    "largest_user_bytes",
+    "owns_prefix",
+    "pick_samples",
+    "sample_grams",
+    "samples_help",
+    "system_text",
+    "user_prefix_key",
+    "with_prefix",
+    "with_system",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Estimated bytes of Python objects per kept n-gram context (edge.adapt's measurements).
-BYTES_PER_CONTEXT = 400
 #: Fixed cost estimate of one resident user.
 BYTES_PER_USER = 2048
 #: Feedback samples kept in memory per user, for the samples-in-context pick.
 KEPT_SAMPLES = 200
-#: Heading of the samples in the system text.
-SAMPLES_HEADING = "Examples of this user's own writing:"
+#: Estimated bytes per distinct unigram/bigram of a kept sample: its tuple and set slot (~90
+#: measured) and its entry in the user's gram frequencies (`pick_samples`).
+BYTES_PER_GRAM = 160
+#: Estimated fixed bytes of a kept sample (its objects besides text and grams).
+BYTES_PER_SAMPLE = 200
 
 
-@dataclass(frozen=True)
-class Personalization:
-    """What one request of a known user gets (`Personalizer.prepare`).
-
-    Attributes:
-        user_id: the user.
-        profile: their profile (sampling defaults and consent flags).
-        system_text: the persona for the edge (None: none).
-        cloud_system_text: what the cloud may see: the persona when `share_profile`, else None.
-        adapter: the user's n-gram cache, its latest snapshot when current (module
-            docstring); None: nothing learned yet.
-        samples_text: the persona with the picked samples under `SAMPLES_HEADING`, the
-            request's alternative for the router's gate (None: no samples picked).
-        samples_used: how many of the user's samples are in `samples_text`.
-    """
-
-    user_id: str
-    profile: Profile
-    system_text: str | None
-    cloud_system_text: str | None
-    adapter: NgramCache | None
-    samples_text: str | None = None
-    samples_used: int = 0
-
-    @property
-    def prefix_key(self) -> str | None:
-        """Key of the edge's persona text for the runtime's prefix reuse: the same for the
-        same user and text (None without a persona)."""
-        return _prefix_key(self.user_id, self.system_text)
-
-    @property
-    def samples_prefix_key(self) -> str | None:
-        """`prefix_key` of `samples_text` (the persona and the picked samples)."""
-        return _prefix_key(self.user_id, self.samples_text)
-
-    @property
-    def local_only(self) -> bool:
-        """The user did not allow the cloud: the request never leaves the node."""
-        return not self.profile.allow_cloud
-
-    def chat(
-        self, messages: list[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """A chat's messages for the edge (the persona in front) and for the cloud (the
-        request's own, plus the persona only when shared)."""
-        return with_system(messages, self.system_text), with_system(
-            messages, self.cloud_system_text
-        )
-
-    def samples_chat(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        """A chat's messages for the edge with the persona and the samples in front (None:
-        no samples picked)."""
-        return with_system(messages, self.samples_text) if self.samples_text else None
-
-    def prompt(self, prompt: str) -> tuple[str, str]:
-        """A completion prompt for the edge (`system_text + "\n\n" + prompt`) and for the
-        cloud (the prompt, behind the persona only when shared)."""
-        return with_prefix(prompt, self.system_text), with_prefix(prompt, self.cloud_system_text)
-
-    def samples_prompt(self, prompt: str) -> str | None:
-        """A completion prompt for the edge behind the persona and the samples (None: no
-        samples picked)."""
-        return with_prefix(prompt, self.samples_text) if self.samples_text else None
-
-    def sampling(
-        self, options: SamplingParams, max_tokens_given: bool, fields_set: set[str]
-    ) -> tuple[SamplingParams, bool]:
-        """`options` with the profile's defaults where the request left them unset.
-
-        Args:
-            options: the request's sampling parameters.
-            max_tokens_given: whether the request set max_tokens itself.
-            fields_set: the request body's fields that were set (`model_fields_set`).
-
-        Returns:
-            The options, and whether max_tokens is now given (by the request or the profile).
-        """
-        profile = self.profile
-        changes: dict[str, Any] = {}
-        if profile.temperature is not None and "temperature" not in fields_set:
-            changes["temperature"] = profile.temperature
-        if profile.top_p is not None and "top_p" not in fields_set:
-            changes["top_p"] = profile.top_p
-        if profile.max_tokens is not None and not max_tokens_given:
-            changes["max_tokens"] = profile.max_tokens
-            max_tokens_given = True
-        return (dataclasses.replace(options, **changes) if changes else options), max_tokens_given
-
-
-@dataclass
-class Sample:
-    """One feedback sample held in memory: its store order, text, unigrams and bigrams of
-    its token ids (`sample_grams`) and length in tokens."""
-
-    order: int
-    text: str
-    grams: frozenset[tuple[int, ...]]
-    length: int = 0
+def largest_user_bytes(max_user_bytes: int, max_contexts: int) -> int:
+    """Estimated memory of the largest user the caps allow: the live cache and its snapshot
+    at `max_contexts`, and `max_user_bytes` of text kept twice (samples, queued) with one
+    token per byte at most (byte-level BPE), i.e. two grams per byte."""
+    return (
+        BYTES_PER_USER
+        + 2 * BYTES_PER_CONTEXT * max_contexts
+        + KEPT_SAMPLES * BYTES_PER_SAMPLE
+        + max_user_bytes * (2 + 2 * BYTES_PER_GRAM)
+    )
 
 
 @dataclass
@@ -204,6 +149,9 @@ class _UserState:
     #: In how many of `samples` each gram occurs, as of `version` (`pick_samples`).
     frequencies: Counter[tuple[int, ...]] | None = None
     frequencies_version: int = -1
+    #: Feedback texts stored but not learned yet (`Personalizer._learn`), and their bytes.
+    pending: list[str] = field(default_factory=list)
+    pending_bytes: int = 0
 
     def sample_frequencies(self) -> Counter[tuple[int, ...]]:
         """`frequencies`, recounted when the samples changed since (under the lock)."""
@@ -219,117 +167,15 @@ class _UserState:
         return self.cache
 
     def size(self) -> int:
-        return BYTES_PER_USER + BYTES_PER_CONTEXT * len(self.cache) + self.samples_bytes
-
-
-def with_system(messages: list[dict[str, Any]], text: str | None) -> list[dict[str, Any]]:
-    """`messages` with `text` as a system message in front (merged into the request's own
-    first system message, after `text`); `messages` itself when `text` is None."""
-    if not text:
-        return messages
-    if messages and messages[0].get("role") == "system":
-        first = dict(messages[0])
-        first["content"] = f"{text}\n\n{first.get('content') or ''}"
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-def with_prefix(prompt: str, text: str | None) -> str:
-    """A completion prompt behind `text` and a blank line (`prompt` when `text` is None)."""
-    return f"{text}\n\n{prompt}" if text else prompt
+        """Estimated bytes: the cache, its snapshot, the kept and the queued samples."""
+        snapshot = len(self.snapshot) if self.snapshot is not None else 0
+        contexts = BYTES_PER_CONTEXT * (len(self.cache) + snapshot)
+        return BYTES_PER_USER + contexts + self.samples_bytes + self.pending_bytes
 
 
 def _sample_bytes(sample: Sample) -> int:
-    """Estimated bytes of a kept sample: its text and its gram set."""
-    return 100 + len(sample.text) + 96 * len(sample.grams)
-
-
-def _prefix_key(user_id: str, text: str | None) -> str | None:
-    if not text:
-        return None
-    return f"user:{user_id}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
-def sample_grams(ids: Sequence[int]) -> frozenset[tuple[int, ...]]:
-    """The unigrams and bigrams of a text's token ids (what relevance is scored on)."""
-    ids = list(ids)
-    return frozenset(tuple(ids[i : i + n]) for n in (1, 2) for i in range(len(ids) - n + 1))
-
-
-def gram_frequencies(samples: Sequence[Sample]) -> Counter[tuple[int, ...]]:
-    """In how many of `samples` each gram occurs."""
-    return Counter(gram for sample in samples for gram in sample.grams)
-
-
-def pick_samples(
-    samples: Sequence[Sample],
-    query: Sequence[int],
-    k: int,
-    max_tokens: int | None = None,
-    frequencies: Counter[tuple[int, ...]] | None = None,
-) -> list[Sample]:
-    """Up to `k` distinct samples most relevant to the request's token ids `query`, at most
-    `max_tokens` tokens in all, in their feedback order (oldest first: the same picks give
-    the same text).
-
-    Relevance is the overlap of the query's unigrams and bigrams with a sample's, each gram
-    weighted by log(1 + n / f): n samples, f of them have it (a gram every sample has counts
-    little). With an empty query, or one that shares nothing with any sample, the user's most
-    representative samples are picked instead: those whose grams the other samples share
-    most (the same weights times how many others have the gram, per token).
-
-    Args:
-        frequencies: `gram_frequencies(samples)` when the caller keeps it (else counted).
-    """
-    if k <= 0 or not samples:
-        return []
-    counts = frequencies if frequencies is not None else gram_frequencies(samples)
-    n = len(samples)
-
-    def weight(gram: tuple[int, ...]) -> float:
-        return math.log(1.0 + n / counts[gram]) if counts[gram] else 0.0
-
-    wanted = sample_grams(query)
-    scores = [sum(weight(g) for g in s.grams & wanted) for s in samples]
-    if max(scores) <= 0.0:
-        scores = [
-            sum(weight(g) * (counts[g] - 1) for g in s.grams) / max(s.length, 1) for s in samples
-        ]
-    ranked = sorted(range(n), key=lambda i: (-scores[i], -samples[i].order))
-    best: list[Sample] = []
-    texts: set[str] = set()
-    used = 0
-    for i in ranked:
-        sample = samples[i]
-        if len(best) >= k:
-            break
-        if sample.text in texts:
-            continue
-        if max_tokens is not None and used + sample.length > max_tokens:
-            continue
-        best.append(sample)
-        texts.add(sample.text)
-        used += sample.length
-    return sorted(best, key=lambda s: s.order)
-
-
-def samples_help(gain: float, min_gain: float) -> bool:
-    """The router's gate on the user's samples: keep them in context when they raise the
-    log-likelihood of the request's own tokens by more than `min_gain` nats in all.
-
-    `gain` is the sum over the request's scored tokens of log p(token | persona, samples,
-    request so far) - log p(token | persona, request so far). A request the samples do not
-    explain (generic text) gains little or loses, and runs without them.
-    """
-    return gain > min_gain
-
-
-def system_text(persona: str | None, samples: Sequence[str]) -> str | None:
-    """The edge's system text: the persona, then the samples under `SAMPLES_HEADING`."""
-    parts = [persona] if persona else []
-    if samples:
-        parts.append(SAMPLES_HEADING + "\n" + "\n\n".join(f"- {s}" for s in samples))
-    return "\n\n".join(parts) if parts else None
+    """Estimated bytes of a kept sample: its text and its grams (with their frequencies)."""
+    return BYTES_PER_SAMPLE + len(sample.text.encode()) + BYTES_PER_GRAM * len(sample.grams)
 
 
 class Personalizer:
@@ -343,6 +189,12 @@ class Personalizer:
             whether they stay, `samples_help`).
         persist_s: delay before updated caches are written back to the store.
         order: n-gram order of new caches.
+        max_contexts: cap of each user's cache (loaded ones take it too).
+        max_user_bytes: the store's cap on a user's text (None: not checked); with
+            `max_contexts` it must fit the budget (`largest_user_bytes`).
+
+    Raises:
+        ValueError: the largest user the caps allow would not fit `memory_bytes`.
     """
 
     def __init__(
@@ -354,16 +206,32 @@ class Personalizer:
         samples_k: int = 8,
         persist_s: float = 2.0,
         order: int = ORDER,
+        max_contexts: int = MAX_CONTEXTS,
+        max_user_bytes: int | None = None,
     ) -> None:
+        if max_user_bytes is not None:
+            largest = largest_user_bytes(max_user_bytes, max_contexts)
+            if largest > memory_bytes:
+                raise ValueError(
+                    f"the largest user allowed needs about {largest / 2**20:.1f} MiB, over the "
+                    f"personalization budget of {memory_bytes / 2**20:.1f} MiB: lower "
+                    "HG_EDGE_PERSONALIZE_MAX_CONTEXTS or HG_EDGE_PERSONALIZE_MAX_USER_BYTES, or "
+                    "raise HG_EDGE_PERSONALIZE_MEMORY_MB"
+                )
         self.store = store
         self.encode = encode
         self.memory_bytes = memory_bytes
         self.samples_k = samples_k
         self.persist_s = persist_s
         self.order = order
+        self.max_contexts = max_contexts
         self._lock = threading.RLock()
         self._users: OrderedDict[str, _UserState] = OrderedDict()
-        self._generation: dict[str, int] = {}  # bumped on each forget
+        # Forgets, for write-backs that raced one: a counter, and the users forgotten while
+        # write-backs were in flight (cleared when none is: no id outlives them).
+        self._epoch = 0
+        self._forgotten: dict[str, int] = {}
+        self._writing = 0
         self._loading: dict[str, int] = {}  # users being loaded: events seen meanwhile
         self._dirty: set[str] = set()
         self._timer: threading.Timer | None = None
@@ -376,35 +244,48 @@ class Personalizer:
     # ------------------------------------------------------------------ the store's events
 
     def on_feedback(self, user_id: str, accepted: str, rejected: str | None) -> None:
-        """Learn a new sample at once when the user is resident (else it loads with it)."""
+        """Queue a new sample of a resident user (else it loads with it); it is learned by
+        the user's next request or the write-back (`_learn`), outside the store's lock."""
         with self._lock:
             if user_id in self._loading:
                 self._loading[user_id] += 1
             state = self._users.get(user_id)
             if state is None:
                 return  # loaded from the store (which has the sample now) on first use
-            started = time.perf_counter()
-            ids = self.encode(accepted)
-            state.cache.update(ids)
-            self._keep_sample(state, accepted, ids)
-            state.version += 1
-            self.update_s += time.perf_counter() - started
-            self.updates += 1
+            state.pending.append(accepted)
+            state.pending_bytes += len(accepted.encode())
             self._dirty.add(user_id)
-            self._users.move_to_end(user_id)
-            evicted = self._evict()
             self._schedule()
-        for job in evicted:  # the store's lock is this thread's already
-            self._write(*job)
 
     def on_forget(self, user_id: str) -> None:
         """A reset or deletion: drop everything held in memory about the user."""
         with self._lock:
             self._users.pop(user_id, None)
             self._dirty.discard(user_id)
-            self._generation[user_id] = self._generation.get(user_id, 0) + 1
+            self._epoch += 1
+            if self._writing:
+                self._forgotten[user_id] = self._epoch
             if user_id in self._loading:
                 self._loading[user_id] += 1
+
+    def _learn(self, user_id: str) -> None:
+        """Learn the user's queued samples (under this lock, never the store's)."""
+        evicted: list[tuple[str, _UserState, int]] = []
+        with self._lock:
+            state = self._users.get(user_id)
+            if state is None or not state.pending:
+                return
+            started = time.perf_counter()
+            for text in state.pending:
+                ids = self.encode(text)
+                state.cache.update(ids)
+                self._keep_sample(state, text, ids)
+                state.version += 1
+                self.updates += 1
+            state.pending, state.pending_bytes = [], 0
+            self.update_s += time.perf_counter() - started
+            evicted = self._evict()
+        self._write_evicted(evicted)
 
     # ------------------------------------------------------------------ requests
 
@@ -475,7 +356,10 @@ class Personalizer:
             state = self._users.get(user_id)
             if state is not None:
                 self._users.move_to_end(user_id)
-                return state
+        if state is not None:
+            self._learn(user_id)
+            return state
+        with self._lock:
             events = self._loading.setdefault(user_id, 0)
         try:
             state = self._load(user_id)
@@ -490,8 +374,7 @@ class Personalizer:
                 return state
             self._users[user_id] = state
             evicted = self._evict()
-        for job in evicted:
-            self._write(*job)
+        self._write_evicted(evicted)
         return state
 
     def _load(self, user_id: str) -> _UserState:
@@ -504,7 +387,9 @@ class Personalizer:
                 cache = NgramCache.from_bytes(blob)
             except ValueError:
                 logger.warning("a learned state could not be read; rebuilding it from feedback")
-        state = _UserState(cache or NgramCache(self.order))
+        if cache is not None:
+            cache.set_max_contexts(self.max_contexts)
+        state = _UserState(cache or NgramCache(self.order, max_contexts=self.max_contexts))
         for sample in feedback:
             ids = self.encode(sample.accepted)
             self._keep_sample(state, sample.accepted, ids)
@@ -524,21 +409,29 @@ class Personalizer:
         if len(state.samples) > KEPT_SAMPLES:
             state.samples_bytes -= _sample_bytes(state.samples.pop(0))
 
-    def _evict(self) -> list[tuple[str, bytes, int]]:
+    def _evict(self) -> list[tuple[str, _UserState, int]]:
         """Drop least recently used users past the memory budget (under the lock).
 
         Returns:
-            The write-backs of the dropped users that changed, for `_write` once the lock
-            is released (the store must never be called under it: the store calls the
+            The dropped users that changed (id, state, epoch), for `_write_evicted` once the
+            lock is released (the store must never be called under it: the store calls the
             listeners under its own lock).
         """
-        jobs: list[tuple[str, bytes, int]] = []
+        jobs: list[tuple[str, _UserState, int]] = []
         while len(self._users) > 1 and self.memory_used() > self.memory_bytes:
             user_id, state = self._users.popitem(last=False)
             if user_id in self._dirty:
                 self._dirty.discard(user_id)
-                jobs.append((user_id, state.cache.to_bytes(), self._generation.get(user_id, 0)))
+                self._writing += 1
+                jobs.append((user_id, state, self._epoch))
         return jobs
+
+    def _write_evicted(self, jobs: list[tuple[str, _UserState, int]]) -> None:
+        """Learn what a dropped user still had queued, and write it back."""
+        for user_id, state, epoch in jobs:
+            for text in state.pending:
+                state.cache.update(self.encode(text))
+            self._write(user_id, state.cache.to_bytes(), epoch)
 
     # ------------------------------------------------------------------ persistence
 
@@ -557,15 +450,21 @@ class Personalizer:
         """
         with self._lock:
             self._timer = None
+            dirty = sorted(self._dirty)
+        for user_id in dirty:
+            self._learn(user_id)
+        with self._lock:
             jobs: list[tuple[str, bytes, int, _UserState, int]] = []
             for user_id in sorted(self._dirty):
                 state = self._users.get(user_id)
                 if state is not None:
-                    generation = self._generation.get(user_id, 0)
-                    jobs.append((user_id, state.cache.to_bytes(), generation, state, state.version))
+                    self._writing += 1
+                    jobs.append(
+                        (user_id, state.cache.to_bytes(), self._epoch, state, state.version)
+                    )
             self._dirty.clear()
-        for user_id, blob, generation, state, version in jobs:
-            self._write(user_id, blob, generation)
+        for user_id, blob, epoch, state, version in jobs:
+            self._write(user_id, blob, epoch)
             if self._closed:
                 continue
             snapshot = NgramCache.from_bytes(blob)
@@ -576,29 +475,38 @@ class Personalizer:
             logger.debug("personalization: %d learned states written back", len(jobs))
         return len(jobs)
 
-    def _write(self, user_id: str, state: bytes, generation: int) -> None:
-        """Store one user's blob (called without the lock: the store calls listeners under its
-        own lock), and repair it if a reset raced it."""
+    def _write(self, user_id: str, state: bytes, epoch: int) -> None:
+        """Store one user's blob taken at `epoch` (called without the lock: the store calls
+        listeners under its own lock), and repair it if a reset raced it."""
+        try:
+            self._put(user_id, state)
+        finally:
+            with self._lock:
+                raced = self._forgotten.get(user_id, 0) > epoch
+                if raced:
+                    self._users.pop(user_id, None)
+                self._writing -= 1
+                if not self._writing:
+                    self._forgotten.clear()
+        if raced:  # the write landed after a reset: store what the kept feedback says
+            try:
+                feedback = self.store.list_feedback(user_id)
+                cache = NgramCache.from_samples(
+                    (self.encode(s.accepted) for s in feedback),
+                    self.order,
+                    max_contexts=self.max_contexts,
+                )
+                self.store.put_learned(user_id, cache.to_bytes())
+            except HybridgenError:
+                pass
+
+    def _put(self, user_id: str, state: bytes) -> None:
         try:
             self.store.put_learned(user_id, state)
         except NotFound:
             return  # deleted meanwhile: nothing to keep
         except HybridgenError as exc:
             logger.warning("personalization: a learned state was not stored (%s)", exc.code.value)
-            return
-        with self._lock:
-            raced = self._generation.get(user_id, 0) != generation
-            if raced:
-                self._users.pop(user_id, None)
-        if raced:  # the write landed after a reset: store what the kept feedback says
-            try:
-                feedback = self.store.list_feedback(user_id)
-                cache = NgramCache.from_samples(
-                    (self.encode(s.accepted) for s in feedback), self.order
-                )
-                self.store.put_learned(user_id, cache.to_bytes())
-            except HybridgenError:
-                pass
 
     def close(self) -> None:
         """Stop the timer, write back what changed and stop listening to the store."""
