@@ -743,6 +743,27 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     return children
 
 
+#: The install's admin key of the edges' users (`KEY@*`), a file in the secrets folder.
+EDGE_ADMIN_KEY = "edge-admin.key"
+
+
+def give_edges_an_admin_key(children: list[ChildSpec], secrets_dir: Path) -> Path:
+    """Make (once, 0600) the install's edge admin key and add it to every edge's user keys.
+
+    Users' data on an edge (the users API, a request's `user`) needs a key bound to the
+    user; plain completions stay open on loopback. The key reaches the edges in their
+    environment (`HG_EDGE_USER_KEYS`, after any the caller set), never on a command line or
+    in a log. Returns the key file's path.
+    """
+    path = ensure_secrets_dir(secrets_dir) / EDGE_ADMIN_KEY
+    key = ensure_password(path)
+    own = os.environ.get("HG_EDGE_USER_KEYS", "").strip()
+    for spec in children:
+        if spec.role == "edge":
+            spec.env["HG_EDGE_USER_KEYS"] = ",".join(filter(None, [own, f"{key}@*"]))
+    return path
+
+
 def console_child() -> ChildSpec:
     """The operator console, in the foreground: leaving it stops the network."""
     return ChildSpec(
@@ -798,6 +819,13 @@ def where_lines(launcher: Launcher) -> list[str]:
         serving = f", serving {spec.url}" if spec.url else ""
         lines.append(f"  {spec.name}: pid {process.pid}{serving}, output {where}")
     lines.append(f"  logs in {launcher.logs_dir}")
+    key_file = launcher.secrets_dir / EDGE_ADMIN_KEY
+    if edges and key_file.is_file():  # as Jupyter shows its token, but not into the log
+        lines.append(
+            f"  users' data on the edge needs its admin key, e.g. curl -H \"Authorization: "
+            f"Bearer $(cat {key_file})\" {edges[0]}/v1/users/<id>/export (keys for an app's "
+            "own users: docs/edge.md)"
+        )
     if launcher.secure:
         tls = f"; TLS, CA {launcher.tls.ca}" if launcher.tls is not None else ""
         lines.append(
@@ -927,6 +955,7 @@ async def _up(args: argparse.Namespace) -> int:
             print(f"hybridgen up: building the models failed (status {status})", file=sys.stderr)
             return status
         children = default_children(args)
+        give_edges_an_admin_key(children, home / "secrets")
     console = wants_console(args)
     tls_given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(tls_given) and not all(tls_given):

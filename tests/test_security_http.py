@@ -21,6 +21,7 @@ from cloud.api import create_app as create_cloud_app
 from cloud.settings import ApiSettings
 from edge.app import create_app
 from edge.settings import EdgeSettings
+from hybridgen.launcher import ChildSpec, give_edges_an_admin_key
 from tests.fixtures_edge import LiveEdge, serve_edge
 from tests.live import serve_app
 
@@ -380,3 +381,22 @@ async def test_create_app_applies_the_exposure_rule_and_the_metrics_key(
         scraped = await http.get("/metrics", headers=as_("scrape-key"))
         assert scraped.status_code == 200
         assert "hybridgen_edge_routes" in scraped.text
+
+
+def test_up_makes_one_owner_only_admin_key_for_the_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HG_EDGE_USER_KEYS", "app-key@alice")
+    children = [ChildSpec("edge", ["edge"], role="edge"), ChildSpec("cloud-api", ["api"])]
+    path = give_edges_an_admin_key(children, tmp_path / "secrets")
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = path.read_text().strip()
+    assert children[1].env == {}
+    ring = EdgeSettings(user_keys=children[0].env["HG_EDGE_USER_KEYS"]).key_ring()  # type: ignore[arg-type]
+    assert [(e.key, e.users) for e in ring.entries] == [
+        ("app-key", frozenset({"alice"})),
+        (key, None),
+    ]
+    again = [ChildSpec("edge", ["edge"], role="edge")]
+    give_edges_an_admin_key(again, tmp_path / "secrets")
+    assert again[0].env == children[0].env  # one key per install, kept across runs
