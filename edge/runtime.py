@@ -69,7 +69,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,7 @@ class _Job:
         self.max_length = 0  # the generator's search max_length (for a kept one)
         self.failed = False  # an error left the generator in an unknown state
         self.released = False  # its generator went back to the prefix cache
+        self.epoch = 0  # the prefix cache's forget epoch when it was submitted
 
     def emit(self, event: Event | BaseException) -> None:
         try:
@@ -245,6 +246,32 @@ class _PrefixCache:
         self._lock = threading.Lock()
         self.nbytes = 0
         self.evictions = 0
+        # Forgotten owners (`forget`): requests started before one keep nothing it matches.
+        self.epoch = 0
+        self._forgotten: deque[tuple[int, Callable[[Hashable], bool]]] = deque(maxlen=256)
+
+    def forget(self, match: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose prefix key `match`es; a request in flight since keeps none.
+
+        Returns:
+            How many entries were dropped.
+        """
+        with self._lock:
+            self.epoch += 1
+            self._forgotten.append((self.epoch, match))
+            gone = [key for key in self._entries if isinstance(key, tuple) and match(key[0])]
+            for key in gone:
+                self.nbytes -= self._entries.pop(key).nbytes
+            return len(gone)
+
+    def _was_forgotten(self, key: Hashable, since: int) -> bool:
+        """Whether an owner of `key` was forgotten after epoch `since` (unsure: True)."""
+        if since >= self.epoch:
+            return False
+        if not self._forgotten or self._forgotten[0][0] > since + 1:
+            return True  # older forgets fell out of the record
+        prefix = key[0] if isinstance(key, tuple) else key
+        return any(epoch > since and match(prefix) for epoch, match in self._forgotten)
 
     def snapshot(self) -> list[Hashable]:
         """Keys, least recently used first."""
@@ -259,13 +286,14 @@ class _PrefixCache:
                 self.nbytes -= kept.nbytes
             return kept
 
-    def put(self, key: Hashable, kept: _Kept) -> None:
-        """Keep `kept` as the most recent entry of `key`, evicting the oldest beyond budget."""
+    def put(self, key: Hashable, kept: _Kept, since: int = 0) -> None:
+        """Keep `kept` as the most recent entry of `key`, evicting the oldest beyond budget
+        (not when its owner was forgotten after epoch `since`, when its request started)."""
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self.nbytes -= old.nbytes
-            if kept.nbytes > self.budget_bytes:
+            if kept.nbytes > self.budget_bytes or self._was_forgotten(key, since):
                 self.evictions += 1
                 return
             self._entries[key] = kept
@@ -423,6 +451,15 @@ class EdgeRuntime:
         """Prefix keys of the kept generators, least recently used first."""
         return [key[0] for key in self._prefix.snapshot() if isinstance(key, tuple)]
 
+    def forget_prefixes(self, match: Callable[[Hashable], bool]) -> int:
+        """Drop the kept prefixes whose key `match`es (a deleted or reset user's, see
+        `edge.samples.owns_prefix`); requests in flight keep none of them afterwards.
+
+        Returns:
+            How many were dropped.
+        """
+        return self._prefix.forget(match)
+
     @property
     def prefix_evictions(self) -> int:
         """Kept prefixes dropped to stay within the memory budget."""
@@ -518,6 +555,7 @@ class EdgeRuntime:
             prefix_len,
             grammar,
         )
+        job.epoch = self._prefix.epoch
         with self._lock:
             if self._closing:
                 raise Overloaded("the edge model is being unloaded", retry_after=1.0)
@@ -674,6 +712,7 @@ class EdgeRuntime:
                 max_length=job.max_length,
                 nbytes=self.kv_bytes_per_token * job.max_length,
             ),
+            job.epoch,
         )
 
     def _prefill(self, job: _Job) -> None:

@@ -19,10 +19,10 @@ from broker.errors import BadRequest, NotFound, Unavailable
 from broker.service import SOFTWARE_VERSION
 from edge.link import BusLink
 from edge.node import EdgeNode
-from edge.personalize import Personalizer
+from edge.personalize import Personalizer, owns_prefix
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings, default_users_db
-from edge.users import UserStore
+from edge.users import UserLimits, UserStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,15 @@ class EdgeService:
         self.settings = settings
         self.node = node
         #: Users' profiles and feedback (`edge.users`); the file opens on first use.
-        self.users = UserStore(settings.users_db or default_users_db(settings.node_id))
+        self.users = UserStore(
+            settings.users_db or default_users_db(settings.node_id),
+            limits=UserLimits(
+                max_users=settings.personalize_max_users,
+                max_user_bytes=settings.personalize_max_user_bytes,
+                feedback_per_minute=settings.personalize_feedback_per_minute,
+                feedback_burst=settings.personalize_feedback_burst,
+            ),
+        )
         #: Requests with `user` are personalized through it (`edge.personalize`).
         self.personalizer = Personalizer(
             self.users,
@@ -72,7 +80,11 @@ class EdgeService:
             memory_bytes=int(settings.personalize_memory_mb * (1 << 20)),
             samples_k=settings.personalize_samples,
             persist_s=settings.personalize_persist_s,
+            max_contexts=settings.personalize_max_contexts,
+            max_user_bytes=settings.personalize_max_user_bytes,
         )
+        # A reset or deleted user's kept persona prefixes go from every loaded runtime.
+        self.users.add_listener(_PrefixForgetter(self))
         self.link = BusLink(
             node,
             reload_model=self.reload_model,
@@ -81,6 +93,7 @@ class EdgeService:
         )
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring_runtimes: set[EdgeRuntime] = set()
         # Feedback counts for the A/B variant that served the user last (edge.experiments).
         self.users.add_listener(node.experiments)
         self._experiment_lock = asyncio.Lock()
@@ -99,9 +112,7 @@ class EdgeService:
             started = time.perf_counter()
             runtime = await asyncio.to_thread(load_runtime, self.settings, model_dir, version)
             old = self.node.swap_runtime(runtime)
-            task = asyncio.create_task(old.close(drain_timeout=300.0))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire(old)
             info = {
                 "model_dir": str(model_dir),
                 "model_version": runtime.version,
@@ -159,7 +170,16 @@ class EdgeService:
         """Close `runtime` once its requests are done, in the background."""
         task = asyncio.create_task(runtime.close(drain_timeout=300.0))
         self._retiring.add(task)
+        self._retiring_runtimes.add(runtime)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(lambda _: self._retiring_runtimes.discard(runtime))
+
+    def runtimes(self) -> list[EdgeRuntime]:
+        """Every loaded runtime: the node's, the A/B variant's, and those finishing."""
+        found = [self.node.runtime, *list(self._retiring_runtimes)]
+        if self._variant is not None:
+            found.append(self._variant[1])
+        return found
 
     async def _locate(self, args: dict[str, Any]) -> tuple[Path, str | None]:
         if args.get("model_dir"):
@@ -199,6 +219,22 @@ class EdgeService:
         await self.node.runtime.close()
         await asyncio.to_thread(self.personalizer.close)
         await asyncio.to_thread(self.users.close)
+
+
+class _PrefixForgetter:
+    """The store's listener that drops a forgotten user's kept prefixes (`edge.runtime`)."""
+
+    def __init__(self, service: EdgeService) -> None:
+        self.service = service
+
+    def on_feedback(self, user_id: str, accepted: str, rejected: str | None) -> None:
+        """Nothing: the prefix keys hash the text, so new samples make new keys."""
+
+    def on_forget(self, user_id: str) -> None:
+        """Drop `user:<id>:…` from every loaded runtime's prefix cache."""
+        match = owns_prefix(user_id)
+        dropped = sum(runtime.forget_prefixes(match) for runtime in self.service.runtimes())
+        logger.debug("forgotten user: %d kept prefixes dropped", dropped)
 
 
 def get_service(request: Request) -> EdgeService:

@@ -74,8 +74,9 @@ async def get_user(user_id: str, store: Store) -> dict[str, Any]:
 @users_routes.delete("/{user_id}")
 async def delete_user(user_id: str, store: Store) -> dict[str, Any]:
     """Remove the user and everything held about them."""
-    await asyncio.to_thread(store.delete_profile, user_id)
-    return {"object": "user.deleted", "id": user_id, "deleted": True}
+    scrubbed = await asyncio.to_thread(store.delete_profile, user_id)
+    # scrubbed false: a reader blocked the checkpoint; it is logged and retried.
+    return {"object": "user.deleted", "id": user_id, "deleted": True, "scrubbed": scrubbed}
 
 
 @users_routes.post("/{user_id}/feedback")
@@ -93,8 +94,8 @@ async def post_feedback(user_id: str, store: Store, sample: SampleBody) -> dict[
 @users_routes.post("/{user_id}/reset")
 async def reset_user(user_id: str, store: Store) -> dict[str, Any]:
     """Forget the user's feedback and learned state; the profile stays."""
-    await asyncio.to_thread(store.reset, user_id)
-    return {"object": "user.reset", "id": user_id, "reset": True}
+    scrubbed = await asyncio.to_thread(store.reset, user_id)
+    return {"object": "user.reset", "id": user_id, "reset": True, "scrubbed": scrubbed}
 
 
 @users_routes.get("/{user_id}/export")
