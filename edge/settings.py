@@ -146,6 +146,26 @@ class EdgeSettings(BaseSettings):
         description="Seconds after a feedback before the user's updated cache is written "
         "back to the user store.",
     )
+    personalize_max_contexts: int = Field(
+        default=40_000,
+        ge=1,
+        description="Most n-gram contexts kept per user (the oldest go first); with "
+        "personalize_max_user_bytes it must let the largest user fit personalize_memory_mb.",
+    )
+    personalize_max_users: int = Field(
+        default=1000, ge=1, description="Most users in the user store (a new one past it: 413)."
+    )
+    personalize_max_user_bytes: int = Field(
+        default=64 << 10,
+        ge=1024,
+        description="Most bytes (UTF-8) of one user's persona and feedback texts (past it: 413).",
+    )
+    personalize_feedback_per_minute: float = Field(
+        default=60.0, gt=0, description="Feedback samples one user may add per minute (429 past)."
+    )
+    personalize_feedback_burst: int = Field(
+        default=20, ge=1, description="Feedback samples one user may add at once."
+    )
 
     @field_validator("api_keys", "user_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
