@@ -90,6 +90,21 @@ _LIBC: Any = None
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
 
+def private_folder(path: Path) -> None:
+    """Create `path` (and its parents) and make it owner-only (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def open_private_log(path: Path) -> IO[bytes]:
+    """`path` opened for appending, owner-only (0600; a missing folder is made 0700): logs
+    hold prompts, errors and addresses."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # a log from before keeps its content, not its mode
+    return os.fdopen(fd, "ab")
+
+
 def death_signal_hook() -> Any:
     """A pre-exec hook that makes Linux SIGTERM the server when its parent dies.
 
@@ -244,14 +259,13 @@ class NatsServer:
         if self._process is not None:
             return
         binary = find_nats_server()
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.store_dir)  # JetStream's data: the fleet's config and models
         self._ports_dir = Path(tempfile.mkdtemp(prefix="hg-nats-ports-"))
         cmd = self.command(binary, self._ports_dir)
         with contextlib.suppress(OSError):
             if self.log_path.stat().st_size > LOG_ROTATE_BYTES:
                 self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - kept open while it runs
+        self._log_file = open_private_log(self.log_path)  # kept open while it runs
         self._log_offset = self._log_file.tell()
         log.debug("starting %s", " ".join(cmd))
         try:

@@ -61,7 +61,13 @@ from broker.config import (
     write_secret,
 )
 from broker.errors import HybridgenError
-from broker.server import ExternalServer, NatsServer, death_signal_hook
+from broker.server import (
+    ExternalServer,
+    NatsServer,
+    death_signal_hook,
+    open_private_log,
+    private_folder,
+)
 from broker.settings import BusSettings, hg_home
 from broker.store import ArtifactStore, FleetConfig
 from broker.telemetry import default_node_id
@@ -446,8 +452,8 @@ class Launcher:
         else:
             log_file = self._logs.get(spec.name)
             if log_file is None:
-                self.logs_dir.mkdir(parents=True, exist_ok=True)
-                log_file = open(self.log_path(spec.name), "ab")  # noqa: SIM115, ASYNC230
+                private_folder(self.logs_dir)
+                log_file = open_private_log(self.log_path(spec.name))
                 self._logs[spec.name] = log_file
             process = await asyncio.create_subprocess_exec(
                 *spec.argv,
@@ -787,7 +793,8 @@ _where_log = logging.getLogger("hybridgen.up")
 
 def _log_to_file(path: Path, *, only: bool) -> None:
     """Send the launcher's own log lines to `path` too (`only`: the console owns the terminal)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
+    open_private_log(path).close()  # created 0600: FileHandler keeps the mode
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
