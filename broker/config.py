@@ -125,9 +125,19 @@ ROLE_SERVICES: dict[str, tuple[str, ...]] = {
 
 def _discovery_of(role: str) -> tuple[str, ...]:
     """The `$SRV` subjects a serving role answers: the name-less PING/INFO/STATS (consoles
-    list every service with them) and those of its own services."""
+    list every service with them) and those of its own services.
+
+    The name-less verbs are spelled out: an allowed `$SRV.*` would also let a client
+    subscribe `$SRV.>` (nats-server matches the `>` token against the `*`), and so receive
+    every service's discovery requests.
+    """
     names = ROLE_SERVICES.get(role, ())
-    return ("$SRV.*", *(f"$SRV.*.{n}" for n in names), *(f"$SRV.*.{n}.*" for n in names))
+    verbs = ("PING", "INFO", "STATS")
+    return (
+        *(f"$SRV.{verb}" for verb in verbs),
+        *(f"$SRV.*.{name}" for name in names),
+        *(f"$SRV.*.{name}.*" for name in names),
+    )
 
 
 def permissions_for(

@@ -212,7 +212,9 @@ def create_app(
             # Credentials and TLS from HG_NATS_* (a URL given here only replaces the URL).
             bus = BusSettings(url=nats_url) if nats_url else BusSettings()
             client = await connect_settings(bus, name="hybridgen-cloud-api")
-        state = ApiState(settings, client, app.state.metrics, default_node_id("api"))
+        state = ApiState(
+            settings, client, app.state.metrics, settings.node_id or default_node_id("api")
+        )
         holder["state"] = app.state.api = state
         telemetry = Telemetry(
             client, role="api", node_id=state.node_id, build_heartbeat=lambda: _heartbeat(state)

@@ -90,6 +90,9 @@ class ApiSettings(BaseSettings):
     allow_open: bool = Field(
         default=False, description="Allow no API keys on a non-loopback host (insecure)."
     )
+    node_id: str | None = Field(
+        default=None, description="This API's node id (none: api-<host>-<hex>)."
+    )
     metrics_require_key: bool = Field(
         default=False,
         description="Require an API key on /metrics too (default: open, like /healthz).",

@@ -703,6 +703,7 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     python = sys.executable
     workers, edges = getattr(args, "workers", 1), getattr(args, "edges", 1)
     worker_id, edge_id = default_node_id("cloud"), default_node_id("edge")
+    api_id = default_node_id("api")  # its user publishes only as this node
 
     def nth(base: str, i: int, count: int) -> str:  # "edge" alone, else "edge-1", "edge-2"...
         return base if count == 1 else f"{base}-{i + 1}"
@@ -728,6 +729,8 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
             stop_timeout=API_DRAIN_S + STOP_MARGIN_S,
             url=api_url,
             role="api",
+            node_id=api_id,
+            env={"HG_CLOUD_NODE_ID": api_id},
         )
     )  # fmt: skip
     for i in range(edges):
