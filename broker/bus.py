@@ -53,6 +53,8 @@ __all__ = [
     "GenerationService",
     "ReplyStream",
     "Responder",
+    "bounded",
+    "close_bounded",
     "connect",
     "connect_settings",
     "request_stream",
@@ -250,6 +252,52 @@ async def connect_settings(
         error_cb=error_cb,
         connect_timeout=settings.connect_timeout_s,
     )
+
+
+# -- shutting down ----------------------------------------------------------------------------
+
+
+async def bounded(step: Awaitable[Any], timeout: float, what: str) -> bool:  # noqa: ASYNC109
+    """Await one shutdown step on the bus for at most `timeout` s; whether it completed.
+
+    With the broker gone or frozen a flush (and so a subscription's drain, a micro service's
+    stop) waits for a PONG that never comes, and `nats-py` retries for minutes: a stopping
+    service must not. A failure or a timeout is logged, never raised; a step still running
+    is cancelled and not waited for (nats-py's `drain()` swallows a cancel and goes on).
+    """
+    task = asyncio.ensure_future(step)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        await asyncio.wait({task}, timeout=max(timeout, 0.01))
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        log.warning("%s: not done within %g s; going on without it", what, timeout)
+        return False
+    if task.cancelled():
+        return False
+    if task.exception() is not None:
+        log.warning("%s failed: %s", what, task.exception())
+        return False
+    return True
+
+
+async def close_bounded(nc: Client | None, timeout: float = 1.0) -> None:  # noqa: ASYNC109
+    """Close `nc` within `timeout` s whether or not the broker answers; never raises.
+
+    What was published is flushed first (half the time) when the connection is up, then the
+    connection closes: no reconnect loop is left behind. Used by every service on its way
+    out instead of `nc.drain()`, which waits up to 40 s on a broker that does not answer,
+    and `nc.close()`, which can raise `ConnectionResetError` while the server is down.
+    """
+    if nc is None or nc.is_closed:
+        return
+    deadline = time.monotonic() + timeout
+    name = nc.options.get("name") or "nats connection"
+    if nc.is_connected and not nc.is_draining and timeout > 0:
+        await bounded(nc.flush(timeout / 2), timeout / 2, f"{name}: flush")  # type: ignore[arg-type]
+    await bounded(nc.close(), deadline - time.monotonic(), f"{name}: close")
 
 
 # -- streaming requests -----------------------------------------------------------------------

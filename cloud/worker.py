@@ -14,7 +14,9 @@ coordination. Each one:
 * publishes a heartbeat every second, a `request` event per served request and an `error`
   event per failed one;
 * on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
-  then exits. A crash inside one request answers it `internal`; the worker stays up.
+  then exits at most `CLOSE_S` later, whether or not the broker answers (each step on the
+  bus is bounded: `broker.bus.bounded`). A crash inside one request answers it `internal`;
+  the worker stays up.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from broker import wire
-from broker.bus import GenerationService
+from broker.bus import GenerationService, bounded, close_bounded
 from broker.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -51,6 +53,11 @@ from serving.tools import template_messages, template_supports_tools
 logger = logging.getLogger(__name__)
 
 ROLE = "cloud"
+#: Longest wait for one step on the bus while stopping (leaving the queue group, stopping
+#: the control endpoints, closing the connection): a broker gone or frozen never answers.
+BUS_STEP_S = 0.5
+#: What the worker may take after its drain bound to stop: the bus steps, the engine.
+CLOSE_S = 5.0
 
 
 def resolve_model_dir(settings: WorkerSettings) -> tuple[Path, Path | None, str | None]:
@@ -148,20 +155,26 @@ class CloudWorker:
     async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Stop taking requests and wait up to `timeout` s for in-flight ones; True if idle."""
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self.status = "draining"
         if self.telemetry is not None:
             await self.telemetry.publish_event("drain", f"{self.node_id} draining")
             await self.telemetry.publish_heartbeat()
         if self.service is None:
             return True
-        await self.service.stop_accepting()
-        idle = await self.service.wait_idle(timeout)
+        # Leaving the queue group flushes; the wait for it counts in the drain bound.
+        await bounded(self.service.stop_accepting(), BUS_STEP_S, f"{self.node_id}: stop accepting")
+        idle = await self.service.wait_idle(max(0.0, deadline - time.monotonic()))
         if not idle:
             logger.warning("drain: %d requests still in flight after %gs", self.admitted, timeout)
         return idle
 
     async def close(self) -> None:
-        """Stop serving, cancel what is left, stop the engine. Idempotent."""
+        """Stop serving, cancel what is left, stop the engine. Idempotent.
+
+        Each step on the bus waits `BUS_STEP_S` at most: with the broker gone the worker
+        still stops (the connection itself is the caller's, see `run_worker`).
+        """
         if self._closed:
             return
         self._closed = True
@@ -170,10 +183,13 @@ class CloudWorker:
             await self.telemetry.publish_heartbeat()
             await self.telemetry.close()
         if self._control is not None:
-            with contextlib.suppress(Exception):
-                await self._control.stop()
+            await bounded(self._control.stop(), BUS_STEP_S, f"{self.node_id}: stop control")
         if self.service is not None:
-            await self.service.close()
+            if self.service.accepting:
+                await bounded(
+                    self.service.stop_accepting(), BUS_STEP_S, f"{self.node_id}: stop accepting"
+                )
+            await bounded(self.service.close(), BUS_STEP_S, f"{self.node_id}: stop serving")
         if self.engine is not None and self._own_engine:
             await asyncio.to_thread(self.engine.close)
 
@@ -417,7 +433,10 @@ class CloudWorker:
 
 
 async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry)."""
+    """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry).
+
+    After the signal it exits within `drain_timeout_s` + `CLOSE_S`, broker or no broker.
+    """
     import signal
 
     from broker.bus import connect_settings
@@ -437,6 +456,5 @@ async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> i
             logger.info("signal received: draining (up to %gs)", settings.drain_timeout_s)
             await worker.drain()
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        await close_bounded(nc, 2 * BUS_STEP_S)
     return 0

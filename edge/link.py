@@ -9,7 +9,6 @@ start, the link retries in the background every `reconnect_s` and the node answe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -18,7 +17,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.bus import connect_settings, serve_control
+from broker.bus import bounded, close_bounded, connect_settings, serve_control
 from broker.config import EDGE_SERVICE
 from broker.errors import BadRequest, HybridgenError
 from broker.experiment import EXPERIMENT_KEY
@@ -32,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 ReloadModel = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 ApplyExperiment = Callable[[dict[str, Any] | None], Awaitable[None]]
+
+#: Longest wait for one step on the bus while closing (the watch tasks, the control
+#: endpoints, the connection): a broker gone or frozen never answers.
+CLOSE_STEP_S = 0.5
 
 
 class BusLink:
@@ -85,25 +88,23 @@ class BusLink:
             self._spawn(self._reconnect_loop(), "hg-edge-reconnect")
 
     async def close(self) -> None:
-        """Stop everything (idempotent)."""
+        """Stop everything (idempotent), within about `4 * CLOSE_STEP_S` broker or not."""
         if self._closed:
             return
         self._closed = True
         self.node.nc = None
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # a KV watch can swallow its cancel while the broker is away
+            done, _ = await asyncio.wait(self._tasks, timeout=CLOSE_STEP_S)
+            for task in done:  # retrieved: a watch that failed on its way out is no news
+                _ = task.cancelled() or task.exception()
         self._tasks.clear()
         if self.telemetry is not None:
             await self.telemetry.close()
         if self._control is not None:
-            with contextlib.suppress(Exception):
-                await self._control.stop()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+            await bounded(self._control.stop(), CLOSE_STEP_S, "edge control endpoints: stop")
+        await close_bounded(self.nc, 2 * CLOSE_STEP_S)
         self.nc = None
 
     async def __aenter__(self) -> BusLink:

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.bus import connect, connect_settings
+from broker.bus import close_bounded, connect, connect_settings
 from broker.cli import StopSignals
 from broker.config import (
     Role,
@@ -624,7 +624,8 @@ class Launcher:
     async def stop(self) -> None:
         """Stop the children in reverse order (SIGTERM, then SIGKILL), then the broker.
 
-        Idempotent.
+        Bounded whether or not the broker answers: each child by its `stop_timeout`, then the
+        launcher's own connection (1 s) and the broker (5 s). Idempotent.
         """
         self._stopping = True
         for task in self._supervisors:
@@ -642,8 +643,7 @@ class Launcher:
             log_file.close()
         self._logs.clear()
         if self._events is not None:
-            with contextlib.suppress(Exception):
-                await self._events.close()
+            await close_bounded(self._events, 1.0)
             self._events = None
         if self.server is not None:
             await self.server.shutdown()
@@ -702,6 +702,10 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
     """
     python = sys.executable
     workers, edges = getattr(args, "workers", 1), getattr(args, "edges", 1)
+    drain = getattr(args, "drain_timeout_s", None)  # one bound for all, else each role's
+    worker_drain, api_drain, edge_drain = (
+        (WORKER_DRAIN_S, API_DRAIN_S, EDGE_DRAIN_S) if drain is None else (drain, drain, drain)
+    )
     worker_id, edge_id = default_node_id("cloud"), default_node_id("edge")
     api_id = default_node_id("api")  # its user publishes only as this node
 
@@ -712,8 +716,8 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
         ChildSpec(
             nth("cloud-worker", i, workers),
             [python, "-m", "cloud", "worker", "--node-id", nth(worker_id, i, workers),
-             "--drain-timeout-s", f"{WORKER_DRAIN_S:g}"],
-            stop_timeout=WORKER_DRAIN_S + STOP_MARGIN_S,
+             "--drain-timeout-s", f"{worker_drain:g}"],
+            stop_timeout=worker_drain + STOP_MARGIN_S,
             role="cloud",
             node_id=nth(worker_id, i, workers),
         )
@@ -724,9 +728,9 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
         ChildSpec(
             "cloud-api",
             [python, "-m", "cloud", "api", "--host", args.http_host, "--port", str(args.api_port),
-             "--drain-timeout-s", f"{API_DRAIN_S:g}"],
+             "--drain-timeout-s", f"{api_drain:g}"],
             ready=http_ready(f"{api_url}/readyz"),
-            stop_timeout=API_DRAIN_S + STOP_MARGIN_S,
+            stop_timeout=api_drain + STOP_MARGIN_S,
             url=api_url,
             role="api",
             node_id=api_id,
@@ -740,10 +744,10 @@ def default_children(args: argparse.Namespace) -> list[ChildSpec]:
                 nth("edge", i, edges),
                 [python, "-m", "edge", "--host", args.http_host, "--port",
                  str(args.edge_port + i), "--node-id", nth(edge_id, i, edges),
-                 "--drain-timeout-s", f"{EDGE_DRAIN_S:g}"],
+                 "--drain-timeout-s", f"{edge_drain:g}"],
                 ready=http_ready(f"{url}/readyz"),
                 # The edge's own bound: its drain, then 5 s to close (edge/cli.py).
-                stop_timeout=EDGE_DRAIN_S + STOP_MARGIN_S,
+                stop_timeout=edge_drain + STOP_MARGIN_S,
                 url=url,
                 role="edge",
                 node_id=nth(edge_id, i, edges),
@@ -950,6 +954,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", type=Path, default=None, help="key of --tls-cert")
     parser.add_argument(
         "--tls-ca", type=Path, default=None, help="CA that signed --tls-cert (given to clients)"
+    )
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=None,
+        help=f"on stop, how long each service may finish its open requests (default: workers "
+        f"{WORKER_DRAIN_S:g}, the cloud API {API_DRAIN_S:g}, edges {EDGE_DRAIN_S:g}); each is "
+        f"killed {STOP_MARGIN_S:g} s past it",
     )
     parser.add_argument("--home", type=Path, default=None, help="data directory (default $HG_HOME)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

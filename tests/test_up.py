@@ -24,7 +24,7 @@ from broker.errors import Unauthorized
 from broker.server import NatsServer, free_port
 from broker.settings import BusSettings
 from broker.store import FleetConfig
-from hybridgen.launcher import Backoff, Launcher
+from hybridgen.launcher import STOP_MARGIN_S, Backoff, Launcher
 from models.registry import ModelSet, set_current
 from tests.fixtures_models import copy_model_set
 
@@ -382,6 +382,24 @@ async def test_children_stop_when_the_launcher_is_killed(
         async with within(120, "children outlived the killed launcher", lambda: up.output):
             while alive_in_groups(pids):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_up_stops_within_its_bound_when_the_broker_dies_with_it(
+    tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    """SIGTERM to `up` just as its broker dies: each service still stops by itself within
+    its drain bound (none killed for ignoring SIGTERM), and `up` exits within the sum of its
+    children's stop bounds plus 5 s (its own connection and the broker)."""
+    drain = 2.0
+    async with running_up(tiny_models, tmp_path, "--drain-timeout-s", f"{drain:g}") as up:
+        pids = up.pids()
+        bound = (len(pids) - 1) * (drain + STOP_MARGIN_S) + 5
+        os.kill(pids["nats-server"], signal.SIGKILL)
+        up.process.send_signal(signal.SIGTERM)
+        async with within(bound, "`up` did not stop", lambda: up.output):
+            await up.process.wait()
+        await stop_and_check_no_leftovers(up, None)
 
 
 @pytest.mark.slow

@@ -1,0 +1,158 @@
+"""Every service stops within its drain bound plus 5 s after SIGTERM, broker or no broker.
+
+Each service runs as a real process (`python -m cloud worker`, `python -m cloud api`,
+`python -m edge`) against a real nats-server. Once it serves (its heartbeat on the bus, and
+for the edge its /readyz), the broker is left alive, killed outright (SIGKILL) or frozen
+(SIGSTOP: the socket stays open and nothing answers) and at once the service gets SIGTERM.
+It must exit by itself (not by an edge's watchdog) within `DRAIN_S + 5` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from nats.aio.msg import Msg
+
+from broker import wire
+from broker.bus import connect
+from broker.server import NatsServer, free_port
+from models.registry import ModelSet
+
+REPO = Path(__file__).resolve().parent.parent
+#: The drain bound every service is started with here (its `--drain-timeout-s`).
+DRAIN_S = 2.0
+#: What the services promise on top of their drain bound.
+CLOSE_S = 5.0
+#: Generous bound for a service to start (imports, model load) on a busy machine.
+START_S = 180.0
+
+
+@dataclass
+class Service:
+    """A service process, how it is named on the bus, and where its output goes."""
+
+    process: asyncio.subprocess.Process
+    role: str
+    node_id: str
+    log: Path
+    ready_url: str | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+def service_argv(kind: str, tiny: ModelSet, url: str, port: int) -> tuple[list[str], str]:
+    """The command line of `kind` and its node id ("" when the service picks its own)."""
+    drain = ["--drain-timeout-s", f"{DRAIN_S:g}"]
+    if kind == "cloud-worker":
+        node = "cloud-shutdown"
+        return [
+            "-m", "cloud", "worker", "--model-dir", str(tiny.cloud_dir), "--nats", url,
+            "--node-id", node, "--threads", "1", "--cache-tokens", "2048", *drain,
+        ], node  # fmt: skip
+    if kind == "cloud-api":
+        return ["-m", "cloud", "api", "--port", str(port), "--nats", url, *drain], ""
+    node = "edge-shutdown"
+    return [
+        "-m", "edge", "--model-dir", str(tiny.edge_dir("int4")), "--port", str(port),
+        "--nats", url, "--node-id", node, "--threads", "1", *drain,
+    ], node  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def running(
+    kind: str, tiny: ModelSet, tmp_path: Path
+) -> AsyncIterator[tuple[Service, NatsServer]]:
+    """`kind` serving, and its broker; both stopped at the end if still running."""
+    server = NatsServer(store_dir=tmp_path / "nats", port=-1)
+    await server.start()
+    port = free_port()
+    argv, node_id = service_argv(kind, tiny, server.client_url, port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HG_NATS_", "HG_EDGE_"))}
+    env.update(HG_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = tmp_path / f"{kind}.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, cwd=REPO, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+    role = {"cloud-worker": "cloud", "cloud-api": "api", "edge": "edge"}[kind]
+    ready_url = f"http://127.0.0.1:{port}/readyz" if kind == "edge" else None
+    service = Service(process, role, node_id, log, ready_url)
+    try:
+        await wait_serving(service, server.client_url)
+        yield service, server
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            if server.pid is not None:
+                os.kill(server.pid, signal.SIGCONT)
+        await server.shutdown()
+
+
+async def wait_serving(service: Service, url: str) -> None:
+    """Until the service's heartbeat says it serves (and the edge's /readyz answers 200)."""
+    beats: asyncio.Queue[wire.Heartbeat] = asyncio.Queue()
+
+    async def on_beat(msg: Msg) -> None:
+        beats.put_nowait(wire.decode(msg.data, wire.Heartbeat))
+
+    nc = await connect(url, name="test-shutdown")
+    try:
+        await nc.subscribe(f"hg.telemetry.{service.role}.{service.node_id or '*'}", cb=on_beat)
+        async with asyncio.timeout(START_S):
+            while True:
+                assert service.process.returncode is None, service.output()
+                with contextlib.suppress(TimeoutError):
+                    beat = await asyncio.wait_for(beats.get(), 0.5)
+                    if service.role == "api" or beat.status == "ready":
+                        break
+            while service.ready_url is not None:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(service.ready_url)).status_code == 200:
+                            break
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"{service.role} not serving within {START_S:g} s") from None
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["alive", "killed", "frozen"])
+@pytest.mark.parametrize("kind", ["cloud-worker", "cloud-api", "edge"])
+async def test_sigterm_stops_the_service_within_its_drain_bound(
+    kind: str, broker: str, tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    """SIGTERM, with the broker alive, just killed or frozen: a clean exit within the drain
+    bound plus 5 s, never minutes of reconnecting nor a watchdog's kill."""
+    async with running(kind, tiny_models, tmp_path) as (service, server):
+        server_pid = server.pid
+        assert server_pid is not None
+        if broker == "killed":
+            os.kill(server_pid, signal.SIGKILL)
+        elif broker == "frozen":
+            os.kill(server_pid, signal.SIGSTOP)
+        service.process.send_signal(signal.SIGTERM)
+        try:
+            status = await asyncio.wait_for(service.process.wait(), DRAIN_S + CLOSE_S)
+        except TimeoutError:
+            raise AssertionError(
+                f"{kind} still running {DRAIN_S + CLOSE_S:g} s after SIGTERM (broker {broker})"
+                f"\n{service.output()}"
+            ) from None
+        # A clean exit: the worker returns 0; uvicorn re-raises the signal once it has shut
+        # down (an edge's watchdog would exit 1 instead).
+        clean = 0 if kind == "cloud-worker" else -signal.SIGTERM
+        assert status == clean, f"{kind} exited {status} (broker {broker})\n{service.output()}"
