@@ -96,7 +96,9 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
                 transport = httpx.ASGITransport(app=app)
                 body = {"model": "hg-cloud", "prompt": "hello", "max_tokens": 4}
                 direct, via_edge = [], []
-                async with httpx.AsyncClient(transport=transport, base_url="http://edge") as http:
+                # A Host the edge answers to (serving/browsers.py).
+                local = "http://127.0.0.1"
+                async with httpx.AsyncClient(transport=transport, base_url=local) as http:
                     for index in range(rounds + 5):
                         bus_request = wire.GenerateRequest(
                             request_id=wire.new_request_id(), model="hg-cloud", prompt="hello"
