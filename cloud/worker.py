@@ -14,7 +14,7 @@ coordination. Each one:
 * publishes a heartbeat every second, a `request` event per served request and an `error`
   event per failed one;
 * on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
-  then exits at most `CLOSE_S` later, whether or not the broker answers (each step on the
+  then exits at most 5 s later, whether or not the broker answers (each step on the
   bus is bounded: `broker.bus.bounded`). A crash inside one request answers it `internal`;
   the worker stays up.
 """
@@ -56,8 +56,6 @@ ROLE = "cloud"
 #: Longest wait for one step on the bus while stopping (leaving the queue group, stopping
 #: the control endpoints, closing the connection): a broker gone or frozen never answers.
 BUS_STEP_S = 0.5
-#: What the worker may take after its drain bound to stop: the bus steps, the engine.
-CLOSE_S = 5.0
 
 
 def resolve_model_dir(settings: WorkerSettings) -> tuple[Path, Path | None, str | None]:
@@ -267,6 +265,12 @@ class CloudWorker:
     async def _handle(
         self, engine: Engine, request: wire.GenerateRequest, responder: Responder
     ) -> None:
+        grammar = Grammar.from_wire(request.grammar)
+        if grammar is not None:
+            # Checked before admission (off the loop: compiling costs time): a bus client
+            # need not have passed the HTTP checks, and a grammar llguidance refuses must be
+            # a `bad_request`, not a failure inside a batch.
+            await asyncio.to_thread(grammar.check, "grammar")
         prompt_ids = self._prompt_ids(engine, request)
         window = engine.context_length
         room = window - len(prompt_ids)
@@ -300,7 +304,6 @@ class CloudWorker:
         try:
             await responder.accept()
             sampling = SamplingParams.from_wire(request, max_tokens)
-            grammar = Grammar.from_wire(request.grammar)
             async for delta in engine.generate(
                 request.request_id, prompt_ids, sampling, grammar=grammar
             ):
@@ -435,7 +438,7 @@ class CloudWorker:
 async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry).
 
-    After the signal it exits within `drain_timeout_s` + `CLOSE_S`, broker or no broker.
+    After the signal it exits within `drain_timeout_s` + 5 s, broker or no broker.
     """
     import signal
 

@@ -23,7 +23,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker import wire
-from broker.bus import connect
+from broker.bus import bounded, close_bounded, connect
 from broker.server import NatsServer, free_port
 from models.registry import ModelSet
 
@@ -156,3 +156,24 @@ async def test_sigterm_stops_the_service_within_its_drain_bound(
         # down (an edge's watchdog would exit 1 instead).
         clean = 0 if kind == "cloud-worker" else -signal.SIGTERM
         assert status == clean, f"{kind} exited {status} (broker {broker})\n{service.output()}"
+
+
+async def test_close_bounded_closes_a_connection_to_a_frozen_broker(tmp_path: Path) -> None:
+    """The shared helper every service stops with: a broker that keeps the socket open and
+    answers nothing (SIGSTOP) still lets the connection close within the bound given,
+    with nothing left reconnecting."""
+    server = NatsServer(store_dir=tmp_path / "nats", port=-1)
+    await server.start()
+    try:
+        nc = await connect(server.client_url, name="test-frozen")
+        sub = await nc.subscribe("hg.test.frozen")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        assert not await bounded(sub.drain(), 0.2, "drain on a frozen broker")
+        await asyncio.wait_for(close_bounded(nc, 1.0), 1.0 + CLOSE_S)
+        assert nc.is_closed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if server.pid is not None:
+                os.kill(server.pid, signal.SIGCONT)
+        await server.shutdown()
