@@ -109,6 +109,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Estimated bytes per context of a snapshot (`NgramCache.from_bytes` makes an int object per
+#: token of its keys and followers, which the live cache shares: 584 measured).
+BYTES_PER_SNAPSHOT_CONTEXT = 600
 #: Fixed cost estimate of one resident user.
 BYTES_PER_USER = 2048
 #: Feedback samples kept in memory per user, for the samples-in-context pick.
@@ -126,7 +129,7 @@ def largest_user_bytes(max_user_bytes: int, max_contexts: int) -> int:
     token per byte at most (byte-level BPE), i.e. two grams per byte."""
     return (
         BYTES_PER_USER
-        + 2 * BYTES_PER_CONTEXT * max_contexts
+        + (BYTES_PER_CONTEXT + BYTES_PER_SNAPSHOT_CONTEXT) * max_contexts
         + KEPT_SAMPLES * BYTES_PER_SAMPLE
         + max_user_bytes * (2 + 2 * BYTES_PER_GRAM)
     )
@@ -169,7 +172,7 @@ class _UserState:
     def size(self) -> int:
         """Estimated bytes: the cache, its snapshot, the kept and the queued samples."""
         snapshot = len(self.snapshot) if self.snapshot is not None else 0
-        contexts = BYTES_PER_CONTEXT * (len(self.cache) + snapshot)
+        contexts = BYTES_PER_CONTEXT * len(self.cache) + BYTES_PER_SNAPSHOT_CONTEXT * snapshot
         return BYTES_PER_USER + contexts + self.samples_bytes + self.pending_bytes
 
 
