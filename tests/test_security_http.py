@@ -22,8 +22,10 @@ from cloud.settings import ApiSettings
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from hybridgen.launcher import ChildSpec, give_edges_an_admin_key
+from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
 from tests.live import serve_app
+from tests.test_up import running_up
 
 ALICE_KEY = "alice-key-3f9a"
 ADMIN_KEY = "admin-key-77c1"
@@ -400,3 +402,26 @@ def test_up_makes_one_owner_only_admin_key_for_the_edges(
     again = [ChildSpec("edge", ["edge"], role="edge")]
     give_edges_an_admin_key(again, tmp_path / "secrets")
     assert again[0].env == children[0].env  # one key per install, kept across runs
+
+
+@pytest.mark.slow
+async def test_up_gives_its_edge_an_admin_key_and_says_how_to_use_it(
+    tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    async with running_up(tiny_models, tmp_path) as up:
+        key_file = up.home / "secrets" / "edge-admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        told = (await up.until(r"users' data on the edge needs its admin key.*")).group(0)
+        assert f"$(cat {key_file})" in told
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{up.edge_port}", timeout=60
+        ) as client:
+            plain = await client.post("/v1/completions", json={**COMPLETION, "route": "edge"})
+            assert plain.status_code == 200, plain.text
+            refused(await client.put("/v1/users/alice", json={}), 401, "unauthorized")
+            put = await client.put("/v1/users/alice", json={}, headers=as_(key))
+            assert put.status_code == 200, put.text
+        assert key not in up.output
+        for log in (up.home / "logs").glob("*.log"):
+            assert key not in log.read_text(), log
