@@ -112,8 +112,9 @@ async def test_a_discovery_reply_never_goes_to_the_config_or_the_models(
     cloud, edge = await bus.connect("cloud1"), await bus.connect("edge1")
     client = ops if attacker == "ops" else await bus.connect(attacker)
     reply, stream = TARGETS[target]
-    # The api may ask the workers only; an operator asks every service (the console's way).
-    ask = "$SRV.INFO" if attacker == "ops" else subjects.discovery_info("hybridgen-cloud")
+    # The api may ask the workers only; an operator asks every service, with each verb.
+    verbs = ("$SRV.PING", "$SRV.INFO", "$SRV.STATS")
+    asks = verbs if attacker == "ops" else (subjects.discovery_info("hybridgen-cloud"),)
     answering = {"hybridgen-cloud", "hybridgen-edge"} if attacker == "ops" else {"hybridgen-cloud"}
     control = await serve_control(
         edge, node_id="edge-1", role="edge", handlers={}, name="hybridgen-edge"
@@ -121,13 +122,14 @@ async def test_a_discovery_reply_never_goes_to_the_config_or_the_models(
     try:
         async with GenerationService(cloud, model=MODEL, handler=echo, node_id="cloud-a"):
             before = await last_seq(ops, stream)
-            await client.publish(ask, b"", reply=reply)
-            # The marker: the same question to the same subscriptions, answered after it.
             inbox = client.new_inbox()
             sub = await client.subscribe(inbox)
-            await client.publish(ask, b"", reply=inbox)
-            names = {json.loads((await sub.next_msg(timeout=5)).data)["name"] for _ in answering}
-            assert names == answering
+            for ask in asks:
+                await client.publish(ask, b"", reply=reply)
+                # The marker: the same question to the same subscriptions, answered after it.
+                await client.publish(ask, b"", reply=inbox)
+                answers = [json.loads((await sub.next_msg(timeout=5)).data) for _ in answering]
+                assert {answer["name"] for answer in answers} == answering
     finally:
         await control.stop()
     await assert_untouched(ops, config, stream, before)
