@@ -100,9 +100,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
             up when it has none.
 
     Raises:
-        ValueError: the settings break the exposure rule (`EdgeSettings.check_exposure`:
-            no API key beyond loopback, /metrics protected without keys, a malformed key
-            or origin).
+        ValueError: the settings break the exposure rule (`EdgeSettings.check_exposure`).
     """
     settings = settings or EdgeSettings()
     settings.check_exposure()
@@ -140,14 +138,9 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
             return False, {"reason": "draining", **detail}
         return True, detail
 
-    install_browser_guard(  # inside the body limit and the metrics: added first
-        app,
-        host=settings.host,
-        advertise_url=settings.advertise_url,
-        allowed_hosts=settings.allowed_hosts,
-        allowed_origins=settings.allowed_origins,
-        setting="HG_EDGE_ALLOWED_ORIGINS",
-    )
+    guarded = (settings.host, settings.advertise_url, settings.allowed_hosts)
+    origins = settings.allowed_origins  # the guard sits inside the body limit and the metrics
+    install_browser_guard(app, *guarded, origins, setting="HG_EDGE_ALLOWED_ORIGINS")
     http_metrics = install_common(
         app, service="edge", max_body_bytes=settings.max_body_bytes, ready_check=ready
     )
@@ -473,12 +466,8 @@ def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
 async def _personalization(
     request: Request, service: EdgeService, user: str | None, text: str
 ) -> Personalization | None:
-    """The personalization of a request with `user` (None: no user, or an unknown one).
-
-    Raises:
-        Unauthorized, Forbidden: the caller's key does not cover `user` (checked before
-            anything of the user is read).
-    """
+    """The personalization of a request with `user` (None: no user, or an unknown one);
+    Unauthorized or Forbidden, before anything of the user is read, unless the key covers it."""
     if not user:
         return None
     authorize_user(request, user, param="user")

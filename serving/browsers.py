@@ -220,11 +220,11 @@ def _cors(origin: str, *, preflight: bool = False) -> dict[str, str]:
 
 def install_browser_guard(
     app: ASGIApp,
-    *,
     host: str,
     advertise_url: str | None,
     allowed_hosts: Iterable[str],
     allowed_origins: Iterable[str],
+    *,
     setting: str,
 ) -> None:
     """Add `BrowserGuard` to a FastAPI app. Call it before `install_common`, so the body
