@@ -386,12 +386,17 @@ async def test_users_lifecycle_through_the_edge(
         assert body["learned"] is None
 
         reset = await client.post("/gina/reset", json={})
-        assert reset.json()["reset"] is True
+        assert (reset.json()["reset"], reset.json()["scrubbed"]) == (True, True)
         after = (await client.get("/gina/export")).json()
         assert after["feedback"] == [] and after["profile"]["persona"] == PERSONA
 
         deleted = await client.delete("/gina")
-        assert deleted.json() == {"object": "user.deleted", "id": "gina", "deleted": True}
+        assert deleted.json() == {
+            "object": "user.deleted",
+            "id": "gina",
+            "deleted": True,
+            "scrubbed": True,
+        }
         assert (await client.get("/gina")).status_code == 404
     assert "gina" not in _everything(db)
 
