@@ -9,8 +9,9 @@ import re
 
 PREFIX = "hg"
 
-#: Subject tokens (model names, node ids, request ids) must be one NATS token.
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: Subject tokens (model names, node ids, request ids) must be one NATS token. Matched
+#: whole (`fullmatch`): a `$` anchor would also admit a trailing newline.
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
 
 GEN_ALL = f"{PREFIX}.gen.>"
 CANCEL_ALL = f"{PREFIX}.cancel.>"
@@ -36,7 +37,7 @@ POLICY_DEFAULT_KEY = "policy.default"
 
 def is_token(name: str) -> bool:
     """True when `name` is usable as one subject token (no dots, spaces or wildcards)."""
-    return bool(_TOKEN.match(name))
+    return isinstance(name, str) and _TOKEN.fullmatch(name) is not None
 
 
 def is_inbox(subject: str) -> bool:

@@ -33,6 +33,9 @@ from broker.errors import BadRequest, HybridgenError, error_for_code
 VERSION: Literal[3] = 3
 #: Largest message accepted on decode (NATS' default max_payload is 1 MiB).
 MAX_MESSAGE_BYTES = 1024 * 1024
+#: Largest `Grammar.data` on the bus, in characters (`serving.grammar.MAX_GRAMMAR_CHARS`,
+#: the HTTP side's bound): compiling a grammar costs the worker time and memory.
+MAX_GRAMMAR_CHARS = 64 * 1024
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -85,7 +88,7 @@ class Grammar(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     kind: Literal["json_schema", "lark", "regex"]
-    data: str = Field(min_length=1)
+    data: str = Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
 
 class GenerateRequest(Message):
@@ -292,13 +295,37 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(message.model_dump(exclude_none=True), use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    """msgpack `ext_hook`: extension types are refused (no message field is one, and they
+    would land, undecoded, in the free-form `dict[str, Any]` fields)."""
+    raise BadRequest(f"msgpack extension type {code} is not accepted")
+
+
+def _no_timestamp(obj: Any) -> Any:
+    """msgpack `object_hook`/`list_hook`: the timestamp extension (-1) bypasses `ext_hook`,
+    so maps and arrays are checked for it."""
+    values = obj.values() if isinstance(obj, dict) else obj
+    if any(isinstance(value, msgpack.Timestamp) for value in values):
+        raise BadRequest("msgpack extension type -1 (timestamp) is not accepted")
+    return obj
+
+
 def _unpack(data: bytes) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE_BYTES:
         raise BadRequest(
             f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"
         )
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            object_hook=_no_timestamp,
+            list_hook=_no_timestamp,
+        )
+    except BadRequest:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise BadRequest(f"malformed msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

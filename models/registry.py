@@ -40,13 +40,13 @@ logger = logging.getLogger(__name__)
 CURRENT_NAME = "CURRENT"
 PRECISIONS = ("int4", "int8", "fp32")
 #: A version is one path component of letters, digits, dot, dash and underscore.
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: no "\n"
 _BUILD_HINT = "run `hybridgen models build` (or `hybridgen models pull VERSION`)"
 
 
 def check_version(version: str) -> str:
     """Return `version` when it is a valid model-set version, else raise BadRequest."""
-    if not VERSION_PATTERN.match(version) or version in (".", ".."):
+    if not VERSION_PATTERN.fullmatch(version) or version in (".", ".."):
         raise BadRequest(
             f"model-set version {version!r} is invalid: use 1-64 letters, digits, '.', '-' or '_'",
             param="version",

@@ -40,7 +40,7 @@ GrammarKind = Literal["json_schema", "lark", "regex"]
 
 #: Largest grammar accepted (characters of its text): a schema is small, and the grammar
 #: travels on the bus inside a 1 MiB message with the rest of the request.
-MAX_GRAMMAR_CHARS = 64 * 1024
+MAX_GRAMMAR_CHARS = wire.MAX_GRAMMAR_CHARS
 
 #: The schema of `response_format: {"type": "json_object"}`: any JSON object.
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}

@@ -51,6 +51,27 @@ MAX_CHARS_PER_TOKEN = 64
 #: How many stop sequences a request may carry (OpenAI allows 4; the bus allows 16).
 MAX_STOP_SEQUENCES = 4
 
+#: The largest count or seed a request may give: the engines take 32-bit integers
+#: (onnxruntime-genai's `random_seed`, `max_length`, `top_k`), and a bigger value must be a
+#: 400 naming the field, not an `OverflowError` when the request is encoded for the bus.
+MAX_INT32 = 2**31 - 1
+#: Integers msgpack carries (signed or unsigned 64-bit), for the free-form `tools`.
+_WIRE_INTS = (-(2**63), 2**64 - 1)
+
+
+def _wire_ints_only(value: Any) -> bool:
+    """Whether every integer inside `value` (nested dicts and lists) fits msgpack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not _WIRE_INTS[0] <= item <= _WIRE_INTS[1]:
+            return False
+    return True
+
 
 def too_long_for(chars: int, context_length: int) -> bool:
     """Whether an input of `chars` characters certainly exceeds a `context_length` window
@@ -72,13 +93,13 @@ class _GenerationRequest(_Request):
     """Fields common to completions and chat completions."""
 
     model: str = Field(min_length=1, max_length=128)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     #: Not in OpenAI's API (vLLM has it): 0 disables top-k.
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, le=MAX_INT32)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_INT32)
     #: One answer per request: `n` > 1 is refused (400 naming `n`).
     n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
@@ -131,6 +152,10 @@ class _GenerationRequest(_Request):
     def _check_tools(cls, value: Any, info: Any) -> Any:
         if value is None or (not cls._takes_tools and value in ([], "none")):
             return value
+        if not _wire_ints_only(value):
+            raise PydanticCustomError(
+                "out_of_range", f"an integer in {info.field_name!r} does not fit 64 bits"
+            )
         if not cls._takes_tools:
             raise PydanticCustomError(
                 "unsupported",
@@ -355,7 +380,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.tool_request().grammar(super().grammar())
 
     #: Newer name of `max_tokens` in OpenAI's chat API; wins when both are set.
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     #: Log-probabilities of the generated tokens; `top_logprobs` (0-20, needs `logprobs`)
     #: adds the most likely tokens of each step.
     logprobs: bool | None = None
