@@ -1,4 +1,5 @@
-"""The user store's files on disk: owner-only, and deleted text scrubbed from the WAL.
+"""The user store's files on disk: owner-only, deleted text scrubbed from the WAL, and what
+a SQLite failure tells the caller (`failure`: a 503 naming the file).
 
 - `private_file` creates the database file 0600 before SQLite opens it (SQLite then makes
   its `-wal` and `-shm` files with the same mode) in folders it creates 0700; files already
@@ -21,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from broker.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,25 @@ def checkpoint(db: sqlite3.Connection, wait_ms: int, busy_timeout_ms: int) -> bo
     finally:
         db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
     return int(busy) == 0
+
+
+def failure(exc: sqlite3.Error, path: Path) -> tuple[Unavailable, bool]:
+    """The `Unavailable` (503) for a SQLite error on `path`, logged, and whether the
+    connection must be dropped (the next call then opens and checks the file again)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        logger.warning("user store %s is locked", path)
+        message = f"user store {path} is locked by another process or connection; retry shortly"
+        return Unavailable(message, retry_after=1.0), False
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        logger.error("user store %s is unusable: %s", path, text)
+        return Unavailable(
+            f"user store {path} is corrupt or not a hybridgen user database ({text}); it was "
+            "left untouched: move it aside (a new one is then created) or restore it from a "
+            "backup"
+        ), True
+    logger.error("user store %s failed: %s", path, text)
+    return Unavailable(f"user store {path} is unavailable ({text})"), True
 
 
 class Scrubber:

@@ -1,14 +1,21 @@
-"""The user store's schema: its migrations, the transaction helper and fixed queries.
+"""The user store's schema: its migrations, the transaction helper and its row readers.
 
 Split from `edge.users` (which re-exports `MIGRATIONS`, `SCHEMA_VERSION` and `migrate`).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker.errors import Unavailable
+from edge.user_models import Feedback, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +109,76 @@ def transaction(db: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[Non
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def prepare(conn: sqlite3.Connection, path: Path, busy_ms: int) -> None:
+    """Check the file, then set it up and migrate it (nothing is written to a bad file).
+
+    Raises:
+        Unavailable: a newer schema. sqlite3.DatabaseError: not a database, or damaged.
+    """
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]  # fails on a non-database
+    if version > SCHEMA_VERSION:
+        raise Unavailable(
+            f"user store {path} has schema version {version}, newer than this "
+            f"hybridgen's {SCHEMA_VERSION}: upgrade hybridgen or point HG_EDGE_USERS_DB "
+            "elsewhere"
+        )
+    check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA secure_delete = ON")  # deleted text is zeroed, not just unlinked
+    conn.execute("PRAGMA synchronous = NORMAL")
+    migrate(conn)
+
+
+def read_profile(db: sqlite3.Connection, user_id: str) -> Profile | None:
+    """The user's profile row (None: no such user)."""
+    row = db.execute(
+        f"SELECT {', '.join(PROFILE_COLUMNS)} FROM users WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return None if row is None else Profile(**dict(zip(PROFILE_COLUMNS, row, strict=True)))
+
+
+def read_feedback(db: sqlite3.Connection, user_id: str, limit: int | None) -> list[Feedback]:
+    """The user's newest `limit` samples (all when None), oldest first."""
+    rows = db.execute(
+        "SELECT id, accepted, rejected, created FROM feedback WHERE user_id = ? "
+        "ORDER BY id DESC LIMIT ?",
+        (user_id, -1 if limit is None else limit),
+    ).fetchall()
+    return [
+        Feedback(id=row[0], accepted=row[1], rejected=row[2], created=row[3])
+        for row in reversed(rows)
+    ]
+
+
+def export_rows(db: sqlite3.Connection, user_id: str) -> dict[str, Any] | None:
+    """Everything held about the user, read in one snapshot (`UserStore.export`; None: no
+    such user)."""
+    with transaction(db, "DEFERRED"):
+        profile = read_profile(db, user_id)
+        if profile is None:
+            return None
+        feedback = read_feedback(db, user_id, None)
+        learned = db.execute(
+            "SELECT state, updated FROM learned WHERE user_id = ?", (user_id,)
+        ).fetchone()
+    return {
+        "object": "user.export",
+        "user_id": user_id,
+        "exported": time.time(),
+        "schema_version": SCHEMA_VERSION,
+        "profile": profile.model_dump(),
+        "feedback": [sample.model_dump() for sample in feedback],
+        "learned": None
+        if learned is None
+        else {
+            "bytes": len(learned[0]),
+            "updated": learned[1],
+            "state_base64": base64.b64encode(bytes(learned[0])).decode("ascii"),
+        },
+    }

@@ -16,9 +16,8 @@ every row about the user (foreign keys cascade). Deleted content is overwritten
 text is gone from the files on disk too; a checkpoint that a reader blocks is reported and
 retried (`edge.user_files.Scrubber`): both return whether the text is gone already.
 
-The file and its `-wal`/`-shm` are 0600, in a folder created 0700 (`edge.user_files`). Each
-user is bounded (`edge.user_limits.UserLimits`): the number of users and the bytes of each
-user's text (413), and the feedback rate of each user (429).
+The file and its `-wal`/`-shm` are 0600, in a folder created 0700 (`edge.user_files`). Users
+are bounded (`edge.user_limits`): their number, each one's bytes (413) and feedback rate (429).
 
 The file is opened lazily, on the first call: an edge that never sees a user never creates
 it. A corrupt or locked file raises `Unavailable` (HTTP 503) naming the file, per call, and is
@@ -37,7 +36,6 @@ methods with `asyncio.to_thread`. Nothing here logs a user's text.
 
 from __future__ import annotations
 
-import base64
 import logging
 import sqlite3
 import threading
@@ -47,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import BadRequest, NotFound, Unavailable
-from edge.user_files import Scrubber, checkpoint, private_file
+from edge.user_files import Scrubber, checkpoint, failure, private_file
 from edge.user_limits import FeedbackRate, RateLimited, StoreFull, UserLimits
 from edge.user_models import (
     DEFAULT_MAX_FEEDBACK,
@@ -64,10 +62,13 @@ from edge.user_models import (
 )
 from edge.user_schema import (
     MIGRATIONS,
-    PROFILE_COLUMNS,
     SCHEMA_VERSION,
     USER_BYTES,
+    export_rows,
     migrate,
+    prepare,
+    read_feedback,
+    read_profile,
     transaction,
 )
 from serving.bodies import validate_body
@@ -283,7 +284,7 @@ class UserStore:
         def read(db: sqlite3.Connection) -> list[Feedback]:
             with transaction(db, "DEFERRED"):
                 self._require_user(db, user_id)
-                return self._feedback(db, user_id, limit)
+                return read_feedback(db, user_id, limit)
 
         return self._run(read)
 
@@ -355,27 +356,10 @@ class UserStore:
         check_user_id(user_id)
 
         def read(db: sqlite3.Connection) -> dict[str, Any]:
-            with transaction(db, "DEFERRED"):  # one snapshot of all three tables
-                profile = self._profile(db, user_id)
-                feedback = self._feedback(db, user_id, None)
-                learned = db.execute(
-                    "SELECT state, updated FROM learned WHERE user_id = ?", (user_id,)
-                ).fetchone()
-            return {
-                "object": "user.export",
-                "user_id": user_id,
-                "exported": time.time(),
-                "schema_version": SCHEMA_VERSION,
-                "profile": profile.model_dump(),
-                "feedback": [sample.model_dump() for sample in feedback],
-                "learned": None
-                if learned is None
-                else {
-                    "bytes": len(learned[0]),
-                    "updated": learned[1],
-                    "state_base64": base64.b64encode(bytes(learned[0])).decode("ascii"),
-                },
-            }
+            body = export_rows(db, user_id)
+            if body is None:
+                raise _not_found(user_id)
+            return body
 
         return self._run(read)
 
@@ -458,7 +442,7 @@ class UserStore:
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from None
         try:
-            self._prepare(conn)
+            prepare(conn, self.path, self._busy_ms())
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.Error):
@@ -468,44 +452,11 @@ class UserStore:
         logger.info("user store open: %s (schema %d)", self.path, SCHEMA_VERSION)
         return conn
 
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        """Check the file, then set it up and migrate it (nothing is written to a bad file)."""
-        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms()}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]  # fails on a non-database
-        if version > SCHEMA_VERSION:
-            raise Unavailable(
-                f"user store {self.path} has schema version {version}, newer than this "
-                f"hybridgen's {SCHEMA_VERSION}: upgrade hybridgen or point HG_EDGE_USERS_DB "
-                "elsewhere"
-            )
-        check = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA secure_delete = ON")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        migrate(conn)
-
     def _unavailable(self, exc: sqlite3.Error) -> Unavailable:
-        text = str(exc)
-        if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
-            logger.warning("user store %s is locked", self.path)
-            return Unavailable(
-                f"user store {self.path} is locked by another process or connection; retry shortly",
-                retry_after=1.0,
-            )
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        error, broken = failure(exc, self.path)
+        if broken:
             self._forget_connection()
-            logger.error("user store %s is unusable: %s", self.path, text)
-            return Unavailable(
-                f"user store {self.path} is corrupt or not a hybridgen user database ({text}); "
-                "it was left untouched: move it aside (a new one is then created) or restore "
-                "it from a backup"
-            )
-        self._forget_connection()
-        logger.error("user store %s failed: %s", self.path, text)
-        return Unavailable(f"user store {self.path} is unavailable ({text})")
+        return error
 
     def _forget_connection(self) -> None:
         """Drop the connection so that the next call opens (and checks) the file again."""
@@ -530,23 +481,10 @@ class UserStore:
         return int(db.execute(USER_BYTES, (user_id,)).fetchone()[0])
 
     def _profile(self, db: sqlite3.Connection, user_id: str) -> Profile:
-        row = db.execute(
-            f"SELECT {', '.join(PROFILE_COLUMNS)} FROM users WHERE user_id = ?", (user_id,)
-        ).fetchone()
-        if row is None:
+        profile = read_profile(db, user_id)
+        if profile is None:
             raise _not_found(user_id)
-        return Profile(**dict(zip(PROFILE_COLUMNS, row, strict=True)))
-
-    def _feedback(self, db: sqlite3.Connection, user_id: str, limit: int | None) -> list[Feedback]:
-        rows = db.execute(
-            "SELECT id, accepted, rejected, created FROM feedback WHERE user_id = ? "
-            "ORDER BY id DESC LIMIT ?",
-            (user_id, -1 if limit is None else limit),
-        ).fetchall()
-        return [
-            Feedback(id=row[0], accepted=row[1], rejected=row[2], created=row[3])
-            for row in reversed(rows)
-        ]
+        return profile
 
     def _exists(self, db: sqlite3.Connection, user_id: str) -> bool:
         return (
