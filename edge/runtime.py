@@ -210,6 +210,9 @@ class _Job:
 
 #: A kept generator's max_length is the request's need rounded up to this many tokens.
 PREFIX_LENGTH_STEP = 256
+#: A request submitted this soon after its user was forgotten was prepared before it: its
+#: prefix is not kept (`_PrefixCache.forget`).
+FORGET_GRACE_S = 30.0
 
 
 def prefix_length(prompt_ids: Sequence[int], prefix_ids: Sequence[int]) -> int:
@@ -246,9 +249,10 @@ class _PrefixCache:
         self._lock = threading.Lock()
         self.nbytes = 0
         self.evictions = 0
-        # Forgotten owners (`forget`): requests started before one keep nothing it matches.
+        # Forgotten owners (`forget`): requests started before one, or submitted less than
+        # FORGET_GRACE_S after it (prepared before it), keep nothing it matches.
         self.epoch = 0
-        self._forgotten: deque[tuple[int, Callable[[Hashable], bool]]] = deque(maxlen=256)
+        self._forgotten: deque[tuple[int, float, Callable[[Hashable], bool]]] = deque(maxlen=256)
 
     def forget(self, match: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose prefix key `match`es; a request in flight since keeps none.
@@ -258,20 +262,22 @@ class _PrefixCache:
         """
         with self._lock:
             self.epoch += 1
-            self._forgotten.append((self.epoch, match))
+            self._forgotten.append((self.epoch, time.perf_counter(), match))
             gone = [key for key in self._entries if isinstance(key, tuple) and match(key[0])]
             for key in gone:
                 self.nbytes -= self._entries.pop(key).nbytes
             return len(gone)
 
-    def _was_forgotten(self, key: Hashable, since: int) -> bool:
-        """Whether an owner of `key` was forgotten after epoch `since` (unsure: True)."""
-        if since >= self.epoch:
-            return False
-        if not self._forgotten or self._forgotten[0][0] > since + 1:
-            return True  # older forgets fell out of the record
+    def _was_forgotten(self, key: Hashable, since: int, submitted: float) -> bool:
+        """Whether an owner of `key` was forgotten after epoch `since`, or less than
+        `FORGET_GRACE_S` before `submitted` (unsure: True)."""
+        if since < self.epoch and (not self._forgotten or self._forgotten[0][0] > since + 1):
+            return True  # forgets since the request started fell out of the record
         prefix = key[0] if isinstance(key, tuple) else key
-        return any(epoch > since and match(prefix) for epoch, match in self._forgotten)
+        return any(
+            (epoch > since or at > submitted - FORGET_GRACE_S) and match(prefix)
+            for epoch, at, match in self._forgotten
+        )
 
     def snapshot(self) -> list[Hashable]:
         """Keys, least recently used first."""
@@ -286,14 +292,14 @@ class _PrefixCache:
                 self.nbytes -= kept.nbytes
             return kept
 
-    def put(self, key: Hashable, kept: _Kept, since: int = 0) -> None:
+    def put(self, key: Hashable, kept: _Kept, since: int = 0, submitted: float = 0.0) -> None:
         """Keep `kept` as the most recent entry of `key`, evicting the oldest beyond budget
-        (not when its owner was forgotten after epoch `since`, when its request started)."""
+        (not when its owner was forgotten since its request, `_was_forgotten`)."""
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self.nbytes -= old.nbytes
-            if kept.nbytes > self.budget_bytes or self._was_forgotten(key, since):
+            if kept.nbytes > self.budget_bytes or self._was_forgotten(key, since, submitted):
                 self.evictions += 1
                 return
             self._entries[key] = kept
@@ -713,6 +719,7 @@ class EdgeRuntime:
                 nbytes=self.kv_bytes_per_token * job.max_length,
             ),
             job.epoch,
+            job.enqueued_at,
         )
 
     def _prefill(self, job: _Job) -> None:

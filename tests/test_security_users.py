@@ -26,15 +26,18 @@ import pytest
 
 from broker.server import NatsServer
 from edge.adapt import NgramCache
-from edge.personalize import Personalizer, largest_user_bytes
+from edge.personalize import Personalizer, largest_user_bytes, owns_prefix
+from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from edge.settings import EdgeSettings
 from edge.users import ProfileUpdate, UserLimits, UserStore
 from hybridgen import launcher
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge
+from tests.test_edge_prefix import chat as prefix_chat
 
 PERSONA = "Answers as Captain Quillon of the airship Meridian, always in rhyme"
 SECRET = "my bank pin is 4471 and my sister is called Odalys Vantrees"
 PROMPT = "<|user|>\nTell me about the sky<|end|>\n<|assistant|>\n"
+GREEDY = SamplingParams(max_tokens=4, temperature=0)
 
 
 def mode(path: Path) -> int:
@@ -109,6 +112,33 @@ async def test_delete_and_reset_drop_the_users_kept_prefixes(
         assert reset.status_code == 200 and reset.json()["scrubbed"] is True
         owners = [str(key).rpartition(":")[0] for key in runtime.prefix_cache_keys]
         assert owners == ["user:ana:x"]
+
+
+async def test_requests_in_flight_at_a_forget_keep_no_prefix(runtime: EdgeRuntime) -> None:
+    ids, span, prefix_len = prefix_chat(runtime, "Where is the lighthouse?")
+    key = "user:zed:0123456789abcdef"
+    forget = owns_prefix("zed")
+
+    # In flight when the user is forgotten: held after its prefill, released after.
+    held = runtime.submit(
+        ids, GREEDY, score_span=span, prefix_key=key, prefix_len=prefix_len, hold_after_prefill=True
+    )
+    assert isinstance(await held.next_event(), Prefill)
+    assert runtime.forget_prefixes(forget) == 0
+    held.resume()
+    _ = [event async for event in held]
+    # Prepared before the forget, submitted after it.
+    _ = [
+        event async for event in runtime.submit(ids, GREEDY, prefix_key=key, prefix_len=prefix_len)
+    ]
+    assert runtime.prefix_cache_keys == []
+    # Another user's request is kept as before.
+    other = "user:zoe:0123456789abcdef"
+    _ = [
+        event
+        async for event in runtime.submit(ids, GREEDY, prefix_key=other, prefix_len=prefix_len)
+    ]
+    assert runtime.prefix_cache_keys == [other]
 
 
 def test_a_forgotten_user_leaves_no_id_in_the_personalizer(tmp_path: Path) -> None:
