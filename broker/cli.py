@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.config import ServerConfig, TLSFiles, User, render
+from broker.config import ServerConfig, TLSFiles, User, render, write_secret
 from broker.errors import HybridgenError
 from broker.server import NatsServer
 from broker.settings import hg_home
+from broker.sites import LeafSite
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,20 @@ def _config_parser() -> argparse.ArgumentParser:
         help="hub/cluster: do not tell leaf nodes the other nodes' leaf URLs (they dial "
         "only their --remote URLs; for hubs behind NAT or a load balancer)",
     )
-    add("--leaf-user", help="hub: user leaf nodes log in as; leaf: the user to log in as")
+    add(
+        "--leaf-site",
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD:EDGE_USER=NODE_ID[,EDGE_USER=NODE_ID...]",
+        help="hub/cluster: an edge site's own login (its leaf node's --leaf-user and "
+        "--leaf-password), allowed only what its edges (each its user on the site's leaf "
+        "node and its node id) may send and receive; repeat per site. Instead of --leaf-user",
+    )
+    add(
+        "--leaf-user",
+        help="leaf: the site's login on the hub (its --leaf-site NAME); hub: one login "
+        "shared by every site, with no permissions (prefer --leaf-site)",
+    )
     add("--leaf-password", help="password of --leaf-user")
     add("--leaf-tls-cert", type=Path, help="hub: leaf listener certificate")
     add("--leaf-tls-key", type=Path, help="hub: its key")
@@ -126,7 +140,31 @@ def _config_parser() -> argparse.ArgumentParser:
     add("--node-index", type=int, default=None, help="cluster: this node's 1-based index")
     add("--cluster-user", help="route authentication user")
     add("--cluster-password", help="route authentication password")
-    add("-o", "--output", type=Path, help="write to this file instead of stdout")
+    add(
+        "--cluster-tls-cert",
+        type=Path,
+        help="cluster: this node's certificate for its routes, good for serverAuth and "
+        "clientAuth (default: --tls-cert)",
+    )
+    add("--cluster-tls-key", type=Path, help="its key (default: --tls-key)")
+    add(
+        "--cluster-tls-ca",
+        type=Path,
+        help="the CA that signed every node's certificate (default: --tls-ca); both ends "
+        "of a route are verified",
+    )
+    add(
+        "--cluster-insecure",
+        action="store_true",
+        help="cluster: routes in clear, carrying prompts and credentials (only on a private "
+        "network you trust)",
+    )
+    add(
+        "-o",
+        "--output",
+        type=Path,
+        help="write to this file (mode 0600: it holds passwords) instead of stdout",
+    )
     return parser
 
 
@@ -138,9 +176,22 @@ def _tls(cert: Path | None, key: Path | None, ca: Path | None, verify: bool) -> 
     return TLSFiles(cert=cert, key=key, ca=ca, verify=verify)
 
 
+def _cluster_tls(args: argparse.Namespace) -> TLSFiles | None:
+    """The routes' TLS: the `--cluster-tls-*` files, each defaulting to its `--tls-*`."""
+    cert = args.cluster_tls_cert or args.tls_cert
+    key = args.cluster_tls_key or args.tls_key
+    if cert is None and key is None:
+        return None
+    tls = _tls(cert, key, args.cluster_tls_ca or args.tls_ca, True)
+    if tls is not None and tls.ca is None:
+        raise ValueError("route TLS needs --cluster-tls-ca (or --tls-ca): both ends verify")
+    return tls
+
+
 def build_config(args: argparse.Namespace) -> str:
     """The config text the `config` sub-command prints for parsed `args`."""
     users = [User.parse(spec) for spec in args.user]
+    sites = [LeafSite.parse(spec) for spec in args.leaf_site]
     store_dir = args.store_dir
     if store_dir is None and args.role != "leaf":
         store_dir = hg_home() / "nats"
@@ -164,6 +215,7 @@ def build_config(args: argparse.Namespace) -> str:
         "cluster_name": args.cluster_name,
         "cluster_user": args.cluster_user,
         "cluster_password": args.cluster_password,
+        "leaf_sites": sites,
     }
     if args.role == "cluster":
         hosts = [h.strip() for h in args.routes.split(",") if h.strip()]
@@ -180,6 +232,8 @@ def build_config(args: argparse.Namespace) -> str:
         return render(
             ServerConfig(
                 topology="cluster",
+                cluster_tls=_cluster_tls(args),
+                cluster_insecure=args.cluster_insecure,
                 name=args.name or f"hg-{args.node_index}",
                 port=args.port,
                 store_dir=store_dir,
@@ -220,7 +274,11 @@ def config_main(argv: list[str]) -> int:
         print(f"hybridgen broker config: {exc}", file=sys.stderr)
         return 2
     if args.output:
-        args.output.write_text(text)
+        try:
+            write_secret(args.output, text, private_folder=False)
+        except OSError as exc:
+            print(f"hybridgen broker config: cannot write {args.output}: {exc}", file=sys.stderr)
+            return 2
         print(
             f"wrote {args.output}; check it with: nats-server -t -c {args.output}", file=sys.stderr
         )

@@ -35,16 +35,16 @@ import ipaddress
 import json
 import os
 import secrets
-import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from broker import subjects
+
+if TYPE_CHECKING:
+    from broker.sites import LeafSite
 
 Role = Literal["edge", "cloud", "api", "operator", "launcher"]
 Topology = Literal["standalone", "hub", "leaf", "cluster"]
@@ -279,8 +279,11 @@ class ServerConfig:
         tls: client TLS.
         leaf_port: hub's leaf-node listener port (-1: random). A cluster node with one
             also listens for leaf nodes (every node of a cloud cluster can be a hub).
-        leaf_user: user leaf nodes authenticate as on the hub (with `leaf_password`).
+        leaf_user: user leaf nodes authenticate as on the hub (with `leaf_password`): one
+            login shared by every site, with no permissions. On a leaf: its site's login.
         leaf_password: its password.
+        leaf_sites: a hub's edge sites, each with its own login bound to its edges
+            (`LeafSite`); instead of `leaf_user`.
         leaf_advertise: whether the leaf-node listener tells leaf nodes the leaf URLs of the
             other cluster nodes (nats-server's default). Off (`no_advertise`), a leaf node
             only ever dials its configured remotes: for hubs behind NAT or a load balancer,
@@ -295,6 +298,10 @@ class ServerConfig:
         routes: every node's route URL (`nats-route://host:6222`); a node's own is harmless.
         cluster_user: route authentication user (with `cluster_password`).
         cluster_password: its password.
+        cluster_tls: the routes' TLS (certificate, key and the CA; both ends verified).
+            Routes carry prompts and credentials: a cluster without it is refused unless
+            `cluster_insecure`.
+        cluster_insecure: routes in clear (a private network you trust, or a test).
     """
 
     topology: Topology = "standalone"
@@ -319,6 +326,9 @@ class ServerConfig:
     routes: list[str] = field(default_factory=list)
     cluster_user: str | None = None
     cluster_password: str | None = None
+    leaf_sites: list[LeafSite] = field(default_factory=list)
+    cluster_tls: TLSFiles | None = None
+    cluster_insecure: bool = False
 
 
 def _q(value: object) -> str:
@@ -342,14 +352,33 @@ def _tls_block(tls: TLSFiles, indent: str, *, remote: bool = False) -> list[str]
     return [*lines, f"{indent}}}"]
 
 
-def _users_block(users: Sequence[User], js_domain: str | None) -> list[str]:
+def _users_block(
+    users: Sequence[User], js_domain: str | None, sites: Sequence[LeafSite] = ()
+) -> list[str]:
     lines = ["authorization {", "  users: ["]
-    for user in users:
-        perms = permissions_for(user.role, user.node_id, js_domain, user.name)
+    requesters = [u.name for u in users if u.role in ("operator", "launcher")]
+    entries = [
+        (
+            u.name,
+            u.password,
+            permissions_for(u.role, u.node_id, js_domain, u.name),
+            f"role: {u.role}" + (f", node: {u.node_id}" if u.node_id else ""),
+        )
+        for u in users
+    ]
+    if sites:
+        from broker.sites import leaf_site_permissions  # broker.sites builds on this module
+
+        entries += [
+            (s.name, s.password, leaf_site_permissions(s, js_domain, requesters),
+             "leaf site: " + ", ".join(node for _, node in s.edges))
+            for s in sites
+        ]  # fmt: skip
+    for name, password, perms, comment in entries:
         lines += [
-            f"    {{  # role: {user.role}" + (f", node: {user.node_id}" if user.node_id else ""),
-            f"      user: {_q(user.name)}",
-            f"      password: {_q(user.password)}",
+            f"    {{  # {comment}",
+            f"      user: {_q(name)}",
+            f"      password: {_q(password)}",
             "      permissions: {",
             f"        publish: {{ allow: {_list(perms.publish)} }}",
             f"        subscribe: {{ allow: {_list(perms.subscribe)} }}",
@@ -372,16 +401,86 @@ def _with_credentials(url: str, user: str | None, password: str | None) -> str:
     return f"{scheme}://{user}:{password or ''}@{rest}"
 
 
+def _leafnodes_block(config: ServerConfig) -> list[str]:
+    """A hub's leaf-node listener (sites log in as the users of `leaf_sites`), or a leaf
+    node's remote (its site's login in the URLs)."""
+    if config.topology == "leaf":
+        urls = [
+            _with_credentials(u, config.leaf_user, config.leaf_password) for u in config.remotes
+        ]
+        lines = ["leafnodes {", "  remotes: [", "    {", f"      urls: {_list(urls)}"]
+        if config.leaf_tls is not None:
+            lines += _tls_block(config.leaf_tls, "      ", remote=True)
+        return [*lines, "    }", "  ]", "}"]
+    lines = [
+        "leafnodes {",
+        f"  host: {_q(config.host)}",
+        f"  port: {config.leaf_port if config.leaf_port is not None else 7422}",
+    ]
+    if not config.leaf_advertise:
+        lines.append("  no_advertise: true")
+    if config.leaf_user:
+        lines += [
+            "  authorization {",
+            f"    user: {_q(config.leaf_user)}",
+            f"    password: {_q(config.leaf_password or '')}",
+            "  }",
+        ]
+    # With no authorization here, a leaf node logs in as a user of the top-level block
+    # (a `leaf_sites` entry), and that user's permissions bound the link.
+    if config.leaf_tls is not None:
+        lines += _tls_block(config.leaf_tls, "  ")
+    return [*lines, "}"]
+
+
+def _cluster_block(config: ServerConfig) -> list[str]:
+    """A cluster node's routes: authenticated, and over TLS verified at both ends."""
+    if config.cluster_tls is None and not config.cluster_insecure:
+        raise ValueError(
+            "cluster routes carry prompts and credentials: give them TLS (a certificate, "
+            "its key and the CA), or mark them insecure for a private network you trust"
+        )
+    lines = [
+        "cluster {",
+        f"  name: {_q(config.cluster_name)}",
+        f"  host: {_q(config.cluster_host)}",
+        f"  port: {config.cluster_port}",
+    ]
+    if config.cluster_user:
+        lines += [
+            "  authorization {",
+            f"    user: {_q(config.cluster_user)}",
+            f"    password: {_q(config.cluster_password or '')}",
+            "  }",
+        ]
+    if config.cluster_tls is not None:
+        if config.cluster_tls.ca is None:
+            raise ValueError("route TLS needs the CA that signed every node's certificate")
+        lines += _tls_block(
+            TLSFiles(config.cluster_tls.cert, config.cluster_tls.key, config.cluster_tls.ca, True),
+            "  ",
+        )
+    routes = [
+        _with_credentials(r, config.cluster_user, config.cluster_password) for r in config.routes
+    ]
+    return [*lines, f"  routes: {_list(routes)}", "}"]
+
+
 def render(config: ServerConfig) -> str:
     """The text of one nats-server config file.
 
     Raises:
-        ValueError: an inconsistent configuration (a leaf without remotes, ...).
+        ValueError: an inconsistent configuration (a leaf without remotes, a cluster without
+            route TLS, two leaf sites sharing an edge, ...).
     """
     if config.topology == "leaf" and not config.remotes:
         raise ValueError("a leaf node needs at least one remote (the hub's leaf-node URL)")
     if config.topology == "cluster" and not config.routes:
         raise ValueError("a cluster node needs the route URLs of its peers")
+    if config.leaf_sites:
+        from broker.sites import check_sites  # broker.sites builds on this module
+
+        check_sites(config)
     lines = [f"# hybridgen nats-server config: {config.topology}"]
     if config.name:
         lines.append(f"server_name: {_q(config.name)}")
@@ -395,54 +494,15 @@ def render(config: ServerConfig) -> str:
         lines.append(f"jetstream {{ {domain}store_dir: {_q(config.store_dir)} }}")
     if config.tls is not None:
         lines += _tls_block(config.tls, "")
-    if config.users:
-        lines += _users_block(config.users, config.js_domain)
+    if config.users or config.leaf_sites:
+        lines += _users_block(config.users, config.js_domain, config.leaf_sites)
     # A cluster node with a `leaf_port` is also a hub: edge sites' leaf nodes dial it.
-    if config.topology == "hub" or (config.topology == "cluster" and config.leaf_port is not None):
-        lines += [
-            "leafnodes {",
-            f"  host: {_q(config.host)}",
-            f"  port: {config.leaf_port if config.leaf_port is not None else 7422}",
-        ]
-        if not config.leaf_advertise:
-            lines.append("  no_advertise: true")
-        if config.leaf_user:
-            lines += [
-                "  authorization {",
-                f"    user: {_q(config.leaf_user)}",
-                f"    password: {_q(config.leaf_password or '')}",
-                "  }",
-            ]
-        if config.leaf_tls is not None:
-            lines += _tls_block(config.leaf_tls, "  ")
-        lines.append("}")
-    if config.topology == "leaf":
-        urls = [
-            _with_credentials(u, config.leaf_user, config.leaf_password) for u in config.remotes
-        ]
-        lines += ["leafnodes {", "  remotes: [", "    {", f"      urls: {_list(urls)}"]
-        if config.leaf_tls is not None:
-            lines += _tls_block(config.leaf_tls, "      ", remote=True)
-        lines += ["    }", "  ]", "}"]
+    if config.topology in ("hub", "leaf") or (
+        config.topology == "cluster" and config.leaf_port is not None
+    ):
+        lines += _leafnodes_block(config)
     if config.topology == "cluster":
-        lines += [
-            "cluster {",
-            f"  name: {_q(config.cluster_name)}",
-            f"  host: {_q(config.cluster_host)}",
-            f"  port: {config.cluster_port}",
-        ]
-        if config.cluster_user:
-            lines += [
-                "  authorization {",
-                f"    user: {_q(config.cluster_user)}",
-                f"    password: {_q(config.cluster_password or '')}",
-                "  }",
-            ]
-        routes = [
-            _with_credentials(r, config.cluster_user, config.cluster_password)
-            for r in config.routes
-        ]
-        lines += [f"  routes: {_list(routes)}", "}"]
+        lines += _cluster_block(config)
     return "\n".join(lines) + "\n"
 
 
@@ -493,9 +553,16 @@ def ensure_secrets_dir(folder: Path) -> Path:
     return folder
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Write `text` to `path` with mode 0600 from the first byte (atomic replace)."""
-    ensure_secrets_dir(path.parent)
+def write_secret(path: Path, text: str, *, private_folder: bool = True) -> None:
+    """Write `text` to `path` with mode 0600 from the first byte (atomic replace).
+
+    `private_folder`: make the folder owner-only (0700) too; off, a missing folder is
+    made 0700 and an existing one keeps its mode (a config rendered into `/etc/...`).
+    """
+    if private_folder:
+        ensure_secrets_dir(path.parent)
+    elif not path.parent.is_dir():
+        path.parent.mkdir(parents=True, mode=SECRETS_DIR_MODE)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, SECRET_FILE_MODE)
@@ -535,65 +602,12 @@ def is_loopback(host: str) -> bool:
 
 
 def self_signed_tls(folder: Path, hosts: Sequence[str] = ()) -> TLSFiles:
-    """A private CA and a server certificate signed by it, made with the `openssl` CLI.
-
-    Kept in `folder` (mode 0700; keys 0600) and reused when they exist. The server
-    certificate names `localhost`, 127.0.0.1, ::1, this machine's hostname and `hosts`
-    (names or IP addresses). Copy `ca.pem` to the other machines and point their
-    `HG_NATS_TLS_CA` at it.
+    """A private CA and a server certificate signed by it, in `folder`
+    (`broker.tls.self_signed_tls`; `broker.tls.host_certificate` adds one per host).
 
     Raises:
         RuntimeError: `openssl` is not installed or failed (the message says what to do).
     """
-    files = TLSFiles(
-        cert=folder / "server.pem", key=folder / "server-key.pem", ca=folder / "ca.pem"
-    )
-    if all(p is not None and p.is_file() for p in (files.cert, files.key, files.ca)):
-        return files
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError(
-            "TLS needs a certificate: install openssl (then hybridgen makes a private CA), "
-            "or pass --tls-cert, --tls-key and --tls-ca"
-        )
-    ensure_secrets_dir(folder)
-    names = {"localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts}
-    names -= {"", "0.0.0.0", "::", "[::]"}
-    sans = []
-    for name in sorted(names):
-        try:
-            sans.append(f"IP:{ipaddress.ip_address(name.strip('[]'))}")
-        except ValueError:
-            sans.append(f"DNS:{name}")
-    ext = folder / "server.ext"
-    ext.write_text(
-        f"subjectAltName={','.join(sans)}\nextendedKeyUsage=serverAuth\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    )
-    ca_key, csr = folder / "ca-key.pem", folder / "server.csr"
-    steps = [
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
-         "-keyout", str(ca_key), "-out", str(files.ca), "-subj", "/CN=hybridgen private CA",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files.key),
-         "-out", str(csr), "-subj", "/CN=hybridgen nats-server"],
-        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
-         "-CAcreateserial", "-days", "825", "-out", str(files.cert), "-extfile", str(ext)],
-    ]  # fmt: skip
-    old_umask = os.umask(0o077)
-    try:
-        for step in steps:
-            result = subprocess.run(step, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"openssl failed making the TLS certificates in {folder}: "
-                    f"{result.stderr.strip()[-400:]}"
-                )
-    finally:
-        os.umask(old_umask)
-    for path in folder.iterdir():
-        path.chmod(SECRET_FILE_MODE)
-    return files
+    from broker import tls  # broker.tls builds on this module's files and modes
+
+    return tls.self_signed_tls(folder, hosts)

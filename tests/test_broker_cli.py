@@ -26,7 +26,7 @@ def test_config_command_output_is_valid(tmp_path: Path, capsys: pytest.CaptureFi
         "standalone": ["--user", "e:pw:edge", "--user", "o:pw:operator"],
         "hub": ["--leaf-user", "leaf", "--leaf-password", "pw", "--user", "c:pw:cloud"],
         "leaf": ["--remote", "nats-leaf://hub.example.com:7422", "--leaf-user", "leaf"],
-        "cluster": ["--routes", "n1,n2,n3:7222", "--node-index", "3"],
+        "cluster": ["--routes", "n1,n2,n3:7222", "--node-index", "3", "--cluster-insecure"],
     }
     for role, extra in cases.items():
         path = tmp_path / f"{role}.conf"

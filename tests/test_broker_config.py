@@ -14,11 +14,17 @@ from nats.aio.client import Client
 
 from broker import errors, subjects, wire
 from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.cli import config_main
 from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render
 from broker.server import NatsServer, find_nats_server
+from broker.sites import LeafSite, leaf_site_permissions
 from broker.store import ArtifactStore, FleetConfig
 
 MODEL = "hg-cloud"
+SITES = [
+    LeafSite("site1", "site1-pw", (("site1-edge", "edge-s1"),)),
+    LeafSite("site2", "site2-pw", (("site2-edge", "edge-s2"), ("site2-kiosk", "kiosk-s2"))),
+]
 USERS = [
     User("edge1", "edge-pw", "edge", node_id="edge-1"),
     User("cloud1", "cloud-pw", "cloud"),
@@ -64,6 +70,14 @@ def test_every_topology_passes_nats_server_check(tmp_path: Path, certs: TLSFiles
             leaf_password="leaf-pw",
             leaf_tls=certs,
         ),
+        "hub-sites": ServerConfig(
+            topology="hub",
+            store_dir=tmp_path / "hs",
+            js_domain="hub",
+            users=USERS,
+            leaf_sites=SITES,
+            leaf_tls=certs,
+        ),
         "leaf": ServerConfig(
             topology="leaf",
             users=USERS[:1],
@@ -83,6 +97,9 @@ def test_every_topology_passes_nats_server_check(tmp_path: Path, certs: TLSFiles
         users=USERS,
         cluster_user="route",
         cluster_password="route-pw",
+        cluster_tls=certs,
+        leaf_port=7422,
+        leaf_sites=SITES,
     )
     assert len(texts) == 3 and 'server_name: "hg-3"' in texts[2]
     for index, text in enumerate(texts):
@@ -96,6 +113,29 @@ def test_render_refuses_inconsistent_configs() -> None:
         render(ServerConfig(topology="leaf"))
     with pytest.raises(ValueError, match="route URLs"):
         render(ServerConfig(topology="cluster"))
+    routes = ["nats-route://n1:6222", "nats-route://n2:6222"]
+    with pytest.raises(ValueError, match="cluster routes carry prompts"):
+        render(ServerConfig(topology="cluster", routes=routes))
+    no_ca = TLSFiles(Path("c.pem"), Path("k.pem"))
+    with pytest.raises(ValueError, match="CA"):
+        render(ServerConfig(topology="cluster", routes=routes, cluster_tls=no_ca))
+    hub = {"topology": "hub", "users": USERS}
+    for sites, match in (
+        ([SITES[0], LeafSite("site3", "pw", (("site1-edge", "edge-s3"),))], "edge user"),
+        ([SITES[0], LeafSite("site3", "pw", (("e3", "edge-s1"),))], "node id"),
+        ([SITES[0], LeafSite("ops", "pw", (("e3", "edge-s3"),))], "login ops"),
+        ([LeafSite("site3", "pw", (("api", "edge-s3"),))], "edge user api"),
+        ([LeafSite("site3", "pw", (("e3", "edge-s3\n"),))], "not a valid subject token"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            render(ServerConfig(**hub, leaf_sites=sites))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="either one leaf login"):
+        render(ServerConfig(**hub, leaf_sites=SITES, leaf_user="leaf"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on a hub"):
+        render(ServerConfig(topology="leaf", remotes=["nats-leaf://h"], leaf_sites=SITES))
+    with pytest.raises(ValueError, match="EDGE_USER=NODE_ID"):
+        LeafSite.parse("site1:pw")
+    assert LeafSite.parse("s:pw:e1=n1,n2") == LeafSite("s", "pw", (("e1", "n1"), ("n2", "n2")))
     with pytest.raises(ValueError, match="role"):
         User.parse("a:b:wizard")
     assert User.parse("e:pw:edge:edge-7") == User("e", "pw", "edge", "edge-7")
@@ -253,3 +293,47 @@ async def test_tls_client_connects(tmp_path: Path, certs: TLSFiles, start_nats) 
     # Without trusting the CA the connection is refused, fast.
     with pytest.raises(errors.Unavailable):
         await connect(url, name="untrusting", tls=ssl.create_default_context())
+
+
+def test_cluster_routes_render_with_verified_tls(certs: TLSFiles) -> None:
+    """Every rendered cluster node's routes use TLS with the CA and `verify: true`; only an
+    explicit `cluster_insecure` renders them in clear."""
+    texts = cluster_configs(["n1", "n2", "n3"], store_dir=None, cluster_tls=certs)
+    for text in texts:
+        cluster = text.split("cluster {", 1)[1]
+        tls = cluster.split("tls {", 1)[1].split("}", 1)[0]
+        assert f'cert_file: "{certs.cert}"' in tls and f'ca_file: "{certs.ca}"' in tls
+        assert "verify: true" in tls
+    insecure = cluster_configs(["n1", "n2", "n3"], store_dir=None, cluster_insecure=True)
+    assert "tls {" not in insecure[0]
+
+
+def test_leaf_site_permissions_are_its_own_edges() -> None:
+    perms = leaf_site_permissions(SITES[1], "hub", requesters=["ops"])
+    assert set(perms.subscribe) >= {
+        "_INBOX_site2-edge.>", "_INBOX_site2-kiosk.>", "hg.ctl.edge-s2.*", "hg.ctl.kiosk-s2.*"
+    }  # fmt: skip
+    assert not perms.allow_responses
+    assert "hg.gen.>" in perms.publish and "_INBOX_ops.>" in perms.publish
+    assert "hg.telemetry.edge.edge-s2" in perms.publish
+    assert "$JS.hub.API.DIRECT.GET.KV_hg_config" in perms.publish
+    # Nothing of site 1, of another user's inbox, of every prompt, or of the buckets.
+    everything = " ".join(perms.publish + perms.subscribe)
+    assert "edge-s1" not in everything and "_INBOX_api" not in everything
+    assert "hg.gen.>" not in perms.subscribe and "hg.ctl.>" not in everything
+    assert not any(p.startswith(("$KV.", "$O.", "$JS.API.>")) for p in perms.publish)
+
+
+def test_config_output_is_owner_only(tmp_path: Path) -> None:
+    """`hybridgen broker config -o FILE` holds passwords: the file is 0600 from its first
+    byte, also when it replaces a world-readable one; an existing folder keeps its mode."""
+    out = tmp_path / "nats.conf"
+    out.write_text("old")
+    out.chmod(0o644)
+    tmp_path.chmod(0o755)
+    assert config_main(["--role", "standalone", "--user", "e:secret-pw:edge", "-o", str(out)]) == 0
+    assert out.stat().st_mode & 0o777 == 0o600 and "secret-pw" in out.read_text()
+    assert tmp_path.stat().st_mode & 0o777 == 0o755
+    fresh = tmp_path / "new" / "nats.conf"
+    assert config_main(["--role", "standalone", "-o", str(fresh)]) == 0
+    assert fresh.stat().st_mode & 0o777 == 0o600 and fresh.parent.stat().st_mode & 0o777 == 0o700

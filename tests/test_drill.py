@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import shutil
 import ssl
 import subprocess
@@ -34,12 +35,14 @@ import pytest
 import uvicorn
 from nats.aio.client import Client
 
-from broker import subjects, wire
-from broker.bus import connect
+from broker import errors, subjects, wire
+from broker.bus import GenerationService, Responder, connect, request_stream
 from broker.cli import config_main
 from broker.config import self_signed_tls
 from broker.server import NatsServer, find_nats_server, free_port
+from broker.service import send_control, serve_control
 from broker.store import FleetConfig
+from broker.tls import host_certificate
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
@@ -177,17 +180,31 @@ async def ask(edge: LiveEdge, route: str = "cloud") -> dict[str, Any]:
 def test_cluster_nodes_render_as_leaf_hubs(tmp_path: Path) -> None:
     """`--leaf-port` on a cluster node adds a leaf-node listener and the JetStream domain
     `hub` (edge sites dial any node); without it a cluster node has neither.
-    `--leaf-no-advertise` keeps leaf nodes on their configured remotes."""
+    `--leaf-no-advertise` keeps leaf nodes on their configured remotes. Routes use TLS
+    (the `--tls-*` files unless `--cluster-tls-*` are given), verified at both ends; a
+    cluster without it is refused. Each `--leaf-site` is a user bound to its edges."""
+    if shutil.which("openssl") is None:
+        pytest.skip("route TLS needs openssl")
+    self_signed_tls(tmp_path / "tls")
+    cert = host_certificate(tmp_path / "tls", "n2", ["n2"])
+    assert cert.ca is not None
     args = ["--role", "cluster", "--routes", "n1,n2,n3", "--node-index", "2"]
     args += ["--store-dir", str(tmp_path / "js"), "--user", "e:pw:edge"]
+    assert config_main([*args, "-o", str(tmp_path / "clear.conf")]) == 2  # no route TLS
+    args += ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--tls-ca", str(cert.ca)]
     plain = render(tmp_path / "plain.conf", *args).read_text()
     assert "leafnodes" not in plain and "domain" not in plain
+    route_tls = plain.split("cluster {")[1].split("routes:")[0]
+    assert f'cert_file: "{cert.cert}"' in route_tls and "verify: true" in route_tls
     hub = render(
-        tmp_path / "hub.conf", *args, "--leaf-port", "7422", "--leaf-user", "leaf",
-        "--leaf-password", "pw", "--leaf-no-advertise",
+        tmp_path / "hub.conf", *args, "--leaf-port", "7422", "--leaf-no-advertise",
+        "--leaf-site", "site1:pw1:site1-edge=edge-site1", "--leaf-site", "site2:pw2:edge-site2",
     ).read_text()  # fmt: skip
     assert 'domain: "hub"' in hub and "leafnodes {" in hub and "port: 7422" in hub
-    assert '"leaf"' in hub.split("leafnodes {")[1] and "no_advertise: true" in hub
+    assert "no_advertise: true" in hub and "authorization" not in hub.split("leafnodes {")[1]
+    site1 = hub.split('user: "site1"')[1].split("}\n    }")[0]
+    assert "hg.ctl.edge-site1.*" in site1 and "_INBOX_site1-edge.>" in site1
+    assert "edge-site2" not in site1 and "allow_responses" not in site1
     assert "$JS.hub.API.INFO" in hub  # the edge user may reach the hub's domain
     for name in ("plain.conf", "hub.conf"):
         result = subprocess.run(
@@ -421,3 +438,184 @@ async def _local(answer: Any) -> bool:
 async def _cloud(answer: Any) -> bool:
     body = await answer
     return bool(body["served_by"] == "cloud")
+
+
+# -- a compromised site ------------------------------------------------------------------------
+
+
+class FakeLeaf:
+    """A compromised site's leaf node, speaking the leaf-node protocol by hand with the
+    site's own (valid) login: it ignores every permission the hub tells it, so only the
+    hub's own checks stand between it and the other sites."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.messages: list[tuple[str, bytes]] = []
+        self.errors: list[str] = []
+        self.pongs = 0
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def login(cls, port: int, user: str, password: str) -> FakeLeaf:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"INFO ")
+        hello = {"user": user, "pass": password, "headers": True, "protocol": 3,
+                 "remote_account": "$G", "name": f"evil-{user}", "server_id": "EVIL"}  # fmt: skip
+        writer.write(f"CONNECT {json.dumps(hello)}\r\n".encode())
+        leaf = cls(reader, writer)
+        await leaf.sync()
+        return leaf
+
+    async def _read(self) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while line := (await self.reader.readline()).rstrip(b"\r\n"):
+                if line.startswith((b"LMSG ", b"HMSG ")):
+                    parts = line.split()  # LMSG subject [reply] [header size] size
+                    payload = await self.reader.readexactly(int(parts[-1]) + 2)
+                    self.messages.append((parts[1].decode(), payload[:-2]))
+                elif line == b"PING":
+                    self.writer.write(b"PONG\r\n")
+                elif line == b"PONG":
+                    self.pongs += 1
+                elif line.startswith(b"-ERR"):
+                    self.errors.append(line.decode())
+
+    async def send(self, *lines: str) -> None:
+        self.writer.write("".join(f"{line}\r\n" for line in lines).encode())
+        await self.writer.drain()
+
+    async def sync(self) -> None:
+        """PING and wait for the PONG: the hub has handled everything sent before."""
+        pongs = self.pongs
+        await self.send("PING")
+        await until(lambda: self.pongs > pongs or self.task.done(), "the hub's PONG", 10)
+        assert self.pongs > pongs, f"the hub closed the link: {self.errors}"
+
+    async def close(self) -> None:
+        self.writer.close()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+SITES = {"site1": ("site1-pw", "site1-edge", "edge-site1"),
+         "site2": ("site2-pw", "site2-edge", "edge-site2")}  # fmt: skip
+
+
+async def echo(request: wire.GenerateRequest, responder: Responder) -> None:
+    await responder.chunk(request.prompt or "")
+    await responder.done("stop", wire.Usage(prompt_tokens=1, completion_tokens=1))
+
+
+async def test_compromised_site_cannot_read_other_sites_or_steer_them(tmp_path: Path) -> None:
+    """Each site logs in to the hub with its own credentials (`--leaf-site`), bound to its
+    own edges. Site 2, compromised, dials the hub with its login and no leaf-side checks:
+    it subscribes to every prompt (`hg.gen.>`, as a worker's queue group too), to site 1's
+    and the operator's inboxes, to site 1's control and to `>`, and receives none of it;
+    it publishes site 1's `drain` verb, site 1's heartbeat and the fleet policy, and the hub
+    closes its link each time; site 1 is served and steered as before."""
+    hub_args = ["--role", "hub", "--host", "127.0.0.1", "--port", "-1", "--leaf-port", "-1"]
+    hub_args += ["--store-dir", str(tmp_path / "hub-js"), "--leaf-no-advertise"]
+    hub_args += [
+        f"--user=ops:{PASSWORDS['ops']}:operator",
+        f"--user=cloud:{PASSWORDS['cloud']}:cloud",
+    ]
+    for site, (password, edge_user, node) in SITES.items():
+        hub_args.append(f"--leaf-site={site}:{password}:{edge_user}={node}")
+    hub = NatsServer(
+        store_dir=tmp_path / "hub", config_file=render(tmp_path / "hub.conf", *hub_args)
+    )
+    servers, clients = [hub], []
+    attackers: list[FakeLeaf] = []
+    try:
+        await hub.start()
+        leaf_port = int(hub.leafnode_port or 0)
+        password, edge_user, node = SITES["site1"]
+        leaf = NatsServer(
+            store_dir=tmp_path / "leaf-1",
+            jetstream=False,
+            config_file=render(
+                tmp_path / "leaf-1.conf",
+                *("--role", "leaf", "--host", "127.0.0.1", "--port", "-1"),
+                f"--remote=nats-leaf://127.0.0.1:{leaf_port}",
+                *("--leaf-user", "site1", "--leaf-password", password),
+                f"--user={edge_user}:edge-pw:edge:{node}",
+            ),
+        )
+        servers.append(leaf)
+        await leaf.start()
+        ops = await connect(hub.client_url, name="ops", user="ops", password=PASSWORDS["ops"])
+        cloud = await connect(hub.client_url, name="w", user="cloud", password=PASSWORDS["cloud"])
+        edge = await connect(leaf.client_url, name=node, user=edge_user, password="edge-pw")
+        clients += [ops, cloud, edge]
+        verbs: list[str] = []
+
+        async def on_control(request: wire.ControlRequest) -> wire.ControlReply:
+            verbs.append(request.verb)
+            return wire.ControlReply(ok=True)
+
+        handlers = {"drain": on_control, "resume": on_control}
+        control = await serve_control(edge, node_id=node, role="edge", handlers=handlers)
+        service = GenerationService(cloud, model="hg-cloud", handler=echo, node_id="worker-1")
+        await service.start()
+
+        async def ask(prompt: str) -> tuple[str, wire.Done]:
+            request = wire.GenerateRequest(
+                request_id=wire.new_request_id(), model="hg-cloud", prompt=prompt
+            )
+            async with request_stream(edge, request) as stream:
+                return await stream.collect()
+
+        async def site1_served() -> bool:
+            with contextlib.suppress(errors.NoResponders):
+                return (await ask("warm up"))[0] == "warm up"
+            return False
+
+        await until(site1_served, "site 1 reaching the worker across its leaf link")
+        assert (await send_control(ops, node, "resume")).ok  # the operator's reply crosses too
+
+        # Site 2 joins the workers' queue group: the hub closes its link.
+        thief = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
+        attackers.append(thief)
+        await thief.send(f"LS+ {subjects.gen('hg-cloud')} {subjects.queue_group('hg-cloud')} 1")
+        await until(lambda: thief.task.done(), "the hub closing the link of a queue thief")
+        assert any('Subscription to "hg.gen.hg-cloud"' in e for e in thief.errors), thief.errors
+        # Site 2 listens for everything it may not see: the hub sends none of it.
+        evil = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
+        attackers.append(evil)
+        stolen = ["hg.gen.>", "_INBOX_site1-edge.>", "_INBOX_ops.>", "hg.ctl.edge-site1.*",
+                  "hg.telemetry.>", "$KV.>", ">", "hg.ctl.edge-site2.*"]  # fmt: skip
+        await evil.send(*(f"LS+ {sub}" for sub in stolen))
+        await evil.sync()
+        text, done = await ask("the secret prompt of site one")
+        assert (text, done.served_by) == ("the secret prompt of site one", "worker-1")
+        # A marker site 2 may receive, sent after: whatever leaked would have come first.
+        marker = subjects.control("edge-site2", "drain")
+        await ops.publish(marker, b"marker")
+        await until(lambda: evil.messages, "the marker at site 2")
+        assert evil.messages == [(marker, b"marker")], evil.messages
+
+        # Site 2 publishes as site 1 and as the operator: the hub closes its link.
+        forbidden = [(subjects.control(node, "drain"), "_INBOX_site2-edge.x1"),
+                     (subjects.telemetry("edge", node), ""),
+                     (f"$KV.{subjects.CONFIG_BUCKET}.{subjects.policy_key()}", "")]  # fmt: skip
+        for subject, reply in forbidden:
+            liar = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
+            attackers.append(liar)
+            await liar.send(f"LMSG {subject} {reply} 4".replace("  ", " "), "evil")
+            await until(liar.task.done, f"the hub closing site 2's link after {subject}")
+            assert any(
+                "Permissions Violation for Publish" in e and subject in e for e in liar.errors
+            ), evil.errors
+        assert (await send_control(ops, node, "resume")).ok
+        assert verbs == ["resume", "resume"]  # site 2's drain never reached site 1
+        assert (await ask("still served"))[0] == "still served"
+        await control.stop()
+        await service.close()
+    finally:
+        for attacker in attackers:
+            await attacker.close()
+        for nc in clients:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for server in reversed(servers):
+            await server.shutdown()
