@@ -295,6 +295,9 @@ async def close_bounded(nc: Client | None, timeout: float = 1.0) -> None:  # noq
         return
     deadline = time.monotonic() + timeout
     name = nc.options.get("name") or "nats connection"
+    # nats-py's reconnect loop can lose a cancel (a connect refused in the same tick, seen
+    # under `asyncio.run`'s final cancel): with its attempts bounded it ends by itself.
+    nc.options["max_reconnect_attempts"] = 1
     if nc.is_connected and not nc.is_draining and timeout > 0:
         await bounded(nc.flush(timeout / 2), timeout / 2, f"{name}: flush")  # type: ignore[arg-type]
     await bounded(nc.close(), deadline - time.monotonic(), f"{name}: close")
