@@ -9,16 +9,18 @@ import subprocess
 import time
 from pathlib import Path
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 
 from broker import errors, subjects, wire
 from broker.bus import GenerationService, Responder, connect, request_stream
 from broker.cli import config_main
-from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render
-from broker.server import NatsServer, find_nats_server
+from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render, self_signed_tls
+from broker.server import NatsServer, find_nats_server, free_port
 from broker.sites import LeafSite, leaf_site_permissions
 from broker.store import ArtifactStore, FleetConfig
+from broker.tls import host_certificate
 
 MODEL = "hg-cloud"
 SITES = [
@@ -337,3 +339,47 @@ def test_config_output_is_owner_only(tmp_path: Path) -> None:
     fresh = tmp_path / "new" / "nats.conf"
     assert config_main(["--role", "standalone", "-o", str(fresh)]) == 0
     assert fresh.stat().st_mode & 0o777 == 0o600 and fresh.parent.stat().st_mode & 0o777 == 0o700
+
+
+async def test_cluster_routes_run_over_verified_tls(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    """Two nodes, each with its own certificate from one CA, route over TLS; a third node
+    whose certificate another CA signed is refused by both (`verify: true`)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    self_signed_tls(tmp_path / "ca")
+    self_signed_tls(tmp_path / "rogue-ca")
+    ports = [free_port(), free_port()]
+    routes = [f"nats-route://127.0.0.1:{port}" for port in ports]
+
+    async def node(name: str, port: int, ca: Path) -> NatsServer:
+        conf = tmp_path / f"{name}.conf"
+        tls = host_certificate(ca, name, ["127.0.0.1"])
+        conf.write_text(
+            render(ServerConfig(topology="cluster", name=name, host="127.0.0.1", port=-1,
+                                cluster_host="127.0.0.1", cluster_port=port, routes=routes,
+                                cluster_user="route", cluster_password="pw", cluster_tls=tls))
+        )  # fmt: skip
+        server: NatsServer = await start_nats(name, config_file=conf, jetstream=False)
+        return server
+
+    one, two = [await node(f"n{i}", port, tmp_path / "ca") for i, port in enumerate(ports)]
+    a = await connect(one.client_url, name="a")
+    b = await connect(two.client_url, name="b")
+    try:
+        sub = await a.subscribe("hg.test")
+        deadline = time.monotonic() + 10
+        while True:  # the routes take a moment to form and carry the interest
+            await b.publish("hg.test", b"across the route")
+            try:
+                assert (await sub.next_msg(timeout=0.2)).data == b"across the route"
+                break
+            except nats.errors.TimeoutError:
+                assert time.monotonic() < deadline, one.log_text()[-2000:]
+        await node("rogue", free_port(), tmp_path / "rogue-ca")
+        deadline = time.monotonic() + 10
+        while "TLS route handshake error" not in one.log_text() + two.log_text():
+            assert time.monotonic() < deadline, one.log_text()[-2000:]
+            await asyncio.sleep(0.05)
+    finally:
+        await a.close()
+        await b.close()

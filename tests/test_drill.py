@@ -3,8 +3,9 @@
 Layout (docs/deploy.md, on one machine): a 3-node cloud cluster whose nodes are also leaf
 hubs (JetStream domain `hub`), two edge sites each with a leaf node and one edge, two cloud
 workers on different cluster nodes, and the cloud API. Every server config is rendered by
-`hybridgen broker config` (the CLI a deployer runs); every client logs in as its role's user
-over TLS verified against a private CA.
+`hybridgen broker config` (the CLI a deployer runs); every host has its own certificate from
+one private CA; routes run over TLS verified at both ends; each site logs in to the hub
+with its own credentials (`--leaf-site`), and every client as its role's user over TLS.
 
 The drill then checks that requests from both edges reach both workers, that stopping a
 cluster node loses no request and its clients reconnect, and that a leaf cut off from the
@@ -12,6 +13,9 @@ hub keeps its edge answering locally (`cloud_unavailable`) until the link return
 link runs through a TCP relay in the test, so the link alone can be cut and restored (the
 hubs do not advertise their other leaf URLs, `--leaf-no-advertise`, or the leaf node would
 dial around the cut).
+
+`test_compromised_site_cannot_read_other_sites_or_steer_them` (fast, no TLS) is the attack
+on that layout: a site that speaks the leaf protocol by hand with its own login.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
 
 PASSWORDS = {"cloud": "cloud-pw", "api": "api-pw", "ops": "ops-pw", "edge": "edge-pw"}
-LEAF = ("leaf", "leaf-pw")
+#: Each site's own login on the hub (`--leaf-site`): (login, password, its edge's user).
+SITE_LOGINS = (("site1", "site1-pw", "site1-user"), ("site2", "site2-pw", "site2-user"))
 ROUTE = ("route", "route-pw")
 EDGES = ("site1-edge", "site2-edge")
 WORKERS = ("worker-a", "worker-b")
@@ -223,7 +228,21 @@ async def test_drill_cluster_leaves_edges_workers(
         pytest.skip("the drill's TLS needs openssl")
     tls = self_signed_tls(tmp_path / "tls", ["127.0.0.1"])
     assert tls.ca is not None
-    server_tls = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+
+    def host_tls(name: str, *, leaf: bool = False) -> list[str]:
+        """Flags giving one host its own certificate (clients, routes, leaf listener)."""
+        cert = host_certificate(tmp_path / "tls", name, ["127.0.0.1", "localhost"])
+        flags = ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--tls-ca", str(tls.ca)]
+        return (
+            [*flags, "--leaf-tls-cert", str(cert.cert), "--leaf-tls-key", str(cert.key)]
+            if leaf
+            else flags
+        )
+
+    sites = [
+        f"--leaf-site={login}:{password}:{user}={node}"
+        for (login, password, user), node in zip(SITE_LOGINS, EDGES, strict=True)
+    ]
     route_ports = [free_port() for _ in range(3)]
     routes = ",".join(f"127.0.0.1:{port}" for port in route_ports)
     users = [f"--user=cloud:{PASSWORDS['cloud']}:cloud", f"--user=api:{PASSWORDS['api']}:api"]
@@ -242,9 +261,8 @@ async def test_drill_cluster_leaves_edges_workers(
                 *("--host", "127.0.0.1", "--port", "-1", "--leaf-port", "-1"),
                 *("--store-dir", str(tmp_path / f"js-{index}")),
                 *("--cluster-user", ROUTE[0], "--cluster-password", ROUTE[1]),
-                *("--leaf-user", LEAF[0], "--leaf-password", LEAF[1], "--leaf-no-advertise"),
-                *("--leaf-tls-cert", str(tls.cert), "--leaf-tls-key", str(tls.key)),
-                *server_tls,
+                *("--leaf-no-advertise", *sites),
+                *host_tls(f"hg-{index}", leaf=True),
                 *users,
             )
             server = NatsServer(store_dir=tmp_path / f"hg-{index}", config_file=conf)
@@ -270,7 +288,6 @@ async def test_drill_cluster_leaves_edges_workers(
 
         ssl_context = ssl.create_default_context(cafile=str(tls.ca))
         # The edges read their env like any service: role user, CA, the hub's JS domain.
-        monkeypatch.setenv("HG_NATS_USER", "edge")
         monkeypatch.setenv("HG_NATS_PASSWORD", PASSWORDS["edge"])
         monkeypatch.setenv("HG_NATS_TLS_CA", str(tls.ca))
         monkeypatch.setenv("HG_NATS_JS_DOMAIN", "hub")
@@ -302,14 +319,15 @@ async def test_drill_cluster_leaves_edges_workers(
         await relay.restore()
         leaves = []
         for site, remotes in ((1, leaf_ports[2:] + leaf_ports[:1]), (2, [relay.port])):
+            site_login, password, edge_user = SITE_LOGINS[site - 1]
             conf = render(
                 tmp_path / f"leaf-{site}.conf",
                 *("--role", "leaf", "--host", "127.0.0.1", "--port", "-1"),
                 *(f"--remote=tls://127.0.0.1:{port}" for port in remotes),
-                *("--leaf-user", LEAF[0], "--leaf-password", LEAF[1]),
+                *("--leaf-user", site_login, "--leaf-password", password),
                 *("--leaf-tls-ca", str(tls.ca)),
-                f"--user=edge:{PASSWORDS['edge']}:edge:{EDGES[site - 1]}",
-                *server_tls,
+                f"--user={edge_user}:{PASSWORDS['edge']}:edge:{EDGES[site - 1]}",
+                *host_tls(f"leaf-{site}"),
             )
             leaf = NatsServer(store_dir=tmp_path / f"leaf-{site}", config_file=conf)
             servers.append(leaf)
@@ -353,7 +371,11 @@ async def test_drill_cluster_leaves_edges_workers(
                 reconnect_s=0.2,
                 policy={"breaker": {"failure_threshold": 1, "open_seconds": 0.3}},
             )
+            # Each site's edge logs in to its leaf as its own user (read from the env once
+            # connected, so the next edge's user is set after this one is on the bus).
+            monkeypatch.setenv("HG_NATS_USER", SITE_LOGINS[site][2])
             edges.append(await stack.enter_async_context(serve_edge(settings)))
+            await until(lambda: edges[-1].node.bus_connected, f"{EDGES[site]} on its leaf")
         await until(
             lambda: all(e.node.bus_connected and e.node.cloud_available() for e in edges),
             "both edges on the bus",
