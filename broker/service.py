@@ -215,7 +215,7 @@ class GenerationService:
         self.subject = subjects.gen(model)
         self.queue_group = subjects.queue_group(model)
         self.handler = handler
-        self.node_id = node_id
+        self.node_id = subjects.token(node_id, what="node_id")  # it answers as this node
         self.name = name
         self.version = version
         self.metadata = {"node_id": node_id, "model": model, **_str_metadata(metadata)}

@@ -213,3 +213,11 @@ def test_names_and_versions_are_matched_whole() -> None:
     with pytest.raises(errors.BadRequest, match="version"):
         check_version("v1\n")
     assert check_version("v1.2_rc-3") == "v1.2_rc-3"
+
+
+async def test_services_refuse_names_with_a_newline(nc: Client) -> None:
+    with pytest.raises(ValueError, match="model"):
+        GenerationService(nc, model="hg-cloud\n", handler=echo, node_id="w1")
+    with pytest.raises(ValueError, match="node_id"):
+        async with GenerationService(nc, model=MODEL, handler=echo, node_id="w1\n"):
+            pass
