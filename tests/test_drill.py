@@ -44,7 +44,7 @@ from broker.bus import GenerationService, Responder, connect, request_stream
 from broker.cli import config_main
 from broker.config import self_signed_tls
 from broker.server import NatsServer, find_nats_server, free_port
-from broker.service import send_control, serve_control
+from broker.service import ControlHandler, send_control, serve_control
 from broker.store import FleetConfig
 from broker.tls import host_certificate
 from edge.settings import EdgeSettings
@@ -575,7 +575,7 @@ async def test_compromised_site_cannot_read_other_sites_or_steer_them(tmp_path: 
             verbs.append(request.verb)
             return wire.ControlReply(ok=True)
 
-        handlers = {"drain": on_control, "resume": on_control}
+        handlers: dict[str, ControlHandler] = {"drain": on_control, "resume": on_control}
         control = await serve_control(edge, node_id=node, role="edge", handlers=handlers)
         service = GenerationService(cloud, model="hg-cloud", handler=echo, node_id="worker-1")
         await service.start()
