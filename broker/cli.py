@@ -223,6 +223,11 @@ def build_config(args: argparse.Namespace) -> str:
             raise ValueError("--routes needs every node of the cluster (at least 3)")
         if args.node_index is None or not 1 <= args.node_index <= len(hosts):
             raise ValueError(f"--node-index must be 1..{len(hosts)}")
+        if _cluster_tls(args) is None and not args.cluster_insecure:
+            raise ValueError(
+                "routes carry prompts and credentials: give them TLS with --tls-cert, "
+                "--tls-key and --tls-ca (or --cluster-tls-*), or pass --cluster-insecure"
+            )
         routes, own_port = [], args.cluster_port
         for index, host in enumerate(hosts, start=1):
             name, _, port = host.partition(":")
