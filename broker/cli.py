@@ -112,9 +112,25 @@ def _config_parser() -> argparse.ArgumentParser:
         "shared by every site, with no permissions (prefer --leaf-site)",
     )
     add("--leaf-password", help="password of --leaf-user")
-    add("--leaf-tls-cert", type=Path, help="hub: leaf listener certificate")
-    add("--leaf-tls-key", type=Path, help="hub: its key")
-    add("--leaf-tls-ca", type=Path, help="leaf: CA that signed the hub's certificate")
+    add(
+        "--leaf-tls-cert",
+        type=Path,
+        help="hub: leaf listener certificate; leaf: the certificate it shows the hub "
+        "(with --leaf-tls-verify)",
+    )
+    add("--leaf-tls-key", type=Path, help="its key")
+    add(
+        "--leaf-tls-ca",
+        type=Path,
+        help="leaf: CA that signed the hub's certificate; hub: CA that signed the leaf "
+        "nodes' (with --leaf-tls-verify)",
+    )
+    add(
+        "--leaf-tls-verify",
+        action="store_true",
+        help="hub: leaf nodes must show a certificate signed by --leaf-tls-ca; leaf: show "
+        "--leaf-tls-cert to the hub (each site its own certificate, besides its login)",
+    )
     add(
         "--remote",
         action="append",
@@ -201,7 +217,11 @@ def build_config(args: argparse.Namespace) -> str:
         args.role in ("hub", "leaf") or (args.role == "cluster" and args.leaf_port is not None)
     ):
         js_domain = "hub"
-    leaf_tls = _tls(args.leaf_tls_cert, args.leaf_tls_key, args.leaf_tls_ca, False)
+    leaf_tls = _tls(args.leaf_tls_cert, args.leaf_tls_key, args.leaf_tls_ca, args.leaf_tls_verify)
+    if args.leaf_tls_verify and (leaf_tls is None or leaf_tls.ca is None):
+        raise ValueError(
+            "--leaf-tls-verify needs --leaf-tls-cert, --leaf-tls-key and --leaf-tls-ca"
+        )
     if leaf_tls is None and args.leaf_tls_ca is not None:
         # A leaf only needs the CA to verify the hub.
         leaf_tls = TLSFiles(cert=Path(), key=Path(), ca=args.leaf_tls_ca)

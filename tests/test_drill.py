@@ -229,15 +229,13 @@ async def test_drill_cluster_leaves_edges_workers(
     tls = self_signed_tls(tmp_path / "tls", ["127.0.0.1"])
     assert tls.ca is not None
 
-    def host_tls(name: str, *, leaf: bool = False) -> list[str]:
-        """Flags giving one host its own certificate (clients, routes, leaf listener)."""
+    def host_tls(name: str) -> list[str]:
+        """Flags giving one host its own certificate: for its clients, its routes, and both
+        ends of a leaf link (a hub verifies each leaf node's, a leaf node the hub's)."""
         cert = host_certificate(tmp_path / "tls", name, ["127.0.0.1", "localhost"])
-        flags = ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--tls-ca", str(tls.ca)]
-        return (
-            [*flags, "--leaf-tls-cert", str(cert.cert), "--leaf-tls-key", str(cert.key)]
-            if leaf
-            else flags
-        )
+        files = ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--tls-ca", str(tls.ca)]
+        files += ["--leaf-tls-cert", str(cert.cert), "--leaf-tls-key", str(cert.key)]
+        return [*files, "--leaf-tls-ca", str(tls.ca), "--leaf-tls-verify"]
 
     sites = [
         f"--leaf-site={login}:{password}:{user}={node}"
@@ -262,7 +260,7 @@ async def test_drill_cluster_leaves_edges_workers(
                 *("--store-dir", str(tmp_path / f"js-{index}")),
                 *("--cluster-user", ROUTE[0], "--cluster-password", ROUTE[1]),
                 *("--leaf-no-advertise", *sites),
-                *host_tls(f"hg-{index}", leaf=True),
+                *host_tls(f"hg-{index}"),
                 *users,
             )
             server = NatsServer(store_dir=tmp_path / f"hg-{index}", config_file=conf)
@@ -325,7 +323,6 @@ async def test_drill_cluster_leaves_edges_workers(
                 *("--role", "leaf", "--host", "127.0.0.1", "--port", "-1"),
                 *(f"--remote=tls://127.0.0.1:{port}" for port in remotes),
                 *("--leaf-user", site_login, "--leaf-password", password),
-                *("--leaf-tls-ca", str(tls.ca)),
                 f"--user={edge_user}:{PASSWORDS['edge']}:edge:{EDGES[site - 1]}",
                 *host_tls(f"leaf-{site}"),
             )
