@@ -26,6 +26,8 @@ Users carry a role, and each role gets subject permissions (`ROLE_PERMISSIONS`):
   supervision events) and creates the buckets at start.
 
 A user with a `node_id` is limited to that node's telemetry, events and control subjects.
+A hub's edge sites each log in with their own user bound to their edges (`broker.sites`),
+and a cluster's routes run over TLS verified at both ends (`cluster_tls`).
 """
 
 from __future__ import annotations
