@@ -385,21 +385,29 @@ async def test_children_stop_when_the_launcher_is_killed(
 
 
 @pytest.mark.slow
-async def test_up_stops_within_its_bound_when_the_broker_dies_with_it(
-    tiny_models: ModelSet, tmp_path: Path
+@pytest.mark.parametrize("broker", ["killed", "frozen"])
+async def test_up_stops_within_its_bound_when_the_broker_goes_with_it(
+    broker: str, tiny_models: ModelSet, tmp_path: Path
 ) -> None:
-    """SIGTERM to `up` just as its broker dies: each service still stops by itself within
-    its drain bound (none killed for ignoring SIGTERM), and `up` exits within the sum of its
-    children's stop bounds plus 5 s (its own connection and the broker)."""
+    """SIGTERM to `up` just as its broker dies (SIGKILL) or stops answering (SIGSTOP): each
+    service still stops by itself within its drain bound (none killed for ignoring SIGTERM),
+    and `up` exits within the sum of its children's stop bounds plus 5 s."""
     drain = 2.0
     async with running_up(tiny_models, tmp_path, "--drain-timeout-s", f"{drain:g}") as up:
         pids = up.pids()
         bound = (len(pids) - 1) * (drain + STOP_MARGIN_S) + 5
-        os.kill(pids["nats-server"], signal.SIGKILL)
-        up.process.send_signal(signal.SIGTERM)
-        async with within(bound, "`up` did not stop", lambda: up.output):
-            await up.process.wait()
-        await stop_and_check_no_leftovers(up, None)
+        try:
+            os.kill(pids["nats-server"], signal.SIGKILL if broker == "killed" else signal.SIGSTOP)
+            up.process.send_signal(signal.SIGTERM)
+            async with within(bound, "`up` did not stop", lambda: up.output):
+                await up.process.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # `up` kills it; never left stopped
+                os.kill(pids["nats-server"], signal.SIGCONT)
+        assert up.process.returncode == 0, up.output
+        for name in set(pids) - {"nats-server"}:  # (a frozen broker itself is killed)
+            assert f"{name} ignored SIGTERM" not in up.output, up.output
+        assert not alive_in_groups(set(pids.values())), up.output
 
 
 @pytest.mark.slow
