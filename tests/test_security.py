@@ -167,13 +167,18 @@ async def test_cloud_serves_its_queue_group_and_publishes_its_telemetry(bus: Bus
 async def test_only_the_launcher_publishes_launcher_events(bus: Bus) -> None:
     ops, launcher = await bus.connect("ops"), await bus.connect("launcher")
     seen: list[str] = []
+    arrived = asyncio.Event()
 
     async def on_event(msg: Msg) -> None:
         seen.append(msg.subject)
+        arrived.set()
 
     await ops.subscribe(subjects.events_of_role("launcher"), cb=on_event)
     await ops.flush()
     await launcher.publish(subjects.events("launcher", "l1"), b"{}")
+    # The launcher's event is delivered first (its own connection; wait for it), then the
+    # operator's forged one is refused by the server, so it can never arrive later.
+    await asyncio.wait_for(arrived.wait(), 10)
     await ops.publish(subjects.events("launcher", "fake"), b"{}")
     await bus.violation("ops", subjects.events("launcher", "fake"))
     assert seen == [subjects.events("launcher", "l1")]
