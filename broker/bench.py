@@ -29,8 +29,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import subjects, wire
-from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.bus import GenerationService, Responder, connect
 from broker.server import NatsServer
+from broker.streaming import request_stream
 
 BENCH_MODEL = "bench"
 GOALS = {"added_p50_ms": 0.5, "added_p99_ms": 2.0}

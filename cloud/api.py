@@ -1,7 +1,7 @@
 """The cloud API: OpenAI-compatible HTTP in front of the cloud workers (no model in-process).
 
 `POST /v1/completions` and `POST /v1/chat/completions` validate the request and forward a
-`GenerateRequest` to `hg.gen.<model>` with `broker.bus.request_stream`; whichever worker of
+`GenerateRequest` to `hg.gen.<model>` with `broker.streaming.request_stream`; whichever worker of
 the queue group admits it answers. A chat travels as its messages: the worker applies its own
 model's chat template and is the one judge of the context window (it answers
 `context_length_exceeded`, which becomes a 400 here), so the API needs no model files.
@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.bus import ReplyStream, request_stream
 from broker.config import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the workers
 from broker.errors import (
     BadRequest,
@@ -36,6 +35,7 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
+from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
 from serving.auth import check_exposure, require_api_key

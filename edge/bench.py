@@ -5,7 +5,7 @@
   bus and gets no-responders). Goal <= 5 ms.
 * `fallback_added_p50_ms`: p50 latency of a cloud-served request through the edge's HTTP
   app (in-process ASGI) minus the p50 of the same request sent to the worker directly with
-  `broker.bus.request_stream`. The worker is a torch-free stand-in that streams a fixed
+  `broker.streaming.request_stream`. The worker is a torch-free stand-in that streams a fixed
   answer at once, so the figure is the edge's own cost (routing, HTTP, JSON, one more hop).
 * `edge_rss_mb`: resident memory of a real `python -m edge` process after its model loaded
   (read from /proc once `/readyz` answers). Goal <= 250 MB.
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from broker import wire
-from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.bus import GenerationService, Responder, connect
 from broker.server import NatsServer, free_port
+from broker.streaming import request_stream
 
 _ANSWER = ["stand", "-in ", "cloud ", "answer"]
 

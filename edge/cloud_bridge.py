@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker import wire
-from broker.bus import request_stream
 from broker.errors import (
     ErrorCode,
     HybridgenError,
@@ -39,6 +38,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
+from broker.streaming import request_stream
 from edge.lifecycle import NodeLifecycle
 from edge.request import (
     EdgeRequest,

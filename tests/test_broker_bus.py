@@ -11,8 +11,9 @@ import pytest
 from nats.aio.client import Client
 
 from broker import errors, subjects, wire
-from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.bus import GenerationService, Responder, connect
 from broker.server import NatsServer
+from broker.streaming import request_stream
 
 MODEL = "test-model"
 

@@ -14,12 +14,13 @@ import pytest
 from nats.aio.client import Client
 
 from broker import errors, subjects, wire
-from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.bus import GenerationService, Responder, connect
 from broker.cli import config_main
 from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render, self_signed_tls
 from broker.server import NatsServer, find_nats_server, free_port
 from broker.sites import LeafSite, leaf_site_permissions
 from broker.store import ArtifactStore, FleetConfig
+from broker.streaming import request_stream
 from broker.tls import host_certificate
 
 MODEL = "hg-cloud"

@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.bus import request_stream
+from broker.streaming import request_stream
 
 MODEL = "hg-cloud"
 

@@ -13,8 +13,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import subjects, wire
-from broker.bus import request_stream
 from broker.errors import ContextLengthExceeded, Internal, NoResponders, Overloaded, Timeout
+from broker.streaming import request_stream
 
 MODEL = "hg-cloud"
 

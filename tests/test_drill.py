@@ -40,12 +40,13 @@ import uvicorn
 from nats.aio.client import Client
 
 from broker import errors, subjects, wire
-from broker.bus import GenerationService, Responder, connect, request_stream
+from broker.bus import GenerationService, Responder, connect
 from broker.cli import config_main
 from broker.config import self_signed_tls
 from broker.server import NatsServer, find_nats_server, free_port
 from broker.service import ControlHandler, send_control, serve_control
 from broker.store import FleetConfig
+from broker.streaming import request_stream
 from broker.tls import host_certificate
 from edge.settings import EdgeSettings
 from models.registry import ModelSet

@@ -19,12 +19,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import errors, subjects
-from broker.bus import GenerationService, connect, connect_settings, request_stream
+from broker.bus import GenerationService, connect, connect_settings
 from broker.config import ServerConfig, User, ensure_password, render, self_signed_tls
 from broker.server import NatsServer
 from broker.service import send_control, serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
+from broker.streaming import request_stream
 from cloud.api import create_app as create_cloud_api
 from cloud.settings import ApiSettings
 from edge.cli import build_app as build_edge_app

@@ -33,9 +33,10 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable
 
 from broker import subjects, wire
-from broker.bus import GenerationService, connect_settings, request_stream, send_control
+from broker.bus import GenerationService, connect_settings, send_control
 from broker.service import serve_control
 from broker.store import ArtifactStore, FleetConfig
+from broker.streaming import request_stream
 from cloud.api import create_app as create_cloud_api
 from cloud.settings import ApiSettings
 from hybridgen.launcher import Launcher, default_children

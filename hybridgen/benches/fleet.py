@@ -5,7 +5,7 @@ processes (one torch thread each, as `hybridgen cloud worker` runs them) in the 
 one model name, on a model set: `--set VERSION`, else the current one, else the `tiny` lab
 profile built once into a temporary HG_HOME. Every count gets the same offered load: `--requests`
 completions with fixed prompts and `max_tokens`, `--concurrency` at a time, sent through the
-bus (`broker.bus.request_stream`) by this process. The workers are warmed up (each has served
+bus (`broker.streaming.request_stream`) by this process. The workers are warmed up (each has served
 a request) before the clock starts, and stopped before the next count.
 
 JSON (`--json`): `{"workers": [1, 2, 4], "tok_s": [...], "scaling_efficiency",
@@ -82,7 +82,7 @@ def efficiencies(workers: list[int], tok_s: list[float]) -> list[float | None]:
 async def one_request(nc: Any, index: int, max_tokens: int) -> tuple[int, str | None]:
     """One completion through the bus: (completion tokens, served_by); raises on failure."""
     from broker import wire
-    from broker.bus import request_stream
+    from broker.streaming import request_stream
 
     request = wire.GenerateRequest(
         request_id=wire.new_request_id(),
