@@ -19,8 +19,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from broker.config import inbox_prefix
 from broker.errors import Unauthorized, Unavailable
+from broker.permissions import inbox_prefix
 from broker.service import (
     GenerateHandler,
     GenerationService,
@@ -83,7 +83,7 @@ async def connect(
             violations arrive here); default logs them.
         connect_timeout: seconds to wait for each server.
         **options: any other `nats.connect` keyword, overriding the defaults here. With a
-            `user`, reply inboxes are `_INBOX_<user>.…` (see `broker.config.inbox_prefix`).
+            `user`, reply inboxes are `_INBOX_<user>.…` (see `broker.permissions.inbox_prefix`).
 
     Raises:
         Unauthorized: the server refused the credentials.

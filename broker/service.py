@@ -32,7 +32,6 @@ from nats.aio.subscription import Subscription
 from nats.micro.request import Request
 
 from broker import subjects, wire
-from broker.config import CONTROL_SERVICE, EDGE_SERVICE, WORKER_SERVICE
 from broker.errors import (
     BadRequest,
     Cancelled,
@@ -44,6 +43,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.inbox_only import add_service, answerable
+from broker.permissions import CONTROL_SERVICE, EDGE_SERVICE, WORKER_SERVICE
 from broker.telemetry import RequestStats
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ async def serve_control(
 ) -> micro.Service:
     """Answer `hg.ctl.<node_id>.<verb>` for each verb of `handlers` (a nats.micro service).
 
-    The service is `name`, by default its role's (`broker.config.ROLE_SERVICES`: an edge's
+    The service is `name`, by default its role's (`broker.permissions.ROLE_SERVICES`: an edge's
     `hybridgen-edge`, else `hybridgen-control`), the only names its role may answer
     discovery for. Bad input, a wrong verb or a failing handler answer
     `ControlReply(ok=False, message)`. Stop it with `await service.stop()`.

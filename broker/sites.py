@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker import subjects
-from broker.config import Permissions, ServerConfig, inbox_prefix, permissions_for
+from broker.config import ServerConfig
+from broker.permissions import Permissions, inbox_prefix, permissions_for
 
 
 @dataclass(frozen=True)

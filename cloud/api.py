@@ -28,13 +28,13 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.config import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the workers
 from broker.errors import (
     BadRequest,
     HybridgenError,
     NotFound,
     Unavailable,
 )
+from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the workers
 from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings

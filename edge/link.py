@@ -18,9 +18,9 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import bounded, close_bounded, connect_settings, serve_control
-from broker.config import EDGE_SERVICE
 from broker.errors import BadRequest, HybridgenError
 from broker.experiment import EXPERIMENT_KEY
+from broker.permissions import EDGE_SERVICE
 from broker.policy import policy_sources
 from broker.service import ControlHandler
 from broker.telemetry import Telemetry

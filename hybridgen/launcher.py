@@ -17,7 +17,7 @@ itself die.
 
 Secure by default: unless `--insecure-nats` (or `--nats-url`, an external server) is given,
 the broker runs with one NATS user per service and the subject permissions of its role
-(`broker.config.ROLE_PERMISSIONS`): workers `cloud`, edges `edge` bound to their node id,
+(`broker.permissions.permissions_for`): workers `cloud`, edges `edge` bound to their node id,
 the cloud API `api`, the console `operator`, the launcher itself `launcher`. Passwords are
 made once into `$HG_HOME/secrets/<user>.password` (directory 0700, files 0600) and reused;
 the rendered server config is `$HG_HOME/secrets/nats-server.conf`. Each child gets its
@@ -49,7 +49,6 @@ from broker import subjects, wire
 from broker.bus import close_bounded, connect, connect_settings
 from broker.cli import StopSignals
 from broker.config import (
-    Role,
     ServerConfig,
     TLSFiles,
     User,
@@ -61,6 +60,7 @@ from broker.config import (
     write_secret,
 )
 from broker.errors import HybridgenError
+from broker.permissions import Role
 from broker.server import (
     ExternalServer,
     NatsServer,

@@ -14,7 +14,8 @@ from nats.aio.client import Client
 
 from broker import errors, subjects, wire
 from broker.bus import GenerationService, Responder
-from broker.config import User, permissions_for
+from broker.config import User
+from broker.permissions import permissions_for
 from models.registry import check_version
 from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge

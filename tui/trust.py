@@ -1,6 +1,6 @@
 """What the console believes of a heartbeat: the subject, not the payload.
 
-The bus binds each node's credential to its own subjects (`broker.config.permissions_for`):
+The bus binds each node's credential to its own subjects (`broker.permissions.permissions_for`):
 an edge may publish `hg.telemetry.edge.<its id>` and nothing else. The payload is whatever
 the sender wrote, so a heartbeat whose payload names another node or role than its subject
 is forged: it is dropped, and the node that sent it (the subject's) is marked an impostor.
