@@ -29,15 +29,21 @@ from broker.errors import BadRequest, HybridgenError, NotFound
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
+from edge.personal_prompt import (
+    last_user_text,
+    personalization,
+    prefix_fields,
+    samples_alternative,
+    user_span,
+)
 from edge.personalize import Personalization
-from edge.request import WithSamples
 from edge.routing import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from edge.users_api import users_routes
 from serving import protocol
-from serving.auth import authenticate, authorize_user
+from serving.auth import authenticate
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
 from serving.deadlines import client_timeout_s, until_disconnect
@@ -171,7 +177,7 @@ async def completions(
     prompt = req.prompt_text()
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
-    personal = await _personalization(request, service, req.user, prompt)
+    personal = await personalization(request, service, req.user, prompt)
     edge_prompt, cloud_prompt = personal.prompt(prompt) if personal else (prompt, None)
     samples_prompt = personal.samples_prompt(prompt) if personal else None
     return await serve(
@@ -197,7 +203,7 @@ async def chat_completions(
 ) -> Response:
     """OpenAI chat completion, routed between the edge and the cloud."""
     messages = req.message_dicts()
-    personal = await _personalization(request, service, req.user, _last_user_text(messages))
+    personal = await personalization(request, service, req.user, last_user_text(messages))
     # The edge reads the persona and samples; the cloud gets what the user lets it see.
     edge_messages, cloud_messages = personal.chat(messages) if personal else (messages, messages)
     tools = req.tool_request().shown()
@@ -206,14 +212,14 @@ async def chat_completions(
     samples = None
     if personal is not None and (samples_messages := personal.samples_chat(messages)):
         samples_prompt = runtime.render_chat(samples_messages, tools)
-        samples = (samples_prompt, _user_span(samples_messages, samples_prompt))
+        samples = (samples_prompt, user_span(samples_messages, samples_prompt))
     return await serve(
         service,
         metrics,
         req,
         prompt,
         messages=cloud_messages,
-        score_span=_user_span(edge_messages, prompt),
+        score_span=user_span(edge_messages, prompt),
         http=request,
         personal=personal,
         samples=samples,
@@ -327,8 +333,8 @@ async def serve(
         adapter=None if personal is None else personal.adapter,
         grammar=req.grammar(),
         tools=shown,
-        with_samples=_with_samples(personal, samples),
-        **(_prefix(prompt, personal.system_text, personal.prefix_key) if personal else {}),
+        with_samples=samples_alternative(personal, samples),
+        **(prefix_fields(prompt, personal.system_text, personal.prefix_key) if personal else {}),
     )
     items = node.generate(edge_request)
     try:
@@ -461,68 +467,3 @@ def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = model.body()
     body.update(extra)
     return body
-
-
-async def _personalization(
-    request: Request, service: EdgeService, user: str | None, text: str
-) -> Personalization | None:
-    """The personalization of a request with `user` (None: no user, or an unknown one);
-    Unauthorized or Forbidden, before anything of the user is read, unless the key covers it."""
-    if not user:
-        return None
-    authorize_user(request, user, param="user")
-    # The user's samples take at most a quarter of the edge context.
-    budget = min(
-        service.settings.personalize_sample_tokens, service.node.runtime.context_length // 4
-    )
-    return await asyncio.to_thread(service.personalizer.prepare, user, text, budget)
-
-
-def _prefix(prompt: str, text: str | None, key: str | None) -> dict[str, Any]:
-    """`prefix_key` and `prefix_chars` of a personalized prompt: up to the end of its
-    persona (and samples) `text`, which the runtime may reuse from a kept prefill."""
-    if not text or key is None:
-        return {}
-    start = prompt.find(text)
-    if start < 0:
-        return {}
-    return {"prefix_key": key, "prefix_chars": start + len(text)}
-
-
-def _with_samples(
-    personal: Personalization | None, samples: tuple[str, tuple[int, int] | None] | None
-) -> WithSamples | None:
-    """The request's alternative with the user's samples in context (None: none)."""
-    if personal is None or samples is None:
-        return None
-    prompt, span = samples
-    return WithSamples(
-        prompt=prompt,
-        score_span=span,
-        count=personal.samples_used,
-        **_prefix(prompt, personal.samples_text, personal.samples_prefix_key),
-    )
-
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The last user message's content (what the user's samples are matched against)."""
-    for message in reversed(messages):
-        content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
-    return ""
-
-
-def _user_span(messages: list[dict[str, Any]], prompt: str) -> tuple[int, int] | None:
-    """Characters of the last user message's content in `prompt` (the rendered chat).
-
-    The router scores only those tokens (not role tags, a default system message or the rest
-    of the template); None without a non-empty user message (the whole prompt is scored).
-    The template writes the content verbatim, so its last occurrence is the last message's.
-    """
-    for message in reversed(messages):
-        content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str) and content:
-            start = prompt.rfind(content)
-            return (start, start + len(content)) if start >= 0 else None
-    return None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.app import _user_span
+from edge.personal_prompt import user_span
 from edge.runtime import (
     EdgeRuntime,
     Finished,
@@ -41,7 +41,7 @@ def chat(
     """Prompt ids of persona + question, the question's token span, and the persona's length."""
     messages = [{"role": "system", "content": persona}, {"role": "user", "content": question}]
     rendered = runtime.render_chat(messages)
-    ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages, rendered))
+    ids, span = encode_with_span(runtime.encode, rendered, user_span(messages, rendered))
     system_part = rendered[: rendered.index(question)]
     system_part = system_part[: system_part.rindex("<|user|>")]
     prefix_len = prefix_length(ids, runtime.encode(system_part))

@@ -16,7 +16,7 @@ import onnxruntime_genai as og
 import pytest
 
 from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
-from edge.app import _user_span
+from edge.personal_prompt import user_span
 from edge.runtime import (
     EdgeRuntime,
     Finished,
@@ -85,7 +85,7 @@ def test_chat_span_is_the_last_user_messages_content_tokens(
 ) -> None:
     rendered = runtime.render_chat(messages)
     assert rendered == render_chat(messages)  # the lab model's template is this format
-    char_span = _user_span(messages, rendered)
+    char_span = user_span(messages, rendered)
     assert char_span is not None
     content = messages[-1]["content"]
     assert rendered[char_span[0] : char_span[1]] == content
@@ -104,7 +104,7 @@ def test_chat_span_is_the_last_user_messages_content_tokens(
 async def test_perplexity_over_a_span_scores_only_its_tokens(runtime: EdgeRuntime) -> None:
     messages = CHATS[0]
     rendered = runtime.render_chat(messages)
-    ids, span = encode_with_span(runtime.encode, rendered, _user_span(messages, rendered))
+    ids, span = encode_with_span(runtime.encode, rendered, user_span(messages, rendered))
     options = SamplingParams(max_tokens=1)
     whole, _, _, _ = await run(runtime.submit(ids, options))
     part, _, _, _ = await run(runtime.submit(ids, options, score_span=span))
