@@ -31,7 +31,7 @@ An unknown user (or an id the store would refuse) is no error: the request runs 
 A store that cannot be read (corrupt, locked) logs a warning and the request runs unpersonalized.
 
 **The caches.** Each user's cache lives in memory in an LRU bounded by `memory_bytes` (an
-estimate, `_UserState.size`: `edge.adapt.BYTES_PER_CONTEXT` a context of the cache and of its
+estimate, `UserState.size`: `edge.adapt.BYTES_PER_CONTEXT` a context of the cache and of its
 snapshot, plus the kept samples' text and grams), loaded on first use from the store's learned
 blob, or rebuilt from the stored feedback (`NgramCache.from_samples`) when there is none or it
 cannot be read. Each cache holds at most `max_contexts` contexts and each user at most the
@@ -67,13 +67,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import BadRequest, HybridgenError, NotFound
-from edge.adapt import BYTES_PER_CONTEXT, MAX_CONTEXTS, ORDER, NgramCache
+from edge.adapt import MAX_CONTEXTS, ORDER, NgramCache
+from edge.resident import KEPT_SAMPLES, UserState, largest_user_bytes, sample_bytes
 from edge.samples import (
     SAMPLES_HEADING,
     Personalization,
@@ -96,7 +96,6 @@ __all__ = [
     "Personalizer",
     "Sample",
     "gram_frequencies",
-    "largest_user_bytes",
     "owns_prefix",
     "pick_samples",
     "sample_grams",
@@ -108,77 +107,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Estimated bytes per context of a snapshot (`NgramCache.from_bytes` makes an int object per
-#: token of its keys and followers, which the live cache shares: 584 measured).
-BYTES_PER_SNAPSHOT_CONTEXT = 600
-#: Fixed cost estimate of one resident user.
-BYTES_PER_USER = 2048
-#: Feedback samples kept in memory per user, for the samples-in-context pick.
-KEPT_SAMPLES = 200
-#: Estimated bytes per distinct unigram/bigram of a kept sample: its tuple and set slot (~90
-#: measured) and its entry in the user's gram frequencies (`pick_samples`).
-BYTES_PER_GRAM = 160
-#: Estimated fixed bytes of a kept sample (its objects besides text and grams).
-BYTES_PER_SAMPLE = 200
-
-
-def largest_user_bytes(max_user_bytes: int, max_contexts: int) -> int:
-    """Estimated memory of the largest user the caps allow: the live cache and its snapshot
-    at `max_contexts`, and `max_user_bytes` of text kept twice (samples, queued) with one
-    token per byte at most (byte-level BPE), i.e. two grams per byte."""
-    return (
-        BYTES_PER_USER
-        + (BYTES_PER_CONTEXT + BYTES_PER_SNAPSHOT_CONTEXT) * max_contexts
-        + KEPT_SAMPLES * BYTES_PER_SAMPLE
-        + max_user_bytes * (2 + 2 * BYTES_PER_GRAM)
-    )
-
-
-@dataclass
-class _UserState:
-    """A resident user: the live cache, its snapshot, the kept samples."""
-
-    cache: NgramCache
-    samples: list[Sample] = field(default_factory=list)
-    #: An immutable copy of `cache` as of update `snapshot_version` (None: none yet).
-    snapshot: NgramCache | None = None
-    snapshot_version: int = -1
-    #: Updates of `cache` since it was loaded.
-    version: int = 0
-    next_order: int = 0
-    #: Estimated bytes of `samples` (kept up to date by `_keep_sample`).
-    samples_bytes: int = 0
-    #: In how many of `samples` each gram occurs, as of `version` (`pick_samples`).
-    frequencies: Counter[tuple[int, ...]] | None = None
-    frequencies_version: int = -1
-    #: Feedback texts stored but not learned yet (`Personalizer._learn`), and their bytes.
-    pending: list[str] = field(default_factory=list)
-    pending_bytes: int = 0
-
-    def sample_frequencies(self) -> Counter[tuple[int, ...]]:
-        """`frequencies`, recounted when the samples changed since (under the lock)."""
-        if self.frequencies is None or self.frequencies_version != self.version:
-            self.frequencies = gram_frequencies(self.samples)
-            self.frequencies_version = self.version
-        return self.frequencies
-
-    def adapter(self) -> NgramCache:
-        """What a request mixes in: the snapshot when it is current, else the live cache."""
-        if self.snapshot is not None and self.snapshot_version == self.version:
-            return self.snapshot
-        return self.cache
-
-    def size(self) -> int:
-        """Estimated bytes: the cache, its snapshot, the kept and the queued samples."""
-        snapshot = len(self.snapshot) if self.snapshot is not None else 0
-        contexts = BYTES_PER_CONTEXT * len(self.cache) + BYTES_PER_SNAPSHOT_CONTEXT * snapshot
-        return BYTES_PER_USER + contexts + self.samples_bytes + self.pending_bytes
-
-
-def _sample_bytes(sample: Sample) -> int:
-    """Estimated bytes of a kept sample: its text and its grams (with their frequencies)."""
-    return BYTES_PER_SAMPLE + len(sample.text.encode()) + BYTES_PER_GRAM * len(sample.grams)
 
 
 class Personalizer:
@@ -229,7 +157,7 @@ class Personalizer:
         self.order = order
         self.max_contexts = max_contexts
         self._lock = threading.RLock()
-        self._users: OrderedDict[str, _UserState] = OrderedDict()
+        self._users: OrderedDict[str, UserState] = OrderedDict()
         # Forgets, for write-backs that raced one: a counter, and the users forgotten while
         # write-backs were in flight (cleared when none is: no id outlives them).
         self._epoch = 0
@@ -273,7 +201,7 @@ class Personalizer:
 
     def _learn(self, user_id: str) -> None:
         """Learn the user's queued samples (under this lock, never the store's)."""
-        evicted: list[tuple[str, _UserState, int]] = []
+        evicted: list[tuple[str, UserState, int]] = []
         with self._lock:
             state = self._users.get(user_id)
             if state is None or not state.pending:
@@ -354,7 +282,7 @@ class Personalizer:
         with self._lock:
             return sum(state.size() for state in self._users.values())
 
-    def _state(self, user_id: str) -> _UserState:
+    def _state(self, user_id: str) -> UserState:
         with self._lock:
             state = self._users.get(user_id)
             if state is not None:
@@ -380,7 +308,7 @@ class Personalizer:
         self._write_evicted(evicted)
         return state
 
-    def _load(self, user_id: str) -> _UserState:
+    def _load(self, user_id: str) -> UserState:
         """The user's state from the store: the learned blob, else rebuilt from feedback."""
         feedback = self.store.list_feedback(user_id, KEPT_SAMPLES)
         blob = self.store.get_learned(user_id)
@@ -392,7 +320,7 @@ class Personalizer:
                 logger.warning("a learned state could not be read; rebuilding it from feedback")
         if cache is not None:
             cache.set_max_contexts(self.max_contexts)
-        state = _UserState(cache or NgramCache(self.order, max_contexts=self.max_contexts))
+        state = UserState(cache or NgramCache(self.order, max_contexts=self.max_contexts))
         for sample in feedback:
             ids = self.encode(sample.accepted)
             self._keep_sample(state, sample.accepted, ids)
@@ -404,15 +332,15 @@ class Personalizer:
                 self._schedule()
         return state
 
-    def _keep_sample(self, state: _UserState, text: str, ids: list[int]) -> None:
+    def _keep_sample(self, state: UserState, text: str, ids: list[int]) -> None:
         sample = Sample(state.next_order, text, sample_grams(ids), len(ids))
         state.samples.append(sample)
-        state.samples_bytes += _sample_bytes(sample)
+        state.samples_bytes += sample_bytes(sample)
         state.next_order += 1
         if len(state.samples) > KEPT_SAMPLES:
-            state.samples_bytes -= _sample_bytes(state.samples.pop(0))
+            state.samples_bytes -= sample_bytes(state.samples.pop(0))
 
-    def _evict(self) -> list[tuple[str, _UserState, int]]:
+    def _evict(self) -> list[tuple[str, UserState, int]]:
         """Drop least recently used users past the memory budget (under the lock).
 
         Returns:
@@ -420,7 +348,7 @@ class Personalizer:
             lock is released (the store must never be called under it: the store calls the
             listeners under its own lock).
         """
-        jobs: list[tuple[str, _UserState, int]] = []
+        jobs: list[tuple[str, UserState, int]] = []
         while len(self._users) > 1 and self.memory_used() > self.memory_bytes:
             user_id, state = self._users.popitem(last=False)
             if user_id in self._dirty:
@@ -429,7 +357,7 @@ class Personalizer:
                 jobs.append((user_id, state, self._epoch))
         return jobs
 
-    def _write_evicted(self, jobs: list[tuple[str, _UserState, int]]) -> None:
+    def _write_evicted(self, jobs: list[tuple[str, UserState, int]]) -> None:
         """Learn what a dropped user still had queued, and write it back."""
         for user_id, state, epoch in jobs:
             for text in state.pending:
@@ -457,7 +385,7 @@ class Personalizer:
         for user_id in dirty:
             self._learn(user_id)
         with self._lock:
-            jobs: list[tuple[str, bytes, int, _UserState, int]] = []
+            jobs: list[tuple[str, bytes, int, UserState, int]] = []
             for user_id in sorted(self._dirty):
                 state = self._users.get(user_id)
                 if state is not None:

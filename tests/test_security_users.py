@@ -26,7 +26,8 @@ import pytest
 
 from broker.server import NatsServer
 from edge.adapt import NgramCache
-from edge.personalize import Personalizer, largest_user_bytes, owns_prefix
+from edge.personalize import Personalizer, owns_prefix
+from edge.resident import largest_user_bytes
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from edge.settings import EdgeSettings
 from edge.users import ProfileUpdate, UserLimits, UserStore
