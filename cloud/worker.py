@@ -160,8 +160,14 @@ class CloudWorker:
             await self.telemetry.publish_heartbeat()
         if self.service is None:
             return True
-        # Leaving the queue group flushes; the wait for it counts in the drain bound.
-        await bounded(self.service.stop_accepting(), BUS_STEP_S, f"{self.node_id}: stop accepting")
+        # Leaving the queue group flushes, and counts in the drain bound. A broker that
+        # answers lets it finish (cut short, the group could still route requests here that
+        # no one answers); one gone or frozen costs the bound at most.
+        await bounded(
+            self.service.stop_accepting(),
+            max(BUS_STEP_S, deadline - time.monotonic()),
+            f"{self.node_id}: stop accepting",
+        )
         idle = await self.service.wait_idle(max(0.0, deadline - time.monotonic()))
         if not idle:
             logger.warning("drain: %d requests still in flight after %gs", self.admitted, timeout)

@@ -290,7 +290,10 @@ async def test_cloud_model_change_start_new_then_drain_old(
     failures: list[str] = []
     stop = asyncio.Event()
 
-    async with serve_cloud_api(nats_url, models=["hg-cloud"]) as url:
+    # The API, both workers and the new worker's model load share this test's process: a
+    # generous accept timeout keeps a starved event loop from reading as a lost request (a
+    # request no worker answers still fails, after it).
+    async with serve_cloud_api(nats_url, models=["hg-cloud"], accept_timeout_s=15.0) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
         async def keep_asking(index: int) -> None:
