@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,20 @@ async def test_stream_protocol_and_heartbeat(make_worker: Callable[..., Any], nc
     assert chunks[0].seq == 0 and chunks[0].text == ""
     assert stream.done is not None and stream.done.served_by == "cloud-hb"
     assert stream.done.usage.completion_tokens == sum(len(c.token_ids) for c in chunks) == 8
-    for _ in range(50):
-        if beats:
+    # A beat published during the request says in_flight 1; the request's own bookkeeping
+    # ends just after its Done, so wait (bounded) for a later beat that is idle again.
+    finished = time.time()
+
+    def idle() -> list[wire.Heartbeat]:
+        return [b for b in beats if b.ts >= finished and b.in_flight == 0]
+
+    for _ in range(200):
+        if idle():
             break
         await asyncio.sleep(0.05)
-    beat = beats[-1]
-    assert beat.status == "ready" and beat.model == MODEL and beat.in_flight == 0
+    assert idle(), f"no idle heartbeat after the request: {beats[-3:]}"
+    beat = idle()[0]
+    assert beat.status == "ready" and beat.model == MODEL
     assert beat.model_version == worker.model_version and beat.extra["device"] == "cpu"
 
 
