@@ -50,6 +50,25 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 # -- connecting -------------------------------------------------------------------------------
 
 
+class BusClient(Client):
+    """nats-py's client whose `flush` keeps its promise: what was sent before it has reached
+    the server when it returns.
+
+    nats-py 2.16 writes a flush's PING straight to the socket, while subscriptions and
+    publishes wait in its pending buffer for the flusher task. The PONG can then come back
+    before the server has seen a SUB made just before, so "subscribe, flush, then expect
+    messages" loses messages now and then: a control request answered `no responders` by a
+    node that had just flushed its endpoints, an event that never reached a subscriber.
+    Writing the pending buffer first (bounded by the same timeout) closes that gap.
+    """
+
+    async def flush(self, timeout: int = 10) -> None:  # noqa: ASYNC109
+        if self.is_connected:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush_pending(force_flush=True), timeout)
+        await super().flush(timeout)
+
+
 async def connect(
     url: str,
     *,
@@ -149,7 +168,7 @@ async def connect(
         settings["tls"] = tls
     settings.update(options)
 
-    nc = Client()
+    nc = BusClient()
     attempt = asyncio.ensure_future(nc.connect(**settings))
     giving_up = asyncio.ensure_future(gave_up.wait())
     try:
