@@ -72,10 +72,11 @@ async def runtime(edge_dir: Path) -> AsyncIterator[EdgeRuntime]:
 
 @pytest.fixture
 async def start_edge(
-    edge_dir: Path, nats_url: str
+    edge_dir: Path, nats_url: str, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[LiveEdge]]]:
     """`await start_edge(**EdgeSettings overrides)` -> a running edge, stopped after; it
-    accepts `ADMIN_KEY` for every user."""
+    accepts `ADMIN_KEY` for every user, and keeps its users in the test's folder (never in
+    the user's `HG_HOME`)."""
     stack = contextlib.AsyncExitStack()
     count = 0
 
@@ -86,6 +87,7 @@ async def start_edge(
             "model_dir": edge_dir,
             "nats_url": nats_url,
             "node_id": f"edge-test-{count}",
+            "users_db": tmp_path / f"edge-test-{count}" / "users.sqlite3",
             "threads": 1,
             "reconnect_s": 0.2,
             "user_keys": [f"{ADMIN_KEY}@*"],
