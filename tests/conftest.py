@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = [
+    "tests.fixtures_home",
     "tests.fixtures_broker",
     "tests.fixtures_secure_bus",
     "tests.fixtures_models",
