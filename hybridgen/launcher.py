@@ -139,13 +139,15 @@ class ChildSpec:
 class Backoff:
     """Restart delays: `initial` seconds, doubling up to `maximum`.
 
-    A child that stayed up for `stable_s` seconds before it died starts again from
-    `initial`; one that keeps crashing quickly waits longer each time, never less.
+    A child that stayed up for `stable_s` seconds (default a minute) before it died starts
+    again from `initial`; one that keeps crashing quickly waits longer each time, never
+    less. Time up is read from `clock` (monotonic seconds; a test passes its own).
     """
 
     initial: float = 0.5
     maximum: float = 30.0
     stable_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
 
     def delay(self, failures: int) -> float:
         """The wait before restart number `failures` (1-based) of a quick-crash streak."""
@@ -235,6 +237,7 @@ class Launcher:
         self.url = ""
         self._specs: list[ChildSpec] = []  # start order
         self._running: dict[str, asyncio.subprocess.Process] = {}
+        self._since: dict[str, float] = {}  # when each child's current process started
         self._logs: dict[str, IO[bytes]] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._events: Client | None = None
@@ -389,7 +392,7 @@ class Launcher:
         while True:
             server = self.server
             assert isinstance(server, NatsServer)
-            started = time.monotonic()
+            started = self.backoff.clock()
             status = await server.wait()
             if self._stopping:
                 return
@@ -467,6 +470,7 @@ class Launcher:
                 preexec_fn=death_signal_hook(),
             )
         self._running[spec.name] = process
+        self._since[spec.name] = self.backoff.clock()  # its time up counts from here
         return process
 
     async def start_child(self, spec: ChildSpec) -> asyncio.subprocess.Process:
@@ -503,15 +507,14 @@ class Launcher:
 
     def _next_failures(self, failures: int, started: float) -> int:
         """The quick-crash streak after a death: reset when the child had stayed up."""
-        stable = time.monotonic() - started >= self.backoff.stable_s
+        stable = self.backoff.clock() - started >= self.backoff.stable_s
         return 1 if stable else failures + 1
 
     async def _supervise(self, spec: ChildSpec) -> None:
         """Wait for the child to die; report it and restart it, with back-off, until stop."""
         failures = 0
         while True:
-            process = self._running[spec.name]
-            started = time.monotonic()
+            process, started = self._running[spec.name], self._since[spec.name]
             status = await process.wait()
             if self._stopping:
                 return
