@@ -1,0 +1,255 @@
+"""The caller's side of a stream checks every reply: a malformed reply, or one out of
+sequence (a `seq` skipped or repeated), ends the stream with `Internal`, never a hang or a
+reply taken as it came. A real nats-server; the responder is a stand-in (see `scripted`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from broker import errors, subjects, wire
+from broker.bus import connect
+from broker.streaming import request_stream
+from tests.waits import BOUND_S
+
+MODEL = "test-model"
+SUBJECT = subjects.gen(MODEL)
+
+#: Builds the raw replies to one request from its request id.
+Script = Callable[[str], list[bytes]]
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def chunk(request_id: str, seq: int, text: str = "") -> bytes:
+    return wire.encode(wire.Chunk(request_id=request_id, seq=seq, text=text))
+
+
+def done(request_id: str, seq: int) -> bytes:
+    usage = wire.Usage(prompt_tokens=1, completion_tokens=seq)
+    return wire.encode(wire.Done(request_id=request_id, seq=seq, finish_reason="stop", usage=usage))
+
+
+@asynccontextmanager
+async def scripted(nats_url: str, script: Script) -> AsyncIterator[list[wire.GenerateRequest]]:
+    """A stand-in worker on `hg.gen.test-model` that answers each request with the raw
+    replies of `script`, in order; yields the requests it received.
+
+    A stand-in because no real worker can be made to send these: `GenerationService`'s
+    `Responder` numbers its replies itself and `wire.encode` only writes valid messages.
+    """
+    received: list[wire.GenerateRequest] = []
+    worker = await connect(nats_url, name="scripted-worker")
+
+    async def answer(msg: Msg) -> None:
+        request = wire.decode(msg.data, wire.GenerateRequest)
+        received.append(request)
+        for payload in script(request.request_id):
+            await worker.publish(msg.reply, payload)
+
+    try:
+        await worker.subscribe(SUBJECT, cb=answer)
+        await worker.flush()
+        yield received
+    finally:
+        await worker.close()
+
+
+def make_request() -> wire.GenerateRequest:
+    return wire.GenerateRequest(request_id=wire.new_request_id(), model=MODEL, prompt="hello")
+
+
+def assert_internal(exc: BaseException, message: str) -> None:
+    """`exc` is the coded `Internal` with exactly `message` (and no param, no retry)."""
+    assert type(exc) is errors.Internal, repr(exc)
+    assert isinstance(exc, errors.HybridgenError)
+    assert (exc.code, exc.http_status, exc.message, exc.param, exc.retry_after) == (
+        errors.ErrorCode.INTERNAL,
+        500,
+        message,
+        None,
+        None,
+    )
+
+
+#: (case, script, the text after "<subject>: " of the error; `{rid}` is the request id)
+MALFORMED_ACCEPT: list[tuple[str, Script, str]] = [
+    ("not msgpack", lambda rid: [b"\xc1"], "malformed reply: malformed msgpack (FormatError: )"),
+    (
+        "not a map",
+        lambda rid: [pack([1, 2])],
+        "malformed reply: message must be a msgpack map, got list",
+    ),
+    (
+        "another version",
+        lambda rid: [pack({"v": 2, "type": "chunk", "request_id": rid, "seq": 0})],
+        "malformed reply: unsupported message version 2 (this node speaks v3)",
+    ),
+    (
+        "an unknown type",
+        lambda rid: [pack({"v": wire.VERSION, "type": "nope", "request_id": rid, "seq": 0})],
+        "malformed reply: Input tag 'nope' found using 'type' does not match any of the "
+        "expected tags: 'chunk', 'done', 'error'",
+    ),
+    (
+        "no type",
+        lambda rid: [pack({"v": wire.VERSION, "request_id": rid, "seq": 0})],
+        "malformed reply: Unable to extract tag using discriminator 'type'",
+    ),
+    (
+        "a chunk without seq",
+        lambda rid: [pack({"v": wire.VERSION, "type": "chunk", "request_id": rid})],
+        "malformed reply: missing field 'chunk.seq'",
+    ),
+    (
+        "a negative seq",
+        lambda rid: [pack({"v": wire.VERSION, "type": "chunk", "request_id": rid, "seq": -1})],
+        "malformed reply: invalid field 'chunk.seq': Input should be greater than or equal to 0",
+    ),
+    (
+        "a seq of the wrong type",
+        lambda rid: [pack({"v": wire.VERSION, "type": "chunk", "request_id": rid, "seq": "0"})],
+        "malformed reply: invalid field 'chunk.seq': Input should be a valid integer",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "script", "message"), MALFORMED_ACCEPT, ids=[c[0] for c in MALFORMED_ACCEPT]
+)
+async def test_a_malformed_first_reply_is_internal(
+    nats_url: str, nc: Client, case: str, script: Script, message: str
+) -> None:
+    async with scripted(nats_url, script) as received:
+        request = make_request()
+        with pytest.raises(errors.HybridgenError) as info:
+            async with request_stream(nc, request, accept_timeout=BOUND_S):
+                pass
+    assert [r.request_id for r in received] == [request.request_id]
+    assert_internal(info.value, f"{SUBJECT}: {message}")
+
+
+#: (case, script, the seqs of the good chunks streamed before it broke, the error's text).
+#: A script that goes on after its bad reply ends with a good `Done`: a stream that let the
+#: bad reply through would end there, and the test fail at once, rather than wait.
+BROKEN_MID_STREAM: list[tuple[str, Script, list[int], str]] = [
+    (
+        "not msgpack after the accept",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), b"\xc1", done(rid, 3)],
+        [0, 1],
+        "malformed reply: malformed msgpack (FormatError: )",
+    ),
+    (
+        "a number after the accept",
+        lambda rid: [chunk(rid, 0), pack(7), done(rid, 2)],
+        [0],
+        "malformed reply: message must be a msgpack map, got int",
+    ),
+    (
+        "a done without usage",
+        lambda rid: [
+            chunk(rid, 0),
+            pack(
+                {
+                    "v": wire.VERSION,
+                    "type": "done",
+                    "request_id": rid,
+                    "seq": 1,
+                    "finish_reason": "stop",
+                }
+            ),
+            done(rid, 2),
+        ],
+        [0],
+        "malformed reply: missing field 'done.usage'",
+    ),
+    (
+        "a skipped seq",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), chunk(rid, 3, "c"), done(rid, 4)],
+        [0, 1],
+        "broken reply sequence for request {rid}: expected seq 2, got 3",
+    ),
+    (
+        "a repeated seq",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), chunk(rid, 1, "a"), done(rid, 3)],
+        [0, 1],
+        "broken reply sequence for request {rid}: expected seq 2, got 1",
+    ),
+    (
+        "a seq going back to the accept",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), chunk(rid, 0), done(rid, 3)],
+        [0, 1],
+        "broken reply sequence for request {rid}: expected seq 2, got 0",
+    ),
+    (
+        "a done that skips a seq",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), done(rid, 3)],
+        [0, 1],
+        "broken reply sequence for request {rid}: expected seq 2, got 3",
+    ),
+    (
+        "a done that repeats a seq",
+        lambda rid: [chunk(rid, 0), chunk(rid, 1, "a"), done(rid, 1)],
+        [0, 1],
+        "broken reply sequence for request {rid}: expected seq 2, got 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "script", "seqs", "message"),
+    BROKEN_MID_STREAM,
+    ids=[c[0] for c in BROKEN_MID_STREAM],
+)
+async def test_a_bad_reply_mid_stream_is_internal(
+    nats_url: str, nc: Client, case: str, script: Script, seqs: list[int], message: str
+) -> None:
+    streamed: list[int] = []
+    async with scripted(nats_url, script):
+        request = make_request()
+        with pytest.raises(errors.HybridgenError) as info:
+            async with request_stream(
+                nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S
+            ) as stream:
+                async for good in stream:
+                    streamed.append(good.seq)
+    assert streamed == seqs
+    assert stream.done is None
+    assert_internal(info.value, f"{SUBJECT}: " + message.format(rid=request.request_id))
+
+
+async def test_the_first_reply_must_be_seq_0(nats_url: str, nc: Client) -> None:
+    """A stream that starts past the accept chunk (`seq` 0 lost or never sent)."""
+    async with scripted(nats_url, lambda rid: [chunk(rid, 1, "a"), done(rid, 2)]):
+        request = make_request()
+        with pytest.raises(errors.HybridgenError) as info:
+            async with request_stream(nc, request, accept_timeout=BOUND_S):
+                pass
+    assert_internal(
+        info.value,
+        f"{SUBJECT}: broken reply sequence for request {request.request_id}: expected seq 0, got 1",
+    )
+
+
+async def test_an_unbroken_script_streams_whole(nats_url: str, nc: Client) -> None:
+    """The same stand-in with its replies in order: the stream is read to its `Done`, so the
+    failures above come from the replies, not from the stand-in."""
+
+    def script(rid: str) -> list[bytes]:
+        return [chunk(rid, 0), chunk(rid, 1, "a"), chunk(rid, 2, "b"), done(rid, 3)]
+
+    request = make_request()
+    async with (
+        scripted(nats_url, script),
+        request_stream(nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S) as stream,
+    ):
+        text, finished = await stream.collect()
+    assert (text, finished.seq, finished.finish_reason) == ("ab", 3, "stop")
