@@ -21,6 +21,7 @@ from broker import subjects, wire
 from broker.settings import BusSettings
 from broker.store import FleetConfig
 from tests.fixtures_edge import LiveEdge
+from tests.fixtures_tui import until
 from tui.app import HybridgenConsole
 from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
@@ -30,15 +31,6 @@ pytestmark = pytest.mark.slow
 
 SIZE = (160, 40)
 MARKUP = "[bold red]x[/]"
-
-
-async def until(pilot: Pilot[None], check: Callable[[], Any], what: str) -> None:
-    """Let the app run until `check()` holds (bounded by a number of turns, not asserted)."""
-    for _ in range(600):
-        if check():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from rich.text import Text
-from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Label, OptionList, Static
 
 from broker import subjects, wire
@@ -25,7 +24,7 @@ from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import ArtifactStore
 from models.registry import ModelSet
-from tests.fixtures_tui import Clock
+from tests.fixtures_tui import Clock, until
 from tests.test_tui_app import SIZE, connected, publish_beat, seen
 from tui.app import HybridgenConsole
 from tui.prompt import PromptScreen
@@ -34,15 +33,6 @@ from tui.screens import ConfirmScreen, NodeScreen
 from tui.state import EventLog, FleetState
 
 MARKUP = "[bold red]x[/]"
-
-
-async def until(pilot: Pilot[None], check: Callable[[], bool], what: str) -> None:
-    """Let the app run until `check()` holds (bounded by turns, for a real model; not timed)."""
-    for _ in range(3000):
-        if check():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError(f"never happened: {what}")
 
 
 def console_for(nats_url: str, clock: Clock | None = None) -> HybridgenConsole:
@@ -321,11 +311,7 @@ async def test_rollout_to_a_real_edge_then_its_heartbeat_shows_the_version(
             node = app.fleet.get(edge.node_id)
             return None if node is None else node.heartbeat.model_version
 
-        for _ in range(100):  # heartbeats come every second
-            if beat_version() == tiny_models.version:
-                break
-            await pilot.pause(0.1)
-        assert beat_version() == tiny_models.version
+        await until(pilot, lambda: beat_version() == tiny_models.version, "a beat of the new set")
 
 
 # ----------------------------------------------------------------------------- test prompt

@@ -27,7 +27,7 @@ from textual.widgets import DataTable, Input
 
 from broker import wire
 from broker.settings import BusSettings
-from tests.fixtures_tui import Clock
+from tests.fixtures_tui import Clock, until
 from tui.app import HybridgenConsole
 from tui.experiment import ExperimentScreen
 from tui.policy import PolicyScreen
@@ -284,15 +284,28 @@ def screen_lines(svg: str) -> list[str]:
     return ["".join(line).rstrip() for _, line in sorted(rows.items())]
 
 
+def tick(app: Any) -> None:
+    """What the timers of the app and of the screen on top do, now."""
+    app.refresh_tick()
+    for name in ("redraw", "tick"):
+        method = getattr(app.screen, name, None)
+        if callable(method):
+            method()
+
+
 async def settled(pilot: Pilot[None]) -> str:
-    """The screen as an SVG once drawing has settled: two exports in a row are equal."""
+    """The screen as an SVG once drawing has settled: a tick of the app and of the screen in
+    between changes nothing (a screen that changes on every tick never settles: it fails)."""
     app = pilot.app
-    await pilot.pause(0.1)
-    first = app.export_screenshot()
-    await pilot.pause(0.6)  # past a refresh tick of every screen
-    second = app.export_screenshot()
-    assert first == second, "the screen changed between two exports: not deterministic"
-    return second
+    shots: list[str] = []
+
+    def steady() -> bool:
+        shots.append(app.export_screenshot())
+        tick(app)
+        return len(shots) >= 2 and shots[-1] == shots[-2]
+
+    await until(pilot, steady, "the screen unchanged by a tick: deterministic")
+    return shots[-1]
 
 
 def check_snapshot(svg: str, expected: Path, tmp_path: Path) -> None:
@@ -417,14 +430,14 @@ async def test_help_snapshot_fits_80x24_and_scrolls_to_its_last_line(tmp_path: P
         assert not any(text[-1] in line for line in lines), "expected the help to scroll"
         check_snapshot(svg, SNAPSHOTS / "help_80x24.svg", tmp_path)
 
+        def shown() -> list[str]:
+            return screen_lines(app.export_screenshot())
+
         await pilot.press("end")
-        await pilot.pause(0.2)
-        lines = screen_lines(app.export_screenshot())
-        assert any(text[-1] in line for line in lines), "last help line not reachable"
-        assert not any(text[0] in line for line in lines)
+        await until(pilot, lambda: any(text[-1] in line for line in shown()), "the last line")
+        assert not any(text[0] in line for line in shown())
         await pilot.press("home")
-        await pilot.pause(0.2)
-        assert any(text[0] in line for line in screen_lines(app.export_screenshot()))
+        await until(pilot, lambda: any(text[0] in line for line in shown()), "the first line")
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 
