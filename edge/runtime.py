@@ -195,6 +195,7 @@ class _Job:
         self.max_length = 0  # the generator's search max_length (for a kept one)
         self.failed = False  # an error left the generator in an unknown state
         self.released = False  # its generator went back to the prefix cache
+        self.finished = False  # its Finished event was sent
         self.epoch = 0  # the prefix cache's forget epoch when it was submitted
 
     def emit(self, event: Event | BaseException) -> None:
@@ -374,6 +375,8 @@ class EdgeRuntime:
     Attributes:
         prefix_hits: requests that reused a kept prefix; `prefix_misses`: requests with a
             prefix key that prefilled it (none kept, mismatch, options differ, too short).
+        cancelled: generations dropped before they finished (cancelled by their caller,
+            a hang-up, or unloaded unfinished), so no token is spent on them any more.
     """
 
     def __init__(
@@ -407,6 +410,7 @@ class EdgeRuntime:
         self._closing = False
         self._step_s = 0.0  # EWMA of one decode step (one token of one generator)
         self.tokens_generated = 0
+        self.cancelled = 0
         self._prefix = _PrefixCache(int(prefix_cache_mb * (1 << 20)))
         self.prefix_hits = 0
         self.prefix_misses = 0
@@ -636,6 +640,8 @@ class EdgeRuntime:
 
     def _drop_if_cancelled(self, job: _Job) -> bool:
         if job.cancelled:
+            if not job.finished and not job.failed:
+                self.cancelled += 1
             self._keep(job)
             job.generator = None
             job.stream = None
@@ -854,6 +860,7 @@ class EdgeRuntime:
     def _finish(self, job: _Job, reason: FinishReason, *, flush: bool = True) -> None:
         tail = job.stops.flush() if flush else ""
         self._keep(job)  # before Finished: the caller's next request finds it kept
+        job.finished = True
         job.emit(
             Finished(
                 finish_reason=reason,

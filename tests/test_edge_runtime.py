@@ -28,6 +28,7 @@ from edge.runtime import (
 from models.chat import render_chat
 from models.registry import ModelSet
 from models.scoring import encode_with_span, prompt_perplexity, scored_positions
+from tests.waits import eventually
 
 PROMPT = "<|user|>\nPermission is hereby granted, free of charge<|end|>\n<|assistant|>\n"
 
@@ -168,10 +169,7 @@ async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:
     idle_wait = runtime.estimate_wait_s()
     long = SamplingParams(max_tokens=60, temperature=0.8, seed=1)
     held = [runtime.submit(ids, long, hold_after_prefill=True) for _ in range(2)]
-    for _ in range(200):  # wait until the worker admitted both into its pool
-        if runtime.queue_depth == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: runtime.queue_depth == 0, "both admitted into the pool")
     held += [runtime.submit(ids, long, hold_after_prefill=True) for _ in range(2)]
     with pytest.raises(Overloaded) as caught:  # 2 active + 2 queued: the queue is full
         runtime.submit(ids, long)
@@ -180,13 +178,26 @@ async def test_limits_queue_and_cancel(runtime: EdgeRuntime) -> None:
     assert runtime.queue_depth >= 1
     for generation in held:
         generation.cancel()
-    for _ in range(200):
-        if runtime.in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert runtime.in_flight == 0
+    await eventually(lambda: runtime.in_flight == 0, "the cancelled generations dropped")
+    assert runtime.cancelled == 4
     result = await run(runtime.submit(ids, SamplingParams(max_tokens=3)))
     assert result[3].completion_tokens <= 3
+
+
+async def test_cancel_drops_a_held_generation_unfinished(runtime: EdgeRuntime) -> None:
+    """`cancel()` takes a generation out of the pool for good: held after its prefill, it
+    never runs (without the cancel it would hold its slot for ever)."""
+    ids = runtime.encode(PROMPT)
+    held = runtime.submit(ids, SamplingParams(max_tokens=20), hold_after_prefill=True)
+    assert isinstance(await held.next_event(), Prefill)
+    before = runtime.tokens_generated
+    held.cancel()
+    # The marker: a later generation ran to its end, so the worker has passed its pool (and
+    # dropped what was cancelled) since.
+    _, _, _, later = await run(runtime.submit(ids, SamplingParams(max_tokens=3, temperature=0)))
+    assert runtime.cancelled == 1
+    assert runtime.tokens_generated - before == later.completion_tokens
+    await eventually(lambda: runtime.in_flight == 0, "the pool is empty")
 
 
 async def test_concurrent_requests_and_close_drains(tiny_models: ModelSet) -> None:
@@ -194,7 +205,6 @@ async def test_concurrent_requests_and_close_drains(tiny_models: ModelSet) -> No
     ids = rt.encode(PROMPT)
     generations = [rt.submit(ids, SamplingParams(max_tokens=16, temperature=0)) for _ in range(5)]
     collecting = [asyncio.create_task(run(g)) for g in generations]
-    await asyncio.sleep(0)
     await rt.close()  # admitted requests finish first
     results = await asyncio.gather(*collecting)
     assert len({text for _, text, _, _ in results}) == 1
