@@ -9,8 +9,8 @@ coordination. Each one:
 * streams `Chunk`s as tokens come out of the running batch, then `Done`;
 * honours the request's deadline (`timeout_ms`, counted from when the worker received it): a
   request whose deadline passed before admission is refused with `timeout`; one running when
-  it passes is stopped (the service cancels the handler and answers an `Error` coded
-  `timeout`, the engine frees the sequence); `hg.cancel.<request_id>` stops it likewise;
+  it passes is stopped (an `Error` coded `timeout`, reported as an `error` event; the engine
+  frees the sequence); `hg.cancel.<request_id>` stops it likewise, unreported;
 * publishes a heartbeat every second, a `request` event per served request and an `error`
   event per failed one;
 * on SIGTERM stops taking requests, lets in-flight ones finish within `drain_timeout_s`,
@@ -253,7 +253,7 @@ class CloudWorker:
                 asyncio.get_running_loop().create_task(self.service.stop_accepting())
             raise Unavailable(f"{self.node_id}: the generation engine is not running")
         try:
-            await self._handle(engine, request, responder)
+            await self._handle_until_deadline(engine, request, responder)
         except HybridgenError as exc:
             if self.telemetry is not None and exc.code.value not in ("overloaded", "cancelled"):
                 await self.telemetry.publish_event(
@@ -267,6 +267,28 @@ class CloudWorker:
                     code="internal",
                 )  # fmt: skip
             raise
+
+    async def _handle_until_deadline(
+        self, engine: Engine, request: wire.GenerateRequest, responder: Responder
+    ) -> None:
+        """`_handle` within the request's deadline, counted from when it arrived. Past it the
+        request fails with `timeout`, a failure like any other (its `error` event is
+        published), not a silent cancel."""
+        if request.timeout_ms is None:
+            await self._handle(engine, request, responder)
+            return
+        loop = asyncio.get_running_loop()
+        left_s = responder.received_at + request.timeout_ms / 1e3 - time.monotonic()
+        deadline = asyncio.timeout_at(loop.time() + left_s)
+        try:
+            async with deadline:
+                await self._handle(engine, request, responder)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the refusal before admission, or a timeout of its own
+            raise Timeout(
+                f"request {request.request_id} exceeded its timeout of {request.timeout_ms} ms"
+            ) from None
 
     async def _handle(
         self, engine: Engine, request: wire.GenerateRequest, responder: Responder
