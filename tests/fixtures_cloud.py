@@ -4,22 +4,28 @@
 - `cloud_long_model`: a tiny random Llama with a long context window (`LONG_CONTEXT`), built
   once per session, for tests that need a generation no machine finishes within seconds, or
   an input long enough that reading it takes measurable time.
-- `serve_cloud_api` / `live_cloud_api`: the cloud API under a real uvicorn.
+- `serve_cloud_api` / `live_cloud_api`: the cloud API under a real uvicorn, in-process.
+- `cli_cloud_api`: the cloud API as a child process started by its CLI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
 from broker.bus import connect
 from tests.live import serve_app
+from tests.waits import BOUND_S, eventually
 
 #: Context window of `cloud_long_model`, in tokens.
 LONG_CONTEXT = 8192
@@ -82,15 +88,18 @@ def cloud_long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def live_cloud_api(
     nats_url: str, *, http: Any = None, **settings: Any
 ) -> AsyncIterator[tuple[uvicorn.Server, str]]:
-    """The cloud API (`ApiSettings` overrides in `settings`) under a real uvicorn on a free
-    port, on the test's nats-server, with uvicorn's protocol class `http` when given (the
-    CLI's slow-client deadlines: `serving.slow_clients.deadline_protocol`); yields
-    (server, base URL)."""
+    """The cloud API (`ApiSettings` from the environment and `settings`) under a real uvicorn
+    on a free port of its `host`, on the test's nats-server, with uvicorn's protocol class
+    `http` when given (the CLI's slow-client deadlines:
+    `serving.slow_clients.deadline_protocol`); yields (server, base URL on loopback)."""
     from cloud.api import create_app
     from cloud.settings import ApiSettings
 
-    app = create_app(ApiSettings(port=0, **settings), nats_url=nats_url)
-    config = {} if http is None else {"http": http}
+    api_settings = ApiSettings(port=0, **settings)
+    app = create_app(api_settings, nats_url=nats_url)
+    config = (
+        {"host": api_settings.host} if http is None else {"host": api_settings.host, "http": http}
+    )
     async with serve_app(app, **config) as (server, url):
         yield server, url
 
@@ -100,3 +109,50 @@ async def serve_cloud_api(nats_url: str, **settings: Any) -> AsyncIterator[str]:
     """`live_cloud_api` yielding only the base URL."""
     async with live_cloud_api(nats_url, **settings) as (_, url):
         yield url
+
+
+def cloud_api_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the `HG_CLOUD_*` settings a developer may have set
+    (so a child's settings are only the test's), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HG_CLOUD_")}
+    return {**env, **extra}
+
+
+@asynccontextmanager
+async def cli_cloud_api(
+    nats_url: str, *flags: str, log: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`hybridgen cloud api` as users start it (`python -m cloud api`: the CLI, its settings
+    checks and uvicorn with the slow-client protocol) on a free port, its output in `log`;
+    yields (process, base URL on loopback) once `/healthz` answers, and stops it with
+    SIGTERM after."""
+    from broker.server import free_port
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "cloud", "api", "--port", str(port), "--nats", nats_url),
+            *flags,
+            env=cloud_api_env() if env is None else env,
+            stdout=out,
+            stderr=out,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def serving() -> bool:
+                if proc.returncode is not None:
+                    text = await asyncio.to_thread(log.read_text)
+                    raise AssertionError(f"the cloud API exited: {text}")
+                try:
+                    return (await http.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(serving, "the cloud API serves /healthz")
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), BOUND_S)
