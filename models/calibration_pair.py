@@ -92,11 +92,24 @@ def calibrate_pair(
             continue
         edge_nll = math.log(edge_ppl) * (len(ids) - 1) / max(1, len(text))
         scored.append((edge_ppl, edge_nll - cloud_nll))
+    result = fit_gain(scored, prompt_tokens=[min_tokens, top], seed=seed)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def fit_gain(
+    scored: list[tuple[float, float]], *, prompt_tokens: list[int], seed: int
+) -> dict[str, Any]:
+    """The `routing` section from (edge perplexity, cloud gain per character) per passage.
+
+    Passages with a gain at or above the median are the ones worth sending; the threshold
+    on the edge's perplexity that best separates them is kept when its AUC reaches MIN_AUC.
+    """
     result: dict[str, Any] = {
         "mode": "calibrated",
         "label": "cloud_gain",
         "perplexity_threshold": None,
-        "prompt_tokens": [min_tokens, top],
+        "prompt_tokens": prompt_tokens,
         "seed": seed,
     }
     if len(scored) < 2 * MIN_PROMPTS:
@@ -116,7 +129,6 @@ def calibrate_pair(
             "edge_as_good": median["in_domain"],
             "cloud_better": median["out_of_domain"],
         }
-    result["seconds"] = round(time.perf_counter() - started, 2)
     auc = fit.get("auc")
     if fit["threshold"] is None or auc is None or auc < MIN_AUC:
         result["mode"] = "uncalibrated"
