@@ -192,6 +192,7 @@ def test_a_different_pair_is_measured_at_both_ends(
     assert (
         model_set.root / "edge"
     ).is_dir() and model_set.edge_checkpoint_dir != model_set.cloud_dir
+    assert model_set.manifest.routing is not None
     routing = model_set.manifest.routing.to_json()
     # Both ends scored the same held-out passages; the section says what it found.
     sides = routing["prompts"]
