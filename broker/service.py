@@ -413,7 +413,8 @@ async def serve_control(
     The service is `name`, by default its role's (`broker.permissions.ROLE_SERVICES`: an edge's
     `hybridgen-edge`, else `hybridgen-control`), the only names its role may answer
     discovery for. Bad input, a wrong verb or a failing handler answer
-    `ControlReply(ok=False, message)`. Stop it with `await service.stop()`.
+    `ControlReply(ok=False, message)`, with `data` `{"code"}` for a coded error (and
+    `"param"`, the field at fault, where there is one). Stop it with `await service.stop()`.
 
     Raises:
         ValueError: a verb that is not one of `subjects.CONTROL_VERBS`.
@@ -445,7 +446,8 @@ def _control_endpoint(verb: str, handler: ControlHandler) -> Callable[[Request],
                 )
             reply = await handler(control)
         except HybridgenError as exc:
-            reply = wire.ControlReply(ok=False, message=exc.message, data={"code": exc.code.value})
+            coded = {"code": exc.code.value, **({"param": exc.param} if exc.param else {})}
+            reply = wire.ControlReply(ok=False, message=exc.message, data=coded)
         except Exception as exc:
             log.exception("control %s failed", verb)
             reply = wire.ControlReply(ok=False, message=f"internal error ({type(exc).__name__})")
