@@ -23,6 +23,7 @@ import pytest
 
 from models.registry import ModelSet
 from tests.fixtures_cloud import serve_cloud_api
+from tests.waits import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -85,24 +86,60 @@ def schema_for(path: str, status: int, stream: bool) -> str:
 
 @dataclass
 class Target:
-    """One API under test: where it is, which model and extra body fields to use, and every
-    body it answered (path, status, streamed, JSON)."""
+    """One API under test: where it is, which model and extra body fields to use, where its
+    answers must say they were served (`served_by`), and every body it answered (path,
+    status, streamed, JSON)."""
 
     name: str
     url: str
     model: str
     extra_body: dict[str, Any]
+    served_by: str
     bodies: list[tuple[str, int, bool, Any]] = field(default_factory=list)
+    #: Answers that did not say `served_by` as they should (checked after every call).
+    misplaced: list[str] = field(default_factory=list)
 
     async def _record(self, response: Any) -> None:  # the openai client's httpx Response
         await response.aread()  # the SDK then reads the stream from the buffered content
         path, status = response.request.url.path, response.status_code
         if "text/event-stream" in response.headers.get("content-type", ""):
-            for line in response.text.splitlines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    self.bodies.append((path, status, True, json.loads(line[6:])))
+            chunks = [
+                json.loads(line[6:])
+                for line in response.text.splitlines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
+            self.bodies.extend((path, status, True, chunk) for chunk in chunks)
+            self._check_served(response, chunks, stream=True)
         elif "json" in response.headers.get("content-type", ""):
             self.bodies.append((path, status, False, response.json()))
+            self._check_served(response, [response.json()], stream=False)
+
+    def _check_served(self, response: Any, bodies: list[Any], *, stream: bool) -> None:
+        """Note an answer that does not say it was served by `served_by`: the edge says it
+        in a header and in every body and chunk; the cloud API in its body, or in a
+        stream's closing chunk (docs/api.md, "Responses")."""
+        path = response.request.url.path
+        if response.status_code != 200 or not path.endswith("completions"):
+            return
+        edge = self.name != "cloud"
+        header = response.headers.get("x-hybridgen-served-by")
+        if edge and header != self.served_by:
+            self.misplaced.append(f"{path}: header X-Hybridgen-Served-By {header!r}")
+        for body in bodies:
+            closing = (
+                stream
+                and bool(body.get("choices"))
+                and (body["choices"][0].get("finish_reason") is not None)
+            )
+            said = body.get("served_by")
+            if said != self.served_by and (edge or not stream or closing or said is not None):
+                self.misplaced.append(f"{path}: served_by {said!r} in {body}")
+
+    def assert_served_where_asked(self) -> None:
+        """Every answer so far said it was served by `served_by`."""
+        assert not self.misplaced, f"{self.name} answers not served by {self.served_by}: " + (
+            "; ".join(self.misplaced[:3])
+        )
 
     def client(self) -> openai.AsyncOpenAI:
         http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._record]}, timeout=60)
@@ -119,13 +156,15 @@ class Target:
     async def chat(self, **kwargs: Any) -> Any:
         extra = {**self.extra_body, **kwargs.pop("extra_body", {})}
         async with self.client() as client:
-            return await client.chat.completions.create(
+            answer = await client.chat.completions.create(
                 model=self.model,
                 messages=kwargs.pop("messages", USER),
                 max_tokens=kwargs.pop("max_tokens", 12),
                 extra_body=extra or None,
                 **kwargs,
             )
+        self.assert_served_where_asked()
+        return answer
 
     async def chat_stream(self, **kwargs: Any) -> list[Any]:
         answer = await self.chat(stream=True, **kwargs)
@@ -134,13 +173,15 @@ class Target:
     async def complete(self, **kwargs: Any) -> Any:
         extra = {**self.extra_body, **kwargs.pop("extra_body", {})}
         async with self.client() as client:
-            return await client.completions.create(
+            answer = await client.completions.create(
                 model=self.model,
                 prompt=kwargs.pop("prompt", "The software"),
                 max_tokens=kwargs.pop("max_tokens", 12),
                 extra_body=extra or None,
                 **kwargs,
             )
+        self.assert_served_where_asked()
+        return answer
 
 
 @pytest.fixture
@@ -159,21 +200,20 @@ async def target(
     start_worker: Callable[..., Any],
     cloud_api: str,
 ) -> AsyncIterator[Target]:
-    """Each API under test, with a cloud worker behind it; every body validated after."""
+    """Each API under test, with a cloud worker behind it; every body validated after, and
+    every answer served where the target says (`edge`: at the edge; the others: the cloud)."""
     await start_worker()
     if request.param == "cloud":
-        api = Target("cloud", cloud_api, "hg-cloud", {})
+        api = Target("cloud", cloud_api, "hg-cloud", {}, served_by="cloud")
     else:
         edge = await start_edge(policy={"perplexity_threshold": 1e9})
         route = "edge" if request.param == "edge" else "cloud"
-        if route == "cloud":
-            for _ in range(200):  # the edge's bus link connects in the background
-                if edge.node.cloud_available():
-                    break
-                await asyncio.sleep(0.05)
-        api = Target(request.param, edge.url, "hg-edge", {"route": route})
+        if route == "cloud":  # the edge's bus link connects in the background
+            await eventually(edge.node.cloud_available, "the edge's link to the cloud")
+        api = Target(request.param, edge.url, "hg-edge", {"route": route}, served_by=route)
     yield api
     assert api.validate_all() > 0
+    api.assert_served_where_asked()
 
 
 # --------------------------------------------------------------------------------- tests

@@ -22,6 +22,7 @@ from models.registry import CLOUD_MODEL
 from serving.grammar import Grammar, from_response_format, json_schema_grammar
 from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_edge import LiveEdge
+from tests.waits import eventually
 
 EDGE_MODEL = "hg-edge"
 MESSAGES: Any = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -134,6 +135,7 @@ async def test_edge_answers_valid_against_the_schema(
             seed=0,  # the tiny model closes the object (most seeds ramble to the limit)
             extra_body={"route": "edge"},
         )
+        assert (sampled.model_extra or {})["served_by"] == "edge"
         assert sampled.choices[0].finish_reason == "stop"
         assert isinstance(json.loads(sampled.choices[0].message.content or ""), dict)
 
@@ -152,6 +154,7 @@ async def test_edge_answers_valid_against_the_schema(
             extra_body={"route": "edge"},
         )
         async for chunk in stream:
+            assert (chunk.model_extra or {})["served_by"] == "edge"  # every chunk says it
             if chunk.choices:
                 pieces.append(chunk.choices[0].delta.content or "")
         Person.model_validate_json("".join(pieces))
@@ -170,6 +173,7 @@ async def test_constrained_fallback_is_constrained_in_the_cloud(
 ) -> None:
     await start_worker()
     edge = await start_edge()
+    await eventually(edge.node.cloud_available, "the edge's link to the cloud")
     async with edge.client() as client:
         done = await parse_person(client, EDGE_MODEL, route="cloud")
     assert (done.model_extra or {})["served_by"] == "cloud"
@@ -203,6 +207,7 @@ async def test_cloud_api_answers_valid_against_the_schema(
         )
         assert_person(constrained)
         assert free.choices[0].message.content
+        assert [(a.model_extra or {})["served_by"] for a in (constrained, free)] == ["cloud"] * 2
 
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(

@@ -50,11 +50,33 @@ ASK: Any = [{"role": "user", "content": "Weather in Paris?"}]
 WEATHER: Any = {"type": "function", "function": {"name": "w"}}
 #: Room for one call on the tiny edge model (prompt + max_tokens within 128 tokens).
 ONE_CALL = 45
+#: A tool without arguments: a call of it is 29 tokens of the tiny models, so two fit the
+#: tiny edge model's window after the prompt (65 tokens with `BARE` and `HUH`).
+BARE: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "a",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    }
+]
+BARE_PARAMS = {"a": BARE[0]["function"]["parameters"]}
+HUH: Any = [{"role": "user", "content": "?"}]
+#: Room for two calls of `BARE` on the tiny edge model (65 + 63 = its 128-token window).
+TWO_CALLS = 63
+#: The seed with which each end's tiny model, free to make parallel calls of `BARE`, makes
+#: two (found by trying seeds: sampling is seeded, so it makes them on every run).
+TWO_CALLS_SEED = {"edge": 24, "edge-to-cloud": 3, "cloud": 3}
+#: The text of one call of `BARE`, as the grammar has the model write it.
+BARE_CALL = f'{CALL_MARKER}{{"name":"a","arguments":{{}}}}'
 
 
-def assert_calls(answer: Any, *, names: set[str], most: int) -> list[Any]:
+def assert_calls(
+    answer: Any, *, names: set[str], most: int, schemas: dict[str, Any] = PARAMS
+) -> list[Any]:
     """The answer is only tool calls (1 to `most`), each of a tool in `names` with arguments
-    valid against its schema; returns them."""
+    valid against its schema (in `schemas`); returns them."""
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     calls = choice.message.tool_calls or []
@@ -63,7 +85,7 @@ def assert_calls(answer: Any, *, names: set[str], most: int) -> list[Any]:
     for call in calls:
         assert call.type == "function" and call.id.startswith("call_")
         assert call.function.name in names
-        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
     assert len({call.id for call in calls}) == len(calls)
     return calls
 
@@ -160,62 +182,18 @@ async def test_forced_call_then_tool_result(target: Target) -> None:  # noqa: F8
         answer.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
     ]
-    reply = await target.chat(messages=history, tools=TOOLS, tool_choice="none", max_tokens=12)
+    reply = await target.chat(
+        messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=12
+    )
     assert reply.choices[0].message.tool_calls is None
-    assert reply.choices[0].finish_reason in ("stop", "length")
-    assert reply.choices[0].message.content is not None
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.choices[0].message.content
 
 
-@pytest.mark.slow
-async def test_required_and_parallel_calls(target: Target) -> None:  # noqa: F811
-    one = await target.chat(
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice="required",
-        parallel_tool_calls=False,
-        temperature=1.0,
-        seed=5,
-        max_tokens=ONE_CALL,
-    )
-    assert_calls(one, names={"w", "a"}, most=1)
-    if target.name == "edge":
-        return  # the tiny edge model's 128-token window holds one call, not several
-    many = await target.chat(
-        messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=160
-    )
-    assert_calls(many, names={"w", "a"}, most=4)
-
-
-@pytest.mark.slow
-async def test_auto_answers_or_calls_and_none_answers(target: Target) -> None:  # noqa: F811
-    for seed in (1, 2):
-        answer = await target.chat(
-            messages=ASK, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=ONE_CALL
-        )
-        choice = answer.choices[0]
-        if choice.message.tool_calls:
-            assert_calls(answer, names={"w", "a"}, most=4)
-        else:
-            assert choice.finish_reason in ("stop", "length")
-            assert CALL_MARKER not in (choice.message.content or "")
-    none = await target.chat(messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=12)
-    assert none.choices[0].message.tool_calls is None
-    assert none.choices[0].finish_reason in ("stop", "length")
-
-
-@pytest.mark.slow
-async def test_streamed_calls_rebuild_the_whole_answer(target: Target) -> None:  # noqa: F811
-    ask: dict[str, Any] = {
-        "messages": ASK,
-        "tools": TOOLS,
-        "tool_choice": "required",
-        "parallel_tool_calls": False,  # one call fits the tiny edge model's window
-        "temperature": 0,
-        "max_tokens": ONE_CALL,
-    }
-    whole = await target.chat(**ask)
-    expected = assert_calls(whole, names={"w", "a"}, most=4)
-    chunks = await target.chat_stream(**ask)
+def rebuild_calls(chunks: list[Any]) -> list[tuple[str, str, str]]:
+    """The (id, name, arguments) of each call a stream made, in index order; the stream
+    carries no text besides its calls."""
     rebuilt: dict[int, dict[str, Any]] = {}
     for chunk in chunks:
         for delta in chunk.choices[0].delta.tool_calls or []:
@@ -229,10 +207,117 @@ async def test_streamed_calls_rebuild_the_whole_answer(target: Target) -> None: 
                 call["arguments"] += delta.function.arguments
         assert not chunk.choices[0].delta.content
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert [(c["name"], c["arguments"]) for _, c in sorted(rebuilt.items())] == [
+    assert sorted(rebuilt) == list(range(len(rebuilt)))
+    return [(c["id"], c["name"], c["arguments"]) for _, c in sorted(rebuilt.items())]
+
+
+@pytest.mark.slow
+async def test_required_and_parallel_calls(target: Target) -> None:  # noqa: F811
+    """`required` with `parallel_tool_calls: false` is one call; left parallel, the model
+    may make several: two on the seed that makes two (the edge included: two calls of a
+    bare tool fit its window), and one on the same seed without parallel calls."""
+    one = await target.chat(
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=1.0,
+        seed=5,
+        max_tokens=ONE_CALL,
+    )
+    assert_calls(one, names={"w", "a"}, most=1)
+    ask: dict[str, Any] = {
+        "messages": HUH,
+        "tools": BARE,
+        "tool_choice": "required",
+        "temperature": 1.0,
+        "seed": TWO_CALLS_SEED[target.name],
+        "max_tokens": TWO_CALLS,
+    }
+    many = await target.chat(**ask)
+    calls = assert_calls(many, names={"a"}, most=4, schemas=BARE_PARAMS)
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("a", "{}")] * 2
+    single = await target.chat(**ask, parallel_tool_calls=False)
+    (call,) = assert_calls(single, names={"a"}, most=1, schemas=BARE_PARAMS)
+    assert (call.function.name, call.function.arguments) == ("a", "{}")
+    # Streamed: the same two calls, as indices 0 and 1 with an id each.
+    streamed = rebuild_calls(await target.chat_stream(**ask))
+    assert [(name, arguments) for _, name, arguments in streamed] == [("a", "{}")] * 2
+    assert len({call_id for call_id, _, _ in streamed}) == 2
+    assert all(call_id.startswith("call_") for call_id, _, _ in streamed)
+
+
+@pytest.mark.slow
+async def test_a_call_cut_short_by_max_tokens_stays_text(target: Target) -> None:  # noqa: F811
+    """`max_tokens` ends the answer inside its second call: no `tool_calls`, the text as
+    `content`, `finish_reason: length` (docs/api.md, "Tool calling"). Streamed, the first
+    call went out as deltas once whole, and the second's text, held back, is sent as
+    content at the end."""
+    ask: dict[str, Any] = {
+        "messages": HUH,
+        "tools": BARE,
+        "tool_choice": "required",
+        "temperature": 1.0,
+        "seed": TWO_CALLS_SEED[target.name],
+        "max_tokens": 40,  # the first call is 29 tokens
+    }
+    whole = await target.chat(**ask)
+    choice = whole.choices[0]
+    assert (choice.finish_reason, choice.message.tool_calls) == ("length", None)
+    assert choice.message.content == f'{BARE_CALL}{CALL_MARKER}{{"name'
+    chunks = await target.chat_stream(**ask)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == f'{CALL_MARKER}{{"name'
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert {d.index for d in deltas} == {0} and deltas[0].function.name == "a"
+    assert "".join(d.function.arguments or "" for d in deltas) == "{}"
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow
+async def test_auto_answers_text_on_seeds_that_write_text(target: Target) -> None:  # noqa: F811
+    """`auto`: the tiny models, free to call, answer in text on these seeds: text that never
+    holds the call marker, no `tool_calls`. (No seed of theirs starts a call unforced; a
+    call under `auto` is the grammar's `calls` branch, checked in
+    test_tool_choice_picks_the_grammar.)"""
+    for seed in (1, 2):
+        answer = await target.chat(
+            messages=ASK, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=ONE_CALL
+        )
+        choice = answer.choices[0]
+        assert (choice.finish_reason, choice.message.tool_calls) == ("length", None)
+        assert choice.message.content and CALL_MARKER not in choice.message.content
+
+
+@pytest.mark.slow
+async def test_none_answers_as_if_there_were_no_tools(target: Target) -> None:  # noqa: F811
+    """`none`: the tools are not shown to the model, so the answer is the one the same
+    request without tools gets (greedy)."""
+    none = await target.chat(
+        messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=12
+    )
+    plain = await target.chat(messages=ASK, temperature=0, max_tokens=12)
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+@pytest.mark.slow
+async def test_streamed_calls_rebuild_the_whole_answer(target: Target) -> None:  # noqa: F811
+    ask: dict[str, Any] = {
+        "messages": ASK,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,  # one call fits the tiny edge model's window
+        "temperature": 0,
+        "max_tokens": ONE_CALL,
+    }
+    whole = await target.chat(**ask)
+    expected = assert_calls(whole, names={"w", "a"}, most=1)
+    rebuilt = rebuild_calls(await target.chat_stream(**ask))
+    assert [(name, arguments) for _, name, arguments in rebuilt] == [
         (c.function.name, c.function.arguments) for c in expected
     ]
-    assert all(c["id"].startswith("call_") for c in rebuilt.values())
+    assert all(call_id.startswith("call_") for call_id, _, _ in rebuilt)
 
 
 @pytest.mark.slow

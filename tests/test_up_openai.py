@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from models.registry import ModelSet
 from tests.test_up import running_up
+from tests.waits import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,16 @@ ADD: Any = {
 TOOLS: Any = [{"type": "function", "function": {"name": "a", "parameters": ADD}}]
 
 
-async def check_api(client: openai.AsyncOpenAI, model: str, extra: dict[str, Any]) -> None:
-    """One pass over the features on one API (`extra`: the edge's routing hint, if any)."""
+def served_by(answer: Any) -> str:
+    """Where an answer (or a chunk) says it was served."""
+    return str((answer.model_extra or {}).get("served_by"))
+
+
+async def check_api(
+    client: openai.AsyncOpenAI, model: str, extra: dict[str, Any], where: str
+) -> None:
+    """One pass over the features on one API (`extra`: the edge's routing hint, if any),
+    every answer served `where` (edge or cloud)."""
     parsed = await client.chat.completions.parse(
         model=model,
         messages=[{"role": "user", "content": "A person?"}],
@@ -46,6 +55,7 @@ async def check_api(client: openai.AsyncOpenAI, model: str, extra: dict[str, Any
         extra_body=extra,
     )
     assert isinstance(parsed.choices[0].message.parsed, Person), parsed
+    assert served_by(parsed) == where
 
     ask: Any = [{"role": "user", "content": "Add?"}]
     called = await client.chat.completions.create(
@@ -59,6 +69,7 @@ async def check_api(client: openai.AsyncOpenAI, model: str, extra: dict[str, Any
     )
     choice = called.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, called
+    assert served_by(called) == where
     call = choice.message.tool_calls[0]
     jsonschema.validate(json.loads(call.function.arguments), ADD)
     second = await client.chat.completions.create(
@@ -75,6 +86,7 @@ async def check_api(client: openai.AsyncOpenAI, model: str, extra: dict[str, Any
     )
     assert second.choices[0].message.tool_calls is None
     assert second.choices[0].finish_reason in ("stop", "length")
+    assert served_by(second) == where
 
     stream = await client.chat.completions.create(
         model=model,
@@ -88,6 +100,8 @@ async def check_api(client: openai.AsyncOpenAI, model: str, extra: dict[str, Any
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    closing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert [served_by(c) for c in closing] == [where]
     scored = [c for c in chunks if c.choices and c.choices[0].logprobs is not None]
     assert scored and all(
         len(entry.top_logprobs) == 2
@@ -107,6 +121,12 @@ async def test_structured_tools_logprobs_and_usage_through_up(
             base_url=f"http://127.0.0.1:{up.api_port}/v1", api_key="none", max_retries=0
         )
         async with edge, cloud:
-            await check_api(edge, "hg-edge", {"route": "edge"})
-            await check_api(edge, "hg-edge", {"route": "cloud"})
-            await check_api(cloud, "hg-cloud", {})
+            await check_api(edge, "hg-edge", {"route": "edge"}, "edge")
+
+            async def linked() -> bool:  # the edge's bus link to the cloud is up
+                cards = (await edge.models.list()).data
+                return any((c.model_extra or {}).get("available") for c in cards)
+
+            await eventually(linked, "the edge's link to the cloud")
+            await check_api(edge, "hg-edge", {"route": "cloud"}, "cloud")
+            await check_api(cloud, "hg-cloud", {}, "cloud")
