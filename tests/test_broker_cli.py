@@ -17,6 +17,7 @@ from broker.bus import connect
 from broker.cli import main as broker_main
 from broker.server import find_nats_server
 from hybridgen.launcher import Backoff, ChildSpec, Launcher, http_ready
+from tests.waits import BOUND_S, eventually
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,9 +46,9 @@ def test_config_command_output_is_valid(tmp_path: Path, capsys: pytest.CaptureFi
     capsys.readouterr()
 
 
-async def read_until(stream: asyncio.StreamReader, marker: str, limit_s: float = 20) -> str:
+async def read_until(stream: asyncio.StreamReader, marker: str) -> str:
     seen = ""
-    async with asyncio.timeout(limit_s):
+    async with asyncio.timeout(BOUND_S):
         while marker not in seen:
             line = await stream.readline()
             if not line:
@@ -77,7 +78,7 @@ async def test_broker_runs_in_foreground_and_stops_on_sigterm(tmp_path: Path) ->
         assert client.is_connected
         await client.close()
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(process.wait(), BOUND_S) == 0
         assert "stopped" in (await process.stdout.read()).decode()
     finally:
         if process.returncode is None:
@@ -89,7 +90,7 @@ async def test_broker_reports_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.conf"
     bad.write_text("port: {\n")
     process = await start("-m", "broker", "--config", str(bad), "--store-dir", str(tmp_path))
-    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    stdout, _ = await asyncio.wait_for(process.communicate(), BOUND_S)
     assert process.returncode == 1
     assert "Parse error on line 2" in stdout.decode() and "Traceback" not in stdout.decode()
 
@@ -107,7 +108,7 @@ async def test_up_headless_starts_broker_and_stops(tmp_path: Path) -> None:
         client = await connect(url, name="probe", user="operator", password=password)
         await client.close()
         process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(process.wait(), BOUND_S) == 0
     finally:
         if process.returncode is None:
             process.kill()
@@ -157,9 +158,7 @@ async def test_launcher_restarts_a_child_that_dies(tmp_path: Path) -> None:
     children = [ChildSpec("crasher", [sys.executable, "-c", "import sys; sys.exit(3)"])]
     backoff = Backoff(initial=0.05, maximum=0.2)
     async with Launcher(home=tmp_path, children=children, port=-1, backoff=backoff) as launcher:
-        async with asyncio.timeout(30):
-            while launcher.restarts.get("crasher", 0) < 3:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        await eventually(lambda: launcher.restarts.get("crasher", 0) >= 3, "3 restarts")
 
 
 async def test_hop_bench_runs() -> None:
@@ -168,11 +167,27 @@ async def test_hop_bench_runs() -> None:
         return {"extra_field_ms": 1.0}
 
     result = await bench.run(30, quick=True, warmup=5, extra=[extra])
-    for key in ("inproc_p50_ms", "nats_p50_ms", "nats_p99_ms", "added_p50_ms", "added_p99_ms"):
-        assert isinstance(result[key], float)
-    assert result["requests"] == 30 and result["extra_field_ms"] == 1.0
-    assert result["stream_p50_ms"] > 0
+    assert set(result) == {
+        "inproc_p50_ms", "nats_p50_ms", "nats_p99_ms", "added_p50_ms", "added_p99_ms",
+        "requests", "cpu_count", "load_avg_1m", "stream_p50_ms", "stream_p99_ms",
+        "extra_field_ms",
+    }  # fmt: skip
+    assert (result["requests"], result["cpu_count"], result["extra_field_ms"]) == (
+        30,
+        os.cpu_count(),
+        1.0,
+    )
+    # "added" is the hop less the in-process call (each figure rounded to 0.1 us).
+    assert result["added_p50_ms"] == pytest.approx(
+        result["nats_p50_ms"] - result["inproc_p50_ms"], abs=2e-4
+    )
     json.dumps(result)
+
+
+def test_hop_bench_percentiles_are_nearest_rank() -> None:
+    samples = [float(i) for i in range(100, 0, -1)]  # 1..100, in no order
+    assert [bench.percentile(samples, q) for q in (0.0, 0.5, 0.99, 1.0)] == [1, 50, 99, 100]
+    assert bench.percentile([], 0.5) == 0.0
 
 
 async def test_http_ready_check() -> None:

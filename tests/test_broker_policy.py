@@ -17,23 +17,29 @@ def test_defaults_without_layers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("layer", "field"),
+    ("layer", "loc", "kind"),
     [
-        ({"perplexity_threshold": -3}, "perplexity_threshold"),
-        ({"latency_budget_ms": 0}, "latency_budget_ms"),
-        ({"second_stage_k": "many"}, "second_stage_k"),
-        ({"breaker": {"failure_threshold": 0}}, "breaker.failure_threshold"),
+        ({"perplexity_threshold": -3}, ("perplexity_threshold",), "greater_than"),
+        ({"latency_budget_ms": 0}, ("latency_budget_ms",), "greater_than"),
+        ({"second_stage_k": "many"}, ("second_stage_k",), "int_parsing"),
+        (
+            {"breaker": {"failure_threshold": 0}},
+            ("breaker", "failure_threshold"),
+            "greater_than_equal",
+        ),
+        ({"breaker": "tight"}, ("breaker",), "model_type"),
     ],
 )
-def test_a_bad_value_is_refused_naming_the_field(layer: dict, field: str) -> None:
+def test_a_bad_value_is_refused_naming_the_field(layer: dict, loc: tuple, kind: str) -> None:
     with pytest.raises(ValidationError) as raised:
         merge_policy(layer)
-    assert field in str(raised.value)
+    assert [(e["loc"], e["type"]) for e in raised.value.errors()] == [(loc, kind)]
 
 
 def test_a_bad_override_is_refused_even_over_a_good_default() -> None:
-    with pytest.raises(ValidationError, match="perplexity_threshold"):
+    with pytest.raises(ValidationError) as raised:
         merge_policy({"perplexity_threshold": 40.0}, {"perplexity_threshold": -1})
+    assert [e["loc"] for e in raised.value.errors()] == [("perplexity_threshold",)]
 
 
 def test_node_override_wins_field_by_field_over_the_fleet_default() -> None:
@@ -68,7 +74,7 @@ def test_policy_sources_name_the_layer_each_value_comes_from() -> None:
     assert sources["cloud_timeout_ms"] == {"value": 2000.0, "source": "default"}
     assert sources["breaker.open_seconds"] == {"value": 9.0, "source": "fleet"}
     assert sources["breaker.failure_threshold"] == {"value": 7, "source": "node"}
-    assert sources["breaker.half_open_probes"]["source"] == "default"
+    assert sources["breaker.half_open_probes"] == {"value": 1, "source": "default"}
     # Every field of the merged policy is there, with the merged value.
     merged = merge_policy(base, fleet, node).model_dump()
     flat = {k: v for k, v in merged.items() if k != "breaker"}

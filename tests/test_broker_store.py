@@ -17,6 +17,7 @@ from broker import errors, subjects
 from broker.bus import connect
 from broker.server import NatsServer
 from broker.store import ArtifactStore, FleetConfig
+from tests.waits import BOUND_S, eventually
 
 
 async def test_kv_get_put_and_watch(nc: Client) -> None:
@@ -26,23 +27,18 @@ async def test_kv_get_put_and_watch(nc: Client) -> None:
     assert await config.get(subjects.POLICY_DEFAULT_KEY) == {"threshold": 1.0}
 
     seen: list[tuple[str, dict | None]] = []
-    got_first = asyncio.Event()
-    got_three = asyncio.Event()
 
     async def watch() -> None:
         async for key, value in config.watch("policy.>"):
             seen.append((key, value))
-            got_first.set()
-            if len(seen) == 3:
-                got_three.set()
 
     task = asyncio.create_task(watch())
     try:
-        await asyncio.wait_for(got_first.wait(), 3)  # the current value comes first
+        await eventually(lambda: seen, "the current value")  # it comes first
         node_key = subjects.policy_key("edge-1")
         await config.put(node_key, {"threshold": 2.5})
         await config.delete(node_key)
-        await asyncio.wait_for(got_three.wait(), 3)
+        await eventually(lambda: len(seen) >= 3, "the put and the delete")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -55,15 +51,27 @@ async def test_kv_get_put_and_watch(nc: Client) -> None:
     # A second open binds the same bucket.
     again = await FleetConfig.open(nc)
     assert await again.get("policy.default") == {"threshold": 1.0}
-    with pytest.raises(errors.BadRequest):
+    with pytest.raises(errors.BadRequest) as info:
         await config.put("bad key with spaces", {})
+    assert (info.value.message, info.value.param) == (
+        "invalid config key 'bad key with spaces'",
+        "key",
+    )
 
 
 async def test_kv_non_json_value_is_a_coded_error(nc: Client) -> None:
     config = await FleetConfig.open(nc)
     await config.kv.put("raw", b"not json")
-    with pytest.raises(errors.BadRequest, match="raw"):
+    await config.kv.put("listed", b"[1, 2]")
+    with pytest.raises(errors.BadRequest) as info:
         await config.get("raw")
+    assert (info.value.message, info.value.param) == (
+        "config key 'raw' does not hold JSON: Expecting value: line 1 column 1 (char 0)",
+        "raw",
+    )
+    with pytest.raises(errors.BadRequest) as info:
+        await config.get("listed")
+    assert info.value.message == "config key 'listed' holds a list, not an object"
 
 
 SIZE = 20 * 1024 * 1024 + 12345
@@ -85,8 +93,8 @@ async def test_20mib_artifact_round_trip(
     nc: Client, big_file: tuple[Path, str], tmp_path: Path
 ) -> None:
     store = await ArtifactStore.open(nc)
-    big_file, expected = big_file
-    sha = await store.put_file("v1/edge-int4/model.bin", big_file, meta={"version": "v1"})
+    path, expected = big_file
+    sha = await store.put_file("v1/edge-int4/model.bin", path, meta={"version": "v1"})
     assert sha == expected
     dest = tmp_path / "out" / "model.bin"
     assert await store.get_file("v1/edge-int4/model.bin", dest) == expected
@@ -158,16 +166,31 @@ async def test_kv_watch_survives_broker_restart(tmp_path: Path) -> None:
         config = await FleetConfig.open(client)
         await config.put("policy.default", {"n": 1})
         task = asyncio.create_task(watch(config))
-        assert await asyncio.wait_for(updates.get(), 3) == ("policy.default", {"n": 1})
+        assert await asyncio.wait_for(updates.get(), BOUND_S) == ("policy.default", {"n": 1})
         await first.shutdown()
         await second.start()
+        # The restart took the watch's consumer with it: once the watcher has reconnected
+        # and the stream has a consumer again, the watch was remade (it has yielded the
+        # value it found, {"n": 1}, or suppressed it as seen).
+        js = client.jetstream()
+
+        async def watch_remade() -> bool:
+            if client.stats["reconnects"] < 1:
+                return False
+            info = await js.stream_info(f"KV_{subjects.CONFIG_BUCKET}")
+            return info.state.consumer_count == 1
+
+        await eventually(watch_remade, "the watch remade after the restart")
         writer = await connect(second.client_url, name="writer")
         try:
-            await (await FleetConfig.open(writer)).put("policy.default", {"n": 2})
-            assert await asyncio.wait_for(updates.get(), 10) == ("policy.default", {"n": 2})
+            written = await FleetConfig.open(writer)
+            await written.put("policy.default", {"n": 2})
+            assert await asyncio.wait_for(updates.get(), BOUND_S) == ("policy.default", {"n": 2})
+            # The next update is the next value: the remade watch repeated nothing.
+            await written.put("policy.default", {"n": 3})
+            assert await asyncio.wait_for(updates.get(), BOUND_S) == ("policy.default", {"n": 3})
         finally:
             await writer.close()
-        assert updates.empty()  # the remade watch did not repeat {"n": 1}
     finally:
         if task is not None:
             task.cancel()
