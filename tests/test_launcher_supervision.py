@@ -9,6 +9,7 @@ made to crash, hang or ignore SIGTERM on cue. Time up is read from a clock the t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -21,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from hybridgen.launcher import Backoff, ChildSpec, Launcher
+from hybridgen.launcher import (
+    Backoff,
+    ChildSpec,
+    Launcher,
+    console_child,
+    default_children,
+    where_lines,
+)
 from tests.waits import BOUND_S, eventually
 
 #: A child that counts its runs in the file it is given: runs 1-3 and 5 crash at once
@@ -217,3 +225,60 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_its_stop_timeout(
     finally:
         if alive(helper):
             os.kill(helper, signal.SIGKILL)
+
+
+async def test_the_foreground_child_leaving_stops_everything(
+    tmp_path: Path, stopped_at_end: list[Launcher]
+) -> None:
+    """The foreground child (the console) exits: `wait()` returns its status at once, as
+    leaving the console does, and `stop()` then ends the background ones."""
+    launcher = Launcher(home=tmp_path, secure=False)
+    stopped_at_end.append(launcher)
+    background = await launcher.start_child(ChildSpec("service", ["sleep", "600"]))
+    release = tmp_path / "leave"
+    leave = f"while [ ! -e {release} ]; do sleep 0.05; done; exit 7"
+    await launcher.start_child(ChildSpec("console", ["sh", "-c", leave], foreground=True))
+    waiting = asyncio.ensure_future(launcher.wait())
+    release.touch()
+    assert await asyncio.wait_for(waiting, BOUND_S) == 7
+    assert background.returncode is None  # nothing else was stopped by the exit itself
+    await asyncio.wait_for(launcher.stop(), BOUND_S)
+    assert background.returncode == -signal.SIGTERM
+    assert launcher.restarts == {}  # the console is never restarted
+
+
+def test_default_drain_times_and_kill_margins() -> None:
+    """Edge and cloud API drain 10 s, workers 30 s, each killed 10 s past it; one
+    `--drain-timeout-s` sets them all."""
+    args = argparse.Namespace(
+        workers=1, edges=1, api_port=8500, edge_port=8400, http_host="127.0.0.1"
+    )
+    children = default_children(args)
+    assert [c.name for c in children] == ["cloud-worker", "cloud-api", "edge"]
+    assert [c.stop_timeout for c in children] == [40.0, 20.0, 20.0]
+    assert [c.argv[c.argv.index("--drain-timeout-s") + 1] for c in children] == ["30", "10", "10"]
+    args.drain_timeout_s = 2.0
+    children = default_children(args)
+    assert [c.stop_timeout for c in children] == [12.0, 12.0, 12.0]
+    assert [c.argv[c.argv.index("--drain-timeout-s") + 1] for c in children] == ["2", "2", "2"]
+    console = console_child()
+    assert console.foreground and console.role == "operator"
+
+
+async def test_up_tells_each_child_pid_url_and_log(
+    tmp_path: Path, stopped_at_end: list[Launcher]
+) -> None:
+    """What `up` prints: each service's pid, URL and log file, then the ready line."""
+    launcher = Launcher(home=tmp_path, secure=False)
+    stopped_at_end.append(launcher)
+    url = "http://127.0.0.1:8400"
+    edge = await launcher.start_child(ChildSpec("edge", ["sleep", "600"], url=url))
+    worker = await launcher.start_child(ChildSpec("cloud-worker", ["sleep", "600"]))
+    logs, launcher.url = tmp_path / "logs", "nats://127.0.0.1:4222"
+    lines = where_lines(launcher)
+    assert lines[1:3] == [
+        f"  edge: pid {edge.pid}, serving {url}, output {logs / 'edge.log'}",
+        f"  cloud-worker: pid {worker.pid}, output {logs / 'cloud-worker.log'}",
+    ]
+    ready = f"hybridgen is ready: edge {url} · NATS nats://127.0.0.1:4222 · logs {logs}"
+    assert lines[-1] == ready

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Static, TextArea
 
 from broker import subjects, wire
 from broker.bus import connect
-from broker.server import NatsServer
+from broker.server import NatsServer, free_port
 from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
@@ -22,6 +22,7 @@ from tui.app import HybridgenConsole
 from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
 from tui.state import EventLog, Node
+from tui.trust import receive_heartbeat
 
 SIZE = (160, 40)
 
@@ -344,6 +345,41 @@ async def test_shows_disconnected_when_nats_is_down() -> None:
         assert bar(app) == expected
         await pilot.press("d")
         assert "no node selected" in notes(app)
+
+
+async def test_actions_that_need_the_bus_say_it_is_not_there() -> None:
+    """Disconnected, drain (of a node it still shows), policy, roll-out and experiment each
+    say `not connected to NATS` instead of acting."""
+    app = HybridgenConsole(BusSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.2))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        beat = wire.Heartbeat(role="edge", node_id="edge-1")
+        assert receive_heartbeat(app.fleet, subjects.telemetry("edge", "edge-1"), beat)
+        app.refresh_fleet()
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "asks first")
+        await pilot.press("y")
+        await until(pilot, lambda: "drain edge-1: not connected to NATS" in notes(app), "drain")
+        for key, what in (("p", "policy"), ("m", "roll-out"), ("x", "experiment")):
+            await pilot.press(key)
+            await until(pilot, lambda: f"{what}: not connected to NATS" in notes(app), what)  # noqa: B023
+        assert len(app.screen_stack) == 1  # no screen opened
+
+
+async def test_connects_once_the_broker_appears(
+    start_nats: Callable[..., Awaitable[NatsServer]],
+) -> None:
+    """The first connection fails (nothing listens yet): the console keeps trying, and
+    connects by itself once a broker serves on its URL."""
+    port = free_port()
+    app = HybridgenConsole(BusSettings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=0.2))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.pause()
+        assert (
+            bar(app)
+            == f"NATS nats://127.0.0.1:{port}: disconnected (retrying) · all roles · sort node asc"
+        )
+        await start_nats("late", port=port, jetstream=False)
+        await connected(pilot, app)
 
 
 def test_the_tui_command_is_registered_and_checks_its_thresholds() -> None:
