@@ -1,6 +1,10 @@
 """The bus-input rows of the fault catalogue: a real worker on a real nats-server is sent
-broken requests on its generation subject. Each gets a coded `bad_request` reply, and the
-worker keeps serving the next, valid, request."""
+broken requests on its generation subject. Each gets a coded `bad_request` reply, compared
+whole (code, message, param, the request id echoed when the request carried one), and the
+worker keeps serving the next, valid, request.
+
+The edge's side of the catalogue (worker replies, control messages, KV policy values) is in
+`test_catalogue_bus_edge_*.py`."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.streaming import request_stream
+from tests.waits import BOUND_S
 
 MODEL = "hg-cloud"
 
@@ -37,17 +42,62 @@ def without(name: str) -> dict[str, Any]:
     return {key: value for key, value in GOOD.items() if key != name}
 
 
-#: (case, payload, the `param` the error names or None)
-CASES: list[tuple[str, bytes, str | None]] = [
-    ("malformed msgpack", b"\xc1\xff\x00not msgpack", None),
-    ("not a map", pack(["generate", "Hello"]), None),
-    ("a number", pack(42), None),
-    ("another message type", pack({**GOOD, "type": "chunk"}), "type"),
-    ("wrong type of field", pack({**GOOD, "max_tokens": "many"}), "max_tokens"),
-    ("missing request id", pack(without("request_id")), "request_id"),
-    ("missing model", pack(without("model")), "model"),
-    ("neither prompt nor messages", pack(without("prompt")), None),
-    ("unknown version", pack({**GOOD, "v": 99}), "v"),
+#: The request id of `GOOD`, echoed by a refusal of a request that carries one.
+RID = GOOD["request_id"]
+
+#: (case, payload, the refusal's message, its `param`, the request id it echoes)
+CASES: list[tuple[str, bytes, str, str | None, str | None]] = [
+    (
+        "malformed msgpack",
+        b"\xc1\xff\x00not msgpack",
+        "malformed msgpack (FormatError: )",
+        None,
+        None,
+    ),
+    (
+        "not a map",
+        pack(["generate", "Hello"]),
+        "message must be a msgpack map, got list",
+        None,
+        None,
+    ),
+    ("a number", pack(42), "message must be a msgpack map, got int", None, None),
+    (
+        "another message type",
+        pack({**GOOD, "type": "chunk"}),
+        "expected a 'generate' message, got 'chunk'",
+        "type",
+        RID,
+    ),
+    (
+        "wrong type of field",
+        pack({**GOOD, "max_tokens": "many"}),
+        "invalid field 'max_tokens': Input should be a valid integer",
+        "max_tokens",
+        RID,
+    ),
+    (
+        "missing request id",
+        pack(without("request_id")),
+        "missing field 'request_id'",
+        "request_id",
+        None,
+    ),
+    ("missing model", pack(without("model")), "missing field 'model'", "model", RID),
+    (
+        "neither prompt nor messages",
+        pack(without("prompt")),
+        "exactly one of 'messages' and 'prompt' must be set",
+        None,
+        RID,
+    ),
+    (
+        "unknown version",
+        pack({**GOOD, "v": 99}),
+        "unsupported message version 99 (this node speaks v3)",
+        "v",
+        RID,
+    ),
 ]
 
 
@@ -63,34 +113,38 @@ def make_worker(start_cloud_worker: Callable[..., Any], model_dir: Path) -> Call
     return functools.partial(start_cloud_worker, model_dir)
 
 
-@pytest.mark.parametrize(("case", "payload", "param"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case", "payload", "message", "param", "request_id"), CASES, ids=[c[0] for c in CASES]
+)
 async def test_bad_bus_input_is_a_coded_reply_and_the_worker_keeps_serving(
     make_worker: Callable[..., Any],
     nats_url: str,
     nc: Client,
     case: str,
     payload: bytes,
+    message: str,
     param: str | None,
+    request_id: str | None,
 ) -> None:
     await make_worker(node_id="cloud-catalogue")
-    await expect_bad_request(nc, case, payload, param)
+    await expect_bad_request(nc, payload, message, param, request_id)
     await expect_served(nc)
 
 
-async def expect_bad_request(nc: Client, case: str, payload: bytes, param: str | None) -> None:
-    reply = await nc.request(subjects.gen(MODEL), payload, timeout=5)
-    error = wire.decode_reply(reply.data)
-    assert isinstance(error, wire.Error), f"{case}: {error!r}"
-    assert error.code == "bad_request", f"{case}: {error.code} {error.message}"
-    assert error.message
-    if param is not None:
-        assert error.param == param, f"{case}: {error.param!r} in {error.message!r}"
+async def expect_bad_request(
+    nc: Client, payload: bytes, message: str, param: str | None, request_id: str | None
+) -> None:
+    """The worker's whole reply is the coded refusal: `bad_request` with exactly these."""
+    reply = await nc.request(subjects.gen(MODEL), payload, timeout=BOUND_S)
+    assert wire.decode_reply(reply.data) == wire.Error(
+        code="bad_request", message=message, param=param, request_id=request_id
+    )
 
 
 async def expect_served(nc: Client) -> None:
     """The worker is still there and serves a valid request."""
     request = wire.GenerateRequest.model_validate({**GOOD, "request_id": "req-after"})
-    async with request_stream(nc, request) as stream:
+    async with request_stream(nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S) as stream:
         chunks = [chunk async for chunk in stream]
     assert stream.done is not None and stream.done.served_by == "cloud-catalogue"
     assert sum(len(chunk.token_ids) for chunk in chunks) == 2
@@ -116,7 +170,13 @@ async def test_a_message_over_the_wire_limit_is_refused_by_the_worker(
     try:
         assert client.max_payload > wire.MAX_MESSAGE_BYTES + 1024
         payload = pack({**GOOD, "prompt": "x" * (wire.MAX_MESSAGE_BYTES + 1)})
-        await expect_bad_request(client, "oversized", payload, None)
+        await expect_bad_request(
+            client,
+            payload,
+            f"message of {len(payload)} bytes exceeds the limit of {wire.MAX_MESSAGE_BYTES} bytes",
+            None,
+            RID,  # read from the message's head, so the caller can match the refusal
+        )
         await expect_served(client)
     finally:
         await worker.close()
