@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures_gguf",
     "tests.fixtures_edge",
     "tests.fixtures_tui",
+    "tests.fixtures_bus_catalogue",
 ]

@@ -1,66 +1,20 @@
 """The caller's side of a stream checks every reply: a malformed reply, or one out of
 sequence (a `seq` skipped or repeated), ends the stream with `Internal`, never a hang or a
-reply taken as it came. A real nats-server; the responder is a stand-in (see `scripted`)."""
+reply taken as it came. A real nats-server; the responder is a stand-in, as no real worker
+sends such replies (`tests.fixtures_bus_catalogue.scripted_worker` says why)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
-
-import msgpack
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from broker import errors, subjects, wire
-from broker.bus import connect
 from broker.streaming import request_stream
+from tests.fixtures_bus_catalogue import Script, ScriptedWorker, chunk, done, pack
 from tests.waits import BOUND_S
 
 MODEL = "test-model"
 SUBJECT = subjects.gen(MODEL)
-
-#: Builds the raw replies to one request from its request id.
-Script = Callable[[str], list[bytes]]
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def chunk(request_id: str, seq: int, text: str = "") -> bytes:
-    return wire.encode(wire.Chunk(request_id=request_id, seq=seq, text=text))
-
-
-def done(request_id: str, seq: int) -> bytes:
-    usage = wire.Usage(prompt_tokens=1, completion_tokens=seq)
-    return wire.encode(wire.Done(request_id=request_id, seq=seq, finish_reason="stop", usage=usage))
-
-
-@asynccontextmanager
-async def scripted(nats_url: str, script: Script) -> AsyncIterator[list[wire.GenerateRequest]]:
-    """A stand-in worker on `hg.gen.test-model` that answers each request with the raw
-    replies of `script`, in order; yields the requests it received.
-
-    A stand-in because no real worker can be made to send these: `GenerationService`'s
-    `Responder` numbers its replies itself and `wire.encode` only writes valid messages.
-    """
-    received: list[wire.GenerateRequest] = []
-    worker = await connect(nats_url, name="scripted-worker")
-
-    async def answer(msg: Msg) -> None:
-        request = wire.decode(msg.data, wire.GenerateRequest)
-        received.append(request)
-        for payload in script(request.request_id):
-            await worker.publish(msg.reply, payload)
-
-    try:
-        await worker.subscribe(SUBJECT, cb=answer)
-        await worker.flush()
-        yield received
-    finally:
-        await worker.close()
 
 
 def make_request() -> wire.GenerateRequest:
@@ -126,13 +80,13 @@ MALFORMED_ACCEPT: list[tuple[str, Script, str]] = [
     ("case", "script", "message"), MALFORMED_ACCEPT, ids=[c[0] for c in MALFORMED_ACCEPT]
 )
 async def test_a_malformed_first_reply_is_internal(
-    nats_url: str, nc: Client, case: str, script: Script, message: str
+    scripted_worker: ScriptedWorker, nc: Client, case: str, script: Script, message: str
 ) -> None:
-    async with scripted(nats_url, script) as received:
-        request = make_request()
-        with pytest.raises(errors.HybridgenError) as info:
-            async with request_stream(nc, request, accept_timeout=BOUND_S):
-                pass
+    received = await scripted_worker(script, model=MODEL)
+    request = make_request()
+    with pytest.raises(errors.HybridgenError) as info:
+        async with request_stream(nc, request, accept_timeout=BOUND_S):
+            pass
     assert [r.request_id for r in received] == [request.request_id]
     assert_internal(info.value, f"{SUBJECT}: {message}")
 
@@ -210,46 +164,51 @@ BROKEN_MID_STREAM: list[tuple[str, Script, list[int], str]] = [
     ids=[c[0] for c in BROKEN_MID_STREAM],
 )
 async def test_a_bad_reply_mid_stream_is_internal(
-    nats_url: str, nc: Client, case: str, script: Script, seqs: list[int], message: str
+    scripted_worker: ScriptedWorker,
+    nc: Client,
+    case: str,
+    script: Script,
+    seqs: list[int],
+    message: str,
 ) -> None:
     streamed: list[int] = []
-    async with scripted(nats_url, script):
-        request = make_request()
-        with pytest.raises(errors.HybridgenError) as info:
-            async with request_stream(
-                nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S
-            ) as stream:
-                async for good in stream:
-                    streamed.append(good.seq)
+    await scripted_worker(script, model=MODEL)
+    request = make_request()
+    with pytest.raises(errors.HybridgenError) as info:
+        async with request_stream(
+            nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S
+        ) as stream:
+            async for good in stream:
+                streamed.append(good.seq)
     assert streamed == seqs
     assert stream.done is None
     assert_internal(info.value, f"{SUBJECT}: " + message.format(rid=request.request_id))
 
 
-async def test_the_first_reply_must_be_seq_0(nats_url: str, nc: Client) -> None:
+async def test_the_first_reply_must_be_seq_0(scripted_worker: ScriptedWorker, nc: Client) -> None:
     """A stream that starts past the accept chunk (`seq` 0 lost or never sent)."""
-    async with scripted(nats_url, lambda rid: [chunk(rid, 1, "a"), done(rid, 2)]):
-        request = make_request()
-        with pytest.raises(errors.HybridgenError) as info:
-            async with request_stream(nc, request, accept_timeout=BOUND_S):
-                pass
+    await scripted_worker(lambda rid: [chunk(rid, 1, "a"), done(rid, 2)], model=MODEL)
+    request = make_request()
+    with pytest.raises(errors.HybridgenError) as info:
+        async with request_stream(nc, request, accept_timeout=BOUND_S):
+            pass
     assert_internal(
         info.value,
         f"{SUBJECT}: broken reply sequence for request {request.request_id}: expected seq 0, got 1",
     )
 
 
-async def test_an_unbroken_script_streams_whole(nats_url: str, nc: Client) -> None:
+async def test_an_unbroken_script_streams_whole(
+    scripted_worker: ScriptedWorker, nc: Client
+) -> None:
     """The same stand-in with its replies in order: the stream is read to its `Done`, so the
     failures above come from the replies, not from the stand-in."""
 
     def script(rid: str) -> list[bytes]:
         return [chunk(rid, 0), chunk(rid, 1, "a"), chunk(rid, 2, "b"), done(rid, 3)]
 
+    await scripted_worker(script, model=MODEL)
     request = make_request()
-    async with (
-        scripted(nats_url, script),
-        request_stream(nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S) as stream,
-    ):
+    async with request_stream(nc, request, accept_timeout=BOUND_S, idle_timeout=BOUND_S) as stream:
         text, finished = await stream.collect()
     assert (text, finished.seq, finished.finish_reason) == ("ab", 3, "stop")
