@@ -4,8 +4,9 @@
 cloud's answer back as items. Cloud failures never hang a request and never truncate it
 silently:
 
-* a cloud that does not accept (no responders, accept timeout, overloaded, bus down) feeds
-  the breaker and the request is served locally (`cloud_unavailable`);
+* a cloud that does not accept (no responders, accept timeout, overloaded, bus down, or a
+  first reply that is an `internal` error, malformed or out of sequence) feeds the breaker
+  and the request is served locally (`cloud_unavailable`);
 * a cloud that fails after streaming part of the answer feeds the breaker and the edge
   finishes the answer locally from the text already streamed (prompt + partial answer as its
   context); when that does not fit the edge context, the stream ends with an error event;
@@ -33,6 +34,7 @@ from broker import wire
 from broker.errors import (
     ErrorCode,
     HybridgenError,
+    Internal,
     NoResponders,
     Overloaded,
     Timeout,
@@ -53,8 +55,10 @@ from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)
 
-#: Cloud errors that say "the cloud cannot take it now" (they feed the breaker).
-CLOUD_DOWN = (NoResponders, Timeout, Overloaded, Unavailable)
+#: Cloud errors that say "the cloud cannot take it now" (they feed the breaker). `Internal`
+#: before any output is a broken worker (its coded error, or a malformed or out-of-sequence
+#: reply, `broker.streaming`): the edge answers instead, as for a worker that is gone.
+CLOUD_DOWN = (NoResponders, Timeout, Overloaded, Unavailable, Internal)
 #: Cloud errors mid-stream that the edge must not paper over (they end the stream).
 _NOT_RECOVERABLE = (ErrorCode.BAD_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED, ErrorCode.CANCELLED)
 
