@@ -411,7 +411,7 @@ class CloudWorker:
             BadRequest: an empty prompt, or messages the model's template refuses.
         """
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-        if False:  # BREAK  # refused before the tokenizer runs
+        if too_long_for(chars, engine.context_length):  # refused before the tokenizer runs
             raise ContextLengthExceeded(
                 f"the input ({chars} characters) cannot fit the context window of "
                 f"{engine.context_length} tokens",
