@@ -32,6 +32,7 @@ from models.rollouts import load_record
 from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_edge import LiveEdge
 from tests.fixtures_models import copy_model_set
+from tests.waits import eventually
 
 NEW = "tiny-next"
 
@@ -163,11 +164,12 @@ async def test_cli_rolls_out_node_by_node_and_rolls_back(
         record = await load_record(nc)
         assert record is not None and record.state == "rolled_back" and record.nodes == {}
         assert await fleet.run(["rollback", *bus]) == 1  # nothing left to roll back
-        await asyncio.sleep(0.1)
-    actions = [(e.data["action"], e.data["target"], e.data["ok"]) for e in events]
-    for edge in edges:
-        assert ("rollout", edge.node_id, True) in actions
-        assert ("rollback", edge.node_id, True) in actions
+
+        def actions() -> list[tuple[str, str, bool]]:
+            return [(e.data["action"], e.data["target"], e.data["ok"]) for e in events]
+
+        wanted = {(verb, edge.node_id, True) for edge in edges for verb in ("rollout", "rollback")}
+        await eventually(lambda: wanted <= set(actions()), "each node's operator events")
     assert all(e.kind == "operator_action" and e.role == "operator" for e in events)
 
 
@@ -262,7 +264,7 @@ async def test_streams_running_through_a_version_swap_all_complete(
     )
     await busy.next_event()
     running = [asyncio.create_task(stream_to_done(edge, f"line {i}")) for i in range(8)]
-    await _until(lambda: old_runtime.in_flight == 9)
+    await eventually(lambda: old_runtime.in_flight == 9)
     reply = await send_control(nc, edge.node_id, "reload-model", {"version": new}, timeout=120)
     assert reply.ok, reply.message
     assert reply.data["previous_version"] == old
@@ -308,14 +310,14 @@ async def test_cloud_model_change_start_new_then_drain_old(
 
         askers = [asyncio.create_task(keep_asking(i)) for i in range(3)]
         try:
-            await _until(lambda: len(seen) >= 3)
+            await eventually(lambda: len(seen) >= 3)
             new_worker = await start_cloud_worker(new_dir, **small)  # joins the queue group
             joined = len(seen)
-            await _until(lambda: f"fp_{new_worker.model_version}" in seen[joined:])
+            await eventually(lambda: f"fp_{new_worker.model_version}" in seen[joined:])
             assert await old_worker.drain(timeout=30)  # leaves the group, finishes its own
             await old_worker.close()
             drained = len(seen)
-            await _until(lambda: len(seen) >= drained + 6)
+            await eventually(lambda: len(seen) >= drained + 6)
         finally:
             stop.set()
             await asyncio.gather(*askers)
@@ -323,14 +325,6 @@ async def test_cloud_model_change_start_new_then_drain_old(
     assert failures == []
     assert f"fp_{old_worker.model_version}" in seen[:joined]
     assert set(seen[drained:]) == {"fp_cloud-next"}
-
-
-async def _until(check: Callable[[], bool], within: float = 60.0) -> None:
-    for _ in range(int(within / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    assert check(), "condition not met in time"
 
 
 @pytest.mark.slow
@@ -359,6 +353,6 @@ async def test_console_rolls_back_a_cli_rollout_from_the_shared_record(
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
         await until(pilot, lambda: bool(screen.steps) and not screen.running, "rolled back")
-        await until(pilot, lambda: edge.node.runtime.version == old, "the old version", turns=500)
+        await until(pilot, lambda: edge.node.runtime.version == old, "the old version")
     record = await load_record(nc)
     assert record is not None and record.state == "rolled_back" and record.nodes == {}

@@ -1,10 +1,13 @@
-"""Every service stops within its drain bound plus 5 s after SIGTERM, broker or no broker.
+"""Every service stops by itself after SIGTERM, broker or no broker.
 
 Each service runs as a real process (`python -m cloud worker`, `python -m cloud api`,
 `python -m edge`) against a real nats-server. Once it serves (its heartbeat on the bus, and
 for the edge its /readyz), the broker is left alive, killed outright (SIGKILL) or frozen
 (SIGSTOP: the socket stays open and nothing answers) and at once the service gets SIGTERM.
-It must exit by itself (not by an edge's watchdog) within `DRAIN_S + 5` seconds.
+It must exit cleanly by itself: not by the edge's watchdog (status 1 once its drain bound
+plus 5 s has passed, by the edge's own clock), never after minutes of reconnecting. The
+test waits with the suite's one generous bound and asserts no duration: each service's
+bounded steps (`--drain-timeout-s`, `broker.bus.close_bounded`) are what keep the promise.
 """
 
 from __future__ import annotations
@@ -26,12 +29,11 @@ from broker import wire
 from broker.bus import bounded, close_bounded, connect
 from broker.server import NatsServer, free_port
 from models.registry import ModelSet
+from tests.waits import BOUND_S, eventually
 
 REPO = Path(__file__).resolve().parent.parent
 #: The drain bound every service is started with here (its `--drain-timeout-s`).
 DRAIN_S = 2.0
-#: What the services promise on top of their drain bound.
-CLOSE_S = 5.0
 #: Generous bound for a service to start (imports, model load) on a busy machine.
 START_S = 180.0
 
@@ -102,29 +104,27 @@ async def running(
 
 async def wait_serving(service: Service, url: str) -> None:
     """Until the service's heartbeat says it serves (and the edge's /readyz answers 200)."""
-    beats: asyncio.Queue[wire.Heartbeat] = asyncio.Queue()
+    beats: list[wire.Heartbeat] = []
 
     async def on_beat(msg: Msg) -> None:
-        beats.put_nowait(wire.decode(msg.data, wire.Heartbeat))
+        beats.append(wire.decode(msg.data, wire.Heartbeat))
+
+    def serving() -> bool:
+        assert service.process.returncode is None, service.output()
+        return any(service.role == "api" or beat.status == "ready" for beat in beats)
+
+    async def ready() -> bool:
+        async with httpx.AsyncClient(timeout=5) as client:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await client.get(service.ready_url or "")).status_code == 200
+        return False
 
     nc = await connect(url, name="test-shutdown")
     try:
         await nc.subscribe(f"hg.telemetry.{service.role}.{service.node_id or '*'}", cb=on_beat)
-        async with asyncio.timeout(START_S):
-            while True:
-                assert service.process.returncode is None, service.output()
-                with contextlib.suppress(TimeoutError):
-                    beat = await asyncio.wait_for(beats.get(), 0.5)
-                    if service.role == "api" or beat.status == "ready":
-                        break
-            while service.ready_url is not None:
-                async with httpx.AsyncClient(timeout=5) as client:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get(service.ready_url)).status_code == 200:
-                            break
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"{service.role} not serving within {START_S:g} s") from None
+        await eventually(serving, f"{service.role} serving", bound=START_S)
+        if service.ready_url is not None:
+            await eventually(ready, f"{service.role} ready", bound=START_S)
     finally:
         await nc.close()
 
@@ -135,8 +135,8 @@ async def wait_serving(service: Service, url: str) -> None:
 async def test_sigterm_stops_the_service_within_its_drain_bound(
     kind: str, broker: str, tiny_models: ModelSet, tmp_path: Path
 ) -> None:
-    """SIGTERM, with the broker alive, just killed or frozen: a clean exit within the drain
-    bound plus 5 s, never minutes of reconnecting nor a watchdog's kill."""
+    """SIGTERM, with the broker alive, just killed or frozen: a clean exit by itself, never
+    minutes of reconnecting nor the edge watchdog's exit (past its drain bound plus 5 s)."""
     async with running(kind, tiny_models, tmp_path) as (service, server):
         server_pid = server.pid
         assert server_pid is not None
@@ -146,10 +146,10 @@ async def test_sigterm_stops_the_service_within_its_drain_bound(
             os.kill(server_pid, signal.SIGSTOP)
         service.process.send_signal(signal.SIGTERM)
         try:
-            status = await asyncio.wait_for(service.process.wait(), DRAIN_S + CLOSE_S)
+            status = await asyncio.wait_for(service.process.wait(), BOUND_S)
         except TimeoutError:
             raise AssertionError(
-                f"{kind} still running {DRAIN_S + CLOSE_S:g} s after SIGTERM (broker {broker})"
+                f"{kind} still running {BOUND_S:g} s after SIGTERM (broker {broker})"
                 f"\n{service.output()}"
             ) from None
         # A clean exit: the worker returns 0; uvicorn re-raises the signal once it has shut
@@ -170,7 +170,7 @@ async def test_close_bounded_closes_a_connection_to_a_frozen_broker(tmp_path: Pa
         assert server.pid is not None
         os.kill(server.pid, signal.SIGSTOP)
         assert not await bounded(sub.drain(), 0.2, "drain on a frozen broker")
-        await asyncio.wait_for(close_bounded(nc, 1.0), 1.0 + CLOSE_S)
+        await asyncio.wait_for(close_bounded(nc, 1.0), BOUND_S)  # a hang fails, not a clock
         assert nc.is_closed
     finally:
         with contextlib.suppress(ProcessLookupError):

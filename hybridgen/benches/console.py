@@ -48,6 +48,8 @@ GOALS: dict[str, float] = {"apply_p95_ms": 5.0, "full_refresh_p95_ms": 50.0}
 STALE_EVERY = 20
 #: Full-table rebuilds timed after the heartbeats stop.
 REBUILDS = 20
+#: Seconds the console may take to apply the last heartbeats sent.
+DRAIN_BOUND_S = 60.0
 EDGE_REASONS = ("in_domain", "edge_default", "confident_draft")
 CLOUD_REASONS = ("low_confidence", "requested_cloud", "edge_overloaded")
 
@@ -134,7 +136,11 @@ async def run(nodes: int, seconds: float, *, seed: int = 7) -> dict[str, Any]:
                     started = time.monotonic()
                     sent = await publish_fleet(publisher, nodes, seconds, random.Random(seed))
                     elapsed = time.monotonic() - started
-                    await pilot.pause(REFRESH_S + 0.1)  # the last beats in, one more refresh
+                    # Every beat applied (bounded), then one more refresh.
+                    deadline = time.monotonic() + DRAIN_BOUND_S
+                    while len(timings["apply"]) < sent and time.monotonic() < deadline:
+                        await pilot.pause(0.02)
+                    await pilot.pause(REFRESH_S + 0.1)
                     app.refresh_fleet()
                     rows, statuses = app.fleet_table.row_count, app.fleet.summary().statuses
                     paints: list[float] = []

@@ -20,7 +20,8 @@ runtime uses it:
     at the scored token.
   `reduction` = 1 - ppl_with / ppl_without; `generic_change` = generic ppl with the user's
   state / without - 1. Each row also gives the cache alone (`reduction_cache`,
-  `generic_change_cache`) and the samples alone (`reduction_samples`).
+  `generic_change_cache`, from `ppl_cache` and `generic_ppl_cache`) and the samples alone
+  (`reduction_samples`, from `ppl_samples`).
 - `update_ms_p50`: `NgramCache.update` per feedback sample (median over every user's samples).
 - `mix_us_per_step`: `predict` + the sparse part of `mix_logits` + `mixed_logsumexp` on a real
   (V,) logits row, per held-out position. The logsumexp over V (`logsumexp_us`, reported
@@ -295,6 +296,8 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
                     "cache_contexts": len(cache),
                     "ppl_without": round(without, 3),
                     "ppl_with": round(with_, 3),
+                    "ppl_cache": round(cache_only, 3),
+                    "ppl_samples": round(samples_only, 3),
                     "reduction": round(1.0 - with_ / without, 4),
                     "reduction_cache": round(1.0 - cache_only / without, 4),
                     "reduction_samples": round(1.0 - samples_only / without, 4),
@@ -302,6 +305,7 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
                     "samples_prefix_tokens": samples["prefix_tokens"],
                     "generic_ppl_with": round(generic_with, 3),
                     "generic_change": round(generic_with / generic_ppl - 1.0, 4),
+                    "generic_ppl_cache": round(generic_cache, 3),
                     "generic_change_cache": round(generic_cache / generic_ppl - 1.0, 4),
                     "generic_gate_open": round(samples["generic_gate_open"], 3),
                 }
