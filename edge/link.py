@@ -9,12 +9,14 @@ start, the link retries in the background every `reconnect_s` and the node answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 from nats.aio.client import Client
+from pydantic import ValidationError
 
 from broker import subjects, wire
 from broker.bus import bounded, close_bounded, connect_settings, serve_control
@@ -175,22 +177,14 @@ class BusLink:
         """Apply the fleet and node policy from the KV bucket, now and on every change."""
         from broker.store import FleetConfig
 
-        fleet_key = subjects.policy_key()
-        node_key = subjects.policy_key(self.node.node_id)
         while not self._closed:
             try:
                 config = await FleetConfig.open(nc)
-                self.fleet_policy = await config.get(fleet_key)
-                self.node_policy = await config.get(node_key)
-                self._apply_policy()
+                for key in (subjects.policy_key(), subjects.policy_key(self.node.node_id)):
+                    with contextlib.suppress(BadRequest):  # not JSON: the watch skips it too
+                        self._set_layer(key, await config.get(key))
                 async for key, value in config.watch("policy.>"):
-                    if key == fleet_key:
-                        self.fleet_policy = value
-                    elif key == node_key:
-                        self.node_policy = value
-                    else:
-                        continue
-                    self._apply_policy()
+                    self._set_layer(key, value)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -216,11 +210,25 @@ class BusLink:
     def effective_policy(self, extra: dict[str, Any] | None = None) -> PolicySettings:
         return merge_policy(self.settings.policy, self.fleet_policy, self.node_policy, extra)
 
+    def _set_layer(self, key: str, value: dict[str, Any] | None) -> None:
+        """Put a KV key's value in force: the fleet's, or this node's override (not others)."""
+        if key == subjects.policy_key():
+            self.fleet_policy = value
+        elif key == subjects.policy_key(self.node.node_id):
+            self.node_policy = value
+        else:
+            return
+        self._apply_policy()
+
     def _apply_policy(self) -> None:
+        """Put the fleet and node layers in force. A layer that makes the policy invalid is
+        refused and keeps its last valid value: a bad KV value must not take the node down,
+        nor block the other key's later changes."""
         try:
             policy = self.effective_policy()
-        except Exception as exc:  # a bad KV value must not take the node down
+        except Exception as exc:
             logger.error("ignoring invalid routing policy from the KV bucket: %s", exc)
+            _, self.fleet_policy, self.node_policy = self._applied_layers
             return
         self.policy_updates += 1
         self._applied_layers = (self.settings.policy, self.fleet_policy, self.node_policy)
@@ -326,11 +334,13 @@ class BusLink:
         The reply's `override` is the override now in force.
         """
         args = dict(request.args)
+        merged_override = {**(self.node_policy or {}), **args}
         try:
-            merged_override = {**(self.node_policy or {}), **args}
             policy = self.effective_policy(args)
-        except Exception as exc:
-            raise BadRequest(f"invalid policy: {exc}") from None
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise BadRequest(f"invalid policy: {field}: {first['msg']}", param=field) from None
         self.node_policy = merged_override
         self._apply_policy()
         data = {
