@@ -14,9 +14,15 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from broker.bus import connect
+import pytest
+
+from broker.bus import connect, connect_settings
+from broker.config import self_signed_tls
+from broker.errors import Unavailable
+from broker.settings import BusSettings
 from hybridgen.benches import BENCHES
 from hybridgen.cli import COMMANDS
 from hybridgen.launcher import _parser
@@ -94,12 +100,13 @@ def test_python_m_edge_is_the_same_program_as_hybridgen_edge() -> None:
         assert re.search(rf"(^|\s){re.escape(option)}\b", alone), option
 
 
-async def test_up_insecure_nats_runs_a_broker_that_lets_anyone_in(tmp_path: Path) -> None:
-    """README, "Security": `up --insecure-nats` turns the users and passwords off (and
-    without it an anonymous client is refused: tests/test_up.py)."""
+@contextlib.asynccontextmanager
+async def broker_only(home: Path, *options: str) -> AsyncIterator[str]:
+    """`hybridgen up --broker-only` with `options`; yields what it printed up to its ready
+    line, and stops it (SIGINT, status 0) after."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hybridgen", "up", "--broker-only", "--insecure-nats",
-        "--port", "-1", "--home", str(tmp_path),
+        sys.executable, "-m", "hybridgen", "up", "--broker-only", "--port", "-1",
+        "--home", str(home), *options,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     assert process.stdout is not None
@@ -110,11 +117,7 @@ async def test_up_insecure_nats_runs_a_broker_that_lets_anyone_in(tmp_path: Path
                 line = await process.stdout.readline()
                 assert line, output
                 output += line.decode()
-        url = output.split("NATS broker at ", 1)[1].split()[0]
-        anonymous = await connect(url, name="anonymous")  # no user, no password
-        await anonymous.close()
-        assert "the bus has NO authentication" in output
-        assert not list((tmp_path / "secrets").glob("*.password"))
+        yield output
         process.send_signal(signal.SIGINT)
         async with asyncio.timeout(BOUND_S):
             assert await process.wait() == 0
@@ -122,3 +125,40 @@ async def test_up_insecure_nats_runs_a_broker_that_lets_anyone_in(tmp_path: Path
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def broker_url(output: str) -> str:
+    return output.split("NATS broker at ", 1)[1].split()[0]
+
+
+async def test_up_insecure_nats_runs_a_broker_that_lets_anyone_in(tmp_path: Path) -> None:
+    """README, "Security": `up --insecure-nats` turns the users and passwords off (and
+    without it an anonymous client is refused: tests/test_up.py)."""
+    async with broker_only(tmp_path, "--insecure-nats") as output:
+        anonymous = await connect(broker_url(output), name="anonymous")  # no user, no password
+        await anonymous.close()
+        assert "the bus has NO authentication" in output
+    assert not list((tmp_path / "secrets").glob("*.password"))
+
+
+async def test_up_runs_the_broker_with_your_own_tls_certificate(tmp_path: Path) -> None:
+    """README, "Several machines": `up` takes your own certificate with
+    `--tls-cert/--tls-key/--tls-ca` instead of making a private CA."""
+    mine = self_signed_tls(tmp_path / "mine", ["127.0.0.1"])
+    assert mine.ca is not None
+    home = tmp_path / "home"
+    options = ["--tls-cert", str(mine.cert), "--tls-key", str(mine.key), "--tls-ca", str(mine.ca)]
+    async with broker_only(home, *options) as output:
+        url = broker_url(output)
+        assert url.startswith("tls://"), output
+        settings = BusSettings(
+            url=url,
+            user="operator",
+            password_file=home / "secrets" / "operator.password",
+            tls_ca=mine.ca,
+        )
+        client = await connect_settings(settings, name="trusts-my-ca")
+        await client.close()
+        with pytest.raises(Unavailable):  # a client that trusts no CA of ours is refused
+            await connect_settings(settings.model_copy(update={"tls_ca": None}), name="no-ca")
+    assert not (home / "secrets" / "tls").exists()  # no private CA made
