@@ -224,7 +224,8 @@ async def test_required_fields_usage_chunk_and_fingerprint(target: Target) -> No
     choice = answer.choices[0]
     assert choice.logprobs is None and choice.message.refusal is None
     assert choice.message.annotations == []
-    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+    # Greedy, 12 tokens asked: the tiny models write all 12 (no end token before).
+    assert (choice.finish_reason, answer.usage.completion_tokens) == ("length", 12)
     assert answer.system_fingerprint and answer.system_fingerprint.startswith("fp_")
     raw = target.bodies[-1][3]["choices"][0]
     assert {"logprobs", "finish_reason"} <= raw.keys() and "refusal" in raw["message"]
@@ -252,7 +253,7 @@ async def test_required_fields_usage_chunk_and_fingerprint(target: Target) -> No
 async def test_logprobs_and_top_logprobs(target: Target) -> None:
     answer = await target.chat(temperature=0, logprobs=True, top_logprobs=3)
     content = answer.choices[0].logprobs.content
-    assert content and len(content) <= answer.usage.completion_tokens
+    assert len(content) == answer.usage.completion_tokens == 12  # one entry per token
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         values = [top.logprob for top in entry.top_logprobs]
@@ -269,9 +270,12 @@ async def test_logprobs_and_top_logprobs(target: Target) -> None:
 
     completion = await target.complete(temperature=0, logprobs=2)
     scores = completion.choices[0].logprobs
-    assert scores.tokens and len(scores.tokens) == len(scores.token_logprobs)
-    assert all(len(top) <= 2 for top in scores.top_logprobs)
-    assert scores.text_offset == sorted(scores.text_offset)
+    assert len(scores.tokens) == len(scores.token_logprobs) == completion.usage.completion_tokens
+    assert [len(top) for top in scores.top_logprobs] == [2] * len(scores.tokens)
+    # Each token's offset in the answer: the lengths of the tokens before it.
+    assert scores.text_offset == [
+        sum(map(len, scores.tokens[:i])) for i in range(len(scores.tokens))
+    ]
     assert all(lp <= 0 for lp in scores.token_logprobs)
 
 
@@ -333,7 +337,7 @@ async def test_unsupported_values_get_a_400_naming_param(target: Target) -> None
     assert "image_url" in str(error.message)
     # Zero penalties and n=1 are what OpenAI's defaults are: accepted.
     ok = await target.chat(n=1, presence_penalty=0, frequency_penalty=0.0, temperature=0)
-    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert (ok.choices[0].finish_reason, ok.usage.completion_tokens) == ("length", 12)
 
 
 async def test_models_and_one_model(target: Target) -> None:
