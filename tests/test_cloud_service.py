@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from broker.bus import connect
 from cloud.api import create_app
 from cloud.settings import ApiSettings, WorkerSettings
 from cloud.worker import CloudWorker
-from tests.fixtures_cloud import serve_cloud_api
+from tests.fixtures_cloud import LONG_CACHE_TOKENS, LONG_CONTEXT, serve_cloud_api
+from tests.waits import BOUND_S, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,22 @@ def start_worker(
 
 
 @pytest.fixture
+def start_long_worker(
+    start_cloud_worker: Callable[..., Any], cloud_long_model: Path
+) -> Callable[..., Any]:
+    """`await start_long_worker(**overrides)`: a worker on the long-context model, whose
+    long requests are still running whatever the test does meanwhile."""
+    return functools.partial(start_cloud_worker, cloud_long_model, cache_tokens=LONG_CACHE_TOKENS)
+
+
+def engine_idle(worker: CloudWorker) -> bool:
+    """The worker's engine holds nothing: no request, no row, no admitted token."""
+    assert worker.engine is not None
+    stats = worker.engine.stats()
+    return stats["requests"] == stats["running"] == stats["admitted_tokens"] == 0
+
+
+@pytest.fixture
 async def api(
     nats_url: str, cloud_model: tuple[Path, Path, int]
 ) -> AsyncIterator[tuple[str, ApiSettings]]:
@@ -77,14 +94,16 @@ def client_for(url: str, **kwargs: Any) -> openai.AsyncOpenAI:
 
 
 async def test_completions_and_chat_stream_and_not(
-    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+    start_worker: Callable[..., Any], api: tuple[str, ApiSettings], cloud_model: Any
 ) -> None:
+    from transformers import AutoTokenizer
+
     await start_worker()
     url, _ = api
     client = client_for(url)
     done = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
-    assert done.choices[0].finish_reason in ("stop", "length")
-    assert done.usage is not None and 0 < done.usage.completion_tokens <= 8
+    assert done.choices[0].finish_reason == "length"  # greedy from "Hello": no end token
+    assert done.usage is not None and done.usage.completion_tokens == 8
     assert done.model_extra is not None and done.model_extra["served_by"] == "cloud"
     assert done.id == f"cmpl-{done.model_extra['request_id']}"
 
@@ -98,21 +117,29 @@ async def test_completions_and_chat_stream_and_not(
     assert "".join(pieces) == done.choices[0].text and finish == done.choices[0].finish_reason
 
     messages: Any = [{"role": "user", "content": "Say hi"}]
-    chat = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant"
-    assert chat.usage is not None and chat.usage.prompt_tokens > 3
+    tokenizer = AutoTokenizer.from_pretrained(str(cloud_model[1]))
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(str(rendered), add_special_tokens=False)["input_ids"]
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(prompt_ids)
     chunks = [
         c
         async for c in await client.chat.completions.create(
             model=MODEL,
             messages=messages,
             max_tokens=6,
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
     ]
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage is not None
+    usage = (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens)
+    assert usage == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
 
     models = await client.models.list()
     assert [m.id for m in models.data] == [MODEL, DRAIN_MODEL]
@@ -127,34 +154,39 @@ async def test_bad_input(start_worker: Callable[..., Any], api: tuple[str, ApiSe
     url, _ = api
     client = client_for(url)
 
-    async def expect(status: int, code: str, **kwargs: Any) -> None:
+    async def expect(status: int, code: str, param: str | None, **kwargs: Any) -> None:
         with pytest.raises(openai.APIStatusError) as info:
             await client.completions.create(**{"model": MODEL, "prompt": "x", **kwargs})
-        assert info.value.status_code == status, info.value
-        assert info.value.code == code
+        assert (info.value.status_code, info.value.code) == (status, code), info.value
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == param
 
-    await expect(400, "bad_request", max_tokens=0)
-    await expect(400, "bad_request", extra_body={"temperature": "hot"})
-    await expect(400, "context_length_exceeded", prompt="word " * 400)
-    await expect(400, "context_length_exceeded", max_tokens=10_000)
-    await expect(404, "not_found", model="no-such-model")
-    with pytest.raises(openai.BadRequestError):
+    await expect(400, "bad_request", "max_tokens", max_tokens=0)
+    await expect(400, "bad_request", "temperature", extra_body={"temperature": "hot"})
+    await expect(400, "context_length_exceeded", "prompt", prompt="word " * 400)
+    await expect(400, "context_length_exceeded", "max_tokens", max_tokens=10_000)
+    await expect(404, "not_found", "model", model="no-such-model")
+    with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model=MODEL, messages=[])
+    assert info.value.code == "bad_request" and info.value.param == "messages"
 
     async with httpx.AsyncClient(base_url=url) as http:
-        for content in (b"{oops", b"\xff\xfe", b"[1]", b'"text"'):
+        for content in (b"{oops", b"\xff\xfe", b"[1]", b'"text"'):  # no field to name
             resp = await http.post(
                 "/v1/completions", content=content, headers={"content-type": "application/json"}
             )
-            assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_request"
-        resp = await http.post("/v1/completions", content=b"x" * 100_000)
-        assert resp.status_code == 413
+            assert resp.status_code == 400
+            assert (resp.json()["error"]["code"], resp.json()["error"]["param"]) == (
+                "bad_request",
+                None,
+            )
+        resp = await http.post(
+            "/v1/completions", content=b"x" * 100_000, headers={"content-type": "application/json"}
+        )
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "bad_request"
 
 
-async def test_api_keys(nats_url: str, cloud_model: tuple[Path, Path, int]) -> None:
-    settings = ApiSettings(
-        tokenizer_dir=cloud_model[1], context_length=cloud_model[2], api_keys=["secret"]
-    )
+async def test_api_keys(nats_url: str) -> None:
+    settings = ApiSettings(api_keys=["secret"])  # the API needs no model files
     app = create_app(settings, nats_url=nats_url)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app):
@@ -183,9 +215,9 @@ async def test_no_worker_is_503_and_not_ready(api: tuple[str, ApiSettings]) -> N
 
 
 async def test_disconnect_cancels_on_worker(
-    start_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
+    start_long_worker: Callable[..., Any], api: tuple[str, ApiSettings], nc: Client
 ) -> None:
-    worker = await start_worker()
+    worker = await start_long_worker()
     url, _ = api
     cancels: list[str] = []
 
@@ -193,58 +225,43 @@ async def test_disconnect_cancels_on_worker(
         cancels.append(msg.subject)
 
     await nc.subscribe(subjects.CANCEL_ALL, cb=on_cancel)
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True,
-                "temperature": 0}  # fmt: skip
-        async with http.stream("POST", "/v1/completions", json=body) as resp:
-            request_id = resp.headers["x-request-id"]
-            async for line in resp.aiter_lines():
-                if line.startswith("data: ") and '"text":""' not in line:
-                    break  # one token in: hang up
-    for _ in range(200):
-        if cancels and worker.admitted == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert cancels == [subjects.cancel(request_id)], (cancels, worker.admitted)
-    assert worker.admitted == 0
-    assert worker.engine is not None
+    long = {"model": MODEL, "prompt": "Hello", "max_tokens": LONG_CONTEXT - 100, "temperature": 0}
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=BOUND_S) as http,
+        http.stream("POST", "/v1/completions", json={**long, "stream": True}) as resp,
+    ):
+        request_id = resp.headers["x-request-id"]
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and '"text":""' not in line:
+                break  # one token in: hang up
+    await eventually(lambda: cancels and worker.admitted == 0, "the stream's cancel")
+    assert cancels == [subjects.cancel(request_id)]
     # The engine holds nothing of the cancelled request: no ticket, no row, no tokens.
-    for _ in range(200):
-        if worker.engine.stats()["requests"] == 0:
-            break
-        await asyncio.sleep(0.02)
-    stats = worker.engine.stats()
-    assert stats["requests"] == 0 and stats["running"] == 0 and stats["admitted_tokens"] == 0
+    await eventually(lambda: engine_idle(worker), "the engine let the stream go")
+    stopped_at = worker.tokens_out
+    assert stopped_at < long["max_tokens"]  # stopped, not run to the end
 
     # A client of a non-streamed request that gives up cancels it too: it hangs up while the
-    # worker is generating (waiting for that, not for a fixed time, keeps a fast engine from
-    # finishing first).
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "temperature": 0}
-        call = asyncio.ensure_future(http.post("/v1/completions", json=body))
-        for _ in range(500):
-            if worker.admitted == 1 or call.done():
-                break
-            await asyncio.sleep(0.002)
-        assert not call.done(), "the request ended before the client could hang up"
+    # worker is generating.
+    async with httpx.AsyncClient(base_url=url, timeout=BOUND_S) as http:
+        call = asyncio.ensure_future(http.post("/v1/completions", json=long))
+        await eventually(lambda: worker.tokens_out > 0 and worker.admitted == 1, "generating")
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await call
-    for _ in range(200):
-        if len(cancels) == 2 and worker.admitted == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert len(cancels) == 2 and worker.admitted == 0
+    await eventually(lambda: len(cancels) == 2 and worker.admitted == 0, "the second cancel")
+    await eventually(lambda: engine_idle(worker), "the engine let the request go")
+    assert worker.tokens_out - stopped_at < long["max_tokens"]
 
 
 async def test_overload_is_coded(
-    start_worker: Callable[..., Any], api: tuple[str, ApiSettings]
+    start_long_worker: Callable[..., Any], api: tuple[str, ApiSettings]
 ) -> None:
-    await start_worker(max_queue_requests=1)
+    await start_long_worker(max_queue_requests=1)
     url, _ = api
     client = client_for(url)
     stream = await client.completions.create(
-        model=MODEL, prompt="Hello", max_tokens=240, stream=True, temperature=0
+        model=MODEL, prompt="Hello", max_tokens=LONG_CONTEXT - 100, stream=True, temperature=0
     )
     with pytest.raises(openai.APIStatusError) as info:
         await client.completions.create(model=MODEL, prompt="x", max_tokens=4)
@@ -273,11 +290,7 @@ async def test_the_clients_timeout_header_reaches_the_worker_as_timeout_ms(
         bad = await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "-1"})
     assert timed.status_code == untimed.status_code == 200
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
-    for _ in range(100):
-        if len(seen) == 2:
-            break
-        await asyncio.sleep(0.02)
-    assert len(seen) == 2
+    await eventually(lambda: len(seen) == 2, "both requests seen on the bus")
     assert seen[0].timeout_ms is not None and 0 < seen[0].timeout_ms <= 3000
     assert seen[1].timeout_ms is not None and seen[1].timeout_ms > 3000
     assert seen[1].timeout_ms <= settings.request_timeout_s * 1000
@@ -301,11 +314,9 @@ async def test_two_workers_share_load(
     )
     served = {a.model_extra["worker"] for a in answers if a.model_extra}
     assert served == {first.node_id, second.node_id}
-    for _ in range(40):  # the API's own heartbeat, every second
-        if beats and beats[-1].rps > 0:
-            break
-        await asyncio.sleep(0.05)
-    assert beats[-1].role == "api" and beats[-1].rps > 0 and beats[-1].in_flight == 0
+    # The API's own heartbeat, every second: one counts the requests, none in flight.
+    await eventually(lambda: beats and beats[-1].rps > 0, "a heartbeat with the requests")
+    assert beats[-1].role == "api" and beats[-1].in_flight == 0
 
 
 async def _stream_events(
@@ -323,10 +334,21 @@ async def _stream_events(
     return events
 
 
+def signal_at(proc: subprocess.Popen[bytes], sig: int) -> Callable[[int], None]:
+    """A `_stream_events` callback: send `sig` to `proc` at the second event (a token in)."""
+
+    def on_event(count: int) -> None:
+        if count == 2:
+            proc.send_signal(sig)
+
+    return on_event
+
+
 async def test_worker_processes_killed_and_drained_mid_stream(
     nats_url: str, api: tuple[str, ApiSettings], cloud_model: tuple[Path, Path, int], nc: Client
 ) -> None:
-    """SIGKILL: error event then [DONE], within a bound. SIGTERM: the stream completes."""
+    """SIGKILL: the stream ends with an error event (the API's idle timeout: the worker
+    sends nothing more) then [DONE]. SIGTERM: the stream completes."""
     env = {**os.environ, "HG_CLOUD_THREADS": "1", "OMP_NUM_THREADS": "1"}
     ready: set[str] = set()
 
@@ -348,31 +370,22 @@ async def test_worker_processes_killed_and_drained_mid_stream(
     }  # fmt: skip
     url, _ = api
     try:
-        for _ in range(1200):
-            if len(ready) == 2:
-                break
+
+        def both_ready() -> bool:
             for proc in procs.values():
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return len(ready) == 2
+
+        await eventually(both_ready, "both worker processes are ready")
+        async with httpx.AsyncClient(base_url=url, timeout=BOUND_S) as http:
             victim = procs["cloud-victim"]
-            killed_at = 0.0
-
-            def kill(count: int) -> None:
-                nonlocal killed_at
-                if count == 2:
-                    victim.send_signal(signal.SIGKILL)
-                    killed_at = time.monotonic()
-
-            events = await _stream_events(http, MODEL, kill)
-            assert time.monotonic() - killed_at < 10
+            events = await _stream_events(http, MODEL, signal_at(victim, signal.SIGKILL))
             assert events[-1] == "data: [DONE]"
-            assert '"error"' in events[-2], events[-3:]
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert (error["type"], error["code"]) == ("timeout_error", "timeout"), events[-3:]
 
             drained = procs["cloud-drained"]
-            events = await _stream_events(
-                http, DRAIN_MODEL, lambda n: n == 2 and drained.send_signal(signal.SIGTERM)
-            )
+            events = await _stream_events(http, DRAIN_MODEL, signal_at(drained, signal.SIGTERM))
             assert events[-1] == "data: [DONE]"
             assert '"finish_reason":"length"' in events[-2], events[-3:]
             assert await asyncio.to_thread(drained.wait, 30) == 0
@@ -386,7 +399,8 @@ async def test_worker_processes_killed_and_drained_mid_stream(
 async def test_bundled_model_set_end_to_end(
     nats_url: str, tiny_models: Any, tiny_models_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Worker and API resolve the model set (checkpoint, tokenizer, context) themselves."""
+    """The worker resolves the model set (checkpoint, tokenizer, context) itself; the API
+    needs no model files."""
     monkeypatch.setenv("HG_HOME", str(tiny_models_home))
     nc = await connect(nats_url, name="test-worker")
     settings = WorkerSettings(model_set=tiny_models.version, threads=1, cache_tokens=4096)
@@ -395,7 +409,7 @@ async def test_bundled_model_set_end_to_end(
             assert worker.model_version == tiny_models.version
             assert worker.engine is not None
             assert worker.engine.context_length == tiny_models.cloud_context_length
-            app = create_app(ApiSettings(model_set=tiny_models.version), nats_url=nats_url)
+            app = create_app(ApiSettings(), nats_url=nats_url)
             async with app.router.lifespan_context(app):
                 http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
                 client = openai.AsyncOpenAI(
@@ -408,7 +422,9 @@ async def test_bundled_model_set_end_to_end(
                 chat = await client.chat.completions.create(
                     model=MODEL, messages=messages, max_tokens=12, seed=1
                 )
-                assert chat.choices[0].finish_reason in ("stop", "length")
+                assert chat.usage is not None
+                ended = "length" if chat.usage.completion_tokens == 12 else "stop"
+                assert chat.choices[0].finish_reason == ended
                 streamed = [
                     c.choices[0].delta.content or ""
                     async for c in await client.chat.completions.create(
