@@ -81,11 +81,12 @@ async def check_api(
         ],
         tools=TOOLS,
         tool_choice="none",
+        temperature=0,
         max_tokens=4,
         extra_body=extra,
     )
     assert second.choices[0].message.tool_calls is None
-    assert second.choices[0].finish_reason in ("stop", "length")
+    assert (second.choices[0].finish_reason, second.usage.completion_tokens) == ("length", 4)
     assert served_by(second) == where
 
     stream = await client.chat.completions.create(
