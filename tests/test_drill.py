@@ -27,9 +27,8 @@ import json
 import shutil
 import ssl
 import subprocess
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,6 +50,7 @@ from broker.tls import host_certificate
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
+from tests.waits import eventually
 
 PASSWORDS = {"cloud": "cloud-pw", "api": "api-pw", "ops": "ops-pw", "edge": "edge-pw"}
 #: Each site's own login on the hub (`--leaf-site`): (login, password, its edge's user).
@@ -60,22 +60,8 @@ EDGES = ("site1-edge", "site2-edge")
 WORKERS = ("worker-a", "worker-b")
 #: The fleet policy the operator writes to the hub's KV; the edges read it across their leaf.
 FLEET_POLICY = {"request_timeout_ms": 60_000.0}
-#: Upper bound of every wait in the drill (polling stops as soon as the condition holds).
+#: Bound of one HTTP request in the drill.
 WAIT_S = 30.0
-
-
-async def until(check: Callable[[], Any], what: str, within: float = WAIT_S) -> None:
-    """Poll `check` (sync or async) until true; fail naming `what` after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"drill: {what} did not happen within {within:g} s")
-        await asyncio.sleep(0.1)
 
 
 def render(path: Path, *args: str) -> Path:
@@ -145,7 +131,7 @@ async def cloud_api(nc: Client) -> AsyncIterator[str]:
     )
     task = asyncio.create_task(server.serve())
     try:
-        await until(lambda: server.started or task.done(), "the cloud API start")
+        await eventually(lambda: server.started or task.done(), "the cloud API start")
         if task.done():
             task.result()
         yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
@@ -303,7 +289,7 @@ async def test_drill_cluster_leaves_edges_workers(
                 return True
             return False
 
-        await until(open_config, "the clustered fleet config (KV)")
+        await eventually(open_config, "the clustered fleet config (KV)")
         events: dict[str, list[wire.Event]] = defaultdict(list)
 
         async def on_event(msg: Any) -> None:
@@ -373,13 +359,13 @@ async def test_drill_cluster_leaves_edges_workers(
             # connected, so the next edge's user is set after this one is on the bus).
             monkeypatch.setenv("HG_NATS_USER", SITE_LOGINS[site][2])
             edges.append(await stack.enter_async_context(serve_edge(settings)))
-            await until(lambda: edges[-1].node.bus_connected, f"{EDGES[site]} on its leaf")
-        await until(
+            await eventually(lambda: edges[-1].node.bus_connected, f"{EDGES[site]} on its leaf")
+        await eventually(
             lambda: all(e.node.bus_connected and e.node.cloud_available() for e in edges),
             "both edges on the bus",
         )
         # Their fleet config comes from the hub's JetStream (domain `hub`) across the leaf.
-        await until(
+        await eventually(
             lambda: all(e.node.routing_policy.request_timeout_ms == 60_000.0 for e in edges),
             "both edges applying the fleet policy from the hub's KV",
         )
@@ -395,7 +381,9 @@ async def test_drill_cluster_leaves_edges_workers(
 
         # 1. Requests from both edges reach both workers (across leaf links and routes).
         for edge in edges:
-            await until(functools.partial(both_workers, edge), f"{edge.node_id} -> both workers")
+            await eventually(
+                functools.partial(both_workers, edge), f"{edge.node_id} -> both workers"
+            )
         await ask_api(api_url)
 
         # 2. Stop cluster node 1 (worker A's) under load: every request is answered.
@@ -408,12 +396,12 @@ async def test_drill_cluster_leaves_edges_workers(
 
         loaders = [asyncio.create_task(load(edge)) for edge in edges]
         try:
-            await until(lambda: len(answered) >= 4, "load before the stop")
+            await eventually(lambda: len(answered) >= 4, "load before the stop")
             await hub[0].shutdown()
             marks = {edge.node_id: len(events[edge.node_id]) for edge in edges}
             # Worker A reconnects to another node; both workers serve both edges again.
             for edge in edges:
-                await until(
+                await eventually(
                     functools.partial(served_by_both, edge.node_id, marks[edge.node_id]),
                     f"{edge.node_id} -> both workers after node 1 stopped",
                 )
@@ -429,11 +417,13 @@ async def test_drill_cluster_leaves_edges_workers(
 
         # 3. Site 2 loses its hub link: its edge answers locally, then recovers.
         await relay.cut()
-        await until(lambda: _local(ask(edges[1])), "site 2 answering locally (cloud_unavailable)")
+        await eventually(
+            lambda: _local(ask(edges[1])), "site 2 answering locally (cloud_unavailable)"
+        )
         body = await ask(edges[0])  # site 1 is unaffected
         assert body["served_by"] == "cloud", body
         await relay.restore()
-        await until(lambda: _cloud(ask(edges[1])), "site 2 back on the cloud")
+        await eventually(lambda: _cloud(ask(edges[1])), "site 2 back on the cloud")
     finally:
         await stack.aclose()
         if relay is not None:
@@ -508,7 +498,7 @@ class FakeLeaf:
         """PING and wait for the PONG: the hub has handled everything sent before."""
         pongs = self.pongs
         await self.send("PING")
-        await until(lambda: self.pongs > pongs or self.task.done(), "the hub's PONG", 10)
+        await eventually(lambda: self.pongs > pongs or self.task.done(), "the hub's PONG")
         assert self.pongs > pongs, f"the hub closed the link: {self.errors}"
 
     async def close(self) -> None:
@@ -590,14 +580,14 @@ async def test_compromised_site_cannot_read_other_sites_or_steer_them(tmp_path: 
                 return (await ask("warm up"))[0] == "warm up"
             return False
 
-        await until(site1_served, "site 1 reaching the worker across its leaf link")
+        await eventually(site1_served, "site 1 reaching the worker across its leaf link")
         assert (await send_control(ops, node, "resume")).ok  # the operator's reply crosses too
 
         # Site 2 joins the workers' queue group: the hub closes its link.
         thief = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
         attackers.append(thief)
         await thief.send(f"LS+ {subjects.gen('hg-cloud')} {subjects.queue_group('hg-cloud')} 1")
-        await until(lambda: thief.task.done(), "the hub closing the link of a queue thief")
+        await eventually(lambda: thief.task.done(), "the hub closing the link of a queue thief")
         assert any('Subscription to "hg.gen.hg-cloud"' in e for e in thief.errors), thief.errors
         # Site 2 listens for everything it may not see: the hub sends none of it.
         evil = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
@@ -611,7 +601,7 @@ async def test_compromised_site_cannot_read_other_sites_or_steer_them(tmp_path: 
         # A marker site 2 may receive, sent after: whatever leaked would have come first.
         marker = subjects.control("edge-site2", "drain")
         await ops.publish(marker, b"marker")
-        await until(lambda: evil.messages, "the marker at site 2")
+        await eventually(lambda: evil.messages, "the marker at site 2")
         assert evil.messages == [(marker, b"marker")], evil.messages
 
         # Site 2 publishes as site 1 and as the operator: the hub closes its link.
@@ -622,7 +612,7 @@ async def test_compromised_site_cannot_read_other_sites_or_steer_them(tmp_path: 
             liar = await FakeLeaf.login(leaf_port, "site2", SITES["site2"][0])
             attackers.append(liar)
             await liar.send(f"LMSG {subject} {reply} 4".replace("  ", " "), "evil")
-            await until(liar.task.done, f"the hub closing site 2's link after {subject}")
+            await eventually(liar.task.done, f"the hub closing site 2's link after {subject}")
             assert any(
                 "Permissions Violation for Publish" in e and subject in e for e in liar.errors
             ), evil.errors

@@ -36,9 +36,11 @@ async def test_hop_measurement(
 ) -> None:
     monkeypatch.setenv("HG_HOME", str(tiny_models_home))
     figures = await hop_measurement(SimpleNamespace(quick=True))
-    assert set(figures) >= {"no_responders_decision_ms", "fallback_added_p50_ms", "edge_rss_mb"}
-    assert figures["no_responders_decision_ms"] > 0
-    assert 0 < figures["edge_rss_mb"] < 1000
+    # Every figure measured (none missing or failed); their values, and the goals, are the
+    # benchmark's to report (docs/edge.md, "Edge figures in hybridgen bench hop").
+    keys = {"no_responders_decision_ms", "fallback_added_p50_ms", "edge_rss_mb"}
+    assert keys <= set(figures) and "edge_error" not in figures, figures
+    assert all(figures[key] is not None for key in keys), figures
 
 
 @pytest.mark.slow
@@ -135,6 +137,19 @@ def test_threads_must_be_a_list_of_positive_counts(capsys: pytest.CaptureFixture
         with pytest.raises(SystemExit):
             decode_bench.main(["--threads", bad])
     assert "--threads" in capsys.readouterr().err
+
+
+def test_agreement_is_the_share_of_matching_argmax(tiny_models: ModelSet) -> None:
+    """Against the build's own teacher-forced argmax, agreement is 1; with the reference
+    changed at 3 of 16 positions (a token no model predicts), 13/16."""
+    from models import ort_edge
+
+    folder = tiny_models.edge_dir("int4")
+    tokens = list(range(5, 21))
+    own = ort_edge.teacher_forced_argmax(ort_edge.load_model(folder, 1), tokens)
+    assert bench_sweep.agreement(folder, tokens, own, 1) == 1.0
+    changed = [-1, -1, -1, *own[3:]]
+    assert bench_sweep.agreement(folder, tokens, changed, 1) == 13 / 16
 
 
 # ---------------------------------------------------------------- log-probabilities
@@ -241,17 +256,29 @@ def test_edge_decode_json_has_both_thread_counts_side_by_side(
     assert result["bytes_per_token"] == (
         result["weight_bytes_per_token"] + result["kv_bytes_per_token"]
     )
+    # Each derived figure is its measured rates' ratio (one run: the medians are that run's),
+    # up to the rounding of each (ratios to 2 or 3 decimals, rates to 0.1).
     for row, bandwidth in zip(result["by_threads"], (10.0, 20.0), strict=True):
-        for key in ("raw_tok_s", "runtime_tok_s", "prefill_tok_s", "ttft_ms", "runtime_ttft_ms"):
-            assert row[key] > 0, key
         assert row["bandwidth_gb_s"] == bandwidth
-        assert row["roofline_fraction"] == pytest.approx(
-            row["raw_tok_s"] * result["bytes_per_token"] / (bandwidth * 1e9), rel=0.02
+        assert row["roofline_tok_s"] == pytest.approx(
+            bandwidth * 1e9 / result["bytes_per_token"], abs=0.05
         )
-        assert row["runtime_vs_raw"] > 0 and row["runtime_tokens"] >= 1
+        assert row["roofline_fraction"] == pytest.approx(
+            row["raw_tok_s"] * result["bytes_per_token"] / (bandwidth * 1e9), rel=0.02, abs=6e-4
+        )
+        assert row["ratio_int4"] == pytest.approx(
+            row["edge_int4_tok_s"] / row["torch_fp32_tok_s"], rel=0.02, abs=6e-3
+        )
+        assert row["ratio_int8"] == pytest.approx(
+            row["edge_int8_tok_s"] / row["torch_fp32_tok_s"], rel=0.02, abs=6e-3
+        )
+        assert row["runtime_vs_raw"] == pytest.approx(
+            row["runtime_tok_s"] / row["raw_tok_s"], rel=0.02, abs=6e-4
+        )
+        assert row["runtime_tokens"] >= 1  # the runtime answered
     assert result["threads"] == 1 and result["raw_tok_s"] == result["by_threads"][0]["raw_tok_s"]
     assert set(result["cpu"]["flags"]) >= {"avx2", "avx512f", "amx_tile"}
-    assert len(result["load_average_start"]) == 3 and result["rss_mb"] > 0
+    assert len(result["load_average_start"]) == 3
     assert result["prefill_tokens"] == min(256, tiny_models.edge_context_length - 2)
 
 
@@ -274,8 +301,10 @@ def test_sweep_builds_measures_and_reports_a_failed_variant(
     assert default["decode_vs_default_1t"] == 1.0 and default["prefill_vs_default_1t"] == 1.0
     assert small_blocks["bytes"] > default["bytes"]  # twice the scales
     assert "block_size=16" in small_blocks["options"]
-    for row in (default, small_blocks):
-        assert 0 <= row["top1_agreement"] <= 1
-        assert row["decode_tok_s_1t"] > 0 and row["prefill_tok_s_1t"] > 0
+    # One run: each variant's speed against the default is the ratio of its rates.
+    for key in ("decode", "prefill"):
+        assert small_blocks[f"{key}_vs_default_1t"] == pytest.approx(
+            small_blocks[f"{key}_tok_s_1t"] / default[f"{key}_tok_s_1t"], rel=0.02, abs=6e-4
+        )
     bench_sweep.print_sweep(result)
     assert "build failed" in capsys.readouterr().out
