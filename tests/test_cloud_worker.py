@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from broker import subjects, wire
 from broker.errors import ContextLengthExceeded, Internal, NoResponders, Overloaded
 from broker.streaming import request_stream
+from tests.fixtures_cloud import LONG_CACHE_TOKENS, LONG_CONTEXT
 from tests.waits import eventually
 
 MODEL = "hg-cloud"
@@ -99,12 +100,7 @@ async def test_crash_in_one_request_answers_internal(
         return encode(text)
 
     monkeypatch.setattr(worker.engine, "encode", faulty)
-    events: list[wire.Event] = []
-
-    async def on_event(msg: Msg) -> None:
-        events.append(wire.decode(msg.data, wire.Event))
-
-    await nc.subscribe(subjects.events("cloud", worker.node_id), cb=on_event)
+    events = await events_of(nc, worker.node_id)
     with pytest.raises(Internal):
         async with request_stream(nc, request("boom")):
             pass
@@ -121,10 +117,60 @@ async def test_crash_in_one_request_answers_internal(
     assert events[1].data["completion_tokens"] == 4 and events[1].data["finish_reason"] == "length"
 
 
+async def events_of(nc: Client, node_id: str) -> list[wire.Event]:
+    """The events the worker `node_id` publishes from now on (filled as they come)."""
+    events: list[wire.Event] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(wire.decode(msg.data, wire.Event))
+
+    await nc.subscribe(subjects.events("cloud", node_id), cb=on_event)
+    await nc.flush()
+    return events
+
+
+async def test_request_events_and_what_they_leave_out(
+    start_cloud_worker: Callable[..., Any], cloud_long_model: Path, nc: Client
+) -> None:
+    """docs/cloud.md: a `request` event per served request (its id, origin, model, version,
+    token counts, finish reason and timings; never the prompt or the answer); `overloaded`
+    and `cancelled` requests publish no `error` event."""
+    worker = await start_cloud_worker(
+        cloud_long_model, cache_tokens=LONG_CACHE_TOKENS, max_queue_requests=1
+    )
+    events = await events_of(nc, worker.node_id)
+    async with request_stream(nc, request(max_tokens=LONG_CONTEXT - 100)):  # holds the slot
+        with pytest.raises(Overloaded):
+            async with request_stream(nc, request(max_tokens=4)):
+                pass
+    # Leaving the first stream early cancelled it (it runs far longer than this test).
+    await eventually(lambda: worker.admitted == 0, "the cancelled request left the worker")
+    served = request("Quokka marmalade", max_tokens=6, origin="edge-events")
+    async with request_stream(nc, served) as stream:
+        answer, done = await stream.collect()
+    # The served request's event comes after anything the other two could have published.
+    await eventually(lambda: [e for e in events if e.kind == "request"], "the request event")
+    assert [(e.kind, e.request_id) for e in events] == [("request", served.request_id)]
+    data = events[0].data
+    assert set(data) == {"origin", "model", "model_version", "prompt_tokens",
+                         "completion_tokens", "finish_reason", "ttft_ms", "total_ms"}  # fmt: skip
+    assert (data["origin"], data["model"], data["model_version"]) == (
+        "edge-events",
+        MODEL,
+        worker.model_version,
+    )
+    assert (data["prompt_tokens"], data["completion_tokens"], data["finish_reason"]) == (
+        done.usage.prompt_tokens, 6, "length"
+    )  # fmt: skip
+    assert 0 < data["ttft_ms"] <= data["total_ms"]  # the first output comes before the end
+    assert "Quokka" not in repr(events[0]) and answer not in repr(events[0])
+
+
 async def test_drain_finishes_in_flight_and_refuses_new(
     make_worker: Callable[..., Any], nc: Client
 ) -> None:
     worker = await make_worker()
+    events = await events_of(nc, worker.node_id)
     async with request_stream(nc, request(max_tokens=120)) as stream:
         drain = asyncio.create_task(worker.drain(timeout=10))
         _text, done = await stream.collect()
@@ -134,6 +180,7 @@ async def test_drain_finishes_in_flight_and_refuses_new(
         async with request_stream(nc, request()):
             pass
     assert worker.heartbeat().status == "draining"
+    await eventually(lambda: [e for e in events if e.kind == "drain"], "the drain event")
 
 
 async def test_chat_messages_use_the_workers_own_template(
