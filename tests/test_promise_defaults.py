@@ -60,10 +60,14 @@ def test_personalization_settings_default_as_the_settings_table_says() -> None:
     assert settings.personalize_persist_s == 2
 
 
-def test_the_user_store_keeps_the_newest_1000_samples(tmp_path: Path) -> None:
+def test_the_user_store_keeps_the_newest_1000_samples_and_waits_5_s_for_a_lock(
+    tmp_path: Path,
+) -> None:
+    """docs/edge.md, "What stays on the device" and "A damaged or locked file"."""
     store = UserStore(tmp_path / "users.sqlite3")
     try:
         assert store.max_feedback == 1000
+        assert store.busy_timeout_s == 5.0  # then a 503 with Retry-After
     finally:
         store.close()
 
