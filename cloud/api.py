@@ -347,6 +347,8 @@ async def _serve(
     request_id, model, created = generate.request_id, body.model, int(time.time())
     # The model may call tools: calls in its text become `tool_calls`.
     tools = isinstance(body, ChatCompletionRequest) and body.tool_request().active
+    # A completion's `echo`: the prompt starts the answer.
+    echo = body.prompt_text() if isinstance(body, CompletionRequest) and body.echo else ""
     headers = {"X-Request-Id": request_id}
     logger.info("request %s -> %s (%s)", request_id, model, "stream" if body.stream else "whole")
 
@@ -388,7 +390,7 @@ async def _serve(
             request_id=request_id,
             model=model,
             created=created,
-            text=text,
+            text=echo + text,
             finish_reason=done.finish_reason,
             usage=(done.usage.prompt_tokens, done.usage.completion_tokens),
             logprobs=scores if generate.logprobs else None,
@@ -396,6 +398,7 @@ async def _serve(
             served_by="cloud",
             worker=done.served_by,
             **({"tools": True} if tools else {}),
+            **({"logprob_offset": len(echo)} if echo else {}),
         )
         return JSONResponse({**answer.body(), "request_id": request_id}, headers=headers)
 
@@ -414,7 +417,7 @@ async def _serve(
         done: wire.Done | None = None
         try:
             async with open_stream() as replies:
-                yield chunks_of.first()
+                yield chunks_of.first(echo)
                 async for chunk in replies:
                     scores = chunk_logprobs(chunk)
                     if chunk.text or scores:
