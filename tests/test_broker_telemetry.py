@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 
 import pytest
 from nats.aio.client import Client
@@ -36,7 +38,9 @@ def test_request_stats_window() -> None:
 
 def test_default_node_id_is_a_token() -> None:
     node = default_node_id("edge")
-    assert node.startswith("edge-") and subjects.is_token(node)
+    host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0]).strip("-")
+    assert re.fullmatch(rf"edge-{re.escape(host or 'host')}-[0-9a-f]{{4}}", node), node
+    assert subjects.is_token(node)
     assert default_node_id("edge") != node
 
 
