@@ -23,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge.app import create_app
 from edge.cli import main as edge_main
 from edge.settings import EdgeSettings
+from models.registry import ModelSet
 from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge
+from tests.fixtures_models import copy_model_set
 
 #: The perplexity rule off: a local answer is `in_domain` whatever the tiny model thinks.
 LOCAL = {"perplexity_threshold": 1e9}
@@ -73,6 +75,25 @@ async def test_where_and_why_are_in_the_body_the_headers_and_every_chunk(
             assert wanted["served_by"] == "edge" and wanted["route_reason"] == "in_domain"
             for chunk in chunks:
                 assert {f: chunk[f] for f in WHERE} == wanted, chunk
+
+
+async def test_a_set_whose_two_ends_share_weights_answers_at_the_edge_by_default(
+    start_edge: Callable[..., Any], tiny_models: ModelSet, tmp_path: Path
+) -> None:
+    """README, "Calling the edge" and "Models": on a model set whose ends run the same
+    weights (the default SmolLM2 set, `routing.mode: same_weights`), with no policy, the
+    edge answers without a confidence rule: `route_reason: edge_default`."""
+    same = copy_model_set(tiny_models, tmp_path / "home")
+    manifest_path = same.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["routing"] = {"mode": "same_weights", "perplexity_threshold": None}
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    edge: LiveEdge = await start_edge(no_cloud=True, model_dir=same.edge_dir("int4"))
+    body = {"model": "hg-edge", "prompt": "The program", "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+        answer = (await http.post("/v1/completions", json=body)).json()
+    assert (answer["served_by"], answer["route_reason"]) == ("edge", "edge_default")
+    assert edge.node.threshold_source == "off"
 
 
 async def test_metrics_count_each_answer_by_where_and_why(start_edge: Callable[..., Any]) -> None:
