@@ -95,6 +95,8 @@ class Target:
     model: str
     extra_body: dict[str, Any]
     served_by: str
+    #: `system_fingerprint` of its answers: `fp_` and the version of the model that serves.
+    fingerprint: str = ""
     bodies: list[tuple[str, int, bool, Any]] = field(default_factory=list)
     #: Answers that did not say `served_by` as they should (checked after every call).
     misplaced: list[str] = field(default_factory=list)
@@ -134,6 +136,9 @@ class Target:
             said = body.get("served_by")
             if said != self.served_by and (edge or not stream or closing or said is not None):
                 self.misplaced.append(f"{path}: served_by {said!r} in {body}")
+            # The edge says why too: the route the request asked for.
+            if edge and body.get("route_reason") != f"requested_{self.served_by}":
+                self.misplaced.append(f"{path}: route_reason {body.get('route_reason')!r}")
 
     def assert_served_where_asked(self) -> None:
         """Every answer so far said it was served by `served_by`."""
@@ -202,15 +207,17 @@ async def target(
 ) -> AsyncIterator[Target]:
     """Each API under test, with a cloud worker behind it; every body validated after, and
     every answer served where the target says (`edge`: at the edge; the others: the cloud)."""
-    await start_worker()
+    worker = await start_worker()
+    cloud_print = f"fp_{worker.model_version}"
     if request.param == "cloud":
-        api = Target("cloud", cloud_api, "hg-cloud", {}, served_by="cloud")
+        api = Target("cloud", cloud_api, "hg-cloud", {}, "cloud", cloud_print)
     else:
         edge = await start_edge(policy={"perplexity_threshold": 1e9})
         route = "edge" if request.param == "edge" else "cloud"
         if route == "cloud":  # the edge's bus link connects in the background
             await eventually(edge.node.cloud_available, "the edge's link to the cloud")
-        api = Target(request.param, edge.url, "hg-edge", {"route": route}, served_by=route)
+        fingerprint = f"fp_{edge.node.runtime.version}" if route == "edge" else cloud_print
+        api = Target(request.param, edge.url, "hg-edge", {"route": route}, route, fingerprint)
     yield api
     assert api.validate_all() > 0
     api.assert_served_where_asked()
@@ -226,7 +233,7 @@ async def test_required_fields_usage_chunk_and_fingerprint(target: Target) -> No
     assert choice.message.annotations == []
     # Greedy, 12 tokens asked: the tiny models write all 12 (no end token before).
     assert (choice.finish_reason, answer.usage.completion_tokens) == ("length", 12)
-    assert answer.system_fingerprint and answer.system_fingerprint.startswith("fp_")
+    assert answer.system_fingerprint == target.fingerprint  # the serving model's version
     raw = target.bodies[-1][3]["choices"][0]
     assert {"logprobs", "finish_reason"} <= raw.keys() and "refusal" in raw["message"]
 
@@ -239,6 +246,12 @@ async def test_required_fields_usage_chunk_and_fingerprint(target: Target) -> No
         choice.message.content
     )
     streamed = [body for _, _, stream, body in target.bodies if stream]
+    # The cloud tells its version at the end: only the closing and usage chunks carry it.
+    prints = [body.get("system_fingerprint") for body in streamed]
+    if target.served_by == "cloud":
+        assert prints == [None] * (len(prints) - 2) + [target.fingerprint] * 2
+    else:
+        assert prints == [target.fingerprint] * len(prints)
     assert all("finish_reason" in body["choices"][0] for body in streamed[:-1])
     assert [body["choices"][0]["finish_reason"] for body in streamed[:-1]][-1] is not None
     assert all(body["choices"][0]["finish_reason"] is None for body in streamed[:-2])
