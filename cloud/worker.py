@@ -283,9 +283,11 @@ class CloudWorker:
         try:
             async with deadline:
                 await self._handle(engine, request, responder)
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError):
+            # Past the deadline it timed out, even when another cancel came in the same
+            # tick (the service's own backstop at about the same time, say).
             if not deadline.expired():
-                raise  # the refusal before admission, or a timeout of its own
+                raise  # the refusal before admission, a timeout of its own, a cancel
             raise Timeout(
                 f"request {request.request_id} exceeded its timeout of {request.timeout_ms} ms"
             ) from None

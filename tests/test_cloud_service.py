@@ -104,6 +104,8 @@ async def test_completions_and_chat_stream_and_not(
     done = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
     assert done.choices[0].finish_reason == "length"  # greedy from "Hello": no end token
     assert done.usage is not None and done.usage.completion_tokens == 8
+    unset = await client.completions.create(model=MODEL, prompt="Hello", temperature=0)
+    assert unset.usage is not None and unset.usage.completion_tokens == 16  # OpenAI's default
     assert done.model_extra is not None and done.model_extra["served_by"] == "cloud"
     assert done.id == f"cmpl-{done.model_extra['request_id']}"
 
