@@ -82,8 +82,15 @@ async def test_max_completion_tokens_wins_and_echo_starts_with_the_prompt(
 
 async def test_top_k_one_and_a_tiny_top_p_decode_greedily(target: Target) -> None:  # noqa: F811
     """Sampling at temperature 1 from the one most likely token (`top_k: 1`, or a `top_p`
-    that keeps only it) writes the greedy answer, whatever the seed."""
-    greedy = text_of(await target.complete(**GREEDY))
+    that keeps only it) writes the greedy answer, whatever the seed. Its log-probabilities
+    are the model's own, taken before temperature and top-k (docs/api.md): at temperature 2
+    under `top_k: 1` they are the greedy answer's."""
+    greedy_answer = await target.complete(logprobs=0, **GREEDY)
+    greedy = text_of(greedy_answer)
+    hot = await target.complete(
+        temperature=2.0, max_tokens=8, seed=1, logprobs=0, extra_body={"top_k": 1}
+    )
+    assert (text_of(hot), scores_of(hot)) == (greedy, scores_of(greedy_answer))
     sampled = {"temperature": 1.0, "max_tokens": 8}
     for seed in (1, 2):
         one = await target.complete(seed=seed, extra_body={"top_k": 1}, **sampled)

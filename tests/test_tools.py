@@ -10,6 +10,7 @@ the decoder was constrained (the argument schemas are bounded so a call always e
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jsonschema
@@ -83,7 +84,7 @@ def assert_calls(
     assert 1 <= len(calls) <= most
     assert choice.message.content is None
     for call in calls:
-        assert call.type == "function" and call.id.startswith("call_")
+        assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id), call.id
         assert call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
     assert len({call.id for call in calls}) == len(calls)
