@@ -4,23 +4,33 @@ worker with the session's tiny cloud model."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from nats.aio.client import Client
 
+from broker import subjects, wire
+from broker.bus import GenerationService, Responder, connect
 from edge.app import create_app
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from tests.live import serve_app
+from tests.waits import BOUND_S
 
 #: The admin user key (`KEY@*`) the `start_edge` edges accept: tests acting for users send it.
 ADMIN_KEY = "test-admin-key"
@@ -107,3 +117,73 @@ def start_worker(
     return functools.partial(
         start_cloud_worker, tiny_models.cloud_dir, cache_tokens=2048, max_batch_tokens=256
     )
+
+
+# ------------------------------------------------------------- streams, stand-ins, processes
+
+
+async def sse_lines(
+    http: httpx.AsyncClient, payload: dict[str, Any], path: str = "/v1/completions", **kwargs: Any
+) -> list[str]:
+    """POST a streamed request and return its `data:` lines (the connection must end them)."""
+    async with http.stream("POST", path, json=payload, **kwargs) as response:
+        assert response.status_code == 200, await response.aread()
+        return [line async for line in response.aiter_lines() if line.startswith("data: ")]
+
+
+def sse_json(line: str) -> dict[str, Any]:
+    """The JSON of one `data: {...}` line."""
+    data: dict[str, Any] = json.loads(line[len("data: ") :])
+    return data
+
+
+def ends_well(events: list[str]) -> dict[str, Any]:
+    """The stream ended with `[DONE]`; returns the last JSON event before it."""
+    assert events and events[-1] == "data: [DONE]", events[-3:]
+    return sse_json(events[-2])
+
+
+@contextlib.asynccontextmanager
+async def stand_in(
+    nats_url: str, handler: Callable[[wire.GenerateRequest, Responder], Any]
+) -> AsyncIterator[None]:
+    """A responder on `hg.gen.hg-cloud` run by the real `GenerationService`, for the replies
+    no real worker can be made to send on demand (its users say which)."""
+    worker_nc = await connect(nats_url, name="stand-in-worker")
+    try:
+        async with GenerationService(
+            worker_nc, model="hg-cloud", handler=handler, node_id="stand-in"
+        ):
+            yield
+    finally:
+        await worker_nc.close()
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    nc: Client, nats_url: str, model_dir: Path, node_id: str
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A real cloud worker in its own process (`python -m cloud worker`), ready (its first
+    `ready` heartbeat seen) when this enters; killed at the end if still running."""
+    ready = asyncio.Event()
+
+    async def on_beat(msg: Any) -> None:
+        beat = wire.decode(msg.data, wire.Heartbeat)
+        if beat.node_id == node_id and beat.status == "ready":
+            ready.set()
+
+    sub = await nc.subscribe(subjects.telemetry_of_role("cloud"), cb=on_beat)
+    env = {**os.environ, "HG_CLOUD_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(  # noqa: ASYNC220 (a worker process to kill)
+        [sys.executable, "-m", "cloud", "worker", "--model-dir", str(model_dir),
+         "--nats", nats_url, "--node-id", node_id, "--model", "hg-cloud"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        await sub.unsubscribe()
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await asyncio.to_thread(process.wait, BOUND_S)
