@@ -5,6 +5,7 @@ A test renamed or dropped fails here until the map says so too."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -12,15 +13,16 @@ REPO = Path(__file__).resolve().parent.parent
 MAP = (REPO / "docs" / "testing.md").read_text(encoding="utf-8")
 
 
-def defined_tests(path: Path) -> set[str]:
+@functools.cache
+def defined_tests(path: Path) -> frozenset[str]:
     """The test functions defined at the top level of a test module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {
+    return frozenset(
         node.name
         for node in tree.body
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         and node.name.startswith("test_")
-    }
+    )
 
 
 def test_every_test_the_map_names_exists() -> None:
