@@ -231,6 +231,7 @@ ROWS: list[Row] = [
     Row("max_tokens_zero", COMPLETIONS, {"max_tokens": 0}, "max_tokens"),
     Row("max_tokens_negative", CHAT, {"max_tokens": -1}, "max_tokens"),
     Row("temperature_string", COMPLETIONS, {"temperature": "hot"}, "temperature"),
+    Row("temperature_above_2", CHAT, {"temperature": 2.5}, "temperature"),
     Row("seed_beyond_32_bits", COMPLETIONS, {"seed": 2**80}, "seed"),
     Row("prompt_number", COMPLETIONS, {"prompt": 5}, "prompt"),
     Row("prompt_two_strings", COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
@@ -363,9 +364,9 @@ EDGE_OVERFLOW = "word " * 50
 async def test_a_prompt_beyond_the_edge_window_goes_to_the_cloud(apis: dict[str, Api]) -> None:
     """With a worker, a prompt the edge cannot hold is answered by the cloud
     (`context_overflow`, docs/edge.md "Routing")."""
-    linked = apis["edge-cloud-model"]
+    linked = apis["edge-to-cloud"]
     async with httpx.AsyncClient(base_url=linked.url, timeout=60) as http:
-        body = {**completion(linked, prompt=EDGE_OVERFLOW), "model": "hg-edge"}
+        body = {**completion(linked, prompt=EDGE_OVERFLOW), "route": "auto"}
         response = await post(http, COMPLETIONS, body)
         assert response.status_code == 200, response.text
         answer = response.json()
