@@ -18,6 +18,7 @@ import httpx
 import pytest
 from nats.aio.client import Client
 
+from broker import subjects, wire
 from edge.adapt import NgramCache
 from edge.personalize import (
     SAMPLES_HEADING,
@@ -31,6 +32,7 @@ from edge.users import ProfileUpdate, UserStore
 from models.registry import ModelSet
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge, serve_edge
 from tests.fixtures_models import HAVE_SMOLLM2
+from tests.waits import eventually
 
 PERSONA = "Speaks like a cheerful lighthouse keeper named Orvald"
 SAMPLE = "the purple walrus sings quietly beneath seven frozen lanterns"
@@ -99,6 +101,29 @@ class Spy:
     def carries(self, text: str) -> bool:
         needle = text.encode()
         return any(needle in data for _, data in self.seen)
+
+    def generate_ids(self) -> list[str]:
+        """The request ids of the generation requests seen (`hg.gen.*`), in order."""
+        return [
+            wire.decode(data, wire.GenerateRequest).request_id
+            for subject, data in self.seen
+            if subject.startswith("hg.gen.")
+        ]
+
+    async def saw_request_event(self, edge: LiveEdge, request_id: str) -> None:
+        """Wait for the edge's `request` event of `request_id`: the last thing the edge
+        publishes for a request, so everything published before it has been seen too."""
+        events = subjects.events("edge", edge.node_id)
+
+        def seen() -> bool:
+            return any(
+                subject == events
+                and (event := wire.decode(data, wire.Event)).kind == "request"
+                and event.request_id == request_id
+                for subject, data in self.seen
+            )
+
+        await eventually(seen, f"the request event of {request_id}")
 
 
 # ------------------------------------------------------------------------ the pieces
@@ -236,14 +261,13 @@ async def test_allow_cloud_false_keeps_every_request_local(
     assert extra(cloud_model)["route_reason"] == "local_only"
     text = await complete(edge, "a note", user="ann", route="cloud")
     assert extra(text)["route_reason"] == "local_only"
-    await nc.flush()
-    await asyncio.sleep(0.2)
-    assert not [s for s in spy.subjects() if s.startswith("hg.gen.")]
-    # The same request of a user who allows the cloud goes there (the spy sees it).
+    # The same request of a user who allows the cloud goes there: the spy sees it, and
+    # only it (ann's, had they gone out, would have been published before).
     await put_user(edge, "bob")
     body = await chat(edge, "a note", user="bob", route="cloud")
     assert extra(body)["served_by"] == "cloud"
-    assert [s for s in spy.subjects() if s.startswith("hg.gen.")]
+    await eventually(spy.generate_ids, "bob's request on the bus")
+    assert spy.generate_ids() == [extra(body)["request_id"]]
 
 
 async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
@@ -263,9 +287,8 @@ async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
     assert extra(body)["served_by"] == "cloud"
     text = await complete(edge, QUESTION, user="cid", route="cloud")
     assert extra(text)["served_by"] == "cloud"
-    await nc.flush()
-    await asyncio.sleep(0.2)
-    assert [s for s in spy.subjects() if s.startswith("hg.gen.")]
+    await spy.saw_request_event(edge, extra(text)["request_id"])  # all before it is seen
+    assert spy.generate_ids() == [extra(body)["request_id"], extra(text)["request_id"]]
     assert spy.carries(QUESTION)  # the request itself goes (the spy can see text)
     for private in (PERSONA, SAMPLE, REJECTED, SAMPLES_HEADING):
         assert not spy.carries(private), private
@@ -274,32 +297,50 @@ async def test_the_bus_sees_the_persona_only_when_shared_and_never_the_samples(
     spy.seen.clear()
     body = await chat(edge, QUESTION, user="cid", route="cloud")
     assert extra(body)["served_by"] == "cloud"
-    await complete(edge, QUESTION, user="cid", route="cloud")
-    await nc.flush()
-    await asyncio.sleep(0.2)
+    text = await complete(edge, QUESTION, user="cid", route="cloud")
+    assert extra(text)["served_by"] == "cloud"
+    await spy.saw_request_event(edge, extra(text)["request_id"])
     assert spy.carries(PERSONA)
     for private in (SAMPLE, REJECTED, SAMPLES_HEADING):
         assert not spy.carries(private), private
 
 
-async def test_samples_that_do_not_fit_leave_the_request_without_them(
-    start_edge: Callable[..., Any], tmp_path: Path
-) -> None:
-    edge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3")
-    runtime = edge.app.state.service.node.runtime
+async def gated_edge(start_edge: Callable[..., Any], tmp_path: Path, min_gain: float) -> LiveEdge:
+    """A local edge whose samples gate needs `min_gain` nats, with user gus, who has given
+    the same short sample twice (one distinct sample to offer)."""
+    edge = await start_edge(
+        no_cloud=True, users_db=tmp_path / "users.sqlite3", personalize_sample_gain=min_gain
+    )
+    runtime = edge.node.runtime
     await put_user(edge, "gus")
     short = "purple walrus"  # within the samples' budget of a quarter of the tiny context
     assert len(runtime.encode(short)) <= runtime.context_length // 4
     await feedback(edge, "gus", short, times=2)
-    prompt_tokens = len(runtime.encode(QUESTION))
+    return edge
+
+
+async def test_samples_that_do_not_fit_leave_the_request_without_them(
+    start_edge: Callable[..., Any], tmp_path: Path
+) -> None:
+    edge = await gated_edge(start_edge, tmp_path, -1e9)  # a gate that keeps whatever fits
+    runtime = edge.node.runtime
     # Room for the request alone, not for the request behind the samples.
-    room = runtime.context_length - prompt_tokens - 1
+    room = runtime.context_length - len(runtime.encode(QUESTION)) - 1
     answer = await complete(edge, QUESTION, max_tokens=room, user="gus", route="edge")
     assert extra(answer)["served_by"] == "edge"
     assert extra(answer)["samples_in_context"] == 0
-    # With room for both, the gate measured them (kept or not: the tiny model decides).
+    # With room for both, the same gate keeps the one sample.
     answer = await complete(edge, QUESTION, user="gus", route="edge")
-    assert extra(answer)["samples_in_context"] in (0, 1)
+    assert (extra(answer)["served_by"], extra(answer)["samples_in_context"]) == ("edge", 1)
+
+
+async def test_samples_that_do_not_help_enough_are_left_out(
+    start_edge: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A gain no sample reaches: the sample fits but the gate leaves it out."""
+    edge = await gated_edge(start_edge, tmp_path, 1e9)
+    answer = await complete(edge, QUESTION, user="gus", route="edge")
+    assert (extra(answer)["served_by"], extra(answer)["samples_in_context"]) == ("edge", 0)
 
 
 async def test_learning_changes_answers_delete_forgets_and_info_logs_hold_no_user_text(
