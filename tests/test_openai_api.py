@@ -98,7 +98,8 @@ class Target:
     #: `system_fingerprint` of its answers: `fp_` and the version of the model that serves.
     fingerprint: str = ""
     bodies: list[tuple[str, int, bool, Any]] = field(default_factory=list)
-    #: Answers that did not say `served_by` as they should (checked after every call).
+    #: What was wrong with its answers: not served where asked, or a stream without its
+    #: closing `[DONE]` (checked after every call).
     misplaced: list[str] = field(default_factory=list)
 
     async def _record(self, response: Any) -> None:  # the openai client's httpx Response
@@ -112,6 +113,8 @@ class Target:
             ]
             self.bodies.extend((path, status, True, chunk) for chunk in chunks)
             self._check_served(response, chunks, stream=True)
+            if response.text.rstrip().splitlines()[-1:] != ["data: [DONE]"]:
+                self.misplaced.append(f"{path}: a stream that does not end with [DONE]")
         elif "json" in response.headers.get("content-type", ""):
             self.bodies.append((path, status, False, response.json()))
             self._check_served(response, [response.json()], stream=False)
@@ -141,8 +144,9 @@ class Target:
                 self.misplaced.append(f"{path}: route_reason {body.get('route_reason')!r}")
 
     def assert_served_where_asked(self) -> None:
-        """Every answer so far said it was served by `served_by`."""
-        assert not self.misplaced, f"{self.name} answers not served by {self.served_by}: " + (
+        """Every answer so far said it was served by `served_by`, every stream ended with
+        `[DONE]`."""
+        assert not self.misplaced, f"{self.name} answers (to serve: {self.served_by}): " + (
             "; ".join(self.misplaced[:3])
         )
 
