@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from broker.bus import Responder, connect_settings
 from broker.config import ServerConfig, User, ensure_password, render
 from broker.server import NatsServer
 from broker.settings import BusSettings
+from tests.waits import eventually
 
 MODEL = "hg-cloud"
 USERS = {
@@ -60,7 +60,8 @@ class Bus:
 
     async def violation(self, user: str, subject: str) -> str:
         """The permissions violation of `user` on `subject` (waits for it, bounded)."""
-        for _ in range(150):
+
+        def found() -> str | None:
             for line in self.violations:
                 lower = line.lower()
                 if (
@@ -69,8 +70,10 @@ class Bus:
                     and subject.lower() in lower
                 ):
                     return line
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no violation of {user} on {subject!r}: {self.violations}")
+            return None
+
+        line: str = await eventually(found, f"a violation of {user} on {subject!r}")
+        return line
 
     def no_violation(self, user: str) -> None:
         mine = [v for v in self.violations if v.startswith(f"{user}: ")]

@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from tests.waits import eventually
+
 
 @asynccontextmanager
 async def serve_app(app: Any, **config: Any) -> AsyncIterator[tuple[uvicorn.Server, str]]:
@@ -22,10 +24,7 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[tuple[uvicorn.Serv
     server = uvicorn.Server(uvicorn.Config(app, **{**options, **config}))
     task = asyncio.create_task(server.serve())
     try:
-        for _ in range(1000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or task.done(), "uvicorn started")
         if task.done():
             task.result()
         assert server.started, "uvicorn did not start"

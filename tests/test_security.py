@@ -32,6 +32,7 @@ from edge.cli import build_app as build_edge_app
 from edge.settings import EdgeSettings
 from hybridgen.launcher import Launcher
 from tests.fixtures_secure_bus import MODEL, Bus, drain, echo, generate, kv_put_fails
+from tests.waits import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,10 +153,7 @@ async def test_cloud_serves_its_queue_group_and_publishes_its_telemetry(bus: Bus
         request_stream(edge1, generate("a b")) as stream,
     ):
         assert (await stream.collect())[0] == "ab"
-    for _ in range(100):
-        if beats:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: beats, "the worker's heartbeat")
     assert beats == [subjects.telemetry("cloud", "cloud-a")]
     bus.no_violation("cloud1")
     # Not another node's telemetry, not a request of its own, not the config.

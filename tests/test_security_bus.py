@@ -18,9 +18,7 @@ one message to the same stream, which must get the next sequence number.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,7 +27,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from textual.pilot import Pilot
 from textual.widgets import DataTable
 
 from broker import subjects, wire
@@ -41,7 +38,9 @@ from cloud.api import create_app as create_cloud_api
 from cloud.settings import ApiSettings
 from hybridgen.launcher import Launcher, default_children
 from tests.fixtures_secure_bus import MODEL, Bus, echo, generate
+from tests.fixtures_tui import until
 from tests.live import serve_app
+from tests.waits import eventually
 from tui.app import HybridgenConsole
 from tui.prompt import PromptScreen
 from tui.state import EventLog, FleetState
@@ -210,24 +209,7 @@ async def test_every_child_of_up_publishes_only_as_its_own_node(tmp_path: Path) 
         await launcher.stop()
 
 
-async def eventually(check: Callable[[], bool]) -> None:
-    """Wait for `check()` (an asynchronous error callback), bounded at 5 s."""
-    for _ in range(250):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("never happened")
-
-
 # ------------------------------------------------------------------------- the console
-
-
-async def until(pilot: Pilot[None], check: Callable[[], bool], what: str) -> None:
-    for _ in range(1500):
-        if check():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError(f"never happened: {what}")
 
 
 def console(bus: Bus, *, edge_api_key: str | None = None) -> HybridgenConsole:
@@ -328,11 +310,12 @@ async def test_an_edge_cannot_answer_discovery_as_a_worker(bus: Bus) -> None:
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["message"] == f"no worker serves {subjects.gen(MODEL)}"
         async with GenerationService(cloud, model=MODEL, handler=echo, node_id="cloud-a"):
-            for _ in range(200):  # the probe's answer is cached for 1 s: bounded at 10 s
-                ready = await http.get("/readyz")
-                if ready.status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
+
+            async def ready_now() -> httpx.Response | None:
+                answer = await http.get("/readyz")  # cached for 1 s: polled until it changes
+                return answer if answer.status_code == 200 else None
+
+            ready = await eventually(ready_now, "the API ready once a worker serves")
             assert ready.json() == {"status": "ready", "worker": "cloud-a"}
 
 

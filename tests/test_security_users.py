@@ -15,7 +15,6 @@ import sqlite3
 import stat
 import sys
 import threading
-import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from edge.users import ProfileUpdate, UserLimits, UserStore
 from hybridgen import launcher
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge
 from tests.test_edge_prefix import chat as prefix_chat
+from tests.waits import wait_until
 
 PERSONA = "Answers as Captain Quillon of the airship Meridian, always in rhyme"
 SECRET = "my bank pin is 4471 and my sister is called Odalys Vantrees"
@@ -43,16 +43,6 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0)
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll `condition` until it holds or `timeout` passes (a condition, never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def byte_encode(text: str) -> list[int]:
@@ -210,7 +200,7 @@ def test_deleted_text_leaves_the_wal_once_a_blocking_reader_ends(
     finally:
         reader.close()
     try:
-        assert wait_for(lambda: not store.stats()["scrub_pending"])
+        wait_until(lambda: not store.stats()["scrub_pending"], "the scrub done")
         assert store.stats()["checkpoint_retries"] >= 1
         assert not holds_secret()
         assert db.with_name(db.name + "-wal").stat().st_size == 0
