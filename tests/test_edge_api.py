@@ -32,7 +32,7 @@ from models.registry import ModelSet
 from models.scoring import encode_with_span
 from tests.fixtures_edge import LiveEdge
 from tests.fixtures_models import copy_model_set
-from tests.waits import eventually
+from tests.waits import BOUND_S, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -441,7 +441,7 @@ async def test_hot_swap_under_load_loses_no_request(
 
 async def test_drain_and_resume(start_edge: Callable[..., Any], nc: Client) -> None:
     edge = await start_edge()
-    info = json.loads((await nc.request("$SRV.INFO.hybridgen-edge", b"", timeout=2)).data)
+    info = json.loads((await nc.request("$SRV.INFO.hybridgen-edge", b"", timeout=BOUND_S)).data)
     assert info["metadata"]["node_id"] == edge.node_id  # discoverable as a nats.micro service
     assert (await send_control(nc, edge.node_id, "drain")).ok
     async with httpx.AsyncClient(base_url=edge.url) as http:

@@ -96,6 +96,8 @@ def assert_finished_locally(events: list[str], streamed: str = "") -> None:
     last = ends_well(events)
     assert sse_json(events[0])["served_by"] == "cloud"
     assert (last["served_by"], last["completed_by"]) == ("cloud", "edge")
+    # Finished: the edge's own continuation ends at its end token or its budget (which of
+    # the two depends on how much the cloud had written: not what is tested here).
     assert last["choices"][0]["finish_reason"] in ("stop", "length")
     assert "error" not in last
     assert text_of(events).startswith(streamed)
