@@ -210,12 +210,15 @@ class Router:
         # Judged once, on arrival: after the prefill the request's own job would count.
         wait_s = runtime.estimate_wait_s()
 
-        def route(perplexity: float | None = None, *, cloud: bool | None = None) -> Decision:
+        def route(
+            perplexity: float | None = None, *, cloud: bool | None = None, prefilled: bool = False
+        ) -> Decision:
             available = (not request.local_only) and (
                 node.cloud_available() if cloud is None else cloud
             )
             state = EdgeState(runtime.context_length, wait_s)
-            return decide(facts, state, policy, cloud_available=available, perplexity=perplexity)
+            return decide(facts, state, policy, cloud_available=available,
+                          perplexity=perplexity, prefilled=prefilled)  # fmt: skip
 
         decision = route()
         perplexity: float | None = None
@@ -240,7 +243,7 @@ class Router:
                 prefill = await generation.next_event()
                 assert isinstance(prefill, Prefill)
                 perplexity = plain_perplexity or prefill.perplexity
-                decision = route(perplexity)
+                decision = route(perplexity, prefilled=True)
                 if decision.target is Target.EDGE and policy.second_stage_k > 0:
                     generation.resume()
                     drafted, finished, decision = await self._draft(generation, policy)

@@ -15,7 +15,8 @@ local_only             edge      the request must never leave the node
 requested_edge         edge      `route: edge`
 in_domain              edge      prompt perplexity at or below the threshold
 edge_default           edge      no confidence rule in force (no threshold: e.g. both ends run
-                                 the same weights), and nothing sent it to the cloud
+                                 the same weights), or nothing the perplexity can score (a
+                                 one-token prompt), and nothing sent it to the cloud
 confident_draft        edge      second stage: the first k drafted tokens were confident
 cloud_unavailable      edge      the cloud was wanted but the breaker is open / no bus / failed
 requested_cloud        cloud     `route: cloud`
@@ -198,6 +199,7 @@ def decide(
     *,
     cloud_available: bool,
     perplexity: float | None = None,
+    prefilled: bool = False,
 ) -> Decision:
     """Decide where one request is served. Pure: no I/O, no clock.
 
@@ -209,6 +211,8 @@ def decide(
         cloud_available: the breaker allows a cloud request and the bus is connected
             (always pass False for a `local_only` request: it never leaves the node).
         perplexity: the edge model's prompt perplexity, once prefilled.
+        prefilled: the prompt was prefilled: a None `perplexity` then means nothing could be
+            scored (a one-token prompt), so no confidence can be judged (`edge_default`).
 
     Returns:
         The decision; `Target.PREFILL` asks the caller to prefill on the edge and call
@@ -266,6 +270,8 @@ def decide(
     if math.isinf(threshold) and policy.second_stage_k == 0:
         return Decision(Target.EDGE, Reason.EDGE_DEFAULT, facts.max_tokens)
     if perplexity is None:
+        if prefilled:  # nothing to score: served as with no rule (a second stage still runs)
+            return Decision(Target.EDGE, Reason.EDGE_DEFAULT, facts.max_tokens)
         return Decision(Target.PREFILL, Reason.PENDING, facts.max_tokens)
     if perplexity > threshold:
         return to_cloud(Reason.LOW_CONFIDENCE)
