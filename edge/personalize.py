@@ -34,11 +34,14 @@ A store that cannot be read (corrupt, locked) logs a warning and the request run
 estimate, `UserState.size`: `edge.adapt.BYTES_PER_CONTEXT` a context of the cache and of its
 snapshot, plus the kept samples' text and grams), loaded on first use from the store's learned
 blob, or rebuilt from the stored feedback (`NgramCache.from_samples`) when there is none or it
-cannot be read. Each cache holds at most `max_contexts` contexts and each user at most the
-store's `max_user_bytes` of text, so the largest user allowed is bounded
-(`largest_user_bytes`); the constructor refuses caps whose largest user would not fit the
-budget. The personalizer is a `UserListener`: a feedback sample of a resident user is queued
-under the store's lock (O(1)) and learned, tokenized with the edge model's tokenizer, by the
+cannot be read. The blob is stored with the id of the newest feedback sample it holds, and a
+load learns the newer ones: those given while the user was not in memory (it had left the LRU,
+or the edge had restarted) or not yet written back when the edge stopped. Each cache holds at
+most `max_contexts` contexts and each user at most the store's `max_user_bytes` of text, so the
+largest user allowed is bounded (`largest_user_bytes`); the constructor refuses caps whose
+largest user would not fit the budget. The personalizer is a `UserListener`: a feedback sample
+of a resident user is queued with its id (one indexed read) under the store's lock, and
+learned, tokenized with the edge model's tokenizer, by the
 user's next request or the write-back, outside the store's lock (`_learn`). For README
 paragraphs of 161 SmolLM2 tokens on average, on the 2-core dev machine at load 4-5, tokenizing
 took 0.38 ms and `NgramCache.update` 0.71 ms (p50), about 0.8 ms per 100 tokens. `stats()`
@@ -175,16 +178,29 @@ class Personalizer:
     # ------------------------------------------------------------------ the store's events
 
     def on_feedback(self, user_id: str, accepted: str, rejected: str | None) -> None:
-        """Queue a new sample of a resident user (else it loads with it); it is learned by
-        the user's next request or the write-back (`_learn`), outside the store's lock."""
+        """Queue a new sample of a resident user, with its store id; it is learned by the
+        user's next request or the write-back (`_learn`), outside the store's lock. A user
+        not in memory learns it when loaded: it is newer than the stored state (`_load`)."""
         with self._lock:
             if user_id in self._loading:
                 self._loading[user_id] += 1
+            if user_id not in self._users:
+                return
+        try:  # listeners run under the store's lock: the user's newest sample is this one
+            feedback_id = self.store.list_feedback(user_id, 1)[-1].id
+        except (HybridgenError, IndexError):
+            feedback_id = None
+        with self._lock:
             state = self._users.get(user_id)
             if state is None:
-                return  # loaded from the store (which has the sample now) on first use
+                return
+            if feedback_id is None:  # unknown id: reload from the store, which has it
+                self._users.pop(user_id)
+                self._dirty.discard(user_id)
+                return
             state.pending.append(accepted)
             state.pending_bytes += len(accepted.encode())
+            state.pending_id = feedback_id
             self._dirty.add(user_id)
             self._schedule()
 
@@ -208,12 +224,10 @@ class Personalizer:
                 return
             started = time.perf_counter()
             for text in state.pending:
-                ids = self.encode(text)
-                state.cache.update(ids)
-                self._keep_sample(state, text, ids)
-                state.version += 1
+                self._learn_sample(state, text, self.encode(text))
                 self.updates += 1
             state.pending, state.pending_bytes = [], 0
+            state.feedback_id = state.pending_id
             self.update_s += time.perf_counter() - started
             evicted = self._evict()
         self._write_evicted(evicted)
@@ -309,28 +323,47 @@ class Personalizer:
         return state
 
     def _load(self, user_id: str) -> UserState:
-        """The user's state from the store: the learned blob, else rebuilt from feedback."""
+        """The user's state from the store: the learned blob, which learns the samples newer
+        than it (given while the user was not in memory, or not written before a stop), else
+        rebuilt from feedback."""
+        learned = self.store.get_learned_state(user_id)
         feedback = self.store.list_feedback(user_id, KEPT_SAMPLES)
-        blob = self.store.get_learned(user_id)
+        blob, held_id = learned if learned is not None else (None, None)
         cache = None
         if blob is not None:
             try:
                 cache = NgramCache.from_bytes(blob)
             except ValueError:
                 logger.warning("a learned state could not be read; rebuilding it from feedback")
+        held = 0  # the id of the newest sample the blob holds
         if cache is not None:
             cache.set_max_contexts(self.max_contexts)
+            # A blob written before the ids were kept holds what was stored then.
+            held = max((s.id for s in feedback), default=0) if held_id is None else held_id
+            if len(feedback) == KEPT_SAMPLES and feedback[0].id > held:
+                feedback = self.store.list_feedback(user_id)  # more new ones than are kept
         state = UserState(cache or NgramCache(self.order, max_contexts=self.max_contexts))
+        learning = 0
         for sample in feedback:
             ids = self.encode(sample.accepted)
-            self._keep_sample(state, sample.accepted, ids)
-            if cache is None:
-                state.cache.update(ids)
-        if cache is None and feedback:
+            if cache is None or sample.id > held:
+                self._learn_sample(state, sample.accepted, ids)
+                learning += 1
+            else:
+                self._keep_sample(state, sample.accepted, ids)
+        state.feedback_id = state.pending_id = max(held, feedback[-1].id if feedback else 0)
+        if learning:
             with self._lock:
                 self._dirty.add(user_id)
                 self._schedule()
         return state
+
+    def _learn_sample(self, state: UserState, text: str, ids: list[int]) -> None:
+        """Learn one feedback sample: the cache and the kept samples (the one rule of both
+        `_learn` and `_load`)."""
+        state.cache.update(ids)
+        self._keep_sample(state, text, ids)
+        state.version += 1
 
     def _keep_sample(self, state: UserState, text: str, ids: list[int]) -> None:
         sample = Sample(state.next_order, text, sample_grams(ids), len(ids))
@@ -358,11 +391,10 @@ class Personalizer:
         return jobs
 
     def _write_evicted(self, jobs: list[tuple[str, UserState, int]]) -> None:
-        """Learn what a dropped user still had queued, and write it back."""
+        """Write a dropped user back (what it still had queued is newer than the state
+        written: its next load learns it)."""
         for user_id, state, epoch in jobs:
-            for text in state.pending:
-                state.cache.update(self.encode(text))
-            self._write(user_id, state.cache.to_bytes(), epoch)
+            self._write(user_id, state.cache.to_bytes(), epoch, state.feedback_id)
 
     # ------------------------------------------------------------------ persistence
 
@@ -385,17 +417,18 @@ class Personalizer:
         for user_id in dirty:
             self._learn(user_id)
         with self._lock:
-            jobs: list[tuple[str, bytes, int, UserState, int]] = []
+            jobs: list[tuple[str, bytes, int, int, UserState, int]] = []
             for user_id in sorted(self._dirty):
                 state = self._users.get(user_id)
                 if state is not None:
                     self._writing += 1
+                    blob = state.cache.to_bytes()
                     jobs.append(
-                        (user_id, state.cache.to_bytes(), self._epoch, state, state.version)
+                        (user_id, blob, state.feedback_id, self._epoch, state, state.version)
                     )
             self._dirty.clear()
-        for user_id, blob, epoch, state, version in jobs:
-            self._write(user_id, blob, epoch)
+        for user_id, blob, feedback_id, epoch, state, version in jobs:
+            self._write(user_id, blob, epoch, feedback_id)
             if self._closed:
                 continue
             snapshot = NgramCache.from_bytes(blob)
@@ -406,11 +439,12 @@ class Personalizer:
             logger.debug("personalization: %d learned states written back", len(jobs))
         return len(jobs)
 
-    def _write(self, user_id: str, state: bytes, epoch: int) -> None:
-        """Store one user's blob taken at `epoch` (called without the lock: the store calls
-        listeners under its own lock), and repair it if a reset raced it."""
+    def _write(self, user_id: str, state: bytes, epoch: int, feedback_id: int) -> None:
+        """Store one user's blob taken at `epoch`, which holds the samples up to
+        `feedback_id` (called without the lock: the store calls listeners under its own
+        lock), and repair it if a reset raced it."""
         try:
-            self._put(user_id, state)
+            self._put(user_id, state, feedback_id)
         finally:
             with self._lock:
                 raced = self._forgotten.get(user_id, 0) > epoch
@@ -427,13 +461,14 @@ class Personalizer:
                     self.order,
                     max_contexts=self.max_contexts,
                 )
-                self.store.put_learned(user_id, cache.to_bytes())
+                held = feedback[-1].id if feedback else None
+                self.store.put_learned(user_id, cache.to_bytes(), held)
             except HybridgenError:
                 pass
 
-    def _put(self, user_id: str, state: bytes) -> None:
+    def _put(self, user_id: str, state: bytes, feedback_id: int) -> None:
         try:
-            self.store.put_learned(user_id, state)
+            self.store.put_learned(user_id, state, feedback_id)
         except NotFound:
             return  # deleted meanwhile: nothing to keep
         except HybridgenError as exc:

@@ -62,6 +62,9 @@ class UserState:
     #: Feedback texts stored but not learned yet (`Personalizer._learn`), and their bytes.
     pending: list[str] = field(default_factory=list)
     pending_bytes: int = 0
+    #: Store ids of the newest feedback sample `cache` holds and of the newest queued one.
+    feedback_id: int = 0
+    pending_id: int = 0
 
     def sample_frequencies(self) -> Counter[tuple[int, ...]]:
         """`frequencies`, recounted when the samples changed since (under the lock)."""

@@ -59,6 +59,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated REAL NOT NULL
         )""",
     ),
+    # 3: the id of the newest feedback sample a learned state holds (the newer ones are
+    # learned again when it is loaded); NULL for a state written before it was kept.
+    ("ALTER TABLE learned ADD COLUMN feedback_id INTEGER",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -154,6 +157,27 @@ def read_feedback(db: sqlite3.Connection, user_id: str, limit: int | None) -> li
         Feedback(id=row[0], accepted=row[1], rejected=row[2], created=row[3])
         for row in reversed(rows)
     ]
+
+
+def read_learned(db: sqlite3.Connection, user_id: str) -> tuple[bytes, int | None] | None:
+    """The user's learned state and the id of the newest feedback sample it holds (None: not
+    recorded), read together; None when there is no state."""
+    row = db.execute(
+        "SELECT state, feedback_id FROM learned WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return None if row is None else (bytes(row[0]), row[1])
+
+
+def write_learned(
+    db: sqlite3.Connection, user_id: str, state: bytes, feedback_id: int | None
+) -> None:
+    """Store (or replace) the user's learned state and the newest feedback id it holds."""
+    db.execute(
+        "INSERT INTO learned (user_id, state, updated, feedback_id) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(user_id) DO UPDATE SET state = excluded.state, "
+        "updated = excluded.updated, feedback_id = excluded.feedback_id",
+        (user_id, sqlite3.Binary(bytes(state)), time.time(), feedback_id),
+    )
 
 
 def export_rows(db: sqlite3.Connection, user_id: str) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ Everything about a user that personalization needs stays on the device, in
 - `feedback`: samples of text the user accepted (and optionally rejected), with their time;
   the newest `max_feedback` per user are kept;
 - `learned`: one opaque blob per user, the serialized state of the per-user adaptation model
-  (written by whoever owns that model through `put_learned`).
+  (written by whoever owns that model through `put_learned`), with the id of the newest
+  feedback sample it holds.
 
 `reset` forgets feedback and learned state and keeps the profile; `delete_profile` removes
 every row about the user (foreign keys cascade). Deleted content is overwritten
@@ -27,7 +28,8 @@ brings the store back without a restart. Schema changes are the numbered steps o
 
 Changes are announced to `UserListener`s (`add_listener`): `on_feedback` after a sample is
 stored, `on_forget` after `reset` or `delete_profile`. They run in the calling thread, after
-the commit, in the order of the changes; they must be quick and thread-safe, and an error in
+the commit, under the store's lock (a listener that reads the store sees that change and no
+later one), in the order of the changes; they must be quick and thread-safe, and an error in
 one is logged (never with the user's text) and does not undo the change.
 
 The store is thread-safe (one connection, one re-entrant lock); async callers run its
@@ -68,8 +70,10 @@ from edge.user_schema import (
     migrate,
     prepare,
     read_feedback,
+    read_learned,
     read_profile,
     transaction,
+    write_learned,
 )
 from serving.bodies import validate_body
 
@@ -292,16 +296,17 @@ class UserStore:
 
     def get_learned(self, user_id: str) -> bytes | None:
         """The user's serialized adaptation state (None when there is none)."""
+        found = self.get_learned_state(user_id)
+        return None if found is None else found[0]
+
+    def get_learned_state(self, user_id: str) -> tuple[bytes, int | None] | None:
+        """The user's state and the newest feedback id it holds (None: not recorded), or None."""
         check_user_id(user_id)
+        return self._run(lambda db: read_learned(db, user_id))
 
-        def read(db: sqlite3.Connection) -> bytes | None:
-            row = db.execute("SELECT state FROM learned WHERE user_id = ?", (user_id,)).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return self._run(read)
-
-    def put_learned(self, user_id: str, state: bytes) -> None:
-        """Store the user's serialized adaptation state (replacing the previous one).
+    def put_learned(self, user_id: str, state: bytes, feedback_id: int | None = None) -> None:
+        """Store the user's serialized adaptation state (replacing the previous one), and the
+        id of the newest feedback sample it holds.
 
         Raises:
             NotFound: no such user.
@@ -311,12 +316,7 @@ class UserStore:
         def put(db: sqlite3.Connection) -> None:
             with transaction(db):
                 self._require_user(db, user_id)
-                db.execute(
-                    "INSERT INTO learned (user_id, state, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT(user_id) DO UPDATE SET state = excluded.state, "
-                    "updated = excluded.updated",
-                    (user_id, sqlite3.Binary(bytes(state)), time.time()),
-                )
+                write_learned(db, user_id, state, feedback_id)
 
         self._run(put)
 

@@ -75,11 +75,11 @@ class ResetJustBeforeTheWrite(UserStore):
 
     racing: str | None = None
 
-    def put_learned(self, user_id: str, state: bytes) -> None:
+    def put_learned(self, user_id: str, state: bytes, feedback_id: int | None = None) -> None:
         if user_id == self.racing:
             self.racing = None
             self.reset(user_id)
-        super().put_learned(user_id, state)
+        super().put_learned(user_id, state, feedback_id)
 
 
 def test_a_write_back_that_lands_after_a_reset_is_replaced(tmp_path: Path) -> None:
