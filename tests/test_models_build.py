@@ -82,6 +82,7 @@ def _save_tiny_llama(tiny_models: ModelSet, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+@pytest.mark.slow
 def test_build_from_user_checkpoint(tiny_models: ModelSet, tmp_path: Path) -> None:
     checkpoint = tmp_path / "my-llama"
     _save_tiny_llama(tiny_models, checkpoint)

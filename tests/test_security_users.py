@@ -347,6 +347,7 @@ def test_pruning_keeps_suffixes_of_kept_contexts_and_survives_a_reload() -> None
     assert list(again.contexts()) == list(cache.contexts())  # the recency order too
 
 
+@pytest.mark.slow
 def test_the_largest_allowed_user_fits_the_memory_budget(tmp_path: Path) -> None:
     settings = EdgeSettings(users_db=tmp_path / "users.sqlite3")
     budget = int(settings.personalize_memory_mb * (1 << 20))
