@@ -4,6 +4,7 @@ test's own event loop."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,3 +34,17 @@ async def serve_app(app: Any, **config: Any) -> AsyncIterator[tuple[uvicorn.Serv
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+def small_buffers(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """`protocol` with small send buffers, so that a few dozen chunks fill them as a long
+    answer does on a real network. (Loopback's huge MSS grows the kernel's send buffer to
+    megabytes, and asyncio buffers 64 KiB before it pauses.)"""
+
+    class Small(protocol):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            transport.set_write_buffer_limits(high=4096)
+            super().connection_made(transport)
+
+    return Small

@@ -23,6 +23,7 @@ from broker import subjects, wire
 from cloud.cli import _parser
 from serving.slow_clients import deadline_protocol
 from tests.fixtures_cloud import LONG_CACHE_TOKENS, LONG_CONTEXT, cli_cloud_api, live_cloud_api
+from tests.live import small_buffers
 from tests.waits import BOUND_S, eventually
 
 pytestmark = pytest.mark.slow
@@ -78,19 +79,6 @@ async def test_a_slowloris_is_disconnected_while_others_are_served(
 @pytest.fixture
 async def worker(start_cloud_worker: Any, cloud_long_model: Path) -> Any:
     return await start_cloud_worker(cloud_long_model, cache_tokens=LONG_CACHE_TOKENS)
-
-
-def small_buffers(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-    """`protocol` with small send buffers, so that a few dozen chunks fill them as a long
-    answer does on a real network (loopback's kernel buffers grow to megabytes)."""
-
-    class Small(protocol):  # type: ignore[valid-type,misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            transport.set_write_buffer_limits(high=4096)
-            super().connection_made(transport)
-
-    return Small
 
 
 async def recorder(nc: Client, subject: str, decode: Any = None) -> list[Any]:

@@ -24,7 +24,7 @@ from edge.settings import EdgeSettings
 from models.registry import ModelSet
 from serving.slow_clients import deadline_protocol
 from tests.fixtures_models import HAVE_SMOLLM2
-from tests.live import serve_app
+from tests.live import serve_app, small_buffers
 from tests.waits import BOUND_S, eventually
 
 pytestmark = pytest.mark.slow
@@ -35,20 +35,6 @@ WRITE_TIMEOUT_S = 0.5
 #: The stalled client's answer: far more tokens than the real model writes before the
 #: write deadline (minutes of work), within its context window.
 STALLED_MAX_TOKENS = 2000
-
-
-def small_buffers(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-    """`protocol` with small send buffers: the tiny model's answers (a few dozen KB) then
-    fill them, as a long answer does on a real network. (Loopback's huge MSS grows the
-    kernel's send buffer to megabytes, and asyncio buffers 64 KiB before it pauses.)"""
-
-    class Small(protocol):  # type: ignore[valid-type,misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            transport.set_write_buffer_limits(high=4096)
-            super().connection_made(transport)
-
-    return Small
 
 
 @asynccontextmanager
