@@ -54,6 +54,13 @@ def extra(obj: Any) -> dict[str, Any]:
     return dict(obj.model_extra or {})
 
 
+def assert_finish(finish: str | None, tokens: int, max_tokens: int) -> None:
+    """`length` exactly when the answer used all its `max_tokens`, else `stop` (an end
+    token): the finish reason agrees with the tokens made."""
+    assert 1 <= tokens <= max_tokens, (tokens, max_tokens)
+    assert finish == ("length" if tokens == max_tokens else "stop"), (finish, tokens)
+
+
 async def chat(edge: LiveEdge, content: str, **kwargs: Any) -> Any:
     extra_body = {k: kwargs.pop(k) for k in ("route", "local_only") if k in kwargs}
     async with edge.client() as client:
@@ -84,17 +91,18 @@ async def test_local_answer_plain_and_streamed(start_edge: Callable[..., Any]) -
     assert extra(body)["served_by"] == "edge"
     assert extra(body)["route_reason"] == "in_domain"
     assert body.model == "hg-edge"
-    assert body.choices[0].finish_reason in ("stop", "length")
-    assert body.usage.completion_tokens >= 1
+    assert_finish(body.choices[0].finish_reason, body.usage.completion_tokens, 8)
 
     async with edge.client() as client:
         stream = await client.completions.create(
-            model="hg-edge", prompt="The program", max_tokens=6, stream=True, temperature=0
-        )
+            model="hg-edge", prompt="The program", max_tokens=6, stream=True, temperature=0,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
         chunks = [chunk async for chunk in stream]
     first = extra(chunks[0])
     assert first["served_by"] == "edge" and first["route_reason"] and first["request_id"]
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage is not None
+    assert_finish(chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens, 6)
     assert len({extra(c)["request_id"] for c in chunks}) == 1
 
     async with edge.client() as client:
@@ -116,7 +124,7 @@ async def test_forced_cloud_and_cloud_model(
     body = await chat(edge, "hello", route="cloud")
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "requested_cloud")
     assert body.model == "hg-cloud"
-    assert body.usage.completion_tokens >= 1
+    assert_finish(body.choices[0].finish_reason, body.usage.completion_tokens, 8)
 
     body = await chat(edge, "hello", model="hg-cloud")
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("cloud", "cloud_model")
@@ -127,11 +135,13 @@ async def test_forced_cloud_and_cloud_model(
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=5,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"route": "cloud"},
         )
         chunks = [chunk async for chunk in stream]
     assert extra(chunks[0])["served_by"] == "cloud"
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage is not None
+    assert_finish(chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens, 5)
     await eventually(lambda: any(e.request_id == extra(body)["request_id"] for e in events))
     # Each cloud-served request: a `fallback` event, then a `request` event when done.
     assert {e.kind for e in events} == {"fallback", "request"}
@@ -630,7 +640,7 @@ async def test_load_and_second_stage_send_to_cloud(
     edge.node.set_policy(edge.node.policy.model_copy(update={"draft_logprob_threshold": -1e9}))
     body = await chat(edge, "hello", max_tokens=6)
     assert (extra(body)["served_by"], extra(body)["route_reason"]) == ("edge", "confident_draft")
-    assert body.usage.completion_tokens >= 1
+    assert_finish(body.choices[0].finish_reason, body.usage.completion_tokens, 6)
 
 
 async def test_reload_model_pulls_a_version_from_the_object_store(
