@@ -472,12 +472,14 @@ class CloudWorker:
 async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT, then drain and exit (the CLI's entry).
 
-    After the signal it exits within `drain_timeout_s` + 5 s, broker or no broker.
+    After the signal it exits within `drain_timeout_s` + 5 s, broker or no broker (or is
+    ended by a watchdog with status 1, `serving.stopping`).
     """
     import signal
 
     from broker.bus import connect_settings
     from broker.settings import BusSettings
+    from serving.stopping import CLOSE_BOUND_S, start_exit_watchdog
 
     # `--nats URL` replaces only the URL: credentials and TLS still come from HG_NATS_*.
     bus = BusSettings(url=nats_url) if nats_url else BusSettings()
@@ -491,6 +493,7 @@ async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> i
         async with CloudWorker(nc, settings) as worker:
             await stop.wait()
             logger.info("signal received: draining (up to %gs)", settings.drain_timeout_s)
+            start_exit_watchdog("cloud worker", settings.drain_timeout_s + CLOSE_BOUND_S)
             await worker.drain()
     finally:
         await close_bounded(nc, 2 * BUS_STEP_S)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import threading
-from types import FrameType
 from typing import Any
 
 from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
 from serving.slow_clients import KEEP_ALIVE_S, add_slow_client_arguments, deadline_protocol
+from serving.stopping import CLOSE_BOUND_S, run_bounded
 
 #: EdgeSettings fields offered as options (help and defaults come from the fields).
 OPTIONS = (
@@ -128,7 +126,7 @@ def main(argv: list[str]) -> int:
         http=http,  # slow clients are cut off (serving/slow_clients.py)
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    started = run_bounded(config, exit_after_s=drain_s + CLOSE_BOUND_S)
+    started = run_bounded(config, name="edge", exit_after_s=drain_s + CLOSE_BOUND_S)
     return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it
 
 
@@ -138,42 +136,3 @@ def build_app(settings: EdgeSettings) -> Any:
     from edge.app import create_app
 
     return create_app(settings)
-
-
-#: Seconds the edge may take, after its drain, to close the bus link and the model.
-CLOSE_BOUND_S = 5.0
-
-
-def run_bounded(config: Any, *, exit_after_s: float) -> bool:
-    """Run uvicorn with `config`, exiting at the latest `exit_after_s` after a stop signal.
-
-    On SIGTERM/SIGINT open requests get the drain time (`timeout_graceful_shutdown`), are
-    then cancelled, and the app closes (bus link, model). Should any of that hang -- a cloud
-    request stuck on a bus that is gone -- a watchdog ends the process anyway (status 1).
-
-    Returns:
-        Whether the server started.
-    """
-    import uvicorn
-
-    def force_exit() -> None:
-        print(
-            f"hybridgen edge: not stopped {exit_after_s:g} s after the stop signal; exiting now",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
-
-    class BoundedServer(uvicorn.Server):
-        watchdog: threading.Timer | None = None
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            if self.watchdog is None:
-                self.watchdog = threading.Timer(exit_after_s, force_exit)
-                self.watchdog.daemon = True
-                self.watchdog.start()
-
-    server = BoundedServer(config)
-    server.run()
-    return bool(server.started)

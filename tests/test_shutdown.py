@@ -4,8 +4,9 @@ Each service runs as a real process (`python -m cloud worker`, `python -m cloud 
 `python -m edge`) against a real nats-server. Once it serves (its heartbeat on the bus, and
 for the edge its /readyz), the broker is left alive, killed outright (SIGKILL) or frozen
 (SIGSTOP: the socket stays open and nothing answers) and at once the service gets SIGTERM.
-It must exit cleanly by itself: not by the edge's watchdog (status 1 once its drain bound
-plus 5 s has passed, by the edge's own clock), never after minutes of reconnecting. The
+It must exit cleanly by itself: not by its watchdog (status 1 once its drain bound plus
+5 s has passed, by the service's own clock, `serving.stopping`), never after minutes of
+reconnecting. The
 test waits with the suite's one generous bound and asserts no duration: each service's
 bounded steps (`--drain-timeout-s`, `broker.bus.close_bounded`) are what keep the promise.
 """
@@ -153,7 +154,7 @@ async def test_sigterm_stops_the_service_within_its_drain_bound(
                 f"\n{service.output()}"
             ) from None
         # A clean exit: the worker returns 0; uvicorn re-raises the signal once it has shut
-        # down (an edge's watchdog would exit 1 instead).
+        # down (a service's watchdog would exit 1 instead).
         clean = 0 if kind == "cloud-worker" else -signal.SIGTERM
         assert status == clean, f"{kind} exited {status} (broker {broker})\n{service.output()}"
 
