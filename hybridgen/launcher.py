@@ -369,7 +369,10 @@ class Launcher:
         return self.config_file
 
     async def _connect(self, name: str) -> Client:
-        """The launcher's own bus connection (as the `launcher` user when secured)."""
+        """The launcher's own bus connection: as the `launcher` user when secured; on your
+        server (`nats_url`) with your `HG_NATS_*` credentials, as its services."""
+        if self.nats_url:
+            return await connect_settings(BusSettings(url=self.url), name=name)
         if not self.secure:
             return await connect(self.url, name=name)
         return await connect_settings(self.bus_settings(LAUNCHER_USER), name=name)
