@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import signal
 import socket
 import sys
@@ -105,6 +106,15 @@ async def test_up_falls_back_to_a_free_port_when_4222_is_taken(
             await process.wait()
 
 
+def only_these_bus_settings(monkeypatch: pytest.MonkeyPatch, **settings: str) -> None:
+    """Set `HG_NATS_<NAME>` for each of `settings`, and no other `HG_NATS_*` (a server the
+    test needs is started before: finding its binary may read `HG_NATS_SERVER_BIN`)."""
+    for name in [n for n in os.environ if n.startswith("HG_NATS_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.items():
+        monkeypatch.setenv(f"HG_NATS_{name.upper()}", value)
+
+
 # -- `--nats-url`: your server, your settings ------------------------------------------------
 
 #: A service stand-in: it records the bus settings it was given, then logs in with them
@@ -133,9 +143,7 @@ async def test_up_with_nats_url_passes_your_own_settings_on(
     your server and passes your own `HG_NATS_*` settings on to the services. The server here
     wants a token; the service logs in with the one given to `up`."""
     server = await start_nats("yours", extra_args=["--auth", TOKEN])
-    monkeypatch.setenv("HG_NATS_TOKEN", TOKEN)
-    monkeypatch.setenv("HG_NATS_JS_DOMAIN", "hub")
-    monkeypatch.setenv("HG_NATS_CONNECT_TIMEOUT_S", "7")
+    only_these_bus_settings(monkeypatch, token=TOKEN, js_domain="hub", connect_timeout_s="7")
     record = tmp_path / "env.json"
     script = tmp_path / "service.py"
     script.write_text(SERVICE)
@@ -186,8 +194,7 @@ async def test_hg_nats_token_logs_in(
     token_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """docs/broker.md, "Running it": `HG_NATS_TOKEN` is a token login instead of a user."""
-    monkeypatch.setenv("HG_NATS_URL", token_server.client_url)
-    monkeypatch.setenv("HG_NATS_TOKEN", TOKEN)
+    only_these_bus_settings(monkeypatch, url=token_server.client_url, token=TOKEN)
     client = await connect_settings(BusSettings(), name="with-token")
     try:
         sub = await client.subscribe("probe.token")
@@ -202,8 +209,7 @@ async def test_a_wrong_hg_nats_token_is_unauthorized(
 ) -> None:
     """docs/broker.md, "Running it": refused credentials are `unauthorized`, not
     `unavailable` (a wrong token, and none at all)."""
-    monkeypatch.setenv("HG_NATS_URL", token_server.client_url)
-    monkeypatch.setenv("HG_NATS_TOKEN", "not-the-token")
+    only_these_bus_settings(monkeypatch, url=token_server.client_url, token="not-the-token")
     with pytest.raises(errors.Unauthorized) as refused:
         await connect_settings(BusSettings(), name="wrong-token")
     assert refused.value.code == errors.ErrorCode.UNAUTHORIZED
@@ -237,16 +243,14 @@ async def test_a_request_to_a_denied_subject_times_out_not_no_responders(bus: Bu
     so an allowed request would be answered "no responders" at once."""
     edge1 = await bus.connect("edge1")
     denied = subjects.control("edge-2", "drain")
-    pending = asyncio.ensure_future(edge1.request(denied, b"", timeout=BOUND_S))
-    try:
-        await bus.violation("edge1", denied)
-        # A later request on the same connection, to a subject the edge may use and nobody
-        # serves: its "no responders" comes after any the denied one could have had.
-        with pytest.raises(nats.errors.NoRespondersError):
-            await edge1.request(subjects.gen("no-such-model"), b"", timeout=BOUND_S)
-        assert not pending.done()
-    finally:
-        pending.cancel()
+    answers = await edge1.subscribe(edge1.new_inbox())
+    await edge1.publish(denied, b"", reply=answers.subject)  # a request, by hand
+    # A later request on the same connection, to a subject the edge may use and nobody
+    # serves: its "no responders" comes after any the denied one could have had.
+    with pytest.raises(nats.errors.NoRespondersError):
+        await edge1.request(subjects.gen("no-such-model"), b"", timeout=BOUND_S)
+    assert answers.pending_msgs == 0
+    await bus.violation("edge1", denied)  # the server said why, asynchronously
     # What the caller sees: its own timeout.
     with pytest.raises(nats.errors.TimeoutError):
         await edge1.request(denied, b"", timeout=0.5)
