@@ -440,7 +440,8 @@ async def _serve(
             yield out
         yield {**last.body(), "request_id": request_id}
         if body.include_usage:
-            yield chunks_of.usage(done.usage.prompt_tokens, done.usage.completion_tokens)
+            usage = chunks_of.usage(done.usage.prompt_tokens, done.usage.completion_tokens)
+            yield {**usage.body(), "request_id": request_id}  # the last chunk names it too
 
     return await sse_response(chunks(), headers=headers)
 

@@ -78,11 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings: `HG_CLOUD_*` from the environment, the flags given over them."""
+    return WorkerSettings(**settings_overrides(args, WORKER_OPTIONS))
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from cloud.worker import run_worker
 
-    settings = WorkerSettings(**settings_overrides(args, WORKER_OPTIONS))
-    return asyncio.run(run_worker(settings, args.nats))
+    return asyncio.run(run_worker(worker_settings(args), args.nats))
 
 
 def _run_api(args: argparse.Namespace) -> int:
