@@ -382,11 +382,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the load and return the figures."""
     import httpx
 
-    # SIGTERM stops the run as Ctrl-C does (asyncio.run cancels this task, so every
-    # `finally` below runs: the children and the nats-server are stopped).
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGTERM, os.kill, os.getpid(), signal.SIGINT
-    )
+    # SIGTERM stops the run as Ctrl-C does: this task is cancelled, so every `finally`
+    # below runs (the children and the nats-server are stopped). Cancelled here, not by
+    # re-sending SIGINT, which a background job ignores.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     run = Run()
     with tempfile.TemporaryDirectory(prefix="hg-bench-load-") as tmp:
         async with network(args, Path(tmp)) as (url, children, version):
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         figures = asyncio.run(measure(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("hybridgen bench load: interrupted; every process stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # a bench reports, it does not trace back
