@@ -76,3 +76,17 @@ async def add_service(nc: Client, **config: Any) -> micro.Service:
     """`nats.micro.add_service` through an `InboxOnlyClient`: every endpoint and discovery
     handler of the service answers inboxes only. Use it for every service."""
     return await micro.add_service(cast(Client, InboxOnlyClient(nc)), **config)
+
+
+async def stop_service(service: micro.Service) -> None:
+    """Stop `service` without dropping the requests already routed to it: nats.micro's
+    `stop()` unsubscribes its endpoints, which loses the ones the broker sent before it saw
+    the unsubscription (their callers wait out an accept timeout). Each endpoint is drained
+    first instead (unsubscribe, a round trip, then its pending requests are handled);
+    nats.micro keeps no public handle on them."""
+    endpoints, service._endpoints = service._endpoints, []
+    for endpoint in endpoints:
+        subscription, endpoint._subscription = endpoint._subscription, None
+        if subscription is not None:
+            await subscription.drain()
+    await service.stop()

@@ -42,7 +42,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
-from broker.inbox_only import add_service, answerable
+from broker.inbox_only import add_service, answerable, stop_service
 from broker.permissions import CONTROL_SERVICE, EDGE_SERVICE, WORKER_SERVICE
 from broker.telemetry import RequestStats
 
@@ -262,12 +262,12 @@ class GenerationService:
         log.info("%s serving %s in queue group %s", self.node_id, self.subject, self.queue_group)
 
     async def stop_accepting(self) -> None:
-        """Drain: stop taking new requests (the queue group routes them elsewhere)."""
-        self._accepting = False
+        """Drain: take no new requests; those already routed here are served (`stop_service`)."""
         service, self.service = self.service, None
         if service is not None:
-            await service.stop()
+            await stop_service(service)
             log.info("%s stopped accepting on %s", self.node_id, self.subject)
+        self._accepting = False
 
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait up to `timeout` seconds for in-flight requests to finish; True if none left."""
@@ -410,11 +410,10 @@ async def serve_control(
 ) -> micro.Service:
     """Answer `hg.ctl.<node_id>.<verb>` for each verb of `handlers` (a nats.micro service).
 
-    The service is `name`, by default its role's (`broker.permissions.ROLE_SERVICES`: an edge's
-    `hybridgen-edge`, else `hybridgen-control`), the only names its role may answer
-    discovery for. Bad input, a wrong verb or a failing handler answer
-    `ControlReply(ok=False, message)`, with `data` `{"code"}` for a coded error (and
-    `"param"`, the field at fault, where there is one). Stop it with `await service.stop()`.
+    The service is `name`, by default its role's (`broker.permissions.ROLE_SERVICES`), the
+    only names its role may answer discovery for. Bad input, a wrong verb or a failing
+    handler answer `ControlReply(ok=False, message)`, with `data` `{"code"}` for a coded
+    error (and `"param"`, the field at fault). Stop it with `await service.stop()`.
 
     Raises:
         ValueError: a verb that is not one of `subjects.CONTROL_VERBS`.
