@@ -291,7 +291,7 @@ async def test_heartbeat_queue_depth_counts_the_request_waiting_for_a_row(
         assert worker.engine is not None
         beats = await collected(nc, subjects.telemetry("cloud", worker.node_id), wire.Heartbeat)
         prompt = len(worker.engine.encode("Hello"))
-        running = ask("hg-queue", max_tokens=4000)  # runs for many seconds
+        running = ask("hg-queue", max_tokens=8000)  # runs for many seconds
         async with request_stream(nc, running) as first:
             async for chunk in first:
                 if chunk.token_ids:  # it is generating: no longer waiting
@@ -301,7 +301,7 @@ async def test_heartbeat_queue_depth_counts_the_request_waiting_for_a_row(
                     lambda: [b for b in beats if b.in_flight == 2], "both requests in flight"
                 )
         assert both[0].queue_depth == 1
-        assert both[0].extra["admitted_tokens"] == (prompt + 4000) + (prompt + 4)
+        assert both[0].extra["admitted_tokens"] == (prompt + 8000) + (prompt + 4)
 
 
 # ------------------------------------------------------------ "Calling the cloud API"
