@@ -23,8 +23,7 @@ def start_exit_watchdog(name: str, exit_after_s: float) -> threading.Timer:
 
     def force_exit() -> None:
         print(
-            f"hybridgen {name}: not stopped {exit_after_s:g} s after the stop signal; "
-            "exiting now",
+            f"hybridgen {name}: not stopped {exit_after_s:g} s after the stop signal; exiting now",
             file=sys.stderr,
             flush=True,
         )
