@@ -41,7 +41,12 @@ def console(nats_url: str) -> HybridgenConsole:
 async def connected_and_seen(pilot: Pilot[None], app: HybridgenConsole, node_id: str) -> None:
     await until(pilot, lambda: app.connected, "connected to NATS")
     await until(pilot, lambda: app.fleet.get(node_id) is not None, f"a heartbeat of {node_id}")
-    await until(pilot, lambda: app.selected_node() == node_id, f"{node_id} listed and selected")
+    # The cursor starts on the first row: with a worker in the fleet too, whichever heartbeat
+    # came first. The operator moves it to the node, as with the arrow keys.
+    table = app.fleet_table
+    await until(pilot, lambda: node_id in table.rows, f"{node_id} listed")
+    table.move_cursor(row=table.get_row_index(node_id))
+    await until(pilot, lambda: app.selected_node() == node_id, f"{node_id} selected")
 
 
 def status_of(app: HybridgenConsole, node_id: str) -> str:

@@ -366,7 +366,7 @@ async def test_sigterm_drains_an_edge_stuck_on_the_cloud(
     tiny_models: ModelSet, tmp_path: Path
 ) -> None:
     """The edge exits within its drain bound even while its cloud request hangs."""
-    async with running_up(tiny_models, tmp_path) as up:
+    async with running_up(tiny_models, tmp_path, "--drain-timeout-s", "2") as up:
         nc = await up.connect("test-up-stuck")
         worker = await never_answering_cloud(up, nc)
         try:
@@ -389,7 +389,7 @@ async def test_children_stop_when_the_launcher_is_killed(
 ) -> None:
     """Even a launcher killed outright (no chance to stop anything) leaves no process behind:
     each child gets SIGTERM when its parent dies, and drains."""
-    async with running_up(tiny_models, tmp_path) as up:
+    async with running_up(tiny_models, tmp_path, "--drain-timeout-s", "2") as up:
         pids = set(up.pids().values())
         up.process.kill()
         await up.process.wait()
