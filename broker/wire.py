@@ -213,7 +213,7 @@ NodeStatus = Literal["starting", "loading", "ready", "degraded", "draining", "st
 
 
 #: Route reasons that send an edge's request to the cloud: the keys of a heartbeat's
-#: `fallback_ratio` (the edge's routing table, `edge.routing.Reason`, names them).
+#: `fallback_ratio` (the edge's routing table, `edge.route.rules.Reason`, names them).
 CLOUD_ROUTE_REASONS = frozenset(
     {
         "requested_cloud",

@@ -56,7 +56,7 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
     """Run a nats-server, an edge app and (later) a stand-in worker; time both paths."""
     import httpx
 
-    from edge.app import create_app
+    from edge.api.app import create_app
     from edge.node import EdgeRequest, RouteInfo
     from edge.runtime import SamplingParams
 

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from broker.errors import HybridgenError
-    from edge.app import resolve_model_dir
+    from edge.api.app import resolve_model_dir
 
     try:
         model_dir, _ = resolve_model_dir(settings)
@@ -133,6 +133,6 @@ def main(argv: list[str]) -> int:
 def build_app(settings: EdgeSettings) -> Any:
     """The edge app `main` serves (`create_app` applies the exposure rule and the metrics
     key itself)."""
-    from edge.app import create_app
+    from edge.api.app import create_app
 
     return create_app(settings)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.telemetry import RequestStats
-from edge.experiments import ExperimentState
-from edge.routing import (
+from edge.route.experiments import ExperimentState
+from edge.route.rules import (
     CircuitBreaker,
     Decision,
     PolicySettings,
@@ -80,7 +80,7 @@ class NodeLifecycle:
         self.counters = NodeCounters()
         self.draining = False
         self._event_sink: Any = None
-        #: The A/B experiment in force here and its figures (`edge.experiments`).
+        #: The A/B experiment in force here and its figures (`edge.route.experiments`).
         self.experiments = ExperimentState()
 
     # -------------------------------------------------------------- thresholds
@@ -114,7 +114,7 @@ class NodeLifecycle:
 
         The policy's value when set (all lengths); else the model set's calibrated signal
         at that length for a chat message (`chat`) or a completion, or its length bucket
-        (`edge.routing.length_threshold`).
+        (`edge.route.rules.length_threshold`).
         """
         calibrated = length_threshold(self.calibration, scored_tokens, chat=chat)
         return effective_threshold(self.policy, calibrated)

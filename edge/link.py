@@ -27,7 +27,7 @@ from broker.policy import policy_sources
 from broker.service import ControlHandler
 from broker.telemetry import Telemetry
 from edge.node import EdgeNode
-from edge.routing import PolicySettings, merge_policy
+from edge.route.rules import PolicySettings, merge_policy
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class BusLink:
                 "perplexity_threshold_source": node.threshold_source,
                 "calibrated_threshold": node.calibrated_threshold,
                 "policy": self.policy_in_force(),
-                # The A/B experiment in force and each variant's figures (edge.experiments).
+                # The A/B experiment in force and each variant's figures (edge.route.experiments).
                 **node.experiments.snapshot(),
             },
         )

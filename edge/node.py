@@ -6,10 +6,10 @@ answer comes from and why, known before any text), then `Piece`s of text, then a
 
 * `edge.lifecycle`: the node's state and how it changes while it serves (the model swap,
   policy updates and the thresholds they set, the drain flag, counters, the event sink);
-* `edge.router`: the `generate` flow, which decides where each request is served;
-* `edge.cloud_bridge`: serving through the cloud, with the breaker, the local fallback when
+* `edge.route.router`: the `generate` flow, which decides where each request is served;
+* `edge.route.cloud`: serving through the cloud, with the breaker, the local fallback when
   the cloud does not accept, and the local finish when it fails mid-stream;
-* `edge.request`: the request and the items of its answer.
+* `edge.route.request`: the request and the items of its answer.
 
 The request types are importable from here too.
 """
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from edge.cloud_bridge import CLOUD_DOWN, CloudBridge
 from edge.lifecycle import NodeCounters, NodeLifecycle
-from edge.request import EdgeRequest, Item, Outcome, Piece, RouteInfo
-from edge.router import Router
-from edge.routing import PolicySettings
+from edge.route.cloud import CLOUD_DOWN, CloudBridge
+from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo
+from edge.route.router import Router
+from edge.route.rules import PolicySettings
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings
 

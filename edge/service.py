@@ -19,10 +19,10 @@ from broker.errors import BadRequest, NotFound, Unavailable
 from broker.service import SOFTWARE_VERSION
 from edge.link import BusLink
 from edge.node import EdgeNode
-from edge.personalize import Personalizer, owns_prefix
+from edge.personal.personalizer import Personalizer, owns_prefix
+from edge.personal.store import UserLimits, UserStore
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings, default_users_db
-from edge.users import UserLimits, UserStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class EdgeService:
     def __init__(self, settings: EdgeSettings, node: EdgeNode) -> None:
         self.settings = settings
         self.node = node
-        #: Users' profiles and feedback (`edge.users`); the file opens on first use.
+        #: Users' profiles and feedback (`edge.personal.store`); the file opens on first use.
         self.users = UserStore(
             settings.users_db or default_users_db(settings.node_id),
             limits=UserLimits(
@@ -73,7 +73,7 @@ class EdgeService:
                 feedback_burst=settings.personalize_feedback_burst,
             ),
         )
-        #: Requests with `user` are personalized through it (`edge.personalize`).
+        #: Requests with `user` are personalized through it (`edge.personal.personalizer`).
         self.personalizer = Personalizer(
             self.users,
             lambda text: self.node.runtime.encode(text),  # the runtime in service now
@@ -94,7 +94,7 @@ class EdgeService:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_runtimes: set[EdgeRuntime] = set()
-        # Feedback counts for the A/B variant that served the user last (edge.experiments).
+        # Feedback counts for the A/B variant that served the user last (edge.route.experiments).
         self.users.add_listener(node.experiments)
         self._experiment_lock = asyncio.Lock()
         #: The edge A/B variant's (version, runtime) when this service loaded one.

@@ -196,7 +196,7 @@ class Routing(Section):
     #: thresholds above.
     signal: str | None = None
     #: The edge sends when ln(prompt perplexity) > signal_threshold + length_intercept +
-    #: length_slope * ln(scored tokens) + chat_offset * chat (edge.routing.signal_threshold).
+    #: length_slope * ln(scored tokens) + chat_offset * chat (edge.route.rules.signal_threshold).
     signal_threshold: float | None = None
     length_intercept: float | None = None
     length_slope: float | None = None

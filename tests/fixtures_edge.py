@@ -25,7 +25,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect
-from edge.app import create_app
+from edge.api.app import create_app
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings
 from models.registry import ModelSet

@@ -18,6 +18,8 @@ import pytest
 from hybridgen.benches import routing as bench
 from models import calibration_eval as ce
 from models import calibration_quality as cq
+from models import calibration_scores as cs
+from models.calibration_set import EvalPrompt
 from models.ort_edge import EdgeModel
 from models.registry import ModelSet
 
@@ -168,18 +170,18 @@ def test_goals_read_the_figures() -> None:
 
 def test_edge_scorer_reads_perplexity_as_the_router(tiny_models: ModelSet) -> None:
     edge = EdgeModel(tiny_models.edge_dir("int4"))
-    prompt = ce.EvalPrompt(
+    prompt = EvalPrompt(
         "question", True, "What does ls do?", " ls - list directory", " contents of a folder"
     )
-    ids, span = ce._edge_prompt(edge, prompt)
-    [score] = ce.score_edge(edge, [prompt])
+    ids, span = cs._edge_prompt(edge, prompt)
+    [score] = cs.score_edge(edge, [prompt])
     expected = edge.perplexity(ids, span)
     assert expected is not None
     assert math.exp(score.log_perplexity) == pytest.approx(expected, rel=1e-4)
     assert score.scored_tokens == len(edge.encode("What does ls do?"))
     # The continuation's log-likelihood is the teacher-forced sum over its tokens.
     whole = ids + edge.encode(prompt.first) + edge.encode(prompt.second)
-    logprobs = ce.edge_logprobs(edge, whole)
+    logprobs = cs.edge_logprobs(edge, whole)
     assert sum(score.loglik) == pytest.approx(float(logprobs[len(ids) - 1 :].sum()), rel=1e-6)
     assert len(logprobs) == len(whole) - 1
 

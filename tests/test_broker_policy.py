@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-import edge.routing
+import edge.route.rules
 from broker.policy import BreakerSettings, PolicySettings, merge_policy, policy_sources
 
 
@@ -58,9 +58,9 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_the_edge_uses_the_same_model() -> None:
-    assert edge.routing.PolicySettings is PolicySettings
-    assert edge.routing.BreakerSettings is BreakerSettings
-    assert edge.routing.merge_policy is merge_policy
+    assert edge.route.rules.PolicySettings is PolicySettings
+    assert edge.route.rules.BreakerSettings is BreakerSettings
+    assert edge.route.rules.merge_policy is merge_policy
 
 
 def test_policy_sources_name_the_layer_each_value_comes_from() -> None:

@@ -316,7 +316,7 @@ async def test_huge_max_tokens_at_the_edge_alone_is_cut_to_the_room_left(
 ) -> None:
     """No cloud to take it: the edge serves a prompt that fits with `max_tokens` cut to the
     room its window leaves (`route_reason: cloud_unavailable`), so the answer fills the
-    window exactly and ends on `length` (edge/routing.py, `Decision.max_tokens`)."""
+    window exactly and ends on `length` (edge/route/rules.py, `Decision.max_tokens`)."""
     api = apis["edge"]
     assert api.edge_context is not None
     async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:

@@ -24,7 +24,7 @@ from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect, send_control
 from broker.server import NatsServer, free_port
 from broker.store import FleetConfig
-from edge.routing import length_threshold
+from edge.route.rules import length_threshold
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from hybridgen.fleet_policy import set_node_policy
 from models.chat import render_chat

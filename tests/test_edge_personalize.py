@@ -20,7 +20,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from edge.adapt import NgramCache
-from edge.personalize import (
+from edge.personal.personalizer import (
     SAMPLES_HEADING,
     Personalizer,
     Sample,
@@ -28,7 +28,7 @@ from edge.personalize import (
     sample_grams,
     samples_help,
 )
-from edge.users import ProfileUpdate, UserStore
+from edge.personal.store import ProfileUpdate, UserStore
 from models.registry import ModelSet
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge, serve_edge
 from tests.fixtures_models import HAVE_SMOLLM2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.personal_prompt import user_span
+from edge.api.personal import user_span
 from edge.runtime import (
     EdgeRuntime,
     Finished,

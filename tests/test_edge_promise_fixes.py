@@ -21,10 +21,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.adapt import NgramCache
-from edge.personalize import Personalizer
-from edge.routing import EdgeState, PolicySettings, Reason, RequestFacts, Target, decide
+from edge.personal.personalizer import Personalizer
+from edge.personal.store import UserStore
+from edge.route.rules import EdgeState, PolicySettings, Reason, RequestFacts, Target, decide
 from edge.settings import EdgeSettings
-from edge.users import UserStore
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge, serve_edge
 
 # ----------------------------------------------------------- routing (docs/edge.md)

@@ -8,7 +8,7 @@ import pytest
 
 from broker.errors import ContextLengthExceeded
 from broker.policy import BreakerSettings, PolicySettings, merge_policy
-from edge.routing import (
+from edge.route.rules import (
     CircuitBreaker,
     Decision,
     EdgeState,
@@ -264,7 +264,7 @@ def test_length_bucket_threshold_by_scored_tokens() -> None:
 
 def test_the_cloud_route_reasons_on_the_wire_are_the_routing_tables() -> None:
     from broker.wire import CLOUD_ROUTE_REASONS
-    from edge.routing import Reason
+    from edge.route.rules import Reason
 
     assert {r.value for r in Reason} >= CLOUD_ROUTE_REASONS
     assert "cloud_unavailable" not in CLOUD_ROUTE_REASONS  # served at the edge

@@ -16,7 +16,7 @@ import onnxruntime_genai as og
 import pytest
 
 from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
-from edge.personal_prompt import user_span
+from edge.api.personal import user_span
 from edge.runtime import (
     EdgeRuntime,
     Finished,
@@ -219,7 +219,7 @@ def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None
         import json, sys
         from fastapi.testclient import TestClient
         import edge.cli, edge.bench, edge.link
-        from edge.app import create_app
+        from edge.api.app import create_app
         from edge.settings import EdgeSettings
         app = create_app(EdgeSettings(model_dir={str(tiny_models.edge_dir("int4"))!r},
                                       no_cloud=True, threads=1))

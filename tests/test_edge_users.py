@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from broker.errors import BadRequest, NotFound, Unavailable
+from edge.personal.store import MIGRATIONS, SCHEMA_VERSION, ProfileUpdate, UserStore, migrate
 from edge.settings import EdgeSettings
-from edge.users import MIGRATIONS, SCHEMA_VERSION, ProfileUpdate, UserStore, migrate
 from tests.fixtures_edge import ADMIN_HEADERS
 
 PERSONA = "Answers like a terse Unix greybeard who loves awk"

@@ -199,14 +199,14 @@ def test_build_stores_the_quality_signal_and_threshold(tiny_models: ModelSet) ->
     assert set(routing.quality["candidates"]) == set(PREFILL_SIGNALS)
     # The manifest's perplexity threshold is the signal's at its reference length.
     assert routing.reference_tokens is not None and routing.perplexity_threshold is not None
-    from edge.routing import length_threshold
+    from edge.route.rules import length_threshold
 
     at_reference = length_threshold(routing.to_json(), routing.reference_tokens)
     assert at_reference == pytest.approx(routing.perplexity_threshold, rel=1e-3)
 
 
 def test_edge_thresholds_follow_the_calibrated_signal() -> None:
-    from edge.routing import length_threshold
+    from edge.route.rules import length_threshold
 
     buckets = [{"max_tokens": 12, "threshold": 900.0}, {"max_tokens": None, "threshold": 50.0}]
     old = {"perplexity_threshold": 80.0, "thresholds_by_length": buckets}
@@ -231,7 +231,7 @@ def test_edge_thresholds_follow_the_calibrated_signal() -> None:
 async def test_edge_default_policy_uses_the_signal(tiny_models: ModelSet) -> None:
     from edge.link import BusLink
     from edge.node import EdgeNode
-    from edge.routing import PolicySettings
+    from edge.route.rules import PolicySettings
     from edge.runtime import EdgeRuntime
     from edge.settings import EdgeSettings
     from tui.screens import policy_lines

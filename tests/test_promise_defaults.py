@@ -17,8 +17,8 @@ from broker.settings import hg_home
 from cloud.settings import ApiSettings
 from edge.cli import build_parser as edge_parser
 from edge.cli import settings_from_args
+from edge.personal.store import UserStore
 from edge.settings import EdgeSettings
-from edge.users import UserStore
 from hybridgen.launcher import Backoff, _parser, default_children
 from serving.slow_clients import deadline_protocol
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.app import create_app
+from edge.api.app import create_app
 from edge.cli import main as edge_main
 from edge.settings import EdgeSettings
 from models.registry import ModelSet

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from edge.adapt import NgramCache
-from edge.personalize import Personalizer
-from edge.users import UserStore
+from edge.personal.personalizer import Personalizer
+from edge.personal.store import UserStore
 from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge
 
 PROMPT = "The program prints"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from edge.adapt import NgramCache
-from edge.personal_prompt import user_span
+from edge.api.personal import user_span
 from edge.runtime import EdgeRuntime, Finished, Prefill, SamplingParams, Token, prefix_length
 from models.scoring import encode_with_span
 from serving.grammar import Grammar, json_schema_grammar

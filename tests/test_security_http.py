@@ -19,7 +19,7 @@ import pytest
 from broker.errors import NotFound
 from cloud.api import create_app as create_cloud_app
 from cloud.settings import ApiSettings
-from edge.app import create_app
+from edge.api.app import create_app
 from edge.settings import EdgeSettings
 from hybridgen.launcher import ChildSpec, give_edges_an_admin_key
 from models.registry import ModelSet

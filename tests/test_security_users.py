@@ -25,11 +25,11 @@ import pytest
 
 from broker.server import NatsServer
 from edge.adapt import NgramCache
-from edge.personalize import Personalizer, owns_prefix
-from edge.resident import largest_user_bytes
+from edge.personal.personalizer import Personalizer, owns_prefix
+from edge.personal.resident import largest_user_bytes
+from edge.personal.store import ProfileUpdate, UserLimits, UserStore
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from edge.settings import EdgeSettings
-from edge.users import ProfileUpdate, UserLimits, UserStore
 from hybridgen import launcher
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge
 from tests.test_edge_prefix import chat as prefix_chat

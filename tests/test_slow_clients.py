@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from edge.app import create_app
+from edge.api.app import create_app
 from edge.cli import build_parser
 from edge.settings import EdgeSettings
 from models.registry import ModelSet

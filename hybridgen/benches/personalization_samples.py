@@ -1,5 +1,5 @@
 """The user's own samples in context, for `hybridgen bench personalization`: picked and gated
-exactly as the edge does it (`edge.personalize.pick_samples`, `samples_help`, the edge's
+exactly as the edge does it (`edge.personal.personalizer.pick_samples`, `samples_help`, the edge's
 settings), teacher-forced over held-out text.
 
 Every position of a held-out sample is a request: the text before it is what the caller sent,
@@ -17,7 +17,7 @@ the token at it is what the edge should predict. For each position the edge's ru
 - the user's n-gram cache mixed on top (`personalization.mixed_logprobs`), as the edge mixes
   it into every step.
 
-The samples text is the edge's (`edge.personalize.system_text`: the heading, the samples in
+The samples text is the edge's (`edge.personal.personalizer.system_text`: the heading, the samples in
 feedback order) followed by a blank line, as in front of a personalized completion; at most
 `personalize_samples` samples and `personalize_sample_tokens` tokens (the edge's defaults).
 A kept generator holds the representative prefix and is rewound for each sample, as the
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.personalize import (
+from edge.personal.personalizer import (
     Sample,
     gram_frequencies,
     pick_samples,

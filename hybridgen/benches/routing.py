@@ -1,7 +1,7 @@
 """`hybridgen bench routing`: the share sent to the cloud against the quality recovered.
 
 On held-out prompts with their true continuations (documentation passages and
-question-shaped chat messages, `models.calibration_eval.eval_set`), each end's quality is the
+question-shaped chat messages, `models.calibration_set.eval_set`), each end's quality is the
 mean teacher-forced log-likelihood of the continuation (the edge's int4 build through
 onnxruntime-genai, as it serves; the cloud's checkpoint in torch). Each routing signal the
 edge can read is swept over its threshold; the curve of share sent against gap recovered
@@ -91,7 +91,7 @@ def signal_values(
 
 def policy_sends(routing: dict[str, Any] | None, data: dict[str, np.ndarray]) -> np.ndarray:
     """Which prompts a manifest `routing` section sends, read by the edge's own rule."""
-    from edge.routing import length_threshold
+    from edge.route.rules import length_threshold
 
     sends = []
     rows = zip(data["log_perplexity"], data["scored_tokens"], data["question"], strict=True)
@@ -322,8 +322,9 @@ def run(model_set: Any, *, limit: int, threads: int, out_dir: Path) -> dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridgen.benches.machine import cpu_info
-    from models import calibration_eval as ce
     from models import corpus as corpus_mod
+    from models.calibration_scores import measure
+    from models.calibration_set import MAX_PROMPT_TOKENS, eval_set
     from models.ort_edge import EdgeModel
     from models.profiles import PROFILES
 
@@ -334,21 +335,19 @@ def run(model_set: Any, *, limit: int, threads: int, out_dir: Path) -> dict[str,
     corpus = corpus_mod.build_corpus(profile.budgets, domain)
     torch.set_num_threads(threads)
     edge = EdgeModel(model_set.edge_dir("int4"), threads)
-    prompts = ce.eval_set(
+    prompts = eval_set(
         corpus,
         edge.encode,
         edge.decode,
         limit=limit,
-        max_prompt_tokens=min(ce.MAX_PROMPT_TOKENS, edge.context_length - 48),
+        max_prompt_tokens=min(MAX_PROMPT_TOKENS, edge.context_length - 48),
         seed=manifest.seed,
     )
     cloud_dir = model_set.cloud_dir
     source = cloud_dir if (cloud_dir / "tokenizer_config.json").is_file() else None
     tokenizer = AutoTokenizer.from_pretrained(str(source or model_set.tokenizer_dir))
     cloud = AutoModelForCausalLM.from_pretrained(str(cloud_dir), dtype=torch.float32).eval()
-    records = ce.measure(
-        edge, cloud, tokenizer, prompts, cloud_context=model_set.cloud_context_length
-    )
+    records = measure(edge, cloud, tokenizer, prompts, cloud_context=model_set.cloud_context_length)
     routing = manifest.routing.to_json() if manifest.routing is not None else None
     result, curves = evaluate(
         records.arrays("fit"), records.arrays("eval"), manifest_routing=routing

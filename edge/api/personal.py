@@ -1,6 +1,6 @@
 """A personalized request's prompt, as the routes hand it to the router.
 
-The HTTP routes (`edge.app`) turn a request with `user` into its `Personalization`
+The HTTP routes (`edge.api.app`) turn a request with `user` into its `Personalization`
 (`personalization`: the user is authorized before anything of theirs is read), then tell the
 router which parts of the rendered prompt are what: the characters of the caller's own text
 it scores (`user_span`, `last_user_text`), the persona (and samples) prefix the runtime may
@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi import Request
 
-from edge.personalize import Personalization
-from edge.request import WithSamples
+from edge.personal.personalizer import Personalization
+from edge.route.request import WithSamples
 from edge.service import EdgeService
 from serving.auth import authorize_user
 

@@ -15,10 +15,10 @@ Everything about a user that personalization needs stays on the device, in
 every row about the user (foreign keys cascade). Deleted content is overwritten
 (`secure_delete`) and the write-ahead log is checkpointed and truncated after each, so the
 text is gone from the files on disk too; a checkpoint that a reader blocks is reported and
-retried (`edge.user_files.Scrubber`): both return whether the text is gone already.
+retried (`edge.personal.files.Scrubber`): both return whether the text is gone already.
 
-The file and its `-wal`/`-shm` are 0600, in a folder created 0700 (`edge.user_files`). Users
-are bounded (`edge.user_limits`): their number, each one's bytes (413) and feedback rate (429).
+The file and its `-wal`/`-shm` are 0600, in a folder created 0700 (`edge.personal.files`). Users
+are bounded (`edge.personal.limits`): their number, each one's bytes (413) and feedback rate (429).
 
 The file is opened lazily, on the first call: an edge that never sees a user never creates
 it. A corrupt or locked file raises `Unavailable` (HTTP 503) naming the file, per call, and is
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import BadRequest, NotFound, Unavailable
-from edge.user_files import Scrubber, checkpoint, failure, private_file
-from edge.user_limits import FeedbackRate, RateLimited, StoreFull, UserLimits
-from edge.user_models import (
+from edge.personal.files import Scrubber, checkpoint, failure, private_file
+from edge.personal.limits import FeedbackRate, RateLimited, StoreFull, UserLimits
+from edge.personal.models import (
     DEFAULT_MAX_FEEDBACK,
     MAX_DISPLAY_NAME,
     MAX_PERSONA,
@@ -62,7 +62,7 @@ from edge.user_models import (
     UserListener,
     check_user_id,
 )
-from edge.user_schema import (
+from edge.personal.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
     USER_BYTES,
@@ -113,7 +113,7 @@ class UserStore:
         limits: users, bytes per user and feedback rate (None: unbounded; the edge service
             passes its settings' `personalize_*` caps).
         checkpoint_wait_s: how long a delete's checkpoint waits for readers before it is
-            reported and retried in the background (`edge.user_files.Scrubber`).
+            reported and retried in the background (`edge.personal.files.Scrubber`).
     """
 
     def __init__(

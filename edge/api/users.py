@@ -13,12 +13,12 @@ Errors come in OpenAI's envelope: 404 `not_found` for an unknown user, 400 `bad_
 naming `param` for a bad id or field (the store checks ids before anything else), 503
 `unavailable` when the store's file is corrupt or locked (the rest of the edge keeps
 serving), 413 `bad_request` past the number of users or a user's bytes, 429 `overloaded`
-with Retry-After past a user's feedback rate (`edge.user_limits`). DELETE and reset answer
+with Retry-After past a user's feedback rate (`edge.personal.limits`). DELETE and reset answer
 `scrubbed`: false when a reader blocked the checkpoint (logged, retried; the text may stay
 in the write-ahead log until then). Every route first checks that the caller's key covers the id
 (`serving.auth.authorize_user`): 401 `unauthorized` without a key, 403 `forbidden` for a key
 bound to other users, before the body or the store is touched. The store is the running
-service's (`EdgeService.users`, an `edge.users.UserStore`); its listeners
+service's (`EdgeService.users`, an `edge.personal.store.UserStore`); its listeners
 (`UserStore.add_listener`) hear about feedback (`on_feedback`) and about resets and
 deletions (`on_forget`). The app adds these routes behind the same API-key check as the
 OpenAI routes.
@@ -32,8 +32,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from edge.personal.store import FeedbackBody, ProfileUpdate, UserStore
 from edge.service import Service
-from edge.users import FeedbackBody, ProfileUpdate, UserStore
 from serving.auth import authorize_user
 from serving.bodies import json_body
 

@@ -42,7 +42,7 @@ from broker.errors import (
 )
 from broker.streaming import request_stream
 from edge.lifecycle import NodeLifecycle
-from edge.request import (
+from edge.route.request import (
     EdgeRequest,
     Item,
     Outcome,
@@ -50,7 +50,7 @@ from edge.request import (
     RouteInfo,
     stream_local,
 )
-from edge.routing import Decision, EdgeState, Reason, RequestFacts, decide
+from edge.route.rules import Decision, EdgeState, Reason, RequestFacts, decide
 from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)

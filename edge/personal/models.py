@@ -1,6 +1,6 @@
 """The user store's data: user ids, profile and feedback bodies, the listener protocol.
 
-Split from `edge.users` (the SQLite store), which re-exports every name here.
+Split from `edge.personal.store` (the SQLite store), which re-exports every name here.
 """
 
 from __future__ import annotations

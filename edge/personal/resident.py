@@ -1,8 +1,8 @@
 """A resident user's state in the personalizer's memory, and the estimate of its bytes.
 
-The personalizer (`edge.personalize.Personalizer`) keeps each user it serves in an LRU bounded
-by an estimate of bytes, not by a count of users: a `UserState` (the live n-gram cache, its
-snapshot, the kept and queued samples) says its own size (`UserState.size`), and
+The personalizer (`edge.personal.personalizer.Personalizer`) keeps each user it serves in an LRU
+bounded by an estimate of bytes, not by a count of users: a `UserState` (the live n-gram cache,
+its snapshot, the kept and queued samples) says its own size (`UserState.size`), and
 `largest_user_bytes` bounds the largest user the store's caps allow, so that the edge refuses
 caps whose largest user would not fit its memory budget. The per-object figures are estimates
 measured with tracemalloc (see the CHANGELOG and `hybridgen bench personalization`).
@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from edge.adapt import BYTES_PER_CONTEXT, NgramCache
-from edge.samples import Sample, gram_frequencies
+from edge.personal.samples import Sample, gram_frequencies
 
 #: Estimated bytes per context of a snapshot (`NgramCache.from_bytes` makes an int object per
 #: token of its keys and followers, which the live cache shares: 584 measured).

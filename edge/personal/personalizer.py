@@ -1,6 +1,6 @@
 """Personalizing requests that carry `user`: the persona, the user's own samples, the n-gram cache.
 
-`Personalizer` is the request side of the user store (`edge.users`). For a request with
+`Personalizer` is the request side of the user store (`edge.personal.store`). For a request with
 `user: <id>` it builds a `Personalization` (`prepare`):
 
 - **persona**: the profile's persona, as a system message in front of a chat request's
@@ -76,8 +76,8 @@ from typing import Any
 
 from broker.errors import BadRequest, HybridgenError, NotFound
 from edge.adapt import MAX_CONTEXTS, ORDER, NgramCache
-from edge.resident import KEPT_SAMPLES, UserState, largest_user_bytes, sample_bytes
-from edge.samples import (
+from edge.personal.resident import KEPT_SAMPLES, UserState, largest_user_bytes, sample_bytes
+from edge.personal.samples import (
     SAMPLES_HEADING,
     Personalization,
     Sample,
@@ -91,7 +91,7 @@ from edge.samples import (
     with_prefix,
     with_system,
 )
-from edge.users import UserStore
+from edge.personal.store import UserStore
 
 __all__ = [
     "SAMPLES_HEADING",

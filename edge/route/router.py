@@ -1,7 +1,7 @@
 """Where each request is served: the `generate` flow that applies the routing policy.
 
 `Router.generate` is the one place a request is routed. The rules themselves are pure
-(`edge.routing.decide`); this module feeds them a request's facts and the node's state, in
+(`edge.route.rules.decide`); this module feeds them a request's facts and the node's state, in
 up to three steps:
 
 1. On arrival: hard limits (context, model, `route`), the predicted edge wait and the
@@ -15,12 +15,12 @@ up to three steps:
 A personalized request that comes with the user's own samples (`EdgeRequest.with_samples`)
 is first prefilled with and without them (`Router._gate_samples`): it keeps them only when
 they make its own tokens more likely by more than `personalize_sample_gain` nats in all
-(`edge.personalize.samples_help`). Both prefills keep their persona/samples prefix for the
+(`edge.personal.personalizer.samples_help`). Both prefills keep their persona/samples prefix for the
 runtime's prefix reuse, so the answer's own prefill then costs only the request's tokens. The
 routing perplexity stays that of the request without the samples (the thresholds are
 calibrated on plain prompts); the samples never go to the cloud.
 
-A request routed to the cloud goes to `edge.cloud_bridge.CloudBridge`; a local one streams
+A request routed to the cloud goes to `edge.route.cloud.CloudBridge`; a local one streams
 from the generation already prefilled (and drafted), so nothing is computed twice. A full
 edge queue sends the request to the cloud when it may go there, else it is refused (503).
 """
@@ -36,11 +36,11 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from broker.errors import HybridgenError, NotFound, Overloaded, Unavailable
-from edge.cloud_bridge import CloudBridge
 from edge.lifecycle import NodeLifecycle
-from edge.personalize import samples_help
-from edge.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
-from edge.routing import (
+from edge.personal.personalizer import samples_help
+from edge.route.cloud import CloudBridge
+from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
+from edge.route.rules import (
     Decision,
     EdgeState,
     PolicySettings,

@@ -22,7 +22,7 @@ from broker.experiment import CONTROL, Experiment
 from broker.telemetry import RequestStats
 
 if TYPE_CHECKING:
-    from edge.request import EdgeRequest
+    from edge.route.request import EdgeRequest
     from edge.runtime import EdgeRuntime
 
 #: Users whose last variant is remembered (for feedback), the least recent forgotten first.

@@ -1,8 +1,9 @@
 """What a personalized request gets, and how the user's own samples are picked for it.
 
-Split from `edge.personalize` (which re-exports every name here; its docstring describes the
-whole): the `Personalization` of one request, the samples-in-context pick (`pick_samples`),
-the router's gate on them (`samples_help`) and the system text they make (`system_text`).
+Split from `edge.personal.personalizer` (which re-exports every name here; its docstring
+describes the whole): the `Personalization` of one request, the samples-in-context pick
+(`pick_samples`), the router's gate on them (`samples_help`) and the system text they make
+(`system_text`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.adapt import NgramCache
-from edge.users import Profile
+from edge.personal.store import Profile
 from serving.sampling import SamplingParams
 
 #: Heading of the samples in the system text.

@@ -1,6 +1,6 @@
 """The user store's schema: its migrations, the transaction helper and its row readers.
 
-Split from `edge.users` (which re-exports `MIGRATIONS`, `SCHEMA_VERSION` and `migrate`).
+Split from `edge.personal.store` (which re-exports `MIGRATIONS`, `SCHEMA_VERSION` and `migrate`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import Unavailable
-from edge.user_models import Feedback, Profile
+from edge.personal.models import Feedback, Profile
 
 logger = logging.getLogger(__name__)
 

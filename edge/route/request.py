@@ -25,8 +25,8 @@ from serving.protocol import TokenLogprob
 @dataclass(frozen=True)
 class WithSamples:
     """A personalized request's alternative for the edge: the same request with the user's
-    own samples in context (`edge.personalize`); the router keeps it only when the samples
-    make the request's own tokens more likely (`edge.personalize.samples_help`)."""
+    own samples in context (`edge.personal.personalizer`); the router keeps it only when the samples
+    make the request's own tokens more likely (`edge.personal.personalizer.samples_help`)."""
 
     #: What the edge model reads with the samples (persona, samples, then the request).
     prompt: str
@@ -77,7 +77,7 @@ class EdgeRequest:
     #: Tools shown to the model (OpenAI's list, `serving.tools`): the edge rendered them
     #: into `prompt`; the cloud gets them with `messages` and renders them itself.
     tools: list[dict[str, Any]] | None = None
-    #: The A/B variant the router assigned (`edge.experiments`); None: no experiment.
+    #: The A/B variant the router assigned (`edge.route.experiments`); None: no experiment.
     variant: str | None = None
     #: A cloud-model variant's model (the bus subject); None: the node's cloud model.
     cloud_model: str | None = None

@@ -28,20 +28,20 @@ from broker import wire
 from broker.errors import BadRequest, HybridgenError, NotFound
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
-from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
-from edge.personal_prompt import (
+from edge.api.personal import (
     last_user_text,
     personalization,
     prefix_fields,
     samples_alternative,
     user_span,
 )
-from edge.personalize import Personalization
-from edge.routing import merge_policy
+from edge.api.users import users_routes
+from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
+from edge.personal.personalizer import Personalization
+from edge.route.rules import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
-from edge.users_api import users_routes
 from serving import protocol
 from serving.auth import authenticate
 from serving.bodies import json_body
