@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 #: The scope of an admin entry: every user.
 ALL_USERS = "*"
 _KEY = re.compile(r"[^\s@,]{1,512}")
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")  # edge.users.USER_ID_PATTERN
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")  # edge.personal.store.USER_ID_PATTERN
 
 
 @dataclass(frozen=True)
