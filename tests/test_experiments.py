@@ -247,6 +247,13 @@ async def test_edge_model_set_variant(
         assert (body["variant"], body["served_by"]) == (CONTROL, "edge")
         assert body["system_fingerprint"] == "fp_tiny-test"  # the node's own model set
 
+    # Asked for the cloud while no worker is there: each arm is answered locally, by its own
+    # model set (the variant's request is recorded under the variant, so it must be its model).
+    for arm, version in (("b", "tiny-b"), (CONTROL, "tiny-test")):
+        body, _ = await ask(edge, arms[arm], route="cloud")
+        assert (body["served_by"], body["route_reason"]) == ("edge", "cloud_unavailable")
+        assert (body["variant"], body["system_fingerprint"]) == (arm, f"fp_{version}")
+
     assert await fleet(["experiment", "stop", *url]) == 0
     await eventually(lambda: edge.node.experiments.experiment is None)
     assert edge.node.experiments.edge_runtime is None  # unloaded

@@ -51,6 +51,7 @@ from edge.route.request import (
     stream_local,
 )
 from edge.route.rules import Decision, EdgeState, Reason, RequestFacts, decide
+from edge.runtime import EdgeRuntime
 from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class CloudBridge:
     async def serve(
         self,
         request: EdgeRequest,
+        runtime: EdgeRuntime,
         prompt_ids: list[int],
         decision: Decision,
         started: float,
@@ -90,6 +92,8 @@ class CloudBridge:
 
         Args:
             request: the request.
+            runtime: the runtime that serves it when the edge answers instead (the node's,
+                or an A/B variant's).
             prompt_ids: its prompt as the edge model's tokens (the edge's own recovery uses
                 them; the cloud gets the text or messages).
             decision: the routing decision that sent it to the cloud.
@@ -110,7 +114,7 @@ class CloudBridge:
         nc = node.nc
         wanted = decision.reason.value
         if nc is None or not node.breaker.allow():
-            async for item in self._serve_locally(request, started, "no bus"):
+            async for item in self._serve_locally(request, runtime, started, "no bus"):
                 yield item
             return
         left_s = self.budget_left_s(request, started)
@@ -161,7 +165,7 @@ class CloudBridge:
                 node.publish_event(
                     "cloud_error", f"{exc.code.value}: {exc.message}", request.request_id
                 )
-                async for item in self._serve_locally(request, started, exc.code.value):
+                async for item in self._serve_locally(request, runtime, started, exc.code.value):
                     yield item
                 return
             except BaseException:
@@ -216,7 +220,7 @@ class CloudBridge:
                     request.request_id,
                 )
                 async for item in self._finish_locally(
-                    request, prompt_ids, "".join(streamed), completion_tokens, exc, started
+                    request, runtime, prompt_ids, "".join(streamed), completion_tokens, exc, started
                 ):
                     yield item
                 return
@@ -247,12 +251,11 @@ class CloudBridge:
         return self.budget_s(request) - (time.perf_counter() - started)
 
     async def _serve_locally(
-        self, request: EdgeRequest, started: float, why: str
+        self, request: EdgeRequest, runtime: EdgeRuntime, started: float, why: str
     ) -> AsyncIterator[Item]:
         """The cloud was wanted but cannot take it: serve locally, `cloud_unavailable`."""
         logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
         node = self.node
-        runtime = node.runtime
         prompt_ids = runtime.encode(request.prompt)
         facts = RequestFacts(len(prompt_ids), request.options.max_tokens, route="cloud")
         decision = decide(
@@ -275,7 +278,9 @@ class CloudBridge:
             (time.perf_counter() - started) * 1e3,
             None,
         )
-        local = stream_local(generation, started, node.counters.stats)
+        local = stream_local(
+            generation, started, node.counters.stats, model_version=runtime.version
+        )
         async with contextlib.aclosing(local) as items:
             async for item in items:
                 yield item
@@ -283,6 +288,7 @@ class CloudBridge:
     async def _finish_locally(
         self,
         request: EdgeRequest,
+        runtime: EdgeRuntime,
         prompt_ids: list[int],
         streamed: str,
         cloud_tokens: int,
@@ -291,7 +297,6 @@ class CloudBridge:
     ) -> AsyncIterator[Item]:
         """The cloud failed after streaming `streamed`: continue it on the edge, or fail."""
         node = self.node
-        runtime = node.runtime
         context_ids = runtime.encode(request.prompt + streamed)
         left = request.options.max_tokens - max(cloud_tokens, 0)
         room = runtime.context_length - len(context_ids)
@@ -329,5 +334,6 @@ class CloudBridge:
                         len(prompt_ids),
                         cloud_tokens + item.completion_tokens,
                         completed_locally=True,
+                        model_version=runtime.version,
                     )
                 yield item

@@ -139,6 +139,7 @@ async def stream_local(
     stats: RequestStats,
     drafted: Sequence[Token] = (),
     finished: Finished | None = None,
+    model_version: str | None = None,
 ) -> AsyncGenerator[Item, None]:
     """Stream a local generation as `Piece`s, then its `Outcome`; cancel it if abandoned.
 
@@ -148,6 +149,8 @@ async def stream_local(
         stats: where the request's latency and completion tokens are recorded.
         drafted: tokens already read by the second stage, streamed first.
         finished: the `Finished` event the draft already reached, if the answer ended there.
+        model_version: the version of the model set that generates it (the `Outcome` names it:
+            an A/B variant's runtime is not the node's).
     """
     outcome = None
     try:
@@ -161,7 +164,12 @@ async def stream_local(
             elif isinstance(event, Finished):
                 if event.text:
                     yield Piece(event.text)
-                outcome = Outcome(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                outcome = Outcome(
+                    event.finish_reason,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    model_version=model_version,
+                )
     finally:
         if outcome is None:
             generation.cancel()

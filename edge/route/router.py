@@ -257,7 +257,7 @@ class Router:
         if decision.target is Target.CLOUD:
             trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
             async for item in self.cloud.serve(
-                request, prompt_ids, decision, started, perplexity, threshold, trace
+                request, runtime, prompt_ids, decision, started, perplexity, threshold, trace
             ):
                 yield item
             return
@@ -274,7 +274,7 @@ class Router:
                 decision = self._when_queue_full(request)
                 trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
                 async for item in self.cloud.serve(
-                    request, prompt_ids, decision, started, perplexity, threshold, trace
+                    request, runtime, prompt_ids, decision, started, perplexity, threshold, trace
                 ):
                     yield item
                 return
@@ -293,11 +293,11 @@ class Router:
             samples_in_context=trace.get("samples_in_context"),
         )
         # aclosing: a client that hangs up cancels the generation now, not at GC.
-        local = stream_local(generation, started, node.counters.stats, drafted, finished)
+        local = stream_local(
+            generation, started, node.counters.stats, drafted, finished, runtime.version
+        )
         async with contextlib.aclosing(local) as items:
             async for item in items:
-                if isinstance(item, Outcome) and runtime is not node.runtime:
-                    item.model_version = runtime.version  # an edge variant's model set
                 yield item
 
     async def _gate_samples(
