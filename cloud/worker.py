@@ -44,9 +44,9 @@ from broker.errors import (
 from broker.service import SOFTWARE_VERSION, Responder, serve_control
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
+from cloud.input_length import too_long_for
 from cloud.settings import WorkerSettings
 from serving.grammar import Grammar
-from serving.protocol import too_long_for
 from serving.sampling import SamplingParams
 from serving.tools import template_messages, template_supports_tools
 
