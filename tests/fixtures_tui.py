@@ -14,7 +14,8 @@ from textual.pilot import Pilot
 from broker.settings import BusSettings
 from tests.waits import BOUND_S, POLL_S
 from tui.app import HybridgenConsole
-from tui.state import EventLog, FleetState
+from tui.event_log import EventLog
+from tui.state import FleetState
 
 
 async def until(pilot: Pilot[None], check: Callable[[], Any], what: str) -> Any:

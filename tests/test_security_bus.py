@@ -42,8 +42,9 @@ from tests.fixtures_tui import until
 from tests.live import serve_app
 from tests.waits import eventually
 from tui.app import HybridgenConsole
+from tui.event_log import EventLog
 from tui.prompt import PromptScreen
-from tui.state import EventLog, FleetState
+from tui.state import FleetState
 
 KV_STREAM = f"KV_{subjects.CONFIG_BUCKET}"
 OBJ_STREAM = f"OBJ_{subjects.MODELS_BUCKET}"

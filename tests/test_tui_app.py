@@ -19,9 +19,10 @@ from broker.settings import BusSettings
 from broker.store import FleetConfig
 from tests.fixtures_tui import Clock, until
 from tui.app import HybridgenConsole
+from tui.event_log import EventLog
 from tui.policy import PolicyScreen
 from tui.screens import ConfirmScreen, EventsScreen, NodeScreen
-from tui.state import EventLog, Node
+from tui.state import Node
 from tui.trust import receive_heartbeat
 
 SIZE = (160, 40)

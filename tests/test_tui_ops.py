@@ -27,10 +27,11 @@ from models.registry import ModelSet
 from tests.fixtures_tui import Clock, until
 from tests.test_tui_app import SIZE, connected, publish_beat, seen
 from tui.app import HybridgenConsole
+from tui.event_log import EventLog
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
 from tui.screens import ConfirmScreen, NodeScreen
-from tui.state import EventLog, FleetState
+from tui.state import FleetState
 
 MARKUP = "[bold red]x[/]"
 

@@ -29,7 +29,9 @@ from broker import wire
 from broker.settings import BusSettings
 from tests.fixtures_tui import Clock, until
 from tui.app import HybridgenConsole
+from tui.event_log import EventLog
 from tui.experiment import ExperimentScreen
+from tui.fleet_summary import SummaryHistory
 from tui.policy import PolicyScreen
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
@@ -42,7 +44,7 @@ from tui.screens import (
     help_text,
     key_label,
 )
-from tui.state import EventLog, FleetState, SummaryHistory
+from tui.state import FleetState
 from tui.summary import SummaryScreen
 from tui.trace import TraceScreen
 

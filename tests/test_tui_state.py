@@ -6,7 +6,9 @@ import pytest
 
 from broker import wire
 from tests.fixtures_tui import Clock
-from tui.state import EventFilter, EventLog, FleetState, SummaryHistory, route_mix, row_style
+from tui.event_log import EventFilter, EventLog
+from tui.fleet_summary import SummaryHistory, route_mix
+from tui.state import FleetState, row_style
 
 
 def beat(node_id: str, role: str = "edge", **fields: object) -> wire.Heartbeat:

@@ -32,21 +32,14 @@ from broker.service import send_control
 from broker.settings import BusSettings
 from broker.telemetry import default_node_id, publish_operator_action
 from tui.discovery import DISCOVERY_S, run_discovery
+from tui.event_log import EventLog
 from tui.experiment import ExperimentScreen
+from tui.fleet_summary import SummaryHistory
 from tui.policy import PolicyScreen
 from tui.prompt import PromptScreen
 from tui.rollout import RolloutScreen
 from tui.screens import ConfirmScreen, EventsScreen, HelpScreen, NodeScreen
-from tui.state import (
-    FLEET_COLUMNS,
-    ROLES,
-    SORT_KEYS,
-    EventLog,
-    FleetState,
-    NodeView,
-    SummaryHistory,
-    row_style,
-)
+from tui.state import FLEET_COLUMNS, ROLES, SORT_KEYS, FleetState, NodeView, row_style
 from tui.summary import SummaryScreen
 from tui.trust import receive_heartbeat
 

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console owns the terminal: keep library logs off it.
     logging.basicConfig(level=logging.WARNING, handlers=[logging.NullHandler()])
     from tui.app import HybridgenConsole
-    from tui.state import EventLog, FleetState
+    from tui.event_log import EventLog
+    from tui.state import FleetState
 
     bus = BusSettings(**settings_overrides(args, ["url", "user", "password", "creds", "tls_ca"]))
     fleet = FleetState(stale_after=args.stale_after, gone_after=args.gone_after)

@@ -16,7 +16,8 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sta
 from textual_plot import PlotWidget
 
 from broker import wire
-from tui.state import FLEET_COLUMNS, EventFilter, EventLog, FleetState
+from tui.event_log import EventFilter, EventLog
+from tui.state import FLEET_COLUMNS, FleetState
 from tui.trace import AskRequestId, TraceScreen
 
 #: (history series, title) of each plot on the node screen.

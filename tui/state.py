@@ -1,10 +1,10 @@
-"""The console's model of the fleet: pure Python, no Textual, no bus.
+"""The console's model of the fleet's nodes: pure Python, no Textual, no bus.
 
-Heartbeats, discovered services and events go in (`FleetState.apply_heartbeat`,
-`FleetState.apply_discovery`, `EventLog.add`); sorted and filtered rows, per-node history,
-the fleet summary and filtered events come out. Times are the console's own clock at receipt
-(`clock`, monotonic by default), never the node's `ts`, so a node with a skewed clock is
-judged by when it was last heard.
+Heartbeats and discovered services go in (`FleetState.apply_heartbeat`,
+`FleetState.apply_discovery`); sorted and filtered rows, per-node history and the fleet
+summary (`tui.fleet_summary`) come out. Events live apart, in `tui.event_log`. Times are the
+console's own clock at receipt (`clock`, monotonic by default), never the node's `ts`, so a
+node with a skewed clock is judged by when it was last heard.
 
 A node's status is its reported one while its heartbeats are fresh; then `stale`, then
 `gone` (pruned). A node that answers nats.micro discovery but sends no heartbeats is
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker import wire
+from tui.fleet_summary import FleetSummary, summarize
 
 Clock = Callable[[], float]
 
@@ -44,12 +45,6 @@ ROLES: tuple[str, ...] = ("edge", "cloud", "api")
 LOST_STATUSES = frozenset({"stale", "gone", "silent"})
 #: Statuses drawn in yellow: the node is up but not taking its full share.
 WARN_STATUSES = frozenset({"draining", "degraded"})
-
-#: Route reasons that send a request to the cloud (`broker.wire.CLOUD_ROUTE_REASONS`); a
-#: reason an edge lists in `fallback_ratio` counts as cloud too, whatever its name.
-CLOUD_ROUTE_REASONS = wire.CLOUD_ROUTE_REASONS
-#: Seconds over which nodes count `rps` and `errors` (`broker.telemetry.RequestStats`).
-STATS_WINDOW_S = 30.0
 
 
 def row_style(status: str) -> str:
@@ -339,231 +334,14 @@ class FleetState:
         return gone
 
     def summary(self) -> FleetSummary:
-        """The whole fleet's figures now (nodes that are not heard count only by status).
-
-        Requests/s is what enters the fleet (every node but cloud workers). Edge and cloud
-        shares weight each edge's route mix (`extra["routes"]` counts, else its
-        `fallback_ratio`) by its rps. Cloud figures sum the cloud workers.
-        """
+        """The whole fleet's figures now (`tui.fleet_summary.summarize`): nodes that are not
+        heard count only by status."""
         now = self.clock()
-        statuses: dict[str, int] = {}
-        total_rps = 0.0
-        by_reason: dict[str, float] = {}
-        cloud_reasons: set[str] = set()
-        workers = queue = errors = 0
-        worker_rps = 0.0
-        for node in self._nodes.values():
-            status = self.status(node, now)
-            statuses[status] = statuses.get(status, 0) + 1
-            if status in LOST_STATUSES:
-                continue
-            hb = node.heartbeat
-            if hb.role == "cloud":
-                workers += 1
-                worker_rps += hb.rps
-                queue += hb.queue_depth
-                errors += hb.errors
-                continue
-            total_rps += hb.rps
-            if hb.role != "edge" or hb.rps <= 0:
-                continue
-            cloud_reasons.update(hb.fallback_ratio)
-            for reason, share in route_mix(hb).items():
-                by_reason[reason] = by_reason.get(reason, 0.0) + share * hb.rps
-        routed = sum(by_reason.values())
-        cloud_reasons |= CLOUD_ROUTE_REASONS
-        routes = tuple(
-            RouteShare(
-                reason=reason,
-                served="cloud" if reason in cloud_reasons else "edge",
-                rps=rps,
-                share=rps / routed,
-            )
-            for reason, rps in sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))
-            if rps > 0
-        )
-        to_cloud = sum(r.rps for r in routes if r.served == "cloud")
-        expected = worker_rps * STATS_WINDOW_S
-        return FleetSummary(
-            nodes=len(self._nodes),
-            statuses=dict(sorted(statuses.items())),
-            total_rps=total_rps,
-            edge_share=(routed - to_cloud) / routed if routed else None,
-            cloud_share=to_cloud / routed if routed else None,
-            routes=routes,
-            cloud_workers=workers,
-            cloud_rps=worker_rps,
-            cloud_queue_depth=queue,
-            cloud_errors=errors,
-            cloud_error_rate=min(1.0, errors / expected) if expected > 0 else None,
-        )
-
-
-def route_mix(heartbeat: wire.Heartbeat) -> dict[str, float]:
-    """An edge's requests by route reason, as shares summing to 1.
-
-    From `extra["routes"]` (counts by reason) when it has any; else from `fallback_ratio`
-    (cloud reasons), the rest counted as `edge` (reason unknown). Empty when neither says.
-    """
-    counts = heartbeat.extra.get("routes")
-    if isinstance(counts, dict):
-        valid = {
-            str(reason): float(count)
-            for reason, count in counts.items()
-            if isinstance(count, int | float) and not isinstance(count, bool) and count > 0
-        }
-        total = sum(valid.values())
-        if total > 0:
-            return {reason: count / total for reason, count in valid.items()}
-    if not heartbeat.fallback_ratio:
-        return {}
-    mix = {r: min(1.0, max(0.0, s)) for r, s in heartbeat.fallback_ratio.items()}
-    rest = 1.0 - sum(mix.values())
-    if rest > 0:
-        mix["edge"] = mix.get("edge", 0.0) + rest
-    return {reason: share for reason, share in mix.items() if share > 0}
-
-
-@dataclass(frozen=True)
-class RouteShare:
-    """One route reason across the fleet's edges."""
-
-    reason: str
-    #: Where requests with this reason are served: `edge` or `cloud`.
-    served: str
-    #: Requests/s with this reason (each edge's share weighted by its rps).
-    rps: float
-    #: Share of all routed edge requests.
-    share: float
-
-
-@dataclass(frozen=True)
-class FleetSummary:
-    """The fleet at one instant, for the summary screen (see `FleetState.summary`)."""
-
-    nodes: int
-    #: Nodes by status (`stale`, `silent`, ... included).
-    statuses: dict[str, int]
-    #: Requests/s entering the fleet (every heard node but cloud workers).
-    total_rps: float
-    #: Share of edge requests served at the edge / sent to the cloud (None: no traffic).
-    edge_share: float | None
-    cloud_share: float | None
-    #: Route reasons, busiest first.
-    routes: tuple[RouteShare, ...]
-    cloud_workers: int
-    cloud_rps: float
-    cloud_queue_depth: int
-    #: Failed requests the cloud workers report (in their stats window).
-    cloud_errors: int
-    #: Failed share of the cloud workers' requests (None: no cloud traffic).
-    cloud_error_rate: float | None
-
-
-class SummaryHistory:
-    """The last `size` fleet summaries as series for plots, oldest first.
-
-    The console samples it on every refresh tick (0.5 s: 600 samples are 5 minutes).
-    """
-
-    SERIES: tuple[str, ...] = ("total_rps", "edge_share", "cloud_queue_depth", "cloud_error_rate")
-
-    def __init__(self, size: int = 600) -> None:
-        if size < 1:
-            raise ValueError("a summary history needs at least one sample")
-        self.size = size
-        self.at: deque[float] = deque(maxlen=size)
-        self.series: dict[str, deque[float]] = {name: deque(maxlen=size) for name in self.SERIES}
-        #: The latest summary sampled, if any.
-        self.latest: FleetSummary | None = None
-
-    def __len__(self) -> int:
-        return len(self.at)
-
-    def sample(self, summary: FleetSummary, at: float) -> None:
-        """Append one summary taken at `at` (unknown shares and rates count as 0)."""
-        self.latest = summary
-        self.at.append(at)
-        self.series["total_rps"].append(summary.total_rps)
-        self.series["edge_share"].append(summary.edge_share or 0.0)
-        self.series["cloud_queue_depth"].append(float(summary.cloud_queue_depth))
-        self.series["cloud_error_rate"].append(summary.cloud_error_rate or 0.0)
-
-
-@dataclass(frozen=True)
-class EventFilter:
-    """Which events to show: each set field must match (substring, case-insensitive)."""
-
-    node: str = ""
-    kind: str = ""
-    request_id: str = ""
-    text: str = ""
-
-    @classmethod
-    def parse(cls, query: str) -> EventFilter:
-        """Read `node:X kind:Y req:Z free words` (each part optional) into a filter."""
-        fields = {"node": "", "kind": "", "request_id": "", "text": []}
-        words: list[str] = []
-        for part in query.split():
-            name, sep, value = part.partition(":")
-            name = {"req": "request_id", "request": "request_id"}.get(name, name)
-            if sep and name in ("node", "kind", "request_id"):
-                fields[name] = value
-            else:
-                words.append(part)
-        return cls(
-            node=str(fields["node"]),
-            kind=str(fields["kind"]),
-            request_id=str(fields["request_id"]),
-            text=" ".join(words),
-        )
-
-    def matches(self, event: wire.Event) -> bool:
-        """True when `event` passes every set field."""
-        checks = (
-            (self.node, event.node_id),
-            (self.kind, event.kind),
-            (self.request_id, event.request_id or ""),
-        )
-        if any(want and want.lower() not in have.lower() for want, have in checks):
-            return False
-        if self.text:
-            haystack = " ".join(
-                (event.node_id, event.kind, event.request_id or "", event.message)
-            ).lower()
-            return self.text.lower() in haystack
-        return True
-
-
-class EventLog:
-    """A bounded ring of the most recent events, oldest first."""
-
-    def __init__(self, size: int = 1000) -> None:
-        self._events: deque[wire.Event] = deque(maxlen=size)
-        #: Events ever added, so a view can tell it has something new to draw.
-        self.added = 0
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def add(self, event: wire.Event) -> None:
-        """Append one event, dropping the oldest when full."""
-        self._events.append(event)
-        self.added += 1
-
-    def select(
-        self, where: EventFilter | None = None, *, limit: int | None = None
-    ) -> list[wire.Event]:
-        """The events that match `where`, newest first, at most `limit`."""
-        chosen: list[wire.Event] = []
-        for event in reversed(self._events):
-            if where is None or where.matches(event):
-                chosen.append(event)
-                if limit is not None and len(chosen) >= limit:
-                    break
-        return chosen
-
-    def extend(self, events: Iterable[wire.Event]) -> None:
-        """Append several events in order."""
-        for event in events:
-            self.add(event)
+        nodes = list(self._nodes.values())
+        statuses = [self.status(node, now) for node in nodes]
+        heard = [
+            node.heartbeat
+            for node, status in zip(nodes, statuses, strict=True)
+            if status not in LOST_STATUSES
+        ]
+        return summarize(statuses, heard)

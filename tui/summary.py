@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 from textual_plot import PlotWidget
 
-from tui.state import FleetSummary, SummaryHistory
+from tui.fleet_summary import FleetSummary, SummaryHistory
 
 #: (history series, title) of each plot.
 SUMMARY_PLOTS: tuple[tuple[str, str], ...] = (

@@ -25,7 +25,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from broker import wire
-from tui.state import EventFilter, EventLog
+from tui.event_log import EventFilter, EventLog
 
 TRACE_COLUMNS = ("+ms", "role", "node", "step", "detail")
 

@@ -40,7 +40,8 @@ from broker.server import NatsServer
 from broker.settings import BusSettings
 from hybridgen.benches.machine import cpu_info
 from tui.app import REFRESH_S, HybridgenConsole
-from tui.state import EventLog, FleetState
+from tui.event_log import EventLog
+from tui.state import FleetState
 
 #: Goals checked in the table: key -> the most it may be.
 GOALS: dict[str, float] = {"apply_p95_ms": 5.0, "full_refresh_p95_ms": 50.0}
