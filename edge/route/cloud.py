@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from broker import wire
@@ -87,7 +87,7 @@ class CloudBridge:
         perplexity: float | None,
         threshold: ThresholdInfo,
         trace: dict[str, Any] | None = None,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item, None]:
         """Serve a request routed to the cloud: `RouteInfo`, then `Piece`s, then an `Outcome`.
 
         Args:
@@ -252,7 +252,7 @@ class CloudBridge:
 
     async def _serve_locally(
         self, request: EdgeRequest, runtime: EdgeRuntime, started: float, why: str
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item, None]:
         """The cloud was wanted but cannot take it: serve locally, `cloud_unavailable`."""
         logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
         node = self.node
@@ -294,7 +294,7 @@ class CloudBridge:
         cloud_tokens: int,
         cause: HybridgenError,
         started: float,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item, None]:
         """The cloud failed after streaming `streamed`: continue it on the edge, or fail."""
         node = self.node
         context_ids = runtime.encode(request.prompt + streamed)

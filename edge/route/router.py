@@ -38,7 +38,7 @@ from typing import Any
 from broker.errors import HybridgenError, NotFound, Overloaded, Unavailable
 from edge.lifecycle import NodeLifecycle
 from edge.personal.personalizer import samples_help
-from edge.route.cloud import CloudBridge
+from edge.route.cloud import CloudBridge, ThresholdInfo
 from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
 from edge.route.rules import (
     Decision,
@@ -54,6 +54,35 @@ from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token, pref
 from models.scoring import encode_with_span, scored_positions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A request made ready to route: its tokens, the facts the rules read, the policy and
+    the perplexity threshold in force for it, and the edge wait judged on arrival."""
+
+    request: EdgeRequest
+    runtime: EdgeRuntime
+    prompt_ids: list[int]
+    span: tuple[int, int]
+    prefix: dict[str, Any]
+    facts: RequestFacts
+    policy: PolicySettings
+    threshold: ThresholdInfo
+    wait_s: float
+    #: The prompt perplexity without the user's samples, when the samples gate measured it.
+    plain_perplexity: float | None
+
+
+@dataclasses.dataclass
+class _Judged:
+    """What the prefill and the draft left: the held generation the edge keeps (None when
+    it goes to the cloud or was decided on arrival), the prompt perplexity, the draft."""
+
+    generation: Generation | None = None
+    perplexity: float | None = None
+    drafted: list[Token] = dataclasses.field(default_factory=list)
+    finished: Finished | None = None
 
 
 class Router:
@@ -176,12 +205,39 @@ class Router:
     ) -> AsyncGenerator[Item, None]:
         """`generate` itself; `trace` collects the cloud hop's facts for the request event;
         `variant_runtime` serves it locally instead of the node's (an edge A/B variant)."""
+        plan = await self._plan(request, trace, variant_runtime or self.node.runtime)
+        decision, judged = await self._judge(plan)
+        generation = judged.generation
+        if generation is not None:
+            generation.resume()
+        elif decision.target is not Target.CLOUD:
+            try:
+                generation = self._submit(plan, decision)
+            except Overloaded:
+                decision = self._when_queue_full(plan.request)
+        if decision.target is Target.CLOUD:
+            trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
+            answer = self.cloud.serve(
+                plan.request, plan.runtime, plan.prompt_ids, decision, started,
+                judged.perplexity, plan.threshold, trace,
+            )  # fmt: skip
+        else:
+            assert generation is not None
+            answer = self._serve_local(plan, decision, judged, generation, started, trace)
+        async with contextlib.aclosing(answer) as items:
+            async for item in items:
+                yield item
+
+    async def _plan(
+        self, request: EdgeRequest, trace: dict[str, Any], runtime: EdgeRuntime
+    ) -> _Plan:
+        """A request made ready to route: refused when draining or for an unknown model, its
+        samples gated, its prompt encoded, the threshold in force for its scored length."""
         node = self.node
         if node.draining:
             # The same answer a draining cloud worker gives: go elsewhere, not "busy, retry".
             raise Unavailable("this edge node is draining", retry_after=5.0)
         cloud_only = self.check_model(request.model)
-        runtime = variant_runtime or node.runtime
         # The request's perplexity without the user's samples, when the gate measured it.
         plain_perplexity: float | None = None
         if request.with_samples is not None:
@@ -191,9 +247,6 @@ class Router:
                 request = dataclasses.replace(request, with_samples=None)
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
         scored_tokens = len(scored_positions(len(prompt_ids), span))
-        # A personalized request's persona/samples prefix, reused by the runtime when kept.
-        prefix = _prefix(runtime, request.prompt, prompt_ids, request.prefix_key,
-                         request.prefix_chars)  # fmt: skip
         facts = RequestFacts(
             prompt_tokens=len(prompt_ids),
             max_tokens=request.options.max_tokens,
@@ -202,100 +255,95 @@ class Router:
             cloud_only_model=cloud_only,
         )
         policy = node.routing_policy
-        # (threshold, its source, scored tokens): reported with the route.
         chat = request.messages is not None
         threshold = (*node.threshold_for(scored_tokens, chat=chat), scored_tokens)
         if threshold[0] != policy.perplexity_threshold:
             policy = policy.model_copy(update={"perplexity_threshold": threshold[0]})
-        # Judged once, on arrival: after the prefill the request's own job would count.
-        wait_s = runtime.estimate_wait_s()
+        # A personalized request's persona/samples prefix, reused by the runtime when kept.
+        prefix = _prefix(runtime, request.prompt, prompt_ids, request.prefix_key,
+                         request.prefix_chars)  # fmt: skip
+        # The wait is judged once, on arrival: after the prefill the request's own job counts.
+        return _Plan(request, runtime, prompt_ids, span, prefix, facts, policy, threshold,
+                     runtime.estimate_wait_s(), plain_perplexity)  # fmt: skip
 
-        def route(
-            perplexity: float | None = None, *, cloud: bool | None = None, prefilled: bool = False
-        ) -> Decision:
-            available = (not request.local_only) and (
-                node.cloud_available() if cloud is None else cloud
-            )
-            state = EdgeState(runtime.context_length, wait_s)
-            return decide(facts, state, policy, cloud_available=available,
-                          perplexity=perplexity, prefilled=prefilled)  # fmt: skip
+    def _decide(
+        self, plan: _Plan, perplexity: float | None = None, *, prefilled: bool = False
+    ) -> Decision:
+        """The routing rules applied to the plan and the node's state now."""
+        available = not plan.request.local_only and self.node.cloud_available()
+        state = EdgeState(plan.runtime.context_length, plan.wait_s)
+        return decide(plan.facts, state, plan.policy, cloud_available=available,
+                      perplexity=perplexity, prefilled=prefilled)  # fmt: skip
 
-        decision = route()
-        perplexity: float | None = None
-        generation = None
-        drafted: list[Token] = []
-        finished: Finished | None = None
-        if decision.target is Target.PREFILL:
-            try:
-                generation = runtime.submit(
-                    prompt_ids,
-                    request.options,
-                    hold_after_prefill=True,
-                    score_span=span,
-                    adapter=request.adapter,
-                    grammar=request.grammar,
-                    **prefix,
+    async def _judge(self, plan: _Plan) -> tuple[Decision, _Judged]:
+        """Decide on arrival; when that says prefill, decide again on the prompt perplexity,
+        then once more on a second-stage draft. A generation kept for the edge is held."""
+        decision = self._decide(plan)
+        judged = _Judged()
+        if decision.target is not Target.PREFILL:
+            return decision, judged
+        request = plan.request
+        try:
+            generation = plan.runtime.submit(
+                plan.prompt_ids, request.options, hold_after_prefill=True,
+                score_span=plan.span, adapter=request.adapter, grammar=request.grammar,
+                **plan.prefix,
+            )  # fmt: skip
+        except Overloaded:
+            return self._when_queue_full(request), judged
+        try:
+            prefill = await generation.next_event()
+            assert isinstance(prefill, Prefill)
+            judged.perplexity = plan.plain_perplexity or prefill.perplexity
+            decision = self._decide(plan, judged.perplexity, prefilled=True)
+            if decision.target is Target.EDGE and plan.policy.second_stage_k > 0:
+                generation.resume()
+                judged.drafted, judged.finished, decision = await self._draft(
+                    generation, plan.policy
                 )
-            except Overloaded:
-                decision = self._when_queue_full(request)
-        if generation is not None:
-            try:
-                prefill = await generation.next_event()
-                assert isinstance(prefill, Prefill)
-                perplexity = plain_perplexity or prefill.perplexity
-                decision = route(perplexity, prefilled=True)
-                if decision.target is Target.EDGE and policy.second_stage_k > 0:
-                    generation.resume()
-                    drafted, finished, decision = await self._draft(generation, policy)
-            except BaseException:
-                generation.cancel()
-                raise
-            if decision.target is Target.CLOUD:
-                generation.cancel()
-                generation = None
-
+        except BaseException:
+            generation.cancel()
+            raise
         if decision.target is Target.CLOUD:
-            trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-            async for item in self.cloud.serve(
-                request, runtime, prompt_ids, decision, started, perplexity, threshold, trace
-            ):
-                yield item
-            return
-
-        if generation is None:
-            options = request.options
-            if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
-                options = options.with_max_tokens(decision.max_tokens)
-            try:
-                generation = runtime.submit(
-                    prompt_ids, options, adapter=request.adapter, grammar=request.grammar, **prefix
-                )
-            except Overloaded:
-                decision = self._when_queue_full(request)
-                trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-                async for item in self.cloud.serve(
-                    request, runtime, prompt_ids, decision, started, perplexity, threshold, trace
-                ):
-                    yield item
-                return
-            # Decided: answer at once; the Prefill event is skipped in the loop below.
+            generation.cancel()
         else:
-            generation.resume()
+            judged.generation = generation
+        return decision, judged
+
+    def _submit(self, plan: _Plan, decision: Decision) -> Generation:
+        """Start the local answer of a request decided for the edge on arrival."""
+        request, options = plan.request, plan.request.options
+        if decision.max_tokens is not None and decision.max_tokens != options.max_tokens:
+            options = options.with_max_tokens(decision.max_tokens)
+        return plan.runtime.submit(plan.prompt_ids, options, adapter=request.adapter,
+                                   grammar=request.grammar, **plan.prefix)  # fmt: skip
+
+    async def _serve_local(
+        self,
+        plan: _Plan,
+        decision: Decision,
+        judged: _Judged,
+        generation: Generation,
+        started: float,
+        trace: dict[str, Any],
+    ) -> AsyncGenerator[Item, None]:
+        """The edge's answer: its `RouteInfo`, then the generation streamed (the drafted
+        tokens first) by the runtime that serves it, the node's or a variant's."""
+        node = self.node
         node.record_route(decision)
         yield RouteInfo(
             "edge",
             decision.reason.value,
-            request.request_id,
+            plan.request.request_id,
             node.settings.edge_model_name,
             (time.perf_counter() - started) * 1e3,
-            perplexity,
-            *threshold,
+            judged.perplexity,
+            *plan.threshold,
             samples_in_context=trace.get("samples_in_context"),
         )
         # aclosing: a client that hangs up cancels the generation now, not at GC.
-        local = stream_local(
-            generation, started, node.counters.stats, drafted, finished, runtime.version
-        )
+        local = stream_local(generation, started, node.counters.stats, judged.drafted,
+                             judged.finished, plan.runtime.version)  # fmt: skip
         async with contextlib.aclosing(local) as items:
             async for item in items:
                 yield item
