@@ -312,39 +312,6 @@ def render(config: ServerConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cluster_configs(
-    hosts: Sequence[str],
-    *,
-    client_port: int = 4222,
-    cluster_port: int = 6222,
-    store_dir: Path | None = Path("/var/lib/hybridgen/nats"),
-    **common: object,
-) -> list[str]:
-    """One config per node of a cluster whose node `i` runs on `hosts[i]`.
-
-    Every node listens on the same ports; routes name every node. Extra keyword
-    arguments go to each node's `ServerConfig` (users, tls, cluster_name, js_domain, and
-    `leaf_port` to make every node a hub that edge sites' leaf nodes dial, ...).
-    """
-    if len(hosts) < 3:
-        raise ValueError("a JetStream cluster needs at least 3 nodes")
-    routes = [f"nats-route://{host}:{cluster_port}" for host in hosts]
-    return [
-        render(
-            ServerConfig(
-                topology="cluster",
-                name=f"hg-{index + 1}",
-                port=client_port,
-                cluster_port=cluster_port,
-                routes=routes,
-                store_dir=store_dir,
-                **common,  # type: ignore[arg-type]
-            )
-        )
-        for index in range(len(hosts))
-    ]
-
-
 # -- secrets on disk --------------------------------------------------------------------------
 
 #: Mode of the secrets directory and of each file in it: the owner only.

@@ -40,7 +40,6 @@ BucketT = TypeVar("BucketT", KeyValue, ObjectStore)
 log = logging.getLogger(__name__)
 
 _KV_DELETES = ("DEL", "PURGE")
-_SHA_HEADER = "Hg-Sha256"
 _META_HEADER = "Hg-Meta"
 _FETCH_BATCH = 64
 

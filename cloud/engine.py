@@ -111,7 +111,6 @@ class EngineConfig:
             longer prompt is prefilled in chunks, between decode steps of the running rows.
         cache_tokens: most tokens (prompt + max_tokens, summed) admitted at once; requests
             beyond it wait in FIFO order (None: no limit but the rows).
-        page_size: unused (kept for configurations written for the paged engine).
         threads: torch intra-op threads on CPU (None: all cores).
         device: "cpu", "cuda" or None (CUDA when available).
         dtype: "auto" (bf16 on CUDA and on CPUs with bf16 math, else fp32), "float32" or
@@ -123,7 +122,6 @@ class EngineConfig:
     max_batch_requests: int = 32
     max_batch_tokens: int = 1024
     cache_tokens: int | None = 16384
-    page_size: int = 32
     threads: int | None = None
     device: str | None = None
     dtype: str = "auto"

@@ -61,10 +61,3 @@ def train_tokenizer(
     fast.save_pretrained(str(out_dir))
     logger.info("tokenizer: %d tokens saved to %s", tokenizer.get_vocab_size(), out_dir)
     return out_dir
-
-
-def load_tokenizer(path: Path):  # type: ignore[no-untyped-def]
-    """Load a saved tokenizer folder with transformers (build side only)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

@@ -7,6 +7,7 @@ import shutil
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -15,7 +16,7 @@ from nats.aio.client import Client
 from broker import errors, subjects, wire
 from broker.bus import GenerationService, Responder, connect
 from broker.cli import config_main
-from broker.config import ServerConfig, TLSFiles, User, cluster_configs, render, self_signed_tls
+from broker.config import ServerConfig, TLSFiles, User, render, self_signed_tls
 from broker.server import NatsServer, find_nats_server, free_port
 from broker.sites import LeafSite, leaf_site_permissions
 from broker.store import ArtifactStore, FleetConfig
@@ -34,6 +35,16 @@ USERS = [
     User("api", "api-pw", "api"),
     User("ops", "ops-pw", "operator"),
 ]
+
+
+def cluster_texts(hosts: list[str], **common: Any) -> list[str]:
+    """Each node's config of a cluster on `hosts`, routes to every node on port 6222, as
+    `hybridgen broker config --role cluster --routes ... --node-index i` renders it."""
+    routes = [f"nats-route://{host}:6222" for host in hosts]
+    return [
+        render(ServerConfig(topology="cluster", name=f"hg-{index}", routes=routes, **common))
+        for index in range(1, len(hosts) + 1)
+    ]
 
 
 def check_config(path: Path) -> None:
@@ -94,7 +105,7 @@ def test_every_topology_passes_nats_server_check(tmp_path: Path, certs: TLSFiles
         path = tmp_path / f"{name}.conf"
         path.write_text(render(config))
         check_config(path)
-    texts = cluster_configs(
+    texts = cluster_texts(
         ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
         store_dir=tmp_path / "c",
         users=USERS,
@@ -318,13 +329,13 @@ async def test_tls_client_connects(tmp_path: Path, certs: TLSFiles, start_nats) 
 def test_cluster_routes_render_with_verified_tls(certs: TLSFiles) -> None:
     """Every rendered cluster node's routes use TLS with the CA and `verify: true`; only an
     explicit `cluster_insecure` renders them in clear."""
-    texts = cluster_configs(["n1", "n2", "n3"], store_dir=None, cluster_tls=certs)
+    texts = cluster_texts(["n1", "n2", "n3"], cluster_tls=certs)
     for text in texts:
         cluster = text.split("cluster {", 1)[1]
         tls = cluster.split("tls {", 1)[1].split("}", 1)[0]
         assert f'cert_file: "{certs.cert}"' in tls and f'ca_file: "{certs.ca}"' in tls
         assert "verify: true" in tls
-    insecure = cluster_configs(["n1", "n2", "n3"], store_dir=None, cluster_insecure=True)
+    insecure = cluster_texts(["n1", "n2", "n3"], cluster_insecure=True)
     assert "tls {" not in insecure[0]
 
 
