@@ -1,0 +1,124 @@
+"""Per-token math of the worker: log-probabilities, top-k scores, adapter mixing, search options.
+
+A token's log-probability is read from the raw logits the worker fetched before sampling
+(log-softmax before temperature) and kept for the router. A request that asks for
+`top_logprobs` also gets the k most likely tokens of each step: `np.argpartition` over V (no
+Python loop over the vocabulary), then a sort of those k only, scored against the same
+logsumexp.
+
+Personalization. A request may carry a per-user adapter (`edge.adapt.NgramCache`). At each
+step the worker asks it for its sparse next-token distribution after the context (the
+prompt's tail, then the generated tokens); when its gate is open the logits are mixed in
+place (`edge.adapt.mix_logits`: one logsumexp over V, then only the cache's tokens) and
+handed back with `Generator.set_logits((1, 1, V) float32)` before `generate_next_token()`,
+which then samples from the mixture (temperature, top-p and top-k apply to the mixed logits).
+The reported log-probability is that of the mixed distribution and reuses the logsumexp, so
+it costs no second pass over V. A request without an adapter runs none of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
+from serving.sampling import SamplingParams
+
+
+def log_softmax(logits: np.ndarray, index: int | None = None) -> np.ndarray | float:
+    """Log-softmax over the last axis, or only the log-probability of entry `index`.
+
+    Args:
+        logits: (..., V) raw logits (any float dtype; the result keeps it).
+        index: with a 1-D `logits`, return just `log p[index]` as a float: one max, one
+            exp-and-sum over V and a subtraction, without building the (V,) result (per
+            decoded token this is the cheap path; float32 is exact enough here: the max is
+            subtracted first and numpy sums pairwise).
+
+    Returns:
+        The (..., V) log-probabilities, or a float when `index` is given.
+    """
+    peak = logits.max(axis=-1, keepdims=True)
+    if index is not None:
+        total = float(np.exp(logits - peak).sum())
+        return float(logits[index] - peak[0]) - float(np.log(total))
+    shifted = logits - peak
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_logprob(logits: np.ndarray, token_id: int, mixed_lse: float | None) -> float:
+    """Log-probability of `token_id` under the (V,) `logits` it was drawn from.
+
+    `mixed_lse`: the logsumexp of adapter-mixed logits (`mix_adapter`), reused; None: the
+    logits are the model's own and are normalized here.
+    """
+    if mixed_lse is None:
+        return float(log_softmax(logits, token_id))
+    return float(logits[token_id]) - mixed_lse
+
+
+def search_options(options: SamplingParams, vocab_size: int) -> dict[str, Any]:
+    """onnxruntime-genai search options of a request, but `max_length`."""
+    search: dict[str, Any] = {}
+    if options.temperature > 0:
+        search.update(
+            do_sample=True,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k or vocab_size,
+        )
+        if options.seed is not None:
+            search["random_seed"] = options.seed
+    else:
+        search["do_sample"] = False
+    return search
+
+
+def top_scores(
+    logits: np.ndarray,
+    token_id: int,
+    top_logprobs: int,
+    lse: float | None,
+    decode: Callable[[list[int]], str],
+) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """The chosen token's text and the step's `top_logprobs` most likely tokens.
+
+    `logits` are the (V,) logits the token was drawn from (mixed, for an adapter, with
+    their logsumexp `lse`; None: computed here). Top-k by `np.argpartition`, O(V).
+    """
+    k = min(top_logprobs, logits.shape[-1])
+    if k <= 0:
+        return decode([token_id]), ()
+    total = logsumexp(logits) if lse is None else lse
+    ids = np.argpartition(logits, -k)[-k:]
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    top = tuple((decode([int(i)]), float(logits[i]) - total) for i in ids)
+    return decode([token_id]), top
+
+
+def mix_adapter(
+    adapter: NgramCache, context: Sequence[int], raw: np.ndarray, generator: Any
+) -> float | None:
+    """Mix `adapter` into `raw` ((1, 1, V) logits) and hand them to `generator`.
+
+    Returns the logsumexp of the mixed logits, or None when the gate is closed (the
+    generator keeps its own logits).
+    """
+    try:
+        ids, probs, weight = adapter.predict(context)
+    except (RuntimeError, KeyError):  # updated by another thread meanwhile: skip a step
+        return None
+    if weight <= 0.0:
+        return None
+    if int(ids.max()) >= raw.shape[-1]:  # learned with another tokenizer: ignore those ids
+        keep = ids < raw.shape[-1]
+        ids, probs = ids[keep], probs[keep]
+        if len(ids) == 0:
+            return None
+    logits = raw[0, 0]
+    lse = logsumexp(logits)
+    mix_logits(logits, ids, probs, weight, lse=lse)
+    generator.set_logits(raw)
+    return mixed_logsumexp(lse, probs, weight)

@@ -1,0 +1,260 @@
+"""The worker thread: one thread owns the model and steps a small pool of generators.
+
+Scheduling. Generators are stepped round-robin (one token each per pass); requests beyond the
+pool wait in a bounded FIFO (`EdgeRuntime.submit`). There is no dynamic batching on CPU:
+`og.Engine` batches statically, and a batched `Generator` cannot admit late arrivals or mix
+sampling options. Round-robin gives the same throughput as running requests one after the
+other, but a short request is no longer stuck behind a long one and every client streams at
+once. Static batching is faster for identical arrivals; it is not used because requests
+arrive one by one over HTTP.
+
+`Worker` is `EdgeRuntime`'s thread side (a mixin: the state it reads is set by
+`EdgeRuntime.__init__`): the loop (`_run`), the prefill, one decode step and the end of a
+request, and the hand-over of prefix generators to the `PrefixCache`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+import onnxruntime_genai as og
+
+from broker.errors import BadRequest, Internal
+from broker.wire import FinishReason
+from edge.runtime.events import Finished, Prefill, Token
+from edge.runtime.jobs import Job
+from edge.runtime.prefix import PREFIX_LENGTH_STEP, Kept, PrefixCache, reusable_depth
+from edge.runtime.steps import mix_adapter, search_options, token_logprob, top_scores
+from models.ort_edge import EdgeModel
+from models.scoring import prefill, scored_positions
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """The worker thread's side of `EdgeRuntime` (see the module docstring)."""
+
+    # Set by EdgeRuntime.__init__.
+    edge_model: EdgeModel
+    context_length: int
+    vocab_size: int
+    max_active: int
+    stop_token_ids: set[int]
+    kv_bytes_per_token: int
+    tokens_generated: int
+    cancelled: int
+    prefix_hits: int
+    prefix_misses: int
+    _model: Any
+    _og_tokenizer: Any
+    _lock: threading.Condition
+    _pending: deque[Job]
+    _active: list[Job]
+    _closing: bool
+    _step_s: float
+    _prefix: PrefixCache
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def _warm_up(self) -> None:
+        """Run a few steps so the per-token estimate starts from a measurement."""
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(max_length=min(self.context_length, 12), do_sample=False)
+        generator = og.Generator(self._model, params)
+        generator.append_tokens([0, 0, 0, 0])
+        steps, started = 0, time.perf_counter()
+        while not generator.is_done() and steps < 6:
+            generator.get_logits()  # same order as `_step`: this runs the forward pass
+            generator.generate_next_token()
+            steps += 1
+        self._step_s = (time.perf_counter() - started) / max(steps, 1)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._active = [j for j in self._active if not self._drop_if_cancelled(j)]
+                while self._pending and len(self._active) < self.max_active:
+                    job = self._pending.popleft()
+                    if not self._drop_if_cancelled(job):
+                        self._active.append(job)  # prefilled below, outside the lock
+                runnable = [j for j in self._active if j.generator is None or not j.held]
+                if not runnable:
+                    if self._closing and not self._active and not self._pending:
+                        self._prefix.clear()
+                        return
+                    self._lock.wait(0.5)
+                    continue
+            for job in runnable:
+                try:
+                    if job.generator is None:
+                        self._prefill(job)
+                    elif not job.cancelled and not job.held:
+                        self._step(job)
+                except Exception as exc:  # one broken request must not stop the others
+                    logger.exception("edge generation failed")
+                    job.emit(Internal(f"edge generation failed ({type(exc).__name__}: {exc})"))
+                    job.failed = True
+                    job.cancelled = True
+
+    def _drop_if_cancelled(self, job: Job) -> bool:
+        if job.cancelled:
+            if not job.finished and not job.failed:
+                self.cancelled += 1
+            self._keep(job)
+            job.generator = None
+            job.stream = None
+        return job.cancelled
+
+    # ------------------------------------------------------------------ prefix reuse
+
+    def _prefix_cache_key(self, job: Job) -> Hashable:
+        """The LRU key: the prefix key and the sampling options a generator is made with."""
+        search = search_options(job.options, self.vocab_size)
+        return (job.prefix_key, tuple(sorted(search.items())))
+
+    def _take_prefix(self, job: Job, needed: int) -> tuple[Any, int]:
+        """A kept generator rewound for `job` and how many tokens it supplies, or (None, 0)."""
+        depth = reusable_depth(job.prompt_ids, job.prefix_len, job.score_span)
+        kept = self._prefix.take(self._prefix_cache_key(job)) if depth > 0 else None
+        if (
+            kept is None
+            or needed > kept.max_length
+            or kept.prefix_ids != tuple(job.prompt_ids[: job.prefix_len])
+        ):
+            self.prefix_misses += 1
+            return None, 0  # a mismatched or too short kept generator is dropped here
+        kept.generator.rewind_to(depth)
+        job.max_length = kept.max_length
+        self.prefix_hits += 1
+        return kept.generator, depth
+
+    def _keep(self, job: Job) -> None:
+        """Hand a finished (or cancelled) prefix request's generator to the LRU (once)."""
+        if job.prefix_key is None or job.generator is None or job.failed or job.released:
+            return
+        job.released = True
+        if self._closing:
+            return
+        self._prefix.put(
+            self._prefix_cache_key(job),
+            Kept(
+                generator=job.generator,
+                prefix_ids=tuple(job.prompt_ids[: job.prefix_len]),
+                max_length=job.max_length,
+                nbytes=self.kv_bytes_per_token * job.max_length,
+            ),
+            job.epoch,
+            job.enqueued_at,
+        )
+
+    # ------------------------------------------------------------------ one request
+
+    def _prefill(self, job: Job) -> None:
+        started = time.perf_counter()
+        needed = min(self.context_length, len(job.prompt_ids) + job.options.max_tokens)
+        generator, reused = (None, 0)
+        if job.prefix_key is not None:
+            generator, reused = self._take_prefix(job, needed)
+        if generator is None:
+            generator = self._new_generator(job, needed)
+            if generator is None:
+                return
+        perplexity = prefill(generator, job.prompt_ids, job.score_span, start=reused)
+        job.generator = generator
+        job.stream = self._og_tokenizer.create_stream()
+        job.emit(
+            Prefill(
+                prompt_tokens=len(job.prompt_ids),
+                perplexity=perplexity,
+                queue_wait_s=started - job.enqueued_at,
+                prefill_s=time.perf_counter() - started,
+                scored_tokens=len(scored_positions(len(job.prompt_ids), job.score_span)),
+                reused_tokens=reused,
+            )
+        )
+
+    def _new_generator(self, job: Job, needed: int) -> Any:
+        """A fresh generator for `job`, or None when the model refuses its grammar (the job
+        then has its error and is dropped)."""
+        params = og.GeneratorParams(self._model)
+        if job.prefix_key is not None:  # kept afterwards: room for the next requests
+            step = PREFIX_LENGTH_STEP
+            needed = min(self.context_length, -(-needed // step) * step)
+            job.max_length = needed
+        params.set_search_options(max_length=needed, **search_options(job.options, self.vocab_size))
+        if job.grammar is None:
+            return og.Generator(self._model, params)
+        try:
+            params.set_guidance(*job.grammar.og_guidance())
+            return og.Generator(self._model, params)
+        except Exception as exc:  # onnxruntime-genai refuses the grammar
+            job.emit(
+                BadRequest(
+                    f"the edge model cannot decode under this {job.grammar.kind} grammar: {exc}",
+                    param="response_format",
+                )
+            )
+            job.failed = job.cancelled = True
+            return None
+
+    def _step(self, job: Job) -> None:
+        generator = job.generator
+        if generator.is_done() or job.remaining <= 0:
+            self._finish(job, "length")
+            return
+        started = time.perf_counter()
+        # onnxruntime-genai runs the model lazily: `get_logits()` here runs the forward pass
+        # of the last token and returns the distribution the next token is drawn from, and
+        # `generate_next_token()` then only samples from it. Reading the logits *after*
+        # `generate_next_token()` would run the following position's forward pass early and
+        # score the chosen token under the wrong distribution (and waste one forward pass
+        # per request on the last token).
+        raw = generator.get_logits()
+        logits = raw[0, 0]  # (V,) raw logits, before temperature
+        mixed_lse = None
+        if job.adapter is not None:  # mixes `logits` in place when its gate is open
+            mixed_lse = mix_adapter(job.adapter, job.context, raw, generator)
+        generator.generate_next_token()
+        token_id = int(generator.get_next_tokens()[0])
+        self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+        if job.adapter is not None:
+            job.context.append(token_id)
+        logprob = token_logprob(logits, token_id, mixed_lse)
+        job.completion_tokens += 1
+        self.tokens_generated += 1
+        if token_id in self.stop_token_ids:
+            job.emit(Token(token_id=token_id, text="", logprob=logprob))
+            self._finish(job, "stop")
+            return
+        released, stopped = job.stops.push(job.stream.decode(token_id))
+        if job.options.logprobs:
+            decode = self.edge_model.decode
+            token, top = top_scores(logits, token_id, job.options.top_logprobs, mixed_lse, decode)
+            job.emit(Token(token_id, released, logprob, token=token, top=top))
+        else:
+            job.emit(Token(token_id=token_id, text=released, logprob=logprob))
+        if stopped:
+            self._finish(job, "stop", flush=False)
+        elif generator.is_done() or job.remaining <= 0:
+            self._finish(job, "length")
+
+    def _finish(self, job: Job, reason: FinishReason, *, flush: bool = True) -> None:
+        tail = job.stops.flush() if flush else ""
+        self._keep(job)  # before Finished: the caller's next request finds it kept
+        job.finished = True
+        job.emit(
+            Finished(
+                finish_reason=reason,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=job.completion_tokens,
+                text=tail,
+            )
+        )
+        job.cancelled = True  # dropped from the pool at the next pass
