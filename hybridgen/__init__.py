@@ -1,7 +1,7 @@
 """hybridgen's top layer: the `hybridgen` command, the all-in-one launcher and the benchmarks.
 
 Everything here may import every part; no part imports this package. `hybridgen.cli`
-dispatches to each part's own `main`, `hybridgen.launcher` runs `hybridgen up`, and
+dispatches to each part's own `main`, `hybridgen.up` runs `hybridgen up`, and
 `hybridgen.benches` is the explicit table of `hybridgen bench NAME`.
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("hybridgen.launcher", "main", "start broker, cloud worker, cloud API and edge node"),
+    "up": ("hybridgen.up.cli", "main", "start broker, cloud worker, cloud API and edge node"),
     "broker": ("broker.cli", "main", "run a nats-server, or print a deployment config"),
     "models": ("models.cli", "main", "build, verify, list, publish and pull model sets"),
     "cloud": ("cloud.cli", "main", "run a cloud generation worker or the cloud API"),

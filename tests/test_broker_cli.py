@@ -16,7 +16,8 @@ from broker import bench
 from broker.bus import connect
 from broker.cli import main as broker_main
 from broker.server import find_nats_server
-from hybridgen.launcher import Backoff, ChildSpec, Launcher, http_ready
+from hybridgen.up.spec import ChildSpec, http_ready
+from hybridgen.up.supervisor import Backoff, Launcher
 from tests.waits import BOUND_S, eventually
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,7 +213,7 @@ async def test_http_ready_check() -> None:
 def test_up_opens_the_console_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from hybridgen.launcher import console_child, wants_console
+    from hybridgen.up.children import console_child, wants_console
 
     args = argparse.Namespace(headless=False, broker_only=False)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)

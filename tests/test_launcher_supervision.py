@@ -22,14 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from hybridgen.launcher import (
-    Backoff,
-    ChildSpec,
-    Launcher,
-    console_child,
-    default_children,
-    where_lines,
-)
+from hybridgen.up.children import console_child, default_children
+from hybridgen.up.spec import ChildSpec
+from hybridgen.up.supervisor import Backoff, Launcher
+from hybridgen.up.tell import where_lines
 from tests.waits import BOUND_S, eventually
 
 #: A child that counts its runs in the file it is given: runs 1-3 and 5 crash at once

@@ -27,7 +27,9 @@ from broker.config import ServerConfig, render
 from broker.server import NatsServer
 from broker.settings import BusSettings
 from broker.streaming import request_stream
-from hybridgen.launcher import BROKER, DEFAULT_PORT, ChildSpec, Launcher
+from hybridgen.up.bus import BROKER, DEFAULT_PORT
+from hybridgen.up.spec import ChildSpec
+from hybridgen.up.supervisor import Launcher
 from tests.fixtures_secure_bus import Bus
 from tests.waits import BOUND_S, eventually
 

@@ -25,7 +25,7 @@ from broker.errors import Unavailable
 from broker.settings import BusSettings
 from hybridgen.benches import BENCHES
 from hybridgen.cli import COMMANDS
-from hybridgen.launcher import _parser
+from hybridgen.up.cli import _parser
 from tests.waits import BOUND_S
 
 REPO = Path(__file__).resolve().parent.parent

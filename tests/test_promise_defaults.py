@@ -19,7 +19,9 @@ from edge.cli import build_parser as edge_parser
 from edge.cli import settings_from_args
 from edge.personal.store import UserStore
 from edge.settings import EdgeSettings
-from hybridgen.launcher import Backoff, _parser, default_children
+from hybridgen.up.children import default_children
+from hybridgen.up.cli import _parser
+from hybridgen.up.supervisor import Backoff
 from serving.slow_clients import deadline_protocol
 
 # --------------------------------------------------------------------- docs/edge.md

@@ -30,7 +30,7 @@ from cloud.api import create_app as create_cloud_api
 from cloud.settings import ApiSettings
 from edge.cli import build_app as build_edge_app
 from edge.settings import EdgeSettings
-from hybridgen.launcher import Launcher
+from hybridgen.up.supervisor import Launcher
 from tests.fixtures_secure_bus import MODEL, Bus, drain, echo, generate, kv_put_fails
 from tests.waits import eventually
 

@@ -36,7 +36,8 @@ from broker.store import ArtifactStore, FleetConfig
 from broker.streaming import request_stream
 from cloud.api import create_app as create_cloud_api
 from cloud.settings import ApiSettings
-from hybridgen.launcher import Launcher, default_children
+from hybridgen.up.children import default_children
+from hybridgen.up.supervisor import Launcher
 from tests.fixtures_secure_bus import MODEL, Bus, echo, generate
 from tests.fixtures_tui import until
 from tests.live import serve_app

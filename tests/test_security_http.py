@@ -21,7 +21,8 @@ from cloud.api import create_app as create_cloud_app
 from cloud.settings import ApiSettings
 from edge.api.app import create_app
 from edge.settings import EdgeSettings
-from hybridgen.launcher import ChildSpec, give_edges_an_admin_key
+from hybridgen.up.children import give_edges_an_admin_key
+from hybridgen.up.spec import ChildSpec
 from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
 from tests.live import serve_app

@@ -30,7 +30,8 @@ from edge.personal.resident import largest_user_bytes
 from edge.personal.store import ProfileUpdate, UserLimits, UserStore
 from edge.runtime import EdgeRuntime, Prefill, SamplingParams
 from edge.settings import EdgeSettings
-from hybridgen import launcher
+from hybridgen.up import supervisor, tell
+from hybridgen.up.spec import ChildSpec
 from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, LiveEdge
 from tests.test_edge_prefix import chat as prefix_chat
 from tests.waits import wait_until
@@ -249,21 +250,21 @@ async def test_launcher_and_nats_server_logs_are_owner_only(tmp_path: Path) -> N
     root = logging.getLogger()
     before = list(root.handlers)
     try:
-        launcher._log_to_file(own, only=False)
+        tell._log_to_file(own, only=False)
         logging.getLogger("hybridgen.up").info("a line")
     finally:
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
             handler.close()
-        for handler in list(launcher._where_log.handlers):
-            launcher._where_log.removeHandler(handler)
+        for handler in list(tell._where_log.handlers):
+            tell._where_log.removeHandler(handler)
             handler.close()
     assert own.read_bytes()
     assert (mode(own), mode(own.parent)) == (0o600, 0o700)
 
     # A child's log (a real process, as `up` starts them).
-    net = launcher.Launcher(home=tmp_path / "home", secure=False)
-    spec = launcher.ChildSpec(name="probe", argv=[sys.executable, "-c", "print('hello')"])
+    net = supervisor.Launcher(home=tmp_path / "home", secure=False)
+    spec = ChildSpec(name="probe", argv=[sys.executable, "-c", "print('hello')"])
     process = await net._spawn(spec)
     assert await asyncio.wait_for(process.wait(), 30) == 0
     net._logs.pop("probe").close()

@@ -25,7 +25,8 @@ from broker.errors import Unauthorized
 from broker.server import NatsServer, free_port
 from broker.settings import BusSettings
 from broker.store import FleetConfig
-from hybridgen.launcher import STOP_MARGIN_S, Backoff, Launcher
+from hybridgen.up.children import STOP_MARGIN_S
+from hybridgen.up.supervisor import Backoff, Launcher
 from models.registry import ModelSet, set_current
 from tests.fixtures_models import copy_model_set
 from tests.waits import BOUND_S, eventually

@@ -1,0 +1,85 @@
+"""What `hybridgen up` tells: the running network's URLs, logs and credentials, and the log
+file those lines (and the launcher's own log lines) also go to.
+
+The lines go to the terminal unless the console owns it, and always to `launcher.log`, never
+twice on the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from broker.server import open_private_log, private_folder
+from hybridgen.up.bus import OPERATOR_USER
+from hybridgen.up.children import EDGE_ADMIN_KEY
+from hybridgen.up.supervisor import Launcher
+
+#: What `up` prints about the network; it also goes to the launcher log (never twice on the
+#: terminal).
+_where_log = logging.getLogger("hybridgen.up")
+
+
+def _log_to_file(path: Path, *, only: bool) -> None:
+    """Send the launcher's own log lines to `path` too (`only`: the console owns the terminal)."""
+    private_folder(path.parent)
+    open_private_log(path).close()  # created 0600: FileHandler keeps the mode
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    if only:
+        for old in list(root.handlers):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    _where_log.propagate = False
+    _where_log.setLevel(logging.INFO)
+    _where_log.addHandler(handler)
+
+
+def _tell(line: str, *, terminal: bool) -> None:
+    """One line of what `up` says: on the terminal (unless the console owns it) and in the log."""
+    _where_log.info("%s", line)
+    if terminal:
+        print(line, flush=True)
+
+
+def where_lines(launcher: Launcher) -> list[str]:
+    """What `up` tells about the running network: URLs, logs, and the ready line last."""
+    apis = [spec for spec, _ in launcher.processes if spec.url]
+    edges = [spec.url for spec in apis if spec.name.startswith("edge")]
+    cloud = [spec.url for spec in apis if not spec.name.startswith("edge")]
+    lines = [f"NATS broker at {launcher.url} (export HG_NATS_URL={launcher.url}; "
+             f"also in {launcher.url_file})"]  # fmt: skip
+    for spec, process in launcher.processes:
+        where = "terminal" if spec.foreground else launcher.log_path(spec.name)
+        serving = f", serving {spec.url}" if spec.url else ""
+        lines.append(f"  {spec.name}: pid {process.pid}{serving}, output {where}")
+    lines.append(f"  logs in {launcher.logs_dir}")
+    key_file = launcher.secrets_dir / EDGE_ADMIN_KEY
+    if edges and key_file.is_file():  # as Jupyter shows its token, but not into the log
+        lines.append(
+            f"  users' data on the edge needs its admin key, e.g. curl -H \"Authorization: "
+            f"Bearer $(cat {key_file})\" {edges[0]}/v1/users/<id>/export (keys for an app's "
+            "own users: docs/edge.md)"
+        )
+    lines.append(_bus_line(launcher))
+    parts = []
+    if edges:
+        parts.append(("edge " if len(edges) == 1 else "edges ") + ", ".join(map(str, edges)))
+    if cloud:
+        parts.append("cloud API " + ", ".join(map(str, cloud)))
+    parts += [f"NATS {launcher.url}", f"logs {launcher.logs_dir}"]
+    lines.append("hybridgen is ready: " + " · ".join(parts))
+    return lines
+
+
+def _bus_line(launcher: Launcher) -> str:
+    """How the bus is secured, and where an operator's credentials are."""
+    if not launcher.secure:
+        return "  the bus has NO authentication (--insecure-nats or --nats-url)"
+    tls = f"; TLS, CA {launcher.tls.ca}" if launcher.tls is not None else ""
+    return (
+        f"  bus users per role, credentials in {launcher.secrets_dir}{tls} (by hand: "
+        f"HG_NATS_USER={OPERATOR_USER} "
+        f"HG_NATS_PASSWORD_FILE={launcher.password_file(OPERATOR_USER)})"
+    )
