@@ -25,7 +25,8 @@ from broker import subjects, wire
 from broker.service import send_control
 from edge.runtime import SamplingParams
 from hybridgen import fleet
-from hybridgen.fleet import Bounds, Figures, figures, judge, stages
+from hybridgen.fleet_rollout import stages
+from hybridgen.fleet_watch import Bounds, Figures, figures, judge
 from models import distribution, registry
 from models.registry import ModelSet
 from models.rollouts import load_record
