@@ -4,9 +4,9 @@ Config values are JSON objects, so operators can read them with `nats kv get hg_
 
 Artifacts are written with nats-py's object store (`put`), whose digest is SHA-256. They
 are read back through a pull consumer on the object's chunk subject rather than
-`ObjectStore.get()`, whose push consumer stalls at every flow-control point (about 0.9 s
-for 20 MiB here); the pull path also checks the chunk count and the SHA-256 itself and
-writes to a temporary file that is renamed into place only when both match.
+`ObjectStore.get()`, whose push consumer stalls at every flow-control point; the pull path
+also checks the chunk count and the SHA-256 itself and writes to a temporary file that is
+renamed into place only when both match.
 """
 
 from __future__ import annotations

@@ -1,47 +1,32 @@
-"""The cloud generation engine: step-level dynamic batching on the model's own forward.
+"""The cloud generation engine: one loaded model behind step-level dynamic batching.
 
-Only the public model API is used: `model(input_ids, attention_mask, position_ids,
-cache=..., logits_to_keep=1)` with a transformers `Cache` of our own layers. One
-persistent generation thread (`cloud.scheduler`) runs rounds over a left-padded running
-batch (`cloud.batching`); at each round boundary it
+`Engine` loads a checkpoint (`pick_device`: CUDA when there is one; bf16 where the hardware
+does bf16 math, else fp32), turns each request into a `Ticket` for its one generation thread
+(`cloud.scheduler`) and streams the tokens back as `Delta`s, detokenized incrementally and
+matched against stop strings (`cloud.text`, `serving.stops`), with log-probabilities when
+asked for.
+
+Why its own batching rather than transformers' `generate`: requests join and leave the
+running batch between steps, so a new request does not wait for the running ones to end;
+the KV cache is one preallocated slab per layer written in place, where transformers'
+`DynamicLayer` copies the whole cache on every step (`cloud.batching`); each row samples
+with its own settings, seed and grammar (`cloud.sampling`). The model is driven through its
+forward with a transformers `Cache` of the engine's own layers, so only full-attention
+models are served. Each round of the generation thread:
 
 1. drops cancelled rows (marked dead; the slab is compacted once a quarter are dead);
 2. admits waiting requests in FIFO order while the rows (`max_batch_requests`) and the
-   tokens admitted (prompt + max_tokens, `cache_tokens`) allow — the first request that
-   does not fit waits, and so does everything behind it; a request alone always gets in;
-3. prefills the admitted requests in groups of similar prompt length (left-padded
-   together, at most 25% padding), `max_batch_tokens` tokens per forward, one chunk per
-   round so the running rows keep decoding between the chunks of a long prompt; a
-   finished group's first tokens are sampled and the group is merged into the running
-   batch (`rebuild`: one copy, rows sorted longest first, unneeded padding dropped);
-4. runs one decode step for every running row (per-row `position_ids`; on SDPA models the
-   4D padding mask and attention per range of rows of similar length, `cloud.attention`),
-   then samples per row (`cloud.sampling`: greedy, temperature, top-k, top-p, a
-   `torch.Generator` per row, seeded when the request has a seed).
+   tokens admitted (prompt + max_tokens, `cache_tokens`) allow; a request alone always
+   gets in;
+3. prefills the admitted requests in groups of similar prompt length, `max_batch_tokens`
+   per forward, one chunk per round, then merges a finished group into the running batch;
+4. runs one decode step for every running row (per-row `position_ids`; on SDPA models
+   attention per range of rows of similar length, `cloud.attention`) and samples per row.
 
-The KV cache is one preallocated slab per layer written in place (transformers'
-`DynamicLayer` concatenates, copying the whole cache on every step). Each round's tokens
-go to the requests' asyncio queues with one `loop.call_soon_threadsafe`; `generate`
-detokenizes them incrementally and matches stop strings, holding back text that may start
-one (`cloud.text`). A step that raises fails the rows of that step with `Internal` (a
-prefill: its group; a decode step: the running batch) and the loop goes on.
-
-dtype: bf16 where the hardware does bf16 math (CUDA; a CPU with AVX512_BF16 or AMX), else
-fp32 (`EngineConfig.dtype`, "auto"). Threads: `torch.set_num_threads(threads)` where the
-model is loaded and in the generation thread; the model is loaded in a thread that ends
-(`call_in_fresh_thread`: libgomp slows every thread's parallel regions once idle OpenMP
-pools outnumber the cores).
-
-Measured with `hybridgen bench cloud-batching` (SmolLM2-135M-Instruct, 2 threads of a
-2-core AMD EPYC VM with AVX512_BF16, shared; 16 chat prompts of 37-375 tokens x 64 new
-tokens; four runs; details and where the time goes in `cloud.bench`), tok/s:
-
-    dtype     one at a time  16 at once  padded generate  ratio    vs padded
-    float32   12.6-15.2      87-106      44-50            6.1-8.3  1.9-2.4
-    bfloat16  24-27          133-180     82-93            5.5-7.2  1.6-2.0
-
-The transformers continuous-batching engine this replaces, same bench, fp32: 50 tok/s 16
-at once, 12 one at a time.
+Threads: `torch.set_num_threads(threads)` where the model is loaded and in the generation
+thread; the model is loaded in a thread that ends (`call_in_fresh_thread`: idle OpenMP pools
+that outnumber the cores slow every thread's parallel regions). `hybridgen bench
+cloud-batching` (`cloud.bench`) measures the engine.
 """
 
 from __future__ import annotations
@@ -169,10 +154,9 @@ def call_in_fresh_thread(function: Callable[[], T]) -> T:
     For torch work outside the generation thread (loading the model, a benchmark's
     reference run). libgomp keeps an OpenMP pool for every thread that ever ran a parallel
     region, and once its pools hold more threads than there are cores it cuts the spinning
-    of idle workers from ~300k iterations to 1000: each parallel region then waits for its
-    workers to wake up. On 2 cores that made a decode step of the generation thread ~40%
-    slower (SmolLM2-135M bf16, one row: 36 -> 50 ms) whenever the model had been loaded
-    in the asyncio worker thread that stays alive. A thread that ends frees its pool.
+    of idle workers short: each parallel region then waits for its workers to wake up, and
+    the generation thread's decode steps slow down whenever the model was loaded in an
+    asyncio worker thread that stays alive. A thread that ends frees its pool.
     """
     box: dict[str, Any] = {}
 

@@ -51,7 +51,10 @@ class WorkerSettings(BaseSettings):
     max_batch_requests: int = Field(default=32, ge=1, description="Sequences per forward step.")
     max_batch_tokens: int = Field(default=1024, ge=16, description="Tokens per forward step.")
     cache_tokens: int = Field(
-        default=16384, ge=64, description="KV-cache capacity in tokens (CPU; CUDA sizes itself)."
+        default=16384,
+        ge=64,
+        description="Most prompt + max_tokens, summed over the batch's requests, on CPU and CUDA "
+        "alike (it bounds the KV cache); a request beyond it waits its turn.",
     )
     default_max_tokens: int = Field(
         default=256,
