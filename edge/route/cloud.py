@@ -40,7 +40,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
-from broker.streaming import request_stream
+from broker.streaming import ReplyStream, request_stream
 from edge.lifecycle import NodeLifecycle
 from edge.route.request import (
     EdgeRequest,
@@ -110,92 +110,26 @@ class CloudBridge:
                 answer so far does not fit the edge context.
         """
         node = self.node
-        policy = node.routing_policy
-        nc = node.nc
-        wanted = decision.reason.value
-        if nc is None or not node.breaker.allow():
+        if node.nc is None or not node.breaker.allow():
             async for item in self._serve_locally(request, runtime, started, "no bus"):
                 yield item
             return
-        left_s = self.budget_left_s(request, started)
-        if left_s <= 0:
-            node.breaker.release()
-            raise Timeout(
-                f"request {request.request_id} spent its {self.budget_s(request):g} s deadline "
-                "before it could be sent to the cloud"
-            )
-        # A personalized request: `messages` / `cloud_prompt` are what the user lets the
-        # cloud see (never the samples or the cache; the persona only with share_profile).
-        inputs: dict[str, Any] = (
-            {"messages": request.messages, "tools": request.tools}
-            if request.messages is not None
-            else {"prompt": request.cloud_prompt or request.prompt}
-        )
-        bus_request = wire.GenerateRequest(
-            request_id=request.request_id,
-            # A cloud A/B variant's share goes to the variant's model.
-            model=request.cloud_model or node.settings.cloud_model,
-            # An unset max_tokens lets the cloud use its own default within its own context.
-            max_tokens=request.options.max_tokens if request.max_tokens_given else None,
-            origin=node.node_id,
-            timeout_ms=max(1, int(left_s * 1e3)),
-            **request.options.to_wire(),
-            **inputs,
-            grammar=None if request.grammar is None else request.grammar.to_wire(),
-        )
         trace = {} if trace is None else trace
         async with contextlib.AsyncExitStack() as stack:
             sent = time.perf_counter()
             try:
-                stream = await stack.enter_async_context(
-                    request_stream(
-                        nc,
-                        bus_request,
-                        accept_timeout=policy.cloud_timeout_ms / 1e3,
-                        idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
-                        total_timeout=left_s,
-                    )
-                )
+                stream = await self._open(stack, request, started)
             except CLOUD_DOWN as exc:
-                if isinstance(exc, Timeout) and self.budget_left_s(request, started) <= 0:
+                if self._own_deadline(exc, request, started):
                     node.breaker.release()  # the request's own deadline, not the cloud's fault
                     raise
-                node.breaker.record_failure()
-                node.counters.cloud_failures += 1
-                node.publish_event(
-                    "cloud_error", f"{exc.code.value}: {exc.message}", request.request_id
-                )
+                self._count_failure(request, exc, "")
                 async for item in self._serve_locally(request, runtime, started, exc.code.value):
                     yield item
                 return
-            except BaseException:
-                # Cancelled, or an error that says nothing of the cloud's health: give back
-                # the half-open probe slot `allow()` took, or the breaker would stay stuck.
-                node.breaker.release()
-                raise
             trace["hop_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
             node.breaker.record_success()
-            node.record_route(decision)
-            details: dict[str, Any] = {"reason": wanted}
-            if decision.reason is Reason.LOW_CONFIDENCE:
-                details.update(
-                    prompt_perplexity=perplexity,
-                    perplexity_threshold=threshold[0],
-                    threshold_source=threshold[1],
-                    scored_tokens=threshold[2],
-                )
-            node.publish_event(
-                "fallback", f"served by the cloud: {wanted}", request.request_id, **details
-            )
-            yield RouteInfo(
-                "cloud",
-                wanted,
-                request.request_id,
-                node.settings.cloud_model,
-                (time.perf_counter() - started) * 1e3,
-                perplexity,
-                *threshold,
-            )
+            yield self._accepted(request, decision, started, perplexity, threshold)
             streamed: list[str] = []
             completion_tokens = 0
             try:
@@ -206,38 +140,139 @@ class CloudBridge:
                         streamed.append(chunk.text)
                         yield Piece(chunk.text, scores)
             except HybridgenError as exc:
-                if exc.code in _NOT_RECOVERABLE:
+                if exc.code in _NOT_RECOVERABLE or self._own_deadline(exc, request, started):
+                    # A request that is wrong, cancelled, or out of its own time (no time is
+                    # left to finish it locally; its short budget says nothing of the cloud).
                     raise
-                if isinstance(exc, Timeout) and self.budget_left_s(request, started) <= 0:
-                    # The request's own deadline: no time is left to finish it locally, and
-                    # a client's short budget says nothing of the cloud's health.
-                    raise
-                node.breaker.record_failure()
-                node.counters.cloud_failures += 1
-                node.publish_event(
-                    "cloud_error",
-                    f"cloud failed mid-stream: {exc.code.value}: {exc.message}",
-                    request.request_id,
-                )
+                self._count_failure(request, exc, "cloud failed mid-stream: ")
                 async for item in self._finish_locally(
                     request, runtime, prompt_ids, "".join(streamed), completion_tokens, exc, started
                 ):
                     yield item
                 return
-            done = stream.done
-            assert done is not None
-            if done.served_by:
-                trace["worker"] = done.served_by
-            if done.model_version:
-                trace["cloud_model_version"] = done.model_version
-            outcome = Outcome(
-                done.finish_reason,
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-                model_version=done.model_version,
+            yield self._outcome(stream.done, started, trace)
+
+    async def _open(
+        self, stack: contextlib.AsyncExitStack, request: EdgeRequest, started: float
+    ) -> ReplyStream:
+        """Send the request on the bus; its stream once a worker accepted it.
+
+        Raises:
+            Timeout: the request's budget was spent before it could be sent.
+            NoResponders, Timeout, Overloaded, Unavailable, Internal: the cloud did not
+                accept it (`CLOUD_DOWN`).
+        """
+        node = self.node
+        policy = node.routing_policy
+        assert node.nc is not None
+        left_s = self.budget_left_s(request, started)
+        try:
+            if left_s <= 0:
+                raise Timeout(
+                    f"request {request.request_id} spent its {self.budget_s(request):g} s "
+                    "deadline before it could be sent to the cloud"
+                )
+            return await stack.enter_async_context(
+                request_stream(
+                    node.nc,
+                    self._bus_request(request, left_s),
+                    accept_timeout=policy.cloud_timeout_ms / 1e3,
+                    idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
+                    total_timeout=left_s,
+                )
             )
-            node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
-            yield outcome
+        except CLOUD_DOWN:
+            raise  # the caller counts it, or gives the probe slot back
+        except BaseException:
+            # Cancelled, or an error that says nothing of the cloud's health: give back
+            # the half-open probe slot `allow()` took, or the breaker would stay stuck.
+            node.breaker.release()
+            raise
+
+    def _bus_request(self, request: EdgeRequest, left_s: float) -> wire.GenerateRequest:
+        """The request as the cloud sees it, with what is left of its deadline."""
+        # A personalized request: `messages` / `cloud_prompt` are what the user lets the
+        # cloud see (never the samples or the cache; the persona only with share_profile).
+        inputs: dict[str, Any] = (
+            {"messages": request.messages, "tools": request.tools}
+            if request.messages is not None
+            else {"prompt": request.cloud_prompt or request.prompt}
+        )
+        return wire.GenerateRequest(
+            request_id=request.request_id,
+            # A cloud A/B variant's share goes to the variant's model.
+            model=request.cloud_model or self.node.settings.cloud_model,
+            # An unset max_tokens lets the cloud use its own default within its own context.
+            max_tokens=request.options.max_tokens if request.max_tokens_given else None,
+            origin=self.node.node_id,
+            timeout_ms=max(1, int(left_s * 1e3)),
+            **request.options.to_wire(),
+            **inputs,
+            grammar=None if request.grammar is None else request.grammar.to_wire(),
+        )
+
+    def _own_deadline(self, exc: HybridgenError, request: EdgeRequest, started: float) -> bool:
+        """Whether `exc` is the request's own deadline running out (not the cloud's fault)."""
+        return isinstance(exc, Timeout) and self.budget_left_s(request, started) <= 0
+
+    def _count_failure(self, request: EdgeRequest, exc: HybridgenError, when: str) -> None:
+        """A cloud failure: it feeds the breaker, the counters and a `cloud_error` event."""
+        node = self.node
+        node.breaker.record_failure()
+        node.counters.cloud_failures += 1
+        node.publish_event(
+            "cloud_error", f"{when}{exc.code.value}: {exc.message}", request.request_id
+        )
+
+    def _accepted(
+        self,
+        request: EdgeRequest,
+        decision: Decision,
+        started: float,
+        perplexity: float | None,
+        threshold: ThresholdInfo,
+    ) -> RouteInfo:
+        """A worker took the request: its route is recorded and published (`fallback`)."""
+        node = self.node
+        wanted = decision.reason.value
+        node.record_route(decision)
+        details: dict[str, Any] = {"reason": wanted}
+        if decision.reason is Reason.LOW_CONFIDENCE:
+            details.update(
+                prompt_perplexity=perplexity,
+                perplexity_threshold=threshold[0],
+                threshold_source=threshold[1],
+                scored_tokens=threshold[2],
+            )
+        node.publish_event(
+            "fallback", f"served by the cloud: {wanted}", request.request_id, **details
+        )
+        return RouteInfo(
+            "cloud",
+            wanted,
+            request.request_id,
+            node.settings.cloud_model,
+            (time.perf_counter() - started) * 1e3,
+            perplexity,
+            *threshold,
+        )
+
+    def _outcome(self, done: wire.Done | None, started: float, trace: dict[str, Any]) -> Outcome:
+        """The cloud's `Done` as the answer's `Outcome`; the worker and its model version go
+        to the request's trace."""
+        assert done is not None
+        if done.served_by:
+            trace["worker"] = done.served_by
+        if done.model_version:
+            trace["cloud_model_version"] = done.model_version
+        outcome = Outcome(
+            done.finish_reason,
+            done.usage.prompt_tokens,
+            done.usage.completion_tokens,
+            model_version=done.model_version,
+        )
+        self.node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
+        return outcome
 
     def budget_s(self, request: EdgeRequest) -> float:
         """The request's whole deadline in seconds: the client's own, capped by the policy's
