@@ -19,15 +19,10 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
+from broker.control import send_control, serve_control
 from broker.errors import Unauthorized, Unavailable
 from broker.permissions import inbox_prefix
-from broker.service import (
-    GenerateHandler,
-    GenerationService,
-    Responder,
-    send_control,
-    serve_control,
-)
+from broker.service import GenerateHandler, GenerationService, Responder
 from broker.settings import BusSettings
 
 __all__ = [

@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import Any
 
 import msgpack
-import nats.errors
 from nats import micro
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -37,13 +36,12 @@ from broker.errors import (
     Cancelled,
     HybridgenError,
     Internal,
-    NoResponders,
     Overloaded,
     Timeout,
     Unavailable,
 )
 from broker.inbox_only import add_service, answerable, stop_service
-from broker.permissions import CONTROL_SERVICE, EDGE_SERVICE, WORKER_SERVICE
+from broker.permissions import WORKER_SERVICE
 from broker.telemetry import RequestStats
 
 log = logging.getLogger(__name__)
@@ -246,19 +244,25 @@ class GenerationService:
         """Take requests again after `stop_accepting()`."""
         if self._closed or self.service is not None:
             return
-        service = await add_service(
-            self.nc, name=self.name, version=self.version, metadata=self.metadata
-        )
-        await service.add_endpoint(
-            name="generate",
-            subject=self.subject,
-            queue_group=self.queue_group,
-            handler=self._on_request,
-            metadata={"model": self.model},
-        )
-        await self.nc.flush()
-        self.service = service
+        # Accepting before subscribing: a request the broker routes here while the
+        # subscription is being confirmed is served, not refused as "draining".
         self._accepting = True
+        try:
+            service = await add_service(
+                self.nc, name=self.name, version=self.version, metadata=self.metadata
+            )
+            await service.add_endpoint(
+                name="generate",
+                subject=self.subject,
+                queue_group=self.queue_group,
+                handler=self._on_request,
+                metadata={"model": self.model},
+            )
+            self.service = service
+            await self.nc.flush()
+        except BaseException:
+            self._accepting = self.service is not None
+            raise
         log.info("%s serving %s in queue group %s", self.node_id, self.subject, self.queue_group)
 
     async def stop_accepting(self) -> None:
@@ -396,66 +400,6 @@ class GenerationService:
         await self.close()
 
 
-ControlHandler = Callable[[wire.ControlRequest], Awaitable[wire.ControlReply]]
-
-
-async def serve_control(
-    nc: Client,
-    *,
-    node_id: str,
-    role: str,
-    handlers: dict[str, ControlHandler],
-    name: str | None = None,
-    version: str = SOFTWARE_VERSION,
-) -> micro.Service:
-    """Answer `hg.ctl.<node_id>.<verb>` for each verb of `handlers` (a nats.micro service).
-
-    The service is `name`, by default its role's (`broker.permissions.ROLE_SERVICES`), the
-    only names its role may answer discovery for. Bad input, a wrong verb or a failing
-    handler answer `ControlReply(ok=False, message)`, with `data` `{"code"}` for a coded
-    error (and `"param"`, the field at fault). Stop it with `await service.stop()`.
-
-    Raises:
-        ValueError: a verb that is not one of `subjects.CONTROL_VERBS`.
-    """
-    for verb in handlers:
-        subjects.control(node_id, verb)  # validates verb and node id
-    name = name or (EDGE_SERVICE if role == "edge" else CONTROL_SERVICE)
-    service = await add_service(
-        nc, name=name, version=version, metadata={"node_id": node_id, "role": role}
-    )
-    for verb, handler in handlers.items():
-        await service.add_endpoint(
-            name=verb,
-            subject=subjects.control(node_id, verb),
-            handler=_control_endpoint(verb, handler),
-            metadata={"node_id": node_id, "verb": verb},
-        )
-    await nc.flush()
-    return service
-
-
-def _control_endpoint(verb: str, handler: ControlHandler) -> Callable[[Request], Awaitable[None]]:
-    async def handle(request: Request) -> None:
-        try:
-            control = wire.decode(request.data, wire.ControlRequest)
-            if control.verb != verb:
-                raise BadRequest(
-                    f"verb {control.verb!r} sent to the {verb!r} endpoint", param="verb"
-                )
-            reply = await handler(control)
-        except HybridgenError as exc:
-            coded = {"code": exc.code.value, **({"param": exc.param} if exc.param else {})}
-            reply = wire.ControlReply(ok=False, message=exc.message, data=coded)
-        except Exception as exc:
-            log.exception("control %s failed", verb)
-            reply = wire.ControlReply(ok=False, message=f"internal error ({type(exc).__name__})")
-        if reply_subject(request):  # add_service dropped any request with a non-inbox one
-            await request.respond(wire.encode(reply))
-
-    return handle
-
-
 def reply_subject(request: Request) -> str | None:
     """The inbox a nats.micro request is answered on (None for a fire-and-forget publish,
     or a reply subject that is not an inbox: `answerable`).
@@ -469,32 +413,3 @@ def reply_subject(request: Request) -> str | None:
     if not isinstance(reply, str) or not reply:
         return None
     return reply if answerable(request.subject, reply) else None
-
-
-async def send_control(
-    nc: Client,
-    node_id: str,
-    verb: str,
-    args: dict[str, Any] | None = None,
-    *,
-    timeout: float = 5.0,  # noqa: ASYNC109
-) -> wire.ControlReply:
-    """Send one control request and return the node's reply.
-
-    Raises:
-        NoResponders: no such node is listening.
-        Timeout: the node did not answer in time.
-    """
-    request = wire.ControlRequest(verb=verb, args=args or {})  # type: ignore[arg-type]
-    try:
-        msg = await nc.request(
-            subjects.control(node_id, verb), wire.encode(request), timeout=timeout
-        )
-    except nats.errors.NoRespondersError:
-        raise NoResponders(f"node {node_id} does not answer {verb}") from None
-    except TimeoutError:
-        raise Timeout(f"node {node_id} did not answer {verb} within {timeout:g} s") from None
-    try:
-        return wire.decode(msg.data, wire.ControlReply)
-    except BadRequest as exc:
-        raise Internal(f"malformed control reply from {node_id}: {exc.message}") from None

@@ -33,6 +33,7 @@ from nats.aio.client import Client
 
 from broker import wire
 from broker.bus import GenerationService, bounded, close_bounded
+from broker.control import serve_control
 from broker.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -41,7 +42,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
-from broker.service import SOFTWARE_VERSION, Responder, serve_control
+from broker.service import SOFTWARE_VERSION, Responder
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.input_length import too_long_for

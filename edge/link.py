@@ -20,11 +20,11 @@ from pydantic import ValidationError
 
 from broker import subjects, wire
 from broker.bus import bounded, close_bounded, connect_settings, serve_control
+from broker.control import ControlHandler
 from broker.errors import BadRequest, HybridgenError
 from broker.experiment import EXPERIMENT_KEY
 from broker.permissions import EDGE_SERVICE
 from broker.policy import policy_sources
-from broker.service import ControlHandler
 from broker.telemetry import Telemetry
 from edge.node import EdgeNode
 from edge.route.rules import PolicySettings, merge_policy

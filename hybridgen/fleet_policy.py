@@ -19,8 +19,8 @@ from typing import Any
 from nats.aio.client import Client
 
 from broker import subjects, wire
+from broker.control import send_control
 from broker.errors import BadRequest
-from broker.service import send_control
 from broker.store import FleetConfig
 
 

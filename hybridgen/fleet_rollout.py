@@ -21,8 +21,8 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from broker import subjects
+from broker.control import send_control
 from broker.errors import HybridgenError
-from broker.service import send_control
 from broker.telemetry import default_node_id, publish_operator_action
 from hybridgen.fleet_watch import Bounds, HeartbeatLog, describe, figures, judge
 from models.rollouts import RolloutRecord, load_record, save_record

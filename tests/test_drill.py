@@ -42,8 +42,8 @@ from broker import errors, subjects, wire
 from broker.bus import GenerationService, Responder, connect
 from broker.cli import config_main
 from broker.config import self_signed_tls
+from broker.control import ControlHandler, send_control, serve_control
 from broker.server import NatsServer, find_nats_server, free_port
-from broker.service import ControlHandler, send_control, serve_control
 from broker.store import FleetConfig
 from broker.streaming import request_stream
 from broker.tls import host_certificate

@@ -14,7 +14,7 @@ from textual.widget import Widget
 from textual.widgets import Input
 
 from broker import wire
-from broker.service import serve_control
+from broker.control import serve_control
 from tests.fixtures_tui import until
 from tests.test_tui_app import SIZE, connected, notes, publish_beat, seen
 from tests.test_tui_ops import operator_events

@@ -22,7 +22,7 @@ import pytest
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.service import send_control
+from broker.control import send_control
 from edge.runtime import SamplingParams
 from hybridgen import fleet
 from hybridgen.fleet_rollout import stages

@@ -21,8 +21,8 @@ from nats.aio.msg import Msg
 from broker import errors, subjects
 from broker.bus import GenerationService, connect, connect_settings
 from broker.config import ServerConfig, User, ensure_password, render, self_signed_tls
+from broker.control import send_control, serve_control
 from broker.server import NatsServer
-from broker.service import send_control, serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
 from broker.streaming import request_stream

@@ -31,7 +31,7 @@ from textual.widgets import DataTable
 
 from broker import subjects, wire
 from broker.bus import GenerationService, connect_settings, send_control
-from broker.service import serve_control
+from broker.control import serve_control
 from broker.store import ArtifactStore, FleetConfig
 from broker.streaming import request_stream
 from cloud.api import create_app as create_cloud_api

@@ -13,8 +13,8 @@ from textual.widgets import DataTable, Static, TextArea
 
 from broker import subjects, wire
 from broker.bus import connect
+from broker.control import serve_control
 from broker.server import NatsServer, free_port
-from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import FleetConfig
 from tests.fixtures_tui import Clock, until

@@ -18,9 +18,9 @@ from textual.widgets import DataTable, Input, Label, OptionList, Static
 
 from broker import subjects, wire
 from broker.bus import GenerationService, Responder, connect
+from broker.control import serve_control
 from broker.errors import NotFound
 from broker.server import free_port
-from broker.service import serve_control
 from broker.settings import BusSettings
 from broker.store import ArtifactStore
 from models.registry import ModelSet

@@ -14,7 +14,7 @@ from textual.widgets import Static
 from textual_plot import PlotWidget
 
 from broker import wire
-from broker.service import serve_control
+from broker.control import serve_control
 from tests.fixtures_tui import Clock
 from tests.test_tui_app import cell, connected, fleet_order, publish_beat, seen, until
 from tui.app import HybridgenConsole

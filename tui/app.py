@@ -27,8 +27,8 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from broker import subjects, wire
 from broker.bus import connect_settings
+from broker.control import send_control
 from broker.errors import HybridgenError
-from broker.service import send_control
 from broker.settings import BusSettings
 from broker.telemetry import default_node_id, publish_operator_action
 from tui.discovery import DISCOVERY_S, run_discovery

@@ -29,8 +29,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, OptionList, Static
 
+from broker.control import send_control
 from broker.errors import HybridgenError
-from broker.service import send_control
 from models.distribution import published_versions
 from models.rollouts import RolloutRecord, load_record, save_record
 from tui.policy import ActionRecorder

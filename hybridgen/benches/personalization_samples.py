@@ -17,14 +17,13 @@ the token at it is what the edge should predict. For each position the edge's ru
 - the user's n-gram cache mixed on top (`personalization.mixed_logprobs`), as the edge mixes
   it into every step.
 
-The samples text is the edge's (`edge.personal.personalizer.system_text`: the heading, the samples in
-feedback order) followed by a blank line, as in front of a personalized completion; at most
-`personalize_samples` samples and `personalize_sample_tokens` tokens (the edge's defaults).
-A kept generator holds the representative prefix and is rewound for each sample, as the
-edge's prefix reuse does; `prefill_ms` is the time of one such prefill of a sample behind the
-kept prefix (what each of the gate's extra prefills costs a request whose samples prefix is
-kept), `prefix_ms` the time to prefill the samples prefix itself (paid once per new picks).
-"""
+The samples text is the edge's (`edge.personal.personalizer.system_text`: the heading, the
+samples in feedback order) followed by a blank line, as in front of a personalized completion;
+at most `personalize_samples` samples and `personalize_sample_tokens` tokens (the edge's
+defaults). A kept generator holds the representative prefix and is rewound for each sample, as
+the edge's prefix reuse does; `prefill_ms` is the time of one such prefill of a sample behind
+the kept prefix (what each of the gate's extra prefills costs a request whose samples prefix is
+kept), `prefix_ms` the time to prefill the samples prefix itself (paid once per new picks). """
 
 from __future__ import annotations
 
