@@ -32,8 +32,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from broker import wire
-from broker.bus import GenerationService, bounded, close_bounded
-from broker.control import serve_control
+from broker.bus import GenerationService, Responder, bounded, close_bounded, serve_control
 from broker.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -42,7 +41,7 @@ from broker.errors import (
     Timeout,
     Unavailable,
 )
-from broker.service import SOFTWARE_VERSION, Responder
+from broker.service import SOFTWARE_VERSION
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.input_length import too_long_for
