@@ -23,7 +23,7 @@ at most `personalize_samples` samples and `personalize_sample_tokens` tokens (th
 defaults). A kept generator holds the representative prefix and is rewound for each sample, as
 the edge's prefix reuse does; `prefill_ms` is the time of one such prefill of a sample behind
 the kept prefix (what each of the gate's extra prefills costs a request whose samples prefix is
-kept), `prefix_ms` the time to prefill the samples prefix itself (paid once per new picks). """
+kept), `prefix_ms` the time to prefill the samples prefix itself (paid once per new picks)."""
 
 from __future__ import annotations
 
