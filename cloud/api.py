@@ -17,8 +17,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -38,24 +38,19 @@ from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the w
 from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
+from serving.answer import Answer, Outcome, Piece
 from serving.auth import check_exposure, require_api_key
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard, parse_origins
-from serving.deadlines import budget_s, client_timeout_s, until_disconnect
+from serving.deadlines import budget_s, client_timeout_s
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
-    StreamChunks,
-    TokenLogprob,
-    chat_response,
     chunk_logprobs,
-    completion_response,
     model_list,
 )
-from serving.sse import sse_response
-from serving.tools import CallStream
 
 logger = logging.getLogger(__name__)
 
@@ -344,108 +339,69 @@ async def _serve(
     except HybridgenError as exc:
         state.metrics.errors.labels(exc.code.value).inc()
         raise
-    request_id, model, created = generate.request_id, body.model, int(time.time())
-    # The model may call tools: calls in its text become `tool_calls`.
-    tools = isinstance(body, ChatCompletionRequest) and body.tool_request().active
+    request_id = generate.request_id
     # A completion's `echo`: the prompt starts the answer.
     echo = body.prompt_text() if isinstance(body, CompletionRequest) and body.echo else ""
-    headers = {"X-Request-Id": request_id}
-    logger.info("request %s -> %s (%s)", request_id, model, "stream" if body.stream else "whole")
-
-    def open_stream() -> AbstractAsyncContextManager[ReplyStream]:
-        return request_stream(
-            state.nc,
-            generate,
-            accept_timeout=settings.accept_timeout_s,
-            idle_timeout=settings.idle_timeout_s,
-            total_timeout=max(0.001, deadline_s - (time.monotonic() - arrived)),
+    answer = Answer(
+        chat,
+        request_id,
+        body.model,
+        {"served_by": "cloud", "request_id": request_id},
+        state.metrics,
+        echo=echo,
+        # The model may call tools: calls in its text become `tool_calls`.
+        tools=isinstance(body, ChatCompletionRequest) and body.tool_request().active,
+        logprobs=bool(generate.logprobs),
+        include_usage=body.include_usage,
+    )
+    kind = "stream" if body.stream else "whole"
+    logger.info("request %s -> %s (%s)", request_id, body.model, kind)
+    started = time.monotonic()
+    state.in_flight += 1
+    stack = contextlib.AsyncExitStack()
+    try:
+        replies = await stack.enter_async_context(
+            request_stream(
+                state.nc,
+                generate,
+                accept_timeout=settings.accept_timeout_s,
+                idle_timeout=settings.idle_timeout_s,
+                total_timeout=max(0.001, deadline_s - (time.monotonic() - arrived)),
+            )
         )
-
-    if not body.stream:
-
-        async def collect() -> tuple[str, list[TokenLogprob], wire.Done]:
-            parts: list[str] = []
-            scores: list[TokenLogprob] = []
-            async with open_stream() as stream:
-                async for chunk in stream:
-                    parts.append(chunk.text)
-                    scores.extend(chunk_logprobs(chunk))
-                assert stream.done is not None
-                return "".join(parts), scores, stream.done
-
-        started = time.monotonic()
-        state.in_flight += 1
-        try:
-            text, scores, done = await until_disconnect(request, collect())
-        except HybridgenError as exc:
+    except BaseException as exc:
+        state.in_flight -= 1
+        await stack.aclose()
+        if isinstance(exc, HybridgenError):
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)
-            raise
-        finally:
-            state.in_flight -= 1
-        state.stats.record(time.monotonic() - started, done.usage.completion_tokens)
-        _count_tokens(state, done)
-        build: Any = chat_response if chat else completion_response
-        answer = build(
-            request_id=request_id,
-            model=model,
-            created=created,
-            text=echo + text,
-            finish_reason=done.finish_reason,
-            usage=(done.usage.prompt_tokens, done.usage.completion_tokens),
-            logprobs=scores if generate.logprobs else None,
-            model_version=done.model_version,
-            served_by="cloud",
-            worker=done.served_by,
-            **({"tools": True} if tools else {}),
-            **({"logprob_offset": len(echo)} if echo else {}),
-        )
-        return JSONResponse({**answer.body(), "request_id": request_id}, headers=headers)
+        raise
+    items = _items(state, replies, stack, started)
+    headers = {"X-Request-Id": request_id}
+    return await answer.respond(items, stream=body.stream, headers=headers, http=request)
 
-    chunks_of = StreamChunks(
-        chat=chat,
-        request_id=request_id,
-        model=model,
-        created=created,
-        calls=CallStream() if tools else None,
-    )
 
-    async def chunks() -> AsyncIterator[Any]:
-        started = time.monotonic()
-        state.in_flight += 1
-        failed = True
-        done: wire.Done | None = None
-        try:
-            async with open_stream() as replies:
-                yield chunks_of.first(echo)
-                async for chunk in replies:
-                    scores = chunk_logprobs(chunk)
-                    if chunk.text or scores:
-                        for out in chunks_of.deltas(chunk.text, scores or None):
-                            yield out
-                done = replies.done
-            failed = False
-        except HybridgenError as exc:
-            state.metrics.errors.labels(exc.code.value).inc()
-            raise
-        finally:
-            state.in_flight -= 1
-            tokens = done.usage.completion_tokens if done is not None else 0
-            state.stats.record(time.monotonic() - started, tokens, error=failed)
+async def _items(
+    state: ApiState, replies: ReplyStream, stack: contextlib.AsyncExitStack, started: float
+) -> AsyncGenerator[Piece | Outcome, None]:
+    """A worker's replies as the answer's items. When they end, however they end, the reply
+    stream is closed (a request cut short is cancelled on the worker) and the request counted."""
+    done: wire.Done | None = None
+    try:
+        async for chunk in replies:
+            scores = chunk_logprobs(chunk)
+            if chunk.text or scores:
+                yield Piece(chunk.text, scores)
+        done = replies.done
         assert done is not None
-        _count_tokens(state, done)
-        chunks_of.model_version = done.model_version  # known at the end: the last chunks
-        *held, last = chunks_of.ends(done.finish_reason, served_by="cloud", worker=done.served_by)
-        for out in held:
-            yield out
-        yield {**last.body(), "request_id": request_id}
-        if body.include_usage:
-            usage = chunks_of.usage(done.usage.prompt_tokens, done.usage.completion_tokens)
-            yield {**usage.body(), "request_id": request_id}  # the last chunk names it too
-
-    return await sse_response(chunks(), headers=headers)
-
-
-def _count_tokens(state: ApiState, done: wire.Done) -> None:
-    state.metrics.tokens.labels("prompt").inc(done.usage.prompt_tokens)
-    state.metrics.tokens.labels("completion").inc(done.usage.completion_tokens)
+        usage = done.usage
+        yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
+                      model_version=done.model_version, worker=done.served_by)  # fmt: skip
+    except HybridgenError as exc:
+        state.metrics.errors.labels(exc.code.value).inc()
+        raise
+    finally:
+        state.in_flight -= 1
+        tokens = done.usage.completion_tokens if done is not None else 0
+        state.stats.record(time.monotonic() - started, tokens, error=done is None)
+        await stack.aclose()

@@ -15,13 +15,12 @@ functions; what they use (the `EdgeService`, the metrics, the parsed body) comes
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import Counter, Gauge
 
 from broker import wire
@@ -36,26 +35,26 @@ from edge.api.personal import (
     user_span,
 )
 from edge.api.users import users_routes
-from edge.node import EdgeNode, EdgeRequest, Item, Outcome, Piece, RouteInfo
+from edge.node import EdgeNode, EdgeRequest, Outcome, Piece, RouteInfo
 from edge.personal.personalizer import Personalization
 from edge.route.rules import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from serving import protocol
+from serving.answer import Answer, tagged
 from serving.auth import authenticate
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
-from serving.deadlines import client_timeout_s, until_disconnect
+from serving.deadlines import client_timeout_s
 from serving.errors import error_response
+from serving.headers import (
+    HEADER_REQUEST_ID,
+    HEADER_ROUTE_REASON,
+    HEADER_SERVED_BY,
+    HEADER_VARIANT,
+)
 from serving.metrics import HttpMetrics, install_common, protect_metrics
-from serving.sse import sse_response
-from serving.tools import CallStream
-
-HEADER_SERVED_BY = "X-Hybridgen-Served-By"
-HEADER_ROUTE_REASON = "X-Hybridgen-Route-Reason"
-HEADER_REQUEST_ID = "X-Request-Id"
-HEADER_VARIANT = "X-Hybridgen-Variant"
 
 
 class EdgeMetrics:
@@ -250,7 +249,7 @@ def _model_cards(service: EdgeService) -> list[dict[str, Any]]:
     """The cards of the edge model and the cloud model, with where each is served."""
     node = service.node
     settings = service.settings
-    edge_card = _tagged(
+    edge_card = tagged(
         protocol.ModelCard(id=settings.edge_model_name, owned_by="hybridgen"),
         {
             "served_by": "edge",
@@ -258,7 +257,7 @@ def _model_cards(service: EdgeService) -> list[dict[str, Any]]:
             "context_length": node.runtime.context_length,
         },
     )
-    cloud_card = _tagged(
+    cloud_card = tagged(
         protocol.ModelCard(id=settings.cloud_model, owned_by="hybridgen"),
         {"served_by": "cloud", "available": node.cloud_available()},
     )
@@ -310,15 +309,13 @@ async def serve(
     chat = messages is not None
     # The model may call tools: calls in its text become `tool_calls`.
     shown = req.tool_request().shown() if isinstance(req, protocol.ChatCompletionRequest) else None
-    tools = shown is not None
     node = service.node
     options, given = _options(req, service.settings.default_max_tokens)
     if personal is not None:
         options, given = personal.sampling(options, given, req.model_fields_set)
-    request_id = wire.new_request_id()
     client_s = client_timeout_s(http) if http is not None else None
     edge_request = EdgeRequest(
-        request_id=request_id,
+        request_id=wire.new_request_id(),
         prompt=prompt,
         messages=messages,
         model=req.model,
@@ -336,6 +333,7 @@ async def serve(
         with_samples=samples_alternative(personal, samples),
         **(prefix_fields(prompt, personal.system_text, personal.prefix_key) if personal else {}),
     )
+    request_id = edge_request.request_id
     items = node.generate(edge_request)
     try:
         info = await anext(items)
@@ -351,106 +349,34 @@ async def serve(
         raise
     assert isinstance(info, RouteInfo)
     metrics.routes.labels(info.served_by, info.route_reason).inc()
-    extra: dict[str, Any] = {
-        "served_by": info.served_by,
-        "route_reason": info.route_reason,
-        "request_id": request_id,
-    }
+    answer = _answer(info, metrics, chat=chat, tools=shown is not None, echo=echo)
+    answer.logprobs, answer.include_usage = options.logprobs, req.include_usage
+    # The edge's model version; a cloud answer's comes with its Outcome.
+    answer.model_version = node.runtime.version if info.served_by == "edge" else None
     headers = {
         HEADER_SERVED_BY: info.served_by,
         HEADER_ROUTE_REASON: info.route_reason,
         HEADER_REQUEST_ID: request_id,
+        **({HEADER_VARIANT: info.variant} if info.variant is not None else {}),
+    }
+    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
+    pieces = cast(AsyncGenerator[Piece | Outcome, None], items)
+    return await answer.respond(pieces, stream=req.stream, headers=headers, http=http)
+
+
+def _answer(info: RouteInfo, metrics: EdgeMetrics, *, chat: bool, tools: bool, echo: str) -> Answer:
+    """How a routed request's answer is written: tagged with where it comes from and why
+    (the user's samples kept and the A/B variant too, when there are any)."""
+    tags: dict[str, Any] = {
+        "served_by": info.served_by,
+        "route_reason": info.route_reason,
+        "request_id": info.request_id,
     }
     if info.samples_in_context is not None:  # a personalized request with samples offered
-        extra["samples_in_context"] = info.samples_in_context
+        tags["samples_in_context"] = info.samples_in_context
     if info.variant is not None:  # an A/B experiment is in force
-        extra["variant"] = info.variant
-        headers[HEADER_VARIANT] = info.variant
-    created = int(time.time())
-    # The edge's model version; a cloud answer's comes with its Outcome.
-    edge_version = node.runtime.version if info.served_by == "edge" else None
-    if req.stream:
-        chunks_of = protocol.StreamChunks(
-            chat=chat,
-            request_id=info.request_id,
-            model=info.model,
-            created=created,
-            model_version=edge_version,
-            calls=CallStream() if tools else None,
-        )
-        chunks = _stream(items, metrics, extra, req.include_usage, chunks_of, echo)
-        return await sse_response(chunks, headers=headers)
-    parts = [echo]
-    scores: list[protocol.TokenLogprob] = []
-
-    async def collect() -> Outcome | None:
-        outcome = None
-        try:
-            async for item in items:
-                if isinstance(item, Piece):
-                    parts.append(item.text)
-                    scores.extend(item.logprobs)
-                elif isinstance(item, Outcome):
-                    outcome = item
-        finally:
-            await items.aclose()
-        return outcome
-
-    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
-    outcome = await (collect() if http is None else until_disconnect(http, collect()))
-    assert outcome is not None
-    if outcome.completed_locally:
-        extra["completed_by"] = "edge"
-    metrics.http.tokens.labels("prompt").inc(outcome.prompt_tokens)
-    metrics.http.tokens.labels("completion").inc(outcome.completion_tokens)
-    common: dict[str, Any] = {
-        "request_id": request_id,
-        "model": info.model,
-        "text": "".join(parts),
-        "finish_reason": outcome.finish_reason,
-        "usage": (outcome.prompt_tokens, outcome.completion_tokens),
-        "created": created,
-        "logprobs": scores if options.logprobs else None,
-        "model_version": outcome.model_version or edge_version,
-    }
-    if chat:
-        body: Any = protocol.chat_response(**common, tools=tools)
-    else:
-        body = protocol.completion_response(**common, logprob_offset=len(echo))
-    return JSONResponse(_tagged(body, extra), headers=headers)
-
-
-async def _stream(
-    items: AsyncGenerator[Item, None],
-    metrics: EdgeMetrics,
-    extra: dict[str, Any],
-    include_usage: bool,
-    chunks_of: protocol.StreamChunks,
-    echo: str,
-) -> AsyncIterator[dict[str, Any]]:
-    """The SSE chunks of one answer: the first (role, echo), the text (with its tokens'
-    log-probabilities when asked for), the finish, usage."""
-    try:
-        yield _tagged(chunks_of.first(echo), extra)
-        async for item in items:
-            if isinstance(item, Piece):
-                for chunk in chunks_of.deltas(item.text, item.logprobs or None):
-                    yield _tagged(chunk, extra)
-            elif isinstance(item, Outcome):
-                if item.model_version:
-                    chunks_of.model_version = item.model_version
-                final = dict(extra)
-                if item.completed_locally:
-                    final["completed_by"] = "edge"
-                metrics.http.tokens.labels("prompt").inc(item.prompt_tokens)
-                metrics.http.tokens.labels("completion").inc(item.completion_tokens)
-                for chunk in chunks_of.ends(item.finish_reason):
-                    yield _tagged(chunk, final)
-                if include_usage:
-                    usage = chunks_of.usage(item.prompt_tokens, item.completion_tokens)
-                    yield _tagged(usage, final)
-    finally:
-        await items.aclose()
+        tags["variant"] = info.variant
+    return Answer(chat, info.request_id, info.model, tags, metrics.http, echo=echo, tools=tools)
 
 
 def _options(
@@ -458,12 +384,3 @@ def _options(
 ) -> tuple[SamplingParams, bool]:
     """The request's sampling parameters, and whether it gave max_tokens itself."""
     return req.sampling(default), req.requested_max_tokens() is not None
-
-
-def _tagged(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """A protocol model's JSON body with the hybridgen fields (served_by, route_reason,
-    request_id) added. Added here, not through the builders' `**extra`, because the builders
-    take `request_id` as the source of the response id."""
-    body: dict[str, Any] = model.body()
-    body.update(extra)
-    return body

@@ -18,6 +18,7 @@ from typing import Any
 from broker.telemetry import RequestStats
 from edge.adapt import NgramCache
 from edge.runtime import Finished, Generation, SamplingParams, Token
+from serving.answer import Outcome, Piece
 from serving.grammar import Grammar
 from serving.protocol import TokenLogprob
 
@@ -106,28 +107,6 @@ class RouteInfo:
     #: How many of the user's own samples the edge kept in context (0: the gate left them
     #: out); None: none were offered.
     samples_in_context: int | None = None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A piece of the answer's text; with `logprobs` asked for, its tokens' scores (a piece
-    may then carry tokens and no text, while a stop string is held back)."""
-
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass
-class Outcome:
-    """How an answer ended: the last item of every answer."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    #: The cloud failed mid-stream and the edge wrote the rest.
-    completed_locally: bool = False
-    #: Version of the model that served it (the `system_fingerprint`); None: unknown.
-    model_version: str | None = None
 
 
 Item = RouteInfo | Piece | Outcome
