@@ -10,8 +10,8 @@ import sys
 from broker.errors import HybridgenError
 from broker.settings import add_settings_arguments, settings_overrides
 from cloud.settings import ApiSettings, WorkerSettings
-from serving.slow_clients import KEEP_ALIVE_S, add_slow_client_arguments, deadline_protocol
-from serving.stopping import CLOSE_BOUND_S, run_bounded
+from serving.slow_clients import add_slow_client_arguments
+from serving.stopping import serve_http
 
 #: Settings fields offered as options (help and defaults come from the fields).
 WORKER_OPTIONS = (
@@ -90,28 +90,20 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cloud.api import create_app
 
     settings = ApiSettings(**settings_overrides(args, API_OPTIONS))
-    http = deadline_protocol(
-        read_timeout_s=args.read_timeout_s, write_timeout_s=args.write_timeout_s
-    )
-    app = create_app(settings, nats_url=args.nats)
-    drain_s = max(0.0, args.drain_timeout_s)
-    config = uvicorn.Config(
-        app,
+    # A bad option or an exposure the rule refuses: a ValueError, said by `main` (status 2).
+    return serve_http(
+        lambda: create_app(settings, nats_url=args.nats),
+        name="cloud api",
         host=settings.host,
         port=settings.port,
         log_level="info",
-        # A stream stuck on a worker must not hold the exit forever.
-        timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]
-        http=http,  # slow clients are cut off (serving/slow_clients.py)
-        timeout_keep_alive=KEEP_ALIVE_S,
+        read_timeout_s=args.read_timeout_s,
+        write_timeout_s=args.write_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
-    started = run_bounded(config, name="cloud api", exit_after_s=drain_s + CLOSE_BOUND_S)
-    return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it
 
 
 def main(argv: list[str]) -> int:

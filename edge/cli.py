@@ -10,8 +10,8 @@ from typing import Any
 
 from broker.settings import add_settings_arguments, settings_overrides
 from edge.settings import EdgeSettings
-from serving.slow_clients import KEEP_ALIVE_S, add_slow_client_arguments, deadline_protocol
-from serving.stopping import CLOSE_BOUND_S, run_bounded
+from serving.slow_clients import add_slow_client_arguments
+from serving.stopping import serve_http
 
 #: EdgeSettings fields offered as options (help and defaults come from the fields).
 OPTIONS = (
@@ -97,8 +97,6 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"hybridgen edge: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from broker.errors import HybridgenError
     from edge.api.app import resolve_model_dir
 
@@ -108,26 +106,20 @@ def main(argv: list[str]) -> int:
         print(f"hybridgen edge: {exc.message}", file=sys.stderr)
         return 1
     print(f"hybridgen edge: serving {model_dir} on http://{settings.host}:{settings.port}")
-
     try:
-        http = deadline_protocol(
-            read_timeout_s=args.read_timeout_s, write_timeout_s=args.write_timeout_s
+        return serve_http(
+            lambda: build_app(settings),
+            name="edge",
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level.lower(),
+            read_timeout_s=args.read_timeout_s,
+            write_timeout_s=args.write_timeout_s,
+            drain_timeout_s=args.drain_timeout_s,
         )
     except ValueError as exc:
         print(f"hybridgen edge: invalid option: {exc}", file=sys.stderr)
         return 2
-    drain_s = max(0.0, args.drain_timeout_s)
-    config = uvicorn.Config(
-        build_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # seconds; a float works
-        http=http,  # slow clients are cut off (serving/slow_clients.py)
-        timeout_keep_alive=KEEP_ALIVE_S,
-    )
-    started = run_bounded(config, name="edge", exit_after_s=drain_s + CLOSE_BOUND_S)
-    return 0 if started else 3  # 3: did not start, as `uvicorn.run` says it
 
 
 def build_app(settings: EdgeSettings) -> Any:

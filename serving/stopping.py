@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -57,3 +58,44 @@ def run_bounded(config: Any, *, name: str, exit_after_s: float) -> bool:
     server = BoundedServer(config)
     server.run()
     return bool(server.started)
+
+
+def serve_http(
+    build_app: Callable[[], Any],
+    *,
+    name: str,
+    host: str,
+    port: int,
+    log_level: str,
+    read_timeout_s: float,
+    write_timeout_s: float,
+    drain_timeout_s: float,
+) -> int:
+    """Serve an API with uvicorn, the one way both APIs start: slow clients cut off
+    (`serving.slow_clients`), idle keep-alives bounded, and a stop signal drains open
+    requests for `drain_timeout_s`, then exits within its bound (`run_bounded`).
+
+    Returns:
+        The process status: 0, or 3 when the server did not start (as `uvicorn.run` says).
+
+    Raises:
+        ValueError: a read or write timeout out of range (checked before the app is built).
+    """
+    import uvicorn
+
+    from serving.slow_clients import KEEP_ALIVE_S, deadline_protocol
+
+    http = deadline_protocol(read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
+    drain_s = max(0.0, drain_timeout_s)
+    config = uvicorn.Config(
+        build_app(),
+        host=host,
+        port=port,
+        log_level=log_level,
+        # A stream stuck on a worker or a client must not hold the exit forever.
+        timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # seconds; a float works
+        http=http,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
+    started = run_bounded(config, name=name, exit_after_s=drain_s + CLOSE_BOUND_S)
+    return 0 if started else 3
