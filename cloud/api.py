@@ -39,9 +39,9 @@ from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
 from serving.answer import Answer, Outcome, Piece
-from serving.auth import check_exposure, require_api_key
+from serving.auth import require_api_key
 from serving.bodies import json_body
-from serving.browsers import install_browser_guard, parse_origins
+from serving.browsers import install_browser_guard
 from serving.deadlines import budget_s, client_timeout_s
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.protocol import (
@@ -73,17 +73,9 @@ class ApiState:
 
 def check_settings(settings: ApiSettings) -> None:
     """Refuse an open API (no keys) beyond loopback unless explicitly allowed, a
-    key-protected /metrics without keys (`serving.auth.check_exposure`), and an allowed
-    origin that is not one."""
-    parse_origins(settings.allowed_origins, setting="HG_CLOUD_ALLOWED_ORIGINS")
-    check_exposure(
-        settings.host,
-        settings.api_keys,
-        allow_open=settings.allow_open,
-        metrics_require_key=settings.metrics_require_key,
-        set_key="--api-key KEY or HG_CLOUD_API_KEYS",
-        allow="--allow-open / HG_CLOUD_ALLOW_OPEN=1",
-    )
+    key-protected /metrics without keys, and an allowed origin that is not one
+    (`HttpSettings.check_exposure`)."""
+    settings.check_exposure()
 
 
 async def _probe_workers(nc: Client, wanted: set[str], wait_s: float) -> dict[str, Any] | None:

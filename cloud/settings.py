@@ -7,12 +7,13 @@ override the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.registry import CLOUD_MODEL
+from serving.settings import HttpSettings, split_list
 
 
 class WorkerSettings(BaseSettings):
@@ -70,50 +71,25 @@ class WorkerSettings(BaseSettings):
     )
 
 
-class ApiSettings(BaseSettings):
-    """`hybridgen cloud api`."""
+class ApiSettings(HttpSettings):
+    """`hybridgen cloud api`. Every field can be set as `HG_CLOUD_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix="HG_CLOUD_", extra="ignore")
+    env_prefix: ClassVar[str] = "HG_CLOUD_"
 
-    host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8500, ge=0, le=65535, description="Port (0: any free port).")
-    api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Accepted API keys, comma-separated (HG_CLOUD_API_KEYS); empty = open "
-        "(dev mode, only allowed on a loopback host).",
-    )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [CLOUD_MODEL],
         description="Model names served (comma-separated); each is `hg.gen.<model>`.",
     )
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
     accept_timeout_s: float = Field(default=2.0, gt=0, description="Wait for a worker to admit.")
     idle_timeout_s: float = Field(default=15.0, gt=0, description="Longest gap between tokens.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="Whole-request deadline.")
-    allow_open: bool = Field(
-        default=False, description="Allow no API keys on a non-loopback host (insecure)."
-    )
     node_id: str | None = Field(
         default=None, description="This API's node id (none: api-<host>-<hex>)."
     )
-    metrics_require_key: bool = Field(
-        default=False,
-        description="Require an API key on /metrics too (default: open, like /healthz).",
-    )
-    allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Host names the API answers to besides its bind host and loopback "
-        "(comma-separated; * for any): other Host headers are refused (DNS rebinding).",
-    )
-    allowed_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Web origins (scheme://host[:port], comma-separated) whose pages may call "
-        "the API; empty: none, every cross-site browser request is refused.",
-    )
 
-    @field_validator("api_keys", "models", "allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("models", mode="before")
     @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    def _split_models(cls, value: object) -> object:
+        return split_list(value)

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
-from serving.auth import KeyRing, check_exposure, parse_key_entries
-from serving.browsers import parse_origins
+from serving.auth import KeyRing, parse_key_entries
+from serving.settings import HttpSettings, split_list
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(HttpSettings):
     """How one edge node runs. Every field can be set as `HG_EDGE_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix="HG_EDGE_", extra="ignore")
+    env_prefix: ClassVar[str] = "HG_EDGE_"
 
-    host: str = Field(default="127.0.0.1", description="HTTP bind address.")
     port: int = Field(default=8400, ge=0, le=65535, description="HTTP port (0: any free one).")
     model_dir: Path | None = Field(
         default=None,
@@ -49,7 +48,6 @@ class EdgeSettings(BaseSettings):
         description="Memory (estimated KV MiB) for kept persona prefixes reused across a "
         "user's requests; 0 turns prefix reuse off.",
     )
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys required on every request (HG_EDGE_API_KEYS comma-separated); "
@@ -67,18 +65,6 @@ class EdgeSettings(BaseSettings):
         description="Host names the API answers to besides its bind host, loopback and the "
         "advertised URL's host (comma-separated; * for any): other Host headers are refused "
         "(DNS rebinding).",
-    )
-    allowed_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Web origins (scheme://host[:port], comma-separated) whose pages may call "
-        "the API; empty: none, every cross-site browser request is refused.",
-    )
-    allow_open: bool = Field(
-        default=False, description="Allow no API keys on a non-loopback host (insecure)."
-    )
-    metrics_require_key: bool = Field(
-        default=False,
-        description="Require an API key on /metrics too (default: open, like /healthz).",
     )
     node_id: str | None = Field(
         default=None, description="Node id on the bus (none: edge-<host>-<4 hex>)."
@@ -167,15 +153,10 @@ class EdgeSettings(BaseSettings):
         default=20, ge=1, description="Feedback samples one user may add at once."
     )
 
-    @field_validator("api_keys", "user_keys", "allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("user_keys", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):  # the environment: comma-separated, or a JSON list
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+    def _split_user_keys(cls, value: object) -> object:
+        return split_list(value)
 
     def key_ring(self) -> KeyRing:
         """The API keys and user keys, parsed.
@@ -198,15 +179,7 @@ class EdgeSettings(BaseSettings):
             ValueError: the message says what to fix.
         """
         self.key_ring()
-        parse_origins(self.allowed_origins, setting="HG_EDGE_ALLOWED_ORIGINS")
-        check_exposure(
-            self.host,
-            self.api_keys,
-            allow_open=self.allow_open,
-            metrics_require_key=self.metrics_require_key,
-            set_key="--api-key KEY or HG_EDGE_API_KEYS=KEY1,KEY2",
-            allow="--allow-open / HG_EDGE_ALLOW_OPEN=1",
-        )
+        super().check_exposure()
 
     @model_validator(mode="after")
     def _default_users_db(self) -> EdgeSettings:
