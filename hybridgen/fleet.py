@@ -7,9 +7,9 @@
 - `rollback`: put every node the last roll-out changed back on its previous version.
 - `set-policy NODE KEY=VALUE...`: one node's routing policy override (`fleet_policy`).
 
-A roll-out is recorded in the fleet config (`models.rollouts`, key `rollout.last`), the same
-record the console's roll-out screen reads and writes, and every step is published as an
-`operator_action` event, as the console publishes its actions.
+`rollout` and `rollback` drive the roll-out engine the console's roll-out screen drives too
+(`fleet.rollout`, through `hybridgen.fleet_rollout`): the record in the fleet config (key
+`rollout.last`) is the same, and every step is published as an `operator_action` event.
 """
 
 from __future__ import annotations
@@ -23,17 +23,11 @@ from nats.aio.client import Client
 
 from broker import subjects
 from broker.errors import HybridgenError
+from fleet.rollout import RELOAD_TIMEOUT_S, RolloutOptions
+from fleet.watch import Bounds
 from hybridgen.fleet_experiment import add_experiment_parser
 from hybridgen.fleet_policy import add_policy_parser
-from hybridgen.fleet_rollout import (
-    DISCOVER_S,
-    RELOAD_TIMEOUT_S,
-    Operator,
-    RolloutOptions,
-    rollback,
-    rollout,
-)
-from hybridgen.fleet_watch import Bounds
+from hybridgen.fleet_rollout import DISCOVER_S, Operator, rollback, rollout
 
 
 def _nodes(text: str | None) -> list[str] | None:
@@ -109,13 +103,11 @@ async def _run_rollout(args: argparse.Namespace) -> int:
         op = Operator(nc, reload_timeout_s=args.reload_timeout_s)
         options = RolloutOptions(
             version=args.version,
-            nodes=_nodes(args.nodes),
             canary_percent=args.canary,
             bounds=Bounds(args.max_error_rate, args.max_p95_ms),
             watch_s=args.watch_s,
-            discover_s=args.discover_s,
         )
-        return await rollout(op, options)
+        return await rollout(op, options, _nodes(args.nodes), args.discover_s)
     finally:
         await nc.close()
 

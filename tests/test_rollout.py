@@ -24,12 +24,12 @@ from nats.aio.client import Client
 from broker import subjects, wire
 from broker.control import send_control
 from edge.runtime import SamplingParams
+from fleet.rollout import stages
+from fleet.rollout_record import load_record
+from fleet.watch import Bounds, Figures, figures, judge
 from hybridgen import fleet
-from hybridgen.fleet_rollout import stages
-from hybridgen.fleet_watch import Bounds, Figures, figures, judge
 from models import distribution, registry
 from models.registry import ModelSet
-from models.rollouts import load_record
 from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_edge import LiveEdge
 from tests.fixtures_models import copy_model_set

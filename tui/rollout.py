@@ -1,24 +1,25 @@
 """The roll-out screen: send a model-set version to one edge or to every live edge, node by
 node, with per-node progress; roll the changed nodes back to their previous version.
 
-Each node gets the `reload-model` control verb (`{"version": V}`; the edge pulls the set from
-the object store `hg_models` when it is not installed) and is shown as waiting, loading, done
-or failed. A roll-out halts at the first failure: the nodes after it stay `skipped`. A roll
-back sends every node changed by a roll-out, and not rolled back since, to the
-`previous_version` it reported. Those nodes are kept in a dict the app owns
-(`HybridgenConsole.last_rollout`), so closing and reopening the screen can still roll back.
-They are also written to the fleet config (`models.rollouts`, key `rollout.last`), the record
-`hybridgen fleet rollout|rollback` reads and writes: a screen opened with no roll-out of its
-own rolls back the nodes of the last recorded one, from the CLI or another console.
-Every node's result is recorded as an `operator_action` event.
+The screen only draws and asks: the roll-out itself is the engine `hybridgen fleet rollout`
+drives too (`fleet.rollout.RolloutEngine`), run here with no watch, so a roll-out halts at
+the first failed swap and the nodes after it stay `skipped`. Each node gets the
+`reload-model` control verb (`{"version": V}`; the edge pulls the set from the object store
+`hg_models` when it is not installed) and is shown as waiting, loading, done, failed or
+skipped. The engine writes the record of the last roll-out (`fleet.rollout_record`, key
+`rollout.last`) after every swap, and publishes every node's result as an `operator_action`
+event. A roll back sends every node the last roll-out changed, and not rolled back since, to
+the version it ran before. Those nodes are also kept in a dict the app owns
+(`HybridgenConsole.last_rollout`), so closing and reopening the screen can still roll back;
+a screen opened with none takes those of the last recorded roll-out (from the CLI or
+another console).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -29,21 +30,27 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, OptionList, Static
 
-from broker.control import send_control
+from broker import wire
 from broker.errors import HybridgenError
+from fleet.rollout import (
+    LOADING,
+    RELOAD_TIMEOUT_S,
+    Recorder,
+    RolloutEngine,
+    RolloutOptions,
+    Step,
+    reason,
+)
+from fleet.rollout_record import RolloutRecord, load_record
+from fleet.watch import live_edges
 from models.distribution import published_versions
-from models.rollouts import RolloutRecord, load_record, save_record
-from tui.policy import ActionRecorder
 from tui.screens import ConfirmScreen
 from tui.state import FleetState
 
 log = logging.getLogger(__name__)
 
-#: Seconds a node has to answer `reload-model` (pulling and loading a model set is slow).
-RELOAD_TIMEOUT_S = 120.0
-#: Operator-event action names.
-ROLLOUT = "rollout"
-ROLLBACK = "rollback"
+#: Who the record names as having run a roll-out from a console.
+BY = "console"
 #: Progress table columns: (key, label).
 PROGRESS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("node", "node"),
@@ -56,49 +63,52 @@ PROGRESS_COLUMNS: tuple[tuple[str, str], ...] = (
 _STATE_STYLES = {"loading": "bold yellow", "done": "green", "failed": "bold red", "skipped": "dim"}
 
 
-@dataclass
-class NodeStep:
-    """One node's part of a roll-out or roll back."""
-
-    node_id: str
-    from_version: str | None
-    to_version: str
-    #: waiting, loading, done, failed or skipped.
-    state: str = "waiting"
-    started: float | None = None
-    seconds: float | None = None
-    message: str = ""
-
-    def cells(self, now: float) -> tuple[Text, ...]:
-        """The step as progress-table cells; node-supplied strings as plain text."""
-        seconds = self.seconds
-        if seconds is None and self.started is not None:
-            seconds = now - self.started
-        return (
-            Text(self.node_id),
-            Text(self.from_version or "-"),
-            Text(self.to_version),
-            Text(self.state, style=_STATE_STYLES.get(self.state, "")),
-            Text("-" if seconds is None else f"{seconds:.1f}"),
-            Text(self.message),
-        )
+def cells(step: Step, now: float) -> tuple[Text, ...]:
+    """A step as progress-table cells; node-supplied strings as plain text."""
+    seconds = step.seconds
+    if seconds is None and step.started is not None:
+        seconds = now - step.started
+    return (
+        Text(step.node),
+        Text(step.from_version or "-"),
+        Text(step.to_version),
+        Text(step.state, style=_STATE_STYLES.get(step.state, "")),
+        Text("-" if seconds is None else f"{seconds:.1f}"),
+        Text(step.message),
+    )
 
 
-def live_edges(fleet: FleetState) -> list[str]:
-    """The ids of the edges that are neither stale nor gone, sorted."""
-    return [
-        view.node_id for view in fleet.rows(role="edge") if view.status not in ("stale", "gone")
-    ]
+class FleetEdges:
+    """The console's fleet table as the roll-out engine sees the edges (`fleet.watch.EdgeView`)."""
+
+    def __init__(self, fleet: FleetState) -> None:
+        self.fleet = fleet
+
+    def edge_statuses(self) -> dict[str, str]:
+        """Each edge's status now (`stale`, `gone`, `silent` when not heard lately)."""
+        return {view.node_id: view.status for view in self.fleet.rows(role="edge")}
+
+    def last(self, node: str) -> wire.Heartbeat | None:
+        """A node's last heartbeat."""
+        found = self.fleet.get(node)
+        return None if found is None else found.heartbeat
 
 
-def running_version(fleet: FleetState, node_id: str) -> str | None:
-    """The model-set version a node's last heartbeat reported."""
-    node = fleet.get(node_id)
-    return None if node is None else node.heartbeat.model_version
+class _Shown:
+    """The engine's observer: each step and note goes to the screen."""
+
+    def __init__(self, screen: RolloutScreen) -> None:
+        self.screen = screen
+
+    def step(self, step: Step) -> None:
+        self.screen.show_step(step)
+
+    def note(self, text: str, *, warn: bool = False) -> None:
+        self.screen.show_note(text, warn=warn)
 
 
 class RolloutScreen(Screen[None]):
-    """Pick a version and a target, confirm, then reload the nodes one by one.
+    """Pick a version and a target, confirm, then drive the roll-out engine, drawing each step.
 
     Args:
         nc: a connected client.
@@ -128,7 +138,7 @@ class RolloutScreen(Screen[None]):
         nc: Client,
         fleet: FleetState,
         selected: str | None,
-        record: ActionRecorder,
+        record: Recorder,
         *,
         timeout_s: float = RELOAD_TIMEOUT_S,
         changed: dict[str, str | None] | None = None,
@@ -137,18 +147,22 @@ class RolloutScreen(Screen[None]):
         self.nc = nc
         self.fleet = fleet
         self.selected = selected
-        self.record = record
-        self.timeout_s = timeout_s
         #: Whether the target is every live edge (else the selected node).
         self.all_edges = selected is None
         self.versions: list[str] = []
-        self.steps: list[NodeStep] = []
+        self.steps: list[Step] = []
         #: Nodes rolled out and not rolled back yet, with the version they ran before (None:
-        #: no version); shared with the app when it passed one.
+        #: no version): the engine's record's, mirrored into the app's dict when it passed one.
         self.changed: dict[str, str | None] = {} if changed is None else changed
-        #: The version of the roll-out `changed` comes from (for the shared record).
-        self.rolled_out: str | None = None
+        self.edges = FleetEdges(fleet)
+        self.engine = RolloutEngine(
+            nc, self.edges, _Shown(self), record, by=BY, reload_timeout_s=timeout_s
+        )
+        if self.changed:  # this console's roll-out, from a screen closed since
+            self.engine.record = RolloutRecord(version="", nodes=dict(self.changed), by=BY)
         self.running = False
+        #: The engine's last note (a run's outcome).
+        self.last_note = ""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -177,7 +191,7 @@ class RolloutScreen(Screen[None]):
     def targets(self) -> list[str]:
         """The nodes a roll-out goes to now, in order."""
         if self.all_edges or self.selected is None:
-            return live_edges(self.fleet)
+            return live_edges(self.edges)
         return [self.selected]
 
     def show_target(self) -> None:
@@ -207,7 +221,7 @@ class RolloutScreen(Screen[None]):
         try:
             versions = await published_versions(self.nc)
         except (HybridgenError, NatsError) as exc:
-            self.show_status(f"versions not listed ({_why(exc)}): type one")
+            self.show_status(f"versions not listed ({reason(exc)}): type one")
             return
         self.versions = versions
         options = self.query_one("#rollout-versions", OptionList)
@@ -218,29 +232,21 @@ class RolloutScreen(Screen[None]):
 
     @work(exclusive=True, group="rollout-record")
     async def load_shared_record(self) -> None:
-        """With no roll-out of this console to roll back, take the last recorded one's."""
-        if self.changed:
-            return
+        """Read the last recorded roll-out: with none of this console's to roll back, it is
+        the one `ctrl+b` undoes (the CLI's or another console's); with the same nodes as this
+        console's, it brings their version."""
         try:
             record = await load_record(self.nc)
         except (HybridgenError, NatsError) as exc:
-            log.info("roll-out record not read: %s", _why(exc))
+            log.info("roll-out record not read: %s", reason(exc))
             return
-        if record is not None and record.nodes and not self.changed:
+        if record is None or not record.nodes or self.steps:  # a run here since: it counts
+            return
+        if not self.changed:
             self.changed.update(record.nodes)
-            self.rolled_out = record.version
-
-    async def save_shared_record(self, version: str, state: str) -> None:
-        """Write the nodes changed and not rolled back as the fleet's last roll-out."""
-        record = RolloutRecord(version=version, state=state, nodes=dict(self.changed), by="console")
-        try:
-            await save_record(self.nc, record)
-        except (HybridgenError, NatsError) as exc:
-            self.notify(
-                f"roll-out not recorded in hg_config ({_why(exc)}): the CLI cannot roll it back",
-                severity="warning",
-                markup=False,
-            )
+            self.engine.record = record
+        elif record.nodes == self.changed:
+            self.engine.record = record
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         box = self.query_one("#rollout-version", Input)
@@ -265,11 +271,12 @@ class RolloutScreen(Screen[None]):
         if not targets:
             self.notify("no live edge to roll out to", severity="warning")
             return
-        steps = [NodeStep(n, running_version(self.fleet, n), version) for n in targets]
+        steps = self.engine.plan(version, targets)
+        options = RolloutOptions(version, watch_s=0)  # halts on a failed swap only
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.run_steps(steps, ROLLOUT, halt_on_failure=True)
+                self.run_steps(steps, lambda: self.engine.rollout(steps, options))
             else:
                 self.notify(f"roll-out of {version}: cancelled", markup=False)
 
@@ -281,112 +288,56 @@ class RolloutScreen(Screen[None]):
         if self.running:
             self.notify("a roll-out is running: wait for it", severity="warning")
             return
-        steps = [
-            NodeStep(node_id, running_version(self.fleet, node_id), previous)
-            for node_id, previous in self.changed.items()
-            if previous is not None
-        ]
-        unknown = [node_id for node_id, previous in self.changed.items() if previous is None]
-        if unknown:
-            self.notify(
-                f"no previous version to go back to on {', '.join(unknown)} (it ran a bare "
-                "model folder): reload it by hand",
-                severity="warning",
-                markup=False,
-            )
+        steps, _ = self.engine.rollback_plan()  # the nodes left to reload by hand are said
         if not steps:
-            self.notify("nothing to roll back: no roll-out changed a node", severity="warning")
             return
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.run_steps(steps, ROLLBACK, halt_on_failure=False)
+                self.run_steps(steps, lambda: self.engine.rollback(steps))
             else:
                 self.notify("roll back: cancelled")
 
-        plan = ", ".join(f"{s.node_id} -> {s.to_version}" for s in steps)
+        plan = ", ".join(f"{s.node} -> {s.to_version}" for s in steps)
         self.app.push_screen(ConfirmScreen(f"roll back {plan}?"), answered)
 
     @work(exclusive=True, group="rollout-run")
-    async def run_steps(self, steps: list[NodeStep], action: str, *, halt_on_failure: bool) -> None:
-        """Reload the nodes one by one, drawing each step, recording each node's result."""
+    async def run_steps(self, steps: list[Step], run: Callable[[], Awaitable[bool]]) -> None:
+        """Run a roll-out or roll back of the engine, drawing its steps as they go."""
         self.running = True
         self.steps = steps
-        version = steps[0].to_version if action == ROLLOUT else self.rolled_out or ""
-        failed: NodeStep | None = None
+        self.draw()
+        ok = False
         try:
-            for step in steps:
-                if failed is not None and halt_on_failure:
-                    step.state = "skipped"
-                    continue
-                ok = await self.reload(step)
-                if not ok:
-                    failed = failed or step
-                verdict = "ok" if ok else "failed"
-                message = (
-                    f"{action} {step.node_id}: {step.from_version or '-'} -> {step.to_version} "
-                    f"{verdict} in {step.seconds or 0:.1f} s: {step.message}"
-                )
-                self.draw()
-                await self.record(action, step.node_id, ok, message)
+            ok = await run()
         finally:
             self.running = False
+            self.sync_changed()
             self.draw()
-        done = sum(step.state == "done" for step in steps)
-        skipped = sum(step.state == "skipped" for step in steps)
-        if action == ROLLOUT:
-            self.rolled_out = version
-            await self.save_shared_record(version, "halted" if failed else "done")
-        else:
-            await self.save_shared_record(
-                version, "partly_rolled_back" if self.changed else "rolled_back"
-            )
-        summary = f"{action}: {done}/{len(steps)} node(s) done"
-        if failed is not None:
-            summary += f"; {failed.node_id} failed ({failed.message})"
-        if skipped:
-            summary += f"; halted, {skipped} skipped"
-        self.show_status(summary)
-        self.notify(summary, severity="error" if failed else "information", markup=False)
+        self.notify(self.last_note, severity="information" if ok else "error", markup=False)
 
-    async def reload(self, step: NodeStep) -> bool:
-        """Send `reload-model` to one node and fill in its step; True when it swapped."""
-        step.state = "loading"
-        step.started = time.monotonic()
-        self.show_status(f"{step.node_id}: loading {step.to_version} ...")
-        self.draw()
-        data: dict[str, Any] = {}
-        try:
-            reply = await send_control(
-                self.nc,
-                step.node_id,
-                "reload-model",
-                {"version": step.to_version},
-                timeout=self.timeout_s,
-            )
-            ok, step.message, data = reply.ok, reply.message, dict(reply.data)
-        except HybridgenError as exc:
-            ok, step.message = False, exc.message
-        except NatsError as exc:  # the connection went away mid-request
-            ok, step.message = False, _why(exc)
-        step.seconds = time.monotonic() - step.started
-        step.state = "done" if ok else "failed"
-        if not ok:
-            return False
-        if "previous_version" in data:
-            previous = data["previous_version"]
-            step.from_version = None if previous is None else str(previous)
-        if data.get("model_version"):
-            step.to_version = str(data["model_version"])
-        if data.get("load_s") is not None:
-            step.message = f"{step.message} (load {data['load_s']} s)".strip()
-        if self.changed.get(step.node_id, "") == step.to_version:
-            del self.changed[step.node_id]  # rolled back
-        else:
-            self.changed[step.node_id] = step.from_version
-        return True
+    def sync_changed(self) -> None:
+        """Mirror the engine's record (the nodes to roll back) into `changed`."""
+        record = self.engine.record
+        if record is not None:
+            self.changed.clear()
+            self.changed.update(record.nodes)
 
     # -- drawing ------------------------------------------------------------------------------
+
+    def show_step(self, step: Step) -> None:
+        """A step changed: redraw, and say which node is loading."""
+        if step.state == LOADING:
+            self.show_status(f"{step.node}: loading {step.to_version} ...")
+        self.sync_changed()
+        self.draw()
+
+    def show_note(self, text: str, *, warn: bool = False) -> None:
+        """An engine's note: the status line; a warning before a run is also notified."""
+        self.last_note = text
+        self.show_status(text)
+        if warn and not self.running:
+            self.notify(text, severity="warning", markup=False)
 
     def draw(self) -> None:
         """Redraw the progress table from the steps."""
@@ -394,13 +345,9 @@ class RolloutScreen(Screen[None]):
         table.clear()
         now = time.monotonic()
         for step in self.steps:
-            table.add_row(*step.cells(now), key=step.node_id)
+            table.add_row(*cells(step, now), key=step.node)
 
     def tick(self) -> None:
         """Keep the seconds of a loading node counting."""
-        if any(step.state == "loading" for step in self.steps):
+        if any(step.state == LOADING for step in self.steps):
             self.draw()
-
-
-def _why(exc: Exception) -> str:
-    return exc.message if isinstance(exc, HybridgenError) else str(exc) or type(exc).__name__

@@ -12,17 +12,10 @@ from __future__ import annotations
 import logging
 
 from broker import subjects, wire
+from fleet.watch import sent_as
 from tui.state import FleetState, Node
 
 log = logging.getLogger(__name__)
-
-
-def sent_as(subject: str, heartbeat: wire.Heartbeat) -> bool:
-    """True when `subject` is the heartbeat subject of the role and node the payload names."""
-    try:
-        return subject == subjects.telemetry(heartbeat.role, heartbeat.node_id)
-    except ValueError:  # a node id or role that is no subject token: never its own subject
-        return False
 
 
 def sender_of(subject: str) -> str | None:

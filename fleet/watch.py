@@ -1,9 +1,12 @@
-"""Watching a roll-out: the edges' heartbeats, their figures, and the halting rule.
+"""Watching a roll-out: which edges are live, what they run, their figures, and the
+halting rule.
 
-`HeartbeatLog` keeps every edge heartbeat seen while a roll-out runs; `figures` sums up a
-span of them for one model version; `judge` says whether the new version regressed past the
-`Bounds` against its baseline (the node before the swap, or its peers). The rule is pure, so
-it is tested without a network.
+The roll-out engine (`fleet.rollout`) sees the edges through an `EdgeView`: the CLI's is a
+`HeartbeatLog` (every edge heartbeat heard while it runs), the console's its fleet table.
+`live_edges` and `version_of` are the one rule for which edges a roll-out reaches and what
+each runs. `figures` sums up a span of heartbeats for one model version; `judge` says
+whether the new version regressed past the `Bounds` against its baseline (the node before
+the swap, or its peers). The rule is pure, so it is tested without a network.
 """
 
 from __future__ import annotations
@@ -11,16 +14,59 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.errors import HybridgenError
-from tui.trust import sent_as
 
 #: Seconds over which an edge counts `rps` and `errors` (`broker.telemetry.RequestStats`).
 STATS_WINDOW_S = 30.0
+#: An edge's statuses that keep it out of a roll-out: it said it stopped, it is no longer
+#: heard (`stale`, `gone`: the console's statuses past a heartbeat's age), or only discovery
+#: lists it (`silent`: never heard, so not known to be serving).
+NOT_LIVE = frozenset({"stopped", "stale", "gone", "silent"})
+
+
+# ------------------------------------------------------------------------ the edges in view
+
+
+class EdgeView(Protocol):
+    """What a roll-out needs to know of the edges."""
+
+    def edge_statuses(self) -> dict[str, str]:
+        """Each edge's status now: its last heartbeat's, or why it is not heard."""
+        ...
+
+    def last(self, node: str) -> wire.Heartbeat | None:
+        """A node's last heartbeat (None: never heard)."""
+        ...
+
+
+def live_edges(edges: EdgeView) -> list[str]:
+    """The edges a roll-out reaches: heard, fresh and not `stopped` (`NOT_LIVE`), sorted."""
+    return sorted(node for node, status in edges.edge_statuses().items() if is_live(status))
+
+
+def is_live(status: str) -> bool:
+    """Whether an edge with this status takes part in a roll-out."""
+    return status not in NOT_LIVE
+
+
+def version_of(edges: EdgeView, node: str) -> str | None:
+    """The model-set version a node's last heartbeat reported."""
+    last = edges.last(node)
+    return None if last is None else last.model_version
+
+
+def sent_as(subject: str, heartbeat: wire.Heartbeat) -> bool:
+    """True when `subject` is the heartbeat subject of the role and node the payload names
+    (the bus lets a node publish only its own subjects; the payload is whatever it wrote)."""
+    try:
+        return subject == subjects.telemetry(heartbeat.role, heartbeat.node_id)
+    except ValueError:  # a node id or role that is no subject token: never its own subject
+        return False
 
 
 # ------------------------------------------------------------------------ the halting rule
@@ -123,7 +169,8 @@ def describe(f: Figures | None) -> str:
 
 
 class HeartbeatLog:
-    """Every edge heartbeat seen since `start()`, by node; a context manager."""
+    """Every edge heartbeat seen since `start()`, by node (an `EdgeView`); a heartbeat whose
+    payload names another node than its subject is not counted."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -150,21 +197,14 @@ class HeartbeatLog:
             await self._sub.unsubscribe()
             self._sub = None
 
-    def live_edges(self) -> list[str]:
-        """Edges whose last heartbeat is not `stopped`, sorted."""
-        return sorted(
-            node for node, beats in self.beats.items() if beats and beats[-1][1].status != "stopped"
-        )
+    def edge_statuses(self) -> dict[str, str]:
+        """Each edge heard with its last heartbeat's status (all heard since `start()`)."""
+        return {node: beats[-1][1].status for node, beats in self.beats.items() if beats}
 
     def last(self, node: str) -> wire.Heartbeat | None:
         """A node's last heartbeat."""
         beats = self.beats.get(node)
         return beats[-1][1] if beats else None
-
-    def version_of(self, node: str) -> str | None:
-        """The model-set version a node's last heartbeat reported."""
-        last = self.last(node)
-        return None if last is None else last.model_version
 
     def since(
         self, node: str, start: float, *, version: str | None = None, until: float | None = None

@@ -1,15 +1,18 @@
 """The record of the last model-set roll-out, kept in the fleet config (`hg_config`).
 
-`hybridgen fleet rollout` and the console's roll-out screen both write it, so that
-`hybridgen fleet rollback` (or the screen's roll back) can put every node the roll-out changed
-back on the version it ran before, from any machine. Key `rollout.last`, a JSON object:
+The roll-out engine (`fleet.rollout`), driven by `hybridgen fleet rollout|rollback` and by
+the console's roll-out screen, writes it after every swap, so that a roll back from any
+machine (the CLI or a console) can put every node the roll-out changed back on the version
+it ran before. Key `rollout.last`, a JSON object:
 
-    {"version": "v2", "state": "running|done|halted|failed|rolled_back",
+    {"version": "v2", "state": "running|done|halted|rolled_back|partly_rolled_back",
      "nodes": {"edge-a": "v1", ...}, "by": "cli-host-1a2b", "ts": 1700000000.0,
      "message": "..."}
 
-`nodes` holds the nodes changed and not rolled back since, each with its previous version
-(None: it ran a bare model folder, which cannot be restored by version).
+`nodes` holds the nodes the roll-out changed and not rolled back since, each with its
+previous version (None: it ran a bare model folder, which cannot be restored by version).
+A roll back that leaves some of them (a failed reload, `--nodes`) writes
+`partly_rolled_back`, one that leaves none `rolled_back`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ from broker.store import FleetConfig
 #: The `hg_config` key of the last roll-out.
 ROLLOUT_KEY = "rollout.last"
 
+#: A roll-out's states, as written: swapping, every node swapped, stopped at a failed swap
+#: or a regression, every changed node back, some of them back.
+RUNNING, DONE, HALTED = "running", "done", "halted"
+ROLLED_BACK, PARTLY_ROLLED_BACK = "rolled_back", "partly_rolled_back"
+
 
 @dataclass
 class RolloutRecord:
     """The last roll-out: its target version, state and the nodes it changed."""
 
     version: str
-    state: str = "running"
+    state: str = RUNNING
     #: node id -> the version it ran before (None: a bare model folder).
     nodes: dict[str, str | None] = field(default_factory=dict)
     #: Who ran it (a console id or `cli-<host>-<hex>`).
