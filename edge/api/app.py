@@ -325,7 +325,7 @@ async def serve(
         user=req.user,
         max_tokens_given=given,
         score_span=score_span,
-        timeout_ms=None if client_s is None else client_s * 1e3,
+        timeout_s=client_s,
         cloud_prompt=cloud_prompt,
         adapter=None if personal is None else personal.adapter,
         grammar=req.grammar(),

@@ -52,6 +52,7 @@ from edge.route.request import (
 )
 from edge.route.rules import Decision, EdgeState, Reason, RequestFacts, decide
 from edge.runtime import EdgeRuntime
+from serving import deadlines
 from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)
@@ -277,9 +278,8 @@ class CloudBridge:
     def budget_s(self, request: EdgeRequest) -> float:
         """The request's whole deadline in seconds: the client's own, capped by the policy's
         `request_timeout_ms` (that budget when the client sets none)."""
-        cap = self.node.routing_policy.request_timeout_ms
-        wanted = cap if request.timeout_ms is None else min(request.timeout_ms, cap)
-        return wanted / 1e3
+        cap_s = self.node.routing_policy.request_timeout_ms / 1e3
+        return deadlines.budget_s(request.timeout_s, cap_s)
 
     def budget_left_s(self, request: EdgeRequest, started: float) -> float:
         """Seconds left of the request's deadline (`started`: its `perf_counter` arrival)."""

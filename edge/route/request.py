@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.telemetry import RequestStats
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.runtime import Finished, Generation, SamplingParams, Token
 from serving.answer import Outcome, Piece
 from serving.grammar import Grammar
@@ -71,8 +71,8 @@ class EdgeRequest:
     #: runtime's prefix reuse (None: none) and its length in characters of `prompt`.
     prefix_key: str | None = None
     prefix_chars: int = 0
-    #: The client's own deadline in ms (`X-Request-Timeout`), None: the policy's budget.
-    timeout_ms: float | None = None
+    #: The client's own deadline in seconds (`X-Request-Timeout`), None: the policy's budget.
+    timeout_s: float | None = None
     #: Constrained decoding (`response_format`), at the edge and, on the bus, in the cloud.
     grammar: Grammar | None = None
     #: Tools shown to the model (OpenAI's list, `serving.tools`): the edge rendered them
