@@ -31,6 +31,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.config import is_loopback
 from broker.errors import BadRequest, Forbidden, HybridgenError
 from serving.errors import error_response
+from serving.headers import (
+    HEADER_REQUEST_ID,
+    HEADER_ROUTE_REASON,
+    HEADER_SERVED_BY,
+    HEADER_TIMEOUT,
+    HEADER_VARIANT,
+)
 
 #: Host names that are always the local machine.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -38,10 +45,9 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: What an allowed origin may do (the preflight's answer).
 CORS_METHODS = "GET, POST, PUT, DELETE"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Timeout"
-CORS_EXPOSE = (
-    "X-Request-Id, X-Hybridgen-Served-By, X-Hybridgen-Route-Reason, X-Hybridgen-Variant, "
-    "Retry-After"
+CORS_HEADERS = f"Authorization, Content-Type, {HEADER_TIMEOUT}"
+CORS_EXPOSE = ", ".join(
+    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, "Retry-After")
 )
 
 

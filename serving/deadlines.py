@@ -19,11 +19,9 @@ from typing import TypeVar
 from fastapi import Request
 
 from broker.errors import BadRequest, Cancelled
+from serving.headers import HEADER_TIMEOUT
 
 T = TypeVar("T")
-
-#: The header a client sets its own deadline with, in seconds.
-HEADER_TIMEOUT = "X-Request-Timeout"
 
 
 def client_timeout_s(request: Request) -> float | None:

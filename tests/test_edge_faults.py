@@ -23,7 +23,7 @@ from broker import subjects, wire
 from broker.bus import Responder
 from edge.runtime import SamplingParams
 from models.registry import ModelSet
-from serving.deadlines import HEADER_TIMEOUT
+from serving.headers import HEADER_TIMEOUT
 from tests.fixtures_edge import LiveEdge, ends_well, sse_json, sse_lines, stand_in
 from tests.fixtures_models import HAVE_SMOLLM2
 from tests.waits import BOUND_S, eventually

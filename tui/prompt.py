@@ -24,6 +24,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
+from serving.headers import HEADER_REQUEST_ID, HEADER_ROUTE_REASON, HEADER_SERVED_BY
 from tui.policy import ActionRecorder
 
 #: Operator-event action name.
@@ -115,9 +116,9 @@ def _take_tags(answer: PromptAnswer, fields: Any) -> None:
         ("served_by", "served_by"),
         ("route_reason", "route_reason"),
         ("request_id", "request_id"),
-        ("served_by", "x-hybridgen-served-by"),
-        ("route_reason", "x-hybridgen-route-reason"),
-        ("request_id", "x-request-id"),
+        ("served_by", HEADER_SERVED_BY),
+        ("route_reason", HEADER_ROUTE_REASON),
+        ("request_id", HEADER_REQUEST_ID),
     ):
         value = fields.get(key)
         if value:

@@ -1,0 +1,16 @@
+"""The HTTP header names hybridgen's APIs answer with and read, written once.
+
+The edge tags every answer with where and why it was served (`X-Hybridgen-Served-By`,
+`X-Hybridgen-Route-Reason`), its request id and, under an A/B experiment, its variant; a
+client may set its own deadline (`X-Request-Timeout`). The APIs, their CORS rules and the
+console's test prompt all name them from here.
+"""
+
+from __future__ import annotations
+
+HEADER_SERVED_BY = "X-Hybridgen-Served-By"
+HEADER_ROUTE_REASON = "X-Hybridgen-Route-Reason"
+HEADER_REQUEST_ID = "X-Request-Id"
+HEADER_VARIANT = "X-Hybridgen-Variant"
+#: The client's own deadline, in seconds (`serving.deadlines`).
+HEADER_TIMEOUT = "X-Request-Timeout"
