@@ -1,14 +1,15 @@
-"""Error codes shared by the bus and both HTTP APIs, and their one mapping to HTTP.
+"""Error codes shared by the bus and both HTTP APIs, and the HTTP status of each code.
 
-A `HybridgenError` crosses the bus as a `wire.Error` (code + message) and becomes an
-HTTP response in OpenAI's envelope through `http_status` / `openai_error_body`.
+A `HybridgenError` crosses the bus as a `wire.Error` (code + message). Each code's HTTP
+status (`HybridgenError.http_status`) stays with the code, so an error answers the same
+wherever it was raised; an API refines it by subclassing (413, 415, 429). The HTTP APIs
+render errors in OpenAI's envelope (`serving.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from enum import StrEnum
-from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -36,20 +37,6 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     # 499 is nginx's "client closed request"; a cancelled request has no one to answer.
     ErrorCode.CANCELLED: 499,
     ErrorCode.INTERNAL: 500,
-}
-
-#: OpenAI's `error.type` for each code.
-OPENAI_TYPE: dict[ErrorCode, str] = {
-    ErrorCode.BAD_REQUEST: "invalid_request_error",
-    ErrorCode.UNAUTHORIZED: "authentication_error",
-    ErrorCode.FORBIDDEN: "permission_error",
-    ErrorCode.NOT_FOUND: "not_found_error",
-    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
-    ErrorCode.OVERLOADED: "overloaded_error",
-    ErrorCode.UNAVAILABLE: "service_unavailable_error",
-    ErrorCode.TIMEOUT: "timeout_error",
-    ErrorCode.CANCELLED: "cancelled_error",
-    ErrorCode.INTERNAL: "server_error",
 }
 
 
@@ -150,22 +137,3 @@ def error_for_code(
     except ValueError:
         cls, message = Internal, f"[{code}] {message}"
     return cls(message, param=param, retry_after=retry_after)
-
-
-def http_status(code: str | ErrorCode) -> int:
-    """HTTP status for a code; unknown codes map to 500."""
-    try:
-        return HTTP_STATUS[ErrorCode(code)]
-    except ValueError:
-        return 500
-
-
-def openai_error_body(
-    code: str | ErrorCode, message: str, *, param: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
-    try:
-        kind = OPENAI_TYPE[ErrorCode(code)]
-    except ValueError:
-        kind = "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": str(code)}}

@@ -1,7 +1,8 @@
 """HTTP errors in OpenAI's envelope: one translation from `broker.errors` codes to responses.
 
-Every `HybridgenError` becomes `{"error": {"message", "type", "param", "code"}}` with the
-status of its code (`broker.errors.http_status`) and `Retry-After` when it carries one;
+Every `HybridgenError` becomes `{"error": {"message", "type", "param", "code"}}`
+(`openai_error_body`, its `type` from `OPENAI_TYPE`) with the status of its code
+(`HybridgenError.http_status`) and `Retry-After` when it carries one;
 FastAPI's validation errors become a 400 naming the field; unknown routes a 404 envelope;
 anything else a 500 envelope (and a log line), never a bare traceback.
 """
@@ -19,13 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.errors import (
-    BadRequest,
-    ErrorCode,
-    HybridgenError,
-    Internal,
-    openai_error_body,
-)
+from broker.errors import BadRequest, ErrorCode, HybridgenError, Internal
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +34,32 @@ class PayloadTooLarge(BadRequest):
 
 
 # ------------------------------------------------------------------------------- errors
+
+
+#: OpenAI's `error.type` for each code.
+OPENAI_TYPE: dict[ErrorCode, str] = {
+    ErrorCode.BAD_REQUEST: "invalid_request_error",
+    ErrorCode.UNAUTHORIZED: "authentication_error",
+    ErrorCode.FORBIDDEN: "permission_error",
+    ErrorCode.NOT_FOUND: "not_found_error",
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
+    ErrorCode.OVERLOADED: "overloaded_error",
+    ErrorCode.UNAVAILABLE: "service_unavailable_error",
+    ErrorCode.TIMEOUT: "timeout_error",
+    ErrorCode.CANCELLED: "cancelled_error",
+    ErrorCode.INTERNAL: "server_error",
+}
+
+
+def openai_error_body(
+    code: str | ErrorCode, message: str, *, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
+    try:
+        kind = OPENAI_TYPE[ErrorCode(code)]
+    except ValueError:
+        kind = "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": str(code)}}
 
 
 def error_response(exc: HybridgenError, *, headers: dict[str, str] | None = None) -> JSONResponse:

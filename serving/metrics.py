@@ -21,13 +21,10 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import (
-    ErrorCode,
-    openai_error_body,
-)
+from broker.errors import ErrorCode
 from serving.auth import require_api_key
 from serving.bodies import BodySizeLimit
-from serving.errors import install_error_handlers
+from serving.errors import install_error_handlers, openai_error_body
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,8 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from broker.errors import (
-    HybridgenError,
-    Internal,
-    openai_error_body,
-)
+from broker.errors import HybridgenError, Internal
+from serving.errors import openai_error_body
 
 logger = logging.getLogger(__name__)
 
