@@ -17,7 +17,6 @@ and a cluster's routes run over TLS verified at both ends (`cluster_tls`).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import secrets
@@ -362,16 +361,6 @@ def ensure_password(path: Path) -> str:
     password = secrets.token_urlsafe(24)
     write_secret(path, password + "\n")
     return password
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); wildcards are not."""
-    if host.strip("[]") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def self_signed_tls(folder: Path, hosts: Sequence[str] = ()) -> TLSFiles:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from broker.config import is_loopback
+from broker.addresses import is_loopback
 from broker.errors import Forbidden, Unauthorized
 
 logger = logging.getLogger(__name__)

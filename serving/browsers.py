@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.config import is_loopback
+from broker.addresses import is_loopback
 from broker.errors import BadRequest, Forbidden, HybridgenError
 from serving.errors import error_response
 from serving.headers import (

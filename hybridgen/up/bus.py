@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 
+from broker.addresses import is_loopback
 from broker.bus import connect, connect_settings
 from broker.config import (
     ServerConfig,
@@ -30,7 +31,6 @@ from broker.config import (
     User,
     ensure_password,
     ensure_secrets_dir,
-    is_loopback,
     render,
     self_signed_tls,
     write_secret,

@@ -13,8 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
+from broker.addresses import is_loopback
 from broker.cli import StopSignals
-from broker.config import TLSFiles, is_loopback
+from broker.config import TLSFiles
 from broker.errors import HybridgenError
 from broker.settings import hg_home
 from hybridgen.up import log
