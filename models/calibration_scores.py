@@ -22,7 +22,9 @@ import numpy as np
 
 from broker.errors import BadRequest
 from models.calibration_set import EvalPrompt
-from models.scoring import PREFILL_CHUNK, encode_with_span, scored_positions
+from models.logits import log_softmax, teacher_forced
+from models.ort_edge import new_generator
+from models.scoring import encode_with_span, scored_positions
 
 #: Greedy draft tokens read for the draft signals.
 DRAFT_TOKENS = 8
@@ -84,31 +86,20 @@ class Records:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    rows = np.asarray(logits, dtype=np.float64)
-    peak = rows.max(axis=-1, keepdims=True)
-    return np.asarray(rows - peak - np.log(np.exp(rows - peak).sum(axis=-1, keepdims=True)))
+    """Whole-row log-softmax in float64 (`models.logits.log_softmax`)."""
+    return np.asarray(log_softmax(np.asarray(logits, dtype=np.float64)))
 
 
 def edge_logprobs(edge: Any, ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced `log p(ids[i] | ids[:i])` for i = 1..n-1, through onnxruntime-genai.
 
-    The ids go in PREFILL_CHUNK-token chunks, as the edge runtime prefills a prompt
-    (`models.scoring.prefill`), reading each chunk's logits.
+    The ids go in chunks, as the edge runtime prefills a prompt
+    (`models.logits.teacher_forced`, as `models.scoring.prefill` does).
     """
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(edge.model)
-    params.set_search_options(max_length=min(edge.context_length, len(ids) + 1))
-    generator = og.Generator(edge.model, params)
+    generator = new_generator(edge.model, min(edge.context_length, len(ids) + 1))
     out: list[float] = []
-    for first in range(0, len(ids), PREFILL_CHUNK):
-        last = min(len(ids), first + PREFILL_CHUNK)
-        generator.append_tokens(list(ids[first:last]))
-        logits = np.asarray(generator.get_output("logits"))[0]  # (last - first, V)
-        rows = logits[: min(last, len(ids) - 1) - first]
-        if rows.shape[0]:
-            targets = np.asarray(ids[first + 1 : first + 1 + rows.shape[0]])
-            out.extend(_log_softmax(rows)[np.arange(rows.shape[0]), targets].tolist())
+    for rows, targets in teacher_forced(generator, ids, range(1, len(ids))):
+        out.extend(_log_softmax(rows)[np.arange(rows.shape[0]), targets].tolist())
     return np.asarray(out)
 
 
@@ -116,14 +107,10 @@ def edge_draft(
     edge: Any, prompt: Sequence[int], k: int = DRAFT_TOKENS
 ) -> list[tuple[float, float]]:
     """Greedy draft of up to `k` tokens: (log-probability, entropy of its distribution) each."""
-    import onnxruntime_genai as og
-
     room = min(k, edge.context_length - len(prompt))
     if room < 1:
         return []
-    params = og.GeneratorParams(edge.model)
-    params.set_search_options(max_length=len(prompt) + room, do_sample=False)
-    generator = og.Generator(edge.model, params)
+    generator = new_generator(edge.model, len(prompt) + room, do_sample=False)
     generator.append_tokens(list(prompt))
     steps: list[tuple[float, float]] = []
     for step in range(room):

@@ -3,8 +3,9 @@
 Torch-free. `EdgeModel` is what the edge runtime serves and what the build's calibration
 measures, so both read a build the same way: one loader (explicit threads), one tokenizer,
 the model's own chat template and stop tokens, one prompt-perplexity path
-(`models.scoring.prefill`). The small functions below run greedy decoding or teacher forcing
-at batch 1 for the build checks, tests and the bench.
+(`models.scoring.prefill`). `new_generator` opens a generator for one sequence (the calibration and
+the benches' teacher forcing use it too); the small functions below run greedy decoding or teacher
+forcing at batch 1 for the build checks, tests and the bench.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def load_model(folder: Path, threads: int = 1) -> Any:
     }
     config.overlay(json.dumps(overlay))
     return og.Model(config)
+
+
+def new_generator(model: Any, max_length: int, **search: Any) -> Any:
+    """A fresh `onnxruntime_genai.Generator` over `model` (an `og.Model`).
+
+    `max_length` bounds the sequence it holds (prompt and generated tokens); `search` are
+    further search options (for example `do_sample=False`).
+    """
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, **search)
+    return og.Generator(model, params)
 
 
 class EdgeModel:
@@ -115,25 +129,20 @@ class EdgeModel:
 
     def perplexity(self, ids: Sequence[int], span: tuple[int, int] | None = None) -> float | None:
         """Prompt perplexity of `ids` over `span`, exactly as the edge router reads it."""
-        import onnxruntime_genai as og
-
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=min(self.context_length, len(ids) + 1))
-        return prefill(og.Generator(self.model, params), ids, span)
+        generator = new_generator(self.model, min(self.context_length, len(ids) + 1))
+        return prefill(generator, ids, span)
 
 
 def greedy(
     model: Any, prompt: Sequence[int], max_new_tokens: int, *, min_new_tokens: int = 0
 ) -> list[int]:
     """Greedy continuation of `prompt` (token ids), stopping at EOS or `max_new_tokens`."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    total = len(prompt) + max_new_tokens
-    params.set_search_options(
-        max_length=total, min_length=len(prompt) + min_new_tokens, do_sample=False
+    generator = new_generator(
+        model,
+        len(prompt) + max_new_tokens,
+        min_length=len(prompt) + min_new_tokens,
+        do_sample=False,
     )
-    generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(prompt, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
@@ -142,11 +151,7 @@ def greedy(
 
 def teacher_forced_argmax(model: Any, tokens: Sequence[int]) -> list[int]:
     """Argmax of the next-token logits after each prefix `tokens[:i+1]`, fed one at a time."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(tokens), do_sample=False)
-    generator = og.Generator(model, params)
+    generator = new_generator(model, len(tokens), do_sample=False)
     predictions = []
     for token in tokens:
         generator.append_tokens(np.asarray([token], dtype=np.int32))

@@ -9,14 +9,14 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 
-from edge.adapt import (
+from edge.personal.adapt import (
     GATE_MAX,
     NgramCache,
-    logsumexp,
     mix_logits,
     mixed_logsumexp,
 )
 from edge.runtime import EdgeRuntime, Finished, Prefill, SamplingParams, Token
+from models.logits import logsumexp
 from models.registry import ModelSet
 from tests.fixtures_models import HAVE_SMOLLM2
 

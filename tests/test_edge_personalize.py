@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.personal.personalizer import (
     SAMPLES_HEADING,
     Personalizer,

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.personal.personalizer import Personalizer
 from edge.personal.store import UserStore
 from edge.route.rules import EdgeState, PolicySettings, Reason, RequestFacts, Target, decide

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.personal.personalizer import Personalizer
 from edge.personal.store import UserStore
 from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from edge.adapt import NgramCache
 from edge.api.personal import user_span
+from edge.personal.adapt import NgramCache
 from edge.runtime import EdgeRuntime, Finished, Prefill, SamplingParams, Token, prefix_length
 from models.scoring import encode_with_span
 from serving.grammar import Grammar, json_schema_grammar

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from broker.server import NatsServer
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.personal.personalizer import Personalizer, owns_prefix
 from edge.personal.resident import largest_user_bytes
 from edge.personal.store import ProfileUpdate, UserLimits, UserStore

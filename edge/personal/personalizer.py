@@ -18,7 +18,7 @@
   request with nothing the user's samples explain runs without them.
   `Personalization.system_text` is the persona alone; `samples_text` the persona with the
   samples (None: none picked);
-- **the adapter**: the user's `edge.adapt.NgramCache` (a snapshot when one is current, see
+- **the adapter**: the user's `adapt.NgramCache` (a snapshot when one is current, see
   Snapshots), mixed into the edge model's logits at each step
   (`EdgeRuntime.submit(adapter=...)`);
 - **sampling defaults**: the profile's temperature, top_p and max_tokens, where the request
@@ -31,7 +31,7 @@ An unknown user (or an id the store would refuse) is no error: the request runs 
 A store that cannot be read (corrupt, locked) logs a warning and the request runs unpersonalized.
 
 **The caches.** Each user's cache lives in memory in an LRU bounded by `memory_bytes` (an
-estimate, `UserState.size`: `edge.adapt.BYTES_PER_CONTEXT` a context of the cache and of its
+estimate, `UserState.size`: `adapt.BYTES_PER_CONTEXT` a context of the cache and of its
 snapshot, plus the kept samples' text and grams), loaded on first use from the store's learned
 blob, or rebuilt from the stored feedback (`NgramCache.from_samples`) when there is none or it
 cannot be read. The blob is stored with the id of the newest feedback sample it holds, and a
@@ -75,7 +75,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.errors import BadRequest, HybridgenError, NotFound
-from edge.adapt import MAX_CONTEXTS, ORDER, NgramCache
+from edge.personal.adapt import MAX_CONTEXTS, ORDER, NgramCache
 from edge.personal.resident import KEPT_SAMPLES, UserState, largest_user_bytes, sample_bytes
 from edge.personal.samples import (
     SAMPLES_HEADING,

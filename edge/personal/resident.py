@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edge.adapt import BYTES_PER_CONTEXT, NgramCache
+from edge.personal.adapt import BYTES_PER_CONTEXT, NgramCache
 from edge.personal.samples import Sample, gram_frequencies
 
 #: Estimated bytes per context of a snapshot (`NgramCache.from_bytes` makes an int object per

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.personal.store import Profile
 from serving.sampling import SamplingParams
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.runtime.jobs import Generation, Job
 from edge.runtime.prefix import PrefixCache, kv_bytes_per_token, prefix_eligible
 from edge.runtime.worker import Worker

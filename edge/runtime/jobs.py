@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Hashable
 from typing import TYPE_CHECKING, Any
 
-from edge.adapt import NgramCache
+from edge.personal.adapt import NgramCache
 from edge.runtime.events import Event, Finished
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams

@@ -6,10 +6,10 @@ A token's log-probability is read from the raw logits the worker fetched before 
 Python loop over the vocabulary), then a sort of those k only, scored against the same
 logsumexp.
 
-Personalization. A request may carry a per-user adapter (`edge.adapt.NgramCache`). At each
-step the worker asks it for its sparse next-token distribution after the context (the
-prompt's tail, then the generated tokens); when its gate is open the logits are mixed in
-place (`edge.adapt.mix_logits`: one logsumexp over V, then only the cache's tokens) and
+Personalization. A request may carry a per-user adapter (`edge.personal.adapt.NgramCache`).
+At each step the worker asks it for its sparse next-token distribution after the context (the
+prompt's tail, then the generated tokens); when its gate is open the logits are mixed in place
+(`edge.personal.adapt.mix_logits`: one logsumexp over V, then only the cache's tokens) and
 handed back with `Generator.set_logits((1, 1, V) float32)` before `generate_next_token()`,
 which then samples from the mixture (temperature, top-p and top-k apply to the mixed logits).
 The reported log-probability is that of the mixed distribution and reuses the logsumexp, so
@@ -23,29 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
+from edge.personal.adapt import NgramCache, mix_logits, mixed_logsumexp
+from models.logits import log_softmax, logsumexp
 from serving.sampling import SamplingParams
-
-
-def log_softmax(logits: np.ndarray, index: int | None = None) -> np.ndarray | float:
-    """Log-softmax over the last axis, or only the log-probability of entry `index`.
-
-    Args:
-        logits: (..., V) raw logits (any float dtype; the result keeps it).
-        index: with a 1-D `logits`, return just `log p[index]` as a float: one max, one
-            exp-and-sum over V and a subtraction, without building the (V,) result (per
-            decoded token this is the cheap path; float32 is exact enough here: the max is
-            subtracted first and numpy sums pairwise).
-
-    Returns:
-        The (..., V) log-probabilities, or a float when `index` is given.
-    """
-    peak = logits.max(axis=-1, keepdims=True)
-    if index is not None:
-        total = float(np.exp(logits - peak).sum())
-        return float(logits[index] - peak[0]) - float(np.log(total))
-    shifted = logits - peak
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def token_logprob(logits: np.ndarray, token_id: int, mixed_lse: float | None) -> float:

@@ -1,8 +1,8 @@
 """`hybridgen bench personalization`: what a user's n-gram cache does to the edge model.
 
 Measured through the edge's own int4 onnxruntime-genai model (`--edge-dir`, else the CURRENT
-model set's, else a tiny set built in a temporary folder), with `edge.adapt` exactly as the
-runtime uses it:
+model set's, else a tiny set built in a temporary folder), with `edge.personal.adapt` exactly as
+the runtime uses it:
 
 - Users (`personalization_data`): real-text users, each from one local source, with feedback
   and held-out samples from different documents; chat-persona users from templates, reported
@@ -16,8 +16,8 @@ runtime uses it:
   - the user's n-gram cache on top: it holds only the user's feedback samples; at each
     position it predicts from the held-out sample's own preceding tokens and is mixed in as
     the runtime mixes it: p = (1 - w) p + w p_cache, where `w` is the cache's gate
-    (`NgramCache.predict`); this is the distribution `edge.adapt.mix_logits` produces, read
-    at the scored token.
+    (`NgramCache.predict`); this is the distribution `edge.personal.adapt.mix_logits` produces,
+    read at the scored token.
   `reduction` = 1 - ppl_with / ppl_without; `generic_change` = generic ppl with the user's
   state / without - 1. Each row also gives the cache alone (`reduction_cache`,
   `generic_change_cache`, from `ppl_cache` and `generic_ppl_cache`) and the samples alone
@@ -57,9 +57,10 @@ from typing import Any
 
 import numpy as np
 
-from edge.adapt import NgramCache, logsumexp, mix_logits, mixed_logsumexp
+from edge.personal.adapt import NgramCache, mix_logits, mixed_logsumexp
 from hybridgen.benches.machine import cpu_info, load_average
 from hybridgen.benches.personalization_data import User, build_users, generic_samples
+from models.logits import logsumexp
 from models.ort_edge import EdgeModel
 
 logger = logging.getLogger(__name__)

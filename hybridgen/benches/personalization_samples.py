@@ -30,6 +30,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,8 @@ from edge.personal.personalizer import (
 )
 from edge.settings import EdgeSettings
 from hybridgen.benches.personalization_data import User
-from models.ort_edge import EdgeModel
+from models.logits import log_softmax_at, teacher_forced
+from models.ort_edge import EdgeModel, new_generator
 
 #: Tokens at the start of a held-out sample picked for with an empty request.
 REQUEST_TOKENS = 16
@@ -58,39 +60,29 @@ SAMPLES_TOKENS: int = _FIELDS["personalize_sample_tokens"].default
 MIN_GAIN: float = _FIELDS["personalize_sample_gain"].default
 
 
-def _log_softmax_at(logits: np.ndarray, ids: list[int]) -> np.ndarray:
-    """log-softmax of each row of `logits` ((n, V)) at the matching id of `ids`."""
-    rows = logits.astype(np.float64)
-    peak = rows.max(axis=-1)
-    lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=-1))
-    return np.asarray(rows[np.arange(len(ids)), ids] - lse)
+def _scored(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The float64 log-probabilities of teacher-forced `(rows, targets)` chunks, in order."""
+    parts = [log_softmax_at(rows, targets) for rows, targets in chunks]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def logprobs_after(model: EdgeModel, prefix: list[int], ids: list[int]) -> np.ndarray:
     """log p_model(ids[i] | prefix + ids[:i]) for i = 1..n-1: one forward pass."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model.model)
-    params.set_search_options(max_length=len(prefix) + len(ids))
-    generator = og.Generator(model.model, params)
-    generator.append_tokens(np.asarray(prefix + ids, dtype=np.int32))
-    logits = np.asarray(generator.get_output("logits"))[0, len(prefix) : -1]
-    return _log_softmax_at(logits, ids[1:])
+    generator = new_generator(model.model, len(prefix) + len(ids))
+    scored = range(len(prefix) + 1, len(prefix) + len(ids))
+    return _scored(teacher_forced(generator, prefix + ids, scored, chunk=None))
 
 
 class KeptPrefix:
     """A generator holding `prefix`, rewound to it for each sample scored behind it."""
 
     def __init__(self, model: EdgeModel, prefix: list[int], longest: int) -> None:
-        import onnxruntime_genai as og
-
         started = time.perf_counter()
-        params = og.GeneratorParams(model.model)
-        params.set_search_options(max_length=len(prefix) + longest)
-        self.generator = og.Generator(model.model, params)
+        self.generator = new_generator(model.model, len(prefix) + longest)
         self.generator.append_tokens(np.asarray(prefix, dtype=np.int32))
         #: Milliseconds to prefill the prefix itself (what new picks cost a request once).
         self.prefix_ms = (time.perf_counter() - started) * 1e3
+        self.prefix = prefix
         self.depth = len(prefix)
         self.prefill_ms: list[float] = []
 
@@ -98,10 +90,12 @@ class KeptPrefix:
         """log p_model(ids[i] | prefix + ids[:i]) for i = 1..n-1."""
         started = time.perf_counter()
         self.generator.rewind_to(self.depth)
-        self.generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        logits = np.asarray(self.generator.get_output("logits"))[0, :-1]
+        scored = range(self.depth + 1, self.depth + len(ids))
+        chunks = list(
+            teacher_forced(self.generator, self.prefix + ids, scored, start=self.depth, chunk=None)
+        )
         self.prefill_ms.append((time.perf_counter() - started) * 1e3)
-        return _log_softmax_at(logits, ids[1:])
+        return _scored(chunks)
 
 
 @dataclass

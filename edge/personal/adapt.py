@@ -13,11 +13,10 @@ where c_k(w) is the count of w after the k-token suffix, c_k its total and T_k i
 distinct followers. Every follower of a longer context is a follower of its shorter suffixes
 (all orders are counted together), so the support is the followers of the last token.
 
-The gate (from the feasibility run in issue 11, SmolLM2-135M, 10 users): with c the total count
-of the longest matched context, the weight is `0.3 * c / (c + 0.25)`, a quarter of that when
-only one token of context matched, and 0 when nothing matched. A new user therefore changes
-nothing, and generic text, which rarely matches a long context, is little hurt (+2.2% perplexity
-on average there, against up to +24% without the gate).
+The gate: with c the total count of the longest matched context, the weight is
+`0.3 * c / (c + 0.25)`, a quarter of that when only one token of context matched, and 0 when
+nothing matched. A new user therefore changes nothing, and generic text, which rarely matches
+a long context, is little hurt.
 
 Mixing. `mix_logits` turns the mixture p = (1 - w) p_model + w p_cache into logits in place,
 touching only the cache's tokens: softmax is shift-invariant, so with lse = logsumexp(logits)
@@ -25,20 +24,19 @@ touching only the cache's tokens: softmax is shift-invariant, so with lse = logs
     new_logit_t = logaddexp(logit_t, lse + log(w / (1 - w)) + log p_cache_t)
 
 (the same as logit_t + log1p(w p_cache_t / ((1 - w) p_model_t)), but finite when p_model_t
-underflows). The only O(V) work is one vectorized logsumexp. The mixed distribution's own
-log-normaliser is lse - log(1 - w) (`mixed_logsumexp`), so its log-probabilities come free.
+underflows). The only O(V) work is one vectorized logsumexp (`models.logits.logsumexp`),
+which replaces the log-softmax the runtime would compute for the token's log-probability:
+the mixed distribution's own log-normaliser is lse - log(1 - w) (`mixed_logsumexp`), so its
+log-probabilities come free.
 
 Temperature. The edge samples with onnxruntime-genai's sampler after `set_logits`, which then
 applies temperature / top-p / top-k to the mixed logits: the mixture is formed at temperature 1
 and tempered afterwards (softmax(log p_mix / T)), not a mixture of tempered distributions.
 Greedy decoding takes the argmax of the mixture.
 
-Memory. At most `max_contexts` contexts are kept (default 100,000; the edge sets it from
-`EdgeSettings.personalize_max_contexts`). Real text makes about four new contexts per token (25
-README paragraphs of 100 SmolLM2 tokens: 9,527 contexts, 359 kB serialized, i.e. ~38 bytes a
-context), so the cap is reached near 25,000 learned tokens, at about 4 MB serialized and
-`BYTES_PER_CONTEXT` (455-482 bytes of Python objects a context, measured with tracemalloc,
-the dict's reinsert slack included).
+Memory. At most `max_contexts` contexts are kept (default `MAX_CONTEXTS`; the edge sets it
+from `EdgeSettings.personalize_max_contexts`); a kept context costs about
+`BYTES_PER_CONTEXT` bytes of Python objects, the dict's reinsert slack included.
 
 Pruning is incremental. The contexts dict is kept in recency order: an update moves each
 context it touches to the end (pop and reinsert, O(1)), and within one position the longest
@@ -48,13 +46,6 @@ oldest contexts are dropped from the front down to 90% of the cap: each drop exa
 the contexts it drops, so a batch costs O(cap / 10) once per cap / 10 new contexts, O(1) per
 new context amortized, and never a sort (`examined` counts them). A dropped context never
 leaves a longer extension behind.
-
-Measured on the 2-core dev machine while other work loaded it (load average 3-4; numpy 2.4,
-SmolLM2-135M int4, V=49152, one thread): `update` of a 100-token sample 0.32-0.36 ms (p50);
-`predict` 13-18 us per step (10 tokens of support on average); the sparse part of `mix_logits`
-8-10 us; `logsumexp` over V 40-60 us, which replaces the log-softmax the runtime computes for
-every token's log-probability anyway. Greedy decoding of 64 tokens with a user's cache against
-without: +0.4% to +3.2% time per token.
 """
 
 from __future__ import annotations
@@ -66,6 +57,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
+
+from models.logits import logsumexp
 
 #: Default n-gram order: the next token given up to six tokens of context.
 ORDER = 7
@@ -338,19 +331,6 @@ class NgramCache:
 
 
 # ---------------------------------------------------------------------- mixing
-
-
-def logsumexp(logits: np.ndarray) -> float:
-    """log(sum(exp(logits))) of a 1-D array, stable.
-
-    The max is subtracted only when it is far from 0 (|max| >= 60: exp could overflow or
-    underflow in float32); otherwise exp runs on the logits directly, which saves one pass
-    over V (about a quarter of the cost at V=49152).
-    """
-    peak = float(logits.max())
-    if -60.0 < peak < 60.0:
-        return math.log(float(np.exp(logits).sum()))
-    return peak + math.log(float(np.exp(logits - peak).sum()))
 
 
 def mix_logits(
