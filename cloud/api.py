@@ -31,7 +31,6 @@ from broker import subjects, wire
 from broker.errors import (
     BadRequest,
     HybridgenError,
-    NotFound,
     Unavailable,
 )
 from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the workers
@@ -44,6 +43,7 @@ from serving.bodies import json_body
 from serving.browsers import install_browser_guard
 from serving.deadlines import budget_s, client_timeout_s
 from serving.metrics import HttpMetrics, install_common, protect_metrics
+from serving.model_names import require_served
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -246,11 +246,7 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def get_model(model_id: str) -> JSONResponse:
-        if model_id not in settings.models:
-            raise NotFound(
-                f"model {model_id!r} does not exist; available: {', '.join(settings.models)}",
-                param="model",
-            )
+        require_served(model_id, settings.models)
         return JSONResponse(ModelCard(id=model_id).body())
 
     @app.post("/v1/completions", dependencies=auth)
@@ -284,11 +280,7 @@ def _generate_request(
     `timeout_s` is what is left of the request's deadline (default: the whole
     `request_timeout_s`); it travels as `timeout_ms`.
     """
-    if body.model not in state.settings.models:
-        raise NotFound(
-            f"model {body.model!r} does not exist; available: {', '.join(state.settings.models)}",
-            param="model",
-        )
+    require_served(body.model, state.settings.models)
     sampling = body.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
     # A chat that sets none leaves max_tokens to the worker (its default, within its window).
     max_tokens = None if chat and body.requested_max_tokens() is None else sampling.max_tokens

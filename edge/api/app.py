@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from prometheus_client import Counter, Gauge
 
 from broker import wire
-from broker.errors import BadRequest, HybridgenError, NotFound
+from broker.errors import BadRequest, HybridgenError
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import default_node_id
 from edge.api.personal import (
@@ -55,6 +55,7 @@ from serving.headers import (
     HEADER_VARIANT,
 )
 from serving.metrics import HttpMetrics, install_common, protect_metrics
+from serving.model_names import require_served
 
 
 class EdgeMetrics:
@@ -234,15 +235,9 @@ async def list_models(service: Service) -> dict[str, Any]:
 @openai_routes.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, service: Service) -> dict[str, Any]:
     """One model's card (404 envelope naming `model` for an unknown one)."""
-    for card in _model_cards(service):
-        if card["id"] == model_id:
-            return card
-    settings = service.settings
-    raise NotFound(
-        f"model {model_id!r} does not exist here; use {settings.edge_model_name!r} "
-        f"or {settings.cloud_model!r}",
-        param="model",
-    )
+    cards = {card["id"]: card for card in _model_cards(service)}
+    require_served(model_id, list(cards))
+    return cards[model_id]
 
 
 def _model_cards(service: EdgeService) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from broker.errors import HybridgenError, NotFound, Overloaded, Unavailable
+from broker.errors import HybridgenError, Overloaded, Unavailable
 from edge.lifecycle import NodeLifecycle
 from edge.personal.personalizer import samples_help
 from edge.route.cloud import CloudBridge, ThresholdInfo
@@ -52,6 +52,7 @@ from edge.route.rules import (
 )
 from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token, prefix_length
 from models.scoring import encode_with_span, scored_positions
+from serving.model_names import require_served
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +105,8 @@ class Router:
             NotFound: neither the edge nor the cloud model has that name.
         """
         settings = self.node.settings
-        if model == settings.edge_model_name:
-            return False
-        if model == settings.cloud_model:
-            return True
-        raise NotFound(
-            f"model {model!r} does not exist here; use {settings.edge_model_name!r} "
-            f"or {settings.cloud_model!r}",
-            param="model",
-        )
+        require_served(model, [settings.edge_model_name, settings.cloud_model])
+        return model != settings.edge_model_name
 
     async def generate(self, request: EdgeRequest) -> AsyncGenerator[Item, None]:
         """Route and serve one request: `RouteInfo`, then `Piece`s, then an `Outcome`.
