@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from serving.sampling import is_greedy
+
 #: Candidates taken with `topk` before falling back to a full sort for top-p.
 _CANDIDATES = 256
-#: Temperatures at or below this are greedy.
-GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -72,13 +72,13 @@ class RowSampling:
         """A row's sampling state; greedy when `temperature` is (about) 0.
 
         Args:
-            temperature: softmax temperature; <= 1e-5 means greedy.
+            temperature: softmax temperature; greedy at about 0 (`serving.sampling.is_greedy`).
             top_k: 0 (or >= vocabulary) keeps every token.
             top_p: nucleus mass in (0, 1]; 1 keeps every token.
             seed: seeds the row's generator (repeatable draws); None seeds it from the OS.
             device: where the generator lives (the logits' device).
         """
-        if temperature <= GREEDY_TEMPERATURE:
+        if is_greedy(temperature):
             return cls(temperature=0.0, top_logprobs=top_logprobs)
         generator = torch.Generator(device=device)
         if seed is None:

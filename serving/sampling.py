@@ -13,6 +13,14 @@ from typing import Any
 
 from broker import wire
 
+#: Temperatures at or below this are greedy: every server picks the most likely token.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """The one greedy rule: temperature 0, or close enough to it."""
+    return temperature <= GREEDY_TEMPERATURE
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,8 +49,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 (or close enough): always the most likely token."""
-        return self.temperature <= 1e-5
+        """Temperature 0 (or close enough): always the most likely token (`is_greedy`)."""
+        return is_greedy(self.temperature)
 
     def with_max_tokens(self, max_tokens: int) -> SamplingParams:
         """The same parameters with another `max_tokens`."""

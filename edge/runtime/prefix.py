@@ -65,7 +65,7 @@ def prefix_eligible(
         prefix_key is not None
         and budget_bytes > 0
         and 0 < prefix_len <= len(prompt_ids)
-        and (options.temperature <= 0 or options.seed is None)
+        and (options.greedy or options.seed is None)
     )
 
 

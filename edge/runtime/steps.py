@@ -42,7 +42,7 @@ def token_logprob(logits: np.ndarray, token_id: int, mixed_lse: float | None) ->
 def search_options(options: SamplingParams, vocab_size: int) -> dict[str, Any]:
     """onnxruntime-genai search options of a request, but `max_length`."""
     search: dict[str, Any] = {}
-    if options.temperature > 0:
+    if not options.greedy:
         search.update(
             do_sample=True,
             temperature=options.temperature,
