@@ -212,20 +212,6 @@ class Error(Message):
 NodeStatus = Literal["starting", "loading", "ready", "degraded", "draining", "stopped"]
 
 
-#: Route reasons that send an edge's request to the cloud: the keys of a heartbeat's
-#: `fallback_ratio` (the edge's routing table, `edge.route.rules.Reason`, names them).
-CLOUD_ROUTE_REASONS = frozenset(
-    {
-        "requested_cloud",
-        "cloud_model",
-        "context_overflow",
-        "edge_overloaded",
-        "low_confidence",
-        "low_draft_confidence",
-    }
-)
-
-
 class Heartbeat(Message):
     """`hg.telemetry.<role>.<node_id>`, every second."""
 

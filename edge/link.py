@@ -22,12 +22,13 @@ from broker import subjects, wire
 from broker.bus import bounded, close_bounded, connect_settings, serve_control
 from broker.control import ControlHandler
 from broker.errors import BadRequest, HybridgenError
-from broker.experiment import EXPERIMENT_KEY
 from broker.permissions import EDGE_SERVICE
-from broker.policy import policy_sources
 from broker.telemetry import Telemetry
 from edge.node import EdgeNode
 from edge.route.rules import PolicySettings, merge_policy
+from fleet.experiment import EXPERIMENT_KEY
+from fleet.policy import policy_sources
+from fleet.routes import CLOUD_ROUTE_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class BusLink:
         cloud_reasons = {
             reason: count / total
             for reason, count in node.counters.by_reason.items()
-            if reason in wire.CLOUD_ROUTE_REASONS
+            if reason in CLOUD_ROUTE_REASONS
         }
         status = "draining" if node.draining else "ready"
         if node.breaker.state != "closed" and status == "ready":
@@ -282,7 +283,7 @@ class BusLink:
         )
 
     def policy_in_force(self) -> dict[str, dict[str, Any]]:
-        """Each routing value in force and its source (`broker.policy.policy_sources`).
+        """Each routing value in force and its source (`fleet.policy.policy_sources`).
 
         The perplexity threshold is the one requests are routed with: the model set's
         calibrated one (source `model_set`) when no layer sets it; `inf` means off. With

@@ -130,7 +130,7 @@ class EdgeService:
         variant runtime: one extra runtime at most. Stopping unloads it once its requests
         finish. An invalid value is logged and leaves the experiment in force as it was.
         """
-        from broker.experiment import Experiment
+        from fleet.experiment import Experiment
 
         try:
             experiment = None if value is None else Experiment.model_validate(value)

@@ -1,7 +1,7 @@
 """`hybridgen fleet experiment start|status|stop`: A/B variants from the command line.
 
 The experiment lives in the fleet config (`hg_config`, key `experiment`, schema
-`broker.experiment.Experiment`); every edge watches that key and applies it within a second.
+`fleet.experiment.Experiment`); every edge watches that key and applies it within a second.
 
     hybridgen fleet experiment start NAME --cloud-model M [--share 0.5] [--variant b]
     hybridgen fleet experiment start NAME --edge-version V [--share 0.5] [--variant b]
@@ -9,7 +9,7 @@ The experiment lives in the fleet config (`hg_config`, key `experiment`, schema
     hybridgen fleet experiment stop
 
 `status` listens to the edges' heartbeats for a few seconds and prints each variant's
-figures side by side, added up over the edges (`broker.experiment.combine`).
+figures side by side, added up over the edges (`fleet.experiment.combine`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pydantic import ValidationError
 
 from broker import subjects, wire
 from broker.errors import BadRequest, HybridgenError
-from broker.experiment import EXPERIMENT_KEY, Experiment, combine, figures_table, format_table
 from broker.store import FleetConfig
+from fleet.experiment import EXPERIMENT_KEY, Experiment, combine, figures_table, format_table
 
 #: Seconds of heartbeats `status` listens to by default.
 STATUS_S = 3.0

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 import edge.route.rules
-from broker.policy import BreakerSettings, PolicySettings, merge_policy, policy_sources
+from fleet.policy import BreakerSettings, PolicySettings, merge_policy, policy_sources
 
 
 def test_defaults_without_layers() -> None:

@@ -19,8 +19,8 @@ import pytest
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.policy import merge_policy
 from broker.store import FleetConfig
+from fleet.policy import merge_policy
 from tests.fixtures_edge import LiveEdge
 from tests.waits import BOUND_S, eventually
 

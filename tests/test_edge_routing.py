@@ -7,7 +7,6 @@ import math
 import pytest
 
 from broker.errors import ContextLengthExceeded
-from broker.policy import BreakerSettings, PolicySettings, merge_policy
 from edge.route.rules import (
     CircuitBreaker,
     Decision,
@@ -21,6 +20,7 @@ from edge.route.rules import (
     length_threshold,
     with_threshold,
 )
+from fleet.policy import BreakerSettings, PolicySettings, merge_policy
 
 EDGE = EdgeState(context_length=128, predicted_wait_s=0.0)
 POLICY = PolicySettings(perplexity_threshold=50.0, latency_budget_ms=500.0)
@@ -263,8 +263,8 @@ def test_length_bucket_threshold_by_scored_tokens() -> None:
 
 
 def test_the_cloud_route_reasons_on_the_wire_are_the_routing_tables() -> None:
-    from broker.wire import CLOUD_ROUTE_REASONS
     from edge.route.rules import Reason
+    from fleet.routes import CLOUD_ROUTE_REASONS
 
     assert {r.value for r in Reason} >= CLOUD_ROUTE_REASONS
     assert "cloud_unavailable" not in CLOUD_ROUTE_REASONS  # served at the edge

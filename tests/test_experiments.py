@@ -18,8 +18,8 @@ import pytest
 from nats.aio.client import Client
 
 from broker import subjects, wire
-from broker.experiment import CONTROL, Experiment, bucket
 from broker.store import FleetConfig
+from fleet.experiment import CONTROL, Experiment, bucket
 from hybridgen.fleet import run as fleet
 from models.registry import ModelSet, models_home
 from tests.fixtures_edge import ADMIN_HEADERS, LiveEdge

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.policy import PolicySettings
 from broker.settings import hg_home
 from cloud.settings import ApiSettings
 from edge.cli import build_parser as edge_parser
 from edge.cli import settings_from_args
 from edge.personal.store import UserStore
 from edge.settings import EdgeSettings
+from fleet.policy import PolicySettings
 from hybridgen.up.children import default_children
 from hybridgen.up.cli import _parser
 from hybridgen.up.supervisor import Backoff

@@ -1,10 +1,10 @@
 """The experiment screen (key `x`): the A/B experiment in force, its variants side by side,
 and a small form to start one or a key to stop it.
 
-The experiment is the `experiment` key of `hg_config` (`broker.experiment`), as
+The experiment is the `experiment` key of `hg_config` (`fleet.experiment`), as
 `hybridgen fleet experiment` writes it. The figures are the edges' heartbeats
 (`extra["variants"]` of those reporting the experiment), added up with
-`broker.experiment.combine`. Starting and stopping are recorded as `operator_action` events.
+`fleet.experiment.combine`. Starting and stopping are recorded as `operator_action` events.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from broker.errors import HybridgenError
-from broker.experiment import (
+from broker.store import FleetConfig
+from fleet.experiment import (
     CONTROL,
     EXPERIMENT_KEY,
     Experiment,
     combine,
     figures_table,
 )
-from broker.store import FleetConfig
 from tui.policy import ActionRecorder
 from tui.screens import ConfirmScreen
 from tui.state import FleetState

@@ -14,10 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from broker import wire
+from fleet.routes import CLOUD_ROUTE_REASONS
 
-#: Route reasons that send a request to the cloud (`broker.wire.CLOUD_ROUTE_REASONS`); a
-#: reason an edge lists in `fallback_ratio` counts as cloud too, whatever its name.
-CLOUD_ROUTE_REASONS = wire.CLOUD_ROUTE_REASONS
 #: Seconds over which nodes count `rps` and `errors` (`broker.telemetry.RequestStats`).
 STATS_WINDOW_S = 30.0
 
@@ -91,6 +89,7 @@ def summarize(statuses: Sequence[str], heartbeats: Iterable[wire.Heartbeat]) -> 
         for reason, share in route_mix(hb).items():
             by_reason[reason] = by_reason.get(reason, 0.0) + share * hb.rps
     routed = sum(by_reason.values())
+    # a reason an edge lists in `fallback_ratio` counts as cloud too, whatever its name
     cloud_reasons |= CLOUD_ROUTE_REASONS
     routes = tuple(
         RouteShare(

@@ -2,7 +2,7 @@
 
 It shows the fleet default (`policy.default`) and one node's override
 (`policy.node.<node_id>`), and edits one of them as JSON. An edit is validated with the
-model the edge routes with (`broker.policy.merge_policy`, the node override layered over the
+model the edge routes with (`fleet.policy.merge_policy`, the node override layered over the
 fleet default) before the operator is asked to confirm; an invalid one is refused with
 pydantic's message and nothing is written.
 """
@@ -26,8 +26,8 @@ from textual.widgets import Footer, Header, Static, TextArea
 
 from broker import subjects
 from broker.errors import HybridgenError
-from broker.policy import merge_policy
 from broker.store import FleetConfig
+from fleet.policy import merge_policy
 from tui.screens import ConfirmScreen
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""An edge node's side of an A/B experiment (`broker.experiment`): which variant serves each
+"""An edge node's side of an A/B experiment (`fleet.experiment`): which variant serves each
 request, the variant's extra runtime, and the figures per variant its heartbeat reports.
 
 The bus link hands the experiment from `hg_config` to `EdgeService.apply_experiment`, which
@@ -18,8 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from broker.experiment import CONTROL, Experiment
 from broker.telemetry import RequestStats
+from fleet.experiment import CONTROL, Experiment
 
 if TYPE_CHECKING:
     from edge.route.request import EdgeRequest
@@ -43,7 +43,7 @@ class VariantFigures:
     feedback_rejected: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        """The figures a heartbeat carries (`broker.experiment.FIGURES`)."""
+        """The figures a heartbeat carries (`fleet.experiment.FIGURES`)."""
         window = self.stats.snapshot()
         return {
             "requests": self.requests,

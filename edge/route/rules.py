@@ -39,10 +39,10 @@ from typing import Literal
 
 from broker.errors import ContextLengthExceeded
 
-# The policy schema is the fleet config's (broker); re-exported for the edge's modules.
-from broker.policy import BreakerSettings as BreakerSettings
-from broker.policy import PolicySettings as PolicySettings
-from broker.policy import merge_policy as merge_policy
+# The policy schema is a fleet rule (`fleet.policy`); re-exported for the edge's modules.
+from fleet.policy import BreakerSettings as BreakerSettings
+from fleet.policy import PolicySettings as PolicySettings
+from fleet.policy import merge_policy as merge_policy
 
 
 class Target(StrEnum):

@@ -1,8 +1,8 @@
 """The routing policy schema: what the fleet config in `hg_config` may hold under `policy.*`.
 
-It lives with the broker because the fleet config is the broker's (`broker.store.FleetConfig`,
-keys from `broker.subjects.policy_key`): the edge reads it to route, and the operator console
-validates an edit with the very same model before writing it. Pure: no I/O.
+A fleet rule, shared by the edge, which reads it to route, and by the operator console and
+`hybridgen fleet policy`, which validate an edit with the very same model before writing it
+(the store is `broker.store.FleetConfig`, the keys `broker.subjects.policy_key`). Pure: no I/O.
 """
 
 from __future__ import annotations
