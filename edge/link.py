@@ -288,7 +288,7 @@ class BusLink:
         The perplexity threshold is the one requests are routed with: the model set's
         calibrated one (source `model_set`) when no layer sets it; `inf` means off. With
         the model set's threshold in force, `routing_signal` names the calibrated signal it
-        applies (`NodeLifecycle.routing_signal`; a length-normalised signal's threshold is
+        applies (`EdgeNode.routing_signal`; a length-normalised signal's threshold is
         shown at its reference length).
         """
         sources = policy_sources(*self._applied_layers)

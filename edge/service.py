@@ -21,6 +21,8 @@ from edge.link import BusLink
 from edge.node import EdgeNode
 from edge.personal.personalizer import Personalizer, owns_prefix
 from edge.personal.store import UserLimits, UserStore
+from edge.route.cloud import CloudBridge
+from edge.route.router import Router
 from edge.runtime import EdgeRuntime
 from edge.settings import EdgeSettings, default_users_db
 
@@ -58,11 +60,13 @@ def load_runtime(settings: EdgeSettings, model_dir: Path, version: str | None) -
 
 
 class EdgeService:
-    """Everything the routes need: the node, its bus link, and model reloading."""
+    """Everything the routes need: the node, its router, its bus link, and model reloading."""
 
     def __init__(self, settings: EdgeSettings, node: EdgeNode) -> None:
         self.settings = settings
         self.node = node
+        #: Where each request is routed and served (locally, or through the cloud link).
+        self.router = Router(node, CloudBridge(node))
         #: Users' profiles and feedback (`edge.personal.store`); the file opens on first use.
         self.users = UserStore(
             settings.users_db or default_users_db(settings.node_id),

@@ -35,8 +35,9 @@ from edge.api.personal import (
     user_span,
 )
 from edge.api.users import users_routes
-from edge.node import EdgeNode, EdgeRequest, Outcome, Piece, RouteInfo
+from edge.node import EdgeNode
 from edge.personal.personalizer import Personalization
+from edge.route.request import EdgeRequest, Outcome, Piece, RouteInfo
 from edge.route.rules import merge_policy
 from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
@@ -329,7 +330,7 @@ async def serve(
         **(prefix_fields(prompt, personal.system_text, personal.prefix_key) if personal else {}),
     )
     request_id = edge_request.request_id
-    items = node.generate(edge_request)
+    items = service.router.generate(edge_request)
     try:
         info = await anext(items)
     except HybridgenError as exc:

@@ -41,7 +41,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.streaming import ReplyStream, request_stream
-from edge.lifecycle import NodeLifecycle
+from edge.node import EdgeNode
 from edge.route.request import (
     EdgeRequest,
     Item,
@@ -75,7 +75,7 @@ class CloudBridge:
         node: the node whose connection, breaker, policy, counters and runtime are used.
     """
 
-    def __init__(self, node: NodeLifecycle) -> None:
+    def __init__(self, node: EdgeNode) -> None:
         self.node = node
 
     async def serve(

@@ -1,6 +1,6 @@
 """One routed request: what the router is given and the items its answer streams as.
 
-`EdgeNode.generate` takes an `EdgeRequest` and yields a `RouteInfo` first (where the answer
+`Router.generate` takes an `EdgeRequest` and yields a `RouteInfo` first (where the answer
 comes from and why, known before any text), then `Piece`s of text, then an `Outcome`. The
 HTTP layer turns those items into OpenAI responses; the benchmark times them.
 

@@ -8,7 +8,7 @@ up to three steps:
    cloud's health can settle it at once.
 2. Otherwise (`Target.PREFILL`) the edge prefills the prompt and holds the generation; the
    prompt perplexity decides again, against the threshold in force for the prompt's scored
-   length (the policy's, else the model set's calibrated one: `NodeLifecycle.threshold_for`).
+   length (the policy's, else the model set's calibrated one: `EdgeNode.threshold_for`).
 3. When the edge keeps it and a second stage is set, the edge drafts `second_stage_k`
    tokens unseen and decides once more on their confidence (`decide_after_draft`).
 
@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from broker.errors import HybridgenError, Overloaded, Unavailable
-from edge.lifecycle import NodeLifecycle
+from edge.node import EdgeNode
 from edge.personal.personalizer import samples_help
 from edge.route.cloud import CloudBridge, ThresholdInfo
 from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
@@ -94,7 +94,7 @@ class Router:
         cloud: the bridge that serves requests routed to the cloud.
     """
 
-    def __init__(self, node: NodeLifecycle, cloud: CloudBridge) -> None:
+    def __init__(self, node: EdgeNode, cloud: CloudBridge) -> None:
         self.node = node
         self.cloud = cloud
 
