@@ -26,7 +26,7 @@ models are served. Each round of the generation thread:
 Threads: `torch.set_num_threads(threads)` where the model is loaded and in the generation
 thread; the model is loaded in a thread that ends (`call_in_fresh_thread`: idle OpenMP pools
 that outnumber the cores slow every thread's parallel regions). `hybridgen bench
-cloud-batching` (`cloud.bench`) measures the engine.
+cloud-batching` (`hybridgen.benches.cloud_batching`) measures the engine.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, DynamicLayer
 
 from broker.errors import BadRequest, ContextLengthExceeded, Unavailable
+from broker.wire import FinishReason
 from cloud import attention
 from cloud.sampling import RowSampling, RowScore
 from cloud.scheduler import Scheduler, Ticket
@@ -78,7 +79,7 @@ class Delta:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     #: When asked for (`SamplingParams.logprobs`): per token of `token_ids` but an end token,

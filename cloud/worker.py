@@ -354,7 +354,7 @@ class CloudWorker:
                     )
                 if delta.finish_reason is not None:
                     await responder.done(
-                        delta.finish_reason,  # type: ignore[arg-type]
+                        delta.finish_reason,
                         wire.Usage(
                             prompt_tokens=delta.prompt_tokens,
                             completion_tokens=delta.completion_tokens,

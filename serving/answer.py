@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from broker.wire import FinishReason
 from serving import protocol
 from serving.deadlines import until_disconnect
 from serving.metrics import HttpMetrics
@@ -36,7 +37,7 @@ class Piece:
 class Outcome:
     """How an answer ended: the last item of every answer."""
 
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     #: The cloud failed mid-stream and the edge wrote the rest.
