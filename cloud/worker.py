@@ -44,8 +44,8 @@ from broker.errors import (
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
-from cloud.input_length import too_long_for
 from cloud.settings import WorkerSettings
+from serving.context import check_fits, too_long_for
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.tools import template_messages, template_supports_tools
@@ -302,23 +302,11 @@ class CloudWorker:
             # a `bad_request`, not a failure inside a batch.
             await asyncio.to_thread(grammar.check, "grammar")
         prompt_ids = self._prompt_ids(engine, request)
-        window = engine.context_length
-        room = window - len(prompt_ids)
+        window, field = engine.context_length, _input_field(request)
         max_tokens = request.max_tokens
         if max_tokens is None:
-            max_tokens = min(self.settings.default_max_tokens, room)
-        if room < 1:
-            raise ContextLengthExceeded(
-                f"the prompt ({len(prompt_ids)} tokens) fills the context window of {window} "
-                "tokens",
-                param="messages" if request.messages is not None else "prompt",
-            )
-        if len(prompt_ids) + max_tokens > window:
-            raise ContextLengthExceeded(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"the context window of {window} tokens",
-                param="max_tokens",
-            )
+            max_tokens = max(1, min(self.settings.default_max_tokens, window - len(prompt_ids)))
+        check_fits(len(prompt_ids), max_tokens, window, input_field=field)
         if request.timeout_ms is not None:
             waited_ms = (time.monotonic() - responder.received_at) * 1e3
             if waited_ms >= request.timeout_ms:
@@ -417,7 +405,7 @@ class CloudWorker:
             raise ContextLengthExceeded(
                 f"the input ({chars} characters) cannot fit the context window of "
                 f"{engine.context_length} tokens",
-                param="messages" if request.messages is not None else "prompt",
+                param=_input_field(request),
             )
         if request.messages is None:
             prompt_ids = engine.encode(request.prompt or "")
@@ -498,3 +486,8 @@ async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> i
     finally:
         await close_bounded(nc, 2 * BUS_STEP_S)
     return 0
+
+
+def _input_field(request: wire.GenerateRequest) -> str:
+    """The request's input field, named when the input alone does not fit."""
+    return "messages" if request.messages is not None else "prompt"

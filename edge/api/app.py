@@ -335,8 +335,6 @@ async def serve(
         info = await anext(items)
     except HybridgenError as exc:
         await items.aclose()
-        if exc.param == "messages" and not chat:
-            exc.param = "prompt"  # the router names a chat's field; a completion has a prompt
         node.counters.errors += 1
         metrics.http.errors.labels(exc.code.value).inc()
         return error_response(exc, headers={HEADER_REQUEST_ID: request_id})

@@ -292,7 +292,10 @@ class CloudBridge:
         logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
         node = self.node
         prompt_ids = runtime.encode(request.prompt)
-        facts = RequestFacts(len(prompt_ids), request.options.max_tokens, route="cloud")
+        field = "messages" if request.messages is not None else "prompt"
+        facts = RequestFacts(
+            len(prompt_ids), request.options.max_tokens, route="cloud", input_field=field
+        )
         decision = decide(
             facts,
             EdgeState(runtime.context_length),

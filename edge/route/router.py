@@ -247,6 +247,7 @@ class Router:
             route=request.route,  # type: ignore[arg-type]
             local_only=request.local_only,
             cloud_only_model=cloud_only,
+            input_field="messages" if request.messages is not None else "prompt",
         )
         policy = node.routing_policy
         chat = request.messages is not None

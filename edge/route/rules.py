@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from broker.errors import ContextLengthExceeded
-
 # The policy schema is a fleet rule (`fleet.policy`); re-exported for the edge's modules.
 from fleet.policy import BreakerSettings as BreakerSettings
 from fleet.policy import PolicySettings as PolicySettings
 from fleet.policy import merge_policy as merge_policy
+from serving.context import check_fits, overflow
 
 
 class Target(StrEnum):
@@ -171,6 +170,8 @@ class RequestFacts:
     local_only: bool = False
     #: The model asked for is served by the cloud only (e.g. "hg-cloud").
     cloud_only_model: bool = False
+    #: The request's input field, named when the prompt alone fills the window.
+    input_field: str = "messages"
 
 
 @dataclass(frozen=True)
@@ -223,16 +224,12 @@ def decide(
             `local_only` or `route: edge` request, or a prompt that alone fills the edge
             context while the cloud is unavailable).
     """
-    fits = facts.prompt_tokens + facts.max_tokens <= edge.context_length
+    window, field = edge.context_length, facts.input_field
+    fits = overflow(facts.prompt_tokens, facts.max_tokens, window, input_field=field) is None
 
     def edge_only(reason: Reason) -> Decision:
-        if not fits:
-            raise ContextLengthExceeded(
-                f"prompt ({facts.prompt_tokens} tokens) + max_tokens ({facts.max_tokens}) "
-                f"exceeds the edge context window of {edge.context_length} tokens and the "
-                "request may not leave the node",
-                param="max_tokens",
-            )
+        check_fits(facts.prompt_tokens, facts.max_tokens, window, input_field=field,
+                   why=" (the edge's) and the request may not leave the node")  # fmt: skip
         return Decision(Target.EDGE, reason, facts.max_tokens)
 
     def to_cloud(reason: Reason) -> Decision:
@@ -240,14 +237,10 @@ def decide(
             return Decision(Target.CLOUD, reason, facts.max_tokens)
         if fits:
             return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE, facts.max_tokens)
-        room = edge.context_length - facts.prompt_tokens
-        if room < 1:
-            raise ContextLengthExceeded(
-                f"prompt ({facts.prompt_tokens} tokens) fills the edge context window of "
-                f"{edge.context_length} tokens and the cloud is unavailable",
-                param="messages",
-            )
-        return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE, room)
+        # Too long for the edge with its max_tokens: the edge answers what fits, if anything.
+        check_fits(facts.prompt_tokens, None, window, input_field=field,
+                   why=" (the edge's) and the cloud is unavailable")  # fmt: skip
+        return Decision(Target.EDGE, Reason.CLOUD_UNAVAILABLE, window - facts.prompt_tokens)
 
     # Hard limits.
     if facts.local_only:

@@ -25,12 +25,13 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
+from broker.errors import BadRequest, Overloaded
 from edge.personal.adapt import NgramCache
 from edge.runtime.jobs import Generation, Job
 from edge.runtime.prefix import PrefixCache, kv_bytes_per_token, prefix_eligible
 from edge.runtime.worker import Worker
 from models.ort_edge import EdgeModel
+from serving.context import check_fits
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.tools import template_messages, template_supports_tools
@@ -181,13 +182,10 @@ class EdgeRuntime(Worker):
         return ahead * self._step_s
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise ContextLengthExceeded unless prompt + max_tokens fits the context window."""
-        if prompt_tokens + max_tokens > self.context_length:
-            raise ContextLengthExceeded(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the edge "
-                f"model's context window of {self.context_length} tokens",
-                param="max_tokens",
-            )
+        """Raise ContextLengthExceeded unless prompt + max_tokens fits the context window
+        (`serving.context`, the rule every server applies)."""
+        check_fits(prompt_tokens, max_tokens, self.context_length, input_field="prompt",
+                   why=" (the edge model's)")  # fmt: skip
 
     def submit(
         self,
