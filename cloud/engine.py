@@ -209,7 +209,7 @@ class Engine:
             getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length
         )
         pad = tokenizer.pad_token_id
-        sdpa = getattr(model.config, "_attn_implementation", None) in ("sdpa", attention.NAME)
+        sdpa = attention.implementation(model) in ("sdpa", attention.NAME)
         buckets = sdpa and config.bucketed_attention and attention.install(model)
         self._scheduler = Scheduler(
             forward=self._forward,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import bench
 from broker.bus import connect
 from broker.cli import main as broker_main
 from broker.server import find_nats_server
+from hybridgen.benches import bus_hop as bench
 from hybridgen.up.spec import ChildSpec, http_ready
 from hybridgen.up.supervisor import Backoff, Launcher
 from tests.waits import BOUND_S, eventually

@@ -15,7 +15,6 @@ import onnxruntime_genai as og
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.bench import hop_measurement
 from edge.runtime import (
     EdgeRuntime,
     Prefill,
@@ -25,6 +24,7 @@ from edge.runtime import (
 )
 from hybridgen.benches import edge_decode as decode_bench
 from hybridgen.benches import edge_decode_sweep as bench_sweep
+from hybridgen.benches.edge_hop import hop_measurement
 from models import edge_build
 from models.registry import ModelSet
 from models.scoring import prompt_perplexity

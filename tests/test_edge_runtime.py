@@ -218,7 +218,7 @@ def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None
         f"""
         import json, sys
         from fastapi.testclient import TestClient
-        import edge.cli, edge.bench, edge.link
+        import edge.cli, edge.link, hybridgen.benches.edge_hop
         from edge.api.app import create_app
         from edge.settings import EdgeSettings
         app = create_app(EdgeSettings(model_dir={str(tiny_models.edge_dir("int4"))!r},

@@ -1,9 +1,9 @@
 """`hybridgen bench NAME`: the explicit table of benchmarks, and the ones that span parts.
 
-Each benchmark lives with the part it measures and is listed here by module path, so this
-table imports nothing until a benchmark is run (and `hybridgen bench --help` is instant).
-A benchmark that spans parts (the `hop` bench adds the edge's fields to the bus's) is
-composed here, at the top, instead of one part registering itself into another.
+Benchmarks live here, at the top, where every part may be imported: each is a module of
+this package, listed by module path, so this table imports nothing until a benchmark is run
+(and `hybridgen bench --help` is instant). A benchmark that spans parts (the `hop` bench
+adds the edge's fields, `edge_hop`, to the bus's, `bus_hop`) is composed here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 BENCHES: dict[str, tuple[str, str]] = {
     "hop": ("hybridgen.benches", "hop"),
     "edge-decode": ("hybridgen.benches.edge_decode", "main"),
-    "cloud-batching": ("cloud.bench", "main"),
+    "cloud-batching": ("hybridgen.benches.cloud_batching", "main"),
     "console": ("hybridgen.benches.console", "main"),
     "prefix": ("hybridgen.benches.prefix", "main"),
     "constrained": ("hybridgen.benches.constrained", "main"),
@@ -29,16 +29,16 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 def hop(argv: list[str]) -> int:
     """`hybridgen bench hop`: the bus's figures, plus the edge's where the edge is installed."""
-    from broker import bench
+    from hybridgen.benches import bus_hop
 
     extra = []
     try:
-        from edge.bench import hop_measurement
+        from hybridgen.benches.edge_hop import hop_measurement
     except ImportError:  # a bus-only install
         pass
     else:
         extra.append(hop_measurement)
-    return bench.main(argv, extra=extra)
+    return bus_hop.main(argv, extra=extra)
 
 
 def main(argv: list[str]) -> int:

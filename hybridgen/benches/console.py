@@ -34,10 +34,10 @@ from nats.aio.client import Client
 from textual.geometry import Region
 
 from broker import subjects, wire
-from broker.bench import percentile
 from broker.bus import connect
 from broker.server import NatsServer
 from broker.settings import BusSettings
+from hybridgen.benches.bus_hop import percentile
 from hybridgen.benches.machine import cpu_info
 from tui.app import REFRESH_S, HybridgenConsole
 from tui.event_log import EventLog

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.bench import percentile
 from broker.server import free_port
+from hybridgen.benches.bus_hop import percentile
 
 #: Short prompts, cycled over the clients.
 PROMPTS = (

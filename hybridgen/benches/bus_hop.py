@@ -7,7 +7,7 @@ is the hop itself: 5,000 sequential requests each (`--quick`: 1,000).
 
 Other parts add measurements of their own to the same JSON: `main(argv, extra=[...])` takes
 async functions that receive a `HopBench` (a connected client, the server URL, the request
-count) and return a dict of extra fields. The top layer (`hybridgen.benches`) composes them.
+count) and return a dict of extra fields; `hybridgen.benches.hop` adds the edge's.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
     import httpx
 
     from edge.api.app import create_app
-    from edge.node import EdgeRequest, RouteInfo
+    from edge.route.request import EdgeRequest, RouteInfo
     from edge.runtime import SamplingParams
 
     with tempfile.TemporaryDirectory(prefix="hg-edge-bench-") as tmp:
@@ -76,7 +76,7 @@ async def measure_decision_and_fallback(model_dir: Path, *, rounds: int = 50) ->
                         options=SamplingParams(max_tokens=1),
                         route="cloud",
                     )
-                    items = node.generate(request)
+                    items = app.state.service.router.generate(request)
                     started = time.perf_counter()
                     info = await anext(items)
                     decisions.append((time.perf_counter() - started) * 1e3)
@@ -160,7 +160,7 @@ def measure_edge_rss(model_dir: Path, *, timeout: float = 60.0) -> float:
             "--log-level",
             "warning",
         ],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],  # the repository root
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -202,7 +202,9 @@ def measure(model_dir: Path | None = None, *, quick: bool = False) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hybridgen.benches.edge_hop", description=__doc__
+    )
     parser.add_argument("--model-dir", type=Path, help="edge model folder (default: current)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
