@@ -20,12 +20,12 @@ from edge.runtime import (
     Prefill,
     SamplingParams,
     Token,
-    log_softmax,
 )
 from hybridgen.benches import edge_decode as decode_bench
 from hybridgen.benches import edge_decode_sweep as bench_sweep
 from hybridgen.benches.edge_hop import hop_measurement
 from models import edge_build
+from models.logits import log_softmax
 from models.registry import ModelSet
 from models.scoring import prompt_perplexity
 

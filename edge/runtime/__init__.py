@@ -2,7 +2,8 @@
 
 - `engine`: `EdgeRuntime`, the public side (submit, encode, render_chat, estimates, close);
 - `worker`: its worker thread (the round-robin loop, prefill, one decode step, finish);
-- `steps`: per-token math (log-probabilities, top-k scores, adapter mixing, search options);
+- `steps`: per-token math (log-probabilities, top-k scores, adapter mixing, search options;
+  the log-softmax itself is `models.logits`);
 - `prefix`: persona prefix reuse (the kept generators' LRU, bounded by KV bytes);
 - `jobs`: one request inside the worker (`Job`) and the caller's handle (`Generation`);
 - `events`: what a generation tells its caller (`Prefill`, `Token`, `Finished`).
@@ -12,7 +13,6 @@ from edge.runtime.engine import EdgeRuntime
 from edge.runtime.events import Event, Finished, Prefill, Token
 from edge.runtime.jobs import Generation
 from edge.runtime.prefix import FORGET_GRACE_S, PREFIX_LENGTH_STEP, prefix_length
-from edge.runtime.steps import log_softmax
 from serving.sampling import SamplingParams
 
 __all__ = [
@@ -25,6 +25,5 @@ __all__ = [
     "Prefill",
     "SamplingParams",
     "Token",
-    "log_softmax",
     "prefix_length",
 ]
