@@ -40,6 +40,7 @@ from typing import Any
 
 from broker.server import free_port
 from hybridgen.benches.bus_hop import percentile
+from serving.headers import HEADER_SERVED_BY
 
 #: Short prompts, cycled over the clients.
 PROMPTS = (
@@ -218,7 +219,7 @@ async def wait_ready(client: Any, children: Children, *, cloud: bool) -> None:
                         "route": "cloud",
                     },
                 )
-                if response.headers.get("x-hybridgen-served-by") == "cloud":
+                if response.headers.get(HEADER_SERVED_BY) == "cloud":
                     return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the edge and worker were not ready in {START_TIMEOUT_S:g} s")
@@ -234,7 +235,7 @@ async def one_request(client: Any, body: dict[str, Any]) -> Result:
             result.status = response.status_code
             with contextlib.suppress(ValueError):
                 result.retry_after = float(response.headers.get("retry-after", ""))
-            result.served_by = response.headers.get("x-hybridgen-served-by", "")
+            result.served_by = response.headers.get(HEADER_SERVED_BY, "")
             if response.status_code != 200:
                 await response.aread()
                 return result
