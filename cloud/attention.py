@@ -122,9 +122,19 @@ def attention(
     return torch.cat(outputs, dim=0), None
 
 
+def implementation(model: Any) -> str | None:
+    """The attention implementation a model runs ("sdpa", "eager", this module's `NAME`).
+
+    transformers keeps it only in the private `config._attn_implementation` (no public
+    getter in the release pyproject.toml pins); this is the one place that reads it, and
+    `tests/test_cloud_internals.py` fails if a transformers upgrade moves it.
+    """
+    return getattr(model.config, "_attn_implementation", None)
+
+
 def install(model: Any) -> bool:
     """Switch a model that runs SDPA attention to this module's; False if it does not."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if implementation(model) != "sdpa":
         return False
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
@@ -132,4 +142,4 @@ def install(model: Any) -> bool:
         model.set_attn_implementation(NAME)
     except Exception:  # a model that cannot switch keeps plain SDPA
         return False
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    return implementation(model) == NAME

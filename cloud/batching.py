@@ -44,7 +44,11 @@ class SlabLayer(DynamicLayer):
     """One layer's keys and values in a preallocated buffer, filled left to right.
 
     `keys`/`values` (what attention reads) are views of the filled columns, so transformers'
-    mask sizing (`get_seq_length`, `get_mask_sizes`) works unchanged.
+    mask sizing (`get_seq_length`, `get_mask_sizes`) works unchanged. It relies on
+    `DynamicLayer`'s attributes (`keys`, `values`, `is_initialized`, `device`) and its
+    `lazy_initialization` hook, which transformers does not document as public: the release
+    pyproject.toml pins, and `tests/test_cloud_internals.py` checks a slab against a
+    `DynamicLayer` so that an upgrade that changes them fails there first.
 
     Args:
         capacity: columns to allocate on the first update (at least what it brings).
