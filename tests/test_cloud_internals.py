@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from cloud import attention
-from cloud.batching import new_cache
+from cloud.batching import SlabLayer, new_cache
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_a_slab_cache_gives_the_logits_and_sizes_of_transformers_own(model_dir: 
             mine = model(ids[:, start:end], cache=slab, use_cache=True).logits
             theirs = model(ids[:, start:end], cache=dynamic, use_cache=True).logits
             assert torch.allclose(mine, theirs, atol=1e-5)
-            for index in range(layers):
-                assert slab.layers[index].get_seq_length() == end
-                assert slab.layers[index].get_mask_sizes(1) == (end + 1, 0)
+            for layer in slab.layers:
+                assert isinstance(layer, SlabLayer)
+                assert layer.get_seq_length() == end
+                assert layer.get_mask_sizes(1) == (end + 1, 0)
     assert slab.get_seq_length() == dynamic.get_seq_length() == 9
