@@ -1,15 +1,14 @@
-"""Serving a request through the cloud, and what the edge does when the cloud fails.
+"""The cloud link: a routed request sent over the bus (`hg.gen.<model>`), its answer streamed
+back as items. I/O only: what the edge does instead is the router's.
 
-`CloudBridge.serve` sends a routed request over the bus (`hg.gen.<model>`) and streams the
-cloud's answer back as items. Cloud failures never hang a request and never truncate it
-silently:
+Cloud failures never hang a request and never truncate it silently:
 
 * a cloud that does not accept (no responders, accept timeout, overloaded, bus down, or a
   first reply that is an `internal` error, malformed or out of sequence) feeds the breaker
-  and the request is served locally (`cloud_unavailable`);
-* a cloud that fails after streaming part of the answer feeds the breaker and the edge
-  finishes the answer locally from the text already streamed (prompt + partial answer as its
-  context); when that does not fit the edge context, the stream ends with an error event;
+  and raises `CloudDown`: the router serves the request locally (`cloud_unavailable`);
+* a cloud that fails after streaming part of the answer feeds the breaker and raises
+  `FailedMidStream`: the router finishes the answer locally from the text already streamed,
+  or ends it with an error when that does not fit the edge context;
 * a mid-stream error that says the request itself is wrong, or was cancelled, ends the
   stream as it is: finishing it locally would hide it; so does the request's own deadline
   running out (there is no time left to finish it locally).
@@ -48,10 +47,8 @@ from edge.route.request import (
     Outcome,
     Piece,
     RouteInfo,
-    stream_local,
 )
-from edge.route.rules import Decision, EdgeState, Reason, RequestFacts, decide
-from edge.runtime import EdgeRuntime
+from edge.route.rules import Decision, Reason
 from serving import deadlines
 from serving.protocol import chunk_logprobs
 
@@ -68,6 +65,24 @@ _NOT_RECOVERABLE = (ErrorCode.BAD_REQUEST, ErrorCode.CONTEXT_LENGTH_EXCEEDED, Er
 ThresholdInfo = tuple[float | None, str, int]
 
 
+class CloudDown(Exception):
+    """The cloud did not take the request (nothing of it was streamed): the router serves
+    it locally, `cloud_unavailable`. `why`: the error code, or "no bus"."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class FailedMidStream(Exception):
+    """The cloud failed after streaming `streamed` (`tokens` of it): the router finishes the
+    answer locally, or ends it with an error."""
+
+    def __init__(self, streamed: str, tokens: int, cause: HybridgenError) -> None:
+        super().__init__(cause.message)
+        self.streamed, self.tokens, self.cause = streamed, tokens, cause
+
+
 class CloudBridge:
     """Sends routed requests to the cloud through the node's bus connection and breaker.
 
@@ -81,8 +96,6 @@ class CloudBridge:
     async def serve(
         self,
         request: EdgeRequest,
-        runtime: EdgeRuntime,
-        prompt_ids: list[int],
         decision: Decision,
         started: float,
         perplexity: float | None,
@@ -92,11 +105,7 @@ class CloudBridge:
         """Serve a request routed to the cloud: `RouteInfo`, then `Piece`s, then an `Outcome`.
 
         Args:
-            request: the request.
-            runtime: the runtime that serves it when the edge answers instead (the node's,
-                or an A/B variant's).
-            prompt_ids: its prompt as the edge model's tokens (the edge's own recovery uses
-                them; the cloud gets the text or messages).
+            request: the request (the cloud gets its text or messages).
             decision: the routing decision that sent it to the cloud.
             started: `time.perf_counter()` when the request arrived.
             perplexity: the prompt perplexity, when the edge prefilled it.
@@ -106,15 +115,14 @@ class CloudBridge:
                 from its `Done`) and `cloud_model_version`.
 
         Raises:
+            CloudDown: the cloud did not take it (before any item).
+            FailedMidStream: the cloud failed after part of the answer.
             HybridgenError: a mid-stream error the edge must not hide (bad request, context
-                length, cancelled), or `Unavailable` when the cloud failed mid-stream and the
-                answer so far does not fit the edge context.
+                length, cancelled), or the request's own deadline.
         """
         node = self.node
         if node.nc is None or not node.breaker.allow():
-            async for item in self._serve_locally(request, runtime, started, "no bus"):
-                yield item
-            return
+            raise CloudDown("no bus")
         trace = {} if trace is None else trace
         async with contextlib.AsyncExitStack() as stack:
             sent = time.perf_counter()
@@ -125,9 +133,7 @@ class CloudBridge:
                     node.breaker.release()  # the request's own deadline, not the cloud's fault
                     raise
                 self._count_failure(request, exc, "")
-                async for item in self._serve_locally(request, runtime, started, exc.code.value):
-                    yield item
-                return
+                raise CloudDown(exc.code.value) from exc
             trace["hop_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
             node.breaker.record_success()
             yield self._accepted(request, decision, started, perplexity, threshold)
@@ -146,11 +152,7 @@ class CloudBridge:
                     # left to finish it locally; its short budget says nothing of the cloud).
                     raise
                 self._count_failure(request, exc, "cloud failed mid-stream: ")
-                async for item in self._finish_locally(
-                    request, runtime, prompt_ids, "".join(streamed), completion_tokens, exc, started
-                ):
-                    yield item
-                return
+                raise FailedMidStream("".join(streamed), completion_tokens, exc) from exc
             yield self._outcome(stream.done, started, trace)
 
     async def _open(
@@ -284,94 +286,3 @@ class CloudBridge:
     def budget_left_s(self, request: EdgeRequest, started: float) -> float:
         """Seconds left of the request's deadline (`started`: its `perf_counter` arrival)."""
         return self.budget_s(request) - (time.perf_counter() - started)
-
-    async def _serve_locally(
-        self, request: EdgeRequest, runtime: EdgeRuntime, started: float, why: str
-    ) -> AsyncGenerator[Item, None]:
-        """The cloud was wanted but cannot take it: serve locally, `cloud_unavailable`."""
-        logger.info("request %s: cloud unavailable (%s), serving locally", request.request_id, why)
-        node = self.node
-        prompt_ids = runtime.encode(request.prompt)
-        field = "messages" if request.messages is not None else "prompt"
-        facts = RequestFacts(
-            len(prompt_ids), request.options.max_tokens, route="cloud", input_field=field
-        )
-        decision = decide(
-            facts,
-            EdgeState(runtime.context_length),
-            node.routing_policy,
-            cloud_available=False,
-        )
-        options = request.options.with_max_tokens(decision.max_tokens or 1)
-        generation = runtime.submit(
-            prompt_ids, options, adapter=request.adapter, grammar=request.grammar
-        )
-        node.record_route(decision)
-        # Decided: answer at once, the prefill runs meanwhile (its event is skipped below).
-        yield RouteInfo(
-            "edge",
-            Reason.CLOUD_UNAVAILABLE.value,
-            request.request_id,
-            node.settings.edge_model_name,
-            (time.perf_counter() - started) * 1e3,
-            None,
-        )
-        local = stream_local(
-            generation, started, node.counters.stats, model_version=runtime.version
-        )
-        async with contextlib.aclosing(local) as items:
-            async for item in items:
-                yield item
-
-    async def _finish_locally(
-        self,
-        request: EdgeRequest,
-        runtime: EdgeRuntime,
-        prompt_ids: list[int],
-        streamed: str,
-        cloud_tokens: int,
-        cause: HybridgenError,
-        started: float,
-    ) -> AsyncGenerator[Item, None]:
-        """The cloud failed after streaming `streamed`: continue it on the edge, or fail."""
-        node = self.node
-        context_ids = runtime.encode(request.prompt + streamed)
-        left = request.options.max_tokens - max(cloud_tokens, 0)
-        room = runtime.context_length - len(context_ids)
-        budget = min(left, room)
-        if request.grammar is not None and left >= 1:
-            # The edge's grammar would start over after the cloud's partial answer.
-            raise Unavailable(
-                f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and a "
-                "constrained answer cannot be finished on the edge; retry the request"
-            )
-        if budget < 1 or left < 1:
-            if left < 1:
-                yield Outcome("length", len(prompt_ids), cloud_tokens)
-                return
-            raise Unavailable(
-                f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and the "
-                "answer so far does not fit the edge context to finish it locally"
-            )
-        logger.warning(
-            "request %s: cloud failed mid-stream (%s); finishing locally",
-            request.request_id,
-            cause.code.value,
-        )
-        node.counters.mid_stream_recoveries += 1
-        generation = runtime.submit(
-            context_ids, request.options.with_max_tokens(budget), adapter=request.adapter
-        )
-        await generation.next_event()  # Prefill
-        local = stream_local(generation, started, node.counters.stats)
-        async with contextlib.aclosing(local) as items:
-            async for item in items:
-                if isinstance(item, Outcome):
-                    item = Outcome(
-                        item.finish_reason,
-                        len(prompt_ids),
-                        cloud_tokens + item.completion_tokens,
-                        completed_locally=True,
-                        model_version=runtime.version,
-                    )
-                yield item

@@ -12,17 +12,16 @@ up to three steps:
 3. When the edge keeps it and a second stage is set, the edge drafts `second_stage_k`
    tokens unseen and decides once more on their confidence (`decide_after_draft`).
 
-A personalized request that comes with the user's own samples (`EdgeRequest.with_samples`)
-is first prefilled with and without them (`Router._gate_samples`): it keeps them only when
-they make its own tokens more likely by more than `personalize_sample_gain` nats in all
-(`edge.personal.personalizer.samples_help`). Both prefills keep their persona/samples prefix for the
-runtime's prefix reuse, so the answer's own prefill then costs only the request's tokens. The
-routing perplexity stays that of the request without the samples (the thresholds are
-calibrated on plain prompts); the samples never go to the cloud.
+A personalized request that comes with the user's own samples is first put through the
+samples gate (`edge.route.gate`); the routing perplexity stays that of the request without
+the samples (the thresholds are calibrated on plain prompts).
 
-A request routed to the cloud goes to `edge.route.cloud.CloudBridge`; a local one streams
-from the generation already prefilled (and drafted), so nothing is computed twice. A full
-edge queue sends the request to the cloud when it may go there, else it is refused (503).
+A request routed to the cloud goes through the cloud link (`edge.route.cloud`, I/O only);
+when the cloud does not take it, or fails mid-stream, the router serves or finishes it
+locally, by the runtime that serves the request (the node's, or an A/B variant's). A local
+one streams from the generation already prefilled (and drafted), so nothing is computed
+twice. A full edge queue sends the request to the cloud when it may go there, else it is
+refused (503).
 """
 
 from __future__ import annotations
@@ -30,15 +29,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from broker.errors import HybridgenError, Overloaded, Unavailable
+from broker.errors import Overloaded, Unavailable
 from edge.node import EdgeNode
-from edge.personal.personalizer import samples_help
-from edge.route.cloud import CloudBridge, ThresholdInfo
+from edge.route.cloud import CloudBridge, CloudDown, FailedMidStream, ThresholdInfo
+from edge.route.gate import gate_samples, prefix_of
 from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo, stream_local
 from edge.route.rules import (
     Decision,
@@ -50,7 +48,7 @@ from edge.route.rules import (
     decide,
     decide_after_draft,
 )
-from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token, prefix_length
+from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token
 from models.scoring import encode_with_span, scored_positions
 from serving.model_names import require_served
 
@@ -211,15 +209,85 @@ class Router:
                 decision = self._when_queue_full(plan.request)
         if decision.target is Target.CLOUD:
             trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-            answer = self.cloud.serve(
-                plan.request, plan.runtime, plan.prompt_ids, decision, started,
-                judged.perplexity, plan.threshold, trace,
-            )  # fmt: skip
+            answer = self._via_cloud(plan, decision, judged.perplexity, started, trace)
         else:
             assert generation is not None
             answer = self._serve_local(plan, decision, judged, generation, started, trace)
         async with contextlib.aclosing(answer) as items:
             async for item in items:
+                yield item
+
+    async def _via_cloud(
+        self,
+        plan: _Plan,
+        decision: Decision,
+        perplexity: float | None,
+        started: float,
+        trace: dict[str, Any],
+    ) -> AsyncGenerator[Item, None]:
+        """The cloud's answer through the cloud link; the edge's own, by the runtime that
+        serves the request, when the cloud does not take it or fails mid-stream."""
+        request = plan.request
+        cloud = self.cloud.serve(request, decision, started, perplexity, plan.threshold, trace)
+        try:
+            async with contextlib.aclosing(cloud) as items:
+                async for item in items:
+                    yield item
+            return
+        except CloudDown as down:
+            logger.info("request %s: cloud unavailable (%s), serving locally",
+                        request.request_id, down.why)  # fmt: skip
+            decision = self._decide_unavailable(plan)
+            generation = self._submit(plan, decision)
+            answer = self._serve_local(plan, decision, _Judged(), generation, started, trace)
+        except FailedMidStream as failed:
+            answer = self._finish_locally(plan, failed, started)
+        async with contextlib.aclosing(answer) as items:
+            async for item in items:
+                yield item
+
+    def _decide_unavailable(self, plan: _Plan) -> Decision:
+        """The edge answers a request the cloud did not take: as much as fits its context."""
+        facts = dataclasses.replace(plan.facts, route="cloud")
+        state = EdgeState(plan.runtime.context_length)
+        return decide(facts, state, self.node.routing_policy, cloud_available=False)
+
+    async def _finish_locally(
+        self, plan: _Plan, failed: FailedMidStream, started: float
+    ) -> AsyncGenerator[Item, None]:
+        """The cloud failed after streaming part of the answer: the edge continues it from
+        the prompt and that part, or ends it with an error when it cannot."""
+        request, runtime, cause = plan.request, plan.runtime, failed.cause
+        context_ids = runtime.encode(request.prompt + failed.streamed)
+        left = request.options.max_tokens - max(failed.tokens, 0)
+        budget = min(left, runtime.context_length - len(context_ids))
+        if left < 1:
+            yield Outcome("length", len(plan.prompt_ids), failed.tokens)
+            return
+        why = f"the cloud failed mid-stream ({cause.code.value}: {cause.message}) and"
+        if request.grammar is not None:  # the edge's grammar would start over
+            raise Unavailable(f"{why} a constrained answer cannot be finished on the edge; "
+                              "retry the request")  # fmt: skip
+        if budget < 1:
+            raise Unavailable(f"{why} the answer so far does not fit the edge context to "
+                              "finish it locally")  # fmt: skip
+        logger.warning("request %s: cloud failed mid-stream (%s); finishing locally",
+                       request.request_id, cause.code.value)  # fmt: skip
+        self.node.counters.mid_stream_recoveries += 1
+        options = request.options.with_max_tokens(budget)
+        generation = runtime.submit(context_ids, options, adapter=request.adapter)
+        await generation.next_event()  # Prefill
+        local = stream_local(generation, started, self.node.counters.stats)
+        async with contextlib.aclosing(local) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    item = dataclasses.replace(
+                        item,
+                        prompt_tokens=len(plan.prompt_ids),
+                        completion_tokens=failed.tokens + item.completion_tokens,
+                        completed_locally=True,
+                        model_version=runtime.version,
+                    )
                 yield item
 
     async def _plan(
@@ -236,7 +304,9 @@ class Router:
         plain_perplexity: float | None = None
         if request.with_samples is not None:
             if request.route != "cloud" and not cloud_only:
-                request, plain_perplexity = await self._gate_samples(runtime, request, trace)
+                request, plain_perplexity = await gate_samples(
+                    runtime, request, trace, node.settings.personalize_sample_gain
+                )
             else:
                 request = dataclasses.replace(request, with_samples=None)
         prompt_ids, span = encode_with_span(runtime.encode, request.prompt, request.score_span)
@@ -255,7 +325,7 @@ class Router:
         if threshold[0] != policy.perplexity_threshold:
             policy = policy.model_copy(update={"perplexity_threshold": threshold[0]})
         # A personalized request's persona/samples prefix, reused by the runtime when kept.
-        prefix = _prefix(runtime, request.prompt, prompt_ids, request.prefix_key,
+        prefix = prefix_of(runtime, request.prompt, prompt_ids, request.prefix_key,
                          request.prefix_chars)  # fmt: skip
         # The wait is judged once, on arrival: after the prefill the request's own job counts.
         return _Plan(request, runtime, prompt_ids, span, prefix, facts, policy, threshold,
@@ -343,88 +413,6 @@ class Router:
             async for item in items:
                 yield item
 
-    async def _gate_samples(
-        self, runtime: EdgeRuntime, request: EdgeRequest, trace: dict[str, Any]
-    ) -> tuple[EdgeRequest, float | None]:
-        """The request with the user's samples in context when they help it, else without.
-
-        Both versions are prefilled (held, then cancelled: their prefixes stay kept) and
-        compared on the request's own tokens. A version that cannot be prefilled (too long
-        with the samples, the queue full, a failure) leaves the request without the samples.
-
-        Returns:
-            The request to serve (`with_samples` cleared) and its perplexity without the
-            samples (None when it could not be measured).
-        """
-        alternative = request.with_samples
-        assert alternative is not None
-        plain_request = dataclasses.replace(request, with_samples=None)
-        plain = await self._prefill_only(
-            runtime, request, request.prompt, request.score_span, request.prefix_key,
-            request.prefix_chars,
-        )  # fmt: skip
-        if plain is None:
-            trace["samples_in_context"] = 0
-            return plain_request, None
-        with_samples = await self._prefill_only(
-            runtime, request, alternative.prompt, alternative.score_span,
-            alternative.prefix_key, alternative.prefix_chars,
-        )  # fmt: skip
-        gain = 0.0
-        if with_samples is not None and plain.perplexity and with_samples.perplexity:
-            tokens = min(plain.scored_tokens, with_samples.scored_tokens)
-            gain = tokens * (math.log(plain.perplexity) - math.log(with_samples.perplexity))
-        use = with_samples is not None and samples_help(
-            gain, self.node.settings.personalize_sample_gain
-        )
-        trace["samples_in_context"] = alternative.count if use else 0
-        logger.debug(
-            "request %s: %d samples %s (gain %.2f nats)",
-            request.request_id,
-            alternative.count,
-            "kept" if use else "left out",
-            gain,
-        )
-        if not use:
-            return plain_request, plain.perplexity
-        served = dataclasses.replace(
-            plain_request,
-            prompt=alternative.prompt,
-            score_span=alternative.score_span,
-            prefix_key=alternative.prefix_key,
-            prefix_chars=alternative.prefix_chars,
-        )
-        return served, plain.perplexity
-
-    async def _prefill_only(
-        self,
-        runtime: EdgeRuntime,
-        request: EdgeRequest,
-        prompt: str,
-        score_span: tuple[int, int] | None,
-        prefix_key: str | None,
-        prefix_chars: int,
-    ) -> Prefill | None:
-        """Prefill `prompt` with the request's options and stop: its Prefill event (the
-        perplexity of its scored tokens), or None when it cannot run now."""
-        ids, span = encode_with_span(runtime.encode, prompt, score_span)
-        prefix = _prefix(runtime, prompt, ids, prefix_key, prefix_chars)
-        try:
-            generation = runtime.submit(
-                ids, request.options, hold_after_prefill=True, score_span=span, **prefix
-            )
-        except HybridgenError:  # too long with the samples, or the queue is full
-            return None
-        try:
-            event = await generation.next_event()
-        except HybridgenError as exc:
-            logger.warning("request %s: a prefill for the samples gate failed: %s",
-                           request.request_id, exc)  # fmt: skip
-            return None
-        finally:
-            generation.cancel()
-        return event if isinstance(event, Prefill) and event.perplexity is not None else None
-
     def _when_queue_full(self, request: EdgeRequest) -> Decision:
         """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
         node = self.node
@@ -453,18 +441,3 @@ class Router:
             [t.logprob for t in drafted], policy, cloud_available=self.node.cloud_available()
         )
         return drafted, finished, decision
-
-
-def _prefix(
-    runtime: EdgeRuntime,
-    prompt: str,
-    prompt_ids: list[int],
-    prefix_key: str | None,
-    prefix_chars: int,
-) -> dict[str, Any]:
-    """`prefix_key` and `prefix_len` (tokens) of a personalized prompt's persona/samples
-    prefix for `EdgeRuntime.submit` ({} without one)."""
-    if prefix_key is None or prefix_chars <= 0:
-        return {}
-    prefix_ids = runtime.encode(prompt[:prefix_chars])
-    return {"prefix_key": prefix_key, "prefix_len": prefix_length(prompt_ids, prefix_ids)}
