@@ -42,6 +42,7 @@ from serving.auth import require_api_key
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
 from serving.deadlines import budget_s, client_timeout_s
+from serving.headers import HEADER_REQUEST_ID
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.model_names import require_served
 from serving.protocol import (
@@ -361,7 +362,7 @@ async def _serve(
             state.stats.record(time.monotonic() - started, error=True)
         raise
     items = _items(state, replies, stack, started)
-    headers = {"X-Request-Id": request_id}
+    headers = {HEADER_REQUEST_ID: request_id}
     return await answer.respond(items, stream=body.stream, headers=headers, http=request)
 
 

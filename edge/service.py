@@ -127,7 +127,7 @@ class EdgeService:
             return info
 
     async def apply_experiment(self, value: dict[str, Any] | None) -> None:
-        """Put an A/B experiment in force (`broker.experiment`; None: stop it).
+        """Put an A/B experiment in force (`fleet.experiment`; None: stop it).
 
         An edge model-set variant is loaded next to the node's model (from the registry,
         else pulled from the object store, as `reload-model` does) and replaces any other

@@ -2,7 +2,7 @@
 
 The experiment is written, read and deleted by `hybridgen fleet experiment` (run in the
 test's loop); the edge applies it from `hg_config`. Assignment is checked against the
-deterministic hash (`broker.experiment.bucket`), never against statistics.
+deterministic hash (`fleet.experiment.bucket`), never against statistics.
 """
 
 from __future__ import annotations

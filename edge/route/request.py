@@ -102,7 +102,7 @@ class RouteInfo:
     threshold_source: str | None = None
     #: Prompt tokens the perplexity was averaged over (it picks the calibrated length bucket).
     scored_tokens: int | None = None
-    #: The A/B variant that serves it (`broker.experiment`); None: no experiment in force.
+    #: The A/B variant that serves it (`fleet.experiment`); None: no experiment in force.
     variant: str | None = None
     #: How many of the user's own samples the edge kept in context (0: the gate left them
     #: out); None: none were offered.
