@@ -34,8 +34,7 @@ def overflow(
     `window` tokens, else None. `why` ends the message (what else was tried)."""
     if prompt_tokens >= window:
         return ContextLengthExceeded(
-            f"the prompt ({prompt_tokens} tokens) fills the context window of {window} "
-            f"tokens{why}",
+            f"the prompt ({prompt_tokens} tokens) fills the context window of {window} tokens{why}",
             param=input_field,
         )
     if max_tokens is not None and prompt_tokens + max_tokens > window:
