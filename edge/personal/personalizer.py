@@ -40,24 +40,21 @@ or the edge had restarted) or not yet written back when the edge stopped. Each c
 most `max_contexts` contexts and each user at most the store's `max_user_bytes` of text, so the
 largest user allowed is bounded (`largest_user_bytes`); the constructor refuses caps whose
 largest user would not fit the budget. The personalizer is a `UserListener`: a feedback sample
-of a resident user is queued with its id (one indexed read) under the store's lock, and
-learned, tokenized with the edge model's tokenizer, by the
-user's next request or the write-back, outside the store's lock (`_learn`). For README
-paragraphs of 161 SmolLM2 tokens on average, on the 2-core dev machine at load 4-5, tokenizing
-took 0.38 ms and `NgramCache.update` 0.71 ms (p50), about 0.8 ms per 100 tokens. `stats()`
-reports the mean. A reset or deletion drops the user's state from memory, queued samples
-included, and no id of a forgotten user stays behind. Updated caches are written back to the
-learned blob at most every `persist_s` seconds (a timer thread), and at `close`.
+of a resident user is queued with its id (one indexed read) under the store's lock, and learned,
+tokenized with the edge model's tokenizer, by the user's next request or the write-back, outside
+the store's lock (`_learn`); `stats()` reports the mean time it takes. A reset or deletion drops
+the user's state from memory, queued samples included, and no id of a forgotten user stays
+behind. Updated caches are written back to the learned blob at most every `persist_s` seconds (a
+timer thread), and at `close`.
 
 Snapshots. A request's adapter is read by the runtime's worker thread while it runs. Copying a
-cache costs ~50 ms per 10,000 contexts (`to_bytes` + `from_bytes`; measured under load), too
-much for a request's path. So the write-back, which serializes the cache anyway, also builds
-an immutable snapshot from those bytes, off the request path, and requests use the latest
-snapshot once it matches the cache. Between a feedback and its write-back (about `persist_s`),
-and for a user loaded but not yet updated, requests use the live cache, so a feedback that
-is learned when a request or the write-back takes it. The runtime tolerates this: a step
-that reads the cache while it changes goes unmixed. Learning therefore applies to the very
-next request.
+cache grows with its contexts (`to_bytes` + `from_bytes`), too much for a request's path. So the
+write-back, which serializes the cache anyway, also builds an immutable snapshot from those
+bytes, off the request path, and requests use the latest snapshot once it matches the cache.
+Between a feedback and its write-back (about `persist_s`), and for a user loaded but not yet
+updated, requests use the live cache, so a feedback that is learned when a request or the
+write-back takes it. The runtime tolerates this: a step that reads the cache while it changes goes
+unmixed. Learning therefore applies to the very next request.
 
 A write-back that raced a reset (the blob written just after the reset wiped it) is detected
 (a forget counter; the ids forgotten while write-backs are in flight are kept only until they
