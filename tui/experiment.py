@@ -31,7 +31,7 @@ from fleet.experiment import (
     combine,
     figures_table,
 )
-from tui.policy import ActionRecorder
+from fleet.rollout import Recorder
 from tui.screens import ConfirmScreen
 from tui.state import FleetState
 
@@ -105,7 +105,7 @@ class ExperimentScreen(Screen[None]):
         Binding("ctrl+r", "reload", "reload"),
     ]
 
-    def __init__(self, nc: Client, fleet: FleetState, record: ActionRecorder) -> None:
+    def __init__(self, nc: Client, fleet: FleetState, record: Recorder) -> None:
         super().__init__()
         self.nc = nc
         self.fleet = fleet

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client
@@ -28,12 +27,10 @@ from broker import subjects
 from broker.errors import HybridgenError
 from broker.store import FleetConfig
 from fleet.policy import merge_policy
+from fleet.rollout import Recorder
 from tui.screens import ConfirmScreen
 
 log = logging.getLogger(__name__)
-
-#: Records one operator action: (action, target, ok, message).
-ActionRecorder = Callable[[str, str, bool, str], Awaitable[None]]
 
 #: The target name of the fleet default in operator events.
 FLEET = "fleet"
@@ -85,7 +82,7 @@ class PolicyScreen(Screen[None]):
         Binding("ctrl+t", "switch_layer", "fleet/node"),
     ]
 
-    def __init__(self, nc: Client, node_id: str | None, record: ActionRecorder) -> None:
+    def __init__(self, nc: Client, node_id: str | None, record: Recorder) -> None:
         super().__init__()
         self.nc = nc
         self.node_id = node_id

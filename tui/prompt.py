@@ -24,8 +24,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
+from fleet.rollout import Recorder
 from serving.headers import HEADER_REQUEST_ID, HEADER_ROUTE_REASON, HEADER_SERVED_BY
-from tui.policy import ActionRecorder
 
 #: Operator-event action name.
 TEST_PROMPT = "test-prompt"
@@ -247,7 +247,7 @@ class PromptScreen(Screen[None]):
         self,
         node_id: str,
         api_url: str,
-        record: ActionRecorder,
+        record: Recorder,
         *,
         api_key: str | None = None,
         model: str = "hg-edge",
