@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from pydantic_core import PydanticCustomError
 
 from broker.errors import BadRequest
@@ -323,6 +323,8 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     _takes_tools: ClassVar[bool] = True
+    #: `tool_request()`, once built.
+    _tool_request: ToolRequest | None = PrivateAttr(default=None)
 
     @field_validator("messages")
     @classmethod
@@ -338,13 +340,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def tool_request(self) -> ToolRequest:
         """The request's tools, `tool_choice` and `parallel_tool_calls` (checked when the
-        body was validated)."""
-        tools = check_tools(self.tools) or []
-        return ToolRequest(
-            tools=tools,
-            choice=check_tool_choice(self.tool_choice, tools),
-            parallel=self.parallel_tool_calls is not False,
-        )
+        body was validated), built once per request."""
+        if self._tool_request is None:
+            tools = check_tools(self.tools) or []
+            self._tool_request = ToolRequest(
+                tools=tools,
+                choice=check_tool_choice(self.tool_choice, tools),
+                parallel=self.parallel_tool_calls is not False,
+            )
+        return self._tool_request
 
     def grammar(self) -> Grammar | None:
         """The grammar of the answer: a tool call's when tools are in play (`auto` keeps
