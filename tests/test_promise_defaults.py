@@ -124,6 +124,7 @@ def test_every_option_reads_hg_edge_option_and_the_command_line_wins(
     ("variable", "value", "field", "expected"),
     [
         ("HG_EDGE_API_KEYS", "k1,k2", "api_keys", ["k1", "k2"]),
+        ("HG_EDGE_API_KEYS", '["k1", "k2"]', "api_keys", ["k1", "k2"]),
         ("HG_EDGE_USER_KEYS", "k@alice+bob", "user_keys", ["k@alice+bob"]),
         ("HG_EDGE_ALLOWED_ORIGINS", "http://localhost:3000", "allowed_origins",
          ["http://localhost:3000"]),
@@ -151,6 +152,8 @@ def test_the_edge_settings_the_documents_name_are_read(
     ("variable", "value", "field", "expected"),
     [
         ("HG_CLOUD_API_KEYS", "k1,k2", "api_keys", ["k1", "k2"]),
+        ("HG_CLOUD_API_KEYS", '["k1", "k2"]', "api_keys", ["k1", "k2"]),
+        ("HG_CLOUD_MODELS", '["hg-cloud", "hg-cloud-b"]', "models", ["hg-cloud", "hg-cloud-b"]),
         ("HG_CLOUD_ALLOWED_ORIGINS", "https://app.example", "allowed_origins",
          ["https://app.example"]),
         ("HG_CLOUD_ALLOWED_HOSTS", "api.lan", "allowed_hosts", ["api.lan"]),
