@@ -361,32 +361,54 @@ async def _serve(
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)
         raise
-    items = _items(state, replies, stack, started)
+    items = _Replies(state, replies, stack, started)
     headers = {HEADER_REQUEST_ID: request_id}
     return await answer.respond(items, stream=body.stream, headers=headers, http=request)
 
 
-async def _items(
-    state: ApiState, replies: ReplyStream, stack: contextlib.AsyncExitStack, started: float
-) -> AsyncGenerator[Piece | Outcome, None]:
-    """A worker's replies as the answer's items. When they end, however they end, the reply
-    stream is closed (a request cut short is cancelled on the worker) and the request counted."""
-    done: wire.Done | None = None
-    try:
-        async for chunk in replies:
-            scores = chunk_logprobs(chunk)
-            if chunk.text or scores:
-                yield Piece(chunk.text, scores)
-        done = replies.done
-        assert done is not None
-        usage = done.usage
-        yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
-                      model_version=done.model_version, worker=done.served_by)  # fmt: skip
-    except HybridgenError as exc:
-        state.metrics.errors.labels(exc.code.value).inc()
-        raise
-    finally:
+class _Replies:
+    """A worker's replies as the answer's items. Closing them, whether they were read, read
+    in part or never (a client gone before the first token), closes the reply stream (a
+    request cut short is cancelled on the worker) and counts the request, once."""
+
+    def __init__(
+        self,
+        state: ApiState,
+        replies: ReplyStream,
+        stack: contextlib.AsyncExitStack,
+        started: float,
+    ) -> None:
+        self.state, self.replies, self.stack, self.started = state, replies, stack, started
+        self.done: wire.Done | None = None
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[Piece | Outcome]:
+        return self._items()
+
+    async def _items(self) -> AsyncGenerator[Piece | Outcome, None]:
+        try:
+            async for chunk in self.replies:
+                scores = chunk_logprobs(chunk)
+                if chunk.text or scores:
+                    yield Piece(chunk.text, scores)
+            done = self.done = self.replies.done
+            assert done is not None
+            usage = done.usage
+            yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
+                          model_version=done.model_version, worker=done.served_by)  # fmt: skip
+        except HybridgenError as exc:
+            self.state.metrics.errors.labels(exc.code.value).inc()
+            raise
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the reply stream and count the request (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        state, done = self.state, self.done
         state.in_flight -= 1
         tokens = done.usage.completion_tokens if done is not None else 0
-        state.stats.record(time.monotonic() - started, tokens, error=done is None)
-        await stack.aclose()
+        state.stats.record(time.monotonic() - self.started, tokens, error=done is None)
+        await self.stack.aclose()

@@ -7,7 +7,7 @@ override the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -75,7 +75,6 @@ class ApiSettings(HttpSettings):
     """`hybridgen cloud api`. Every field can be set as `HG_CLOUD_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix="HG_CLOUD_", extra="ignore")
-    env_prefix: ClassVar[str] = "HG_CLOUD_"
 
     port: int = Field(default=8500, ge=0, le=65535, description="Port (0: any free port).")
     models: Annotated[list[str], NoDecode] = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -20,7 +20,6 @@ class EdgeSettings(HttpSettings):
     """How one edge node runs. Every field can be set as `HG_EDGE_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix="HG_EDGE_", extra="ignore")
-    env_prefix: ClassVar[str] = "HG_EDGE_"
 
     port: int = Field(default=8400, ge=0, le=65535, description="HTTP port (0: any free one).")
     model_dir: Path | None = Field(

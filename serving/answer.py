@@ -9,7 +9,7 @@ them. `Answer` writes them the same way whoever served them.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,7 @@ class Answer:
 
     async def respond(
         self,
-        items: AsyncIterator[Piece | Outcome],
+        items: AsyncIterable[Piece | Outcome],
         *,
         stream: bool,
         headers: dict[str, str],
@@ -87,16 +87,20 @@ class Answer:
     ) -> Response:
         """The answer as SSE chunks or one JSON body. A client that hangs up on a JSON answer
         closes `items` (`http`: the request whose disconnect is watched)."""
-        if stream:
-            return await sse_response(self.chunks(items), headers=headers)
-        collected = self.collect(items)
-        text, scores, outcome = await (
-            collected if http is None else until_disconnect(http, collected)
-        )
+        try:
+            if stream:
+                return await sse_response(self.chunks(items), headers=headers)
+            collected = self.collect(items)
+            text, scores, outcome = await (
+                collected if http is None else until_disconnect(http, collected)
+            )
+        except BaseException:
+            await _close(items)  # however the answer ends, even with its items unread
+            raise
         return JSONResponse(self.body(text, scores, outcome), headers=headers)
 
     async def collect(
-        self, items: AsyncIterator[Piece | Outcome]
+        self, items: AsyncIterable[Piece | Outcome]
     ) -> tuple[str, list[protocol.TokenLogprob], Outcome]:
         """The whole answer: its text (after the echo), its tokens' scores, its outcome."""
         parts = [self.echo]
@@ -133,7 +137,7 @@ class Answer:
             built = protocol.completion_response(**common, logprob_offset=len(self.echo))
         return tagged(built, self.final_tags(outcome))
 
-    async def chunks(self, items: AsyncIterator[Piece | Outcome]) -> AsyncIterator[Any]:
+    async def chunks(self, items: AsyncIterable[Piece | Outcome]) -> AsyncIterator[Any]:
         """The SSE chunks of one answer, each tagged: the first (role, echo), the text (with
         its tokens' log-probabilities when asked for), the finish, the usage."""
         chunks_of = protocol.StreamChunks(
@@ -187,8 +191,9 @@ def tagged(model: Any, tags: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-async def _close(items: AsyncIterator[Any]) -> None:
-    """Close an answer's items (a generator: its generation is cancelled when unfinished)."""
+async def _close(items: AsyncIterable[Any]) -> None:
+    """Close an answer's items: an unfinished generation is cancelled, and items that own
+    a resource give it back, read or not."""
     aclose = getattr(items, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -9,7 +9,7 @@ comma-separated text or a JSON list, the same for every list field of both APIs.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode
@@ -29,10 +29,8 @@ def split_list(value: object) -> object:
 
 
 class HttpSettings(BaseSettings):
-    """The HTTP side of an API. A subclass sets `model_config`'s `env_prefix` and its port."""
-
-    #: The environment prefix named in the exposure rule's messages (e.g. `HG_EDGE_`).
-    env_prefix: ClassVar[str] = "HG_"
+    """The HTTP side of an API. A subclass sets `model_config`'s `env_prefix` (the exposure
+    rule's messages name its variables) and its port."""
 
     host: str = Field(default="127.0.0.1", description="HTTP bind address.")
     port: int = Field(default=0, ge=0, le=65535, description="HTTP port (0: any free one).")
@@ -72,7 +70,7 @@ class HttpSettings(BaseSettings):
         Raises:
             ValueError: the message says what to fix.
         """
-        env = self.env_prefix
+        env = self.model_config.get("env_prefix", "")
         parse_origins(self.allowed_origins, setting=f"{env}ALLOWED_ORIGINS")
         check_exposure(
             self.host,
