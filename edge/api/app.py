@@ -306,11 +306,65 @@ async def serve(
     # The model may call tools: calls in its text become `tool_calls`.
     shown = req.tool_request().shown() if isinstance(req, protocol.ChatCompletionRequest) else None
     node = service.node
+    edge_request = _edge_request(
+        service, req, prompt, messages, score_span, http, personal, cloud_prompt, samples, shown
+    )
+    request_id = edge_request.request_id
+    items = service.router.generate(edge_request)
+    try:
+        info = await anext(items)
+    except HybridgenError as exc:
+        await items.aclose()
+        node.counters.errors += 1
+        metrics.http.errors.labels(exc.code.value).inc()
+        return error_response(exc, headers={HEADER_REQUEST_ID: request_id})
+    except BaseException:
+        await items.aclose()
+        raise
+    assert isinstance(info, RouteInfo)
+    metrics.routes.labels(info.served_by, info.route_reason).inc()
+    answer = Answer(
+        chat,
+        request_id,
+        info.model,
+        _tags(info),
+        metrics.http,
+        echo=echo,
+        tools=shown is not None,
+        logprobs=edge_request.options.logprobs,
+        include_usage=req.include_usage,
+        # The edge's model version; a cloud answer's comes with its Outcome.
+        model_version=node.runtime.version if info.served_by == "edge" else None,
+    )
+    headers = {
+        HEADER_SERVED_BY: info.served_by,
+        HEADER_ROUTE_REASON: info.route_reason,
+        HEADER_REQUEST_ID: request_id,
+        **({HEADER_VARIANT: info.variant} if info.variant is not None else {}),
+    }
+    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
+    pieces = cast(AsyncGenerator[Piece | Outcome, None], items)
+    return await answer.respond(pieces, stream=req.stream, headers=headers, http=http)
+
+
+def _edge_request(
+    service: EdgeService,
+    req: protocol.CompletionRequest | protocol.ChatCompletionRequest,
+    prompt: str,
+    messages: list[dict[str, Any]] | None,
+    score_span: tuple[int, int] | None,
+    http: Request | None,
+    personal: Personalization | None,
+    cloud_prompt: str | None,
+    samples: tuple[str, tuple[int, int] | None] | None,
+    shown: list[dict[str, Any]] | None,
+) -> EdgeRequest:
+    """The request as the router takes it (`serve`'s arguments say what each part is)."""
     options, given = _options(req, service.settings.default_max_tokens)
     if personal is not None:
         options, given = personal.sampling(options, given, req.model_fields_set)
     client_s = client_timeout_s(http) if http is not None else None
-    edge_request = EdgeRequest(
+    return EdgeRequest(
         request_id=wire.new_request_id(),
         prompt=prompt,
         messages=messages,
@@ -329,38 +383,11 @@ async def serve(
         with_samples=samples_alternative(personal, samples),
         **(prefix_fields(prompt, personal.system_text, personal.prefix_key) if personal else {}),
     )
-    request_id = edge_request.request_id
-    items = service.router.generate(edge_request)
-    try:
-        info = await anext(items)
-    except HybridgenError as exc:
-        await items.aclose()
-        node.counters.errors += 1
-        metrics.http.errors.labels(exc.code.value).inc()
-        return error_response(exc, headers={HEADER_REQUEST_ID: request_id})
-    except BaseException:
-        await items.aclose()
-        raise
-    assert isinstance(info, RouteInfo)
-    metrics.routes.labels(info.served_by, info.route_reason).inc()
-    answer = _answer(info, metrics, chat=chat, tools=shown is not None, echo=echo)
-    answer.logprobs, answer.include_usage = options.logprobs, req.include_usage
-    # The edge's model version; a cloud answer's comes with its Outcome.
-    answer.model_version = node.runtime.version if info.served_by == "edge" else None
-    headers = {
-        HEADER_SERVED_BY: info.served_by,
-        HEADER_ROUTE_REASON: info.route_reason,
-        HEADER_REQUEST_ID: request_id,
-        **({HEADER_VARIANT: info.variant} if info.variant is not None else {}),
-    }
-    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
-    pieces = cast(AsyncGenerator[Piece | Outcome, None], items)
-    return await answer.respond(pieces, stream=req.stream, headers=headers, http=http)
 
 
-def _answer(info: RouteInfo, metrics: EdgeMetrics, *, chat: bool, tools: bool, echo: str) -> Answer:
-    """How a routed request's answer is written: tagged with where it comes from and why
-    (the user's samples kept and the A/B variant too, when there are any)."""
+def _tags(info: RouteInfo) -> dict[str, Any]:
+    """A routed answer's tags: where it comes from and why (the user's samples kept and the
+    A/B variant too, when there are any)."""
     tags: dict[str, Any] = {
         "served_by": info.served_by,
         "route_reason": info.route_reason,
@@ -370,7 +397,7 @@ def _answer(info: RouteInfo, metrics: EdgeMetrics, *, chat: bool, tools: bool, e
         tags["samples_in_context"] = info.samples_in_context
     if info.variant is not None:  # an A/B experiment is in force
         tags["variant"] = info.variant
-    return Answer(chat, info.request_id, info.model, tags, metrics.http, echo=echo, tools=tools)
+    return tags
 
 
 def _options(
