@@ -26,7 +26,7 @@ from broker.control import send_control
 from edge.runtime import SamplingParams
 from fleet.rollout import stages
 from fleet.rollout_record import load_record
-from fleet.watch import Bounds, Figures, figures, judge
+from fleet.watch import Bounds, Figures, figures, judge, live_edges
 from hybridgen import fleet
 from models import distribution, registry
 from models.registry import ModelSet
@@ -76,6 +76,26 @@ def test_judge_baseline_is_the_node_else_its_peers() -> None:
     assert judge(Figures(0.06, 1.0, 1), None, None, bounds) is not None
     # No p95 of its own (no traffic): the peers' p95 is the baseline.
     assert judge(after, Figures(0.2, None, 3), Figures(0.2, 100.0, 3), bounds) is not None
+
+
+class Edges:
+    """An `EdgeView` of fixed statuses (the console's fleet table or the CLI's heartbeats)."""
+
+    def __init__(self, statuses: dict[str, str]) -> None:
+        self.statuses = statuses
+
+    def edge_statuses(self) -> dict[str, str]:
+        return self.statuses
+
+    def last(self, node: str) -> wire.Heartbeat | None:
+        return None
+
+
+def test_a_roll_out_reaches_the_edges_heard_lately_and_not_stopped() -> None:
+    """One live-edge rule for the CLI and the console (docs/console.md, "Roll-out")."""
+    statuses = {"e-stale": "stale", "e-gone": "gone", "e-silent": "silent",
+                "e-stopped": "stopped", "e-b": "ok", "e-a": "draining"}  # fmt: skip
+    assert live_edges(Edges(statuses)) == ["e-a", "e-b"]
 
 
 def test_stages_canary_first_then_node_by_node() -> None:
