@@ -1,9 +1,8 @@
-"""Error codes shared by the bus and both HTTP APIs, and the HTTP status of each code.
+"""Error codes shared by the bus and both HTTP APIs.
 
-A `HybridgenError` crosses the bus as a `wire.Error` (code + message). Each code's HTTP
-status (`HybridgenError.http_status`) stays with the code, so an error answers the same
-wherever it was raised; an API refines it by subclassing (413, 415, 429). The HTTP APIs
-render errors in OpenAI's envelope (`serving.errors`).
+A `HybridgenError` crosses the bus as a `wire.Error` (code + message), so an error answers
+the same wherever it was raised. The HTTP APIs give each code its status and render errors
+in OpenAI's envelope (`serving.errors`).
 """
 
 from __future__ import annotations
@@ -25,21 +24,6 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-HTTP_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
-    ErrorCode.OVERLOADED: 503,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.TIMEOUT: 504,
-    # 499 is nginx's "client closed request"; a cancelled request has no one to answer.
-    ErrorCode.CANCELLED: 499,
-    ErrorCode.INTERNAL: 500,
-}
-
-
 class HybridgenError(Exception):
     """Base of every error hybridgen raises on purpose. Carries a code and a message.
 
@@ -58,10 +42,6 @@ class HybridgenError(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self.code]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code.value!r}, message={self.message!r})"

@@ -55,9 +55,6 @@ from serving.protocol import (
 
 logger = logging.getLogger(__name__)
 
-#: max_tokens of a completion that sets none (OpenAI's default).
-COMPLETION_DEFAULT_MAX_TOKENS = 16
-
 
 @dataclass
 class ApiState:
@@ -273,7 +270,6 @@ def _generate_request(
     state: ApiState,
     body: CompletionRequest | ChatCompletionRequest,
     *,
-    chat: bool,
     timeout_s: float | None = None,
 ) -> wire.GenerateRequest:
     """Check the model name and build the bus request (a chat as its messages).
@@ -282,9 +278,7 @@ def _generate_request(
     `request_timeout_s`); it travels as `timeout_ms`.
     """
     require_served(body.model, state.settings.models)
-    sampling = body.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
-    # A chat that sets none leaves max_tokens to the worker (its default, within its window).
-    max_tokens = None if chat and body.requested_max_tokens() is None else sampling.max_tokens
+    sampling = body.sampling()
     if isinstance(body, ChatCompletionRequest):
         inputs: dict[str, Any] = {
             "messages": body.message_dicts(),
@@ -298,7 +292,6 @@ def _generate_request(
     return wire.GenerateRequest(
         request_id=wire.new_request_id(),
         model=body.model,
-        max_tokens=max_tokens,
         **sampling.to_wire(),
         timeout_ms=max(1, int(1000 * (timeout_s or state.settings.request_timeout_s))),
         origin="cloud-api",
@@ -320,7 +313,7 @@ async def _serve(
         # The client's own deadline (X-Request-Timeout), capped by ours; counted from arrival.
         deadline_s = budget_s(client_timeout_s(request), settings.request_timeout_s)
         left_s = deadline_s - (time.monotonic() - arrived)
-        generate = _generate_request(state, body, chat=chat, timeout_s=left_s)
+        generate = _generate_request(state, body, timeout_s=left_s)
     except HybridgenError as exc:
         state.metrics.errors.labels(exc.code.value).inc()
         raise

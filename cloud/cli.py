@@ -26,7 +26,7 @@ WORKER_OPTIONS = (
     "max_batch_requests",
     "max_batch_tokens",
     "cache_tokens",
-    "default_max_tokens",
+    "max_tokens_cap",
     "drain_timeout_s",
 )
 API_OPTIONS = (

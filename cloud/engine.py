@@ -44,12 +44,13 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, DynamicLayer
 
-from broker.errors import BadRequest, ContextLengthExceeded, Unavailable
+from broker.errors import BadRequest, Unavailable
 from broker.wire import FinishReason
 from cloud import attention
 from cloud.sampling import RowSampling, RowScore
 from cloud.scheduler import Scheduler, Ticket
 from cloud.text import IncrementalDetokenizer
+from serving.context import settle_max_tokens
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
@@ -377,15 +378,11 @@ class Engine:
             raise Unavailable("the generation engine is not running")
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
-        if sampling.max_tokens < 1:
-            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
-        if len(prompt_ids) + sampling.max_tokens > self.context_length:
-            # The same code the worker and the edge answer for an overflow.
-            raise ContextLengthExceeded(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
-                f"the context window of {self.context_length} tokens",
-                param="max_tokens",
-            )
+        # The worker settles max_tokens (with its cap); unset here, the window is the limit.
+        window = self.context_length
+        max_tokens = settle_max_tokens(
+            sampling.max_tokens, len(prompt_ids), window, cap=window, input_field="prompt"
+        )
         row = RowSampling.create(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -400,7 +397,7 @@ class Engine:
         ticket = Ticket(
             request_id=request_id,
             prompt=list(prompt_ids),
-            max_tokens=sampling.max_tokens,
+            max_tokens=max_tokens,
             eos=frozenset() if sampling.ignore_eos else frozenset(self.eos_ids),
             sampling=row,
             loop=asyncio.get_running_loop(),

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.registry import CLOUD_MODEL
+from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
 from serving.settings import HttpSettings, split_list
 
 
@@ -57,10 +58,10 @@ class WorkerSettings(BaseSettings):
         description="Most prompt + max_tokens, summed over the batch's requests, on CPU and CUDA "
         "alike (it bounds the KV cache); a request beyond it waits its turn.",
     )
-    default_max_tokens: int = Field(
-        default=256,
+    max_tokens_cap: int = Field(
+        default=MAX_TOKENS_CAP,
         ge=1,
-        description="max_tokens of a request that sets none (bounded by the context window).",
+        description=MAX_TOKENS_CAP_HELP,
     )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."

@@ -45,7 +45,7 @@ from broker.service import SOFTWARE_VERSION
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.settings import WorkerSettings
-from serving.context import check_fits, too_long_for
+from serving.context import settle_max_tokens, too_long_for
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.tools import template_messages, template_supports_tools
@@ -303,10 +303,10 @@ class CloudWorker:
             await asyncio.to_thread(grammar.check, "grammar")
         prompt_ids = self._prompt_ids(engine, request)
         window, field = engine.context_length, _input_field(request)
-        max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(self.settings.default_max_tokens, window - len(prompt_ids)))
-        check_fits(len(prompt_ids), max_tokens, window, input_field=field)
+        cap = self.settings.max_tokens_cap
+        max_tokens = settle_max_tokens(
+            request.max_tokens, len(prompt_ids), window, cap=cap, input_field=field
+        )
         if request.timeout_ms is not None:
             waited_ms = (time.monotonic() - responder.received_at) * 1e3
             if waited_ms >= request.timeout_ms:

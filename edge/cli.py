@@ -23,7 +23,7 @@ OPTIONS = (
     "threads",
     "max_active",
     "max_queue",
-    "default_max_tokens",
+    "max_tokens_cap",
     "nats_url",
     "node_id",
     "no_cloud",

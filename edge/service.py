@@ -56,6 +56,7 @@ def load_runtime(settings: EdgeSettings, model_dir: Path, version: str | None) -
         max_queue=settings.max_queue,
         version=version,
         prefix_cache_mb=settings.prefix_cache_mb,
+        max_tokens_cap=settings.max_tokens_cap,
     )
 
 

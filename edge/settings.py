@@ -13,6 +13,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from broker.settings import BusSettings, hg_home
 from models.registry import EDGE_MODEL
 from serving.auth import KeyRing, parse_key_entries
+from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
 from serving.settings import HttpSettings, split_list
 
 
@@ -38,8 +39,10 @@ class EdgeSettings(HttpSettings):
     max_queue: int = Field(
         default=32, ge=0, description="Requests waiting for a slot before 503 overloaded."
     )
-    default_max_tokens: int = Field(
-        default=64, ge=1, description="max_tokens when a request sets none."
+    max_tokens_cap: int = Field(
+        default=MAX_TOKENS_CAP,
+        ge=1,
+        description=MAX_TOKENS_CAP_HELP,
     )
     prefix_cache_mb: float = Field(
         default=256.0,

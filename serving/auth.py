@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 #: The scope of an admin entry: every user.
 ALL_USERS = "*"
 _KEY = re.compile(r"[^\s@,]{1,512}")
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")  # edge.personal.store.USER_ID_PATTERN
+#: A user id: 1 to 128 characters, letters, digits and `._@:-`, starting with a letter or
+#: digit (the keys' user scopes here, the edge's user store in `edge.personal`).
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def parse_key_entry(text: str, *, where: str, need_users: bool = False) -> KeyEn
     if scope == ALL_USERS:
         return KeyEntry(key, None)
     users = scope.split("+")
-    bad = [u for u in users if not _USER.fullmatch(u)]
+    bad = [u for u in users if not USER_ID_PATTERN.fullmatch(u)]
     if not users or bad:
         raise ValueError(
             f"{where}: after @ give user ids joined by + (e.g. KEY@alice+bob) or * for every "

@@ -2,7 +2,8 @@
 
 Every `HybridgenError` becomes `{"error": {"message", "type", "param", "code"}}`
 (`openai_error_body`, its `type` from `OPENAI_TYPE`) with the status of its code
-(`HybridgenError.http_status`) and `Retry-After` when it carries one;
+(`status_of`: `HTTP_STATUS`, or an HTTP-only subclass's own 413, 415 or 429) and
+`Retry-After` when it carries one;
 FastAPI's validation errors become a 400 naming the field; unknown routes a 404 envelope;
 anything else a 500 envelope (and a log line), never a bare traceback.
 """
@@ -13,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,15 +26,33 @@ from broker.errors import BadRequest, ErrorCode, HybridgenError, Internal
 logger = logging.getLogger(__name__)
 
 
+#: The HTTP status of each code, wherever the error was raised (on the bus or not).
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.TIMEOUT: 504,
+    # 499 is nginx's "client closed request"; a cancelled request has no one to answer.
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def status_of(exc: HybridgenError) -> int:
+    """The HTTP status `exc` answers with: an HTTP-only subclass's own (`http_status`,
+    such as 413 or 429, refining its code), else its code's (`HTTP_STATUS`)."""
+    own: int | None = getattr(type(exc), "http_status", None)
+    return own if own is not None else HTTP_STATUS[exc.code]
+
+
 class PayloadTooLarge(BadRequest):
     """A body over the limit: `bad_request` in the envelope, HTTP 413."""
 
-    @property
-    def http_status(self) -> int:
-        return 413
-
-
-# ------------------------------------------------------------------------------- errors
+    http_status: ClassVar[int] = 413
 
 
 #: OpenAI's `error.type` for each code.
@@ -71,7 +90,7 @@ def error_response(exc: HybridgenError, *, headers: dict[str, str] | None = None
         all_headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(
         openai_error_body(exc.code, exc.message, param=exc.param),
-        status_code=exc.http_status,
+        status_code=status_of(exc),
         headers=all_headers,
     )
 

@@ -1,6 +1,6 @@
 """How to sample one answer: the one sampling-parameters type of the edge and the cloud.
 
-The HTTP schema produces it (`serving.protocol`'s `request.sampling(default_max_tokens)`),
+The HTTP schema produces it (`serving.protocol`'s `request.sampling()`),
 the bus carries its fields (`to_wire` / `from_wire`), and both engines take it: the edge's
 onnxruntime-genai runtime and the cloud's batching engine.
 """
@@ -27,7 +27,9 @@ class SamplingParams:
     """Sampling of one answer. `temperature` 0 means greedy; `top_k` 0 disables top-k.
 
     Attributes:
-        max_tokens: most tokens to generate.
+        max_tokens: most tokens to generate; None: until the model stops or the context is
+            full, at most the server's cap (`serving.context.settle_max_tokens`, applied by
+            whoever generates).
         temperature, top_p, top_k: the usual knobs (OpenAI's meaning; `top_k` as vLLM's).
         stop: strings that end the answer (not shown).
         seed: makes a sampled answer repeat.
@@ -37,7 +39,7 @@ class SamplingParams:
             (0-20).
     """
 
-    max_tokens: int = 64
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -57,8 +59,9 @@ class SamplingParams:
         return dataclasses.replace(self, max_tokens=max_tokens)
 
     def to_wire(self) -> dict[str, Any]:
-        """The `wire.GenerateRequest` fields these parameters set (not `max_tokens`)."""
+        """The `wire.GenerateRequest` fields these parameters set."""
         return {
+            "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
@@ -70,7 +73,8 @@ class SamplingParams:
 
     @classmethod
     def from_wire(cls, request: wire.GenerateRequest, max_tokens: int) -> SamplingParams:
-        """The parameters a bus request asks for, with the `max_tokens` the worker settled."""
+        """The parameters a bus request asks for, with the `max_tokens` the worker settled
+        (`serving.context.settle_max_tokens`)."""
         return cls(
             max_tokens=max_tokens,
             temperature=request.temperature,

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 
 from broker import errors, subjects, wire
 from broker.streaming import request_stream
+from serving.errors import status_of
 from tests.fixtures_bus_catalogue import Script, ScriptedWorker, chunk, done, pack
 from tests.waits import BOUND_S
 
@@ -25,7 +26,7 @@ def assert_internal(exc: BaseException, message: str) -> None:
     """`exc` is the coded `Internal` with exactly `message` (and no param, no retry)."""
     assert type(exc) is errors.Internal, repr(exc)
     assert isinstance(exc, errors.HybridgenError)
-    assert (exc.code, exc.http_status, exc.message, exc.param, exc.retry_after) == (
+    assert (exc.code, status_of(exc), exc.message, exc.param, exc.retry_after) == (
         errors.ErrorCode.INTERNAL,
         500,
         message,

@@ -214,9 +214,9 @@ async def test_chat_messages_use_the_workers_own_template(
 async def test_unset_max_tokens_fits_the_context_window(
     make_worker: Callable[..., Any], nc: Client
 ) -> None:
-    """No max_tokens and a default beyond the window: it makes what the window leaves
+    """No max_tokens and a cap beyond the window: it makes what the window leaves
     (`ignore_eos`, so that the model cannot end it sooner)."""
-    await make_worker(default_max_tokens=10_000)
+    await make_worker(max_tokens_cap=10_000)
     async with request_stream(nc, request("word " * 60, ignore_eos=True)) as stream:
         async for _ in stream:
             pass

@@ -18,6 +18,7 @@ import pytest
 from broker.errors import BadRequest, ContextLengthExceeded, Overloaded
 from edge.api.personal import user_span
 from edge.runtime import (
+    OPEN_ANSWER_TOKENS,
     EdgeRuntime,
     Finished,
     Generation,
@@ -241,3 +242,48 @@ def test_edge_never_imports_torch_or_transformers(tiny_models: ModelSet) -> None
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+async def test_an_unset_max_tokens_runs_until_the_window_is_full_at_most_the_cap(
+    tiny_models: ModelSet,
+) -> None:
+    """`serving.context`'s one rule at the edge: a request without `max_tokens` runs until
+    the model stops or the window is full, never past the runtime's cap."""
+    rt = EdgeRuntime(tiny_models.edge_dir("int4"), threads=1, max_tokens_cap=5)
+    try:
+        ids = rt.encode(PROMPT)
+        greedy = SamplingParams(temperature=0)
+        _, _, _, capped = await run(rt.submit(ids, greedy))
+        assert (capped.finish_reason, capped.completion_tokens) == ("length", 5)
+        rt.max_tokens_cap = rt.context_length  # the window is the limit now
+        near = list(ids) * (-(-(rt.context_length - 3) // len(ids)))
+        near = near[: rt.context_length - 3]  # room for 3 tokens
+        _, _, _, full = await run(rt.submit(near, greedy))
+        assert (full.finish_reason, full.completion_tokens) == ("length", 3)
+    finally:
+        await rt.close()
+
+
+async def test_a_queued_answer_of_open_length_weighs_as_a_typical_answer_in_the_wait(
+    runtime: EdgeRuntime,
+) -> None:
+    """The predicted wait counts a request without `max_tokens` as long as recent such
+    answers (64 tokens before any), not as its cap: else one open request queued would send
+    every later one to the cloud as `edge_overloaded`."""
+    ids = runtime.encode(PROMPT)
+
+    async def wait_with(options: SamplingParams) -> float:
+        held = [runtime.submit(ids, options, hold_after_prefill=True) for _ in range(2)]
+        await eventually(lambda: runtime.queue_depth == 0, "both admitted into the pool")
+        held.append(runtime.submit(ids, options, hold_after_prefill=True))  # queued
+        wait = runtime.estimate_wait_s()
+        for generation in held:
+            generation.cancel()
+        await eventually(lambda: runtime.in_flight == 0, "the cancelled generations dropped")
+        return wait
+
+    sampled = SamplingParams(temperature=0.8, seed=1)
+    open_wait = await wait_with(sampled)
+    assert open_wait > 0
+    assert open_wait == await wait_with(sampled.with_max_tokens(OPEN_ANSWER_TOKENS))
+    assert OPEN_ANSWER_TOKENS == 64 and runtime.max_tokens_cap == 1024

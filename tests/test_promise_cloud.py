@@ -40,6 +40,7 @@ from broker.streaming import request_stream
 from cloud.cli import _parser, worker_settings
 from cloud.settings import WorkerSettings
 from cloud.worker import CloudWorker
+from serving.context import MAX_TOKENS_CAP
 from tests.fixtures_cloud import LONG_CACHE_TOKENS, serve_cloud_api
 from tests.waits import eventually
 
@@ -59,7 +60,7 @@ FLAG_VALUES: dict[str, tuple[str, str, Any]] = {
     "--max-queue-requests": ("7", "max_queue_requests", 7),
     "--max-queue-tokens": ("4096", "max_queue_tokens", 4096),
     "--drain-timeout-s": ("2.5", "drain_timeout_s", 2.5),
-    "--default-max-tokens": ("40", "default_max_tokens", 40),
+    "--max-tokens-cap": ("40", "max_tokens_cap", 40),
 }
 #: Another value of each (as typed, as set), for the flag-wins-over-the-variable check.
 OTHER_VALUES: dict[str, tuple[str, Any]] = {
@@ -71,7 +72,7 @@ OTHER_VALUES: dict[str, tuple[str, Any]] = {
     "--max-queue-requests": ("9", 9),
     "--max-queue-tokens": ("8192", 8192),
     "--drain-timeout-s": ("11", 11.0),
-    "--default-max-tokens": ("12", 12),
+    "--max-tokens-cap": ("12", 12),
 }
 
 
@@ -367,10 +368,10 @@ async def test_a_streams_last_chunk_carries_the_request_id_of_its_header(
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_a_chat_without_max_tokens_makes_256_tokens(cloud_api: str) -> None:
-    """docs/cloud.md: without `max_tokens` a chat answer is up to 256 tokens
-    (`HG_CLOUD_DEFAULT_MAX_TOKENS`): greedy, the long-window model writes no end token, so
-    exactly 256, cut by the limit."""
+async def test_a_chat_without_max_tokens_stops_at_the_cap(cloud_api: str) -> None:
+    """docs/cloud.md: without `max_tokens` an answer runs until the model stops or the
+    context is full, at most `--max-tokens-cap` (`MAX_TOKENS_CAP`, 1024): greedy, the
+    long-window model writes no end token, so exactly the cap, cut by it."""
     async with httpx.AsyncClient(base_url=cloud_api, timeout=60) as http:
         answer = await http.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "temperature": 0}
@@ -378,14 +379,14 @@ async def test_a_chat_without_max_tokens_makes_256_tokens(cloud_api: str) -> Non
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["completion_tokens"] == 256
+    assert body["usage"]["completion_tokens"] == MAX_TOKENS_CAP == 1024
 
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_chat_without_max_tokens_stops_at_the_end_of_the_window(cloud_api: str) -> None:
-    """docs/cloud.md: the default of 256 is "within the context window": on a model whose
-    window is smaller, a chat without `max_tokens` makes what the window leaves after its
-    prompt, no error."""
+    """docs/cloud.md: without `max_tokens` the answer ends where the context is full: on a
+    model whose window is smaller than the cap, a chat makes what the window leaves after
+    its prompt, no error."""
     async with httpx.AsyncClient(base_url=cloud_api, timeout=60) as http:
         answer = await http.post(
             "/v1/chat/completions", json={"model": SMALL, "messages": HELLO, "temperature": 0}
@@ -395,4 +396,4 @@ async def test_a_chat_without_max_tokens_stops_at_the_end_of_the_window(cloud_ap
     usage = body["usage"]
     assert body["choices"][0]["finish_reason"] == "length"
     assert usage["completion_tokens"] == SMALL_CONTEXT - usage["prompt_tokens"]
-    assert 0 < usage["completion_tokens"] < 256
+    assert 0 < usage["completion_tokens"] < MAX_TOKENS_CAP

@@ -39,7 +39,6 @@ from edge.node import EdgeNode
 from edge.personal.personalizer import Personalization
 from edge.route.request import EdgeRequest, Outcome, Piece, RouteInfo
 from edge.route.rules import merge_policy
-from edge.runtime import SamplingParams
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from serving import protocol
@@ -360,9 +359,9 @@ def _edge_request(
     shown: list[dict[str, Any]] | None,
 ) -> EdgeRequest:
     """The request as the router takes it (`serve`'s arguments say what each part is)."""
-    options, given = _options(req, service.settings.default_max_tokens)
+    options = req.sampling()
     if personal is not None:
-        options, given = personal.sampling(options, given, req.model_fields_set)
+        options = personal.sampling(options, req.model_fields_set)
     client_s = client_timeout_s(http) if http is not None else None
     return EdgeRequest(
         request_id=wire.new_request_id(),
@@ -373,7 +372,6 @@ def _edge_request(
         route=req.route,
         local_only=req.local_only or (personal is not None and personal.local_only),
         user=req.user,
-        max_tokens_given=given,
         score_span=score_span,
         timeout_s=client_s,
         cloud_prompt=cloud_prompt,
@@ -398,10 +396,3 @@ def _tags(info: RouteInfo) -> dict[str, Any]:
     if info.variant is not None:  # an A/B experiment is in force
         tags["variant"] = info.variant
     return tags
-
-
-def _options(
-    req: protocol.CompletionRequest | protocol.ChatCompletionRequest, default: int
-) -> tuple[SamplingParams, bool]:
-    """The request's sampling parameters, and whether it gave max_tokens itself."""
-    return req.sampling(default), req.requested_max_tokens() is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from broker.errors import Overloaded
 from serving.errors import PayloadTooLarge
@@ -25,9 +26,7 @@ DEFAULT_FEEDBACK_BURST = 20
 class RateLimited(Overloaded):
     """Too many requests of one user: `overloaded` in the envelope, HTTP 429 (Retry-After)."""
 
-    @property
-    def http_status(self) -> int:
-        return 429
+    http_status: ClassVar[int] = 429
 
 
 class StoreFull(PayloadTooLarge):

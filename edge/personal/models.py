@@ -5,15 +5,13 @@ Split from `edge.personal.store` (the SQLite store), which re-exports every name
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from broker.errors import BadRequest
+from serving.auth import USER_ID_PATTERN
 
-#: A user id: 1 to 128 characters, letters, digits and `._@:-`, starting with a letter or digit.
-USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 MAX_DISPLAY_NAME = 200
 MAX_PERSONA = 8000
 MAX_SAMPLE = 20000

@@ -88,29 +88,18 @@ class Personalization:
         samples picked)."""
         return with_prefix(prompt, self.samples_text) if self.samples_text else None
 
-    def sampling(
-        self, options: SamplingParams, max_tokens_given: bool, fields_set: set[str]
-    ) -> tuple[SamplingParams, bool]:
-        """`options` with the profile's defaults where the request left them unset.
-
-        Args:
-            options: the request's sampling parameters.
-            max_tokens_given: whether the request set max_tokens itself.
-            fields_set: the request body's fields that were set (`model_fields_set`).
-
-        Returns:
-            The options, and whether max_tokens is now given (by the request or the profile).
-        """
+    def sampling(self, options: SamplingParams, fields_set: set[str]) -> SamplingParams:
+        """`options` with the profile's defaults where the request left them unset
+        (`fields_set`: the request body's fields that were set, `model_fields_set`)."""
         profile = self.profile
         changes: dict[str, Any] = {}
         if profile.temperature is not None and "temperature" not in fields_set:
             changes["temperature"] = profile.temperature
         if profile.top_p is not None and "top_p" not in fields_set:
             changes["top_p"] = profile.top_p
-        if profile.max_tokens is not None and not max_tokens_given:
+        if profile.max_tokens is not None and options.max_tokens is None:
             changes["max_tokens"] = profile.max_tokens
-            max_tokens_given = True
-        return (dataclasses.replace(options, **changes) if changes else options), max_tokens_given
+        return dataclasses.replace(options, **changes) if changes else options
 
 
 @dataclass

@@ -205,8 +205,6 @@ class CloudBridge:
             request_id=request.request_id,
             # A cloud A/B variant's share goes to the variant's model.
             model=request.cloud_model or self.node.settings.cloud_model,
-            # An unset max_tokens lets the cloud use its own default within its own context.
-            max_tokens=request.options.max_tokens if request.max_tokens_given else None,
             origin=self.node.node_id,
             timeout_ms=max(1, int(left_s * 1e3)),
             **request.options.to_wire(),

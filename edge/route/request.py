@@ -56,8 +56,6 @@ class EdgeRequest:
     route: str = "auto"
     local_only: bool = False
     user: str | None = None
-    #: max_tokens was given by the client (else options.max_tokens is the default).
-    max_tokens_given: bool = True
     #: [start, end) characters of `prompt` whose tokens the prompt perplexity scores (a chat
     #: request's last user message content); None: the whole prompt.
     score_span: tuple[int, int] | None = None

@@ -50,6 +50,7 @@ from edge.route.rules import (
 )
 from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token
 from models.scoring import encode_with_span, scored_positions
+from serving.context import token_limit
 from serving.model_names import require_served
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,9 @@ class Router:
         the prompt and that part, or ends it with an error when it cannot."""
         request, runtime, cause = plan.request, plan.runtime, failed.cause
         context_ids = runtime.encode(request.prompt + failed.streamed)
-        left = request.options.max_tokens - max(failed.tokens, 0)
+        left = token_limit(request.options.max_tokens, runtime.max_tokens_cap) - max(
+            failed.tokens, 0
+        )
         budget = min(left, runtime.context_length - len(context_ids))
         if left < 1:
             yield Outcome("length", len(plan.prompt_ids), failed.tokens)

@@ -165,7 +165,8 @@ class RequestFacts:
     """What the router knows about one request before generating."""
 
     prompt_tokens: int
-    max_tokens: int
+    #: None: until the model stops or the context is full (`serving.context`).
+    max_tokens: int | None
     route: Literal["auto", "edge", "cloud"] = "auto"
     local_only: bool = False
     #: The model asked for is served by the cloud only (e.g. "hg-cloud").

@@ -9,7 +9,7 @@
 - `events`: what a generation tells its caller (`Prefill`, `Token`, `Finished`).
 """
 
-from edge.runtime.engine import EdgeRuntime
+from edge.runtime.engine import OPEN_ANSWER_TOKENS, EdgeRuntime
 from edge.runtime.events import Event, Finished, Prefill, Token
 from edge.runtime.jobs import Generation
 from edge.runtime.prefix import FORGET_GRACE_S, PREFIX_LENGTH_STEP, prefix_length
@@ -17,6 +17,7 @@ from serving.sampling import SamplingParams
 
 __all__ = [
     "FORGET_GRACE_S",
+    "OPEN_ANSWER_TOKENS",
     "PREFIX_LENGTH_STEP",
     "EdgeRuntime",
     "Event",

@@ -31,12 +31,16 @@ from edge.runtime.jobs import Generation, Job
 from edge.runtime.prefix import PrefixCache, kv_bytes_per_token, prefix_eligible
 from edge.runtime.worker import Worker
 from models.ort_edge import EdgeModel
-from serving.context import check_fits
+from serving.context import MAX_TOKENS_CAP, settle_max_tokens
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 from serving.tools import template_messages, template_supports_tools
 
 logger = logging.getLogger(__name__)
+
+#: The wait estimate's first guess of an answer's length when its request sets no
+#: `max_tokens`, until answers of the node's own traffic refine it (`estimate_wait_s`).
+OPEN_ANSWER_TOKENS = 64
 
 
 class EdgeRuntime(Worker):
@@ -52,6 +56,8 @@ class EdgeRuntime(Worker):
             folder name).
         prefix_cache_mb: memory budget of the kept persona prefixes (estimated KV bytes;
             0 turns prefix reuse off).
+        max_tokens_cap: most tokens of an answer whose options set no `max_tokens`
+            (`serving.context.settle_max_tokens`).
 
     Attributes:
         prefix_hits: requests that reused a kept prefix; `prefix_misses`: requests with a
@@ -69,6 +75,7 @@ class EdgeRuntime(Worker):
         max_queue: int = 32,
         version: str | None = None,
         prefix_cache_mb: float = 256.0,
+        max_tokens_cap: int = MAX_TOKENS_CAP,
     ) -> None:
         started = time.perf_counter()
         edge_model = EdgeModel(model_dir, threads)
@@ -80,6 +87,7 @@ class EdgeRuntime(Worker):
         self.threads = threads
         self.max_active = max_active
         self.max_queue = max_queue
+        self.max_tokens_cap = max_tokens_cap
         self.version = version or _version_of(self.model_dir)
         self._model = edge_model.model
         self._og_tokenizer = edge_model.og_tokenizer
@@ -90,6 +98,8 @@ class EdgeRuntime(Worker):
         self._active: list[Job] = []
         self._closing = False
         self._step_s = 0.0  # EWMA of one decode step (one token of one generator)
+        # EWMA of the length of answers whose request set no max_tokens (for the wait).
+        self._open_answer_tokens = float(OPEN_ANSWER_TOKENS)
         self.tokens_generated = 0
         self.cancelled = 0
         self._prefix = PrefixCache(int(prefix_cache_mb * (1 << 20)))
@@ -169,23 +179,28 @@ class EdgeRuntime(Worker):
 
         Tokens ahead of it times the recent per-token time: with a free slot it waits one
         round-robin pass over the active generators; otherwise every queued request's
-        `max_tokens` plus the shortest active request's remaining tokens per active slot.
+        tokens plus the shortest active request's remaining tokens per active slot. A request
+        that set no `max_tokens` counts as long as recent such answers (`expected_remaining`).
         """
+        typical = self._open_answer_tokens
         with self._lock:
             active = [j for j in self._active if not j.cancelled]
-            queued_tokens = sum(j.options.max_tokens for j in self._pending if not j.cancelled)
+            queued_tokens = sum(
+                j.expected_remaining(typical) for j in self._pending if not j.cancelled
+            )
             if len(active) < self.max_active and not self._pending:
                 ahead = len(active)
             else:
-                shortest = min((j.remaining for j in active), default=0)
+                shortest = min((j.expected_remaining(typical) for j in active), default=0)
                 ahead = queued_tokens + shortest * len(active) + len(active)
         return ahead * self._step_s
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise ContextLengthExceeded unless prompt + max_tokens fits the context window
-        (`serving.context`, the rule every server applies)."""
-        check_fits(prompt_tokens, max_tokens, self.context_length, input_field="prompt",
-                   why=" (the edge model's)")  # fmt: skip
+    def settle_max_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The `max_tokens` a prompt of `prompt_tokens` is served with (`serving.context`,
+        the rule every server applies): ContextLengthExceeded when it does not fit."""
+        return settle_max_tokens(max_tokens, prompt_tokens, self.context_length,
+                                 cap=self.max_tokens_cap, input_field="prompt",
+                                 why=" (the edge model's)")  # fmt: skip
 
     def submit(
         self,
@@ -228,20 +243,23 @@ class EdgeRuntime(Worker):
         """
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
-        self.check_fits(len(prompt_ids), options.max_tokens)
         eligible = grammar is None and prefix_eligible(
             prefix_key, prefix_len, prompt_ids, options, self._prefix.budget_bytes
+        )
+        settled = options.with_max_tokens(
+            self.settle_max_tokens(len(prompt_ids), options.max_tokens)
         )
         job = Job(
             asyncio.get_running_loop(),
             list(prompt_ids),
-            options,
+            settled,
             hold_after_prefill,
             score_span,
             adapter,
             prefix_key if eligible else None,
             prefix_len,
             grammar,
+            open_length=options.max_tokens is None,
         )
         job.epoch = self._prefix.epoch
         self._enqueue(job)

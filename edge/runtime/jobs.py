@@ -36,8 +36,13 @@ class Job:
         prefix_key: Hashable | None = None,
         prefix_len: int = 0,
         grammar: Grammar | None = None,
+        *,
+        open_length: bool = False,
     ) -> None:
         self.loop = loop
+        #: The request set no max_tokens: `options.max_tokens` is the cap or the window's
+        #: room, not a length it is expected to reach (`expected_remaining`).
+        self.open_length = open_length
         self.grammar = grammar  # constrained decoding (onnxruntime-genai's llguidance)
         self.prompt_ids = prompt_ids
         self.score_span = score_span
@@ -73,7 +78,15 @@ class Job:
 
     @property
     def remaining(self) -> int:
+        assert self.options.max_tokens is not None  # settled on submit
         return self.options.max_tokens - self.completion_tokens
+
+    def expected_remaining(self, open_answer_tokens: float) -> int:
+        """Tokens it is expected to make still: its remaining budget, or for an answer of
+        open length, what a typical such answer (`open_answer_tokens` long) has left."""
+        if not self.open_length:
+            return self.remaining
+        return max(1, min(self.remaining, round(open_answer_tokens) - self.completion_tokens))
 
 
 class Generation:

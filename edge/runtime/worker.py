@@ -22,15 +22,13 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
-import onnxruntime_genai as og
-
 from broker.errors import BadRequest, Internal
 from broker.wire import FinishReason
 from edge.runtime.events import Finished, Prefill, Token
 from edge.runtime.jobs import Job
 from edge.runtime.prefix import PREFIX_LENGTH_STEP, Kept, PrefixCache, reusable_depth
 from edge.runtime.steps import mix_adapter, search_options, token_logprob, top_scores
-from models.ort_edge import EdgeModel
+from models.ort_edge import EdgeModel, new_generator
 from models.scoring import prefill, scored_positions
 
 logger = logging.getLogger(__name__)
@@ -57,6 +55,7 @@ class Worker:
     _active: list[Job]
     _closing: bool
     _step_s: float
+    _open_answer_tokens: float
     _prefix: PrefixCache
 
     def _wake(self) -> None:
@@ -65,9 +64,7 @@ class Worker:
 
     def _warm_up(self) -> None:
         """Run a few steps so the per-token estimate starts from a measurement."""
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(max_length=min(self.context_length, 12), do_sample=False)
-        generator = og.Generator(self._model, params)
+        generator = new_generator(self._model, min(self.context_length, 12), do_sample=False)
         generator.append_tokens([0, 0, 0, 0])
         steps, started = 0, time.perf_counter()
         while not generator.is_done() and steps < 6:
@@ -158,7 +155,7 @@ class Worker:
 
     def _prefill(self, job: Job) -> None:
         started = time.perf_counter()
-        needed = min(self.context_length, len(job.prompt_ids) + job.options.max_tokens)
+        needed = min(self.context_length, len(job.prompt_ids) + job.remaining)
         generator, reused = (None, 0)
         if job.prefix_key is not None:
             generator, reused = self._take_prefix(job, needed)
@@ -183,17 +180,15 @@ class Worker:
     def _new_generator(self, job: Job, needed: int) -> Any:
         """A fresh generator for `job`, or None when the model refuses its grammar (the job
         then has its error and is dropped)."""
-        params = og.GeneratorParams(self._model)
         if job.prefix_key is not None:  # kept afterwards: room for the next requests
             step = PREFIX_LENGTH_STEP
             needed = min(self.context_length, -(-needed // step) * step)
             job.max_length = needed
-        params.set_search_options(max_length=needed, **search_options(job.options, self.vocab_size))
+        search = search_options(job.options, self.vocab_size)
         if job.grammar is None:
-            return og.Generator(self._model, params)
+            return new_generator(self._model, needed, **search)
         try:
-            params.set_guidance(*job.grammar.og_guidance())
-            return og.Generator(self._model, params)
+            return new_generator(self._model, needed, guidance=job.grammar.og_guidance(), **search)
         except Exception as exc:  # onnxruntime-genai refuses the grammar
             job.emit(
                 BadRequest(
@@ -247,6 +242,8 @@ class Worker:
 
     def _finish(self, job: Job, reason: FinishReason, *, flush: bool = True) -> None:
         tail = job.stops.flush() if flush else ""
+        if job.open_length:
+            self._open_answer_tokens += 0.1 * (job.completion_tokens - self._open_answer_tokens)
         self._keep(job)  # before Finished: the caller's next request finds it kept
         job.finished = True
         job.emit(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hybridgen.benches.machine import cpu_info, load_average
+from models.ort_edge import new_generator
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,8 @@ def raw_generate(model: Any, prompt: list[int], new_tokens: int) -> dict[str, fl
         `generate_tok_s` (new tokens / time from `append_tokens` on, like torch `generate`),
         `decode_tok_s` (tokens after the first / their time) and `ttft_s`.
     """
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
     total = len(prompt) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
+    generator = new_generator(model, total, min_length=total, do_sample=False)
     started = time.perf_counter()
     generator.append_tokens(np.asarray(prompt, dtype=np.int32))
     generator.generate_next_token()
@@ -100,11 +97,7 @@ def raw_generate(model: Any, prompt: list[int], new_tokens: int) -> dict[str, fl
 
 def raw_prefill(model: Any, prompt: list[int]) -> dict[str, float]:
     """Prefill tokens/s (`append_tokens` of the whole prompt) and time to first token."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
-    generator = og.Generator(model, params)
+    generator = new_generator(model, len(prompt) + 1, do_sample=False)
     started = time.perf_counter()
     generator.append_tokens(np.asarray(prompt, dtype=np.int32))
     read = time.perf_counter()

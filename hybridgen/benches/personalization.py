@@ -61,7 +61,7 @@ from edge.personal.adapt import NgramCache, mix_logits, mixed_logsumexp
 from hybridgen.benches.machine import cpu_info, load_average
 from hybridgen.benches.personalization_data import User, build_users, generic_samples
 from models.logits import logsumexp
-from models.ort_edge import EdgeModel
+from models.ort_edge import EdgeModel, new_generator
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +165,8 @@ def time_mixing(
     One real logits row (V entries, float32 as onnxruntime-genai returns it) is mixed for
     every held-out position of every user; entries changed are restored between steps.
     """
-    import onnxruntime_genai as og
-
     ids = users[0].held_out[0]
-    params = og.GeneratorParams(model.model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model.model, params)
+    generator = new_generator(model.model, len(ids) + 1)
     generator.append_tokens(np.asarray(ids, dtype=np.int32))
     row = np.array(generator.get_logits(), dtype=np.float32).reshape(-1)
     pristine = row.copy()

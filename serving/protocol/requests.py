@@ -194,12 +194,12 @@ class _GenerationRequest(_Request):
         """(whether log-probabilities are asked for, how many top tokens per step)."""
         return False, 0
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        """This request's sampling parameters; `default_max_tokens` where it sets none
-        (`requested_max_tokens()` tells whether it did)."""
+    def sampling(self) -> SamplingParams:
+        """This request's sampling parameters (`max_tokens` None where it sets none: the
+        server that generates settles it, `serving.context.settle_max_tokens`)."""
         logprobs, top = self.logprob_request()
         return SamplingParams(
-            max_tokens=self.requested_max_tokens() or default_max_tokens,
+            max_tokens=self.requested_max_tokens(),
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
