@@ -14,9 +14,9 @@ from typing import Any
 
 from broker.errors import HybridgenError
 from models import registry
-from models.corpus import DEFAULT_DOMAIN, SOURCES
+from models.lab.corpus import DEFAULT_DOMAIN, SOURCES
+from models.lab.profiles import PRETRAINED_PROFILE, PROFILES
 from models.manifest_schema import Routing
-from models.profiles import PRETRAINED_PROFILE, PROFILES
 
 DESCRIPTION = """\
 Model sets: the edge model (onnxruntime-genai int4/int8 builds) and the cloud model (a Hugging
@@ -240,7 +240,7 @@ def _print_built(model_set: registry.ModelSet) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
-        from models.build import BuildOptions, build_model_set
+        from models.lab.build import BuildOptions, build_model_set
 
         model_set = build_model_set(
             BuildOptions(

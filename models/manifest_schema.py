@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = 2
 EDGE_MODEL = "hg-edge"
 CLOUD_MODEL = "hg-cloud"
-#: How the edge's default routing threshold was chosen (see models.calibration).
+#: How the edge's default routing threshold was chosen (see models.lab.calibration).
 RoutingMode = Literal["calibrated", "same_weights", "uncalibrated"]
 _SHA256 = r"^[0-9a-f]{64}$"
 #: Validation problems named in an error message before "and N more".
@@ -106,7 +106,7 @@ class ModelEntry(Section):
     num_heads: int | None = None
     num_kv_heads: int | None = None
     intermediate_size: int | None = None
-    #: Lab profiles: training statistics (see models.train.train_model); empty when imported.
+    #: Lab profiles: training statistics (see models.lab.train.train_model); empty when imported.
     training: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -170,7 +170,7 @@ class LengthThreshold(Section):
 
 
 class Routing(Section):
-    """The edge's default routing threshold (`routing`; see models.calibration.calibrate)."""
+    """The edge's default routing threshold (`routing`; see models.lab.calibration.calibrate)."""
 
     mode: RoutingMode
     #: Prompt perplexity above which a request goes to the cloud; None: no threshold.
@@ -191,7 +191,7 @@ class Routing(Section):
     precision: str | None = None
     seed: int | None = None
     seconds: float | None = None
-    #: The routing signal chosen by quality (models.calibration_eval.calibrate_signal):
+    #: The routing signal chosen by quality (models.lab.calibration_eval.calibrate_signal):
     #: "prompt_perplexity", "perplexity_by_length" or "prefill_learned"; None: route by the
     #: thresholds above.
     signal: str | None = None
@@ -255,7 +255,7 @@ class Manifest(Section):
     version: str = Field(min_length=1)
     #: ISO-8601 UTC creation time.
     created: str
-    #: The build profile: "smollm2", "pretrained" or a lab profile (models.profiles).
+    #: The build profile: "smollm2", "pretrained" or a lab profile (models.lab.profiles).
     profile: str
     seed: int = 0
     models: Models
@@ -263,7 +263,7 @@ class Manifest(Section):
     license: RoleLicences | None = None
     #: Edge builds by precision.
     edge_builds: dict[str, EdgeBuild] = Field(default_factory=dict)
-    #: Lab profiles: corpus statistics (see models.corpus.Corpus.stats).
+    #: Lab profiles: corpus statistics (see models.lab.corpus.Corpus.stats).
     corpus: dict[str, Any] | None = None
     metrics: Metrics = Field(default_factory=Metrics)
     #: None for sets built before calibration existed.

@@ -77,7 +77,7 @@ def cloud_long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     hundred tokens a second on one CPU thread: a request for thousands of tokens runs for
     many seconds, so a test can rely on it still running after a deadline of one or two.
     """
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     return make_random_llama(
         tmp_path_factory.mktemp("cloud_long_model"), context_length=LONG_CONTEXT

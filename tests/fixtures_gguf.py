@@ -1,6 +1,6 @@
 """A tiny real GGUF file, written with the `gguf` package from a random tiny Llama.
 
-It goes through the same import path as the bundled SmolLM2 GGUF (`models.pretrained`), in
+It goes through the same import path as the bundled SmolLM2 GGUF (`models.lab.pretrained`), in
 a second: tensors named and laid out as llama.cpp's converter writes them (q/k rows permuted
 for its rotary layout, which transformers' GGUF loader undoes), a byte-level BPE tokenizer
 ("gpt2" model) with its merges, and a ChatML template.
@@ -106,7 +106,7 @@ def write_tiny_gguf(checkpoint: Path, out: Path, *, architecture: str = "llama")
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(GGUF file, the random HF checkpoint it was written from)."""
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     root = tmp_path_factory.mktemp("gguf")
     checkpoint = make_random_llama(root / "checkpoint", preset="tiny", context_length=256)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from models import pretrained
+from models.lab import pretrained
 from models.registry import ModelSet, models_home, resolve
 
 TINY_VERSION = "tiny-test"
@@ -33,7 +33,7 @@ except metadata.PackageNotFoundError:
 @pytest.fixture(scope="session")
 def tiny_models_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HG_HOME holding the session's tiny model set (built on first use)."""
-    from models.build import BuildOptions, build_model_set
+    from models.lab.build import BuildOptions, build_model_set
 
     home = tmp_path_factory.mktemp("hg_home_models")
     build_model_set(
@@ -59,7 +59,7 @@ def tiny_models(tiny_models_home: Path) -> ModelSet:
 @pytest.fixture(scope="session")
 def smollm2_set(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
     """The real default model set, built once per session (about a minute; read-only)."""
-    from models.build import BuildOptions, build_model_set
+    from models.lab.build import BuildOptions, build_model_set
 
     home = tmp_path_factory.mktemp("hg_home_smollm2")
     return build_model_set(BuildOptions(version="smollm2-test", home=home, progress=False))

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from hybridgen.benches import routing as bench
-from models import calibration_eval as ce
-from models import calibration_quality as cq
-from models import calibration_scores as cs
-from models.calibration_set import EvalPrompt
+from models.lab import calibration_eval as ce
+from models.lab import calibration_quality as cq
+from models.lab import calibration_scores as cs
+from models.lab.calibration_set import EvalPrompt
 from models.ort_edge import EdgeModel
 from models.registry import ModelSet
 

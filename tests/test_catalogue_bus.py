@@ -103,7 +103,7 @@ CASES: list[tuple[str, bytes, str, str | None, str | None]] = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     return make_random_llama(tmp_path_factory.mktemp("catalogue_model"), context_length=256)
 

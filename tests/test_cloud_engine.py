@@ -27,7 +27,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     return make_random_llama(tmp_path_factory.mktemp("engine_model"), context_length=256)
 

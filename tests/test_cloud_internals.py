@@ -20,7 +20,7 @@ from cloud.batching import SlabLayer, new_cache
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     return make_random_llama(tmp_path_factory.mktemp("internals_model"), context_length=64)
 

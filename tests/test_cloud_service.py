@@ -42,7 +42,7 @@ DRAIN_MODEL = "hg-drain"
 @pytest.fixture(scope="module")
 def cloud_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     """(checkpoint dir, tokenizer dir, context length) of a small random Llama."""
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     root = tmp_path_factory.mktemp("cloud_model")
     make_random_llama(root, preset="tiny", context_length=256)

@@ -25,7 +25,7 @@ MODEL = "hg-cloud"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     return make_random_llama(tmp_path_factory.mktemp("worker_model"), context_length=256)
 

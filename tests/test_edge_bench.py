@@ -24,7 +24,7 @@ from edge.runtime import (
 from hybridgen.benches import edge_decode as decode_bench
 from hybridgen.benches import edge_decode_sweep as bench_sweep
 from hybridgen.benches.edge_hop import hop_measurement
-from models import edge_build
+from models.lab import edge_build
 from models.logits import log_softmax
 from models.registry import ModelSet
 from models.scoring import prompt_perplexity

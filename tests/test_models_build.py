@@ -130,7 +130,7 @@ def test_builder_architectures_match_the_installed_builder() -> None:
     import importlib.util
     import re
 
-    from models.edge_build import BUILDER_ARCHITECTURES
+    from models.lab.edge_build import BUILDER_ARCHITECTURES
 
     spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
     assert spec is not None and spec.origin is not None

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from models import calibration
 from models.cli import main
+from models.lab import calibration
 from models.manifest import routing_calibration, verify
 from models.ort_edge import EdgeModel
 from models.registry import ModelSet
@@ -187,7 +187,7 @@ def test_models_list_shows_the_threshold(
 
 
 def test_build_stores_the_quality_signal_and_threshold(tiny_models: ModelSet) -> None:
-    from models.calibration_eval import PREFILL_SIGNALS
+    from models.lab.calibration_eval import PREFILL_SIGNALS
 
     routing = tiny_models.manifest.routing
     assert routing is not None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models import corpus
+from models.lab import corpus
 from models.registry import ModelSet
 
 ROFF = r""".\" comment line

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from broker.errors import BadRequest
-from models import calibration_pair, pretrained, registry
-from models.build import BuildOptions, build_model_set
+from models import registry
+from models.lab import calibration_pair, pretrained
+from models.lab.build import BuildOptions, build_model_set
 from models.manifest import verify
 from tests.fixtures_gguf import write_tiny_gguf
 from tests.fixtures_models import HAVE_SMOLLM2
@@ -174,7 +175,7 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet
 def test_a_different_pair_is_measured_at_both_ends(
     tiny_gguf: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     gguf_file, _ = tiny_gguf
     other = make_random_llama(tmp_path / "other", preset="tiny", context_length=256, seed=7)

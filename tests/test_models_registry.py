@@ -306,8 +306,8 @@ def test_cli_verify_list_use(
 
 
 def test_profiles_fit_the_edge_runtime() -> None:
-    from models.edge_build import check_head_size
-    from models.profiles import PROFILES
+    from models.lab.edge_build import check_head_size
+    from models.lab.profiles import PROFILES
 
     contexts = {
         name: (p.edge.context_length, p.cloud.context_length) for name, p in PROFILES.items()

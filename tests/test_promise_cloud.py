@@ -318,7 +318,7 @@ async def cloud_api(
 ) -> AsyncIterator[str]:
     """The cloud API in front of two workers: `hg-cloud` on the long-window model and
     `hg-small` on a model whose window is `SMALL_CONTEXT` tokens; its base URL."""
-    from models.random_model import make_random_llama
+    from models.lab.random_model import make_random_llama
 
     small = make_random_llama(tmp_path_factory.mktemp("small_window"), context_length=SMALL_CONTEXT)
     url, _ = bus

@@ -16,8 +16,9 @@ import pytest
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from broker.errors import BadRequest, NotFound
-from models import edge_build, manifest, registry
-from models.build import BuildOptions, build_model_set
+from models import manifest, registry
+from models.lab import edge_build
+from models.lab.build import BuildOptions, build_model_set
 from models.registry import ModelSet
 
 VERSION = "whole-or-nothing"

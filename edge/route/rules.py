@@ -116,7 +116,7 @@ def length_threshold(
     return overall
 
 
-#: Signals a model set's calibration may choose (`routing.signal`, models.calibration_eval).
+#: Signals a model set's calibration may choose (`routing.signal`, models.lab.calibration_eval).
 ROUTING_SIGNALS = ("prompt_perplexity", "perplexity_by_length", "prefill_learned")
 
 

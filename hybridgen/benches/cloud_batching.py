@@ -142,7 +142,7 @@ def _prepare_model(spec: str, workdir: Path) -> tuple[str, Path] | None:
             return None
         return f"bundled:{model_set.version}", model_set.cloud_dir
     if spec in ("random-90m", "random-1b"):
-        from models.random_model import make_random_llama
+        from models.lab.random_model import make_random_llama
 
         out = workdir / spec
         make_random_llama(out, preset=spec.split("-", 1)[1], context_length=1024)

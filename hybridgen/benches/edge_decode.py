@@ -170,7 +170,8 @@ def bundled_model(
     """The edge model to measure: `edge_dir`/`checkpoint` when given, else the CURRENT model
     set's, else a tiny set built in a temporary folder. Missing builds are made there too."""
     from broker.errors import BadRequest, NotFound
-    from models import edge_build, registry
+    from models import registry
+    from models.lab import edge_build
 
     with tempfile.TemporaryDirectory(prefix="hg-bench-") as tmp:
         folders: dict[str, Path] = {}
@@ -185,7 +186,7 @@ def bundled_model(
             try:
                 model_set = registry.resolve()
             except NotFound:
-                from models.build import BuildOptions, build_model_set
+                from models.lab.build import BuildOptions, build_model_set
 
                 print("no model set installed and no --edge-dir/--checkpoint: building a tiny "
                       "one for the bench", file=sys.stderr)  # fmt: skip
@@ -215,8 +216,8 @@ def _context_of(checkpoint: Path) -> int:
 @contextlib.contextmanager
 def gpt2_small_model() -> Iterator[Source]:
     """A GPT-2-small-sized Llama (124M parameters, random weights) and its int4/int8 builds."""
-    from models import edge_build
-    from models.random_model import make_random_llama
+    from models.lab import edge_build
+    from models.lab.random_model import make_random_llama
 
     with tempfile.TemporaryDirectory(prefix="hg-bench-gpt2s-") as tmp:
         checkpoint = make_random_llama(

@@ -41,7 +41,7 @@ def prompt_ids(folder: Path, count: int, vocab_size: int) -> list[int]:
     with contextlib.suppress(Exception):
         from tokenizers import Tokenizer
 
-        from models.corpus import iter_python_topics
+        from models.lab.corpus import iter_python_topics
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         ids: list[int] = []

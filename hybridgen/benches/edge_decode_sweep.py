@@ -1,7 +1,7 @@
 """`hybridgen bench edge-decode --sweep`: int4 builder options of the edge model, side by side.
 
 Each variant is built from the same checkpoint into a temporary folder with
-`models.edge_build.build_edge(..., options=...)`, then all are loaded at once and measured in
+`models.lab.edge_build.build_edge(..., options=...)`, then all are loaded at once and measured in
 alternation (each round runs every variant once, so drift on a shared machine hits them
 alike): folder size, bytes of weights read per decoded token, bare-loop decode tokens/s
 (32-token prompt, 128 new tokens, after the first), prefill tokens/s and time to first token
@@ -94,7 +94,7 @@ def run_sweep(
     work_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build and measure every variant; the sweep's JSON (one row per variant)."""
-    from models import edge_build
+    from models.lab import edge_build
     from models.ort_edge import load_model
 
     variants = variants or VARIANTS

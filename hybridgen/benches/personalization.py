@@ -96,7 +96,7 @@ def edge_folder(edge_dir: Path | None, threads: int) -> Iterator[tuple[Path, str
     try:
         model_set = registry.resolve()
     except NotFound:
-        from models.build import BuildOptions, build_model_set
+        from models.lab.build import BuildOptions, build_model_set
 
         print("no model set installed and no --edge-dir: building a tiny one for the bench",
               file=sys.stderr)  # fmt: skip

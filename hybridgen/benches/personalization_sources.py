@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from models.corpus import clean_text, iter_info, iter_licenses, iter_python_topics, roff_to_text
+from models.lab.corpus import clean_text, iter_info, iter_licenses, iter_python_topics, roff_to_text
 
 #: Characters of a document read at most (one long file is no more than a few samples anyway).
 MAX_DOC_CHARS = 24_000

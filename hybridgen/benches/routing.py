@@ -1,7 +1,7 @@
 """`hybridgen bench routing`: the share sent to the cloud against the quality recovered.
 
 On held-out prompts with their true continuations (documentation passages and
-question-shaped chat messages, `models.calibration_set.eval_set`), each end's quality is the
+question-shaped chat messages, `models.lab.calibration_set.eval_set`), each end's quality is the
 mean teacher-forced log-likelihood of the continuation (the edge's int4 build through
 onnxruntime-genai, as it serves; the cloud's checkpoint in torch). Each routing signal the
 edge can read is swept over its threshold; the curve of share sent against gap recovered
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models import calibration_quality as cq
+from models.lab import calibration_quality as cq
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def signal_values(
     prefill: cq.Logistic | None,
 ) -> dict[str, np.ndarray]:
     """Each signal per prompt, oriented so that a higher value means "send to the cloud"."""
-    from models.calibration_eval import prefill_features
+    from models.lab.calibration_eval import prefill_features
 
     values = {
         "prompt_perplexity": data["log_perplexity"],
@@ -141,7 +141,7 @@ def evaluate(
             thresholds (without a `signal`) are the "before" policy.
         target: the calibration's share of the gap to recover.
     """
-    from models.calibration_eval import calibrate_signal, prefill_rules
+    from models.lab.calibration_eval import calibrate_signal, prefill_rules
 
     fit = cq.length_fit(fit_data["log_perplexity"], fit_data["scored_tokens"], fit_data["question"])
     label = fit_data["gap"] > np.median(fit_data["gap"])
@@ -190,7 +190,8 @@ def evaluate(
         },
         "calibration": {
             "before": {
-                "policy": "domain-labelled perplexity thresholds by length (models.calibration)",
+                "policy": "domain-labelled perplexity thresholds by length "
+                "(models.lab.calibration)",
                 **policy_report(before_routing or None, eval_data),
             },
             "after": {
@@ -285,7 +286,7 @@ def _bare_png(curves: dict[str, cq.Curve], path: Path, size: int = 400) -> None:
 def _model_set(args: argparse.Namespace) -> Any:
     """The set to measure: `--set`, a pair built from `--edge-from/--cloud-from`, or the
     newest installed `quick` lab set (built first when there is none)."""
-    from models.build import BuildOptions, build_model_set
+    from models.lab.build import BuildOptions, build_model_set
     from models.registry import list_model_sets, resolve
 
     if args.set:
@@ -322,11 +323,11 @@ def run(model_set: Any, *, limit: int, threads: int, out_dir: Path) -> dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridgen.benches.machine import cpu_info
-    from models import corpus as corpus_mod
-    from models.calibration_scores import measure
-    from models.calibration_set import MAX_PROMPT_TOKENS, eval_set
+    from models.lab import corpus as corpus_mod
+    from models.lab.calibration_scores import measure
+    from models.lab.calibration_set import MAX_PROMPT_TOKENS, eval_set
+    from models.lab.profiles import PROFILES
     from models.ort_edge import EdgeModel
-    from models.profiles import PROFILES
 
     started = time.perf_counter()
     manifest = model_set.manifest

@@ -1,6 +1,6 @@
 """Routing quality, computed: what a routing signal buys in cloud share against quality.
 
-Pure numpy (torch-free, no model): the build's calibration (`models.calibration_eval`) and
+Pure numpy (torch-free, no model): the build's calibration (`models.lab.calibration_eval`) and
 `hybridgen bench routing` both feed it per-prompt figures and read the same curves.
 
 Definitions (see docs/models.md, "Routing quality"):

@@ -1,6 +1,6 @@
 """Calibrate confidence routing for two *different* pretrained models, measured at both ends.
 
-The lab pair (models.calibration) has a domain split to learn from: in-domain text should
+The lab pair (models.lab.calibration) has a domain split to learn from: in-domain text should
 stay on the edge. Two pretrained models have none, so the label comes from the models
 themselves: on each held-out passage, both ends score the same text (the edge its int4
 build's prompt perplexity, through `EdgeModel` exactly as the router reads it; the cloud its
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.calibration import MIN_PROMPTS, _fit, passages
+from models.lab.calibration import MIN_PROMPTS, _fit, passages
 from models.ort_edge import EdgeModel
 
 #: Passages scored at both ends (the cloud scores on CPU, so keep it modest).

@@ -1,13 +1,13 @@
 """`hybridgen models build`: corpus -> tokenizer -> edge + cloud Llama -> ONNX edge builds.
 
 `build_model_set` is the entry point. A lab build runs one function per step, in order, in
-`_build_lab_set`: `_read_corpus`, `_make_tokenizer`, then models.build_training (`encode`,
-`train_models`, `evaluate`), then the edge builds (models.build_steps) and `_calibrate`. It
+`_build_lab_set`: `_read_corpus`, `_make_tokenizer`, then models.lab.build_training (`encode`,
+`train_models`, `evaluate`), then the edge builds (models.lab.build_steps) and `_calibrate`. It
 writes into a staging folder renamed into place only when complete (manifest last; see
-models.build_steps), so a runtime never sees a half-built model set. A user's own checkpoint
+models.lab.build_steps), so a runtime never sees a half-built model set. A user's own checkpoint
 (`edge_from` / `cloud_from`) replaces training for that model; its tokenizer then becomes the
 set's shared tokenizer. The default profile and two user checkpoints go to
-models.build_pretrained instead.
+models.lab.build_pretrained instead.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from broker.errors import BadRequest
-from models import build_steps, build_training, calibration, edge_build, manifest, registry
-from models import corpus as corpus_mod
-from models.build_steps import Stopwatch
+from models import manifest, registry
+from models.lab import build_steps, build_training, calibration, edge_build
+from models.lab import corpus as corpus_mod
+from models.lab.build_steps import Stopwatch
+from models.lab.profiles import PRETRAINED_PROFILE, PROFILES, Profile
+from models.lab.tokenizer import train_tokenizer
 from models.manifest_schema import Manifest, Models, Routing, TokenizerEntry
-from models.profiles import PRETRAINED_PROFILE, PROFILES, Profile
 from models.registry import CLOUD_MODEL, EDGE_MODEL, ModelSet
-from models.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def build_model_set(options: BuildOptions) -> ModelSet:
 
 
 def _build_pretrained(options: BuildOptions) -> ModelSet:
-    """The default SmolLM2 set, or a set of two user checkpoints (models.build_pretrained)."""
-    from models.build_pretrained import build_pretrained_set
+    """The default SmolLM2 set, or a set of two user checkpoints (models.lab.build_pretrained)."""
+    from models.lab.build_pretrained import build_pretrained_set
 
     name = PRETRAINED_PROFILE if options.profile == PRETRAINED_PROFILE else "pretrained"
     return build_pretrained_set(
@@ -236,9 +237,9 @@ def _calibrate(
     entries: Models,
 ) -> Routing:
     """The edge's default routing, measured the way its router reads it: the domain-labelled
-    perplexity thresholds (models.calibration), then the signal and threshold chosen by the
-    quality each end gives held-out continuations (models.calibration_eval), which decide."""
-    from models import calibration_eval
+    perplexity thresholds (models.lab.calibration), then the signal and threshold chosen by the
+    quality each end gives held-out continuations (models.lab.calibration_eval), which decide."""
+    from models.lab import calibration_eval
     from models.ort_edge import EdgeModel
 
     measured = "int4" if "int4" in precisions else precisions[0]

@@ -1,11 +1,11 @@
 """The edge's default routing rule, chosen by quality on held-out prompts.
 
 Used by the build (the signal and threshold stored in the manifest's `routing` section) and
-by `hybridgen bench routing` (the curves). The prompts come from `models.calibration_set`,
-each end's scores from `models.calibration_scores`; here, on the fit split, each prefill
+by `hybridgen bench routing` (the curves). The prompts come from `models.lab.calibration_set`,
+each end's scores from `models.lab.calibration_scores`; here, on the fit split, each prefill
 signal the edge can apply (plain or length-normalised prompt perplexity, or a learned mix) is
 fitted, and the one that recovers the target share of the edge-to-cloud gap while sending
-the fewest prompts is kept, with its threshold (`models.calibration_quality`).
+the fewest prompts is kept, with its threshold (`models.lab.calibration_quality`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from models import calibration_quality as cq
-from models.calibration_scores import measure
-from models.calibration_set import CONTINUATION_TOKENS, MAX_PROMPT_TOKENS, eval_set
-from models.corpus import Corpus
+from models.lab import calibration_quality as cq
+from models.lab.calibration_scores import measure
+from models.lab.calibration_set import CONTINUATION_TOKENS, MAX_PROMPT_TOKENS, eval_set
+from models.lab.corpus import Corpus
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from models.profiles import ModelSpec
+from models.lab.profiles import ModelSpec
 
 logger = logging.getLogger(__name__)
 

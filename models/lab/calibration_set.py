@@ -2,7 +2,7 @@
 
 `eval_set` builds a deterministic set from the corpus's held-out documents, inside and
 outside the edge's domain: documentation passages of varied length and question-shaped chat
-messages (the documents' own questions and answers, `models.corpus`, in the lab's wording and
+messages (the documents' own questions and answers, `models.lab.corpus`, in the lab's wording and
 in a user's own, `free_form`). Each continuation is cut in two halves of whole edge tokens, so
 the quality of each half can be compared. Every other prompt of each kind and side is in the
 `fit` split (what the build calibrates on), the rest in `eval` (what `hybridgen bench routing`
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from models.corpus import Corpus, _question_answer
+from models.lab.corpus import Corpus, _question_answer
 
 #: Continuation tokens (edge tokenizer) scored per prompt, in two halves.
 CONTINUATION_TOKENS = 32
@@ -67,7 +67,7 @@ def eval_set(
 
     Deterministic given the corpus and the seed. Passages are cut round-robin over the
     held-out documents (prompt length drawn in MIN..`max_prompt_tokens` tokens, then the next
-    CONTINUATION_TOKENS); questions are the documents' own (`models.corpus`), answered by
+    CONTINUATION_TOKENS); questions are the documents' own (`models.lab.corpus`), answered by
     the document's first prose.
     """
     rng = random.Random(seed)
@@ -130,7 +130,7 @@ def eval_set(
     return out
 
 
-#: A lab question's wording (models.corpus) -> a user's own wording of it.
+#: A lab question's wording (models.lab.corpus) -> a user's own wording of it.
 _REWORDINGS = (
     (re.compile(r"^What does the (.+) licence say\?$"), "Can you sum up the {0} licence for me?"),
     (re.compile(r"^What does (.+) do\?$"), "How do I use {0}, and when would I need it?"),

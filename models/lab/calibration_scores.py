@@ -1,4 +1,4 @@
-"""Each end's quality on the held-out prompts (`models.calibration_set`), and what the edge reads.
+"""Each end's quality on the held-out prompts (`calibration_set`), and what the edge reads.
 
 - `score_edge`: the edge build (int4), through onnxruntime-genai exactly as the edge serves
   it (`models.ort_edge.EdgeModel`: its tokenizer, chat template and prefill chunks), gives
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import BadRequest
-from models.calibration_set import EvalPrompt
+from models.lab.calibration_set import EvalPrompt
 from models.logits import log_softmax, teacher_forced
 from models.ort_edge import new_generator
 from models.scoring import encode_with_span, scored_positions

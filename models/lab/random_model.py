@@ -2,7 +2,7 @@
 
 `hybridgen bench cloud-batching --model random-90m` and `hybridgen bench edge-decode
 --model gpt2-small` measure models of a realistic size without waiting for training; tests
-use `tiny`. The tokenizer is the project's own byte-level BPE (`models.tokenizer`) trained in
+use `tiny`. The tokenizer is the project's own byte-level BPE (`models.lab.tokenizer`) trained in
 well under a second on CPython's help topics.
 """
 
@@ -32,8 +32,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 def make_tokenizer(out_dir: Path, *, vocab_size: int = 2048, max_length: int = 512) -> Path:
     """Train and save a small byte-level BPE tokenizer on local text (well under a second)."""
-    from models.corpus import iter_python_topics
-    from models.tokenizer import train_tokenizer
+    from models.lab.corpus import iter_python_topics
+    from models.lab.tokenizer import train_tokenizer
 
     texts = [doc.text for _, doc in zip(range(200), iter_python_topics(), strict=False)]
     return train_tokenizer(

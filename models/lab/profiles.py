@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: The default "profile": no training, SmolLM2-135M-Instruct imported from its wheel (see
-#: models.pretrained). The trained profiles below are the routing lab.
+#: models.lab.pretrained). The trained profiles below are the routing lab.
 PRETRAINED_PROFILE = "smollm2"
 
 

@@ -23,8 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from broker.errors import BadRequest
-from models import build_steps, edge_build, manifest, pretrained
-from models.build_steps import Stopwatch
+from models import manifest
+from models.lab import build_steps, edge_build, pretrained
+from models.lab.build_steps import Stopwatch
 from models.manifest_schema import (
     EdgeBuild,
     Manifest,
@@ -246,12 +247,12 @@ def _routing(
     clock: Stopwatch,
 ) -> Routing:
     """Same weights: no threshold (the manifest says why). Different models: measured at both
-    ends on held-out local text (models.calibration_pair)."""
+    ends on held-out local text (models.lab.calibration_pair)."""
     if same_weights:
         return Routing(mode="same_weights", perplexity_threshold=None, skipped=SAME_WEIGHTS)
-    from models import calibration_pair
-    from models import corpus as corpus_mod
-    from models.profiles import PROFILES
+    from models.lab import calibration_pair
+    from models.lab import corpus as corpus_mod
+    from models.lab.profiles import PROFILES
 
     corpus = corpus_mod.build_corpus(PROFILES["tiny"].budgets, min_domain_bytes=0)
     texts = corpus.texts(in_domain=True, held_out=True) + corpus.texts(

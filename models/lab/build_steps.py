@@ -1,6 +1,6 @@
 """Steps every model-set build shares: the version check, staging, edge builds, installing.
 
-A build (models.build for the lab profiles, models.build_pretrained for pretrained models)
+A build (models.lab.build for the lab profiles, models.lab.build_pretrained for pretrained models)
 writes everything into a staging folder next to the final one (`staging_folder`, removed on any
 failure), writes the manifest last and renames the folder into place (`install`), so a runtime
 never sees a half-built model set.
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from broker.errors import BadRequest
-from models import edge_build, manifest, registry
+from models import manifest, registry
+from models.lab import edge_build
 from models.manifest_schema import EdgeBuild, Manifest, Timings
 from models.registry import ModelSet
 

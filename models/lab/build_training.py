@@ -1,6 +1,6 @@
 """Lab builds: the two models of a set, trained or the user's own, saved and evaluated.
 
-Steps of models.build: `load_checkpoints` (a user's checkpoints, before any other work: they
+Steps of models.lab.build: `load_checkpoints` (a user's checkpoints, before any other work: they
 fail fast and may bring the tokenizer), `encode` (the corpus as token streams),
 `train_models` (each model trained or taken from its checkpoint, then saved), `evaluate`
 (held-out perplexity).
@@ -17,12 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from broker.errors import BadRequest
-from models import corpus as corpus_mod
-from models import edge_build, train
-from models.build_steps import Stopwatch
 from models.chat import stop_token_ids
+from models.lab import corpus as corpus_mod
+from models.lab import edge_build, train
+from models.lab.build_steps import Stopwatch
+from models.lab.profiles import ModelSpec, Profile
 from models.manifest_schema import CLOUD_MODEL, EDGE_MODEL, Metrics, ModelEntry, Models
-from models.profiles import ModelSpec, Profile
 
 logger = logging.getLogger(__name__)
 
