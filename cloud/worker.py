@@ -34,8 +34,6 @@ from nats.aio.client import Client
 from broker import wire
 from broker.bus import GenerationService, Responder, bounded, close_bounded, serve_control
 from broker.errors import (
-    BadRequest,
-    ContextLengthExceeded,
     HybridgenError,
     Overloaded,
     Timeout,
@@ -44,11 +42,11 @@ from broker.errors import (
 from broker.service import SOFTWARE_VERSION
 from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
+from cloud.prompts import input_field, prompt_ids_of
 from cloud.settings import WorkerSettings
-from serving.context import settle_max_tokens, too_long_for
+from serving.context import settle_max_tokens
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
-from serving.tools import template_messages, template_supports_tools
 
 logger = logging.getLogger(__name__)
 
@@ -301,19 +299,13 @@ class CloudWorker:
             # need not have passed the HTTP checks, and a grammar llguidance refuses must be
             # a `bad_request`, not a failure inside a batch.
             await asyncio.to_thread(grammar.check, "grammar")
-        prompt_ids = self._prompt_ids(engine, request)
-        window, field = engine.context_length, _input_field(request)
+        prompt_ids = prompt_ids_of(engine, request)
+        window, field = engine.context_length, input_field(request)
         cap = self.settings.max_tokens_cap
         max_tokens = settle_max_tokens(
             request.max_tokens, len(prompt_ids), window, cap=cap, input_field=field
         )
-        if request.timeout_ms is not None:
-            waited_ms = (time.monotonic() - responder.received_at) * 1e3
-            if waited_ms >= request.timeout_ms:
-                raise Timeout(
-                    f"request {request.request_id} reached its deadline of "
-                    f"{request.timeout_ms} ms before admission"
-                )
+        _check_deadline(request, responder)
         cost = len(prompt_ids) + max_tokens
         self._admit(cost)
         admitted = time.monotonic()
@@ -332,14 +324,7 @@ class CloudWorker:
                     logger.debug("%s: first token after %.1f ms", request.request_id, ttft_ms)
                 self.tokens_out += len(delta.token_ids)
                 if delta.text or delta.token_ids:
-                    scored = delta.logprobs
-                    await responder.chunk(
-                        delta.text,
-                        delta.token_ids,
-                        None if scored is None else [lp for _, lp, _ in scored],
-                        tokens=None if scored is None else [t for t, _, _ in scored],
-                        top_logprobs=None if scored is None else [top for _, _, top in scored],
-                    )
+                    await _send_chunk(responder, delta)
                 if delta.finish_reason is not None:
                     await responder.done(
                         delta.finish_reason,
@@ -391,40 +376,6 @@ class CloudWorker:
             ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
             total_ms=round(total_ms, 3),
         )
-
-    @staticmethod
-    def _prompt_ids(engine: Engine, request: wire.GenerateRequest) -> list[int]:
-        """Token ids of the request: its messages through this model's own chat template
-        (the assistant's turn opened), or its completion prompt as it is.
-
-        Raises:
-            BadRequest: an empty prompt, or messages the model's template refuses.
-        """
-        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-        if too_long_for(chars, engine.context_length):  # refused before the tokenizer runs
-            raise ContextLengthExceeded(
-                f"the input ({chars} characters) cannot fit the context window of "
-                f"{engine.context_length} tokens",
-                param=_input_field(request),
-            )
-        if request.messages is None:
-            prompt_ids = engine.encode(request.prompt or "")
-            if not prompt_ids:
-                raise BadRequest("the prompt is empty", param="prompt")
-            return prompt_ids
-        # Tools and tool turns: the template's own rendering when it has one, else the
-        # documented fallback (`serving.tools.fallback_messages`).
-        native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
-        messages, tools = template_messages(request.message_dicts(), request.tools, native)
-        try:
-            text = engine.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # jinja's TemplateError and the template's own raise
-            raise BadRequest(
-                f"the cloud model's chat template refused the messages: {exc}", param="messages"
-            ) from None
-        return engine.encode(str(text))
 
     def heartbeat(self) -> wire.Heartbeat:
         """This worker's current heartbeat."""
@@ -488,6 +439,25 @@ async def run_worker(settings: WorkerSettings, nats_url: str | None = None) -> i
     return 0
 
 
-def _input_field(request: wire.GenerateRequest) -> str:
-    """The request's input field, named when the input alone does not fit."""
-    return "messages" if request.messages is not None else "prompt"
+def _check_deadline(request: wire.GenerateRequest, responder: Responder) -> None:
+    """Raise `Timeout` when the request's deadline passed while it waited for admission."""
+    if request.timeout_ms is None:
+        return
+    waited_ms = (time.monotonic() - responder.received_at) * 1e3
+    if waited_ms >= request.timeout_ms:
+        raise Timeout(
+            f"request {request.request_id} reached its deadline of "
+            f"{request.timeout_ms} ms before admission"
+        )
+
+
+async def _send_chunk(responder: Responder, delta: Delta) -> None:
+    """One delta's text and tokens as a reply chunk (with their log-probabilities, if any)."""
+    scored = delta.logprobs
+    await responder.chunk(
+        delta.text,
+        delta.token_ids,
+        None if scored is None else [lp for _, lp, _ in scored],
+        tokens=None if scored is None else [t for t, _, _ in scored],
+        top_logprobs=None if scored is None else [top for _, _, top in scored],
+    )
