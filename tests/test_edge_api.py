@@ -704,3 +704,18 @@ async def test_full_edge_queue_goes_to_cloud_or_is_a_503(
         assert caught.value.response.headers.get("retry-after")
     finally:
         busy.cancel()
+
+
+async def test_without_max_tokens_each_end_answers_up_to_its_own_cap(
+    start_edge: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    """docs/api.md: a request without `max_tokens` runs until the model stops or the window
+    is full, at most the cap of the server that generates: the edge's fallback carries no
+    `max_tokens` of its own, so the worker's cap (7) bounds a cloud answer and the edge's (5)
+    a local one. Greedy, the tiny models write no end token this soon."""
+    await start_worker(max_tokens_cap=7)
+    edge = await start_edge(max_tokens_cap=5)
+    for route, cap in (("edge", 5), ("cloud", 7)):
+        body = await chat(edge, "hello", route=route, max_tokens=openai.NOT_GIVEN)
+        assert extra(body)["served_by"] == route
+        assert (body.choices[0].finish_reason, body.usage.completion_tokens) == ("length", cap)
