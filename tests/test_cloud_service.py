@@ -249,11 +249,15 @@ async def test_disconnect_cancels_on_worker(
     # worker is generating.
     async with httpx.AsyncClient(base_url=url, timeout=BOUND_S) as http:
         call = asyncio.ensure_future(http.post("/v1/completions", json=long))
-        await eventually(lambda: worker.tokens_out > 0 and worker.admitted == 1, "generating")
+        # Generating: this request's own tokens (the first one's stopped at `stopped_at`).
+        await eventually(
+            lambda: worker.tokens_out > stopped_at and worker.admitted == 1, "generating"
+        )
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await call
-    await eventually(lambda: len(cancels) == 2 and worker.admitted == 0, "the second cancel")
+    await eventually(lambda: len(cancels) == 2, "the API's cancel of the second request")
+    await eventually(lambda: worker.admitted == 0, "the worker's end of the second request")
     await eventually(lambda: engine_idle(worker), "the engine let the request go")
     assert worker.tokens_out - stopped_at < long["max_tokens"]
 
