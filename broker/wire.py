@@ -17,6 +17,8 @@ It also carries real log-probabilities: `GenerateRequest.top_logprobs`, and in e
 the scored tokens' texts (`tokens`) and their steps' most likely tokens (`top_logprobs`).
 Tool calling adds optional fields to version 3 (it had not been released yet):
 `GenerateRequest.tools` and, in `ChatMessage`, `tool_calls`, `tool_call_id` and `name`.
+Penalties add `GenerateRequest.presence_penalty`, `frequency_penalty` and
+`repetition_penalty` to version 3 the same way (defaults: off).
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ class GenerateRequest(Message):
     logprobs: bool = False
     #: With `logprobs`: also this many most likely tokens of each step (OpenAI's 0-20).
     top_logprobs: int = Field(default=0, ge=0, le=20)
+    #: OpenAI's additive penalties on the tokens the answer already holds (0: off), and the
+    #: multiplicative one on every token seen in the prompt or the answer (1: off); the rule
+    #: is `serving.penalties`.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     #: Budget for the whole request, counted by each hop from when it receives it.
     timeout_ms: int | None = Field(default=None, gt=0)
     #: node_id of the caller, for logs and telemetry.

@@ -41,6 +41,7 @@ from serving.answer import Answer, Outcome, Piece
 from serving.auth import require_api_key
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
+from serving.choices import choice_id, choice_sampling
 from serving.deadlines import budget_s, client_timeout_s
 from serving.headers import HEADER_REQUEST_ID
 from serving.metrics import HttpMetrics, install_common, protect_metrics
@@ -271,14 +272,18 @@ def _generate_request(
     body: CompletionRequest | ChatCompletionRequest,
     *,
     timeout_s: float | None = None,
+    request_id: str | None = None,
+    index: int = 0,
 ) -> wire.GenerateRequest:
-    """Check the model name and build the bus request (a chat as its messages).
+    """Check the model name and build the bus request (a chat as its messages) of choice
+    `index` (`serving.choices`: its own id and seed) of the request `request_id` (default: a
+    new one).
 
     `timeout_s` is what is left of the request's deadline (default: the whole
     `request_timeout_s`); it travels as `timeout_ms`.
     """
     require_served(body.model, state.settings.models)
-    sampling = body.sampling()
+    sampling = choice_sampling(body.sampling(), index)
     if isinstance(body, ChatCompletionRequest):
         inputs: dict[str, Any] = {
             "messages": body.message_dicts(),
@@ -290,7 +295,7 @@ def _generate_request(
             raise BadRequest("the prompt is empty", param="prompt")
         inputs = {"prompt": prompt}
     return wire.GenerateRequest(
-        request_id=wire.new_request_id(),
+        request_id=choice_id(request_id or wire.new_request_id(), index),
         model=body.model,
         **sampling.to_wire(),
         timeout_ms=max(1, int(1000 * (timeout_s or state.settings.request_timeout_s))),
@@ -309,11 +314,14 @@ async def _serve(
 ) -> Any:
     settings = state.settings
     arrived = time.monotonic()
+
+    def left_s() -> float:
+        return deadline_s - (time.monotonic() - arrived)
+
     try:
         # The client's own deadline (X-Request-Timeout), capped by ours; counted from arrival.
         deadline_s = budget_s(client_timeout_s(request), settings.request_timeout_s)
-        left_s = deadline_s - (time.monotonic() - arrived)
-        generate = _generate_request(state, body, timeout_s=left_s)
+        generate = _generate_request(state, body, timeout_s=left_s())
     except HybridgenError as exc:
         state.metrics.errors.labels(exc.code.value).inc()
         raise
@@ -333,7 +341,27 @@ async def _serve(
         include_usage=body.include_usage,
     )
     kind = "stream" if body.stream else "whole"
-    logger.info("request %s -> %s (%s)", request_id, body.model, kind)
+    logger.info("request %s -> %s (%s, n=%d)", request_id, body.model, kind, body.n)
+    choices: list[_Replies] = []
+    try:
+        for index in range(body.n):  # one bus request per choice, each its own sequence
+            choice = generate
+            if index:
+                choice = _generate_request(state, body, timeout_s=left_s(),
+                                           request_id=request_id, index=index)  # fmt: skip
+            choices.append(await _open(state, choice, max(0.001, left_s())))
+    except BaseException:
+        for replies in choices:
+            await replies.aclose()
+        raise
+    headers = {HEADER_REQUEST_ID: request_id}
+    return await answer.respond(choices, stream=body.stream, headers=headers, http=request)
+
+
+async def _open(state: ApiState, generate: wire.GenerateRequest, total_s: float) -> _Replies:
+    """Send one bus request; its replies once a worker accepted it (`total_s`: what is left
+    of the deadline)."""
+    settings = state.settings
     started = time.monotonic()
     state.in_flight += 1
     stack = contextlib.AsyncExitStack()
@@ -344,7 +372,7 @@ async def _serve(
                 generate,
                 accept_timeout=settings.accept_timeout_s,
                 idle_timeout=settings.idle_timeout_s,
-                total_timeout=max(0.001, deadline_s - (time.monotonic() - arrived)),
+                total_timeout=total_s,
             )
         )
     except BaseException as exc:
@@ -354,9 +382,7 @@ async def _serve(
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)
         raise
-    items = _Replies(state, replies, stack, started)
-    headers = {HEADER_REQUEST_ID: request_id}
-    return await answer.respond(items, stream=body.stream, headers=headers, http=request)
+    return _Replies(state, replies, stack, started)
 
 
 class _Replies:

@@ -10,9 +10,9 @@ Why its own batching rather than transformers' `generate`: requests join and lea
 running batch between steps, so a new request does not wait for the running ones to end;
 the KV cache is one preallocated slab per layer written in place, where transformers'
 `DynamicLayer` copies the whole cache on every step (`cloud.batching`); each row samples
-with its own settings, seed and grammar (`cloud.sampling`). The model is driven through its
-forward with a transformers `Cache` of the engine's own layers, so only full-attention
-models are served. Each round of the generation thread:
+with its own settings, seed, penalties and grammar (`cloud.sampling`). The model is driven
+through its forward with a transformers `Cache` of the engine's own layers, so only
+full-attention models are served. Each round of the generation thread:
 
 1. drops cancelled rows (marked dead; the slab is compacted once a quarter are dead);
 2. admits waiting requests in FIFO order while the rows (`max_batch_requests`) and the
@@ -52,6 +52,7 @@ from cloud.scheduler import Scheduler, Ticket
 from cloud.text import IncrementalDetokenizer
 from serving.context import settle_max_tokens
 from serving.grammar import Grammar
+from serving.penalties import TokenCounts
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
 
@@ -390,6 +391,7 @@ class Engine:
             seed=sampling.seed,
             device=self.device,
             top_logprobs=sampling.top_logprobs if sampling.logprobs else -1,
+            penalties=TokenCounts.of(sampling, prompt_ids),
         )
         if grammar is not None:
             row.matcher = await asyncio.to_thread(self._matcher, grammar)

@@ -15,6 +15,13 @@ Constrained rows (`response_format`) carry an `llguidance.LLMatcher`: before the
 choice its logits are masked to the tokens the grammar allows (`compute_logit_bias`, one
 byte per token), after it the token is consumed. Once the grammar is complete only the end
 token is allowed, so the row ends as a normal `stop`. Unconstrained rows pay nothing.
+
+Penalized rows (`serving.penalties`) carry their token history (`TokenCounts`): before any
+choice, the seen tokens of every such row are gathered into one tensor, penalized by the one
+rule of both ends and written back into a float32 copy of the batch's logits, which the rows
+choose from (the grammar's mask after it); the log-probabilities are taken from the logits
+as the model gave them. Rows without penalties pay nothing, and a batch without any makes no
+copy.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import torch
 
+from serving.penalties import TokenCounts, penalize
 from serving.sampling import is_greedy
 
 #: Candidates taken with `topk` before falling back to a full sort for top-p.
@@ -43,6 +51,7 @@ class RowSampling:
             and the k most likely tokens of each step (`row_scores`).
         matcher: the row's `llguidance.LLMatcher` when its output is constrained, else None.
         end_token: what a constrained row emits if its matcher fails (an end token).
+        penalties: the tokens the row's penalties read, when any is on (else None).
     """
 
     temperature: float = 1.0
@@ -52,6 +61,7 @@ class RowSampling:
     top_logprobs: int = -1
     matcher: Any = None
     end_token: int = 0
+    penalties: TokenCounts | None = None
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +78,7 @@ class RowSampling:
         seed: int | None,
         device: torch.device | str = "cpu",
         top_logprobs: int = -1,
+        penalties: TokenCounts | None = None,
     ) -> RowSampling:
         """A row's sampling state; greedy when `temperature` is (about) 0.
 
@@ -77,9 +88,10 @@ class RowSampling:
             top_p: nucleus mass in (0, 1]; 1 keeps every token.
             seed: seeds the row's generator (repeatable draws); None seeds it from the OS.
             device: where the generator lives (the logits' device).
+            penalties: the row's token history when a penalty is on.
         """
         if is_greedy(temperature):
-            return cls(temperature=0.0, top_logprobs=top_logprobs)
+            return cls(temperature=0.0, top_logprobs=top_logprobs, penalties=penalties)
         generator = torch.Generator(device=device)
         if seed is None:
             generator.seed()
@@ -91,6 +103,7 @@ class RowSampling:
             top_p=float(top_p),
             generator=generator,
             top_logprobs=top_logprobs,
+            penalties=penalties,
         )
 
 
@@ -122,15 +135,17 @@ def _sample_row(logits: torch.Tensor, row: RowSampling) -> int:
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-    """The next token of every row of a batch.
+    """The next token of every row of a batch (penalized rows: from their penalized logits;
+    each chosen token joins its row's history).
 
     Args:
-        logits: [B, V] last-position logits.
+        logits: [B, V] last-position logits (left as they are).
         rows: B sampling states, in batch order.
 
     Returns:
         B token ids.
     """
+    logits = penalize_rows(logits, rows)
     # argmax of bf16 is not vectorised on CPU: fp32 first is faster.
     tokens: list[int] = logits.float().argmax(dim=-1).tolist()  # [B]
     for index, row in enumerate(rows):
@@ -138,7 +153,35 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
             tokens[index] = _constrained_row(logits[index], row)
         elif not row.greedy:
             tokens[index] = _sample_row(logits[index], row)
+        if row.penalties is not None:
+            row.penalties.observe(tokens[index])
     return tokens
+
+
+def penalize_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """A float32 copy of `logits` ([B, V]) with every penalized row's seen tokens penalized
+    (`serving.penalties.penalize`, one call for the whole batch); `logits` themselves when
+    no row has a penalty on."""
+    picked = [(i, row.penalties) for i, row in enumerate(rows) if row.penalties is not None]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    counts: list[int] = []
+    params: list[tuple[float, float, float]] = []
+    for index, history in picked:
+        ids, seen = history.entries()
+        row_ids += [index] * len(ids)
+        token_ids += ids
+        counts += seen
+        params += [(history.presence, history.frequency, history.repetition)] * len(ids)
+    if not token_ids:
+        return logits
+    device = logits.device
+    where = (torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device))
+    presence, frequency, repetition = torch.tensor(params, device=device).unbind(1)  # [N] each
+    out = logits.to(torch.float32, copy=True)
+    seen_counts = torch.tensor(counts, device=device)
+    out[where] = penalize(out[where], seen_counts, presence, frequency, repetition)
+    return out
 
 
 def _constrained_row(logits: torch.Tensor, row: RowSampling) -> int:
@@ -168,8 +211,8 @@ def row_scores(
     """The log-probabilities of the rows that asked for them (`top_logprobs` >= 0), None for
     the others: one log-softmax and one `topk` over just those rows.
 
-    They are the model's (before temperature, top-k, top-p or a grammar's mask), as OpenAI
-    reports them.
+    They are the model's (before penalties, temperature, top-k, top-p or a grammar's mask),
+    as OpenAI reports them: pass the logits as the model gave them.
     """
     wanted = [i for i, row in enumerate(rows) if row.top_logprobs >= 0]
     out: list[RowScore | None] = [None] * len(rows)

@@ -4,20 +4,28 @@ of SSE chunks, every body and chunk tagged with hybridgen's fields, and its toke
 An answer is a sequence of `Piece`s (text, with its tokens' scores when asked for) ended by
 an `Outcome`. The edge's router yields them; the cloud API turns the worker's replies into
 them. `Answer` writes them the same way whoever served them.
+
+A request with `n` choices has one such sequence per choice (`serving.choices`): the body
+holds `n` choices with their `index`, a stream interleaves each choice's chunks (each with
+its `index` and its own `finish_reason`) and ends once every choice has; `usage` counts the
+prompt once and the tokens of every choice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from broker.wire import FinishReason
 from serving import protocol
+from serving.choices import close, merged
 from serving.deadlines import until_disconnect
 from serving.metrics import HttpMetrics
 from serving.sse import sse_response
@@ -79,93 +87,116 @@ class Answer:
 
     async def respond(
         self,
-        items: AsyncIterable[Piece | Outcome],
+        choices: Sequence[AsyncIterable[Piece | Outcome]],
         *,
         stream: bool,
         headers: dict[str, str],
         http: Request | None = None,
     ) -> Response:
-        """The answer as SSE chunks or one JSON body. A client that hangs up on a JSON answer
-        closes `items` (`http`: the request whose disconnect is watched)."""
+        """The answer (the items of each choice, in choice order) as SSE chunks or one JSON
+        body. A client that hangs up on a JSON answer closes the items (`http`: the request
+        whose disconnect is watched)."""
         try:
             if stream:
-                return await sse_response(self.chunks(items), headers=headers)
-            collected = self.collect(items)
-            text, scores, outcome = await (
-                collected if http is None else until_disconnect(http, collected)
-            )
+                return await sse_response(self.chunks(choices), headers=headers)
+            collected = self.collect(choices)
+            answers = await (collected if http is None else until_disconnect(http, collected))
         except BaseException:
-            await _close(items)  # however the answer ends, even with its items unread
+            for items in choices:  # however the answer ends, even with its items unread
+                await close(items)
             raise
-        return JSONResponse(self.body(text, scores, outcome), headers=headers)
+        return JSONResponse(self.body(answers), headers=headers)
 
-    async def collect(
-        self, items: AsyncIterable[Piece | Outcome]
-    ) -> tuple[str, list[protocol.TokenLogprob], Outcome]:
-        """The whole answer: its text (after the echo), its tokens' scores, its outcome."""
-        parts = [self.echo]
-        scores: list[protocol.TokenLogprob] = []
-        outcome: Outcome | None = None
-        try:
-            async for item in items:
+    async def collect(self, choices: Sequence[AsyncIterable[Piece | Outcome]]) -> list[Whole]:
+        """Each choice whole: its text (after the echo), its tokens' scores, its outcome."""
+        parts: list[list[str]] = [[self.echo] for _ in choices]
+        scores: list[list[protocol.TokenLogprob]] = [[] for _ in choices]
+        outcomes: list[Outcome | None] = [None] * len(choices)
+        async with contextlib.aclosing(merged(choices)) as items:
+            async for index, item in items:
                 if isinstance(item, Piece):
-                    parts.append(item.text)
-                    scores.extend(item.logprobs)
+                    parts[index].append(item.text)
+                    scores[index].extend(item.logprobs)
                 else:
-                    outcome = item
-        finally:
-            await _close(items)
-        assert outcome is not None, "an answer ends with its Outcome"
-        return "".join(parts), scores, outcome
+                    outcomes[index] = item
+        wholes = []
+        for text, scored, outcome in zip(parts, scores, outcomes, strict=True):
+            assert outcome is not None, "an answer ends with its Outcome"
+            wholes.append(Whole("".join(text), scored, outcome))
+        return wholes
 
-    def body(self, text: str, scores: list[protocol.TokenLogprob], outcome: Outcome) -> Any:
-        """The JSON body of a whole answer, tagged; its tokens are counted."""
-        self.count(outcome)
+    def body(self, answers: Sequence[Whole]) -> Any:
+        """The JSON body of a whole answer (its choices in order), tagged; its tokens are
+        counted."""
+        total = merge_outcomes([answer.outcome for answer in answers])
+        self.count(total)
+        built = [self._choice_body(index, answer) for index, answer in enumerate(answers)]
+        body = built[0]
+        if len(built) > 1:
+            body.choices = [choice for each in built for choice in each.choices]
+            body.usage = protocol.Usage.of(total.prompt_tokens, total.completion_tokens)
+        return tagged(body, self.final_tags(total))
+
+    def _choice_body(self, index: int, answer: Whole) -> Any:
+        """The body of one choice alone (the protocol's builders make one choice each)."""
+        outcome = answer.outcome
         common: dict[str, Any] = {
             "request_id": self.request_id,
             "model": self.model,
-            "text": text,
+            "text": answer.text,
             "finish_reason": outcome.finish_reason,
             "usage": (outcome.prompt_tokens, outcome.completion_tokens),
             "created": self.created,
-            "logprobs": scores if self.logprobs else None,
+            "logprobs": answer.scores if self.logprobs else None,
             "model_version": outcome.model_version or self.model_version,
+            "index": index,
         }
         if self.chat:
-            built: Any = protocol.chat_response(**common, tools=self.tools)
-        else:
-            built = protocol.completion_response(**common, logprob_offset=len(self.echo))
-        return tagged(built, self.final_tags(outcome))
+            return protocol.chat_response(**common, tools=self.tools)
+        return protocol.completion_response(**common, logprob_offset=len(self.echo))
 
-    async def chunks(self, items: AsyncIterable[Piece | Outcome]) -> AsyncIterator[Any]:
-        """The SSE chunks of one answer, each tagged: the first (role, echo), the text (with
-        its tokens' log-probabilities when asked for), the finish, the usage."""
-        chunks_of = protocol.StreamChunks(
-            chat=self.chat,
-            request_id=self.request_id,
-            model=self.model,
-            created=self.created,
-            model_version=self.model_version,
-            calls=CallStream() if self.tools else None,
-        )
+    async def chunks(self, choices: Sequence[AsyncIterable[Piece | Outcome]]) -> AsyncIterator[Any]:
+        """The SSE chunks of one answer, each tagged: each choice's first (role, echo), then
+        the choices' text as it comes (with its tokens' log-probabilities when asked for),
+        each choice's finish, and once every choice has finished, the usage."""
+        streams = [
+            protocol.StreamChunks(
+                chat=self.chat,
+                request_id=self.request_id,
+                model=self.model,
+                created=self.created,
+                model_version=self.model_version,
+                calls=CallStream() if self.tools else None,
+                index=index,
+            )
+            for index in range(len(choices))
+        ]
+        outcomes: list[Outcome | None] = [None] * len(choices)
         try:
-            yield tagged(chunks_of.first(self.echo), self.tags)
-            async for item in items:
-                if isinstance(item, Piece):
-                    for chunk in chunks_of.deltas(item.text, item.logprobs or None):
-                        yield tagged(chunk, self.tags)
-                    continue
-                self.count(item)
-                if item.model_version:
-                    chunks_of.model_version = item.model_version
-                final = self.final_tags(item)
-                for chunk in chunks_of.ends(item.finish_reason):
-                    yield tagged(chunk, final)
-                if self.include_usage:
-                    usage = chunks_of.usage(item.prompt_tokens, item.completion_tokens)
-                    yield tagged(usage, final)
+            for chunks_of in streams:
+                yield tagged(chunks_of.first(self.echo), self.tags)
+            async with contextlib.aclosing(merged(choices)) as items:
+                async for index, item in items:
+                    chunks_of = streams[index]
+                    if isinstance(item, Piece):
+                        for chunk in chunks_of.deltas(item.text, item.logprobs or None):
+                            yield tagged(chunk, self.tags)
+                        continue
+                    outcomes[index] = item
+                    if item.model_version:
+                        chunks_of.model_version = item.model_version
+                    final = self.final_tags(item)
+                    for chunk in chunks_of.ends(item.finish_reason):
+                        yield tagged(chunk, final)
+            assert None not in outcomes, "an answer ends with its Outcome"
+            total = merge_outcomes(cast(list[Outcome], outcomes))
+            self.count(total)
+            if self.include_usage:
+                usage = streams[0].usage(total.prompt_tokens, total.completion_tokens)
+                yield tagged(usage, self.final_tags(total))
         finally:
-            await _close(items)
+            for choice in choices:
+                await close(choice)
 
     def final_tags(self, outcome: Outcome) -> dict[str, Any]:
         """The tags of the last body or chunks: who finished it is known at the end."""
@@ -182,6 +213,29 @@ class Answer:
         self.metrics.tokens.labels("completion").inc(outcome.completion_tokens)
 
 
+@dataclass(frozen=True)
+class Whole:
+    """One choice of an answer, whole: its text, its tokens' scores, its outcome."""
+
+    text: str
+    scores: list[protocol.TokenLogprob]
+    outcome: Outcome
+
+
+def merge_outcomes(outcomes: Sequence[Outcome]) -> Outcome:
+    """The outcome of an answer's choices together: the first choice's (its finish reason,
+    model version and worker, its prompt counted once), with every choice's completion tokens;
+    completed locally when any was."""
+    first = outcomes[0]
+    if len(outcomes) == 1:
+        return first
+    return dataclasses.replace(
+        first,
+        completion_tokens=sum(outcome.completion_tokens for outcome in outcomes),
+        completed_locally=any(outcome.completed_locally for outcome in outcomes),
+    )
+
+
 def tagged(model: Any, tags: dict[str, Any]) -> dict[str, Any]:
     """A protocol model's JSON body with hybridgen's fields added. Added here, not through
     the builders' `**extra`, because the builders take `request_id` as the source of the
@@ -189,11 +243,3 @@ def tagged(model: Any, tags: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = model.body()
     body.update(tags)
     return body
-
-
-async def _close(items: AsyncIterable[Any]) -> None:
-    """Close an answer's items: an unfinished generation is cancelled, and items that own
-    a resource give it back, read or not."""
-    aclose = getattr(items, "aclose", None)
-    if aclose is not None:
-        await aclose()

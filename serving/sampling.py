@@ -37,6 +37,10 @@ class SamplingParams:
         logprobs: report each generated token's log-probability (and its text).
         top_logprobs: with `logprobs`, also this many most likely tokens of each step
             (0-20).
+        presence_penalty, frequency_penalty: OpenAI's additive penalties on the tokens the
+            answer already holds (-2 to 2; 0: off); `repetition_penalty`: the multiplicative
+            one of llama.cpp, vLLM and transformers on every token seen in the prompt or the
+            answer ((0, 2]; 1: off). The rule is `serving.penalties`.
     """
 
     max_tokens: int | None = None
@@ -48,6 +52,16 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (else no token history is kept for it)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +83,9 @@ class SamplingParams:
             "seed": self.seed,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs if self.logprobs else 0,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
 
     @classmethod
@@ -84,4 +101,7 @@ class SamplingParams:
             seed=request.seed,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs if request.logprobs else 0,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
         )

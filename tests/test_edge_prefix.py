@@ -104,6 +104,28 @@ async def test_reuse_gives_the_same_greedy_outputs(runtime: EdgeRuntime) -> None
     assert runtime.prefix_cache_bytes == runtime.kv_bytes_per_token * runtime.context_length
 
 
+async def test_penalized_and_plain_requests_share_a_kept_prefix(runtime: EdgeRuntime) -> None:
+    """Penalties are no search option: the request's job keeps what they read, so a
+    penalized request reuses the generator a plain one kept (and hands it back), each with
+    its own answer, the same as without reuse."""
+    penalized = SamplingParams(
+        max_tokens=12, temperature=0, frequency_penalty=2.0, repetition_penalty=1.5
+    )
+    ids, span, prefix_len = chat(runtime, QUESTIONS[1])
+    keyed = {"score_span": span, "prefix_key": "ada", "prefix_len": prefix_len}
+    plain_want = await reference(runtime, ids, span)
+    penalized_want = await reference(runtime, ids, span, penalized)
+    assert penalized_want[1] != plain_want[1]
+    outputs = [
+        await run(runtime.submit(ids, options, **keyed))  # type: ignore[arg-type]
+        for options in (GREEDY, penalized, GREEDY, penalized)
+    ]
+    for got, want in zip(outputs, [plain_want, penalized_want] * 2, strict=True):
+        same(got, want)
+    assert [o[0].reused_tokens for o in outputs] == [0] + [prefix_len] * 3
+    assert runtime.prefix_cache_keys == ["ada"]
+
+
 async def test_a_prefix_that_does_not_match_falls_back(runtime: EdgeRuntime) -> None:
     ids, span, prefix_len = chat(runtime, QUESTIONS[0])
     await run(runtime.submit(ids, GREEDY, score_span=span, prefix_key="k", prefix_len=prefix_len))

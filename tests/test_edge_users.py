@@ -296,7 +296,7 @@ def test_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:
     store.close()
 
 
-@pytest.mark.parametrize("start", [0, 1])
+@pytest.mark.parametrize("start", [0, 1, 3])
 def test_old_schema_is_migrated(tmp_path: Path, start: int) -> None:
     path = tmp_path / "users.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)
@@ -315,6 +315,11 @@ def test_old_schema_is_migrated(tmp_path: Path, start: int) -> None:
     store.put_profile("old")
     store.put_learned("old", b"new in schema 2")  # the table the migration added
     assert store.get_learned("old") == b"new in schema 2"
+    # The penalties' columns (schema 4): none set before, stored after.
+    assert store.get_profile("old").repetition_penalty is None
+    store.put_profile("old", ProfileUpdate(frequency_penalty=1.5, repetition_penalty=1.2))
+    kept = store.get_profile("old")
+    assert (kept.frequency_penalty, kept.repetition_penalty) == (1.5, 1.2)
     store.close()
     assert UserStore(path).stats()["schema_version"] == SCHEMA_VERSION  # idempotent
 

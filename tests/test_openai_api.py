@@ -330,9 +330,10 @@ async def _refused(call: Any) -> openai.APIStatusError:
 
 async def test_unsupported_values_get_a_400_naming_param(target: Target) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"n": 2}, "n"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"n": 9}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
@@ -352,7 +353,7 @@ async def test_unsupported_values_get_a_400_naming_param(target: Target) -> None
     error = await _refused(target.chat(messages=image))
     assert error.status_code == 400 and (error.param or "").startswith("messages")
     assert "image_url" in str(error.message)
-    # Zero penalties and n=1 are what OpenAI's defaults are: accepted.
+    # Zero penalties and n=1 are what OpenAI's defaults are: accepted, the same answer.
     ok = await target.chat(n=1, presence_penalty=0, frequency_penalty=0.0, temperature=0)
     assert (ok.choices[0].finish_reason, ok.usage.completion_tokens) == ("length", 12)
 

@@ -213,7 +213,8 @@ async def test_profile_fields_are_bounded_and_a_form_body_is_415(
     start_edge: Callable[..., Any], tmp_path: Path
 ) -> None:
     """docs/edge.md, "Personalization": `display_name` up to 200 characters, `persona` up to
-    8000, `temperature` 0-2, `top_p` (0, 1], `max_tokens` 1-32768; a POST that is not JSON
+    8000, `temperature` 0-2, `top_p` (0, 1], `max_tokens` 1-32768, `presence_penalty` and
+    `frequency_penalty` -2 to 2, `repetition_penalty` (0, 2]; a POST that is not JSON
     (`multipart/form-data` too) is 415; `reset` takes an empty JSON body."""
     edge: LiveEdge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3")
     async with httpx.AsyncClient(base_url=f"{edge.url}/v1/users", headers=ADMIN_HEADERS) as http:
@@ -226,6 +227,10 @@ async def test_profile_fields_are_bounded_and_a_form_body_is_415(
             ("top_p", 0.01, 1.01),
             ("max_tokens", 32768, 32769),
             ("max_tokens", 1, 0),
+            ("presence_penalty", 2.0, 2.01),
+            ("frequency_penalty", -2.0, -2.01),
+            ("repetition_penalty", 2.0, 2.01),
+            ("repetition_penalty", 0.01, 0.0),
         ):
             put = await http.put("/kim", json={field: good})
             assert put.status_code == 200, (field, good, put.text)

@@ -1,6 +1,6 @@
 """Promises of docs/edge.md, "Personalized requests" and "Learning", no other test keeps.
 
-The profile's `temperature` and `top_p` apply where the request sets none; a request with
+The profile's `temperature`, `top_p` and penalties apply where the request sets none; a request with
 `user` runs unpersonalized while the user store is unusable (a warning without the user's
 text); and a learned state written back just after a reset is replaced by what the kept
 feedback gives. A live edge (real uvicorn, the session's tiny int4 model) for the first
@@ -50,6 +50,27 @@ async def test_the_profiles_temperature_and_top_p_apply_where_the_request_sets_n
             assert await text(http, seed=seed, user=user) == greedy  # the profile's value
             # The request's own value wins over the profile's.
             assert await text(http, seed=seed, user=user, temperature=1, top_p=1) == sampled
+
+
+async def test_the_profiles_penalties_apply_where_the_request_sets_none(
+    start_edge: Callable[..., Any], tmp_path: Path
+) -> None:
+    edge: LiveEdge = await start_edge(no_cloud=True, users_db=tmp_path / "users.sqlite3")
+    async with httpx.AsyncClient(base_url=edge.url, headers=ADMIN_HEADERS, timeout=60) as http:
+        plain = await text(http, temperature=0)
+        for field, value in (
+            ("presence_penalty", 2.0),
+            ("frequency_penalty", 2.0),
+            ("repetition_penalty", 2.0),
+        ):
+            penalized = await text(http, temperature=0, **{field: value})
+            assert penalized != plain, field
+            stored = await http.put(f"/v1/users/{field}", json={field: value})
+            assert stored.status_code == 200 and stored.json()[field] == value
+            assert await text(http, temperature=0, user=field) == penalized  # the profile's
+            # The request's own value wins over the profile's: off.
+            off = 1.0 if field == "repetition_penalty" else 0.0
+            assert await text(http, temperature=0, user=field, **{field: off}) == plain
 
 
 async def test_a_request_with_user_runs_unpersonalized_while_the_store_is_unusable(

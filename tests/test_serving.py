@@ -112,7 +112,9 @@ async def test_completion_ok_with_extra_fields(client: httpx.AsyncClient) -> Non
         (b'{"model": "m", "prompt": "x", "stream": "yes"}', "stream"),
         (b'{"model": "m", "prompt": 5}', "prompt"),
         (b'{"model": "m", "prompt": "x", "stop": ["a","b","c","d","e"]}', "stop"),
-        (b'{"model": "m", "prompt": "x", "n": 2}', "n"),
+        (b'{"model": "m", "prompt": "x", "n": 9}', "n"),
+        (b'{"model": "m", "prompt": "x", "n": 0}', "n"),
+        (b'{"model": "m", "prompt": "x", "repetition_penalty": 0}', "repetition_penalty"),
     ],
 )
 async def test_bad_input_is_400_envelope(

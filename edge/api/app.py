@@ -15,6 +15,7 @@ functions; what they use (the `EdgeService`, the metrics, the parsed body) comes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, cast
@@ -37,7 +38,7 @@ from edge.api.personal import (
 from edge.api.users import users_routes
 from edge.node import EdgeNode
 from edge.personal.personalizer import Personalization
-from edge.route.request import EdgeRequest, Outcome, Piece, RouteInfo
+from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.route.rules import merge_policy
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
@@ -46,6 +47,7 @@ from serving.answer import Answer, tagged
 from serving.auth import authenticate
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
+from serving.choices import choice_id, choice_sampling
 from serving.deadlines import client_timeout_s
 from serving.errors import error_response
 from serving.headers import (
@@ -309,18 +311,12 @@ async def serve(
         service, req, prompt, messages, score_span, http, personal, cloud_prompt, samples, shown
     )
     request_id = edge_request.request_id
-    items = service.router.generate(edge_request)
     try:
-        info = await anext(items)
+        info, choices = await _route_choices(service, edge_request, req.n)
     except HybridgenError as exc:
-        await items.aclose()
         node.counters.errors += 1
         metrics.http.errors.labels(exc.code.value).inc()
         return error_response(exc, headers={HEADER_REQUEST_ID: request_id})
-    except BaseException:
-        await items.aclose()
-        raise
-    assert isinstance(info, RouteInfo)
     metrics.routes.labels(info.served_by, info.route_reason).inc()
     answer = Answer(
         chat,
@@ -341,9 +337,41 @@ async def serve(
         HEADER_REQUEST_ID: request_id,
         **({HEADER_VARIANT: info.variant} if info.variant is not None else {}),
     }
-    # Closing `items` on a hang-up cancels the local job or publishes the cloud cancel.
-    pieces = cast(AsyncGenerator[Piece | Outcome, None], items)
-    return await answer.respond(pieces, stream=req.stream, headers=headers, http=http)
+    # Closing the items on a hang-up cancels the local jobs or publishes the cloud cancels.
+    return await answer.respond(choices, stream=req.stream, headers=headers, http=http)
+
+
+async def _route_choices(
+    service: EdgeService, request: EdgeRequest, n: int
+) -> tuple[RouteInfo, list[AsyncGenerator[Piece | Outcome, None]]]:
+    """Route the request's first choice, then its `n` - 1 others where the first went (one
+    answer is served in one place, unless a choice falls back on its own): each choice's
+    items with its `RouteInfo` read, and the first's. Whatever was opened is closed when a
+    choice fails before its `RouteInfo`."""
+    opened: list[AsyncGenerator[Item, None]] = []
+    first: RouteInfo | None = None
+    try:
+        for index in range(n):
+            choice = request
+            if first is not None:
+                choice = dataclasses.replace(
+                    request,
+                    request_id=choice_id(request.request_id, index),
+                    answer_id=request.request_id,
+                    options=choice_sampling(request.options, index),
+                    route=first.served_by,
+                )
+            items = service.router.generate(choice)
+            opened.append(items)
+            info = await anext(items)
+            assert isinstance(info, RouteInfo)
+            first = first or info
+    except BaseException:
+        for items in opened:
+            await items.aclose()
+        raise
+    assert first is not None
+    return first, [cast(AsyncGenerator[Piece | Outcome, None], items) for items in opened]
 
 
 def _edge_request(

@@ -21,6 +21,15 @@ from edge.personal.store import Profile
 from serving.sampling import SamplingParams
 
 #: Heading of the samples in the system text.
+#: The profile's sampling defaults that apply where the request leaves the field unset
+#: (a request field and a `SamplingParams` field of the same name; `max_tokens` apart).
+PROFILE_SAMPLING = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 SAMPLES_HEADING = "Examples of this user's own writing:"
 
 
@@ -93,10 +102,10 @@ class Personalization:
         (`fields_set`: the request body's fields that were set, `model_fields_set`)."""
         profile = self.profile
         changes: dict[str, Any] = {}
-        if profile.temperature is not None and "temperature" not in fields_set:
-            changes["temperature"] = profile.temperature
-        if profile.top_p is not None and "top_p" not in fields_set:
-            changes["top_p"] = profile.top_p
+        for name in PROFILE_SAMPLING:
+            value = getattr(profile, name)
+            if value is not None and name not in fields_set:
+                changes[name] = value
         if profile.max_tokens is not None and options.max_tokens is None:
             changes["max_tokens"] = profile.max_tokens
         return dataclasses.replace(options, **changes) if changes else options

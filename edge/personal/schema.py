@@ -62,6 +62,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: the id of the newest feedback sample a learned state holds (the newer ones are
     # learned again when it is loaded); NULL for a state written before it was kept.
     ("ALTER TABLE learned ADD COLUMN feedback_id INTEGER",),
+    # 4: the user's default penalties (`serving.penalties`), like their temperature.
+    (
+        "ALTER TABLE users ADD COLUMN presence_penalty REAL",
+        "ALTER TABLE users ADD COLUMN frequency_penalty REAL",
+        "ALTER TABLE users ADD COLUMN repetition_penalty REAL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -72,6 +78,9 @@ PROFILE_COLUMNS = (
     "temperature",
     "top_p",
     "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
     "allow_cloud",
     "share_profile",
     "created",

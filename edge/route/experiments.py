@@ -87,7 +87,8 @@ class ExperimentState:
         experiment = self.experiment
         if experiment is None:
             return request, None
-        variant = experiment.assign(request.user or request.request_id)
+        # Every choice of one answer (`answer_id`) gets the same variant.
+        variant = experiment.assign(request.user or request.answer_id or request.request_id)
         runtime = None
         if variant is not None and variant.edge_version is not None:
             runtime = self.edge_runtime

@@ -83,6 +83,9 @@ class EdgeRequest:
     #: The same request with the user's own samples in context, for the router's gate
     #: (never sent to the cloud); None: no samples picked.
     with_samples: WithSamples | None = None
+    #: One of a request's `n` choices (`serving.choices`): the id of the whole answer
+    #: (`request_id` is the choice's own); None: the request is its one choice.
+    answer_id: str | None = None
 
 
 @dataclass(frozen=True)

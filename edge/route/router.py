@@ -278,7 +278,10 @@ class Router:
                        request.request_id, cause.code.value)  # fmt: skip
         self.node.counters.mid_stream_recoveries += 1
         options = request.options.with_max_tokens(budget)
-        generation = runtime.submit(context_ids, options, adapter=request.adapter)
+        # The cloud's part counts as the answer's own for the penalties.
+        streamed_ids = max(0, len(context_ids) - len(plan.prompt_ids))
+        generation = runtime.submit(context_ids, options, adapter=request.adapter,
+                                    answer_tokens=streamed_ids)  # fmt: skip
         await generation.next_event()  # Prefill
         local = stream_local(generation, started, self.node.counters.stats)
         async with contextlib.aclosing(local) as items:

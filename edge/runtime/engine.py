@@ -213,6 +213,7 @@ class EdgeRuntime(Worker):
         prefix_key: Hashable | None = None,
         prefix_len: int = 0,
         grammar: Grammar | None = None,
+        answer_tokens: int = 0,
     ) -> Generation:
         """Queue a generation (call from the event loop).
 
@@ -235,6 +236,10 @@ class EdgeRuntime(Worker):
         llguidance masks every step, and forces an end token once the grammar is complete).
         The guidance state lives in the generator, so a constrained request never reuses or
         keeps a prefix generator; an adapter still mixes into the logits it masks.
+
+        The options' penalties (`serving.penalties`) read the prompt and the answer; the
+        prompt's last `answer_tokens` are the answer so far (an answer the edge finishes
+        after the cloud failed mid-stream), counted as the answer's own.
 
         Raises:
             BadRequest: empty prompt.
@@ -260,6 +265,7 @@ class EdgeRuntime(Worker):
             prefix_len,
             grammar,
             open_length=options.max_tokens is None,
+            answer_tokens=answer_tokens,
         )
         job.epoch = self._prefix.epoch
         self._enqueue(job)

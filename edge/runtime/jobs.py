@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from edge.personal.adapt import NgramCache
 from edge.runtime.events import Event, Finished
 from serving.grammar import Grammar
+from serving.penalties import TokenCounts
 from serving.sampling import SamplingParams
 from serving.stops import StopMatcher
 
@@ -38,6 +39,7 @@ class Job:
         grammar: Grammar | None = None,
         *,
         open_length: bool = False,
+        answer_tokens: int = 0,
     ) -> None:
         self.loop = loop
         #: The request set no max_tokens: `options.max_tokens` is the cap or the window's
@@ -56,6 +58,10 @@ class Job:
         self.completion_tokens = 0
         self.stops = StopMatcher(options.stop)  # holds what may start a stop string
         self.adapter = adapter
+        # What the penalties read (None: none on); the prompt's last `answer_tokens` are the
+        # answer so far (one the edge finishes after the cloud failed mid-stream).
+        split = len(prompt_ids) - answer_tokens
+        self.penalties = TokenCounts.of(options, prompt_ids[:split], prompt_ids[split:])
         # The adapter's context: the last tokens of the prompt, then of the completion.
         self.context: deque[int] = deque(
             prompt_ids[-(adapter.order - 1) :] if adapter is not None else (),

@@ -12,7 +12,9 @@ Onnxruntime-genai 0.18 cannot change a generator's search options once it is mad
 (`set_search_options` exists on `GeneratorParams` only), so a kept generator is keyed by
 (prefix key, sampling options): temperature, top-p and top-k must match, and a request with a
 `seed` and temperature > 0 never reuses (a kept generator's random stream has moved on, the
-seed would not reproduce). Its `max_length` is the request's need rounded up to
+seed would not reproduce). Penalties are no search option: the request's job keeps the
+tokens they read (`edge.runtime.steps.apply_penalties`), so they neither split the key nor
+leave anything in a kept generator. Its `max_length` is the request's need rounded up to
 `PREFIX_LENGTH_STEP`; a later request that needs more prefills a fresh, larger one, which then
 replaces it. The kept prefix tokens are compared with the request's before reuse, so a key
 reused for another persona falls back to a full prefill. The prompt perplexity still works:

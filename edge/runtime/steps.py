@@ -1,4 +1,5 @@
-"""Per-token math of the worker: log-probabilities, top-k scores, adapter mixing, search options.
+"""Per-token math of the worker: log-probabilities, top-k scores, adapter mixing, penalties,
+search options.
 
 A token's log-probability is read from the raw logits the worker fetched before sampling
 (log-softmax before temperature) and kept for the router. A request that asks for
@@ -14,6 +15,16 @@ handed back with `Generator.set_logits((1, 1, V) float32)` before `generate_next
 which then samples from the mixture (temperature, top-p and top-k apply to the mixed logits).
 The reported log-probability is that of the mixed distribution and reuses the logsumexp, so
 it costs no second pass over V. A request without an adapter runs none of this.
+
+Penalties (`serving.penalties`: presence, frequency, repetition) come after the adapter: they
+act on the distribution the token is drawn from, as temperature does, so a user's mixture is
+penalized like the model's own. They change a copy of the (mixed) logits, handed to the
+generator with `set_logits` (which copies it), so the reported log-probabilities stay those
+of the model (or its mixture), taken before the penalties. A grammar's mask still applies
+after them. onnxruntime-genai's own `repetition_penalty` search option is not used: it is a
+search option, so kept prefix generators would be keyed by it (`edge.runtime.prefix`), and
+it has no presence or frequency penalty beside it; here the whole history lives in the
+request's job, so any kept generator serves any penalties.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import numpy as np
 
 from edge.personal.adapt import NgramCache, mix_logits, mixed_logsumexp
 from models.logits import log_softmax, logsumexp
+from serving.penalties import TokenCounts, penalize
 from serving.sampling import SamplingParams
 
 
@@ -102,3 +114,18 @@ def mix_adapter(
     mix_logits(logits, ids, probs, weight, lse=lse)
     generator.set_logits(raw)
     return mixed_logsumexp(lse, probs, weight)
+
+
+def apply_penalties(counts: TokenCounts, raw: np.ndarray, generator: Any) -> None:
+    """Hand `generator` a penalized copy of `raw` ((1, 1, V) logits, an adapter's mixture
+    included); `raw` itself is left as it is (the log-probabilities read it)."""
+    ids, seen = counts.entries()
+    if not ids:
+        return
+    index = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    penalized = raw.copy()
+    row = penalized[0, 0]
+    row[index] = penalize(
+        row[index], np.asarray(seen), counts.presence, counts.frequency, counts.repetition
+    )
+    generator.set_logits(penalized)

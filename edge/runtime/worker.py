@@ -27,7 +27,13 @@ from broker.wire import FinishReason
 from edge.runtime.events import Finished, Prefill, Token
 from edge.runtime.jobs import Job
 from edge.runtime.prefix import PREFIX_LENGTH_STEP, Kept, PrefixCache, reusable_depth
-from edge.runtime.steps import mix_adapter, search_options, token_logprob, top_scores
+from edge.runtime.steps import (
+    apply_penalties,
+    mix_adapter,
+    search_options,
+    token_logprob,
+    top_scores,
+)
 from models.ort_edge import EdgeModel, new_generator
 from models.scoring import prefill, scored_positions
 
@@ -216,11 +222,15 @@ class Worker:
         mixed_lse = None
         if job.adapter is not None:  # mixes `logits` in place when its gate is open
             mixed_lse = mix_adapter(job.adapter, job.context, raw, generator)
+        if job.penalties is not None:  # on a copy: `logits` stay the model's (or mixture's)
+            apply_penalties(job.penalties, raw, generator)
         generator.generate_next_token()
         token_id = int(generator.get_next_tokens()[0])
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
         if job.adapter is not None:
             job.context.append(token_id)
+        if job.penalties is not None:
+            job.penalties.observe(token_id)
         logprob = token_logprob(logits, token_id, mixed_lse)
         job.completion_tokens += 1
         self.tokens_generated += 1

@@ -59,9 +59,10 @@ def completion_response(
     logprobs: Sequence[TokenLogprob] | None = None,
     logprob_offset: int = 0,
     model_version: str | None = None,
+    index: int = 0,
     **extra: Any,
 ) -> Completion:
-    """A non-streamed `/v1/completions` answer.
+    """A non-streamed `/v1/completions` answer (one choice, the `index`th).
 
     Args:
         request_id: the hybridgen request id (the response id is `cmpl-<request_id>`).
@@ -77,7 +78,9 @@ def completion_response(
         created=created or int(time.time()),
         model=model,
         system_fingerprint=fingerprint(model_version),
-        choices=[CompletionChoice(text=text, finish_reason=finish_reason, logprobs=scores)],
+        choices=[
+            CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=scores)
+        ],
         usage=_usage(usage),
         **extra,
     )
@@ -94,14 +97,15 @@ def completion_chunk(
     with_choice: bool = True,
     logprobs: dict[str, Any] | None = None,
     model_version: str | None = None,
+    index: int = 0,
     **extra: Any,
 ) -> Completion:
-    """One SSE chunk of a streamed `/v1/completions` answer.
+    """One SSE chunk of a streamed `/v1/completions` answer (of its `index`th choice).
 
     `with_choice=False` makes the trailing usage-only chunk (`stream_options.include_usage`).
     """
     choices = (
-        [CompletionChoice(text=text, finish_reason=finish_reason, logprobs=logprobs)]
+        [CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)]
         if with_choice
         else []
     )
@@ -127,9 +131,11 @@ def chat_response(
     logprobs: Sequence[TokenLogprob] | None = None,
     model_version: str | None = None,
     tools: bool = False,
+    index: int = 0,
     **extra: Any,
 ) -> ChatCompletion:
-    """A non-streamed `/v1/chat/completions` answer (`chatcmpl-<request_id>`).
+    """A non-streamed `/v1/chat/completions` answer (`chatcmpl-<request_id>`; one choice,
+    the `index`th).
 
     `logprobs`: the generated tokens' log-probabilities (None: not asked for);
     `model_version`: the serving model's version (`system_fingerprint`); `tools`: the request
@@ -148,7 +154,9 @@ def chat_response(
         created=created or int(time.time()),
         model=model,
         system_fingerprint=fingerprint(model_version),
-        choices=[ChatChoice(message=message, finish_reason=finish_reason, logprobs=scores)],
+        choices=[
+            ChatChoice(index=index, message=message, finish_reason=finish_reason, logprobs=scores)
+        ],
         usage=_usage(usage),
         **extra,
     )
@@ -167,9 +175,10 @@ def chat_chunk(
     logprobs: dict[str, Any] | None = None,
     model_version: str | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    index: int = 0,
     **extra: Any,
 ) -> ChatCompletionChunk:
-    """One SSE chunk of a streamed chat answer.
+    """One SSE chunk of a streamed chat answer (of its `index`th choice).
 
     The first chunk carries `role="assistant"`, the last one `finish_reason` (null in the
     others); `with_choice=False` makes the trailing usage-only chunk.
@@ -177,6 +186,7 @@ def chat_chunk(
     choices = (
         [
             ChatChunkChoice(
+                index=index,
                 delta=ChatDelta(role=role, content=content, tool_calls=tool_calls),
                 finish_reason=finish_reason,
                 logprobs=logprobs,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from pydantic_core import PydanticCustomError
 
 from broker.errors import BadRequest
+from serving.choices import MAX_CHOICES
 from serving.grammar import Grammar, from_response_format
 from serving.sampling import SamplingParams
 from serving.tools import ToolRequest, check_tool_choice, check_tools
@@ -66,13 +67,15 @@ class _GenerationRequest(_Request):
     top_k: int = Field(default=0, ge=0, le=MAX_INT32)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_INT32)
-    #: One answer per request: `n` > 1 is refused (400 naming `n`).
-    n: int = Field(default=1, ge=1, le=128)
+    #: How many choices to answer, each its own sequence (`serving.choices`).
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    #: OpenAI's additive penalties: 0 (or unset) only; a non-zero value is refused.
+    #: OpenAI's additive penalties (`serving.penalties`); None: 0, off.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    #: Not in OpenAI's API (llama.cpp's, vLLM's, transformers'): None: 1, off.
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     #: Extension shared with the edge: opaque user id (personalization on the edge).
     user: str | None = Field(default=None, max_length=256)
     #: Extension (edge): where to serve the request; the cloud ignores it.
@@ -152,22 +155,12 @@ class _GenerationRequest(_Request):
 
     @field_validator("n")
     @classmethod
-    def _one_answer(cls, value: int) -> int:
-        if value != 1:
+    def _bounded_choices(cls, value: int) -> int:
+        if not 1 <= value <= MAX_CHOICES:
             raise PydanticCustomError(
-                "unsupported",
-                "n > 1 is not supported: one answer per request; send n requests (with "
-                "different seeds) instead",
-            )
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None, info: Any) -> float | None:
-        if value:
-            raise PydanticCustomError(
-                "unsupported",
-                f"{info.field_name!r} is not supported by this API (only 0 is); remove it",
+                "out_of_range",
+                f"n must be between 1 and {MAX_CHOICES} (choices per request); send more "
+                "requests for more",
             )
         return value
 
@@ -207,6 +200,9 @@ class _GenerationRequest(_Request):
             seed=self.seed,
             logprobs=logprobs,
             top_logprobs=top,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
         )
 
     @property

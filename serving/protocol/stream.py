@@ -23,7 +23,8 @@ class StreamChunks:
     `model_version` (the `system_fingerprint`) may be set once known (the cloud tells it at
     the end); `offset` counts the characters streamed so far (completions' `text_offset`).
     `calls` (a chat that lets the model call tools): `deltas` and `ends` turn the calls in the
-    text into tool-call deltas and the finish reason into `tool_calls`.
+    text into tool-call deltas and the finish reason into `tool_calls`. `index`: the choice
+    the chunks are of (a request with `n` choices has one `StreamChunks` per choice).
     """
 
     chat: bool
@@ -33,6 +34,7 @@ class StreamChunks:
     model_version: str | None = None
     offset: int = 0
     calls: CallStream | None = None
+    index: int = 0
 
     def _chunk(
         self,
@@ -53,6 +55,7 @@ class StreamChunks:
             "usage": usage,
             "with_choice": usage is None,
             "model_version": self.model_version,
+            "index": self.index,
         }
         if self.chat:
             role: Literal["assistant"] | None = "assistant" if first else None
