@@ -105,7 +105,7 @@ class GenerateRequest(Message):
     model: str = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: str | None = None
-    #: None: the worker's default, bounded by the room its context window leaves.
+    #: None: until the model stops or the window is full, at most the worker's cap.
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

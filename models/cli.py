@@ -15,6 +15,7 @@ from typing import Any
 from broker.errors import HybridgenError
 from models import registry
 from models.lab.corpus import DEFAULT_DOMAIN, SOURCES
+from models.lab.edge_repack import EDGE_WEIGHTS
 from models.lab.profiles import PRETRAINED_PROFILE, PROFILES
 from models.manifest_schema import Routing
 
@@ -89,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["int4", "int8", "fp32"],
         action="append",
         help="edge build precision; repeat for several (default: profile's, int4)",
+    )
+    build.add_argument(
+        "--edge-weights",
+        choices=EDGE_WEIGHTS,
+        default=EDGE_WEIGHTS[0],
+        help="the int4 edge build of a GGUF: 'requantize' the dequantized checkpoint (the "
+        "builder's own int4), or keep the GGUF's own quantized 'gguf' blocks, near-exact "
+        "to the cloud's weights (docs/models.md, 'The edge build'); default %(default)s",
     )
     build.add_argument(
         "--domain",
@@ -251,6 +260,7 @@ def _run(args: argparse.Namespace) -> int:
                 edge_from=args.edge_from,
                 cloud_from=args.cloud_from,
                 precisions=tuple(args.precision) if args.precision else None,
+                edge_weights=args.edge_weights,
                 domain=tuple(s.strip() for s in args.domain.split(",") if s.strip()),
                 threads=args.threads,
                 force=args.force,

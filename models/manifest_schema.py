@@ -155,6 +155,13 @@ class EdgeBuild(Section):
     top1_agreement_teacher_forced: float | None = Field(default=None, ge=0, le=1)
     #: Size of the folder.
     bytes: int = Field(ge=0)
+    #: "gguf_blocks": the matrices hold the source GGUF's own quantized blocks
+    #: (`models.lab.edge_repack`); "requantized": the builder quantized the checkpoint.
+    weights: Literal["gguf_blocks", "requantized"] = "requantized"
+    #: With "gguf_blocks": the GGUF block types used, with how many tensors of each.
+    gguf_types: dict[str, int] = Field(default_factory=dict)
+    #: With "gguf_blocks": builder nodes left requantized, with why.
+    requantized_nodes: dict[str, str] = Field(default_factory=dict)
 
 
 class LengthThreshold(Section):

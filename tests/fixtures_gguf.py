@@ -31,10 +31,19 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def write_tiny_gguf(checkpoint: Path, out: Path, *, architecture: str = "llama") -> Path:
+def write_tiny_gguf(
+    checkpoint: Path,
+    out: Path,
+    *,
+    architecture: str = "llama",
+    quant: str | None = None,
+    embed_quant: str | None = None,
+) -> Path:
     """Write the HF Llama checkpoint `checkpoint` (with its tokenizer) as a GGUF file `out`.
 
-    `architecture` is written as `general.architecture` (tests pass an unsupported one).
+    `architecture` is written as `general.architecture` (tests pass an unsupported one);
+    `quant` / `embed_quant` quantize the layers' matrices / the embedding with gguf's own
+    quantizer (a block type name such as "Q4_1"; None: float32).
     """
     import gguf
     import torch
@@ -77,9 +86,17 @@ def write_tiny_gguf(checkpoint: Path, out: Path, *, architecture: str = "llama")
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_chat_template(CHATML)
 
+    def add(name: str, array: np.ndarray, kind: str | None) -> None:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if kind is None or array.ndim != 2:
+            writer.add_tensor(name, array)
+            return
+        qtype = gguf.GGMLQuantizationType[kind]
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    add("token_embd.weight", state["model.embed_tokens.weight"], embed_quant)
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
         layer = {
@@ -94,7 +111,7 @@ def write_tiny_gguf(checkpoint: Path, out: Path, *, architecture: str = "llama")
             "ffn_down": state[prefix + "mlp.down_proj.weight"],
         }
         for name, array in layer.items():
-            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(array))
+            add(f"blk.{i}.{name}.weight", array, quant)
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

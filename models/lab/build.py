@@ -47,6 +47,8 @@ class BuildOptions:
     edge_from: Path | None = None
     cloud_from: Path | None = None
     precisions: tuple[str, ...] | None = None
+    #: A GGUF edge's int4 build: the builder's requantization, or the GGUF's own blocks.
+    edge_weights: str = "requantize"
     domain: tuple[str, ...] = corpus_mod.DEFAULT_DOMAIN
     threads: int = 2
     force: bool = False
@@ -103,6 +105,7 @@ def _build_pretrained(options: BuildOptions) -> ModelSet:
         edge_from=options.edge_from,
         cloud_from=options.cloud_from,
         precisions=tuple(dict.fromkeys(options.precisions or ("int4",))),
+        edge_weights=options.edge_weights,
         threads=options.threads,
         force=options.force,
         set_current=options.set_current,

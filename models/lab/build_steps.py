@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from broker.errors import BadRequest
 from models import manifest, registry
-from models.lab import edge_build
+from models.lab import edge_build, edge_repack
 from models.manifest_schema import EdgeBuild, Manifest, Timings
 from models.registry import ModelSet
 
@@ -125,6 +126,7 @@ def build_edges(
     probe: list[int],
     threads: int,
     clock: Stopwatch,
+    gguf: Path | None = None,
 ) -> dict[str, EdgeBuild]:
     """Build `staging/edge-<precision>` from the edge checkpoint for each precision.
 
@@ -136,6 +138,8 @@ def build_edges(
         probe: token ids the top-1 agreement is measured on.
         threads: intra-op threads of the ONNX runtime.
         clock: records `edge_<precision>_s` for each build.
+        gguf: the GGUF file `checkpoint` was imported from, if any: the int4 build then
+            holds its blocks as they are (`models.lab.edge_repack`).
 
     Returns:
         The manifest's `edge_builds`, by precision.
@@ -144,10 +148,17 @@ def build_edges(
     for precision in precisions:
         out = staging / f"edge-{precision}"
         edge_build.build_edge(checkpoint, out, precision)
+        repacked: dict[str, Any] = {}
+        if gguf is not None and precision == "int4":
+            report = edge_repack.repack_edge(out, gguf, checkpoint)
+            if report.exact:
+                repacked = {"weights": "gguf_blocks", "gguf_types": report.types,
+                            "requantized_nodes": report.kept}  # fmt: skip
         builds[precision] = EdgeBuild(
             dir=out.name,
             top1_agreement_teacher_forced=agreement(reference, out, probe, threads),
             bytes=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+            **repacked,
         )
         clock.lap(f"edge_{precision}_s")
     return builds

@@ -1,0 +1,167 @@
+"""The edge build from a GGUF holds the GGUF's own blocks (`models.lab.gguf_blocks`,
+`models.lab.edge_repack`): each block type read exactly, put into onnxruntime's operators
+without a second rounding, and a real tiny build whose weights equal the checkpoint's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.lab import edge_build, edge_repack, gguf_blocks, pretrained
+from models.lab.gguf_blocks import SUPPORTED
+from tests.fixtures_gguf import write_tiny_gguf
+
+#: Bytes per block and weights per block of each type.
+LAYOUT = {
+    "Q4_0": (18, 32),
+    "Q4_1": (20, 32),
+    "Q5_0": (22, 32),
+    "Q5_1": (24, 32),
+    "Q8_0": (34, 32),
+    "Q4_K": (144, 256),
+    "Q5_K": (176, 256),
+    "Q6_K": (210, 256),
+}
+#: Where each type keeps its float16 scale (and min) inside a block.
+HALVES = {"Q6_K": (208,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}
+
+
+def random_rows(kind: str, rows: int = 3, blocks: int = 2, seed: int = 0) -> np.ndarray:
+    """Random bytes laid out as `rows` rows of `blocks` blocks of `kind`, with small finite
+    float16 scales (any other byte pattern is a valid block)."""
+    rng = np.random.default_rng(seed)
+    width, _ = LAYOUT[kind]
+    raw = rng.integers(0, 256, size=(rows, blocks, width), dtype=np.uint8)
+    for offset in HALVES.get(kind, (0,)):
+        halves = rng.normal(0, 0.02, size=(rows, blocks)).astype(np.float16)
+        raw[..., offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_each_block_type_reads_as_ggufs_own_dequantization(kind: str) -> None:
+    """`scale * q + low` gives, bit for bit, what gguf (and so transformers' import) makes of
+    the same bytes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = random_rows(kind)
+    cols = 2 * LAYOUT[kind][1]
+    expected = dequantize(raw, GGMLQuantizationType[kind]).reshape(3, cols)
+    blocks = gguf_blocks.read_blocks(kind, raw, cols)
+    assert np.array_equal(blocks.dequantized(), expected)
+    assert int(blocks.q.max()) < 2**blocks.bits
+
+
+def operator_weights(encoded: edge_repack._Encoded, cols: int) -> np.ndarray:
+    """What `MatMulNBits` (and the added correction) computes as the weight matrix: the
+    packed values less their zero point, times the scale, plus the block's correction."""
+    rows = encoded.packed.shape[0]
+    packed = encoded.packed.reshape(rows, -1)
+    if encoded.bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :cols]
+    else:
+        q = packed[:, :cols]
+    blocks = cols // encoded.block
+    if encoded.zero_points is None:
+        zero = np.full((rows, blocks), 2 ** (encoded.bits - 1), np.float32)
+    elif encoded.bits == 4:
+        z = encoded.zero_points.reshape(rows, -1)
+        zero = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(rows, -1)[:, :blocks]
+    else:
+        zero = encoded.zero_points.reshape(rows, blocks)
+    q = q.reshape(rows, blocks, encoded.block).astype(np.float32)
+    w = (q - zero[..., None].astype(np.float32)) * encoded.scales[..., None]
+    if encoded.correction is not None:
+        w = w + encoded.correction.T[..., None]
+    return w.reshape(rows, cols)
+
+
+#: Types whose offset is a whole number of steps (an integer zero point); the others need
+#: the added correction.
+INTEGER_ZERO = {"Q4_0", "Q5_0", "Q8_0", "Q6_K"}
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_the_operators_form_gives_the_same_weights(kind: str) -> None:
+    """Encoded for `MatMulNBits` (4 bits where q fits, else 8; the type's own block size),
+    the weights are the GGUF's, with a correction only where the offset is not a whole
+    number of steps."""
+    raw = random_rows(kind, seed=1)
+    cols = 2 * LAYOUT[kind][1]
+    blocks = gguf_blocks.read_blocks(kind, raw, cols)
+    encoded = edge_repack.encode(blocks)
+    assert encoded.bits == (4 if blocks.bits <= 4 else 8)
+    assert encoded.block == (16 if kind == "Q6_K" else 32)
+    assert (encoded.correction is None) is (kind in INTEGER_ZERO)
+    expected = blocks.dequantized()
+    got = operator_weights(encoded, cols)
+    assert np.allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_a_tiny_gguf_build_holds_its_blocks_and_its_weights_are_the_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """A Q4_1 GGUF with a Q8_0 embedding (the bundled SmolLM2's types), imported and built:
+    every projection and the LM head hold its blocks, and their weights, read back from the
+    ONNX file, equal the imported checkpoint's."""
+    from safetensors.numpy import load_file
+
+    from models.lab.onnx_graph import Graph
+    from models.lab.random_model import make_random_llama
+
+    source = make_random_llama(tmp_path / "source", preset="tiny", context_length=128)
+    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant="Q4_1", embed_quant="Q8_0")
+    checkpoint = pretrained.checkpoint_from(path, tmp_path / "checkpoint")
+    out = edge_build.build_edge(checkpoint, tmp_path / "edge-int4", "int4")
+    report = edge_repack.repack_edge(out, path, checkpoint)
+    layers = 2
+    assert report.kept == {}
+    assert report.types == {"Q4_1": 7 * layers, "Q8_0": 1}
+    assert report.exact == 5 * layers + 2  # qkv, o, gate, up, down; LM head; embedding
+    weights = load_file(str(next(checkpoint.glob("*.safetensors"))))
+    graph = Graph.load(out / "model.onnx")
+    head = next(n for n in graph.nodes("MatMulNBits") if n.name.startswith("/lm_head/"))
+    encoded = edge_repack._Encoded(graph.array(head.input[1]), graph.array(head.input[2]),
+                                   None, None, 8, 32)  # fmt: skip
+    embedding = weights["model.embed_tokens.weight"]
+    assert np.array_equal(operator_weights(encoded, embedding.shape[1]), embedding)
+    qkv = next(n for n in graph.nodes("MatMulNBits") if "layers.1/attn/qkv_proj" in n.name)
+    encoded = edge_repack._Encoded(
+        graph.array(qkv.input[1]),
+        graph.array(qkv.input[2]),
+        None,
+        graph.array(f"{qkv.name}/correction"),
+        4,
+        32,
+    )
+    attention = "model.layers.1.self_attn"
+    expected = np.concatenate([weights[f"{attention}.{p}_proj.weight"] for p in "qkv"])
+    got = operator_weights(encoded, expected.shape[1])
+    assert np.allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_the_build_keeps_a_ggufs_blocks_when_asked_and_the_manifest_says_so(
+    tmp_path: Path,
+) -> None:
+    """`hybridgen models build --edge-weights gguf` from a GGUF: the manifest records the
+    int4 build's weights as the GGUF's blocks, by type; the default requantizes."""
+    from models.lab.build import BuildOptions, build_model_set
+    from models.lab.random_model import make_random_llama
+
+    source = make_random_llama(tmp_path / "source", preset="tiny", context_length=128)
+    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant="Q4_0", embed_quant="Q8_0")
+    builds = {}
+    for weights in ("gguf", "requantize"):
+        options = BuildOptions(version=f"v-{weights}", home=tmp_path / "home", edge_from=path,
+                               cloud_from=path, edge_weights=weights, progress=False)  # fmt: skip
+        builds[weights] = build_model_set(options).manifest.edge_builds["int4"]
+    kept = builds["gguf"]
+    assert (kept.weights, kept.gguf_types, kept.requantized_nodes) == (
+        "gguf_blocks",
+        {"Q4_0": 14, "Q8_0": 1},
+        {},
+    )
+    assert (builds["requantize"].weights, builds["requantize"].gguf_types) == ("requantized", {})
