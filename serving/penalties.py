@@ -48,6 +48,9 @@ def penalize(values: Values, counts: Any, presence: Any, frequency: Any, repetit
 class TokenCounts:
     """The tokens one answer's penalties read: each token seen, with its count in the answer.
 
+    Kept as two aligned lists (ids in the order first seen, their counts) that grow by at
+    most one entry a step, so reading them costs nothing per step.
+
     Args:
         params: the request's sampling (its three penalties).
         prompt_ids: the prompt (read by `repetition_penalty` only).
@@ -61,7 +64,12 @@ class TokenCounts:
         self.presence = params.presence_penalty
         self.frequency = params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.counts: dict[int, int] = dict.fromkeys(prompt_ids, 0) if self.repetition != 1.0 else {}
+        self._at: dict[int, int] = {}  # token -> its place in the lists
+        self._ids: list[int] = []
+        self._counts: list[int] = []
+        if self.repetition != 1.0:
+            for token in prompt_ids:
+                self._place(token)
         for token in answer_ids:
             self.observe(token)
 
@@ -72,10 +80,24 @@ class TokenCounts:
         """The counts of a request whose penalties are on; None when they are all off."""
         return cls(params, prompt_ids, answer_ids) if params.penalized else None
 
+    def _place(self, token: int) -> int:
+        place = self._at.get(token)
+        if place is None:
+            place = self._at[token] = len(self._ids)
+            self._ids.append(token)
+            self._counts.append(0)
+        return place
+
     def observe(self, token: int) -> None:
         """The answer holds one more `token`."""
-        self.counts[token] = self.counts.get(token, 0) + 1
+        self._counts[self._place(token)] += 1
+
+    def count(self, token: int) -> int:
+        """How many times the answer holds `token`."""
+        place = self._at.get(token)
+        return 0 if place is None else self._counts[place]
 
     def entries(self) -> tuple[list[int], list[int]]:
-        """(seen token ids, their counts in the answer), in one order."""
-        return list(self.counts), list(self.counts.values())
+        """(seen token ids, their counts in the answer), aligned; read them, never change
+        them."""
+        return self._ids, self._counts
