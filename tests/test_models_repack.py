@@ -5,6 +5,7 @@ without a second rounding, and a real tiny build whose weights equal the checkpo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,46 +102,78 @@ def test_the_operators_form_gives_the_same_weights(kind: str) -> None:
     assert np.allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
+def read_back(graph: Any, node: Any) -> edge_repack._Encoded:
+    """A rewritten `MatMulNBits` node's weights as they lie in the ONNX file."""
+    attributes = {a.name: a.i for a in node.attribute}
+    zero = graph.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    name = f"{node.name}/correction"
+    correction = graph.array(name) if name in graph.inits else None
+    return edge_repack._Encoded(graph.array(node.input[1]), graph.array(node.input[2]), zero,
+                                correction, attributes["bits"], attributes["block_size"])  # fmt: skip
+
+
+def teacher_forced_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """The build's logits at every position of `ids`, through onnxruntime-genai."""
+    from models import ort_edge
+
+    generator = ort_edge.new_generator(ort_edge.load_model(folder, 1), len(ids) + 1)
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    return np.array(generator.get_output("logits")).reshape(len(ids), -1)
+
+
+#: (layers' type, embedding's type): the bundled SmolLM2's pair first.
+TINY_TYPES = [("Q4_1", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q4_0"), ("Q8_0", "Q8_0")]
+
+
+@pytest.mark.parametrize(("quant", "embed_quant"), TINY_TYPES)
 def test_a_tiny_gguf_build_holds_its_blocks_and_its_weights_are_the_checkpoints(
-    tmp_path: Path,
+    tmp_path: Path, quant: str, embed_quant: str
 ) -> None:
-    """A Q4_1 GGUF with a Q8_0 embedding (the bundled SmolLM2's types), imported and built:
-    every projection and the LM head hold its blocks, and their weights, read back from the
-    ONNX file, equal the imported checkpoint's."""
+    """A GGUF of each pair of types, imported and built: every projection, the LM head and
+    the embedding hold its blocks; their weights, read back from the ONNX file, equal the
+    imported checkpoint's; and the build's logits are far closer to the checkpoint's than
+    the requantized build's."""
+    import shutil
+
+    import torch
     from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
 
     from models.lab.onnx_graph import Graph
     from models.lab.random_model import make_random_llama
 
     source = make_random_llama(tmp_path / "source", preset="tiny", context_length=128)
-    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant="Q4_1", embed_quant="Q8_0")
+    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant=quant, embed_quant=embed_quant)
     checkpoint = pretrained.checkpoint_from(path, tmp_path / "checkpoint")
     out = edge_build.build_edge(checkpoint, tmp_path / "edge-int4", "int4")
+    requantized = shutil.copytree(out, tmp_path / "requantized")
     report = edge_repack.repack_edge(out, path, checkpoint)
     layers = 2
     assert report.kept == {}
-    assert report.types == {"Q4_1": 7 * layers, "Q8_0": 1}
+    assert report.types == (
+        {quant: 7 * layers + 1} if quant == embed_quant else {quant: 7 * layers, embed_quant: 1}
+    )
     assert report.exact == 5 * layers + 2  # qkv, o, gate, up, down; LM head; embedding
     weights = load_file(str(next(checkpoint.glob("*.safetensors"))))
     graph = Graph.load(out / "model.onnx")
-    head = next(n for n in graph.nodes("MatMulNBits") if n.name.startswith("/lm_head/"))
-    encoded = edge_repack._Encoded(graph.array(head.input[1]), graph.array(head.input[2]),
-                                   None, None, 8, 32)  # fmt: skip
+    nodes = {n.name: n for n in graph.nodes("MatMulNBits")}
     embedding = weights["model.embed_tokens.weight"]
-    assert np.array_equal(operator_weights(encoded, embedding.shape[1]), embedding)
-    qkv = next(n for n in graph.nodes("MatMulNBits") if "layers.1/attn/qkv_proj" in n.name)
-    encoded = edge_repack._Encoded(
-        graph.array(qkv.input[1]),
-        graph.array(qkv.input[2]),
-        None,
-        graph.array(f"{qkv.name}/correction"),
-        4,
-        32,
-    )
+    head = read_back(graph, nodes["/lm_head/MatMul_Q4"])
+    assert np.array_equal(operator_weights(head, embedding.shape[1]), embedding)
     attention = "model.layers.1.self_attn"
     expected = np.concatenate([weights[f"{attention}.{p}_proj.weight"] for p in "qkv"])
-    got = operator_weights(encoded, expected.shape[1])
+    qkv = read_back(graph, nodes["/model/layers.1/attn/qkv_proj/MatMul_Q4"])
+    got = operator_weights(qkv, expected.shape[1])
     assert np.allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    ids = list(range(3, 67))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    error = {
+        name: float(np.abs(teacher_forced_logits(folder, ids) - reference).max())
+        for name, folder in (("repacked", out), ("requantized", requantized))
+    }
+    assert error["repacked"] * 10 < error["requantized"], error
 
 
 def test_the_build_keeps_a_ggufs_blocks_when_asked_and_the_manifest_says_so(

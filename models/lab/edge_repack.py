@@ -8,12 +8,12 @@ GGUF's blocks as they are (`models.lab.gguf_blocks`: `w = scale * q + low`):
 
 - `q` is stored as 4 bits when it fits (Q4_0, Q4_1, Q4_K), else 8 (Q5, Q6_K, Q8_0), in the
   GGUF's block size (32, or 16 for Q6_K);
-- where `low` is a whole number of steps (`-zero * scale`: Q4_0, Q5_0, Q8_0, Q6_K) it is the
-  operator's integer zero point;
+- `low` becomes the operator's integer zero point where it is a whole number of steps
+  (Q4_0, Q5_0, Q8_0, Q6_K);
 - where it is not (the per-block minimum of Q4_1, Q5_1 and the K-quants), onnxruntime's fast
-  kernels have no float zero point, so the operator keeps its default one and the rest of
-  `low` is added back exactly: `y = A·W + Σ_block sum(A in block) * correction`, one small
-  `ReduceSum`, `MatMul` and `Add` per projection.
+  kernels take no fractional zero point, so the remainder is added back exactly after the
+  product: `y = A·W + Σ_block sum(A in block) * remainder`, one small `ReduceSum`, `MatMul`
+  and `Add` per projection (`encode` keeps the remainder small).
 
 Each rewritten matrix is checked against the checkpoint the cloud serves (the same weights,
 dequantized by transformers); a projection whose source is missing, of another type, or does
@@ -144,22 +144,27 @@ class _Encoded:
 
 
 def encode(blocks: Blocks) -> _Encoded:
-    """The operator's form of `blocks`: integer zero points where `low` allows, else the
-    default zero point and a per-block `correction` `[blocks, rows]` added back."""
+    """The operator's form of `blocks`: a zero point per block, and where it leaves a
+    remainder of `low` (a fractional minimum), the remainder as a `correction`
+    `[blocks, rows]` added back. Values that fill their storage (4 of 4 bits, 8 of 8) keep
+    the operator's default, mid-range zero point; narrower ones (5 or 6 bits stored in 8)
+    take the integer nearest to `-low / scale`, so the exact fp32 correction stays small
+    beside the operator's int8 activations."""
     bits = 4 if blocks.bits <= 4 else 8
     rows, cols = blocks.q.shape
     q = blocks.q.reshape(rows, cols // blocks.block, blocks.block)
     scale = blocks.scale.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero = np.where(scale == 0, 0.0, -blocks.low / np.where(scale == 0, 1.0, scale))
-    integral = np.all(np.rint(zero) == zero) and np.all((blocks.low == 0) | (scale != 0))
-    integral = integral and zero.min() >= 0 and zero.max() < 2**bits
     default = 2 ** (bits - 1)
-    zero_points = correction = None
-    if integral and not np.all(zero == default):
-        zero_points = _pack(np.rint(zero).astype(np.uint8)[..., None], bits)[..., 0]
-    elif not integral:
-        correction = (blocks.low + default * scale).T.astype(np.float32).copy()
+    if blocks.bits == bits:
+        zero = np.full(scale.shape, default, np.float32)
+    else:
+        safe = np.where(scale == 0, np.float32(1), scale)
+        zero = np.where(scale == 0, 0, np.rint(-blocks.low / safe)).clip(0, 2**bits - 1)
+    remainder = (blocks.low + zero * scale).astype(np.float32)
+    zero_points = None
+    if not np.all(zero == default):
+        zero_points = _pack(zero.astype(np.uint8), bits)  # along the blocks, as ORT reads
+    correction = remainder.T.copy() if np.any(remainder != 0) else None
     return _Encoded(_pack(q, bits), scale, zero_points, correction, bits, blocks.block)
 
 
