@@ -108,8 +108,9 @@ def read_back(graph: Any, node: Any) -> edge_repack._Encoded:
     zero = graph.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     name = f"{node.name}/correction"
     correction = graph.array(name) if name in graph.inits else None
-    return edge_repack._Encoded(graph.array(node.input[1]), graph.array(node.input[2]), zero,
-                                correction, attributes["bits"], attributes["block_size"])  # fmt: skip
+    weights, scales = graph.array(node.input[1]), graph.array(node.input[2])
+    bits, block = attributes["bits"], attributes["block_size"]
+    return edge_repack._Encoded(weights, scales, zero, correction, bits, block)
 
 
 def teacher_forced_logits(folder: Path, ids: list[int]) -> np.ndarray:
