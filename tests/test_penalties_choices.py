@@ -24,6 +24,7 @@ import pytest
 
 from broker import wire
 from broker.bus import Responder
+from edge.runtime import SamplingParams
 from tests.fixtures_edge import ends_well, sse_json, sse_lines, stand_in
 from tests.test_edge_faults import LOCAL_POLICY, _call, body, slot_taken
 from tests.test_openai_api import Target, cloud_api, target  # noqa: F401 (fixtures)
@@ -238,3 +239,39 @@ async def test_a_hang_up_cancels_every_choice(start_edge: Callable[..., Any], st
     await eventually(lambda: runtime.in_flight == 0, "the pool is empty")
     assert runtime.cancelled == 4  # the held job and our three, none finished
     assert runtime.tokens_generated == before
+
+
+async def test_a_cloud_answer_cut_mid_stream_is_finished_penalized_for_its_whole(
+    start_edge: Callable[..., Any], nats_url: str
+) -> None:
+    """The cloud writes three newlines (what the tiny edge model would write forever) and
+    fails: the edge finishes the answer, its frequency penalty counting those three as the
+    answer's own, exactly as its runtime continues such an answer."""
+    streamed = "\n\n\n"
+
+    async def crashing(request: wire.GenerateRequest, responder: Responder) -> None:
+        for _ in streamed:
+            await responder.chunk(text="\n", token_ids=[1])
+        raise RuntimeError("boom")
+
+    prompt = "Permission is hereby granted"
+    async with stand_in(nats_url, crashing):
+        edge = await start_edge(policy={**LOCAL_POLICY, "cloud_idle_timeout_ms": 60_000})
+        payload = {**body("cloud", stream=True, max_tokens=12), "prompt": prompt, **ADDITIVE}
+        async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+            events = await sse_lines(http, payload)
+    last = ends_well(events)
+    assert (last["served_by"], last["completed_by"]) == ("cloud", "edge")
+    text = "".join(c["text"] for e in events[:-1] for c in sse_json(e)["choices"])
+    runtime = edge.node.runtime
+    context = runtime.encode(prompt + streamed)
+    options = SamplingParams(max_tokens=12 - len(streamed), temperature=0, **ADDITIVE)
+
+    async def finished(answer_tokens: int) -> str:
+        generation = runtime.submit(context, options, answer_tokens=answer_tokens)
+        events = [event async for event in generation]
+        return "".join(getattr(event, "text", "") for event in events)
+
+    answered = len(context) - len(runtime.encode(prompt))
+    assert text == streamed + await finished(answered)
+    assert text != streamed + await finished(0)  # read as prompt, they would not count
