@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "load": ("hybridgen.benches.load", "main"),
     "routing": ("hybridgen.benches.routing", "main"),
     "fleet": ("hybridgen.benches.fleet", "main"),
+    "quality": ("hybridgen.benches.quality", "main"),
 }
 
 
