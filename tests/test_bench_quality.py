@@ -42,10 +42,12 @@ def test_quick_json_measures_both_builds_of_the_gguf_beside_the_cloud(
 ) -> None:  # fmt: skip
     """`--quick --json`: one JSON object; the set's requantized build and the GGUF-blocks
     build made from the same GGUF, each with its fidelity, answer shares, speed and RSS,
-    the cloud's answers, the capital question, the goals and whether each is met."""
+    the cloud's answers, the capital question, the goals and whether each is met; with
+    `--answers`, every answer's text."""
     model_set, gguf = gguf_set
     monkeypatch.setenv("HG_HOME", str(model_set.root.parents[1]))
-    assert quality.main(["--quick", "--json", "--set", model_set.version, "--no-progress"]) == 0
+    argv = ["--quick", "--json", "--answers", "--set", model_set.version, "--no-progress"]
+    assert quality.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     plan = quality.QUICK
     assert (result["set"], result["quick"], result["gguf"], result["same_weights"]) == (
@@ -72,19 +74,24 @@ def test_quick_json_measures_both_builds_of_the_gguf_beside_the_cloud(
     )  # fmt: skip
     chosen = [i.id for i in load_instructions()[: plan.instructions]]
     assert chosen[0] == CAPITAL_ID
-    shares = {"stop_share", "loop_share", "mean_tokens", "looped"}
+    shares = {"stop_share", "loop_share", "mean_tokens", "looped", "texts"}
     goals = {"agreement", "nats_gap", "decode", "peak_rss", "capital_of_france", "stop_share",
              "loop_share", "stop_share_penalized", "loop_share_penalized"}  # fmt: skip
     for row in (requantized, blocks):
         for mode in ("plain", "penalized"):
             answers = row["answers"][mode]
             assert set(answers) == shares | {"same_answer_share"}
+            assert list(answers["texts"]) == chosen
             assert set(answers["looped"]) <= set(chosen)
             assert answers["loop_share"] == round(len(answers["looped"]) / len(chosen), 4)
-        assert set(row["capital_of_france"]) == {"text", "finish_reason", "tokens",
-                                                 "names_paris_and_stops"}  # fmt: skip
+        capital = row["capital_of_france"]
+        assert set(capital) == {"text", "finish_reason", "tokens", "names_paris_and_stops"}
+        assert row["answers"]["plain"]["texts"][CAPITAL_ID] == {
+            "text": capital["text"], "finish_reason": capital["finish_reason"],
+        }  # fmt: skip
         assert set(row["goals_met"]) == goals
-        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+        assert 0 < row["rss_loaded_mb"] <= row["peak_rss_mb"]
     cloud = result["cloud"]
     assert cloud["dtype"] == "float32"
     assert {mode: set(cloud["answers"][mode]) for mode in ("plain", "penalized")} == {

@@ -176,26 +176,31 @@ def _fidelity(
 def _answers(
     model_set: Any, measured: list[qb.Build], rows: dict[str, dict[str, Any]],
     instructions: list[qa.Instruction], modes: dict[str, SamplingParams], threads: int,
-    shown: bool,
+    shown: bool, texts: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Each build's answer figures, into its row; the cloud's row."""
+    """Each build's answer figures, into its row; the cloud's row (`texts`: with every
+    answer)."""
     cloud = _cloud_answers(model_set, instructions, modes, shown)
     for build in measured:
         answers = _edge_answers(build.folder, build.name, threads, instructions, modes, shown)
         rows[build.name]["answers"] = {
-            mode: qa.figures(instructions, answers[mode], cloud[mode]) for mode in modes
+            mode: qa.figures(instructions, answers[mode], cloud[mode], texts=texts)
+            for mode in modes
         }
         rows[build.name]["capital_of_france"] = qa.capital_answer(instructions, answers["plain"])
     return {
         "checkpoint": str(model_set.cloud_dir),
         "dtype": "float32",
-        "answers": {mode: qa.figures(instructions, cloud[mode]) for mode in modes},
+        "answers": {mode: qa.figures(instructions, cloud[mode], texts=texts) for mode in modes},
         "capital_of_france": qa.capital_answer(instructions, cloud["plain"]),
     }
 
 
-def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict[str, Any]:
-    """Measure `model_set` (see the module); the bench's JSON object."""
+def run(
+    model_set: Any, *, plan: Plan, threads: int, shown: bool = True, texts: bool = False
+) -> dict[str, Any]:
+    """Measure `model_set` (see the module); the bench's JSON object (`texts`: with every
+    answer's text)."""
     from models.manifest import runtime_versions
 
     load_start = load_average()
@@ -211,13 +216,13 @@ def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict
         measured = qb.builds(model_set, gguf, Path(tmp))
         text, prompt, long_prompt, new_tokens = _text_tokens(measured[0].folder, plan)
         rows = _fidelity(model_set, measured, text, threads, shown)
-        cloud = _answers(model_set, measured, rows, instructions, modes, threads, shown)
+        cloud = _answers(model_set, measured, rows, instructions, modes, threads, shown, texts)
         folders = {build.name: build.folder for build in measured}
         with progress_bar(plan.runs, "speed rounds", shown) as step:
             timed = qs.speeds(folders, threads, prompt, long_prompt, new_tokens, plan.runs, step)
         for name, folder in folders.items():
             rows[name].update(timed[name])
-            rows[name]["peak_rss_mb"] = qs.peak_rss_mb(folder, threads, long_prompt, new_tokens)
+            rows[name].update(qs.memory_mb(folder, threads, long_prompt, new_tokens))
     for row in rows.values():
         row["goals_met"] = goals_met(row, cloud)
     return {
@@ -247,29 +252,33 @@ def _ratio(value: float | None) -> str:
     return f"{value:>5.2f}" if value is not None else f"{'-':>5}"
 
 
+def _shares(answers: dict[str, Any]) -> str:
+    """stop, loop and same-answer shares of one pass (blank where there is none)."""
+    same = answers.get("same_answer_share")
+    return (f"{answers['stop_share']:>5.2f} {answers['loop_share']:>5.2f} "
+            f"{'' if same is None else f'{same:.2f}':>5}")  # fmt: skip
+
+
 def print_table(result: dict[str, Any]) -> None:
-    """The bench as a few lines per build and the cloud's."""
+    """The bench as a line per build and the cloud's, the capital answers, the goals."""
     cpu = result["cpu"]
     print(f"quality  set={result['set']}  threads={result['threads']}  "
           f"{result['instructions']} instructions, max_tokens {result['max_tokens']}, "
           f"penalties {result['penalties']}  cpu {cpu['model']}  load "
           f"{result['load_average_start']} -> {result['load_average_end']}")  # fmt: skip
     print(f"  {'':<12} {'agree':>6} {'nats':>6} {'dec/s':>6} {'x':>5} {'pre/s':>6} {'x':>5} "
-          f"{'rss':>5} | {'stop':>5} {'loop':>5} {'same':>5} | penalized: "
+          f"{'rss MB':>9} | {'stop':>5} {'loop':>5} {'same':>5} | penalized "
           f"{'stop':>5} {'loop':>5} {'same':>5}")  # fmt: skip
     for name, row in result["builds"].items():
-        plain, pen = row["answers"]["plain"], row["answers"]["penalized"]
+        answers = row["answers"]
         print(f"  {name:<12} {row['agreement']:>6.3f} {row['nats_gap']:>6.3f} "
               f"{row['decode_tok_s']:>6.1f} {_ratio(row['decode_vs_requantized'])} "
               f"{row['prefill_tok_s']:>6.1f} {_ratio(row['prefill_vs_requantized'])} "
-              f"{row['peak_rss_mb']:>5.0f} | {plain['stop_share']:>5.2f} "
-              f"{plain['loop_share']:>5.2f} {plain['same_answer_share']:>5.2f} |            "
-              f"{pen['stop_share']:>5.2f} {pen['loop_share']:>5.2f} "
-              f"{pen['same_answer_share']:>5.2f}")  # fmt: skip
-    plain, pen = result["cloud"]["answers"]["plain"], result["cloud"]["answers"]["penalized"]
-    print(f"  {'cloud fp32':<12} {'':>47} | {plain['stop_share']:>5.2f} "
-          f"{plain['loop_share']:>5.2f} {'':>5} |            {pen['stop_share']:>5.2f} "
-          f"{pen['loop_share']:>5.2f}")  # fmt: skip
+              f"{row['rss_loaded_mb']:>4.0f}/{row['peak_rss_mb']:<4.0f} | "
+              f"{_shares(answers['plain'])} | {'':>9} {_shares(answers['penalized'])}")  # fmt: skip
+    answers = result["cloud"]["answers"]
+    print(f"  {'cloud fp32':<12} {'':>51} | {_shares(answers['plain'])} | {'':>9} "
+          f"{_shares(answers['penalized'])}")  # fmt: skip
     print("  What is the capital of France?")
     for name, row in [*result["builds"].items(), ("cloud", result["cloud"])]:
         answer = row["capital_of_france"]
@@ -295,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="the edge's intra-op threads (default 1, the edge's own)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--answers", action="store_true", help="in the JSON: every answer's text, by id"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads < 1:
         parser.error("--threads needs a positive count")
     logging.basicConfig(level=logging.WARNING)
     plan = QUICK if args.quick else Plan()
     result = run(resolve_set(args.set), plan=plan, threads=args.threads,
-                 shown=not args.no_progress)  # fmt: skip
+                 shown=not args.no_progress, texts=args.answers)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:

@@ -165,11 +165,12 @@ def share(flags: Sequence[bool]) -> float:
 
 
 def figures(
-    instructions: list[Instruction], answers: list[Answer], cloud: list[Answer] | None = None
-) -> dict[str, Any]:
+    instructions: list[Instruction], answers: list[Answer], cloud: list[Answer] | None = None,
+    *, texts: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """`stop_share`, `loop_share` (and the looping instructions' ids), mean answer tokens,
     and, beside the cloud's answers, `same_answer_share` (the same text, surrounding
-    whitespace aside)."""
+    whitespace aside); with `texts`, every answer's text and finish reason by id."""
     result: dict[str, Any] = {
         "stop_share": share([a.finish_reason == "stop" for a in answers]),
         "loop_share": share([a.loops for a in answers]),
@@ -179,6 +180,9 @@ def figures(
     if cloud is not None:
         same = [a.text.strip() == c.text.strip() for a, c in zip(answers, cloud, strict=True)]
         result["same_answer_share"] = share(same)
+    if texts:
+        result["texts"] = {i.id: {"text": a.text, "finish_reason": a.finish_reason}
+                           for i, a in zip(instructions, answers, strict=True)}  # fmt: skip
     return result
 
 

@@ -6,9 +6,10 @@ one long prompt), every build loaded at once and measured in alternation (each r
 each build once, so drift on a shared machine hits them alike); the medians are reported,
 and each build's ratio to the requantized build's over the same rounds.
 
-Memory is the peak RSS of a fresh process that loads one build in the edge's own runtime and
-answers one request (the long prompt, then the new tokens): what an edge serving that build
-needs, without this process's torch and the other build.
+Memory is measured in a fresh process that loads one build in the edge's own runtime: its RSS
+once loaded (and warmed up, as an edge is when ready), and its peak RSS after answering one
+request (the long prompt, then the new tokens): what an edge serving that build needs,
+without this process's torch and the other build. MB are 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def speeds(
     return result
 
 
-def peak_rss_mb(folder: Path, threads: int, prompt: list[int], new_tokens: int) -> float:
-    """Peak RSS (MB) of a fresh process serving one request on the build (see the module).
+def memory_mb(folder: Path, threads: int, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    """`rss_loaded_mb` and `peak_rss_mb` of a fresh process serving the build (see the module).
 
     Raises:
         RuntimeError: the process failed (its stderr's end in the message).
@@ -76,19 +77,30 @@ def peak_rss_mb(folder: Path, threads: int, prompt: list[int], new_tokens: int) 
                           text=True, timeout=600, check=False)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"the RSS probe failed: {done.stderr[-2000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of this process's /proc status (kB there), in MB."""
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
+    return round(kb * 1024 / 1e6, 1)
 
 
 def serve_once() -> None:
-    """The RSS probe's process: read the request (JSON on stdin), serve it with the edge's
-    runtime, print `{"peak_rss_mb"}` (the kernel's high-water mark of this process)."""
+    """The RSS probe's process: read the request (JSON on stdin), load the build in the edge's
+    runtime, serve the request, print `{"rss_loaded_mb", "peak_rss_mb"}` (the RSS once
+    loaded, and the kernel's high-water mark at the end)."""
     from edge.runtime import EdgeRuntime, SamplingParams
 
     request: dict[str, Any] = json.loads(sys.stdin.read())
+    figures: dict[str, float] = {}
 
     async def serve() -> None:
         runtime = EdgeRuntime(Path(request["folder"]), threads=int(request["threads"]),
                               max_active=1, prefix_cache_mb=0)  # fmt: skip
+        figures["rss_loaded_mb"] = _status_mb("VmRSS")
         options = SamplingParams(max_tokens=int(request["new_tokens"]), temperature=0,
                                  ignore_eos=True)  # fmt: skip
         async for _ in runtime.submit(list(request["prompt"]), options):
@@ -96,7 +108,5 @@ def serve_once() -> None:
         await runtime.close()
 
     asyncio.run(serve())
-    status = Path("/proc/self/status").read_text(encoding="utf-8")
-    peak_kb = next(int(line.split()[1]) for line in status.splitlines()
-                   if line.startswith("VmHWM"))  # fmt: skip
-    print(json.dumps({"peak_rss_mb": round(peak_kb * 1024 / 1e6, 1)}))
+    figures["peak_rss_mb"] = _status_mb("VmHWM")
+    print(json.dumps(figures))
