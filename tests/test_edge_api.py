@@ -134,6 +134,7 @@ async def test_forced_cloud_and_cloud_model(
             model="hg-edge",
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=5,
+            temperature=0,  # sampled, an end token drawn fifth would end it `stop` at 5
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"route": "cloud"},
