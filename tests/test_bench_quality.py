@@ -99,6 +99,19 @@ def test_quick_json_measures_both_builds_of_the_gguf_beside_the_cloud(
     }  # fmt: skip
 
 
+def test_a_set_not_installed_is_named_and_exits_2(
+    gguf_set: tuple[ModelSet, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """`--set` of a version not installed: exit 2, the message names it and the installed
+    ones, and nothing is printed on stdout."""
+    monkeypatch.setenv("HG_HOME", str(gguf_set[0].root.parents[1]))
+    assert quality.main(["--quick", "--json", "--set", "nope"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "model set 'nope' is not installed" in err and "(installed: q-test)" in err
+
+
 def test_the_loop_rule_on_tokens() -> None:
     """Eight equal tokens in a row loop, seven do not; the same four tokens three times
     without overlapping loop, twice do not, and overlapping occurrences count once."""

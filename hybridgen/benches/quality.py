@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.errors import HybridgenError
 from hybridgen.benches import quality_answers as qa
 from hybridgen.benches import quality_builds as qb
 from hybridgen.benches import quality_speed as qs
@@ -312,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads needs a positive count")
     logging.basicConfig(level=logging.WARNING)
     plan = QUICK if args.quick else Plan()
-    result = run(resolve_set(args.set), plan=plan, threads=args.threads,
-                 shown=not args.no_progress, texts=args.answers)  # fmt: skip
+    try:
+        model_set = resolve_set(args.set)
+    except HybridgenError as exc:  # none installed, or not that version: say so, no traceback
+        print(f"hybridgen bench quality: {exc}", file=sys.stderr)
+        return 2
+    result = run(model_set, plan=plan, threads=args.threads, shown=not args.no_progress,
+                 texts=args.answers)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
