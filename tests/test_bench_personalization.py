@@ -20,6 +20,7 @@ KEYS = {
     "users", "per_user", "reduction_median", "reduction_min", "reduction_prose_min",
     "reduction_persona_median", "generic_change_mean", "generic_change_max", "update_ms_p50",
     "mix_us_per_step", "decode_overhead", "samples_prefill_ms_p50", "samples_prefix_ms_p50",
+    "generic_change_unbounded_max", "fit_ms_p50",
 }  # fmt: skip
 
 
@@ -87,4 +88,9 @@ def test_personalization_quick_json(
     changes = [r["generic_change"] for r in rows]
     assert result["generic_change_mean"] == round(statistics.fmean(changes), 4)
     assert result["generic_change_max"] == max(changes)
+    assert result["generic_change_unbounded_max"] == max(
+        r["generic_change_unbounded"] for r in rows
+    )
+    # Chat personas on a narrow topic, far from the generic text, are among the users.
+    assert {"pirate", "butler", "sourdough", "fantasy-football"} <= {r["user"] for r in personas}
     assert set(result["goals"]) <= set(result)

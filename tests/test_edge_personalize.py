@@ -437,12 +437,13 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
         assert "measure twice" in adapted
         assert await ask(None) == plain
 
-        # The samples gate: the motto stays in context for a request it explains (quoting
-        # it), and is left out of one it does not.
+        # The samples: the motto stays in context for a request it explains (quoting it); a
+        # request unlike the user's text is not even offered it (the bound: the user's cache
+        # foresees none of its tokens), so nothing is reported.
         quoting = "Remind me: ship small changes, measure twice, and always leave the campsite"
         _, kept = await ask_with_samples("fay", quoting)
         assert kept == 1
         _, kept = await ask_with_samples("fay", "Which planet in the solar system is largest?")
-        assert kept == 0
+        assert kept is None
         _, kept = await ask_with_samples(None, quoting)
         assert kept is None  # not personalized: nothing offered

@@ -15,8 +15,17 @@ distinct followers. Every follower of a longer context is a follower of its shor
 
 The gate: with c the total count of the longest matched context, the weight is
 `0.3 * c / (c + 0.25)`, a quarter of that when only one token of context matched, and 0 when
-nothing matched. A new user therefore changes nothing, and generic text, which rarely matches
-a long context, is little hurt.
+nothing matched. A new user therefore changes nothing.
+
+The request's fit. The gate alone opens on any matched context, and a user whose text is far
+from a request's (a chat persona on a narrow topic, and generic text) shares its common
+phrases: there the cache pulled the model towards the user's words and raised the perplexity
+of the request's text. So each request gets a bounded view (`bounded`): `fit` reads the
+request's own tokens (its caller's text, the prompt) and averages, weighted by the gate, the
+probability the cache gave each next one; below `FIT_LOW` the weight is 0, from `FIT_FULL` it
+is whole, linear between (`fit_scale`). The rule is model-free (no extra prefill) and decided
+before the first step, so every token of the answer, not only the first ones, is served under
+it. The user's samples in context are bounded by the same fit (`samples.samples_offered`).
 
 Mixing. `mix_logits` turns the mixture p = (1 - w) p_model + w p_cache into logits in place,
 touching only the cache's tokens: softmax is shift-invariant, so with lse = logsumexp(logits)
@@ -74,6 +83,12 @@ GATE_MAX = 0.3
 GATE_COUNT = 0.25
 #: Gate: factor applied when only one token of context matched.
 GATE_UNIGRAM_CONTEXT = 0.25
+#: The request's fit (`NgramCache.fit`) under which the cache stays out (`fit_scale`).
+FIT_LOW = 0.05
+#: The request's fit from which the cache's weight is whole (`fit_scale`).
+FIT_FULL = 0.2
+#: `fit` reads at most this many of the request's last tokens.
+FIT_TOKENS = 256
 
 _FORMAT = 1
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
@@ -250,6 +265,39 @@ class NgramCache:
             weight *= GATE_UNIGRAM_CONTEXT
         return ids, probs, weight
 
+    # ------------------------------------------------------------------ the request's fit
+
+    def fit(self, token_ids: Sequence[int]) -> float:
+        """How well the cache predicts a text (the request's own tokens): the probability it
+        gave each next token, averaged with its gate weights (0: it matched nothing).
+
+        Model-free, so a request's text is judged before any step: a user's own text is
+        largely what the cache foresees, text unlike theirs rarely is.
+        """
+        ids = [int(t) for t in token_ids[-FIT_TOKENS:]]
+        longest = self.order - 1
+        hits = weights = 0.0
+        for i in range(1, len(ids)):
+            tokens, probs, weight = self.predict(ids[max(0, i - longest) : i])
+            if weight <= 0.0:
+                continue
+            found = np.flatnonzero(tokens == ids[i])
+            hits += weight * (float(probs[found[0]]) if len(found) else 0.0)
+            weights += weight
+        return hits / weights if weights > 0.0 else 0.0
+
+    def bounded(self, token_ids: Sequence[int]) -> BoundedCache:
+        """This cache for one request whose own tokens are `token_ids`: its weight scaled by
+        `fit_scale` of the request's `fit` (a view that shares the counts, `BoundedCache`).
+
+        The gate alone opens on any matched context, so a user whose text is far from the
+        request's (a narrow persona, generic text) would still pull every common phrase
+        towards their own words; the request's fit keeps the weight near 0 there and whole
+        on the user's own kind of text.
+        """
+        fit = self.fit(token_ids)
+        return BoundedCache(self, fit, fit_scale(fit))
+
     # ------------------------------------------------------------------ storage
 
     def to_bytes(self) -> bytes:
@@ -328,6 +376,30 @@ class NgramCache:
                 "with NgramCache.from_samples"
             ) from exc
         return cache
+
+
+def fit_scale(fit: float) -> float:
+    """The share of the cache's gate weight a request gets from its `fit`: 0 up to `FIT_LOW`,
+    rising linearly to 1 at `FIT_FULL`."""
+    return min(1.0, max(0.0, (fit - FIT_LOW) / (FIT_FULL - FIT_LOW)))
+
+
+class BoundedCache(NgramCache):
+    """A view of a cache for one request (`NgramCache.bounded`): the counts are the cache's
+    own (shared, not copied); `predict`'s weight is scaled by `scale`, the request's
+    `fit_scale`; `request_fit` is the request's `fit`."""
+
+    def __init__(self, cache: NgramCache, fit: float, scale: float) -> None:
+        self.__dict__.update(cache.__dict__)
+        self.request_fit = fit
+        self.scale = scale
+
+    def predict(self, context_ids: Sequence[int]) -> Prediction:
+        """`NgramCache.predict`, its weight times `scale` (0: the cache stays out)."""
+        if self.scale <= 0.0:
+            return _EMPTY_IDS, _EMPTY_PROBS, 0.0
+        ids, probs, weight = super().predict(context_ids)
+        return ids, probs, weight * self.scale
 
 
 # ---------------------------------------------------------------------- mixing

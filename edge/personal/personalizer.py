@@ -12,15 +12,18 @@
   frequency among the user's samples; the user's most representative samples when nothing
   overlaps), under "Examples of this user's own writing:" after the persona. They go in
   their feedback order (oldest first), so the same picks give the same text and the prefix
-  cache can reuse it. They are *gated on evidence* by the router (`samples_help`): the
-  request is prefilled with and without them, and they stay only when they make the
-  request's own tokens more likely by more than `personalize_sample_gain` nats in all. A
-  request with nothing the user's samples explain runs without them.
+  cache can reuse it. They are *bounded by similarity*: offered only when the user's cache
+  foresees the request's own tokens (`samples_offered`, the request's `NgramCache.fit`), and
+  then *gated on evidence* by the router (`samples_help`): the request is prefilled with and
+  without them, and they stay only when they make the request's own tokens more likely by
+  more than `personalize_sample_gain` nats in all. A request with nothing the user's samples
+  explain runs without them.
   `Personalization.system_text` is the persona alone; `samples_text` the persona with the
   samples (None: none picked);
 - **the adapter**: the user's `adapt.NgramCache` (a snapshot when one is current, see
-  Snapshots), mixed into the edge model's logits at each step
-  (`EdgeRuntime.submit(adapter=...)`);
+  Snapshots), bounded for the request (`NgramCache.bounded`: its weight scaled by how well
+  it foresees the request's own tokens, none for text unlike the user's), mixed into the
+  edge model's logits at each step (`EdgeRuntime.submit(adapter=...)`);
 - **sampling defaults**: the profile's temperature, top_p and max_tokens, where the request
   left them unset (the caller applies them);
 - **consent**: `allow_cloud: false` makes the request `local_only`; the cloud gets the
@@ -83,6 +86,7 @@ from edge.personal.samples import (
     pick_samples,
     sample_grams,
     samples_help,
+    samples_offered,
     system_text,
     user_prefix_key,
     with_prefix,
@@ -100,6 +104,7 @@ __all__ = [
     "pick_samples",
     "sample_grams",
     "samples_help",
+    "samples_offered",
     "system_text",
     "user_prefix_key",
     "with_prefix",
@@ -260,14 +265,15 @@ class Personalizer:
             query_ids = self.encode(text) if text else []
             with self._lock:
                 if state.cache.samples > 0:
-                    adapter = state.adapter()
-                    picked = pick_samples(
-                        state.samples,
-                        query_ids,
-                        self.samples_k,
-                        max_sample_tokens,
-                        state.sample_frequencies(),
-                    )
+                    adapter = state.adapter().bounded(query_ids)
+                    if samples_offered(adapter.request_fit, len(query_ids)):
+                        picked = pick_samples(
+                            state.samples,
+                            query_ids,
+                            self.samples_k,
+                            max_sample_tokens,
+                            state.sample_frequencies(),
+                        )
         persona = profile.persona or None
         samples_text = system_text(persona, [s.text for s in picked]) if picked else None
         cloud_text = persona if profile.share_profile else None

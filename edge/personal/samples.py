@@ -2,7 +2,8 @@
 
 Split from `edge.personal.personalizer` (which re-exports every name here; its docstring
 describes the whole): the `Personalization` of one request, the samples-in-context pick
-(`pick_samples`), the router's gate on them (`samples_help`) and the system text they make
+(`pick_samples`), the bound on them by the request's similarity to the user's text
+(`samples_offered`), the router's gate on them (`samples_help`) and the system text they make
 (`system_text`).
 """
 
@@ -31,6 +32,10 @@ PROFILE_SAMPLING = (
     "repetition_penalty",
 )
 SAMPLES_HEADING = "Examples of this user's own writing:"
+#: The request's fit (`NgramCache.fit`) the samples need to be offered (`samples_offered`).
+SAMPLES_FIT = 0.01
+#: Requests shorter than this (tokens) are not judged by their fit (`samples_offered`).
+SAMPLES_FIT_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,11 @@ class Personalization:
         system_text: the persona for the edge (None: none).
         cloud_system_text: what the cloud may see: the persona when `share_profile`, else None.
         adapter: the user's n-gram cache, its latest snapshot when current (module
-            docstring); None: nothing learned yet.
+            docstring), bounded by the request's own text (`NgramCache.bounded`); None:
+            nothing learned yet.
         samples_text: the persona with the picked samples under `SAMPLES_HEADING`, the
-            request's alternative for the router's gate (None: no samples picked).
+            request's alternative for the router's gate (None: no samples picked, or the
+            request's fit left them out, `samples_offered`).
         samples_used: how many of the user's samples are in `samples_text`.
     """
 
@@ -221,6 +228,19 @@ def pick_samples(
         texts.add(sample.text)
         used += sample.length
     return sorted(best, key=lambda s: s.order)
+
+
+def samples_offered(fit: float, tokens: int) -> bool:
+    """The similarity bound on the user's samples: they are offered to a request of `tokens`
+    tokens only when the user's n-gram cache foresaw some of them (`NgramCache.fit` of at
+    least `SAMPLES_FIT`); a request shorter than `SAMPLES_FIT_TOKENS` is too short to judge,
+    and the evidence gate alone decides (`samples_help`).
+
+    The evidence gate alone let a user's samples into text far from theirs (a chat persona's
+    before documentation or code) whenever its first tokens happened to gain, and its later
+    tokens then paid for them; text the user's cache foresees nothing of never sees them.
+    """
+    return tokens < SAMPLES_FIT_TOKENS or fit >= SAMPLES_FIT
 
 
 def samples_help(gain: float, min_gain: float) -> bool:

@@ -11,17 +11,24 @@ the runtime uses it:
   held-out sample. The model's log-probability of every position comes from one forward pass
   per sample (the logits of all positions after `append_tokens`). With personalization, as
   the edge does it:
-  - the user's own samples in context, picked for the request so far and gated on the
-    evidence of the tokens before each position (`personalization_samples`);
+  - the user's own samples in context, picked for the request so far, offered only where
+    the user's cache foresees the tokens before the position (the similarity bound) and
+    gated on their evidence (`personalization_samples`);
   - the user's n-gram cache on top: it holds only the user's feedback samples; at each
     position it predicts from the held-out sample's own preceding tokens and is mixed in as
     the runtime mixes it: p = (1 - w) p + w p_cache, where `w` is the cache's gate
-    (`NgramCache.predict`); this is the distribution `edge.personal.adapt.mix_logits` produces,
-    read at the scored token.
+    (`NgramCache.predict`) scaled by the request's fit (`NgramCache.bounded` of the tokens
+    before the position, as the edge bounds a request by its own text); this is the
+    distribution `edge.personal.adapt.mix_logits` produces, read at the scored token.
   `reduction` = 1 - ppl_with / ppl_without; `generic_change` = generic ppl with the user's
   state / without - 1. Each row also gives the cache alone (`reduction_cache`,
   `generic_change_cache`, from `ppl_cache` and `generic_ppl_cache`) and the samples alone
-  (`reduction_samples`, from `ppl_samples`).
+  (`reduction_samples`, from `ppl_samples`). `generic_change_unbounded` is the generic change
+  under the rule before the bound (the samples gated on evidence alone, the cache's gate
+  alone), beside it in the same run; `fit_held_out` and `fit_generic` the mean fit of the
+  user's cache on each, and `fit_ms_p50` what the fit of a held-out sample costs.
+- Users far from the generic text: chat personas on a narrow topic (`personalization_personas`);
+  `generic_change_max` is the largest over every user, personas included.
 - `update_ms_p50`: `NgramCache.update` per feedback sample (median over every user's samples).
 - `mix_us_per_step`: `predict` + the sparse part of `mix_logits` + `mixed_logsumexp` on a real
   (V,) logits row, per held-out position. The logsumexp over V (`logsumexp_us`, reported
@@ -120,15 +127,20 @@ def model_logprobs(model: EdgeModel, ids: list[int]) -> np.ndarray:
     return logprobs_after(model, [], ids)
 
 
-def mixed_logprobs(cache: NgramCache, ids: list[int], base: np.ndarray) -> np.ndarray:
+def mixed_logprobs(
+    cache: NgramCache, ids: list[int], base: np.ndarray, *, bounded: bool = True
+) -> np.ndarray:
     """log of (1 - w) p_model + w p_cache at each scored position of `ids`.
 
     `base` is `model_logprobs(ids)`. The cache predicts from the sample's own preceding tokens;
-    where its gate is closed (w = 0) the model's log-probability stays.
+    where its gate is closed (w = 0) the model's log-probability stays. `bounded`: as the edge
+    serves a request whose own text is the tokens before the position
+    (`NgramCache.bounded`); else the cache's gate alone (the rule before the request's fit).
     """
     out = base.copy()
     for i in range(1, len(ids)):
-        token_ids, probs, weight = cache.predict(ids[max(0, i - cache.order + 1) : i])
+        view = cache.bounded(ids[:i]) if bounded else cache
+        token_ids, probs, weight = view.predict(ids[max(0, i - cache.order + 1) : i])
         if weight <= 0.0:
             continue
         hit = np.flatnonzero(token_ids == ids[i])
@@ -155,6 +167,18 @@ def time_updates(users: list[User]) -> list[float]:
             cache.update(sample)
             times.append((time.perf_counter() - started) * 1e3)
     return times
+
+
+def time_fit(caches: dict[str, NgramCache], users: list[User]) -> list[float]:
+    """Milliseconds of `NgramCache.bounded` on each held-out sample (a request's own text),
+    what the request's fit costs `Personalizer.prepare`."""
+    out = []
+    for user in users:
+        for sample in user.held_out:
+            started = time.perf_counter()
+            caches[user.name].bounded(sample)
+            out.append((time.perf_counter() - started) * 1e3)
+    return out
 
 
 def time_mixing(
@@ -266,13 +290,20 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
         for user in users:
             cache = caches[user.name]
             base = [model_logprobs(model, s) for s in user.held_out]
-            samples = personalization_samples.measure(model, user, base, generic, generic_base)
+            samples = personalization_samples.measure(
+                model, user, cache, base, generic, generic_base
+            )
             prefill_ms += samples["prefill_ms"]
             prefix_ms.append(samples["prefix_ms"])
 
-            def mixed(texts: list[list[int]], logprobs: list[np.ndarray]) -> float:
+            def mixed(
+                texts: list[list[int]], logprobs: list[np.ndarray], bounded: bool = True
+            ) -> float:
                 return perplexity(
-                    [mixed_logprobs(cache, s, lp) for s, lp in zip(texts, logprobs, strict=True)]  # noqa: B023
+                    [
+                        mixed_logprobs(cache, s, lp, bounded=bounded)  # noqa: B023
+                        for s, lp in zip(texts, logprobs, strict=True)
+                    ]
                 )
 
             without = perplexity(base)
@@ -281,6 +312,7 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
             samples_only = perplexity(samples["held_out"])
             generic_with = mixed(generic, samples["generic"])
             generic_cache = mixed(generic, generic_base)
+            unbounded = mixed(generic, samples["generic_unbounded"], bounded=False)
             per_user.append(
                 {
                     "user": user.name,
@@ -305,6 +337,9 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
                     "generic_ppl_cache": round(generic_cache, 3),
                     "generic_change_cache": round(generic_cache / generic_ppl - 1.0, 4),
                     "generic_gate_open": round(samples["generic_gate_open"], 3),
+                    "generic_change_unbounded": round(unbounded / generic_ppl - 1.0, 4),
+                    "fit_held_out": round(samples["fit_held_out"], 3),
+                    "fit_generic": round(samples["fit_generic"], 3),
                 }
             )
         mix_us, lse_us = time_mixing(model, caches, users)
@@ -343,6 +378,10 @@ def run(*, quick: bool, threads: int, edge_dir: Path | None) -> dict[str, Any]:
         else None,
         "reduction_cache_prose_min": minimum(prose_rows, "reduction_cache"),
         "generic_change_cache_max": round(max(r["generic_change_cache"] for r in per_user), 4),
+        "generic_change_unbounded_max": round(
+            max(r["generic_change_unbounded"] for r in per_user), 4
+        ),
+        "fit_ms_p50": round(statistics.median(time_fit(caches, users)), 3),
         "samples_prefill_ms_p50": round(statistics.median(prefill_ms), 2),
         "samples_prefix_ms_p50": round(statistics.median(prefix_ms), 2),
         "samples_k": personalization_samples.SAMPLES_K,
@@ -389,21 +428,25 @@ def _print_table(result: dict[str, Any]) -> None:
           f"{result['sample_tokens']} tokens  load {result['load_average_start']} -> "
           f"{result['load_average_end']}")  # fmt: skip
     print(f"  {'user':<18} {'kind':<8} {'ppl w/o':>8} {'ppl with':>8} {'reduction':>9} "
-          f"{'cache':>6} {'samples':>7} {'gate':>5} {'generic':>8} {'(gate)':>6}  "
-          "source")  # fmt: skip
+          f"{'cache':>6} {'samples':>7} {'gate':>5} {'generic':>8} {'(gate)':>6} "
+          f"{'(old)':>7} {'fit':>5} {'(gen)':>5}  source")  # fmt: skip
     for kinds in (("prose", "docs", "code"), ("persona",)):
         for row in (r for r in result["per_user"] if r["kind"] in kinds):
             print(f"  {row['user']:<18} {row['kind']:<8} {row['ppl_without']:>8.2f} "
                   f"{row['ppl_with']:>8.2f} {row['reduction']:>9.1%} "
                   f"{row['reduction_cache']:>6.1%} {row['reduction_samples']:>7.1%} "
                   f"{row['samples_gate_open']:>5.0%} {row['generic_change']:>+8.1%} "
-                  f"{row['generic_gate_open']:>6.0%}  {row['source']}")  # fmt: skip
+                  f"{row['generic_gate_open']:>6.0%} {row['generic_change_unbounded']:>+7.1%} "
+                  f"{row['fit_held_out']:>5.2f} {row['fit_generic']:>5.2f}  "
+                  f"{row['source']}")  # fmt: skip
     print(
         f"  generic text ({result['generic_samples']} samples: "
         f"{', '.join(result['generic_sources'])}): ppl {result['generic_ppl_without']:.2f}"
     )
     print(f"  (cache: n-gram cache alone; samples: gated samples alone; gate: share of positions "
-          f"with the samples in context; up to {result['samples_k']} samples, "
+          f"with the samples in context; (old): generic change under the rule before the "
+          f"request's fit; fit: the cache's fit on the user's and on generic text; "
+          f"up to {result['samples_k']} samples, "
           f"{result['samples_tokens']} tokens, gain > {result['samples_min_gain']} "
           "nats)")  # fmt: skip
     for key, goal in result["goals"].items():

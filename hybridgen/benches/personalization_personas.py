@@ -144,6 +144,47 @@ PERSONAS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "pl": ["her", "his", "their"],
         },
     ),
+    "sourdough": (
+        [
+            "ok so my {starter} doubled in {hours} hours, is that enough to bake with?",
+            "lol the {loaf} came out {result} again, {hydration}% hydration was too much",
+            "fed the {starter} {ratio} this morning and it smells like {smell} now??",
+            "anyone else do the {fold} at {minutes} min intervals? my crumb is still {crumb}",
+            "tried {flour} this time and omg the {loaf} rose so much better",
+            "bulk ferment went {hours} hours at {temp}F, then overnight in the fridge",
+        ],
+        {
+            "starter": ["starter", "levain", "mother dough", "rye starter"],
+            "hours": ["4", "5", "6", "8", "10", "12"],
+            "loaf": ["boule", "batard", "focaccia", "sandwich loaf", "baguette"],
+            "result": ["flat", "gummy", "pancake-y", "dense", "burnt on the bottom"],
+            "hydration": ["65", "70", "75", "80", "85"],
+            "ratio": ["1:1:1", "1:2:2", "1:5:5", "1:10:10"],
+            "smell": ["nail polish", "vinegar", "beer", "yogurt", "gym socks"],
+            "fold": ["stretch and folds", "coil folds", "lamination", "slap and fold"],
+            "minutes": ["15", "20", "30", "45"],
+            "crumb": ["tight", "gummy", "uneven", "full of tunnels"],
+            "flour": ["bread flour", "whole wheat", "spelt", "einkorn", "a 20% rye mix"],
+            "temp": ["72", "75", "78", "80"],
+        },
+    ),
+    "fantasy-football": (
+        [
+            "benching {player} this week, {team} D is a brick wall",
+            "smash play: {player} vs {team}, {n}+ yards easy",
+            "waiver claim on {player} went through, dropped {player2} lol",
+            "who do i flex, {player} or {player2}? ppr league",
+            "{player} on a snap count again smh, {n} touches max",
+            "trade offer: my {player} for your {player2} + a {round} round pick",
+        ],
+        {
+            "player": ["Kelce", "CMC", "Jefferson", "Chase", "Hurts", "Bijan", "Lamb"],
+            "player2": ["Pacheco", "Olave", "Kittle", "Etienne", "Nacua", "Achane"],
+            "team": ["Ravens", "Jets", "Browns", "Niners", "Cowboys", "Bills"],
+            "n": ["60", "80", "100", "120"],
+            "round": ["2nd", "3rd", "4th", "5th"],
+        },
+    ),
 }
 
 

@@ -11,9 +11,12 @@ the token at it is what the edge should predict. For each position the edge's ru
   user's most representative samples, what `pick_samples` falls back to), and after that
   from its first `REQUEST_TOKENS` tokens. No position is scored with picks made from
   itself or later tokens.
-- **the gate**: the samples are in context at a position when they made the tokens before
-  it more likely by more than the edge's `personalize_sample_gain` nats in all (the edge
-  compares the request with and without them in the same way); else the model alone.
+- **the bound**: the samples are offered at a position only when the user's cache foresees
+  the tokens before it (`samples_offered` of `NgramCache.fit`), as the edge offers them to a
+  request only for its own text;
+- **the gate**: offered samples are in context at a position when they made the tokens
+  before it more likely by more than the edge's `personalize_sample_gain` nats in all (the
+  edge compares the request with and without them in the same way); else the model alone.
 - the user's n-gram cache mixed on top (`personalization.mixed_logprobs`), as the edge mixes
   it into every step.
 
@@ -36,12 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from edge.personal.adapt import NgramCache
 from edge.personal.personalizer import (
     Sample,
     gram_frequencies,
     pick_samples,
     sample_grams,
     samples_help,
+    samples_offered,
     system_text,
     with_prefix,
 )
@@ -136,14 +141,23 @@ def with_samples(
     return np.concatenate([early[:cut], late[cut:]])
 
 
-def gated(plain: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per position, the samples' log-probability when they gained more than the margin on
-    the tokens before it (`samples_help`), else the model's alone; and the share of
-    positions with the samples in."""
+def offered(cache: NgramCache, ids: list[int]) -> np.ndarray:
+    """Per scored position of `ids`, whether the samples are offered to the request made of
+    the tokens before it (`samples_offered` of the user's cache's `fit` on them)."""
+    return np.array([samples_offered(cache.fit(ids[:i]), i) for i in range(1, len(ids))])
+
+
+def gated(
+    plain: np.ndarray, samples: np.ndarray, offer: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """Per position, the samples' log-probability when they are offered there (`offer`,
+    None: everywhere) and gained more than the margin on the tokens before it
+    (`samples_help`), else the model's alone; and the share of positions with the samples
+    in."""
     out = plain.copy()
     gain, used = 0.0, 0
     for i in range(len(plain)):
-        if samples_help(gain, MIN_GAIN):
+        if (offer is None or offer[i]) and samples_help(gain, MIN_GAIN):
             out[i] = samples[i]
             used += 1
         gain += float(samples[i] - plain[i])
@@ -153,26 +167,35 @@ def gated(plain: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, float]:
 def measure(
     model: EdgeModel,
     user: User,
+    cache: NgramCache,
     held_base: list[np.ndarray],
     generic: list[list[int]],
     generic_base: list[np.ndarray],
 ) -> dict[str, Any]:
-    """The user's held-out and generic log-probabilities with the gated samples (before the
-    cache is mixed in), the gate's open share on each, and the kept-prefix prefill times."""
+    """The user's held-out and generic log-probabilities with the samples offered and gated
+    as the edge does (before the cache is mixed in), the generic ones also gated on evidence
+    alone (`generic_unbounded`, the rule before the similarity bound), the gate's open share
+    on each, the mean fit of the user's cache on each (`NgramCache.fit`), and the
+    kept-prefix prefill times."""
     samples = UserSamples.of(model, user)
     longest = max(len(s) for s in [*user.held_out, *generic])
     kept = KeptPrefix(model, samples.prefix([]), longest)
     held = [
-        gated(base, with_samples(model, samples, kept, ids))
+        gated(base, with_samples(model, samples, kept, ids), offered(cache, ids))
         for ids, base in zip(user.held_out, held_base, strict=True)
     ]
+    generic_samples = [with_samples(model, samples, kept, ids) for ids in generic]
     other = [
-        gated(base, with_samples(model, samples, kept, ids))
-        for ids, base in zip(generic, generic_base, strict=True)
+        gated(base, lp, offered(cache, ids))
+        for ids, base, lp in zip(generic, generic_base, generic_samples, strict=True)
     ]
+    unbounded = [gated(base, lp)[0] for base, lp in zip(generic_base, generic_samples, strict=True)]
     return {
         "held_out": [lp for lp, _ in held],
         "generic": [lp for lp, _ in other],
+        "generic_unbounded": unbounded,
+        "fit_held_out": statistics.fmean(cache.fit(ids) for ids in user.held_out),
+        "fit_generic": statistics.fmean(cache.fit(ids) for ids in generic),
         "gate_open": statistics.fmean(share for _, share in held),
         "generic_gate_open": statistics.fmean(share for _, share in other),
         "prefill_ms": kept.prefill_ms,
