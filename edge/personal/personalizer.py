@@ -24,8 +24,8 @@
   Snapshots), bounded for the request (`NgramCache.bounded`: its weight scaled by how well
   it foresees the request's own tokens, none for text unlike the user's), mixed into the
   edge model's logits at each step (`EdgeRuntime.submit(adapter=...)`);
-- **sampling defaults**: the profile's temperature, top_p and max_tokens, where the request
-  left them unset (the caller applies them);
+- **sampling defaults**: the profile's temperature, top_p, max_tokens and penalties, where
+  the request left them unset (the caller applies them);
 - **consent**: `allow_cloud: false` makes the request `local_only`; the cloud gets the
   request's own messages or prompt, plus the persona (never the samples nor the cache) only
   when `share_profile` is true.
