@@ -45,9 +45,6 @@ class Graph:
     def nodes(self, op_type: str) -> list[Any]:
         return [n for n in self.graph.node if n.op_type == op_type]
 
-    def producer(self, output: str) -> Any | None:
-        return next((n for n in self.graph.node if output in n.output), None)
-
     @staticmethod
     def set_input(node: Any, index: int, name: str) -> None:
         while len(node.input) <= index:
