@@ -159,6 +159,12 @@ async def test_sigterm_stops_the_service_within_its_drain_bound(
         assert status == clean, f"{kind} exited {status} (broker {broker})\n{service.output()}"
 
 
+def process_state(pid: int) -> str:
+    """The kernel's state letter of process `pid` (`T`: stopped by a signal)."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 async def test_close_bounded_closes_a_connection_to_a_frozen_broker(tmp_path: Path) -> None:
     """The shared helper every service stops with: a broker that keeps the socket open and
     answers nothing (SIGSTOP) still lets the connection close within the bound given,
@@ -170,6 +176,8 @@ async def test_close_bounded_closes_a_connection_to_a_frozen_broker(tmp_path: Pa
         sub = await nc.subscribe("hg.test.frozen")
         assert server.pid is not None
         os.kill(server.pid, signal.SIGSTOP)
+        pid = server.pid  # a signal lands when the process is next scheduled: wait for it
+        await eventually(lambda: process_state(pid) == "T", "the broker stopped")
         assert not await bounded(sub.drain(), 0.2, "drain on a frozen broker")
         await asyncio.wait_for(close_bounded(nc, 1.0), BOUND_S)  # a hang fails, not a clock
         assert nc.is_closed
