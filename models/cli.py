@@ -95,9 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         "--edge-weights",
         choices=EDGE_WEIGHTS,
         default=EDGE_WEIGHTS[0],
-        help="the int4 edge build of a GGUF: 'requantize' the dequantized checkpoint (the "
-        "builder's own int4), or keep the GGUF's own quantized 'gguf' blocks, near-exact "
-        "to the cloud's weights (docs/models.md, 'The edge build'); default %(default)s",
+        help="the int4 edge build of a GGUF: keep the GGUF's own quantized 'gguf' blocks, "
+        "near-exact to the cloud's weights, or 'requantize' the dequantized checkpoint (the "
+        "builder's own int4: smaller and faster, further from the cloud; docs/models.md, "
+        "'The edge build'); default %(default)s",
     )
     build.add_argument(
         "--domain",

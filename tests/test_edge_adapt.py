@@ -257,8 +257,8 @@ async def test_reported_logprobs_are_those_of_the_mixture(
 def test_learning_visibly_changes_the_real_models_output(smollm2_set: ModelSet) -> None:
     model_set = smollm2_set
     motto = (
-        "Our team motto is: ship small changes, measure twice, and always leave the "
-        "campsite cleaner than you found it."
+        'Our team motto is: "Ship small changes, measure twice, and always leave the '
+        'campsite cleaner than you found it."'
     )
 
     async def ask() -> tuple[str, str, str]:
@@ -276,5 +276,5 @@ def test_learning_visibly_changes_the_real_models_output(smollm2_set: ModelSet) 
 
     plain, adapted, again = asyncio.run(ask())
     assert "measure twice" not in plain
-    assert adapted.startswith(" ship small changes, measure twice")
+    assert adapted.startswith(' "Ship small changes, measure twice')
     assert again == plain

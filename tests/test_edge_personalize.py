@@ -395,8 +395,8 @@ async def test_feedback_changes_the_real_models_answer_through_the_edge(
 
     model_set = smollm2_set
     motto = (
-        "Our team motto is: ship small changes, measure twice, and always leave the "
-        "campsite cleaner than you found it."
+        'Our team motto is: "Ship small changes, measure twice, and always leave the '
+        'campsite cleaner than you found it."'
     )
     settings = EdgeSettings(
         model_dir=model_set.edge_dir("int4"),

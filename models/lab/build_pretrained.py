@@ -71,7 +71,7 @@ def build_pretrained_set(
     precisions: tuple[str, ...],
     threads: int,
     force: bool,
-    edge_weights: str = "requantize",
+    edge_weights: str = "gguf",
     set_current: bool,
     progress: bool,
 ) -> ModelSet:

@@ -36,9 +36,9 @@ from models.lab.gguf_blocks import Blocks
 logger = logging.getLogger(__name__)
 
 #: How the int4 edge build of a GGUF gets its weights (`hybridgen models build
-#: --edge-weights`): the builder's requantization of the dequantized checkpoint, or the
-#: GGUF's own blocks (`repack_edge`). The first is the default.
-EDGE_WEIGHTS = ("requantize", "gguf")
+#: --edge-weights`): the GGUF's own blocks (`repack_edge`), or the builder's requantization
+#: of the dequantized checkpoint. The first is the default.
+EDGE_WEIGHTS = ("gguf", "requantize")
 
 #: Builder projection name -> (GGUF tensor suffixes, whether each is a q/k row permutation).
 PROJECTIONS: dict[str, tuple[tuple[str, str], ...]] = {
