@@ -41,6 +41,9 @@ class SamplingParams:
             answer already holds (-2 to 2; 0: off); `repetition_penalty`: the multiplicative
             one of llama.cpp, vLLM and transformers on every token seen in the prompt or the
             answer ((0, 2]; 1: off). The rule is `serving.penalties`.
+        speculative: let the server draft tokens (from the prompt, the conversation, the
+            user's own text) and check them in one forward pass; the answer is the one it
+            gives without drafting, only sooner. False: draft nothing.
     """
 
     max_tokens: int | None = None
@@ -55,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    speculative: bool = True
 
     @property
     def penalized(self) -> bool:
@@ -86,6 +90,7 @@ class SamplingParams:
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "speculative": self.speculative,
         }
 
     @classmethod
@@ -104,4 +109,5 @@ class SamplingParams:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
+            speculative=request.speculative,
         )

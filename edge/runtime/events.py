@@ -45,6 +45,10 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     text: str = ""  # text released at the end (held-back tail), usually ""
+    #: Tokens drafted (proposed without the model) and how many of them the model accepted;
+    #: both count toward `completion_tokens` only where accepted.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 Event = Prefill | Token | Finished

@@ -76,6 +76,9 @@ class _GenerationRequest(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     #: Not in OpenAI's API (llama.cpp's, vLLM's, transformers'): None: 1, off.
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    #: Extension: draft tokens from the prompt, the conversation and the user's own text and
+    #: check them in one forward pass (the answer is the same, sooner); False: off.
+    speculative: bool = True
     #: Extension shared with the edge: opaque user id (personalization on the edge).
     user: str | None = Field(default=None, max_length=256)
     #: Extension (edge): where to serve the request; the cloud ignores it.
@@ -203,6 +206,7 @@ class _GenerationRequest(_Request):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            speculative=self.speculative,
         )
 
     @property
