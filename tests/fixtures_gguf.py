@@ -3,7 +3,8 @@
 It goes through the same import path as the bundled SmolLM2 GGUF (`models.lab.pretrained`), in
 a second: tensors named and laid out as llama.cpp's converter writes them (q/k rows permuted
 for its rotary layout, which transformers' GGUF loader undoes), a byte-level BPE tokenizer
-("gpt2" model) with its merges, and a ChatML template.
+("gpt2" model) with its merges, and a ChatML template. Its matrices may be quantized blocks of
+any type: random valid blocks (`random_blocks`) where gguf has no quantizer for the type.
 """
 
 from __future__ import annotations
@@ -19,6 +20,42 @@ CHATML = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+#: Where each block type keeps its float16 scale (and min) inside a block, and the size that
+#: `random_blocks` gives them: weights of order 0.1, a min near the mean of `scale * q`.
+HALVES: dict[str, tuple[tuple[int, float], ...]] = {
+    "Q4_0": ((0, 0.02),),
+    "Q4_1": ((0, 0.02), (2, 0.02)),
+    "Q5_0": ((0, 0.02),),
+    "Q5_1": ((0, 0.02), (2, 0.02)),
+    "Q8_0": ((0, 0.02),),
+    "Q2_K": ((80, 1e-2), (82, 1.5e-2)),
+    "Q3_K": ((108, 3e-3),),
+    "Q4_K": ((0, 5e-4), (2, 4e-3)),
+    "Q5_K": ((0, 2.5e-4), (2, 4e-3)),
+    "Q6_K": ((208, 1e-4),),  # its int8 scales reach 128, its values 32 from the middle
+}
+
+
+def layout(kind: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of `kind`, as gguf defines them."""
+    import gguf
+
+    weights, width = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return weights, width
+
+
+def random_blocks(kind: str, rows: int, blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes laid out as `rows` rows of `blocks` blocks of `kind` (`[rows, bytes]`
+    uint8), with positive float16 scales of the size `HALVES` gives (any other byte pattern
+    is a valid block)."""
+    _, width = layout(kind)
+    raw = rng.integers(0, 256, size=(rows, blocks, width), dtype=np.uint8)
+    for offset, size in HALVES[kind]:
+        halves = (size * rng.uniform(0.5, 1.5, size=(rows, blocks))).astype(np.float16)
+        raw[..., offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, -1)
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -42,8 +79,11 @@ def write_tiny_gguf(
     """Write the HF Llama checkpoint `checkpoint` (with its tokenizer) as a GGUF file `out`.
 
     `architecture` is written as `general.architecture` (tests pass an unsupported one);
-    `quant` / `embed_quant` quantize the layers' matrices / the embedding with gguf's own
-    quantizer (a block type name such as "Q4_1"; None: float32).
+    `quant` / `embed_quant` store the layers' matrices / the embedding as blocks of that type
+    (a name such as "Q4_1"; None: float32): quantized from the checkpoint with gguf's own
+    quantizer, or, for a type it cannot quantize (the K-quants), random blocks of the type
+    (`random_blocks`, the same on each call), whose weights the GGUF then defines: the checkpoint
+    imported from it (`pretrained.checkpoint_from`) holds them, not `checkpoint`'s.
     """
     import gguf
     import torch
@@ -86,13 +126,22 @@ def write_tiny_gguf(
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_chat_template(CHATML)
 
+    rng = np.random.default_rng(0)
+
     def add(name: str, array: np.ndarray, kind: str | None) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
         if kind is None or array.ndim != 2:
             writer.add_tensor(name, array)
             return
         qtype = gguf.GGMLQuantizationType[kind]
-        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        try:
+            raw = gguf.quants.quantize(array, qtype)
+        except NotImplementedError:
+            (rows, cols), weights = array.shape, layout(kind)[0]
+            if cols % weights:
+                raise ValueError(f"{name}: {cols} columns are not whole {kind} blocks") from None
+            raw = random_blocks(kind, rows, cols // weights, rng)
+        writer.add_tensor(name, raw, raw_dtype=qtype)
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -12,33 +12,7 @@ import pytest
 
 from models.lab import edge_build, edge_repack, gguf_blocks, pretrained
 from models.lab.gguf_blocks import SUPPORTED
-from tests.fixtures_gguf import write_tiny_gguf
-
-#: Bytes per block and weights per block of each type.
-LAYOUT = {
-    "Q4_0": (18, 32),
-    "Q4_1": (20, 32),
-    "Q5_0": (22, 32),
-    "Q5_1": (24, 32),
-    "Q8_0": (34, 32),
-    "Q4_K": (144, 256),
-    "Q5_K": (176, 256),
-    "Q6_K": (210, 256),
-}
-#: Where each type keeps its float16 scale (and min) inside a block.
-HALVES = {"Q6_K": (208,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}
-
-
-def random_rows(kind: str, rows: int = 3, blocks: int = 2, seed: int = 0) -> np.ndarray:
-    """Random bytes laid out as `rows` rows of `blocks` blocks of `kind`, with small finite
-    float16 scales (any other byte pattern is a valid block)."""
-    rng = np.random.default_rng(seed)
-    width, _ = LAYOUT[kind]
-    raw = rng.integers(0, 256, size=(rows, blocks, width), dtype=np.uint8)
-    for offset in HALVES.get(kind, (0,)):
-        halves = rng.normal(0, 0.02, size=(rows, blocks)).astype(np.float16)
-        raw[..., offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks, 2)
-    return raw.reshape(rows, -1)
+from tests.fixtures_gguf import layout, random_blocks, write_tiny_gguf
 
 
 @pytest.mark.parametrize("kind", SUPPORTED)
@@ -48,8 +22,8 @@ def test_each_block_type_reads_as_ggufs_own_dequantization(kind: str) -> None:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    raw = random_rows(kind)
-    cols = 2 * LAYOUT[kind][1]
+    raw = random_blocks(kind, 3, 2, np.random.default_rng(0))
+    cols = 2 * layout(kind)[0]
     expected = dequantize(raw, GGMLQuantizationType[kind]).reshape(3, cols)
     blocks = gguf_blocks.read_blocks(kind, raw, cols)
     assert np.array_equal(blocks.dequantized(), expected)
@@ -90,8 +64,8 @@ def test_the_operators_form_gives_the_same_weights(kind: str) -> None:
     """Encoded for `MatMulNBits` (4 bits where q fits, else 8; the type's own block size),
     the weights are the GGUF's, with a correction only where the offset is not a whole
     number of steps."""
-    raw = random_rows(kind, seed=1)
-    cols = 2 * LAYOUT[kind][1]
+    raw = random_blocks(kind, 3, 2, np.random.default_rng(1))
+    cols = 2 * layout(kind)[0]
     blocks = gguf_blocks.read_blocks(kind, raw, cols)
     encoded = edge_repack.encode(blocks)
     assert encoded.bits == (4 if blocks.bits <= 4 else 8)
@@ -103,12 +77,15 @@ def test_the_operators_form_gives_the_same_weights(kind: str) -> None:
 
 
 def read_back(graph: Any, node: Any) -> edge_repack._Encoded:
-    """A rewritten `MatMulNBits` node's weights as they lie in the ONNX file."""
+    """A rewritten `MatMulNBits` or `GatherBlockQuantized` node's weights as they lie in the
+    ONNX file (a gather's table may be the LM head's weights, reshaped)."""
     attributes = {a.name: a.i for a in node.attribute}
     zero = graph.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     name = f"{node.name}/correction"
     correction = graph.array(name) if name in graph.inits else None
-    weights, scales = graph.array(node.input[1]), graph.array(node.input[2])
+    table = node.input[0 if node.op_type == "GatherBlockQuantized" else 1]
+    weights = graph.array(table.removesuffix("/reshaped"))
+    scales = graph.array(node.input[2])
     bits, block = attributes["bits"], attributes["block_size"]
     return edge_repack._Encoded(weights, scales, zero, correction, bits, block)
 
@@ -122,8 +99,31 @@ def teacher_forced_logits(folder: Path, ids: list[int]) -> np.ndarray:
     return np.array(generator.get_output("logits")).reshape(len(ids), -1)
 
 
-#: (layers' type, embedding's type): the bundled SmolLM2's pair first.
-TINY_TYPES = [("Q4_1", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q4_0"), ("Q8_0", "Q8_0")]
+#: (layers' type, embedding's type): the bundled SmolLM2's pair first. An embedding's type
+#: needs no per-block correction (the gather cannot add one).
+TINY_TYPES = [("Q4_1", "Q8_0"), ("Q5_1", "Q8_0"), ("Q5_0", "Q4_0"), ("Q8_0", "Q8_0"),
+              ("Q4_K", "Q6_K"), ("Q5_K", "Q8_0"), ("Q6_K", "Q6_K")]  # fmt: skip
+#: The builder's embedding node.
+GATHER = "/model/embed_tokens/GatherBlockQuantized"
+#: Each builder node's checkpoint tensors, in its rows' order (layer `{i}`).
+NODE_PARTS = {
+    "attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn/o_proj": ("self_attn.o_proj",),
+    "mlp/gate_proj": ("mlp.gate_proj",),
+    "mlp/up_proj": ("mlp.up_proj",),
+    "mlp/down_proj": ("mlp.down_proj",),
+}
+
+
+def tiny_gguf_of(folder: Path, quant: str, embed_quant: str) -> tuple[Path, int]:
+    """A tiny GGUF of the pair (on the `tiny-k` shape where a type's blocks are K-quant
+    super-blocks, which gguf writes as random blocks), and its layer count."""
+    from models.lab.random_model import PRESETS, make_random_llama
+
+    preset = "tiny-k" if max(layout(quant)[0], layout(embed_quant)[0]) > 32 else "tiny"
+    source = make_random_llama(folder / "source", preset=preset, context_length=128)
+    path = write_tiny_gguf(source, folder / "tiny.gguf", quant=quant, embed_quant=embed_quant)
+    return path, PRESETS[preset]["num_hidden_layers"]
 
 
 @pytest.mark.parametrize(("quant", "embed_quant"), TINY_TYPES)
@@ -141,15 +141,12 @@ def test_a_tiny_gguf_build_holds_its_blocks_and_its_weights_are_the_checkpoints(
     from transformers import AutoModelForCausalLM
 
     from models.lab.onnx_graph import Graph
-    from models.lab.random_model import make_random_llama
 
-    source = make_random_llama(tmp_path / "source", preset="tiny", context_length=128)
-    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", quant=quant, embed_quant=embed_quant)
+    path, layers = tiny_gguf_of(tmp_path, quant, embed_quant)
     checkpoint = pretrained.checkpoint_from(path, tmp_path / "checkpoint")
     out = edge_build.build_edge(checkpoint, tmp_path / "edge-int4", "int4")
     requantized = shutil.copytree(out, tmp_path / "requantized")
     report = edge_repack.repack_edge(out, path, checkpoint)
-    layers = 2
     assert report.kept == {}
     assert report.types == (
         {quant: 7 * layers + 1} if quant == embed_quant else {quant: 7 * layers, embed_quant: 1}
@@ -157,15 +154,21 @@ def test_a_tiny_gguf_build_holds_its_blocks_and_its_weights_are_the_checkpoints(
     assert report.exact == 5 * layers + 2  # qkv, o, gate, up, down; LM head; embedding
     weights = load_file(str(next(checkpoint.glob("*.safetensors"))))
     graph = Graph.load(out / "model.onnx")
-    nodes = {n.name: n for n in graph.nodes("MatMulNBits")}
     embedding = weights["model.embed_tokens.weight"]
-    head = read_back(graph, nodes["/lm_head/MatMul_Q4"])
-    assert np.array_equal(operator_weights(head, embedding.shape[1]), embedding)
-    attention = "model.layers.1.self_attn"
-    expected = np.concatenate([weights[f"{attention}.{p}_proj.weight"] for p in "qkv"])
-    qkv = read_back(graph, nodes["/model/layers.1/attn/qkv_proj/MatMul_Q4"])
-    got = operator_weights(qkv, expected.shape[1])
-    assert np.allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    expected = {"/lm_head/MatMul_Q4": embedding, GATHER: embedding}
+    for i in range(layers):
+        for projection, parts in NODE_PARTS.items():
+            tensors = [weights[f"model.layers.{i}.{part}.weight"] for part in parts]
+            expected[f"/model/layers.{i}/{projection}/MatMul_Q4"] = np.concatenate(tensors)
+    nodes = graph.nodes("MatMulNBits") + graph.nodes("GatherBlockQuantized")
+    assert sorted(n.name for n in nodes) == sorted(expected)
+    for node in nodes:
+        want, encoded = expected[node.name], read_back(graph, node)
+        got = operator_weights(encoded, want.shape[1])
+        if encoded.correction is None:  # whole-step offsets: gguf's own products, exactly
+            assert np.array_equal(got, want), node.name
+        else:
+            assert np.allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max()), node.name
     ids = list(range(3, 67))
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     with torch.no_grad():
@@ -200,3 +203,33 @@ def test_the_build_keeps_a_ggufs_blocks_by_default_and_the_manifest_says_so(
         {},
     )
     assert (builds["requantize"].weights, builds["requantize"].gguf_types) == ("requantized", {})
+
+
+def test_a_type_not_read_stays_requantized_and_the_manifest_names_its_nodes(
+    tmp_path: Path,
+) -> None:
+    """A GGUF whose layers are Q3_K, a type the repack does not read, still builds: those
+    nodes stay as the builder quantized them, the manifest's `requantized_nodes` names each
+    with the type, the embedding's Q8_0 blocks are held, and the build answers."""
+    from models.lab.build import BuildOptions, build_model_set
+    from models.lab.onnx_graph import Graph
+
+    path, layers = tiny_gguf_of(tmp_path, "Q3_K", "Q8_0")
+    options = BuildOptions(version="v-q3k", home=tmp_path / "home", edge_from=path,
+                           cloud_from=path, progress=False)  # fmt: skip
+    model_set = build_model_set(options)
+    build = model_set.manifest.edge_builds["int4"]
+    why = f"GGUF block type Q3_K is not read (supported: {', '.join(SUPPORTED)})"
+    kept = [f"/model/layers.{i}/{p}/MatMul_Q4" for i in range(layers) for p in NODE_PARTS]
+    assert (build.weights, build.gguf_types, build.requantized_nodes) == (
+        "gguf_blocks",
+        {"Q8_0": 1},
+        dict.fromkeys(kept, why),
+    )
+    folder = model_set.edge_dir("int4")
+    graph = Graph.load(folder / "model.onnx")
+    nodes = graph.nodes("MatMulNBits") + graph.nodes("GatherBlockQuantized")
+    held = {n.name for n in nodes if any("/gguf_q" in name for name in n.input)}
+    assert held == {"/lm_head/MatMul_Q4", GATHER}
+    logits = teacher_forced_logits(folder, list(range(3, 67)))
+    assert logits.shape[0] == 64 and np.isfinite(logits).all()

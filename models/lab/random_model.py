@@ -2,8 +2,8 @@
 
 `hybridgen bench cloud-batching --model random-90m` and `hybridgen bench edge-decode
 --model gpt2-small` measure models of a realistic size without waiting for training; tests
-use `tiny`. The tokenizer is the project's own byte-level BPE (`models.lab.tokenizer`) trained in
-well under a second on CPython's help topics.
+use `tiny` (`tiny-k` for a GGUF's K-quants). The tokenizer is the project's own byte-level BPE
+(`models.lab.tokenizer`) trained in well under a second on CPython's help topics.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128),
+    # Rows of whole K-quant super-blocks (256 weights), for a tiny GGUF of those types.
+    "tiny-k": dict(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=512),
     # ~90M parameters (with a small vocabulary).
     "90m": dict(hidden_size=768, num_hidden_layers=14, num_attention_heads=12,
                 num_key_value_heads=4, intermediate_size=2048),
