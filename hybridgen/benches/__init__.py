@@ -25,6 +25,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "routing": ("hybridgen.benches.routing", "main"),
     "fleet": ("hybridgen.benches.fleet", "main"),
     "quality": ("hybridgen.benches.quality", "main"),
+    "speculative": ("hybridgen.benches.speculative", "main"),
 }
 
 
