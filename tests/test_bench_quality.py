@@ -31,8 +31,9 @@ def gguf_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSet, Path]:
     tmp = tmp_path_factory.mktemp("quality")
     source = make_random_llama(tmp / "source", preset="tiny", context_length=128)
     path = write_tiny_gguf(source, tmp / "tiny.gguf", quant="Q4_1", embed_quant="Q8_0")
+    # Requantized, so the bench makes the GGUF-blocks build itself and reports its repack.
     options = BuildOptions(version="q-test", home=tmp / "home", edge_from=path, cloud_from=path,
-                           threads=1, progress=False)  # fmt: skip
+                           threads=1, progress=False, edge_weights="requantize")  # fmt: skip
     return build_model_set(options), path
 
 
@@ -40,8 +41,9 @@ def test_quick_json_measures_both_builds_of_the_gguf_beside_the_cloud(
     gguf_set: tuple[ModelSet, Path], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """`--quick --json`: one JSON object; the set's requantized build and the GGUF-blocks
-    build made from the same GGUF, each with its fidelity, answer shares, speed and RSS,
+    """`--quick --json`: one JSON object; the set's requantized build (`--edge-weights
+    requantize`) and the GGUF-blocks build made from the same GGUF, each with its fidelity,
+    answer shares, speed and RSS,
     the cloud's answers, the capital question, the goals and whether each is met; with
     `--answers`, every answer's text."""
     model_set, gguf = gguf_set
