@@ -24,6 +24,8 @@ OPTIONS = (
     "max_active",
     "max_queue",
     "max_tokens_cap",
+    "speculative",
+    "draft_tokens",
     "nats_url",
     "node_id",
     "no_cloud",

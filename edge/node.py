@@ -71,6 +71,7 @@ class EdgeNode:
         self.policy = policy
         self.calibration: dict[str, Any] | None = routing_calibration(runtime.model_dir)
         self.routing_policy = policy
+        runtime.speculative = policy.speculative
         self.perplexity_threshold = float("inf")
         self.threshold_source: ThresholdSource = "off"
         self._resolve_threshold()
@@ -131,6 +132,7 @@ class EdgeNode:
     def set_policy(self, policy: PolicySettings) -> None:
         """Apply a new policy now (the breaker keeps its state, takes the new thresholds)."""
         self.policy = policy
+        self.runtime.speculative = policy.speculative
         self.breaker.settings = policy.breaker
         self._resolve_threshold()
         logger.info(
@@ -147,6 +149,7 @@ class EdgeNode:
         """
         calibration = routing_calibration(runtime.model_dir)
         old, self.runtime = self.runtime, runtime
+        runtime.speculative = self.policy.speculative
         self.calibration = calibration
         self._resolve_threshold()
         logger.info(

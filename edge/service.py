@@ -24,6 +24,7 @@ from edge.personal.store import UserLimits, UserStore
 from edge.route.cloud import CloudBridge
 from edge.route.router import Router
 from edge.runtime import EdgeRuntime
+from edge.runtime.drafts import DraftSettings
 from edge.settings import EdgeSettings, default_users_db
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ def load_runtime(settings: EdgeSettings, model_dir: Path, version: str | None) -
         version=version,
         prefix_cache_mb=settings.prefix_cache_mb,
         max_tokens_cap=settings.max_tokens_cap,
+        drafting=DraftSettings(
+            tokens=settings.draft_tokens if settings.speculative else 0,
+            min_match=settings.draft_min_match,
+            cache_min_prob=settings.draft_cache_min_prob,
+        ),
     )
 
 

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from broker.settings import BusSettings, hg_home
+from edge.runtime.drafts import DRAFT_CACHE_MIN_PROB, DRAFT_MIN_MATCH, DRAFT_TOKENS
 from models.registry import EDGE_MODEL
 from serving.auth import KeyRing, parse_key_entries
 from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
@@ -43,6 +44,29 @@ class EdgeSettings(HttpSettings):
         default=MAX_TOKENS_CAP,
         ge=1,
         description=MAX_TOKENS_CAP_HELP,
+    )
+    speculative: bool = Field(
+        default=True,
+        description="Speculative decoding: draft tokens from the request's own text and the "
+        "user's n-gram cache and check them in one forward pass (the answers are the same); "
+        "a request's `speculative: false` or the policy's turns it off.",
+    )
+    draft_tokens: int = Field(
+        default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."
+    )
+    draft_min_match: int = Field(
+        default=DRAFT_MIN_MATCH,
+        ge=1,
+        le=16,
+        description="Draft from the request's text after its last this-many tokens occurred "
+        "before in it.",
+    )
+    draft_cache_min_prob: float = Field(
+        default=DRAFT_CACHE_MIN_PROB,
+        gt=0,
+        le=1,
+        description="Draft from a user's n-gram cache the tokens it gives at least this "
+        "probability.",
     )
     prefix_cache_mb: float = Field(
         default=256.0,

@@ -56,6 +56,12 @@ class PolicySettings(BaseModel):
         description="Mean log-probability of the k drafted tokens below which the request "
         "escalates to the cloud (the draft is discarded).",
     )
+    speculative: bool = Field(
+        default=True,
+        description="Edge nodes draft tokens from the request's own text and the user's "
+        "cache and check them in one forward pass (the same answers, sooner); false turns "
+        "it off.",
+    )
     latency_budget_ms: float = Field(
         default=2000.0,
         gt=0,

@@ -54,6 +54,16 @@ class Outcome:
     model_version: str | None = None
     #: The cloud worker that served it (its node id), when known.
     worker: str | None = None
+    #: Speculative decoding: tokens drafted, and how many of them the model accepted.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def usage(self) -> protocol.Usage:
+        """The answer's `usage`, with the drafting's counts where it drafted."""
+        details = None
+        if self.draft_tokens:
+            details = {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens}
+        return protocol.Usage.of(self.prompt_tokens, self.completion_tokens, details)
 
 
 @dataclass
@@ -134,7 +144,7 @@ class Answer:
         body = built[0]
         if len(built) > 1:
             body.choices = [choice for each in built for choice in each.choices]
-            body.usage = protocol.Usage.of(total.prompt_tokens, total.completion_tokens)
+            body.usage = total.usage()
         return tagged(body, self.final_tags(total))
 
     def _choice_body(self, index: int, answer: Whole) -> Any:
@@ -145,7 +155,7 @@ class Answer:
             "model": self.model,
             "text": answer.text,
             "finish_reason": outcome.finish_reason,
-            "usage": (outcome.prompt_tokens, outcome.completion_tokens),
+            "usage": outcome.usage(),
             "created": self.created,
             "logprobs": answer.scores if self.logprobs else None,
             "model_version": outcome.model_version or self.model_version,
@@ -192,7 +202,7 @@ class Answer:
             total = merge_outcomes(cast(list[Outcome], outcomes))
             self.count(total)
             if self.include_usage:
-                usage = streams[0].usage(total.prompt_tokens, total.completion_tokens)
+                usage = streams[0].usage(total.usage())
                 yield tagged(usage, self.final_tags(total))
         finally:
             for choice in choices:
@@ -232,6 +242,8 @@ def merge_outcomes(outcomes: Sequence[Outcome]) -> Outcome:
     return dataclasses.replace(
         first,
         completion_tokens=sum(outcome.completion_tokens for outcome in outcomes),
+        draft_tokens=sum(outcome.draft_tokens for outcome in outcomes),
+        accepted_tokens=sum(outcome.accepted_tokens for outcome in outcomes),
         completed_locally=any(outcome.completed_locally for outcome in outcomes),
     )
 

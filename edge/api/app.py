@@ -66,9 +66,15 @@ class EdgeMetrics:
     Args:
         http: the shared HTTP metrics (`install_common`); the edge's join their registry.
         queue_depth: reads the number of requests waiting for a slot, at scrape time.
+        drafts: reads the tokens drafted and accepted (speculative decoding), at scrape time.
     """
 
-    def __init__(self, http: HttpMetrics, queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        http: HttpMetrics,
+        queue_depth: Callable[[], float],
+        drafts: Callable[[], tuple[int, int]],
+    ) -> None:
         self.http = http
         self.routes = Counter(
             "hybridgen_edge_routes",
@@ -80,6 +86,18 @@ class EdgeMetrics:
             "hybridgen_edge_queue_depth", "Requests waiting for a slot.", registry=http.registry
         )
         self.queue_depth.set_function(queue_depth)
+        self.draft_tokens = Gauge(
+            "hybridgen_edge_draft_tokens",
+            "Tokens drafted for speculative decoding since the model loaded.",
+            registry=http.registry,
+        )
+        self.draft_tokens.set_function(lambda: float(drafts()[0]))
+        self.accepted_tokens = Gauge(
+            "hybridgen_edge_accepted_draft_tokens",
+            "Drafted tokens the model accepted since the model loaded.",
+            registry=http.registry,
+        )
+        self.accepted_tokens.set_function(lambda: float(drafts()[1]))
 
 
 def get_metrics(request: Request) -> EdgeMetrics:
@@ -154,7 +172,9 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     )
     if settings.metrics_require_key:
         protect_metrics(app, keys.api_keys)
-    app.state.edge_metrics = EdgeMetrics(http_metrics, lambda: _queue_depth(app))
+    app.state.edge_metrics = EdgeMetrics(
+        http_metrics, lambda: _queue_depth(app), lambda: _drafts(app)
+    )
     # Who the caller is, before anything else; the users a key covers are checked per use.
     app.include_router(openai_routes, dependencies=[Depends(authenticate(keys))])
     app.include_router(users_routes, dependencies=[Depends(authenticate(keys))])
@@ -166,6 +186,13 @@ def _queue_depth(app: FastAPI) -> float:
     if not hasattr(app.state, "service"):
         return 0.0
     return float(app.state.service.node.runtime.queue_depth)
+
+
+def _drafts(app: FastAPI) -> tuple[int, int]:
+    if not hasattr(app.state, "service"):
+        return 0, 0
+    runtime = app.state.service.node.runtime
+    return runtime.draft_tokens, runtime.accepted_tokens
 
 
 # ---------------------------------------------------------------------------------- routes

@@ -149,6 +149,8 @@ async def stream_local(
                     event.prompt_tokens,
                     event.completion_tokens,
                     model_version=model_version,
+                    draft_tokens=event.draft_tokens,
+                    accepted_tokens=event.accepted_tokens,
                 )
     finally:
         if outcome is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from broker.errors import BadRequest, Overloaded
 from edge.personal.adapt import NgramCache
+from edge.runtime.drafts import DraftSettings
 from edge.runtime.jobs import Generation, Job
 from edge.runtime.prefix import PrefixCache, kv_bytes_per_token, prefix_eligible
 from edge.runtime.worker import Worker
@@ -58,12 +59,15 @@ class EdgeRuntime(Worker):
             0 turns prefix reuse off).
         max_tokens_cap: most tokens of an answer whose options set no `max_tokens`
             (`serving.context.settle_max_tokens`).
+        drafting: speculative decoding's drafts (`edge.runtime.drafts`; `tokens` 0: off).
 
     Attributes:
         prefix_hits: requests that reused a kept prefix; `prefix_misses`: requests with a
             prefix key that prefilled it (none kept, mismatch, options differ, too short).
         cancelled: generations dropped before they finished (cancelled by their caller,
             a hang-up, or unloaded unfinished), so no token is spent on them any more.
+        draft_tokens, accepted_tokens, verifies: tokens drafted, drafted tokens the model
+            accepted, and forward passes that checked a draft (`edge.runtime.speculative`).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class EdgeRuntime(Worker):
         version: str | None = None,
         prefix_cache_mb: float = 256.0,
         max_tokens_cap: int = MAX_TOKENS_CAP,
+        drafting: DraftSettings | None = None,
     ) -> None:
         started = time.perf_counter()
         edge_model = EdgeModel(model_dir, threads)
@@ -88,6 +93,10 @@ class EdgeRuntime(Worker):
         self.max_active = max_active
         self.max_queue = max_queue
         self.max_tokens_cap = max_tokens_cap
+        self.drafting = drafting or DraftSettings()
+        #: Drafting on for new requests (the policy's switch; `drafting.tokens` 0: never).
+        self.speculative = True
+        self.draft_tokens = self.accepted_tokens = self.verifies = 0
         self.version = version or _version_of(self.model_dir)
         self._model = edge_model.model
         self._og_tokenizer = edge_model.og_tokenizer
@@ -141,6 +150,13 @@ class EdgeRuntime(Worker):
     def per_token_s(self) -> float:
         """Recent time of one decode step (seconds)."""
         return self._step_s
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """Share of drafted tokens the model accepted (None before any draft)."""
+        if not self.draft_tokens:
+            return None
+        return round(self.accepted_tokens / self.draft_tokens, 4)
 
     @property
     def prefix_cache_bytes(self) -> int:

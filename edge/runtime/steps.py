@@ -98,34 +98,49 @@ def mix_adapter(
     Returns the logsumexp of the mixed logits, or None when the gate is closed (the
     generator keeps its own logits).
     """
+    lse = mixed_row(adapter, context, raw[0, 0])
+    if lse is not None:
+        generator.set_logits(raw)
+    return lse
+
+
+def mixed_row(adapter: NgramCache, context: Sequence[int], logits: np.ndarray) -> float | None:
+    """Mix `adapter`'s prediction after `context` into (V,) `logits` in place.
+
+    Returns the logsumexp of the mixed logits, or None when the gate is closed (the logits
+    are left as they are).
+    """
     try:
         ids, probs, weight = adapter.predict(context)
     except (RuntimeError, KeyError):  # updated by another thread meanwhile: skip a step
         return None
     if weight <= 0.0:
         return None
-    if int(ids.max()) >= raw.shape[-1]:  # learned with another tokenizer: ignore those ids
-        keep = ids < raw.shape[-1]
+    if int(ids.max()) >= logits.shape[-1]:  # learned with another tokenizer: ignore those ids
+        keep = ids < logits.shape[-1]
         ids, probs = ids[keep], probs[keep]
         if len(ids) == 0:
             return None
-    logits = raw[0, 0]
     lse = logsumexp(logits)
     mix_logits(logits, ids, probs, weight, lse=lse)
-    generator.set_logits(raw)
     return mixed_logsumexp(lse, probs, weight)
 
 
 def apply_penalties(counts: TokenCounts, raw: np.ndarray, generator: Any) -> None:
     """Hand `generator` a penalized copy of `raw` ((1, 1, V) logits, an adapter's mixture
     included); `raw` itself is left as it is (the log-probabilities read it)."""
+    if counts.entries()[0]:
+        generator.set_logits(penalized_row(counts, raw[0, 0])[None, None, :])
+
+
+def penalized_row(counts: TokenCounts, logits: np.ndarray) -> np.ndarray:
+    """(V,) `logits` under the penalties: a copy (the same array when nothing is seen)."""
     ids, seen = counts.entries()
     if not ids:
-        return
+        return logits
     index = np.fromiter(ids, dtype=np.int64, count=len(ids))
-    penalized = raw.copy()
-    row = penalized[0, 0]
-    row[index] = penalize(
-        row[index], np.asarray(seen), counts.presence, counts.frequency, counts.repetition
+    penalized = logits.copy()
+    penalized[index] = penalize(
+        penalized[index], np.asarray(seen), counts.presence, counts.frequency, counts.repetition
     )
-    generator.set_logits(penalized)
+    return penalized

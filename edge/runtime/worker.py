@@ -24,9 +24,11 @@ from typing import Any
 
 from broker.errors import BadRequest, Internal
 from broker.wire import FinishReason
+from edge.runtime.drafts import DraftControl, DraftSettings
 from edge.runtime.events import Finished, Prefill, Token
 from edge.runtime.jobs import Job
 from edge.runtime.prefix import PREFIX_LENGTH_STEP, Kept, PrefixCache, reusable_depth
+from edge.runtime.speculative import draft_for, draw, rewind, step_rows
 from edge.runtime.steps import (
     apply_penalties,
     mix_adapter,
@@ -54,6 +56,11 @@ class Worker:
     cancelled: int
     prefix_hits: int
     prefix_misses: int
+    drafting: DraftSettings
+    speculative: bool
+    draft_tokens: int
+    accepted_tokens: int
+    verifies: int
     _model: Any
     _og_tokenizer: Any
     _lock: threading.Condition
@@ -117,10 +124,16 @@ class Worker:
 
     # ------------------------------------------------------------------ prefix reuse
 
+    def _search(self, job: Job) -> dict[str, Any]:
+        """onnxruntime-genai's search options for `job`'s generator: none but greedy for a
+        request the edge samples itself (`Job.own_sampling`)."""
+        if job.own_sampling:
+            return {"do_sample": False}
+        return search_options(job.options, self.vocab_size)
+
     def _prefix_cache_key(self, job: Job) -> Hashable:
-        """The LRU key: the prefix key and the sampling options a generator is made with."""
-        search = search_options(job.options, self.vocab_size)
-        return (job.prefix_key, tuple(sorted(search.items())))
+        """The LRU key: the prefix key and the search options a generator is made with."""
+        return (job.prefix_key, tuple(sorted(self._search(job).items())))
 
     def _take_prefix(self, job: Job, needed: int) -> tuple[Any, int]:
         """A kept generator rewound for `job` and how many tokens it supplies, or (None, 0)."""
@@ -170,6 +183,9 @@ class Worker:
             if generator is None:
                 return
         perplexity = prefill(generator, job.prompt_ids, job.score_span, start=reused)
+        job.kv_length = len(job.prompt_ids)
+        if job.own_sampling and job.options.speculative and self.speculative:
+            job.drafts = DraftControl(self.drafting, job.prompt_ids)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
         job.emit(
@@ -190,7 +206,7 @@ class Worker:
             step = PREFIX_LENGTH_STEP
             needed = min(self.context_length, -(-needed // step) * step)
             job.max_length = needed
-        search = search_options(job.options, self.vocab_size)
+        search = self._search(job)
         if job.grammar is None:
             return new_generator(self._model, needed, **search)
         try:
@@ -206,6 +222,9 @@ class Worker:
             return None
 
     def _step(self, job: Job) -> None:
+        if job.own_sampling:
+            self._step_own(job)
+            return
         generator = job.generator
         if generator.is_done() or job.remaining <= 0:
             self._finish(job, "length")
@@ -227,17 +246,62 @@ class Worker:
         generator.generate_next_token()
         token_id = int(generator.get_next_tokens()[0])
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+        if not self._emit(job, token_id, logits, mixed_lse) and generator.is_done():
+            self._finish(job, "length")
+
+    def _step_own(self, job: Job) -> None:
+        """A step of a request the edge samples itself, checking a draft when it has one
+        (`edge.runtime.speculative`)."""
+        if job.remaining <= 0:
+            self._finish(job, "length")
+            return
+        started = time.perf_counter()
+        draft = draft_for(job)
+        control = job.drafts
+        if draft:
+            assert control is not None
+            control.begin(len(draft))
+            self.draft_tokens += len(draft)
+            self.verifies += 1
+        rows = step_rows(job, draft)
+        accepted = made = 0
+        for i, row in enumerate(rows):
+            token_id, logits, mixed_lse = draw(job, row)
+            hit = i < len(draft) and token_id == draft[i]
+            if hit:  # counted before the token is sent: it may end the answer
+                assert control is not None
+                control.accept()
+                self.accepted_tokens += 1
+                accepted += 1
+            made += 1
+            if self._emit(job, token_id, logits, mixed_lse):
+                break
+            if not hit:  # the model's own token: the next step appends it
+                job.pending = token_id
+                break
+        if control is not None and draft:
+            control.end()
+            if not job.finished:
+                rewind(job, len(draft), accepted)
+        per_token = (time.perf_counter() - started) / made
+        self._step_s = 0.9 * self._step_s + 0.1 * per_token
+
+    def _emit(self, job: Job, token_id: int, logits: Any, mixed_lse: float | None) -> bool:
+        """Count and send one chosen token (`logits`: what its log-probability reads);
+        True when it ended the answer (an end token, a stop string, `max_tokens`)."""
         if job.adapter is not None:
             job.context.append(token_id)
         if job.penalties is not None:
             job.penalties.observe(token_id)
+        if job.drafts is not None:
+            job.drafts.append(token_id)
         logprob = token_logprob(logits, token_id, mixed_lse)
         job.completion_tokens += 1
         self.tokens_generated += 1
         if token_id in self.stop_token_ids:
             job.emit(Token(token_id=token_id, text="", logprob=logprob))
             self._finish(job, "stop")
-            return
+            return True
         released, stopped = job.stops.push(job.stream.decode(token_id))
         if job.options.logprobs:
             decode = self.edge_model.decode
@@ -247,8 +311,9 @@ class Worker:
             job.emit(Token(token_id=token_id, text=released, logprob=logprob))
         if stopped:
             self._finish(job, "stop", flush=False)
-        elif generator.is_done() or job.remaining <= 0:
+        elif job.remaining <= 0:
             self._finish(job, "length")
+        return job.finished
 
     def _finish(self, job: Job, reason: FinishReason, *, flush: bool = True) -> None:
         tail = job.stops.flush() if flush else ""
@@ -262,6 +327,8 @@ class Worker:
                 prompt_tokens=len(job.prompt_ids),
                 completion_tokens=job.completion_tokens,
                 text=tail,
+                draft_tokens=job.drafts.drafted if job.drafts is not None else 0,
+                accepted_tokens=job.drafts.accepted if job.drafts is not None else 0,
             )
         )
         job.cancelled = True  # dropped from the pool at the next pass

@@ -53,13 +53,20 @@ class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: hybridgen's speculative decoding, where the answer drafted tokens: `draft_tokens`
+    #: (proposed without the model) and `accepted_tokens` (kept; counted in
+    #: `completion_tokens`).
+    completion_tokens_details: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(
+        cls, prompt_tokens: int, completion_tokens: int, details: dict[str, int] | None = None
+    ) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=details,
         )
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from serving.protocol.builders import chat_chunk, completion_chunk
 from serving.protocol.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
-from serving.protocol.responses import ChatCompletionChunk, Completion
+from serving.protocol.responses import ChatCompletionChunk, Completion, Usage
 from serving.tools import CallStream
 from serving.tools import finish_reason as tools_finish_reason
 
@@ -42,7 +42,7 @@ class StreamChunks:
         *,
         first: bool = False,
         finish_reason: str | None = None,
-        usage: tuple[int, int] | None = None,
+        usage: Usage | tuple[int, int] | None = None,
         logprobs: Sequence[TokenLogprob] | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
         **extra: Any,
@@ -112,6 +112,6 @@ class StreamChunks:
         reason = tools_finish_reason(finish_reason, self.calls.calls)
         return [*out, self.finish(reason, **extra)]
 
-    def usage(self, prompt: int, completion: int, **extra: Any) -> ChatCompletionChunk | Completion:
+    def usage(self, usage: Usage, **extra: Any) -> ChatCompletionChunk | Completion:
         """The usage-only chunk after the last one (no choices)."""
-        return self._chunk(None, usage=(prompt, completion), **extra)
+        return self._chunk(None, usage=usage, **extra)
