@@ -92,7 +92,7 @@ def add_settings_arguments(
     help is the field's description plus "(default 32; env HG_EDGE_MAX_QUEUE)". The option's
     own default is None, so `settings_overrides` passes on only what was given and the
     environment and the field defaults stay in force otherwise. Lists become repeatable
-    options, booleans switches.
+    options, booleans switches (`--x`, and `--no-x` for one on by default).
 
     Args:
         parser: where to add the options.
@@ -113,8 +113,9 @@ def add_settings_arguments(
         origin = get_origin(annotation)
         args = [a for a in get_args(annotation) if a is not type(None)]
         kind = args[0] if origin in (UnionType, Union) and len(args) == 1 else annotation
-        if kind is bool:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        if kind is bool:  # a switch; one that is on by default also gets its --no- form
+            action = argparse.BooleanOptionalAction if default is True else "store_true"
+            parser.add_argument(flag, dest=name, action=action, default=None, help=help_text)
         elif get_origin(kind) is list:
             parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
         elif kind in (int, float, Path):

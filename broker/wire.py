@@ -123,7 +123,7 @@ class GenerateRequest(Message):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    #: Draft tokens and check them in one forward pass (the answer is the same); False: off.
+    #: Draft tokens and check them in one forward pass (the model still chooses each); False: off.
     speculative: bool = True
     #: Budget for the whole request, counted by each hop from when it receives it.
     timeout_ms: int | None = Field(default=None, gt=0)

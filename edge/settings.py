@@ -48,8 +48,8 @@ class EdgeSettings(HttpSettings):
     speculative: bool = Field(
         default=True,
         description="Speculative decoding: draft tokens from the request's own text and the "
-        "user's n-gram cache and check them in one forward pass (the answers are the same); "
-        "a request's `speculative: false` or the policy's turns it off.",
+        "user's n-gram cache and check them in one forward pass (each token is still the "
+        "model's own choice); a request's `speculative: false` or the policy's turns it off.",
     )
     draft_tokens: int = Field(
         default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."

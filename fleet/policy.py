@@ -59,8 +59,8 @@ class PolicySettings(BaseModel):
     speculative: bool = Field(
         default=True,
         description="Edge nodes draft tokens from the request's own text and the user's "
-        "cache and check them in one forward pass (the same answers, sooner); false turns "
-        "it off.",
+        "cache and check them in one forward pass (each token is still the model's own "
+        "choice); false turns it off.",
     )
     latency_budget_ms: float = Field(
         default=2000.0,

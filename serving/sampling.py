@@ -42,8 +42,8 @@ class SamplingParams:
             one of llama.cpp, vLLM and transformers on every token seen in the prompt or the
             answer ((0, 2]; 1: off). The rule is `serving.penalties`.
         speculative: let the server draft tokens (from the prompt, the conversation, the
-            user's own text) and check them in one forward pass; the answer is the one it
-            gives without drafting, only sooner. False: draft nothing.
+            user's own text) and check them in one forward pass, each token still drawn from
+            the model's own distribution. False: draft nothing.
     """
 
     max_tokens: int | None = None

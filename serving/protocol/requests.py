@@ -77,7 +77,7 @@ class _GenerationRequest(_Request):
     #: Not in OpenAI's API (llama.cpp's, vLLM's, transformers'): None: 1, off.
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     #: Extension: draft tokens from the prompt, the conversation and the user's own text and
-    #: check them in one forward pass (the answer is the same, sooner); False: off.
+    #: check them in one forward pass (each token still the model's own choice); False: off.
     speculative: bool = True
     #: Extension shared with the edge: opaque user id (personalization on the edge).
     user: str | None = Field(default=None, max_length=256)
