@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.runtime.drafts import DraftSettings
 from hybridgen.benches import BENCHES
 from hybridgen.benches import main as bench_main
 from hybridgen.benches import speculative as sp
@@ -20,7 +21,7 @@ from tests.fixtures_models import TINY_VERSION
 
 SET_KEYS = {
     "tasks", "available", "skipped", "prompt_tokens_mean", "completion_tokens", "tok_s_without",
-    "tok_s_with", "speedup", "draft_tokens", "accepted_tokens", "acceptance_rate",
+    "tok_s_with", "speedup", "draft_tokens", "accepted_tokens", "verifies", "acceptance_rate",
     "accepted_per_verify", "accepted_per_step", "plain_draft_tokens", "identical",
     "identical_share", "per_task",
 }  # fmt: skip
@@ -44,6 +45,8 @@ def test_quick_json_counts_every_task_and_share_exactly(
     )  # fmt: skip
     assert {"cpu", "load_average_start", "load_average_end"} <= set(result)
     assert result["versions"]["onnxruntime-genai"]
+    assert result["drafting"] == asdict(DraftSettings())
+    most = result["drafting"]["tokens"]
     context = result["context_length"]
     messages = st.load_messages()
     available = {"input_grounded": len(messages["input_grounded"]),
@@ -68,12 +71,15 @@ def test_quick_json_counts_every_task_and_share_exactly(
         completion = sum(t["completion_tokens"] for t in tasks)
         drafted = sum(t["draft_tokens"] for t in tasks)
         accepted = sum(t["accepted_tokens"] for t in tasks)
-        assert (row["completion_tokens"], row["draft_tokens"], row["accepted_tokens"]) == (
-            completion, drafted, accepted,
-        )  # fmt: skip
+        verifies = sum(t["verifies"] for t in tasks)
+        assert (row["completion_tokens"], row["draft_tokens"], row["accepted_tokens"],
+                row["verifies"]) == (completion, drafted, accepted, verifies)  # fmt: skip
+        # Each verify checks one draft of 1 to `most` tokens.
+        assert verifies <= drafted <= verifies * most
         assert row["plain_draft_tokens"] == 0
         assert (row["identical"], row["identical_share"]) == (plan.tasks, 1.0)
         assert row["acceptance_rate"] == (round(accepted / drafted, 4) if drafted else None)
+        assert row["accepted_per_verify"] == (round(accepted / verifies, 4) if verifies else None)
         assert row["accepted_per_step"] == round(accepted / (completion - accepted), 4)
         assert row["prompt_tokens_mean"] == round(sum(t["prompt_tokens"] for t in tasks) / 2, 1)
     # The two shortest prompts of each set, in the set's order (personas' samples are all
@@ -100,23 +106,26 @@ def test_quick_json_counts_every_task_and_share_exactly(
         assert goal["goal"] == f"{op} {bound}"
 
 
-def _run(tokens: tuple[int, ...], seconds: float, drafted: int = 0, accepted: int = 0) -> sp.Run:
+def _run(
+    tokens: tuple[int, ...], seconds: float, drafted: int = 0, accepted: int = 0, verifies: int = 0
+) -> sp.Run:
     return sp.Run(tokens, "".join(map(str, tokens)), "length", len(tokens), drafted, accepted,
-                  seconds)  # fmt: skip
+                  seconds, verifies)  # fmt: skip
 
 
 def test_set_figures_from_known_runs() -> None:
     """Two tasks, two rounds: rates are the tokens after each first over the summed decode
     time, the speedup the median of the rounds' ratios; a task whose drafted answer differs
     counts out of the identical share and keeps each mode's texts; drafting counts add up over the
-    drafted runs, accepted per step = accepted / (completion - accepted)."""
+    drafted runs, accepted per verify = accepted / verifies, accepted per step = accepted /
+    (completion - accepted)."""
     a, b = st.Task("a", "quote", "test", (1, 2, 3)), st.Task("b", "edit", "test", (4, 5))
     same, other = (7, 8, 9, 10, 11), (7, 8, 9, 10, 12)
     runs: list[sp.Runs] = [
         ([_run(same, 1.0), _run(same, 1.0)],
-         [_run(same, 0.5, 4, 3), _run(same, 0.25, 4, 3)]),
+         [_run(same, 0.5, 4, 3, 2), _run(same, 0.25, 4, 3, 2)]),
         ([_run(same, 1.0), _run(same, 3.0)],
-         [_run(same, 0.5, 2, 1), _run(other, 1.0, 2, 1)]),
+         [_run(same, 0.5, 2, 1, 1), _run(other, 1.0, 2, 1, 1)]),
     ]  # fmt: skip
     figures = sp.set_figures(st.Selection([a, b], available=3, skipped=["c"]), runs)
     rows = figures.pop("per_task")
@@ -124,13 +133,13 @@ def test_set_figures_from_known_runs() -> None:
     assert figures == {
         "tasks": 2, "available": 3, "skipped": ["c"], "prompt_tokens_mean": 2.5,
         "completion_tokens": 10, "tok_s_without": 3.0, "tok_s_with": 7.2, "speedup": 2.6,
-        "draft_tokens": 12, "accepted_tokens": 8, "acceptance_rate": 0.6667,
-        "accepted_per_verify": None, "accepted_per_step": round(8 / (20 - 8), 4),
+        "draft_tokens": 12, "accepted_tokens": 8, "verifies": 6, "acceptance_rate": 0.6667,
+        "accepted_per_verify": 1.3333, "accepted_per_step": round(8 / (20 - 8), 4),
         "plain_draft_tokens": 0, "identical": 1, "identical_share": 0.5,
     }  # fmt: skip
     assert rows[0] == {"id": "a", "kind": "quote", "prompt_tokens": 3, "completion_tokens": 5,
                        "finish_reason": "length", "identical": True, "draft_tokens": 4,
-                       "accepted_tokens": 3, "speedup": 3.0}  # fmt: skip
+                       "accepted_tokens": 3, "verifies": 2, "speedup": 3.0}  # fmt: skip
     assert (rows[1]["identical"], rows[1]["speedup"]) == (False, 2.5)
     assert rows[1]["texts"] == {"without": ["7891011"], "with": ["7891011", "7891012"]}
 

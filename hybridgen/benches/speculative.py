@@ -12,22 +12,24 @@ to round, so drift on a shared machine hits both alike. For each set:
 - `tok_s_without`, `tok_s_with`: decode tokens/s, the set's tokens after each answer's first
   over the time from its Prefill event to its Finished event, summed over the set (the median
   over rounds); `speedup`: the median over rounds of the round's with / without;
-- `draft_tokens`, `accepted_tokens` (as the runtime reports them, summed over the drafted
-  runs), `acceptance_rate` (accepted / drafted); `accepted_per_verify` needs the runtime's
-  count of verify forwards and is null while it reports none; `accepted_per_step` is accepted
-  tokens per decode step (each step, plain or verifying, adds one token the model chose
-  itself, so steps = completion tokens - accepted tokens): a verify is a step, so this is a
-  floor of `accepted_per_verify`; `plain_draft_tokens` (drafted without drafting) is 0;
+- `draft_tokens`, `accepted_tokens` (as each answer reports them) and `verifies` (the forward
+  passes that checked a draft: the runtime's count, read around each answer), summed over the
+  drafted runs; `acceptance_rate` (accepted / drafted), `accepted_per_verify` (accepted /
+  verifies) and `accepted_per_step`, accepted tokens per decode step, plain or verifying
+  (each step adds one token the model chose itself, so steps = completion tokens - accepted
+  tokens); `plain_draft_tokens` (drafted without drafting) is 0;
 - `identical_share`: the share of tasks whose every run, with and without drafting, gave the
   same answer (tokens, text, finish reason); a task that differs keeps each mode's texts.
 
 Beside the sets, the drafted edge against llama.cpp, which is not installed here: the decode
 figures of ../shared/FACTS.md (LLAMA_CPP_FACTS, llama.cpp Q4_0 and onnxruntime-genai int4 in
-one rotated run) as constants. `drafted_vs_llama_cpp` scales llama.cpp's figure by this run's
+one rotated run, on an AVX-512 machine: `same_cpu_kind` says whether this one has AVX-512) as
+constants. `drafted_vs_llama_cpp` scales llama.cpp's figure by this run's
 plain decode on the input-grounded set (the input-grounded speedup times onnxruntime-genai's
 rate over llama.cpp's), so the machine's load cancels; `drafted_vs_llama_cpp_facts` divides by
 the FACTS figure as it stands. The issue's goals (GOALS) and whether each is met; the CPU, the
-load average before and after, the thread count and the versions. `--quick` answers two tasks
+load average before and after, the thread count, the runtime's draft settings and the
+versions. `--quick` answers two tasks
 per set with a few tokens: a check that the bench runs, not a measurement.
 """
 
@@ -99,6 +101,7 @@ class Run:
     draft_tokens: int
     accepted_tokens: int
     decode_s: float
+    verifies: int
 
     @property
     def answer(self) -> tuple[tuple[int, ...], str, str]:
@@ -106,11 +109,12 @@ class Run:
 
 
 async def answer(runtime: Any, task: st.Task, options: SamplingParams) -> Run:
-    """`task` answered once by `runtime`; its decode time from Prefill to Finished."""
+    """`task` answered once by `runtime` (nothing else running on it); its decode time from
+    Prefill to Finished, and the runtime's verify passes meanwhile."""
     from edge.runtime import Finished, Prefill, Token
 
     tokens: list[int] = []
-    text, begun = "", time.perf_counter()
+    text, begun, verifies = "", time.perf_counter(), runtime.verifies
     async for event in runtime.submit(list(task.prompt_ids), options, adapter=task.adapter()):
         if isinstance(event, Prefill):
             begun = time.perf_counter()
@@ -120,7 +124,7 @@ async def answer(runtime: Any, task: st.Task, options: SamplingParams) -> Run:
         elif isinstance(event, Finished):
             return Run(tuple(tokens), text + event.text, event.finish_reason,
                        event.completion_tokens, event.draft_tokens, event.accepted_tokens,
-                       time.perf_counter() - begun)  # fmt: skip
+                       time.perf_counter() - begun, runtime.verifies - verifies)  # fmt: skip
     raise RuntimeError(f"task {task.id}: the generation ended without a Finished event")
 
 
@@ -187,6 +191,7 @@ def task_row(task: st.Task, plain: list[Run], drafted: list[Run]) -> dict[str, A
         "identical": identical,
         "draft_tokens": drafted[0].draft_tokens,
         "accepted_tokens": drafted[0].accepted_tokens,
+        "verifies": drafted[0].verifies,
         "speedup": _round(
             _median([_ratio(_rate([d]), _rate([p])) for p, d in zip(plain, drafted, strict=True)]),
             3,
@@ -207,6 +212,7 @@ def set_figures(selection: st.Selection, runs: list[Runs]) -> dict[str, Any]:
     drafted = [run for _, d in runs for run in d]
     accepted = sum(r.accepted_tokens for r in drafted)
     drafts = sum(r.draft_tokens for r in drafted)
+    verifies = sum(r.verifies for r in drafted)
     steps = sum(r.completion_tokens for r in drafted) - accepted
     identical = sum(row["identical"] for row in rows)
     return {
@@ -223,8 +229,9 @@ def set_figures(selection: st.Selection, runs: list[Runs]) -> dict[str, Any]:
         ),
         "draft_tokens": drafts,
         "accepted_tokens": accepted,
+        "verifies": verifies,
         "acceptance_rate": _round(_ratio(accepted, drafts), 4),
-        "accepted_per_verify": None,  # the runtime reports no count of verify forwards
+        "accepted_per_verify": _round(_ratio(accepted, verifies), 4),
         "accepted_per_step": _round(_ratio(accepted, steps), 4),
         "plain_draft_tokens": sum(r.draft_tokens for p, _ in runs for r in p),
         "identical": identical,
@@ -236,7 +243,8 @@ def set_figures(selection: st.Selection, runs: list[Runs]) -> dict[str, Any]:
 def llama_cpp(grounded: dict[str, Any], threads: int) -> dict[str, Any]:
     """The drafted edge's input-grounded decode beside FACTS' llama.cpp figure at `threads`."""
     found = bool(shutil.which("llama-cli") or importlib.util.find_spec("llama_cpp"))
-    result: dict[str, Any] = {"facts": FACTS_LINE, "threads": threads, "installed": found}
+    result: dict[str, Any] = {"facts": FACTS_LINE, "threads": threads, "installed": found,
+                              "same_cpu_kind": cpu_info()["flags"]["avx512f"]}  # fmt: skip
     facts = LLAMA_CPP_FACTS.get(threads)
     if facts is None:
         result["note"] = f"FACTS has no llama.cpp figure at {threads} threads"
@@ -308,6 +316,7 @@ def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict
         "threads": threads,
         "plan": asdict(plan),
         "context_length": runtime.context_length,
+        "drafting": asdict(runtime.drafting),
         "sets": figures,
         "llama_cpp": llama,
         "goals": goals(figures, llama),
@@ -329,22 +338,27 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"speculative  set={result['set']}  threads={result['threads']}  max_tokens "
           f"{plan['max_tokens']}, {plan['rounds']} rounds  cpu {cpu['model']} ({flags})  "
           f"load {result['load_average_start']} -> {result['load_average_end']}")  # fmt: skip
+    print("  drafts: " + ", ".join(f"{k} {v}" for k, v in result["drafting"].items()))
     print(f"  {'set':<15} {'tasks':>5} {'tok/s off':>9} {'tok/s on':>9} {'speedup':>7} "
-          f"{'drafted':>8} {'accepted':>8} {'acc/step':>8} {'identical':>9}")  # fmt: skip
+          f"{'drafted':>8} {'accepted':>8} {'verifies':>8} {'acc/verify':>10} {'acc/step':>8} "
+          f"{'identical':>9}")  # fmt: skip
     for name, row in result["sets"].items():
         print(f"  {name:<15} {row['tasks']:>5} {_cell(row['tok_s_without'], '9.1f'):>9} "
               f"{_cell(row['tok_s_with'], '9.1f'):>9} {_cell(row['speedup'], '6.2f'):>6}x "
-              f"{row['draft_tokens']:>8} {row['accepted_tokens']:>8} "
+              f"{row['draft_tokens']:>8} {row['accepted_tokens']:>8} {row['verifies']:>8} "
+              f"{_cell(row['accepted_per_verify'], '10.2f'):>10} "
               f"{_cell(row['accepted_per_step'], '8.2f'):>8} "
               f"{row['identical']:>4}/{row['tasks']:<4}")  # fmt: skip
         if row["skipped"]:
-            print(f"    left out (beyond the context): {', '.join(row['skipped'])}")
+            print(f"    {len(row['skipped'])} left out, beyond the context (`skipped`)")
     llama = result["llama_cpp"]
     if llama["drafted_vs_llama_cpp"] is not None:
+        kind = "" if llama["same_cpu_kind"] else " (FACTS: AVX-512; this CPU has none)"
+        facts = _cell(llama["drafted_vs_llama_cpp_facts"], ".2f")
         print(f"  drafted input-grounded decode vs llama.cpp Q4_0 ({llama['llama_cpp_q4_0_tok_s']} "
               f"tok/s at {llama['threads']} threads in FACTS; not installed here): "
               f"{llama['drafted_vs_llama_cpp']:.2f}x scaled by this run's plain decode, "
-              f"{_cell(llama['drafted_vs_llama_cpp_facts'], '.2f')}x as FACTS has it")  # fmt: skip
+              f"{facts}x as FACTS has it{kind}")  # fmt: skip
     else:
         print(f"  llama.cpp: {llama['note']}")
     for key, goal in result["goals"].items():
