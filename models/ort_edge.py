@@ -41,21 +41,16 @@ def load_model(folder: Path, threads: int = 1) -> Any:
     return og.Model(config)
 
 
-def new_generator(
-    model: Any, max_length: int, *, guidance: tuple[str, str] | None = None, **search: Any
-) -> Any:
+def new_generator(model: Any, max_length: int, **search: Any) -> Any:
     """A fresh `onnxruntime_genai.Generator` over `model` (an `og.Model`).
 
     `max_length` bounds the sequence it holds (prompt and generated tokens); `search` are
-    further search options (for example `do_sample=False`); `guidance` is a grammar's
-    (type, data) for the built-in llguidance (raises when the model refuses it).
+    further search options (for example `do_sample=False`).
     """
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, **search)
-    if guidance is not None:
-        params.set_guidance(*guidance)
     return og.Generator(model, params)
 
 

@@ -4,8 +4,8 @@ Torch-free and model-runtime-free (only `llguidance`'s grammar compiler, to chec
 early). A `Grammar` is what a request asks for (`response_format` today; a forced tool call
 later); each engine turns it into its own decoder's constraint:
 
-* the edge: onnxruntime-genai's built-in llguidance, `GeneratorParams.set_guidance(*og_guidance())`;
-* the cloud: an `llguidance.LLMatcher(tokenizer, grammar.llguidance())` per batch row.
+* both ends: an `llguidance.LLMatcher(tokenizer, grammar.llguidance())` per request (the edge,
+  `edge.runtime.guided`) or per batch row (the cloud, `cloud.sampling`).
 
 Both ends therefore run the same llguidance grammar on the same text, and a grammar that
 travels on the bus (`wire.GenerateRequest.grammar`, a request that falls back to the cloud)
@@ -45,9 +45,6 @@ MAX_GRAMMAR_CHARS = wire.MAX_GRAMMAR_CHARS
 #: The schema of `response_format: {"type": "json_object"}`: any JSON object.
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
-#: onnxruntime-genai's name of each kind (`GeneratorParams.set_guidance`).
-_OG_KINDS: dict[str, str] = {"json_schema": "json_schema", "lark": "lark_grammar", "regex": "regex"}
-
 
 @dataclass(frozen=True)
 class Grammar:
@@ -63,16 +60,12 @@ class Grammar:
     data: str
 
     def llguidance(self) -> str:
-        """The grammar for `llguidance.LLMatcher(tokenizer, ...)` (the cloud's matcher)."""
+        """The grammar for `llguidance.LLMatcher(tokenizer, ...)` (both ends' matchers)."""
         if self.kind == "json_schema":
             return llguidance.LLMatcher.grammar_from_json_schema(self.data)
         if self.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(self.data)
         return llguidance.LLMatcher.grammar_from_regex(self.data)
-
-    def og_guidance(self) -> tuple[str, str]:
-        """`(type, data)` for onnxruntime-genai's `GeneratorParams.set_guidance` (the edge)."""
-        return _OG_KINDS[self.kind], self.data
 
     def check(self, param: str = "response_format") -> Grammar:
         """Compile the grammar once (no tokenizer needed) and return it.

@@ -147,15 +147,15 @@ async def test_a_prefix_that_does_not_match_falls_back(runtime: EdgeRuntime) -> 
     )
     same(again, want)
     assert again[0].reused_tokens == other_len and runtime.prefix_hits == 1
-    # Sampling options are part of the key: a sampled request prefills its own.
+    # The kept generator holds only the KV cache (the edge samples): a sampled request, and a
+    # seeded one, reuse it too, and the seed still reproduces its answer, as without reuse.
     sampled = SamplingParams(max_tokens=4, temperature=0.8)
     first = await run(
         runtime.submit(
             other_ids, sampled, score_span=other_span, prefix_key="k", prefix_len=other_len
         )
     )
-    assert first[0].reused_tokens == 0
-    # A seeded sampled request never reuses (the seed must reproduce): same outputs twice.
+    assert first[0].reused_tokens == other_len
     seeded = SamplingParams(max_tokens=8, temperature=0.8, seed=7)
     outputs = [
         await run(
@@ -165,8 +165,9 @@ async def test_a_prefix_that_does_not_match_falls_back(runtime: EdgeRuntime) -> 
         )
         for _ in range(2)
     ]
-    assert outputs[0][1] == outputs[1][1]
-    assert [o[0].reused_tokens for o in outputs] == [0, 0]
+    unkeyed = await run(runtime.submit(other_ids, seeded, score_span=other_span))
+    assert outputs[0][1] == outputs[1][1] == unkeyed[1]
+    assert [o[0].reused_tokens for o in outputs] == [other_len, other_len]
 
 
 async def test_the_lru_evicts_by_memory_budget(tiny_models: ModelSet) -> None:

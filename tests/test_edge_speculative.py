@@ -5,6 +5,7 @@ option together with drafting, drafts cut at `max_tokens` and stop strings, canc
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import Counter
@@ -272,7 +273,7 @@ async def test_a_draft_stops_at_max_tokens_and_at_a_stop_string(runtime: EdgeRun
     assert (end.finish_reason, end.completion_tokens) == ("stop", plain_end.completion_tokens)
 
 
-async def test_no_drafts_when_turned_off_or_under_a_grammar(runtime: EdgeRuntime) -> None:
+async def test_no_drafts_when_turned_off(runtime: EdgeRuntime) -> None:
     options = SamplingParams(max_tokens=16, temperature=0)
     ids = runtime.encode(REPEATING)
     _, end = await run(runtime.submit(ids, replace(options, speculative=False)))
@@ -281,11 +282,28 @@ async def test_no_drafts_when_turned_off_or_under_a_grammar(runtime: EdgeRuntime
     _, end = await run(runtime.submit(ids, options))
     assert end.draft_tokens == 0
     runtime.speculative = True
-    grammar = json_schema_grammar({"type": "string"})
-    _, end = await run(runtime.submit(ids, options, grammar=grammar))
-    assert end.draft_tokens == 0
     _, end = await run(runtime.submit(ids, options))
     assert end.draft_tokens > 0
+
+
+async def test_a_grammar_drafts_the_text_it_forces(runtime: EdgeRuntime) -> None:
+    """Under a JSON schema the key and its punctuation are forced: drafted and kept, and
+    the answer is the one without drafting, valid under the schema."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 6}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    grammar = json_schema_grammar(schema)
+    options = SamplingParams(max_tokens=40, temperature=0)
+    (plain, plain_end), (drafted, end) = await both(runtime, "x", options, grammar=grammar)
+    assert ids_of(drafted) == ids_of(plain)
+    text = "".join(t.text for t in drafted) + end.text
+    assert (end.finish_reason, plain_end.finish_reason) == ("stop", "stop")
+    assert list(json.loads(text)) == ["name"]
+    forced = len(runtime.encode('{"name":"'))
+    assert end.accepted_tokens >= forced - 1  # all but the first, drawn from the prefill
 
 
 class PausingCache(NgramCache):

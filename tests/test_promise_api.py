@@ -206,8 +206,8 @@ TOOLS: list[dict[str, Any]] = [
 #: `auto` with the `PICK` schema, sampled: on these seeds each end's tiny model answers in
 #: text, on `CALL_SEED` it calls `w` (found by trying seeds; sampling is seeded, so each
 #: makes the same choice on every run). Greedy, the cloud model always calls.
-TEXT_SEED = {"edge": 3, "edge-to-cloud": 1, "cloud": 1}
-CALL_SEED = {"edge": 1, "edge-to-cloud": 2, "cloud": 2}
+TEXT_SEED = {"edge": 1, "edge-to-cloud": 1, "cloud": 1}
+CALL_SEED = {"edge": 3, "edge-to-cloud": 2, "cloud": 2}
 AUTO: dict[str, Any] = {
     "messages": ASK, "tools": TOOLS, "tool_choice": "auto", "temperature": 1.0,
     "max_tokens": 45,

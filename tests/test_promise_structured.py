@@ -36,9 +36,11 @@ async def run(
     return prefill, text
 
 
-async def test_a_constrained_request_never_reuses_a_kept_persona_prefix(
+async def test_a_constrained_request_reuses_a_kept_persona_prefix(
     runtime: EdgeRuntime,
 ) -> None:
+    """The grammar's state lives in the request, not in the generator: a constrained request
+    reuses a kept persona prefix, and answers what it answers with a full prefill."""
     messages = [{"role": "system", "content": PERSONA}, {"role": "user", "content": "List files?"}]
     rendered = runtime.render_chat(messages)
     ids, span = encode_with_span(runtime.encode, rendered, user_span(messages, rendered))
@@ -52,11 +54,11 @@ async def test_a_constrained_request_never_reuses_a_kept_persona_prefix(
 
     first, _ = await run(runtime, ids, GREEDY, **keyed)  # prefills and keeps the persona
     assert first.reused_tokens == 0
+    whole, expected = await run(runtime, ids, GREEDY, grammar=grammar, score_span=span)
+    assert whole.reused_tokens == 0  # no key: a full prefill
     constrained, text = await run(runtime, ids, GREEDY, grammar=grammar, **keyed)
-    assert constrained.reused_tokens == 0
-    assert text.startswith("{")  # (it ran under its grammar)
-    plain, _ = await run(runtime, ids, GREEDY, **keyed)  # the kept prefix was there to reuse
-    assert plain.reused_tokens == prefix_len
+    assert constrained.reused_tokens == prefix_len
+    assert text == expected and text.startswith("{")  # (it ran under its grammar)
     assert runtime.prefix_hits == 1
 
 

@@ -99,6 +99,7 @@ class EdgeRuntime(Worker):
         self.draft_tokens = self.accepted_tokens = self.verifies = 0
         self.version = version or _version_of(self.model_dir)
         self._model = edge_model.model
+        self._grammar_tokenizer: Any = None  # llguidance's, built on first use (guided)
         self._og_tokenizer = edge_model.og_tokenizer
         self.tokenizer = edge_model.tokenizer
         self.stop_token_ids = edge_model.stop_token_ids
@@ -166,7 +167,7 @@ class EdgeRuntime(Worker):
     @property
     def prefix_cache_keys(self) -> list[Hashable]:
         """Prefix keys of the kept generators, least recently used first."""
-        return [key[0] for key in self._prefix.snapshot() if isinstance(key, tuple)]
+        return list(self._prefix.snapshot())
 
     def forget_prefixes(self, match: Callable[[Hashable], bool]) -> int:
         """Drop the kept prefixes whose key `match`es (a deleted or reset user's, see
@@ -245,13 +246,13 @@ class EdgeRuntime(Worker):
         `prefix_key` (e.g. a hash of the user's persona) and `prefix_len` (how many of the
         prompt's first tokens are that persona/system part, see `prefix_length`) let the
         request reuse a kept prefill of those tokens and keep its own for the next request
-        with the key (`edge.runtime.prefix`: options must match, no seeded sampling). Reuse never
-        changes the outputs; the Prefill event's `reused_tokens` tells whether it happened.
+        with the key (`edge.runtime.prefix`; any options). Reuse never changes the outputs;
+        the Prefill event's `reused_tokens` tells whether it happened.
 
-        `grammar` constrains the output (`serving.grammar`: onnxruntime-genai's built-in
-        llguidance masks every step, and forces an end token once the grammar is complete).
-        The guidance state lives in the generator, so a constrained request never reuses or
-        keeps a prefix generator; an adapter still mixes into the logits it masks.
+        `grammar` constrains the output (`serving.grammar`, held by the request's own
+        `llguidance.LLMatcher`, `edge.runtime.guided`: every position is masked, and an end
+        token is forced once the grammar is complete); an adapter still mixes into the logits
+        it masks, and the text the grammar forces is drafted.
 
         The options' penalties (`serving.penalties`) read the prompt and the answer; the
         prompt's last `answer_tokens` are the answer so far (an answer the edge finishes
@@ -264,9 +265,7 @@ class EdgeRuntime(Worker):
         """
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
-        eligible = grammar is None and prefix_eligible(
-            prefix_key, prefix_len, prompt_ids, options, self._prefix.budget_bytes
-        )
+        eligible = prefix_eligible(prefix_key, prefix_len, prompt_ids, self._prefix.budget_bytes)
         settled = options.with_max_tokens(
             self.settle_max_tokens(len(prompt_ids), options.max_tokens)
         )

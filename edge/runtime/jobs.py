@@ -12,8 +12,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Hashable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edge.personal.adapt import NgramCache
 from edge.runtime.drafts import DraftControl
 from edge.runtime.events import Event, Finished
@@ -79,19 +77,16 @@ class Job:
         self.released = False  # its generator went back to the prefix cache
         self.finished = False  # its Finished event was sent
         self.epoch = 0  # the prefix cache's forget epoch when it was submitted
-        # The edge's own sampling (`edge.runtime.speculative`), for a request without a
-        # grammar: its random generator, the chosen token not yet in the KV cache, how many
-        # tokens the KV cache holds, and its drafting (None: off; set at the prefill).
-        self.rng: np.random.Generator | None = None if grammar else new_rng(options)
+        # The edge's own sampling (`edge.runtime.speculative`): the request's random
+        # generator, the chosen token not yet in the KV cache, how many tokens the KV cache
+        # holds, its drafting (None: off) and its grammar's matcher (`edge.runtime.guided`;
+        # both set at the prefill), and the token that ends it if its grammar breaks.
+        self.rng = new_rng(options)
         self.pending: int | None = None
         self.kv_length = 0
         self.drafts: DraftControl | None = None
-
-    @property
-    def own_sampling(self) -> bool:
-        """Sampled by the edge (`edge.runtime.sampler`), not by onnxruntime-genai's search:
-        every request but a constrained one."""
-        return self.grammar is None
+        self.matcher: Any = None
+        self.end_token = 0
 
     def emit(self, event: Event | BaseException) -> None:
         try:

@@ -8,19 +8,16 @@ share one past/present buffer sized to it). The next request with that key takes
 (exclusively: a second request with the same key meanwhile simply prefills a generator of its
 own; the one released last is kept), `rewind_to(n)` and appends only the rest of its prompt.
 
-Onnxruntime-genai 0.18 cannot change a generator's search options once it is made
-(`set_search_options` exists on `GeneratorParams` only), so a kept generator is keyed by
-(prefix key, sampling options): temperature, top-p and top-k must match, and a request with a
-`seed` and temperature > 0 never reuses (a kept generator's random stream has moved on, the
-seed would not reproduce). Penalties are no search option: the request's job keeps the
-tokens they read (`edge.runtime.steps.apply_penalties`), so they neither split the key nor
-leave anything in a kept generator. Its `max_length` is the request's need rounded up to
-`PREFIX_LENGTH_STEP`; a later request that needs more prefills a fresh, larger one, which then
-replaces it. The kept prefix tokens are compared with the request's before reuse, so a key
-reused for another persona falls back to a full prefill. The prompt perplexity still works:
-`n` stays below the first scored position (the user's message lies after the persona), so a
-request scoring the prefix itself does not reuse. Greedy outputs are the same as without
-reuse (tested).
+A kept generator holds only the KV cache: the edge samples each token itself with the
+request's own random generator (`edge.runtime.sampler`), and the request's job holds its
+penalties' counts and its grammar's matcher. So the key is the prefix key alone, and any
+sampling options, seed, penalties or grammar may reuse it. Its `max_length` is the request's
+need rounded up to `PREFIX_LENGTH_STEP`; a later request that needs more prefills a fresh,
+larger one, which then replaces it. The kept prefix tokens are compared with the request's
+before reuse, so a key reused for another persona falls back to a full prefill. The prompt
+perplexity still works: `n` stays below the first scored position (the user's message lies
+after the persona), so a request scoring the prefix itself does not reuse. Greedy and seeded
+outputs are the same as without reuse (tested).
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from models.scoring import scored_positions
-from serving.sampling import SamplingParams
 
 #: A kept generator's max_length is the request's need rounded up to this many tokens.
 PREFIX_LENGTH_STEP = 256
@@ -59,16 +55,12 @@ def prefix_eligible(
     prefix_key: Hashable | None,
     prefix_len: int,
     prompt_ids: Sequence[int],
-    options: SamplingParams,
     budget_bytes: int,
 ) -> bool:
-    """Whether a request may reuse or keep a prefix (else it runs as without a key)."""
-    return (
-        prefix_key is not None
-        and budget_bytes > 0
-        and 0 < prefix_len <= len(prompt_ids)
-        and (options.greedy or options.seed is None)
-    )
+    """Whether a request may reuse or keep a prefix (else it runs as without a key). A kept
+    generator holds only the KV cache (the edge samples and holds any grammar itself), so
+    any sampling options or grammar may reuse it."""
+    return prefix_key is not None and budget_bytes > 0 and 0 < prefix_len <= len(prompt_ids)
 
 
 def reusable_depth(

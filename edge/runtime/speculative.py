@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge.runtime.guided import grammar_draft, masked
 from edge.runtime.sampler import choose
 from edge.runtime.steps import mixed_row, penalized_row
 
@@ -36,7 +37,10 @@ def draft_for(job: Job) -> list[int]:
         return []
     # The pending token is counted already; a verify of k drafts may add k + 1 tokens.
     limit = job.remaining - 1
-    return control.propose(limit, job.adapter, job.context)
+    lookup = control.propose(limit, job.adapter, job.context)
+    if job.matcher is None:
+        return lookup
+    return grammar_draft(job.matcher, lookup, min(limit, control.settings.tokens))
 
 
 def step_rows(job: Job, draft: list[int]) -> np.ndarray:
@@ -55,11 +59,15 @@ def step_rows(job: Job, draft: list[int]) -> np.ndarray:
 def draw(job: Job, row: np.ndarray) -> tuple[int, np.ndarray, float | None]:
     """The request's token at one position: (token, the logits its log-probability reads,
     their mixed logsumexp or None)."""
-    assert job.rng is not None  # an own-sampling request's (`Job.own_sampling`)
     logits = np.array(row, dtype=np.float32)  # a copy: mixed in place
     mixed_lse = mixed_row(job.adapter, job.context, logits) if job.adapter is not None else None
     sampled = penalized_row(job.penalties, logits) if job.penalties is not None else logits
-    return choose(sampled, job.options, job.rng), logits, mixed_lse
+    if job.matcher is None:
+        return choose(sampled, job.options, job.rng), logits, mixed_lse
+    allowed = masked(job.matcher, sampled)
+    token = job.end_token if allowed is None else choose(allowed, job.options, job.rng)
+    job.matcher.consume_token(token)
+    return token, logits, mixed_lse
 
 
 def rewind(job: Job, drafted: int, accepted: int) -> None:

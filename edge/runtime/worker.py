@@ -19,23 +19,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 from broker.errors import BadRequest, Internal
 from broker.wire import FinishReason
 from edge.runtime.drafts import DraftControl, DraftSettings
 from edge.runtime.events import Finished, Prefill, Token
+from edge.runtime.guided import grammar_tokenizer, new_matcher
 from edge.runtime.jobs import Job
 from edge.runtime.prefix import PREFIX_LENGTH_STEP, Kept, PrefixCache, reusable_depth
 from edge.runtime.speculative import draft_for, draw, rewind, step_rows
-from edge.runtime.steps import (
-    apply_penalties,
-    mix_adapter,
-    search_options,
-    token_logprob,
-    top_scores,
-)
+from edge.runtime.steps import token_logprob, top_scores
 from models.ort_edge import EdgeModel, new_generator
 from models.scoring import prefill, scored_positions
 
@@ -47,6 +42,7 @@ class Worker:
 
     # Set by EdgeRuntime.__init__.
     edge_model: EdgeModel
+    model_dir: Path
     context_length: int
     vocab_size: int
     max_active: int
@@ -62,6 +58,7 @@ class Worker:
     accepted_tokens: int
     verifies: int
     _model: Any
+    _grammar_tokenizer: Any
     _og_tokenizer: Any
     _lock: threading.Condition
     _pending: deque[Job]
@@ -124,21 +121,10 @@ class Worker:
 
     # ------------------------------------------------------------------ prefix reuse
 
-    def _search(self, job: Job) -> dict[str, Any]:
-        """onnxruntime-genai's search options for `job`'s generator: none but greedy for a
-        request the edge samples itself (`Job.own_sampling`)."""
-        if job.own_sampling:
-            return {"do_sample": False}
-        return search_options(job.options, self.vocab_size)
-
-    def _prefix_cache_key(self, job: Job) -> Hashable:
-        """The LRU key: the prefix key and the search options a generator is made with."""
-        return (job.prefix_key, tuple(sorted(self._search(job).items())))
-
     def _take_prefix(self, job: Job, needed: int) -> tuple[Any, int]:
         """A kept generator rewound for `job` and how many tokens it supplies, or (None, 0)."""
         depth = reusable_depth(job.prompt_ids, job.prefix_len, job.score_span)
-        kept = self._prefix.take(self._prefix_cache_key(job)) if depth > 0 else None
+        kept = self._prefix.take(job.prefix_key) if depth > 0 else None
         if (
             kept is None
             or needed > kept.max_length
@@ -158,8 +144,9 @@ class Worker:
         job.released = True
         if self._closing:
             return
+        assert job.prefix_key is not None
         self._prefix.put(
-            self._prefix_cache_key(job),
+            job.prefix_key,
             Kept(
                 generator=job.generator,
                 prefix_ids=tuple(job.prompt_ids[: job.prefix_len]),
@@ -174,6 +161,8 @@ class Worker:
 
     def _prefill(self, job: Job) -> None:
         started = time.perf_counter()
+        if job.grammar is not None and not self._compile(job):
+            return
         needed = min(self.context_length, len(job.prompt_ids) + job.remaining)
         generator, reused = (None, 0)
         if job.prefix_key is not None:
@@ -184,7 +173,7 @@ class Worker:
                 return
         perplexity = prefill(generator, job.prompt_ids, job.score_span, start=reused)
         job.kv_length = len(job.prompt_ids)
-        if job.own_sampling and job.options.speculative and self.speculative:
+        if job.options.speculative and self.speculative:
             job.drafts = DraftControl(self.drafting, job.prompt_ids)
         job.generator = generator
         job.stream = self._og_tokenizer.create_stream()
@@ -200,56 +189,31 @@ class Worker:
         )
 
     def _new_generator(self, job: Job, needed: int) -> Any:
-        """A fresh generator for `job`, or None when the model refuses its grammar (the job
-        then has its error and is dropped)."""
+        """A fresh generator for `job` (its own KV cache; the edge samples, so it is greedy)."""
         if job.prefix_key is not None:  # kept afterwards: room for the next requests
             step = PREFIX_LENGTH_STEP
             needed = min(self.context_length, -(-needed // step) * step)
             job.max_length = needed
-        search = self._search(job)
-        if job.grammar is None:
-            return new_generator(self._model, needed, **search)
-        try:
-            return new_generator(self._model, needed, guidance=job.grammar.og_guidance(), **search)
-        except Exception as exc:  # onnxruntime-genai refuses the grammar
-            job.emit(
-                BadRequest(
-                    f"the edge model cannot decode under this {job.grammar.kind} grammar: {exc}",
-                    param="response_format",
-                )
+        return new_generator(self._model, needed, do_sample=False)
+
+    def _compile(self, job: Job) -> bool:
+        """Give a constrained `job` its grammar's matcher; False when the grammar does not
+        compile for this model (the job then has its error and is dropped)."""
+        assert job.grammar is not None
+        if self._grammar_tokenizer is None:  # built once, on the first constrained request
+            self._grammar_tokenizer = grammar_tokenizer(
+                self.model_dir, self.vocab_size, self.stop_token_ids
             )
+        try:
+            job.matcher = new_matcher(self._grammar_tokenizer, job.grammar)
+        except BadRequest as exc:
+            job.emit(exc)
             job.failed = job.cancelled = True
-            return None
+            return False
+        job.end_token = min(self.stop_token_ids)
+        return True
 
     def _step(self, job: Job) -> None:
-        if job.own_sampling:
-            self._step_own(job)
-            return
-        generator = job.generator
-        if generator.is_done() or job.remaining <= 0:
-            self._finish(job, "length")
-            return
-        started = time.perf_counter()
-        # onnxruntime-genai runs the model lazily: `get_logits()` here runs the forward pass
-        # of the last token and returns the distribution the next token is drawn from, and
-        # `generate_next_token()` then only samples from it. Reading the logits *after*
-        # `generate_next_token()` would run the following position's forward pass early and
-        # score the chosen token under the wrong distribution (and waste one forward pass
-        # per request on the last token).
-        raw = generator.get_logits()
-        logits = raw[0, 0]  # (V,) raw logits, before temperature
-        mixed_lse = None
-        if job.adapter is not None:  # mixes `logits` in place when its gate is open
-            mixed_lse = mix_adapter(job.adapter, job.context, raw, generator)
-        if job.penalties is not None:  # on a copy: `logits` stay the model's (or mixture's)
-            apply_penalties(job.penalties, raw, generator)
-        generator.generate_next_token()
-        token_id = int(generator.get_next_tokens()[0])
-        self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
-        if not self._emit(job, token_id, logits, mixed_lse) and generator.is_done():
-            self._finish(job, "length")
-
-    def _step_own(self, job: Job) -> None:
         """A step of a request the edge samples itself, checking a draft when it has one
         (`edge.runtime.speculative`)."""
         if job.remaining <= 0:
