@@ -131,7 +131,7 @@ class PrefixCache:
         with self._lock:
             self.epoch += 1
             self._forgotten.append((self.epoch, time.perf_counter(), match))
-            gone = [key for key in self._entries if isinstance(key, tuple) and match(key[0])]
+            gone = [key for key in self._entries if match(key)]
             for key in gone:
                 self.nbytes -= self._entries.pop(key).nbytes
             return len(gone)
@@ -141,9 +141,8 @@ class PrefixCache:
         `FORGET_GRACE_S` before `submitted` (unsure: True)."""
         if since < self.epoch and (not self._forgotten or self._forgotten[0][0] > since + 1):
             return True  # forgets since the request started fell out of the record
-        prefix = key[0] if isinstance(key, tuple) else key
         return any(
-            (epoch > since or at > submitted - FORGET_GRACE_S) and match(prefix)
+            (epoch > since or at > submitted - FORGET_GRACE_S) and match(key)
             for epoch, at, match in self._forgotten
         )
 
