@@ -1,12 +1,12 @@
 """The edge's own token choice: greedy, or a seeded draw under temperature, top-k and top-p.
 
-An unconstrained request is sampled here rather than by onnxruntime-genai's search, so that
-speculative decoding (`edge.runtime.speculative`) can choose a token from any position of a
-verify pass, and so that drafting never changes a seeded answer: a draft is a single token
-(a point mass), so the exact speculative-sampling rule reduces to "draw the token from the
-model's distribution at that position, keep the draft when it is the draw". Every position
-thus takes one draw from the request's generator, with or without drafts. A constrained
-request keeps onnxruntime-genai's guided search (its grammar state lives there).
+Every request is sampled here rather than by onnxruntime-genai's search, so that speculative
+decoding (`edge.runtime.speculative`) can choose a token from any position of a verify pass,
+and so that drafting never changes a seeded answer: a draft is a single token (a point
+mass), so the exact speculative-sampling rule reduces to "draw the token from the model's
+distribution at that position, keep the draft when it is the draw". Every position thus
+takes one draw from the request's generator, with or without drafts. A grammar's mask
+(`edge.runtime.guided`) applies before the draw.
 
 Order of the knobs, as in vLLM and transformers: temperature, then top-k, then top-p (the
 smallest set of the most likely tokens whose probability reaches `top_p`).
