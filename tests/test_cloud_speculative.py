@@ -27,11 +27,9 @@ from transformers import Cache
 
 import cloud.engine
 from cloud.batching import Batch, SlabLayer, first_columns, rebuild
-from cloud.cli import _parser, worker_settings
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.sampling import RowSampling
 from cloud.scheduler import Ticket
-from cloud.settings import WorkerSettings
 from cloud.speculative import propose
 from models.registry import ModelSet
 from serving.drafts import DraftControl, DraftSettings, PromptLookup
@@ -441,22 +439,3 @@ async def test_smollm2_edits_a_passage_the_same_with_its_own_drafts(
         assert 0 < counts[1] < counts[0]  # drafts kept, and some rejected
     finally:
         await asyncio.to_thread(engine.close)
-
-
-def test_the_worker_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SPECULATIVE", "DRAFT_TOKENS", "DRAFT_MIN_MATCH", "VERIFY_TOKENS"):
-        monkeypatch.delenv(f"HG_CLOUD_{name}", raising=False)
-
-    def parsed(*flags: str) -> WorkerSettings:
-        return worker_settings(_parser().parse_args(["worker", *flags]))
-
-    default = parsed()
-    assert (default.speculative, default.draft_tokens, default.draft_min_match,
-            default.verify_tokens) == (True, 6, 3, 8)  # fmt: skip
-    assert parsed("--no-speculative").speculative is False
-    flags = parsed("--draft-tokens", "4", "--draft-min-match", "2", "--verify-tokens", "64")
-    assert (flags.draft_tokens, flags.draft_min_match, flags.verify_tokens) == (4, 2, 64)
-    monkeypatch.setenv("HG_CLOUD_SPECULATIVE", "0")
-    monkeypatch.setenv("HG_CLOUD_VERIFY_TOKENS", "32")
-    assert (parsed().speculative, parsed().verify_tokens) == (False, 32)
-    assert parsed("--speculative").speculative is True  # the flag wins
