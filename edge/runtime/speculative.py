@@ -1,14 +1,14 @@
-"""One decode step of an unconstrained request: the edge's own sampling, with drafts.
+"""One decode step of a request at the edge: the edge's own sampling, with drafts.
 
 The request's chosen token is not yet in the model's KV cache when a step starts (it is
 `Job.pending`; right after the prefill there is none, and the prefill's last logits give the
 first token). A step appends the pending token and the draft (`edge.runtime.drafts`) in one
 `append_tokens`, reads every appended position's logits (`get_output("logits")`), and walks
 them in order: at each position the worker turns the model's logits into the request's
-distribution (the user's mixture, the penalties) and draws a token (`edge.runtime.sampler`).
-A draw equal to the draft's next token accepts it and the walk goes on; the first draw that
-differs (or the draw after the whole draft) is the next pending token. The rejected tail is
-then dropped from the KV cache with `rewind_to`.
+distribution (the user's mixture, the penalties, the grammar's mask) and draws a token
+(`edge.runtime.sampler`). A draw equal to the draft's next token accepts it and the walk
+goes on; the first draw that differs (or the draw after the whole draft) is the next pending
+token. The rejected tail is then dropped from the KV cache with `rewind_to`.
 
 This is speculative decoding's exact rule for a draft of single tokens (a point mass): each
 token is drawn from the model's own distribution at its place, so greedy answers, sampled
