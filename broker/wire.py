@@ -60,6 +60,10 @@ class Usage(BaseModel):
 
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    #: Speculative decoding: tokens drafted, and how many the model accepted (0 from a peer
+    #: that does not report them).
+    draft_tokens: int = Field(default=0, ge=0)
+    accepted_tokens: int = Field(default=0, ge=0)
 
     @property
     def total_tokens(self) -> int:

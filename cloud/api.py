@@ -414,7 +414,9 @@ class _Replies:
             assert done is not None
             usage = done.usage
             yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
-                          model_version=done.model_version, worker=done.served_by)  # fmt: skip
+                          model_version=done.model_version, worker=done.served_by,
+                          draft_tokens=usage.draft_tokens,
+                          accepted_tokens=usage.accepted_tokens)  # fmt: skip
         except HybridgenError as exc:
             self.state.metrics.errors.labels(exc.code.value).inc()
             raise

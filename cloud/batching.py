@@ -13,12 +13,20 @@ of every layer on every step. `capacity` is the batch's
 width plus the largest number of tokens a row may still make (at most `GROWTH`; a full
 slab grows by `GROWTH` columns).
 
+A speculative step (`verify_step`, `cloud.speculative`) appends 1 + k columns to every row
+at once: each row's next token and its draft, padded on the right for rows with a shorter
+draft or none; `keep_verified` then keeps, per row, the columns of its accepted tokens and
+masks the rest, and the slab drops the columns no row kept. A row that kept fewer columns
+than another has masked columns (holes) in the middle: its positions stay its own, so it
+computes what it would alone; a rebuild squeezes them out.
+
 Rows join and leave by rebuilding: `prefill_group` makes a new batch for newly admitted
 requests (left-padded together, fed in chunks of columns); `rebuild` copies the live rows of
 one or more batches into a new slab, right-aligned to the widest one, dropping the padding
-columns that no live row needs any more. A finished or cancelled row is only marked dead
+columns and holes that no live row needs any more. A finished or cancelled row is only marked dead
 (its row slot keeps computing a token nobody reads) until a quarter of the rows are dead or
-another group joins: one copy of the cache instead of one per finished row.
+another group joins: one copy of the cache instead of one per finished row; likewise holes
+are squeezed once a quarter of the columns could go.
 """
 
 from __future__ import annotations
@@ -114,6 +122,10 @@ class SlabLayer(DynamicLayer):
         self._fill(end)
         return self.keys, self.values  # type: ignore[return-value]
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` columns (the rest is overwritten by later steps)."""
+        self._fill(length)
+
 
 def new_cache(num_layers: int, capacity: int) -> Cache:
     """An empty cache of `SlabLayer`s sized for `capacity` columns."""
@@ -140,6 +152,8 @@ class Batch:
         tokens: [B] each row's next input token (the last one sampled).
         plan: the row ranges of bucketed decode attention (`cloud.attention`), made on
             the first decode step (rows' first columns do not move while decoding).
+        holes: some row has masked columns after its first real one (a speculative step
+            kept fewer of its columns than another row's).
     """
 
     rows: list[Any]
@@ -148,6 +162,7 @@ class Batch:
     positions: torch.Tensor
     tokens: torch.Tensor
     plan: Plan | None = None
+    holes: bool = False
 
     @property
     def size(self) -> int:
@@ -164,9 +179,16 @@ class Batch:
         return [i for i, row in enumerate(self.rows) if row is not None]
 
     def needs_compaction(self) -> bool:
-        """Whether enough rows are dead (a quarter) to pay for copying the live ones."""
-        dead = self.size - len(self.live())
-        return dead > 0 and dead * 4 >= self.size
+        """Whether enough rows are dead (a quarter), or enough columns are holes no live
+        row needs (a quarter of the width), to pay for copying the live rows."""
+        live = self.live()
+        dead = self.size - len(live)
+        if dead > 0 and dead * 4 >= self.size:
+            return True
+        if not live or not self.holes:
+            return False
+        widest = int(self.positions[live].max())
+        return (self.width - widest) * 4 >= self.width
 
 
 @dataclass(eq=False)
@@ -245,6 +267,13 @@ def to_batch(group: Prefill, tokens: list[int]) -> Batch:
     )
 
 
+def first_columns(batch: Batch) -> list[int]:
+    """Each row's first real column (holes after it make it more than the width less the
+    row's tokens)."""
+    starts: list[int] = batch.mask.argmax(dim=1).tolist()
+    return starts
+
+
 def decode_step(
     forward: Forward, batch: Batch, *, sdpa_mask: bool = False, buckets: bool = False
 ) -> torch.Tensor:
@@ -267,8 +296,7 @@ def decode_step(
     plan = None
     if buckets and sdpa_mask:
         if batch.plan is None:
-            starts = (batch.width - batch.positions).tolist()
-            batch.plan = row_buckets(starts, batch.width)
+            batch.plan = row_buckets(first_columns(batch), batch.width)
         plan = batch.plan
     with decode_plan(plan):
         logits = forward(
@@ -277,6 +305,60 @@ def decode_step(
     batch.mask = mask
     batch.positions = batch.positions + 1
     return logits[:, -1, :]
+
+
+def verify_step(
+    forward: Forward,
+    batch: Batch,
+    drafts: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    sdpa_mask: bool = False,
+) -> torch.Tensor:
+    """Every row's next token and its draft in one forward: the logits [B, 1 + k, V] of
+    each appended column (k: the longest draft; shorter drafts are padded, masked out).
+
+    The cache grows 1 + k columns; the batch's mask and positions are left for
+    `keep_verified`, which decides what stays. `sdpa_mask`: pass SDPA's 4D boolean mask
+    (causal over the new columns) rather than the 2D one (see `decode_step`).
+    """
+    size, width = batch.size, batch.width
+    columns = 1 + max(len(draft) for draft in drafts)
+    ids = torch.full((size, columns), pad_id, dtype=torch.long)
+    real = torch.zeros((size, columns), dtype=torch.long)
+    real[:, 0] = 1
+    for index, draft in enumerate(drafts):
+        if draft:
+            ids[index, 1 : 1 + len(draft)] = torch.tensor(list(draft), dtype=torch.long)
+            real[index, 1 : 1 + len(draft)] = 1
+    device = batch.mask.device
+    ids[:, 0] = batch.tokens.cpu()
+    mask = torch.cat([batch.mask, real.to(device)], dim=1)
+    steps = torch.arange(columns, device=device)
+    positions = batch.positions[:, None] + steps[None, :]
+    attention_mask: torch.Tensor = mask
+    if sdpa_mask:
+        causal = torch.ones((columns, width + columns), dtype=torch.bool, device=device)
+        causal = causal.tril(diagonal=width)  # new column j sees the old ones and 0..j
+        attention_mask = mask.bool()[:, None, None, :] & causal[None, None]
+    return forward(ids.to(device), attention_mask, positions, batch.cache, columns)
+
+
+def keep_verified(batch: Batch, kept: Sequence[int], tokens: Sequence[int]) -> None:
+    """After `verify_step`: row i keeps its first `kept[i]` new columns (its next token and
+    the draft tokens accepted after it) and will feed `tokens[i]` next; the slab drops the
+    columns no row kept, and the rest of a row's are masked (holes)."""
+    grow = max(kept)
+    device = batch.mask.device
+    counts = torch.tensor(list(kept), device=device)
+    new = (torch.arange(grow, device=device)[None, :] < counts[:, None]).to(batch.mask.dtype)
+    for layer in batch.cache.layers:
+        assert isinstance(layer, SlabLayer)
+        layer.rewind(batch.width + grow)
+    batch.holes = batch.holes or bool((counts < grow).any())
+    batch.mask = torch.cat([batch.mask, new], dim=1)
+    batch.positions = batch.positions + counts
+    batch.tokens = torch.tensor(list(tokens), dtype=torch.long, device=device)
 
 
 @dataclass(eq=False)
@@ -288,14 +370,33 @@ class _Part:
     mask: torch.Tensor  # [n, w] their mask, without the columns none of them uses
     start: int  # columns dropped on the left
     rows: list[int] = field(default_factory=list)  # row i's row in the new batch
+    columns: torch.Tensor | None = None  # [n, w] source column of each (batch with holes)
 
     def select(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.index is None else tensor.index_select(0, self.index)
 
+    def squeeze(self) -> None:
+        """Right-align each row's real columns (holes out): `columns` and `mask` for them."""
+        mask = self.mask
+        numbered = mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        width = int(mask.sum(dim=1).max())
+        ordered = numbered.sort(dim=1).values[:, mask.shape[1] - width :]  # 0: padding
+        self.columns = (ordered - 1).clamp(min=0)
+        self.mask = (ordered > 0).to(mask.dtype)
+
+    def data(self, filled: torch.Tensor) -> torch.Tensor:
+        """Its rows of one filled key or value tensor, as the new slab holds them."""
+        data = self.select(filled)[:, :, self.start :]
+        if self.columns is None:
+            return data
+        rows, heads, _, dim = data.shape
+        index = self.columns[:, None, :, None].expand(rows, heads, self.columns.shape[1], dim)
+        return data.gather(2, index)
+
 
 def rebuild(batches: Sequence[Batch], headroom: int) -> Batch | None:
     """The live rows of `batches` in one new slab, longest first, right-aligned, without
-    the padding columns no live row needs.
+    the padding columns and holes no live row needs.
 
     Args:
         batches: batches of the same model; dead rows are left out.
@@ -316,6 +417,8 @@ def rebuild(batches: Sequence[Batch], headroom: int) -> Batch | None:
         used = part.mask.any(dim=0).nonzero()
         part.start = int(used[0]) if used.numel() else int(part.mask.shape[1])
         part.mask = part.mask[:, part.start :]
+        if batch.holes:
+            part.squeeze()
         counts = part.select(batch.positions).tolist()
         order += [(-count, len(parts), row) for row, count in enumerate(counts)]
         parts.append(part)
@@ -341,7 +444,7 @@ def rebuild(batches: Sequence[Batch], headroom: int) -> Batch | None:
         for part, rows, source in zip(parts, targets, sources, strict=True):
             pad = width - int(part.mask.shape[1])
             for buffer, filled in zip(buffers, source, strict=True):
-                data = part.select(filled)[:, :, part.start :]
+                data = part.data(filled)
                 buffer[:, :, pad:width].index_copy_(0, rows, data)
                 if pad:
                     buffer[:, :, :pad].index_fill_(0, rows, 0)

@@ -27,6 +27,10 @@ WORKER_OPTIONS = (
     "max_batch_tokens",
     "cache_tokens",
     "max_tokens_cap",
+    "speculative",
+    "draft_tokens",
+    "draft_min_match",
+    "verify_tokens",
     "drain_timeout_s",
 )
 API_OPTIONS = (

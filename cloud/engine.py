@@ -21,7 +21,8 @@ full-attention models are served. Each round of the generation thread:
 3. prefills the admitted requests in groups of similar prompt length, `max_batch_tokens`
    per forward, one chunk per round, then merges a finished group into the running batch;
 4. runs one decode step for every running row (per-row `position_ids`; on SDPA models
-   attention per range of rows of similar length, `cloud.attention`) and samples per row.
+   attention per range of rows of similar length, `cloud.attention`) and samples per row;
+   when rows hold drafts, a step that checks them all in one forward (`cloud.speculative`).
 
 Threads: `torch.set_num_threads(threads)` where the model is loaded and in the generation
 thread; the model is loaded in a thread that ends (`call_in_fresh_thread`: idle OpenMP pools
@@ -49,8 +50,10 @@ from broker.wire import FinishReason
 from cloud import attention
 from cloud.sampling import RowSampling, RowScore
 from cloud.scheduler import Scheduler, Ticket
-from cloud.text import IncrementalDetokenizer
+from cloud.settings import VERIFY_TOKENS
+from cloud.text import IncrementalDetokenizer, push_text
 from serving.context import settle_max_tokens
+from serving.drafts import DraftControl, DraftSettings
 from serving.grammar import Grammar
 from serving.penalties import TokenCounts
 from serving.sampling import SamplingParams
@@ -87,6 +90,9 @@ class Delta:
     #: When asked for (`SamplingParams.logprobs`): per token of `token_ids` but an end token,
     #: (its text decoded alone, its log-probability, the top tokens as (text, log-prob)).
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
+    #: On the last: tokens drafted for the request, and how many the model accepted.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,8 @@ class EngineConfig:
             "bfloat16".
         bucketed_attention: on decode steps, attend per range of rows of similar length
             (`cloud.attention`; models on SDPA only).
+        drafting: speculative decoding's drafts per row (`cloud.speculative`; 0 tokens: off).
+        verify_tokens: most rows x columns of a step checking drafts (`speculative.propose`).
     """
 
     max_batch_requests: int = 32
@@ -114,6 +122,8 @@ class EngineConfig:
     device: str | None = None
     dtype: str = "auto"
     bucketed_attention: bool = True
+    drafting: DraftSettings = field(default_factory=DraftSettings)
+    verify_tokens: int = VERIFY_TOKENS
 
 
 def cpu_supports_bf16() -> bool:
@@ -224,6 +234,7 @@ class Engine:
             threads=_threads(config) if self.device.type == "cpu" else None,
             sdpa_mask=sdpa,
             buckets=buckets,
+            verify_tokens=config.verify_tokens,
         )
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -393,9 +404,12 @@ class Engine:
             top_logprobs=sampling.top_logprobs if sampling.logprobs else -1,
             penalties=TokenCounts.of(sampling, prompt_ids),
         )
+        drafts = None
         if grammar is not None:
             row.matcher = await asyncio.to_thread(self._matcher, grammar)
             row.end_token = (self.eos_ids or [0])[0]
+        elif sampling.speculative and self.config.drafting.tokens > 0:
+            drafts = DraftControl(self.config.drafting, prompt_ids)
         ticket = Ticket(
             request_id=request_id,
             prompt=list(prompt_ids),
@@ -404,38 +418,47 @@ class Engine:
             sampling=row,
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
+            drafts=drafts,
         )
         self._scheduler.submit(ticket)
-        finished = False
         try:
-            detok = IncrementalDetokenizer(self.tokenizer)
-            stops = StopMatcher(sampling.stop)
-            count = 0
-            while True:
-                new_ids, reason, scores = await _next_output(ticket.queue)
-                count += len(new_ids)
-                hit_eos = reason == "eos"
-                text, stopped = stops.push(detok.push(new_ids[:-1] if hit_eos else new_ids))
-                logprobs = self._logprobs(scores[:-1] if hit_eos else scores, new_ids)
-                if stopped or reason is not None:
-                    finished = reason is not None
-                    if not stopped:
-                        text += stops.flush()
-                    yield Delta(
-                        text=text,
-                        token_ids=new_ids,
-                        finish_reason="stop" if stopped or hit_eos else "length",
-                        prompt_tokens=len(prompt_ids),
-                        completion_tokens=count,
-                        logprobs=logprobs,
-                    )
-                    return
-                if text or new_ids:
-                    yield Delta(text=text, token_ids=new_ids, logprobs=logprobs)
+            async for delta in self._stream(ticket, StopMatcher(sampling.stop)):
+                yield delta
         finally:
-            if not finished:
+            if not ticket.done:  # closed early, or ended by a stop string
                 self._scheduler.cancel(request_id)
             self._scheduler.forget(ticket)
+
+    async def _stream(self, ticket: Ticket, stops: StopMatcher) -> AsyncGenerator[Delta, None]:
+        """A submitted request's deltas, the last with its finish reason and counts; a stop
+        string ends it at the token that completes it."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        count = 0
+        while True:
+            new_ids, reason, scores = await _next_output(ticket.queue)
+            hit_eos = reason == "eos"
+            text, used = push_text(detok, stops, new_ids[:-1] if hit_eos else new_ids)
+            stopped = used is not None
+            if stopped:
+                new_ids, scores, hit_eos = new_ids[:used], scores[:used], False
+            count += len(new_ids)
+            logprobs = self._logprobs(scores[:-1] if hit_eos else scores, new_ids)
+            if not stopped and reason is None:
+                if text or new_ids:
+                    yield Delta(text=text, token_ids=new_ids, logprobs=logprobs)
+                continue
+            counts = (ticket.drafts.drafted, ticket.drafts.accepted) if ticket.drafts else (0, 0)
+            yield Delta(
+                text=text if stopped else text + stops.flush(),
+                token_ids=new_ids,
+                finish_reason="stop" if stopped or hit_eos else "length",
+                prompt_tokens=len(ticket.prompt),
+                completion_tokens=count,
+                logprobs=logprobs,
+                draft_tokens=counts[0],
+                accepted_tokens=counts[1],
+            )
+            return
 
 
 async def _next_output(

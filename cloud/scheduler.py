@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from broker.errors import BadRequest, HybridgenError, Internal, Unavailable
+from cloud import speculative
 from cloud.batching import (
     Batch,
     Forward,
@@ -38,6 +39,7 @@ from cloud.batching import (
     to_batch,
 )
 from cloud.sampling import RowSampling, RowScore, row_scores, sample_rows
+from serving.drafts import DraftControl
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Ticket:
         max_tokens: tokens to make at most.
         eos: token ids that end the request (empty: ignore EOS).
         sampling: the row's sampling state.
+        drafts: its drafting (`cloud.speculative`), None when it does not draft.
         loop, queue: where its outputs go: `(new ids, reason, scores)` tuples, reason None,
             "eos" or "length", scores None or one `RowScore` per id, or an exception.
         generated: tokens made so far.
@@ -71,6 +74,7 @@ class Ticket:
     sampling: RowSampling
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
+    drafts: DraftControl | None = None
     generated: int = 0
     cancelled: bool = False
     admitted: bool = False
@@ -108,6 +112,8 @@ class Scheduler:
         threads: torch threads of the generation thread (None: leave as is).
         sdpa_mask: decode steps pass SDPA's 4D boolean mask (see `decode_step`).
         buckets: decode attention per row range (`cloud.attention`).
+        verify_tokens: most rows x columns of a step that checks drafts
+            (`cloud.speculative.propose`).
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class Scheduler:
         threads: int | None,
         sdpa_mask: bool = False,
         buckets: bool = False,
+        verify_tokens: int = 0,
     ) -> None:
         self._forward = forward
         self._num_layers = num_layers
@@ -133,6 +140,7 @@ class Scheduler:
         self._prefill_tokens = max(1, prefill_tokens)
         self._threads = threads
         self._sdpa_mask = sdpa_mask
+        self._verify_tokens = verify_tokens
         self._buckets = buckets
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -150,7 +158,8 @@ class Scheduler:
         self.counters: dict[str, float] = dict.fromkeys(
             ("prefill_s", "prefill_chunks", "prefill_columns", "prefill_padded_tokens",
              "prefill_real_tokens", "decode_s", "decode_steps", "decode_rows",
-             "decode_live_rows", "rebuild_s", "rebuilds"), 0.0,
+             "decode_live_rows", "rebuild_s", "rebuilds", "verify_steps", "draft_tokens",
+             "accepted_tokens"), 0.0,
         )  # fmt: skip
 
     # ----------------------------------------------------------------- any thread
@@ -408,7 +417,7 @@ class Scheduler:
         scores = row_scores(logits, rows, tokens)
         joined = to_batch(group, tokens)
         self._prefill = None
-        self._advance(joined, tokens, scores)
+        self._advance(joined, [[t] for t in tokens], [[s] for s in scores])
         if self._batch is None:
             self._batch = joined
             self._compact()
@@ -419,11 +428,20 @@ class Scheduler:
         batch = self._batch
         assert batch is not None
         started = time.perf_counter()
-        logits = decode_step(self._forward, batch, sdpa_mask=self._sdpa_mask, buckets=self._buckets)
-        rows = [t.sampling if t else _GREEDY for t in batch.rows]
-        tokens = sample_rows(logits, rows)
-        scores = row_scores(logits, rows, tokens)
-        batch.tokens = torch.tensor(tokens, dtype=torch.long, device=batch.tokens.device)
+        drafts = speculative.propose(batch.rows, self._verify_tokens)
+        if any(drafts):
+            tokens, scores = speculative.verify(
+                self._forward, batch, drafts, self._pad_id, self.counters, self._sdpa_mask
+            )
+        else:
+            logits = decode_step(
+                self._forward, batch, sdpa_mask=self._sdpa_mask, buckets=self._buckets
+            )
+            rows = [t.sampling if t else _GREEDY for t in batch.rows]
+            chosen = sample_rows(logits, rows)
+            tokens = [[t] for t in chosen]
+            scores = [[s] for s in row_scores(logits, rows, chosen)]
+            batch.tokens = torch.tensor(chosen, dtype=torch.long, device=batch.tokens.device)
         counters = self.counters
         counters["decode_s"] += time.perf_counter() - started
         counters["decode_steps"] += 1
@@ -433,25 +451,28 @@ class Scheduler:
         self._compact()
 
     def _advance(
-        self, batch: Batch, tokens: list[int], scores: list[RowScore | None] | None = None
+        self, batch: Batch, tokens: list[list[int]], scores: list[list[RowScore | None]]
     ) -> None:
-        """Hand each live row its new token (with its scores, when the row asked for them);
-        rows that finish (or were cancelled) die."""
-        for index, (ticket, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+        """Hand each live row its new tokens (with their scores, when the row asked for
+        them); rows that finish (or were cancelled) die."""
+        for index, (ticket, new) in enumerate(zip(batch.rows, tokens, strict=True)):
             if ticket is None:
                 continue
             if ticket.cancelled or ticket.done:
                 batch.rows[index] = None
                 self._release(ticket)
                 continue
-            ticket.generated += 1
+            ticket.generated += len(new)
+            if ticket.drafts is not None:
+                for token in new:
+                    ticket.drafts.append(token)
             reason = None
-            if token in ticket.eos:
+            if new[-1] in ticket.eos:
                 reason = "eos"
             elif ticket.generated >= ticket.max_tokens:
                 reason = "length"
-            score = scores[index] if scores is not None else None
-            self._post(ticket, ([token], reason, [score] if score is not None else None))
+            scored = [s for s in scores[index] if s is not None]
+            self._post(ticket, (new, reason, scored or None))
             if reason is not None:
                 batch.rows[index] = None
                 self._release(ticket)

@@ -14,7 +14,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.registry import CLOUD_MODEL
 from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
+from serving.drafts import DRAFT_MIN_MATCH, DRAFT_TOKENS
 from serving.settings import HttpSettings, split_list
+
+#: Default most rows x columns of a step that checks drafts (`cloud.speculative.propose`).
+VERIFY_TOKENS = 8
 
 
 class WorkerSettings(BaseSettings):
@@ -62,6 +66,29 @@ class WorkerSettings(BaseSettings):
         default=MAX_TOKENS_CAP,
         ge=1,
         description=MAX_TOKENS_CAP_HELP,
+    )
+    speculative: bool = Field(
+        default=True,
+        description="Speculative decoding: draft tokens from each request's own text and "
+        "check every row's draft in the batch's forward (each token is still the model's own "
+        "choice); a request's `speculative: false` turns it off for that request.",
+    )
+    draft_tokens: int = Field(
+        default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."
+    )
+    draft_min_match: int = Field(
+        default=DRAFT_MIN_MATCH,
+        ge=1,
+        le=16,
+        description="Draft from the request's text after its last this-many tokens occurred "
+        "before in it.",
+    )
+    verify_tokens: int = Field(
+        default=VERIFY_TOKENS,
+        ge=2,
+        description="Most rows x columns of a step that checks drafts: every row of the batch "
+        "pays the longest draft's columns, so a batch of B rows drafts at most "
+        "verify_tokens // B - 1 tokens a row, none when that is 0.",
     )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."

@@ -45,6 +45,7 @@ from cloud.engine import Delta, Engine, EngineConfig
 from cloud.prompts import input_field, prompt_ids_of
 from cloud.settings import WorkerSettings
 from serving.context import settle_max_tokens
+from serving.drafts import DraftSettings
 from serving.grammar import Grammar
 from serving.sampling import SamplingParams
 
@@ -109,6 +110,11 @@ class CloudWorker:
                 cache_tokens=self.settings.cache_tokens,
                 threads=self.settings.threads,
                 device=self.settings.device,
+                drafting=DraftSettings(
+                    tokens=self.settings.draft_tokens if self.settings.speculative else 0,
+                    min_match=self.settings.draft_min_match,
+                ),
+                verify_tokens=self.settings.verify_tokens,
             )
             self.engine = await asyncio.to_thread(
                 Engine.load, model_dir, tokenizer_dir=tokenizer_dir, config=config
@@ -331,6 +337,8 @@ class CloudWorker:
                         wire.Usage(
                             prompt_tokens=delta.prompt_tokens,
                             completion_tokens=delta.completion_tokens,
+                            draft_tokens=delta.draft_tokens,
+                            accepted_tokens=delta.accepted_tokens,
                         ),
                         model_version=self.model_version,
                     )
