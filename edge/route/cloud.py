@@ -271,6 +271,8 @@ class CloudBridge:
             done.usage.prompt_tokens,
             done.usage.completion_tokens,
             model_version=done.model_version,
+            draft_tokens=done.usage.draft_tokens,
+            accepted_tokens=done.usage.accepted_tokens,
         )
         self.node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
         return outcome
