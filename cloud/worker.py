@@ -97,6 +97,7 @@ class CloudWorker:
         self.admitted_tokens = 0
         self.queued = 0
         self.tokens_out = 0
+        self._tracing = False
         self._closed = False
 
     # ----------------------------------------------------------------------- lifecycle
@@ -104,6 +105,7 @@ class CloudWorker:
     async def start(self) -> None:
         """Load the model (in a thread), start batching, then serve and publish telemetry."""
         self.status = "loading"
+        self._tracing = tracing.start(tracing.WORKER, self.node_id)  # OTLP export, when set
         if self.engine is None:
             model_dir, tokenizer_dir, self.model_version = resolve_model_dir(self.settings)
             config = EngineConfig(
@@ -202,6 +204,8 @@ class CloudWorker:
             await bounded(self.service.close(), BUS_STEP_S, f"{self.node_id}: stop serving")
         if self.engine is not None and self._own_engine:
             await asyncio.to_thread(self.engine.close)
+        if self._tracing:  # the last spans, within `tracing.FLUSH_BOUND_S`
+            await tracing.stop(tracing.WORKER)
 
     async def __aenter__(self) -> CloudWorker:
         try:
