@@ -29,11 +29,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from broker import subjects, wire
+from broker.bus import Responder
 from edge.route.rules import Reason
 from edge.settings import EdgeSettings
 from serving import tracing
 from tests.fixtures_cloud import LONG_CACHE_TOKENS, serve_cloud_api
-from tests.fixtures_edge import ADMIN_KEY, serve_edge
+from tests.fixtures_edge import ADMIN_KEY, serve_edge, stand_in
 from tests.waits import eventually
 from tui.trace import summary_of
 
@@ -374,6 +375,34 @@ async def test_a_fallback_keeps_the_worker_and_the_local_answer_in_one_trace(
         local.attributes["gen_ai.usage.output_tokens"]
         == (response.json()["usage"]["completion_tokens"])
     )
+    assert hop.end_ns <= local.start_ns
+
+
+async def test_an_answer_finished_locally_after_a_mid_stream_failure_is_one_trace(
+    otlp: OtlpReceiver, start_edge: Callable[..., Any], nats_url: str
+) -> None:
+    """A stand-in worker fails after two chunks (no real worker fails on demand): the bus
+    request's span ends in error, the edge's finishing generation follows it."""
+
+    async def crashing(request: wire.GenerateRequest, responder: Responder) -> None:
+        await responder.chunk(text=" one", token_ids=[1])
+        await responder.chunk(text=" two", token_ids=[2])
+        raise RuntimeError("boom")
+
+    async with stand_in(nats_url, crashing):
+        edge = await start_edge()
+        async with http_of(edge.url) as http:
+            response = await http.post("/v1/completions", json=completion(max_tokens=16))
+    assert response.status_code == 200, response.text
+    found = await otlp.trace(response.headers["X-Trace-Id"], (EDGE, "POST /v1/completions"))
+    answer = found.one(EDGE, f"{OP} hg-edge", parent=found.one(EDGE, "POST /v1/completions"))
+    assert answer.attributes["hybridgen.completed_locally"] is True
+    assert answer.attributes["hybridgen.served_by"] == "cloud"
+    route, hop, local = found.children(answer)
+    assert (route.name, hop.name, local.name) == ("hybridgen.route", f"{OP} hg-cloud",
+                                                  f"{OP} hg-edge")  # fmt: skip
+    assert (hop.status, hop.attributes["error.type"]) == (STATUS_ERROR, "internal")
+    assert local.attributes["hybridgen.served_by"] == "edge"
     assert hop.end_ns <= local.start_ns
 
 
