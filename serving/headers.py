@@ -14,3 +14,5 @@ HEADER_REQUEST_ID = "X-Request-Id"
 HEADER_VARIANT = "X-Hybridgen-Variant"
 #: The client's own deadline, in seconds (`serving.deadlines`).
 HEADER_TIMEOUT = "X-Request-Timeout"
+#: The trace id (32 hex digits) of the answer's OpenTelemetry trace (`serving.tracing`).
+HEADER_TRACE_ID = "X-Trace-Id"

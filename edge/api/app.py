@@ -42,7 +42,7 @@ from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.route.rules import merge_policy
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
-from serving import protocol
+from serving import protocol, tracing
 from serving.answer import Answer, tagged
 from serving.auth import authenticate
 from serving.bodies import json_body
@@ -178,6 +178,8 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     # Who the caller is, before anything else; the users a key covers are checked per use.
     app.include_router(openai_routes, dependencies=[Depends(authenticate(keys))])
     app.include_router(users_routes, dependencies=[Depends(authenticate(keys))])
+    # Outermost: each request's server span, continuing the caller's `traceparent`.
+    tracing.install_tracing(app, tracing.EDGE, settings.node_id)
     return app
 
 
