@@ -8,6 +8,8 @@ switches between them; `--context NAME` or `HG_CONTEXT` picks one for one comman
     hybridgen context list          # names, * marks the current one
     hybridgen context show [NAME]   # what it holds: URL, user, password *file*, CA
     hybridgen context use NAME      # make NAME current
+    hybridgen context add NAME --url URL [--user U --password-file F] [--tls-ca CA] [--use]
+                                    # save a network `up` did not start (a deployment)
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from broker.contexts import (
     Context,
+    check_name,
     context_names,
     context_path,
     contexts_dir,
     current_context,
     read_context,
     use_context,
+    write_context,
 )
 from broker.errors import HybridgenError
 from broker.settings import CONTEXT_ENV, hg_home
@@ -44,7 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print it as JSON")
     use = sub.add_parser("use", help="make a context the current one")
     use.add_argument("name")
+    add = sub.add_parser("add", help="save (or replace) a context, e.g. of a deployment")
+    add.add_argument("name")
+    add.add_argument("--url", required=True, help="NATS server URL(s), comma-separated")
+    add.add_argument("--user", help="NATS user (with --password-file)")
+    add.add_argument("--password-file", type=Path, help="file holding the user's password")
+    add.add_argument("--tls-ca", type=Path, help="CA that signed the server's certificate")
+    add.add_argument("--use", action="store_true", help="make it the current context too")
     return parser
+
+
+def _add(args: argparse.Namespace) -> int:
+    """Save a context from the options (paths made absolute; the password stays in its file)."""
+    if (args.user is None) != (args.password_file is None):
+        print("hybridgen context add: give --user and --password-file together", file=sys.stderr)
+        return 2
+    context = Context(
+        name=check_name(args.name),
+        url=args.url,
+        user=args.user,
+        password_file=args.password_file.expanduser().absolute() if args.password_file else None,
+        tls_ca=args.tls_ca.expanduser().absolute() if args.tls_ca else None,
+    )
+    path = write_context(hg_home(), context, make_current=args.use)
+    print(f"saved context {args.name!r} in {path}" + (" (now current)" if args.use else ""))
+    return 0
 
 
 def _in_force() -> str | None:
@@ -115,6 +144,8 @@ def main(argv: list[str]) -> int:
             return _list()
         if args.command == "show":
             return _show(args.name, as_json=args.json)
+        if args.command == "add":
+            return _add(args)
         use_context(hg_home(), args.name)
     except HybridgenError as exc:
         print(f"hybridgen context {args.command}: {exc.message}", file=sys.stderr)

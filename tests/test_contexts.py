@@ -303,6 +303,22 @@ async def test_context_list_show_use(
     )
     assert (home / "contexts" / "current").read_text() == "lab\n"
 
+    # A network `up` did not start (a deployment) is saved by hand.
+    password_file = second.password_file("operator")
+    add = ["add", "deploy", "--url", second.url, "--user", "operator", "--use"]
+    assert context_cli([*add, "--password-file", str(password_file)]) == 0
+    assert capsys.readouterr().out == (
+        f"saved context 'deploy' in {context_path(home, 'deploy')} (now current)\n"
+    )
+    settings = BusSettings.resolve()
+    assert (settings.context, settings.url, settings.user) == ("deploy", second.url, "operator")
+    nc = await connect_settings(settings, name="test-deploy")
+    await nc.close()
+    assert context_cli(["add", "half", "--url", second.url, "--user", "operator"]) == 2
+    assert capsys.readouterr().err == (
+        "hybridgen context add: give --user and --password-file together\n"
+    )
+
 
 # -- the rule, without a server ---------------------------------------------------------------
 

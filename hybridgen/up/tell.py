@@ -49,10 +49,7 @@ def where_lines(launcher: Launcher) -> list[str]:
     apis = [spec for spec, _ in launcher.processes if spec.url]
     edges = [spec.url for spec in apis if spec.name.startswith("edge")]
     cloud = [spec.url for spec in apis if not spec.name.startswith("edge")]
-    lines = [
-        f"NATS broker at {launcher.url} (also in {launcher.url_file})",
-        _context_line(launcher),
-    ]
+    lines = [f"NATS broker at {launcher.url} (also in {launcher.url_file})"]
     for spec, process in launcher.processes:
         where = "terminal" if spec.foreground else launcher.log_path(spec.name)
         serving = f", serving {spec.url}" if spec.url else ""
@@ -65,7 +62,7 @@ def where_lines(launcher: Launcher) -> list[str]:
             f"Bearer $(cat {key_file})\" {edges[0]}/v1/users/<id>/export (keys for an app's "
             "own users: docs/edge.md)"
         )
-    lines.append(_bus_line(launcher))
+    lines += [_bus_line(launcher), _context_line(launcher)]
     parts = []
     if edges:
         parts.append(("edge " if len(edges) == 1 else "edges ") + ", ".join(map(str, edges)))
