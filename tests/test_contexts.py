@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from broker import errors, subjects, wire
 from broker.bus import connect_settings
 from broker.contexts import Context, context_path, read_context, write_context
-from broker.settings import AUTH_FIX, BusSettings
+from broker.settings import AUTH_FIX, BusSettings, as_service
 from hybridgen.context import main as context_cli
 from hybridgen.fleet import run as fleet
 from hybridgen.up.spec import ChildSpec
@@ -31,6 +31,7 @@ from hybridgen.up.supervisor import Launcher
 from models.cli import main as models_cli
 from tests.fixtures_tui import until
 from tui.app import HybridgenConsole
+from tui.cli import main as tui_main
 from tui.event_log import EventLog
 
 SIZE = (120, 30)
@@ -173,6 +174,16 @@ async def test_a_refused_login_is_said_on_the_command_line(
     assert capsys.readouterr().err == f"hybridgen models: error: {refused(network.url)}\n"
 
 
+def test_the_console_command_says_a_missing_context(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tui_main(["--context", "nope"]) == 1
+    assert capsys.readouterr().err == (
+        f"hybridgen tui: no context 'nope' in {home / 'contexts'} (known: none); "
+        "`hybridgen up` writes one, `hybridgen context list` shows them\n"
+    )
+
+
 async def test_a_refused_login_is_said_on_the_consoles_bar(network: Launcher) -> None:
     wrong_password(network)
     app = HybridgenConsole(BusSettings.resolve(connect_timeout_s=0.5))
@@ -182,11 +193,18 @@ async def test_a_refused_login_is_said_on_the_consoles_bar(network: Launcher) ->
         assert not app.connected
 
 
-async def test_no_login_at_all_is_said_too(network: Launcher) -> None:
-    """A service run by hand takes the context's URL but not the operator's login: with no
-    login of its own, the refusal says what to set."""
-    settings = BusSettings.resolve(context_credentials=False)
-    assert (settings.url, settings.user) == (network.url, None)
+async def test_a_service_run_by_hand_is_not_lent_the_operators_login(
+    network: Launcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hybridgen edge` and `hybridgen cloud` (`as_service`) take the context's URL but not
+    the operator's login: with no login of its own, the refusal says what to set."""
+    for name in ("HG_NATS_CONTEXT_CREDENTIALS", "HG_CONTEXT"):  # restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    as_service("local")
+    assert os.environ["HG_CONTEXT"] == "local"
+    settings = BusSettings()
+    assert (settings.url, settings.user, settings.password_file) == (network.url, None, None)
     with pytest.raises(errors.Unauthorized) as refusal:
         await connect_settings(settings, name="hand-run-service")
     assert refusal.value.message == (

@@ -44,7 +44,7 @@ from broker.contexts import DEFAULT_CONTEXT, Context, check_name, write_context
 from broker.errors import HybridgenError
 from broker.permissions import Role
 from broker.server import ExternalServer, NatsServer
-from broker.settings import BusSettings
+from broker.settings import CONTEXT_ENV, BusSettings
 from broker.store import ArtifactStore, FleetConfig
 from hybridgen.up import log
 from hybridgen.up.spec import ChildFailed, ChildSpec
@@ -270,6 +270,7 @@ class Broker:
             "HG_HOME": str(self.home),
             "PYTHONUNBUFFERED": "1",
         }
+        env.pop(CONTEXT_ENV, None)  # the bus is given: a context picked for our shell is not it
         if self.secure:
             for name in _CREDENTIAL_ENV:
                 env.pop(name, None)
