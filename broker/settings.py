@@ -175,6 +175,8 @@ class ContextSource(PydanticBaseSettingsSource):
             log.warning("the current context is skipped: %s", exc.message)
             return {}
         if given.get("url", context.url) != context.url:
+            if named:  # asked for, yet another server is given: say which one wins
+                log.warning("context %r is not used: a URL given names another server", name)
             return {}
         values: dict[str, Any] = {"url": context.url, "context": context.name}
         if context.tls_ca is not None:

@@ -26,6 +26,7 @@ from broker.contexts import Context, context_path, read_context, write_context
 from broker.settings import AUTH_FIX, BusSettings, as_service
 from hybridgen.context import main as context_cli
 from hybridgen.fleet import run as fleet
+from hybridgen.up.bus import Broker
 from hybridgen.up.spec import ChildSpec
 from hybridgen.up.supervisor import Launcher
 from models.cli import main as models_cli
@@ -385,3 +386,30 @@ def test_a_current_context_that_went_missing_is_skipped(
     context_path(home, "local").unlink()
     assert BusSettings().url == "nats://127.0.0.1:4222"
     assert "the current context is skipped: no context 'local'" in caplog.text
+
+
+def test_up_on_an_insecure_or_your_own_server_saves_what_it_can(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--insecure-nats`: the URL alone. `--nats-url` (your server): your user, password
+    *file* and CA from `HG_NATS_*`; a password given inline is not saved."""
+    insecure = Broker(home=home, secure=False)
+    insecure.url = "nats://127.0.0.1:4333"
+    assert insecure.operator_context() == Context(name="local", url=insecure.url)
+    yours = Broker(home=home, nats_url="tls://bus.example:4222", context="yours")
+    yours.url = "tls://bus.example:4222"
+    monkeypatch.setenv("HG_NATS_USER", "ops")
+    monkeypatch.setenv("HG_NATS_PASSWORD_FILE", "/etc/hybridgen/ops.password")
+    monkeypatch.setenv("HG_NATS_TLS_CA", "/etc/hybridgen/ca.pem")
+    assert yours.operator_context() == Context(
+        name="yours",
+        url=yours.url,
+        user="ops",
+        password_file=Path("/etc/hybridgen/ops.password"),
+        tls_ca=Path("/etc/hybridgen/ca.pem"),
+    )
+    monkeypatch.delenv("HG_NATS_PASSWORD_FILE")
+    monkeypatch.setenv("HG_NATS_PASSWORD", "inline")
+    saved = yours.operator_context()
+    assert (saved.user, saved.password_file) == (None, None)
+    assert "inline" not in saved.model_dump_json()
