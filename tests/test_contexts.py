@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from nats.aio.client import Client
 from broker import errors, subjects, wire
 from broker.bus import connect_settings
 from broker.contexts import Context, context_path, read_context, write_context
+from broker.server import NatsServer
 from broker.settings import AUTH_FIX, BusSettings, as_service
 from hybridgen.context import main as context_cli
 from hybridgen.fleet import run as fleet
@@ -192,6 +194,22 @@ async def test_a_refused_login_is_said_on_the_consoles_bar(network: Launcher) ->
         expected = f"{refused(network.url)} (retrying) · all roles · sort node asc"
         await until(pilot, lambda: str(app.bar.render()) == expected, "the refusal on the bar")
         assert not app.connected
+
+
+async def test_a_broker_back_with_other_passwords_is_said_on_the_bar(
+    network: Launcher,
+) -> None:
+    """Connected, then the broker restarts with a new operator password (its secrets made
+    again): the console's reconnects are refused, and its bar says so and how to fix it."""
+    app = HybridgenConsole(BusSettings.resolve())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.connected, "connected")
+        network.password_file("operator").write_text("a-new-password\n")
+        network.prepare_security(network.children)  # the config the restart reads
+        assert isinstance(network.server, NatsServer) and network.server.pid is not None
+        os.kill(network.server.pid, signal.SIGKILL)  # `up` restarts it on the same port
+        expected = f"{refused(network.url)} (retrying) · all roles · sort node asc"
+        await until(pilot, lambda: str(app.bar.render()) == expected, "the refusal on the bar")
 
 
 async def test_a_service_run_by_hand_is_not_lent_the_operators_login(

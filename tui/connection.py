@@ -8,16 +8,19 @@ import nats.errors
 from broker.errors import Unauthorized
 from broker.settings import BusSettings, refused_message
 
+_VIOLATION = "authorization violation"
+
 
 def refusal_of(exc: BaseException, bus: BusSettings) -> str | None:
     """The bar's text for an error of the bus link when it is a refused login, else None.
 
-    `Unauthorized` comes from the first connect; nats-py's `AuthorizationError` from a
-    reconnect (the broker came back with other passwords).
+    `Unauthorized` comes from the first connect. A reconnect refused (the broker came back
+    with other passwords) reaches nats-py's error callback as a plain `Error` carrying the
+    server's `'Authorization Violation'`, or as its `AuthorizationError`.
     """
     if isinstance(exc, Unauthorized):
         return exc.message
-    if isinstance(exc, nats.errors.AuthorizationError):
+    if isinstance(exc, nats.errors.AuthorizationError) or _VIOLATION in str(exc).lower():
         return refused_message(bus.url, bus.user)
     return None
 
