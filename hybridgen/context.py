@@ -151,4 +151,6 @@ def main(argv: list[str]) -> int:
         print(f"hybridgen context {args.command}: {exc.message}", file=sys.stderr)
         return 1
     print(f"current context is now {args.name!r}")
+    if os.environ.get(CONTEXT_ENV, args.name) != args.name:
+        print(f"(in this shell {CONTEXT_ENV}={os.environ[CONTEXT_ENV]} still wins)")
     return 0

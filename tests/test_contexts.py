@@ -265,6 +265,10 @@ async def test_context_picks_the_network(
     monkeypatch.setenv("HG_CONTEXT", "lab")
     assert (await experiment_of([], capsys))["name"] == "on-lab"
     assert await experiment_of(["--context", "local"], capsys) is None  # the flag wins
+    assert context_cli(["use", "local"]) == 0
+    assert capsys.readouterr().out == (
+        "current context is now 'local'\n(in this shell HG_CONTEXT=lab still wins)\n"
+    )
     monkeypatch.delenv("HG_CONTEXT")
 
     assert context_cli(["use", "lab"]) == 0
