@@ -39,6 +39,8 @@ from serving.sampling import SamplingParams
 
 #: Rows submitted at once for the batched figure.
 BATCH_ROWS = 4
+#: Tokens of the batched figure's warm-up answers.
+WARM_UP = 8
 PERSONALIZED_NOTE = (
     "the cloud keeps no user cache: its personalized set drafts by prompt lookup only "
     "(the prompt is the user's own text)"
@@ -127,12 +129,16 @@ async def measure_batched(
     engine: Any, tasks: list[st.Task], plan: sp.Plan, step: Any
 ) -> list[GroupRuns]:
     """The tasks in groups of BATCH_ROWS, each group without and with drafting in each round,
-    the pair's order alternating by group and round; `step` after each pair."""
+    the pair's order alternating by group and round (after a short warm-up of the first
+    group in both modes); `step` after each pair."""
     options = {
         mode: SamplingParams(max_tokens=plan.max_tokens, temperature=0, speculative=mode)
         for mode in (False, True)
     }
     groups = [tasks[i : i + BATCH_ROWS] for i in range(0, len(tasks), BATCH_ROWS)]
+    if groups:  # warm-up of the batch's shapes, both modes, a few tokens
+        for mode in (False, True):
+            await answer_group(engine, groups[0], replace(options[mode], max_tokens=WARM_UP))
     runs: list[GroupRuns] = [([], []) for _ in groups]
     turn = 0
     for _ in range(plan.rounds):
