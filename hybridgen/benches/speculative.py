@@ -111,8 +111,8 @@ class Run:
     accepted_tokens: int
     decode_s: float
     verifies: int
-    #: Tokens that came with the first one (before `decode_s` began): 1 but where a stream
-    #: delivered several at once.
+    #: Tokens that arrived before `decode_s` began: the first alone, but where a stream
+    #: delivered the first few at once (not counted in the decode rate).
     first_tokens: int = 1
 
     @property
