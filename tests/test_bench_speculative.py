@@ -179,16 +179,19 @@ def test_ends_pick_the_halves(
     tiny_models_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--ends edge` leaves the cloud out of the JSON; `--ends cloud` leaves the edge's keys
-    out, and its table prints the cloud's lines: a row per set, the note on the personalized
-    set, the batched line."""
+    out, and its table prints the cloud's lines: a row per set (`--cloud-tasks` tasks each),
+    the note on the personalized set, the batched line (never fewer than 4 tasks)."""
     monkeypatch.setenv("HG_HOME", str(tiny_models_home))
     assert sp.main(["--quick", "--json", "--no-progress", "--ends", "edge"]) == 0
     edge = json.loads(capsys.readouterr().out)
     assert edge["ends"] == ["edge"] and "cloud" not in edge and edge["sets"]
-    assert sp.main(["--quick", "--no-progress", "--ends", "cloud"]) == 0
+    assert sp.main(["--quick", "--no-progress", "--ends", "cloud", "--cloud-tasks", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("  cloud: ") and lines[2] == f"  ({sc.PERSONALIZED_NOTE})"
-    assert [line.split()[0] for line in lines[3:7]] == ["set", *st.SETS]
+    assert [line.split()[:2] for line in lines[3:7]] == [
+        ["set", "tasks"],
+        *([name, "1"] for name in st.SETS),
+    ]
     assert lines[7].startswith("  input_grounded x4 rows: 1 groups, tok/s ")
     assert lines[7].endswith("identical 4/4") and len(lines) == 8
 

@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from broker.errors import HybridgenError
@@ -354,7 +354,7 @@ def run(
     load_start = load_average()
     result: dict[str, Any] = {
         "set": model_set.version,
-        "quick": plan != Plan(),
+        "quick": plan.tasks is not None,
         "threads": threads,
         "plan": asdict(plan),
         "ends": list(ends),
@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 1, the edge's own)")  # fmt: skip
     parser.add_argument("--ends", choices=tuple(ENDS), default="both",
                         help="the halves to measure (default both)")  # fmt: skip
+    parser.add_argument("--cloud-tasks", type=int,
+                        help="tasks per set in the cloud half, the shortest prompts (default 8, "
+                        "--quick 2; 0: every one that fits)")  # fmt: skip
     parser.add_argument("--cloud-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="the cloud model's dtype (default auto, the worker's: bf16 where "
                         "the CPU does bf16 math)")  # fmt: skip
@@ -459,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads < 1:
         parser.error("--threads needs a positive count")
+    if args.cloud_tasks is not None and args.cloud_tasks < 0:
+        parser.error("--cloud-tasks needs a count (0: every task)")
+    plan = QUICK if args.quick else Plan()
+    if args.cloud_tasks is not None:
+        plan = replace(plan, cloud_tasks=args.cloud_tasks or None)
     logging.basicConfig(level=logging.WARNING)
     from models.registry import resolve
 
@@ -467,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except HybridgenError as exc:  # none installed, or not that version: say so, no traceback
         print(f"hybridgen bench speculative: {exc}", file=sys.stderr)
         return 2
-    result = run(model_set, plan=QUICK if args.quick else Plan(), threads=args.threads,
+    result = run(model_set, plan=plan, threads=args.threads,
                  shown=not args.no_progress, ends=ENDS[args.ends],
                  cloud_dtype=args.cloud_dtype)  # fmt: skip
     if args.json:
