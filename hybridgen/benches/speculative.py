@@ -1,4 +1,4 @@
-"""`hybridgen bench speculative`: the edge's decode speed with and without drafting.
+"""`hybridgen bench speculative`: decode speed with and without drafting, at both ends.
 
 A model set's int4 edge build (CURRENT, or `--set VERSION`) served by the edge's own runtime
 (`edge.runtime.EdgeRuntime`, one slot, no prefix reuse), on three task sets
@@ -31,6 +31,10 @@ the FACTS figure as it stands. The issue's goals (GOALS) and whether each is met
 load average before and after, the thread count, the runtime's draft settings and the
 versions. `--quick` answers two tasks
 per set with a few tokens: a check that the bench runs, not a measurement.
+
+The cloud half (`speculative_cloud`, under `cloud` in the JSON) measures the set's cloud
+checkpoint in the cloud engine on the same task sets, alone and 4 rows at a time; `--ends`
+picks the halves (both by default; the edge's keys are left out when it is not measured).
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from broker.errors import HybridgenError
@@ -85,9 +89,14 @@ class Plan:
     tasks: int | None = None
     max_tokens: int = 128
     rounds: int = 2
+    #: Tasks per set for the cloud half (None: every one that fits): the cloud model decodes
+    #: a lone row on the CPU about ten times slower than the edge's int4 build.
+    cloud_tasks: int | None = 8
 
 
-QUICK = Plan(tasks=2, max_tokens=8, rounds=1)
+QUICK = Plan(tasks=2, max_tokens=8, rounds=1, cloud_tasks=2)
+#: `--ends` choices -> the halves measured.
+ENDS = {"edge": ("edge",), "cloud": ("cloud",), "both": ("edge", "cloud")}
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,9 @@ class Run:
     accepted_tokens: int
     decode_s: float
     verifies: int
+    #: Tokens that arrived before `decode_s` began: the first alone, but where a stream
+    #: delivered the first few at once (not counted in the decode rate).
+    first_tokens: int = 1
 
     @property
     def answer(self) -> tuple[tuple[int, ...], str, str]:
@@ -132,8 +144,16 @@ async def answer(runtime: Any, task: st.Task, options: SamplingParams) -> Run:
 Runs = tuple[list[Run], list[Run]]
 
 
+#: How a half answers one task: (runtime or engine, task, options) -> its run.
+Answering = Callable[[Any, st.Task, SamplingParams], Awaitable[Run]]
+
+
 async def measure(
-    runtime: Any, sets: dict[str, list[st.Task]], plan: Plan, step: Callable[[], None]
+    runtime: Any,
+    sets: dict[str, list[st.Task]],
+    plan: Plan,
+    step: Callable[[], None],
+    answering: Answering = answer,
 ) -> dict[str, list[Runs]]:
     """Every task of every set answered without and with drafting in each round, the pair's
     order alternating by task and round; `step` after each pair."""
@@ -144,14 +164,15 @@ async def measure(
     first = next((tasks[0] for tasks in sets.values() if tasks), None)
     if first is not None:  # warm-up, both modes
         for mode in (False, True):
-            await answer(runtime, first, options[mode])
+            await answering(runtime, first, options[mode])
     runs: dict[str, list[Runs]] = {name: [([], []) for _ in tasks] for name, tasks in sets.items()}
     turn = 0
     for _ in range(plan.rounds):
         for name, tasks in sets.items():
             for task, (plain, drafted) in zip(tasks, runs[name], strict=True):
                 for mode in (False, True) if turn % 2 == 0 else (True, False):
-                    (drafted if mode else plain).append(await answer(runtime, task, options[mode]))
+                    done = await answering(runtime, task, options[mode])
+                    (drafted if mode else plain).append(done)
                 turn += 1
                 step()
     return runs
@@ -160,7 +181,8 @@ async def measure(
 def _rate(runs: list[Run]) -> float | None:
     """Decode tokens/s of runs taken together (tokens after each first); None without time."""
     seconds = sum(r.decode_s for r in runs)
-    return sum(max(0, r.completion_tokens - 1) for r in runs) / seconds if seconds > 0 else None
+    tokens = sum(max(0, r.completion_tokens - r.first_tokens) for r in runs)
+    return tokens / seconds if seconds > 0 else None
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -280,12 +302,10 @@ def goals(sets: dict[str, dict[str, Any]], llama: dict[str, Any]) -> dict[str, d
     }
 
 
-def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict[str, Any]:
-    """Measure `model_set`'s int4 edge build (see the module); the bench's JSON object."""
+def run_edge(model_set: Any, *, plan: Plan, threads: int, shown: bool) -> dict[str, Any]:
+    """Measure `model_set`'s int4 edge build (see the module): the JSON's edge keys."""
     from edge.runtime import EdgeRuntime
-    from models.manifest import runtime_versions
 
-    load_start = load_average()
     folder = model_set.edge_dir("int4")
     runtime = EdgeRuntime(folder, threads=threads, max_active=1, prefix_cache_mb=0)
     messages = st.load_messages()
@@ -301,7 +321,7 @@ def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict
 
     async def timed() -> dict[str, list[Runs]]:
         try:
-            with progress_bar(total, "speculative", shown) as step:
+            with progress_bar(total, "speculative edge", shown) as step:
                 return await measure(runtime, sets, plan, step)
         finally:
             await runtime.close()
@@ -310,16 +330,45 @@ def run(model_set: Any, *, plan: Plan, threads: int, shown: bool = True) -> dict
     figures = {name: set_figures(selections[name], runs[name]) for name in st.SETS}
     llama = llama_cpp(figures["input_grounded"], threads)
     return {
-        "set": model_set.version,
         "edge_dir": str(folder),
-        "quick": plan != Plan(),
-        "threads": threads,
-        "plan": asdict(plan),
         "context_length": runtime.context_length,
         "drafting": asdict(runtime.drafting),
         "sets": figures,
         "llama_cpp": llama,
         "goals": goals(figures, llama),
+    }
+
+
+def run(
+    model_set: Any,
+    *,
+    plan: Plan,
+    threads: int,
+    shown: bool = True,
+    ends: tuple[str, ...] = ENDS["both"],
+    cloud_dtype: str = "auto",
+) -> dict[str, Any]:
+    """Measure `model_set` at the `ends` asked for (see the module); the bench's JSON object."""
+    from models.manifest import runtime_versions
+
+    load_start = load_average()
+    result: dict[str, Any] = {
+        "set": model_set.version,
+        "quick": plan.tasks is not None,
+        "threads": threads,
+        "plan": asdict(plan),
+        "ends": list(ends),
+    }
+    if "edge" in ends:
+        result.update(run_edge(model_set, plan=plan, threads=threads, shown=shown))
+    if "cloud" in ends:  # torch and the engine load only here
+        from hybridgen.benches import speculative_cloud
+
+        result["cloud"] = speculative_cloud.run(
+            model_set, plan=plan, threads=threads, dtype=cloud_dtype, shown=shown
+        )
+    return {
+        **result,
         "cpu": cpu_info(),
         "load_average_start": load_start,
         "load_average_end": load_average(),
@@ -331,24 +380,43 @@ def _cell(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
+def set_line(name: str, row: dict[str, Any]) -> str:
+    """One set's row of the table (SET_HEADER's columns)."""
+    return (f"  {name:<15} {row['tasks']:>5} {_cell(row['tok_s_without'], '9.1f'):>9} "
+            f"{_cell(row['tok_s_with'], '9.1f'):>9} {_cell(row['speedup'], '6.2f'):>6}x "
+            f"{row['draft_tokens']:>8} {row['accepted_tokens']:>8} {row['verifies']:>8} "
+            f"{_cell(row['accepted_per_verify'], '10.2f'):>10} "
+            f"{_cell(row['accepted_per_step'], '8.2f'):>8} "
+            f"{row['identical']:>4}/{row['tasks']:<4}")  # fmt: skip
+
+
+SET_HEADER = (f"  {'set':<15} {'tasks':>5} {'tok/s off':>9} {'tok/s on':>9} {'speedup':>7} "
+              f"{'drafted':>8} {'accepted':>8} {'verifies':>8} {'acc/verify':>10} "
+              f"{'acc/step':>8} {'identical':>9}")  # fmt: skip
+
+
 def print_table(result: dict[str, Any]) -> None:
-    """The bench as a line per set, the llama.cpp comparison and the goals."""
+    """The bench as a line per set, the llama.cpp comparison and the goals; then the cloud's
+    lines."""
     cpu, plan = result["cpu"], result["plan"]
     flags = " ".join(f for f in ("avx2", "avx512f", "amx_tile") if cpu["flags"].get(f))
     print(f"speculative  set={result['set']}  threads={result['threads']}  max_tokens "
           f"{plan['max_tokens']}, {plan['rounds']} rounds  cpu {cpu['model']} ({flags})  "
           f"load {result['load_average_start']} -> {result['load_average_end']}")  # fmt: skip
-    print("  drafts: " + ", ".join(f"{k} {v}" for k, v in result["drafting"].items()))
-    print(f"  {'set':<15} {'tasks':>5} {'tok/s off':>9} {'tok/s on':>9} {'speedup':>7} "
-          f"{'drafted':>8} {'accepted':>8} {'verifies':>8} {'acc/verify':>10} {'acc/step':>8} "
-          f"{'identical':>9}")  # fmt: skip
+    if "sets" in result:
+        print_edge(result)
+    if "cloud" in result:
+        from hybridgen.benches.speculative_cloud import print_cloud
+
+        print_cloud(result["cloud"])
+
+
+def print_edge(result: dict[str, Any]) -> None:
+    """The edge's lines: its sets, the llama.cpp comparison and the goals."""
+    print("  edge drafts: " + ", ".join(f"{k} {v}" for k, v in result["drafting"].items()))
+    print(SET_HEADER)
     for name, row in result["sets"].items():
-        print(f"  {name:<15} {row['tasks']:>5} {_cell(row['tok_s_without'], '9.1f'):>9} "
-              f"{_cell(row['tok_s_with'], '9.1f'):>9} {_cell(row['speedup'], '6.2f'):>6}x "
-              f"{row['draft_tokens']:>8} {row['accepted_tokens']:>8} {row['verifies']:>8} "
-              f"{_cell(row['accepted_per_verify'], '10.2f'):>10} "
-              f"{_cell(row['accepted_per_step'], '8.2f'):>8} "
-              f"{row['identical']:>4}/{row['tasks']:<4}")  # fmt: skip
+        print(set_line(name, row))
         if row["skipped"]:
             print(f"    {len(row['skipped'])} left out, beyond the context (`skipped`)")
     llama = result["llama_cpp"]
@@ -370,20 +438,35 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen bench speculative`."""
     parser = argparse.ArgumentParser(
         prog="hybridgen bench speculative",
-        description="The edge's greedy decode tokens/s with and without drafting on "
-        "input-grounded, open-ended and personalized tasks (alternating runs in one "
-        "process), accepted drafts, and whether the answers stay identical.",
+        description="Greedy decode tokens/s with and without drafting, at the edge (int4 "
+        "build) and in the cloud engine, on input-grounded, open-ended and personalized "
+        "tasks (alternating runs in one process), accepted drafts, and whether the answers "
+        "stay identical.",
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--quick", action="store_true",
                         help="two tasks per set, a few tokens: checks the bench runs")  # fmt: skip
     parser.add_argument("--set", help="model-set version (default: CURRENT)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="the edge's intra-op threads (default 1, the edge's own)")  # fmt: skip
+                        help="intra-op threads of the edge's runtime and the cloud's torch "
+                        "(default 1, the edge's own)")  # fmt: skip
+    parser.add_argument("--ends", choices=tuple(ENDS), default="both",
+                        help="the halves to measure (default both)")  # fmt: skip
+    parser.add_argument("--cloud-tasks", type=int,
+                        help="tasks per set in the cloud half, the shortest prompts (default 8, "
+                        "--quick 2; 0: every one that fits)")  # fmt: skip
+    parser.add_argument("--cloud-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the cloud model's dtype (default auto, the worker's: bf16 where "
+                        "the CPU does bf16 math)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads < 1:
         parser.error("--threads needs a positive count")
+    if args.cloud_tasks is not None and args.cloud_tasks < 0:
+        parser.error("--cloud-tasks needs a count (0: every task)")
+    plan = QUICK if args.quick else Plan()
+    if args.cloud_tasks is not None:
+        plan = replace(plan, cloud_tasks=args.cloud_tasks or None)
     logging.basicConfig(level=logging.WARNING)
     from models.registry import resolve
 
@@ -392,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     except HybridgenError as exc:  # none installed, or not that version: say so, no traceback
         print(f"hybridgen bench speculative: {exc}", file=sys.stderr)
         return 2
-    result = run(model_set, plan=QUICK if args.quick else Plan(), threads=args.threads,
-                 shown=not args.no_progress)  # fmt: skip
+    result = run(model_set, plan=plan, threads=args.threads,
+                 shown=not args.no_progress, ends=ENDS[args.ends],
+                 cloud_dtype=args.cloud_dtype)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
