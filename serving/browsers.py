@@ -38,6 +38,7 @@ from serving.headers import (
     HEADER_SERVED_BY,
     HEADER_TIMEOUT,
     HEADER_VARIANT,
+    RATE_LIMIT_HEADERS,
 )
 
 #: Host names that are always the local machine.
@@ -48,8 +49,9 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 CORS_METHODS = "GET, POST, PUT, DELETE"
 CORS_HEADERS = f"Authorization, Content-Type, {HEADER_TIMEOUT}"
 CORS_EXPOSE = ", ".join(
-    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, "Retry-After")
-)
+    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, "Retry-After",
+     *RATE_LIMIT_HEADERS)
+)  # fmt: skip
 
 
 class UnsupportedMediaType(BadRequest):

@@ -318,3 +318,14 @@ async def test_two_api_instances_usage_is_summed_by_the_console(
             },
         }
         await eventually(lambda: fleet.summary().usage == expected, "both instances summed")
+
+
+async def test_the_api_role_reads_the_limits_but_cannot_write_them(bus: Any) -> None:
+    from tests.fixtures_secure_bus import kv_put_fails
+
+    ops, api = await bus.connect("ops"), await bus.connect("api")
+    await (await FleetConfig.open(ops)).put(LIMITS_KEY, {"*": {"rpm": 5}})
+    assert await (await FleetConfig.open(api)).get(LIMITS_KEY) == {"*": {"rpm": 5}}
+    bus.no_violation("api")
+    await kv_put_fails(api, LIMITS_KEY)
+    await bus.violation("api", f"$KV.{subjects.CONFIG_BUCKET}.{LIMITS_KEY}")
