@@ -345,16 +345,20 @@ class Limits:
         a bus without the bucket or the right to read it is retried every `retry_s`."""
         from broker.store import FleetConfig
 
+        failures = 0
         while True:
             try:
                 config = await FleetConfig.open(nc)
                 self.set_live(await config.get(LIMITS_KEY))
+                failures = 0
                 async for _key, value in config.watch(LIMITS_KEY):
                     self.set_live(value)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                logger.warning("key limits watch failed (%s); retrying", exc)
+            except Exception as exc:  # said once, then quietly retried
+                level = logging.DEBUG if failures else logging.WARNING
+                logger.log(level, "key limits watch failed (%s); retrying", exc)
+                failures += 1
             await asyncio.sleep(retry_s)
 
 

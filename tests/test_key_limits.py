@@ -329,3 +329,53 @@ async def test_the_api_role_reads_the_limits_but_cannot_write_them(bus: Any) -> 
     bus.no_violation("api")
     await kv_put_fails(api, LIMITS_KEY)
     await bus.violation("api", f"$KV.{subjects.CONFIG_BUCKET}.{LIMITS_KEY}")
+
+
+def test_the_console_summary_lists_usage_by_key_summed_over_instances() -> None:
+    from tui.fleet_summary import summarize
+    from tui.summary import usage_text
+
+    def beat(node: str, usage: dict[str, Any]) -> wire.Heartbeat:
+        return wire.Heartbeat(role="api", node_id=node, extra={"usage": usage})
+
+    one = {"alice": {MODEL: {"requests": 2, "input_tokens": 10, "output_tokens": 30}}}
+    two = {"alice": {MODEL: {"requests": 1, "input_tokens": 5, "output_tokens": 7}},
+           "bob": {"other": {"requests": 4, "input_tokens": 1, "output_tokens": 2}}}  # fmt: skip
+    summary = summarize(["ready", "ready"], [beat("api-1", one), beat("api-2", two)])
+    assert summary.usage["alice"][MODEL] == {
+        "requests": 3,
+        "input_tokens": 15,
+        "output_tokens": 37,
+    }
+    assert usage_text(summary).plain.splitlines() == [
+        "key                       requests   input  output",
+        "alice                            3      15      37",
+        "bob                              4       1       2",
+    ]
+    empty = summarize(["ready"], [beat("api-1", {})])
+    assert empty.usage == {} and usage_text(empty).plain == ""
+
+
+async def test_the_summary_screen_shows_usage_by_key(console: Any, nc: Client) -> None:
+    from textual.widgets import Static
+
+    from tests.test_tui_app import connected, publish_beat, seen
+    from tui.summary import SummaryScreen
+
+    async with console.run_test(size=(100, 30)) as pilot:
+        await connected(pilot, console)
+        one = {"alice": {MODEL: {"requests": 2, "input_tokens": 10, "output_tokens": 30}}}
+        two = {"alice": {MODEL: {"requests": 1, "input_tokens": 5, "output_tokens": 7}}}
+        await publish_beat(nc, "api-1", role="api", extra={"usage": one})
+        await publish_beat(nc, "api-2", role="api", extra={"usage": two})
+        await seen(pilot, console, "api-1", "api-2")
+        await pilot.press("o")
+        screen = console.screen
+        assert isinstance(screen, SummaryScreen)
+
+        def shown() -> list[list[str]]:
+            usage = screen.query_one("#summary-usage", Static)
+            lines = str(usage.render()).splitlines()
+            return [line.split() for line in lines[1:]] if usage.display else []
+
+        await eventually(lambda: shown() == [["alice", "3", "15", "37"]], "alice's usage")
