@@ -38,6 +38,7 @@ from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the w
 from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
+from serving.admission import admit, install_limits
 from serving.answer import Answer, Outcome, Piece
 from serving.auth import authenticate
 from serving.bodies import json_body
@@ -45,7 +46,7 @@ from serving.browsers import install_browser_guard
 from serving.choices import choice_id, choice_sampling
 from serving.deadlines import budget_s, client_timeout_s
 from serving.headers import HEADER_REQUEST_ID
-from serving.limits import Limits, admit, install_limits
+from serving.limits import Limits
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.model_names import require_served
 from serving.protocol import (

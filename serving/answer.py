@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, Response
 
 from broker.wire import FinishReason
 from serving import protocol
+from serving.admission import ticket_of
 from serving.choices import close, merged
 from serving.deadlines import until_disconnect
-from serving.limits import Ticket, ticket_of
+from serving.limits import Ticket
 from serving.metrics import HttpMetrics
 from serving.sse import sse_response
 from serving.tools import CallStream

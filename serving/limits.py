@@ -13,14 +13,15 @@ that no entry names is `key-<first 8 hex digits>` (an entry may use that name in
 `key_sha256`), requests without a key are `anonymous`, and `*` gives its limits to every key
 that has no entry of its own (each key its own budget).
 
-Admission (`admit`, a route dependency) charges one request and the request's estimated
-tokens (prompt characters / 4 + `max_tokens`, times `n`, as OpenAI estimates) to token
-buckets that refill evenly over a minute; past a limit it answers 429 in OpenAI's envelope
-(code `rate_limit_exceeded`) with `Retry-After` and the `x-ratelimit-*` headers, before the
-request takes any place in a queue. The admitted request's `Ticket` settles the estimate to
-the answer's real usage and counts it once in the `UsageBook` (`serving.usage`), however the
-answer ends; `LimitHeaders` puts the `x-ratelimit-*` headers on every answer of a limited key
-and closes the ticket when the response is over (a stream's last byte, or its client gone).
+Admission (`serving.admission.admit`, a route dependency) charges one request and the
+request's estimated tokens (prompt characters / 4 + `max_tokens`, times `n`, as OpenAI
+estimates) to token buckets that refill evenly over a minute; past a limit it answers 429 in
+OpenAI's envelope (code `rate_limit_exceeded`) with `Retry-After` and the `x-ratelimit-*`
+headers, before the request takes any place in a queue. The admitted request's `Ticket`
+settles the estimate to the answer's real usage and counts it once in the `UsageBook`
+(`serving.usage`), however the answer ends; `serving.admission.LimitHeaders` puts the
+headers on every answer of a limited key and closes the ticket once the response is over (a
+stream's last byte, or its client gone).
 
 A token bucket is written here rather than taken from a rate-limit library: the estimate is
 settled after the fact (refunds and extra charges), limits change live, and the clock is
@@ -40,13 +41,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import Forbidden, Overloaded, Unauthorized
-from serving.context import MAX_TOKENS_CAP
-from serving.usage import UsageBook, key_totals
+from broker.errors import Overloaded
+from serving.usage import UsageBook
 
 logger = logging.getLogger(__name__)
 
@@ -422,127 +420,3 @@ class Ticket:
             (name.encode(), value.encode())
             for name, value in self.limits.headers(self.name, self.rule).items()
         ]
-
-
-def ticket_of(request: Request | None) -> Ticket | None:
-    """The request's ticket, if it was admitted through `admit`."""
-    return None if request is None else getattr(request.state, TICKET, None)
-
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """A request's prompt tokens as OpenAI estimates them: characters / 4 (a chat's message
-    contents, a completion's prompt or prompts)."""
-    chars = 0
-    prompt = body.get("prompt")
-    for text in prompt if isinstance(prompt, list) else [prompt]:
-        if isinstance(text, str):
-            chars += len(text)
-    messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else []:
-        if isinstance(message, Mapping):
-            content = message.get("content")
-            chars += len(content) if isinstance(content, str) else len(json.dumps(content))
-    return math.ceil(chars / CHARS_PER_TOKEN)
-
-
-def estimate_max_tokens(body: Mapping[str, Any]) -> int:
-    """The most tokens a request may generate: `max_completion_tokens` or `max_tokens`
-    (else the servers' cap), times `n`."""
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
-    n = body.get("n")
-    limit = asked if isinstance(asked, int) and asked > 0 else MAX_TOKENS_CAP
-    return limit * (n if isinstance(n, int) and n > 0 else 1)
-
-
-async def admit(request: Request) -> None:
-    """Route dependency of the completion routes: admit the request under its key's limits
-    (after `serving.auth.authenticate`), its ticket into `request.state` (429 past a limit)."""
-    limits: Limits | None = getattr(request.app.state, "limits", None)
-    if limits is None:
-        return
-    credential = getattr(request.state, "credential", None)
-    entry = getattr(credential, "entry", None)
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        body = {}  # the route answers the malformed body; it counts as one request
-    body = body if isinstance(body, dict) else {}
-    ticket = limits.admit(
-        None if entry is None else entry.key,
-        prompt_tokens=estimate_prompt_tokens(body),
-        max_tokens=estimate_max_tokens(body),
-    )
-    setattr(request.state, TICKET, ticket)
-
-
-class LimitHeaders:
-    """ASGI middleware: the key's `x-ratelimit-*` headers on the response's start (a stream's
-    too), and the ticket settled and counted once the response is over, however it ends."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-
-        async def with_headers(message: Message) -> None:
-            ticket = state.get(TICKET)
-            if message["type"] == "http.response.start" and ticket is not None:
-                headers = [*message.get("headers", []), *ticket.header_items()]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, with_headers)
-        finally:
-            ticket = state.pop(TICKET, None)
-            if ticket is not None:
-                ticket.close()
-
-
-usage_routes = APIRouter()
-
-
-@usage_routes.get("/v1/usage")
-async def read_usage(request: Request) -> dict[str, Any]:
-    """This API's usage by key name and model since it started, and the limits in force
-    (an admin key only: `KEY@*`)."""
-    credential = getattr(request.state, "credential", None)
-    entry = getattr(credential, "entry", None)
-    if entry is None:
-        raise Unauthorized(
-            "usage needs an admin key: send `Authorization: Bearer <key>` with a key given "
-            "as KEY@* (admin)"
-        )
-    if entry.users is not None:
-        raise Forbidden("usage needs an admin key (one given as KEY@*); this key is not one")
-    limits: Limits = request.app.state.limits
-    usage = limits.usage.snapshot()
-    return {
-        "object": "usage",
-        "node_id": getattr(request.app.state, "node_id", None),
-        "keys": usage,
-        "totals": key_totals(usage),
-        "limits": limits.in_force(),
-    }
-
-
-def install_limits(
-    app: FastAPI, rules: dict[str, KeyRule], *, service: str, dependencies: list[Any]
-) -> Limits:
-    """Per-key limits and usage on `app`: the `Limits` (`app.state.limits`, its counters in
-    the app's metrics registry), the headers middleware and `GET /v1/usage`.
-
-    Args:
-        rules: the `key_limits` setting, parsed.
-        service: the metrics prefix (`install_common`'s).
-        dependencies: the API's authentication (`serving.auth.authenticate`).
-    """
-    limits = Limits(rules, UsageBook(service, app.state.metrics.registry))
-    app.state.limits = limits
-    app.add_middleware(LimitHeaders)
-    app.include_router(usage_routes, dependencies=dependencies)
-    return limits

@@ -43,6 +43,7 @@ from edge.route.rules import merge_policy
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from serving import protocol
+from serving.admission import admit, install_limits
 from serving.answer import Answer, tagged
 from serving.auth import authenticate
 from serving.bodies import json_body
@@ -56,7 +57,6 @@ from serving.headers import (
     HEADER_SERVED_BY,
     HEADER_VARIANT,
 )
-from serving.limits import admit, install_limits
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.model_names import require_served
 
