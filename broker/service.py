@@ -68,6 +68,8 @@ class Responder:
         received_at: `time.monotonic()` when the request arrived.
         finished: True once `done()` or `error()` was sent.
         completion_tokens: token ids sent so far (counted from `chunk(token_ids=...)`).
+        request_headers: the request message's NATS headers (the caller's trace context).
+        reply_headers: headers sent with every reply from now on (the worker's trace context).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Responder:
         *,
         node_id: str | None = None,
         received_at: float | None = None,
+        request_headers: dict[str, str] | None = None,
     ) -> None:
         self._send = send
         self.request_id = request_id
@@ -84,6 +87,8 @@ class Responder:
         self.received_at = time.monotonic() if received_at is None else received_at
         self.finished = False
         self.completion_tokens = 0
+        self.request_headers = request_headers or {}
+        self.reply_headers: dict[str, str] | None = None
         self._seq = 0
 
     @property
@@ -327,7 +332,11 @@ class GenerationService:
                 await request.respond(wire.error_reply(exc, _request_id_of(data)))
             return
         responder = Responder(
-            request.respond, generate.request_id, node_id=self.node_id, received_at=received_at
+            lambda data: request.respond(data, headers=responder.reply_headers),
+            generate.request_id,
+            node_id=self.node_id,
+            received_at=received_at,
+            request_headers=request.headers,
         )
         task = asyncio.create_task(
             self._run(generate, responder), name=f"hg-gen-{generate.request_id}"

@@ -215,6 +215,7 @@ async def request_stream(
     accept_timeout: float = 2.0,
     idle_timeout: float = 10.0,
     total_timeout: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[ReplyStream]:
     """Send a generation request and stream its replies.
 
@@ -228,6 +229,7 @@ async def request_stream(
         accept_timeout: seconds for the first reply (admission).
         idle_timeout: longest gap between two replies after that.
         total_timeout: deadline for the whole stream.
+        headers: NATS headers of the request message (the caller's W3C trace context).
 
     Raises:
         NoResponders: no worker subscribes (known at once).
@@ -253,7 +255,7 @@ async def request_stream(
 
     async def send() -> None:
         try:
-            await nc.publish(subject, payload, reply=inbox)
+            await nc.publish(subject, payload, reply=inbox, headers=headers)
         except nats.errors.MaxPayloadError:
             stream.finished = True
             raise BadRequest(

@@ -38,6 +38,8 @@ from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the w
 from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
+from cloud.spans import request_span
+from serving import tracing
 from serving.admission import admit, install_limits
 from serving.answer import Answer, Outcome, Piece
 from serving.auth import authenticate
@@ -277,6 +279,8 @@ def create_app(
     ) -> Any:
         return await _serve(request, state, body, chat=True)
 
+    # Outermost: each request's server span, continuing the caller's `traceparent`.
+    tracing.install_tracing(app, tracing.CLOUD_API, settings.node_id)
     return app
 
 
@@ -378,6 +382,8 @@ async def _open(state: ApiState, generate: wire.GenerateRequest, total_s: float)
     started = time.monotonic()
     state.in_flight += 1
     stack = contextlib.AsyncExitStack()
+    span = request_span(generate)  # its context goes to the worker in the NATS headers
+    stack.callback(span.end)
     try:
         replies = await stack.enter_async_context(
             request_stream(
@@ -386,16 +392,18 @@ async def _open(state: ApiState, generate: wire.GenerateRequest, total_s: float)
                 accept_timeout=settings.accept_timeout_s,
                 idle_timeout=settings.idle_timeout_s,
                 total_timeout=total_s,
+                headers=tracing.headers_of(span),
             )
         )
     except BaseException as exc:
         state.in_flight -= 1
+        tracing.record_error(span, exc)
         await stack.aclose()
         if isinstance(exc, HybridgenError):
             state.metrics.errors.labels(exc.code.value).inc()
             state.stats.record(time.monotonic() - started, error=True)
         raise
-    return _Replies(state, replies, stack, started)
+    return _Replies(state, replies, stack, started, span)
 
 
 class _Replies:
@@ -409,8 +417,10 @@ class _Replies:
         replies: ReplyStream,
         stack: contextlib.AsyncExitStack,
         started: float,
+        span: tracing.Span,
     ) -> None:
         self.state, self.replies, self.stack, self.started = state, replies, stack, started
+        self.span = span  # the bus request's, ended with the stack
         self.done: wire.Done | None = None
         self.closed = False
 
@@ -429,12 +439,17 @@ class _Replies:
             done = self.done = self.replies.done
             assert done is not None
             usage = done.usage
+            tracing.record_outcome(self.span, done.finish_reason, usage.prompt_tokens,
+                                   usage.completion_tokens, **{"hybridgen.worker":
+                                   done.served_by})  # fmt: skip
             yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
                           model_version=done.model_version, worker=done.served_by,
                           draft_tokens=usage.draft_tokens,
                           accepted_tokens=usage.accepted_tokens)  # fmt: skip
-        except HybridgenError as exc:
-            self.state.metrics.errors.labels(exc.code.value).inc()
+        except BaseException as exc:
+            tracing.record_error(self.span, exc)
+            if isinstance(exc, HybridgenError):
+                self.state.metrics.errors.labels(exc.code.value).inc()
             raise
         finally:
             await self.aclose()

@@ -49,7 +49,7 @@ from broker.errors import BadRequest, Unavailable
 from broker.wire import FinishReason
 from cloud import attention
 from cloud.sampling import RowSampling, RowScore
-from cloud.scheduler import Scheduler, Ticket
+from cloud.scheduler import Scheduler, Ticket, Timeline
 from cloud.settings import VERIFY_TOKENS
 from cloud.text import IncrementalDetokenizer, push_text
 from serving.context import settle_max_tokens
@@ -329,13 +329,9 @@ class Engine:
     # ------------------------------------------------------------------------- requests
 
     def _forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Any,
-        logits_to_keep: int,
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        cache: Any, logits_to_keep: int,
+    ) -> torch.Tensor:  # fmt: skip
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -373,8 +369,10 @@ class Engine:
         sampling: SamplingParams,
         *,
         grammar: Grammar | None = None,
+        timeline: Timeline | None = None,
     ) -> AsyncGenerator[Delta, None]:
-        """Stream a request's output. Closing the iterator early cancels the request.
+        """Stream a request's output (`timeline`: filled with its admission and prefill
+        times). Closing the iterator early cancels the request.
 
         `grammar` constrains the output (`serving.grammar`): the row gets its own
         `llguidance.LLMatcher` (`cloud.sampling`), and ends with `stop` once it is complete.
@@ -419,6 +417,7 @@ class Engine:
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
             drafts=drafts,
+            timeline=timeline or Timeline(),
         )
         self._scheduler.submit(ticket)
         try:

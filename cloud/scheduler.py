@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from cloud.batching import (
     to_batch,
 )
 from cloud.sampling import RowSampling, RowScore, row_scores, sample_rows
+from cloud.spans import Timeline
 from serving.drafts import DraftControl
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Ticket:
         cancelled: set by `Scheduler.cancel` (any thread); the row leaves at the next round.
         done: finished, failed or cancelled, and its admission released.
         failed: an exception was posted.
+        timeline: when it was admitted and prefilled (for its spans, `cloud.spans`).
     """
 
     request_id: str
@@ -80,6 +82,7 @@ class Ticket:
     admitted: bool = False
     done: bool = False
     failed: bool = False
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def cost(self) -> int:
@@ -288,7 +291,7 @@ class Scheduler:
             if self._rows >= self._max_rows or not fits_tokens:
                 return
             self._waiting.popleft()
-            ticket.admitted = True
+            ticket.admitted, ticket.timeline.admitted_ns = True, time.time_ns()
             self._rows += 1
             self._tokens += ticket.cost
             self._pending.append(ticket)
@@ -412,6 +415,8 @@ class Scheduler:
         counters["prefill_real_tokens"] += int(group.mask[:, before : group.done].sum())
         if logits is None:
             return
+        for ticket in group.rows:
+            ticket.timeline.prefilled_ns = time.time_ns()
         rows = [t.sampling for t in group.rows]
         tokens = sample_rows(logits, rows)
         scores = row_scores(logits, rows, tokens)

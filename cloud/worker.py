@@ -44,6 +44,8 @@ from broker.telemetry import Telemetry, default_node_id
 from cloud.engine import Delta, Engine, EngineConfig
 from cloud.prompts import input_field, prompt_ids_of
 from cloud.settings import WorkerSettings
+from cloud.spans import WorkerSpans
+from serving import tracing
 from serving.context import settle_max_tokens
 from serving.drafts import DraftSettings
 from serving.grammar import Grammar
@@ -95,6 +97,7 @@ class CloudWorker:
         self.admitted_tokens = 0
         self.queued = 0
         self.tokens_out = 0
+        self._tracing = False
         self._closed = False
 
     # ----------------------------------------------------------------------- lifecycle
@@ -102,6 +105,7 @@ class CloudWorker:
     async def start(self) -> None:
         """Load the model (in a thread), start batching, then serve and publish telemetry."""
         self.status = "loading"
+        self._tracing = tracing.start(tracing.WORKER, self.node_id)  # OTLP export, when set
         if self.engine is None:
             model_dir, tokenizer_dir, self.model_version = resolve_model_dir(self.settings)
             config = EngineConfig(
@@ -200,6 +204,8 @@ class CloudWorker:
             await bounded(self.service.close(), BUS_STEP_S, f"{self.node_id}: stop serving")
         if self.engine is not None and self._own_engine:
             await asyncio.to_thread(self.engine.close)
+        if self._tracing:  # the last spans, within `tracing.FLUSH_BOUND_S`
+            await tracing.stop(tracing.WORKER)
 
     async def __aenter__(self) -> CloudWorker:
         try:
@@ -248,7 +254,18 @@ class CloudWorker:
         self.queued += 1
 
     async def handle(self, request: wire.GenerateRequest, responder: Responder) -> None:
-        """Serve one `GenerateRequest` (the service calls it in its own task)."""
+        """Serve one `GenerateRequest` (the service calls it in its own task), in its spans
+        (`cloud.spans`)."""
+        spans = WorkerSpans(request, responder, self.node_id)
+        with tracing.ending(spans.span):
+            try:
+                await self._serve(request, responder, spans)
+            finally:
+                spans.close()
+
+    async def _serve(
+        self, request: wire.GenerateRequest, responder: Responder, spans: WorkerSpans
+    ) -> None:
         engine = self.engine
         if engine is None or not engine.healthy:
             # Leave the queue group so the other workers take the traffic.
@@ -257,7 +274,7 @@ class CloudWorker:
                 asyncio.get_running_loop().create_task(self.service.stop_accepting())
             raise Unavailable(f"{self.node_id}: the generation engine is not running")
         try:
-            await self._handle_until_deadline(engine, request, responder)
+            await self._handle_until_deadline(engine, request, responder, spans)
         except HybridgenError as exc:
             if self.telemetry is not None and exc.code.value not in ("overloaded", "cancelled"):
                 await self.telemetry.publish_event(
@@ -273,20 +290,21 @@ class CloudWorker:
             raise
 
     async def _handle_until_deadline(
-        self, engine: Engine, request: wire.GenerateRequest, responder: Responder
-    ) -> None:
+        self, engine: Engine, request: wire.GenerateRequest, responder: Responder,
+        spans: WorkerSpans,
+    ) -> None:  # fmt: skip
         """`_handle` within the request's deadline, counted from when it arrived. Past it the
         request fails with `timeout`, a failure like any other (its `error` event is
         published), not a silent cancel."""
         if request.timeout_ms is None:
-            await self._handle(engine, request, responder)
+            await self._handle(engine, request, responder, spans)
             return
         loop = asyncio.get_running_loop()
         left_s = responder.received_at + request.timeout_ms / 1e3 - time.monotonic()
         deadline = asyncio.timeout_at(loop.time() + left_s)
         try:
             async with deadline:
-                await self._handle(engine, request, responder)
+                await self._handle(engine, request, responder, spans)
         except (TimeoutError, asyncio.CancelledError):
             # Past the deadline it timed out, even when another cancel came in the same
             # tick (the service's own backstop at about the same time, say).
@@ -297,8 +315,9 @@ class CloudWorker:
             ) from None
 
     async def _handle(
-        self, engine: Engine, request: wire.GenerateRequest, responder: Responder
-    ) -> None:
+        self, engine: Engine, request: wire.GenerateRequest, responder: Responder,
+        spans: WorkerSpans,
+    ) -> None:  # fmt: skip
         grammar = Grammar.from_wire(request.grammar)
         if grammar is not None:
             # Checked before admission (off the loop: compiling costs time): a bus client
@@ -321,10 +340,12 @@ class CloudWorker:
             await responder.accept()
             sampling = SamplingParams.from_wire(request, max_tokens)
             async for delta in engine.generate(
-                request.request_id, prompt_ids, sampling, grammar=grammar
-            ):
+                request.request_id, prompt_ids, sampling, grammar=grammar,
+                timeline=spans.submitted(),
+            ):  # fmt: skip
                 if waiting:
                     waiting = False
+                    spans.first_token()
                     self.queued -= 1
                     ttft_ms = (time.monotonic() - admitted) * 1e3
                     logger.debug("%s: first token after %.1f ms", request.request_id, ttft_ms)
@@ -332,6 +353,8 @@ class CloudWorker:
                 if delta.text or delta.token_ids:
                     await _send_chunk(responder, delta)
                 if delta.finish_reason is not None:
+                    spans.finished(delta.finish_reason, delta.prompt_tokens,
+                                   delta.completion_tokens)  # fmt: skip
                     await responder.done(
                         delta.finish_reason,
                         wire.Usage(
@@ -343,8 +366,9 @@ class CloudWorker:
                         model_version=self.model_version,
                     )
                     await self._publish_request(
-                        request, delta, ttft_ms, (time.monotonic() - admitted) * 1e3
-                    )
+                        request, delta, ttft_ms, (time.monotonic() - admitted) * 1e3,
+                        spans.trace_id,
+                    )  # fmt: skip
                     return
         finally:
             if waiting:
@@ -358,10 +382,12 @@ class CloudWorker:
         last: Delta,
         ttft_ms: float | None,
         total_ms: float,
+        trace_id: str | None = None,
     ) -> None:
         """Log a served request at INFO and publish it as a `request` event: who asked,
-        timings, tokens, never the text. Timings count from admission: `ttft_ms` to the first
-        output (queue + prefill + first token), `total_ms` to the `Done`.
+        timings, tokens, the OpenTelemetry `trace_id` (when it has one), never the text.
+        Timings count from admission: `ttft_ms` to the first output (queue + prefill + first
+        token), `total_ms` to the `Done`.
         """
         logger.info(
             "request %s from %s served: %d prompt + %d completion tokens, %s, %.0f ms",
@@ -383,6 +409,7 @@ class CloudWorker:
             finish_reason=last.finish_reason,
             ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
             total_ms=round(total_ms, 3),
+            **({} if trace_id is None else {"trace_id": trace_id}),
         )
 
     def heartbeat(self) -> wire.Heartbeat:

@@ -37,6 +37,7 @@ from serving.headers import (
     HEADER_ROUTE_REASON,
     HEADER_SERVED_BY,
     HEADER_TIMEOUT,
+    HEADER_TRACE_ID,
     HEADER_VARIANT,
     RATE_LIMIT_HEADERS,
 )
@@ -47,10 +48,10 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: What an allowed origin may do (the preflight's answer).
 CORS_METHODS = "GET, POST, PUT, DELETE"
-CORS_HEADERS = f"Authorization, Content-Type, {HEADER_TIMEOUT}"
+CORS_HEADERS = f"Authorization, Content-Type, {HEADER_TIMEOUT}, traceparent, tracestate"
 CORS_EXPOSE = ", ".join(
-    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, "Retry-After",
-     *RATE_LIMIT_HEADERS)
+    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, HEADER_TRACE_ID,
+     "Retry-After", *RATE_LIMIT_HEADERS)
 )  # fmt: skip
 
 

@@ -15,6 +15,8 @@ HEADER_REQUEST_ID = "X-Request-Id"
 HEADER_VARIANT = "X-Hybridgen-Variant"
 #: The client's own deadline, in seconds (`serving.deadlines`).
 HEADER_TIMEOUT = "X-Request-Timeout"
+#: The trace id (32 hex digits) of the answer's OpenTelemetry trace (`serving.tracing`).
+HEADER_TRACE_ID = "X-Trace-Id"
 #: OpenAI's rate-limit headers, on every answer to a key with limits (`serving.limits`).
 RATE_LIMIT_HEADERS = tuple(
     f"x-ratelimit-{figure}-{kind}"

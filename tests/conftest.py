@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures_edge",
     "tests.fixtures_tui",
     "tests.fixtures_bus_catalogue",
+    "tests.fixtures_otlp",
 ]

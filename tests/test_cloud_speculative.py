@@ -389,7 +389,10 @@ async def test_a_request_cancelled_while_its_draft_is_checked_stops(
 
 @pytest.mark.slow
 async def test_the_cloud_api_reports_the_drafts_and_either_switch_turns_them_off(
-    nats_url: str, start_cloud_worker: Callable[..., Any], tiny_models: ModelSet
+    nats_url: str,
+    start_cloud_worker: Callable[..., Any],
+    start_edge: Callable[..., Any],
+    tiny_models: ModelSet,
 ) -> None:
     worker = await start_cloud_worker(tiny_models.cloud_dir)
     await start_cloud_worker(tiny_models.cloud_dir, model="hg-plain", speculative=False)
@@ -414,6 +417,10 @@ async def test_the_cloud_api_reports_the_drafts_and_either_switch_turns_them_off
     for answer in (off, plain):
         assert answer["choices"][0]["text"] == on["choices"][0]["text"]
         assert answer["usage"].get("completion_tokens_details") is None
+    edge = await start_edge(cloud_model="hg-cloud")
+    async with httpx.AsyncClient(base_url=edge.url, timeout=60) as client:
+        routed = await client.post("/v1/completions", json={**body, "route": "cloud"})
+    assert routed.json()["usage"] == on["usage"]  # the edge's fallback passes the counts on
 
 
 @pytest.mark.slow

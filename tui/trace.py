@@ -5,7 +5,8 @@ Every event that carries a request id is a step of that request's path. The edge
 fast: it yields two steps, the routing decision (at arrival + `route_ms`) and the done. A
 `fallback` event is the hop onto the bus, the cloud worker's `request` event the worker
 that served it; errors and anything else keep their own kind. Steps are ordered by time and
-drawn relative to the first one.
+drawn relative to the first one. The summary line names the request's OpenTelemetry trace
+id (its `request` events carry it), the key to the same request in a tracing tool.
 
 Every string a node supplies is drawn as a rich `Text`, never parsed as markup.
 """
@@ -99,7 +100,8 @@ def steps_of(request_id: str, events: Iterable[wire.Event]) -> list[TraceStep]:
 
 
 def summary_of(request_id: str, events: Iterable[wire.Event]) -> str:
-    """One line: where the request was served, why, by which worker and how long it took."""
+    """One line: where the request was served, why, by which worker, how long it took, and
+    its trace id when it has one."""
     mine = [e for e in events if e.request_id == request_id]
     if not mine:
         return f"request {request_id}: no event seen (yet)"
@@ -119,7 +121,10 @@ def summary_of(request_id: str, events: Iterable[wire.Event]) -> str:
         f"{data.get('route_reason', '?')}, total {_ms(data.get('total_ms'))}, "
         f"{data.get('finish_reason', '?')}"
     )
-    return line + (f", {errors} error(s) on the way" if errors else "")
+    line += f", {errors} error(s) on the way" if errors else ""
+    # Its OpenTelemetry trace (`serving.tracing`): the id to look up in Jaeger, Tempo, ...
+    trace_id = data.get("trace_id") or (worker.data.get("trace_id") if worker else None)
+    return line + (f", trace {trace_id}" if trace_id else "")
 
 
 class TraceScreen(Screen[None]):

@@ -42,7 +42,7 @@ from edge.route.request import EdgeRequest, Item, Outcome, Piece, RouteInfo
 from edge.route.rules import merge_policy
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
-from serving import protocol
+from serving import protocol, tracing
 from serving.admission import admit, install_limits
 from serving.answer import Answer, tagged
 from serving.auth import authenticate
@@ -184,6 +184,8 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
     # Key names, limits and usage (`serving.limits`); completions are admitted under them.
     limits = install_limits(app, settings.key_rules(), service="edge", dependencies=auth)
     app.state.node_id = settings.node_id
+    # Outermost: each request's server span, continuing the caller's `traceparent`.
+    tracing.install_tracing(app, tracing.EDGE, settings.node_id)
     return app
 
 

@@ -49,7 +49,8 @@ from edge.route.request import (
     RouteInfo,
 )
 from edge.route.rules import Decision, Reason
-from serving import deadlines
+from edge.route.spans import RequestSpans
+from serving import deadlines, tracing
 from serving.protocol import chunk_logprobs
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class CloudBridge:
         perplexity: float | None,
         threshold: ThresholdInfo,
         trace: dict[str, Any] | None = None,
+        *,
+        spans: RequestSpans,
     ) -> AsyncGenerator[Item, None]:
         """Serve a request routed to the cloud: `RouteInfo`, then `Piece`s, then an `Outcome`.
 
@@ -113,6 +116,8 @@ class CloudBridge:
             trace: filled with the cloud hop's facts for the request's `request` event:
                 `hop_ms` (sent until a worker accepted), `worker` (the worker's node id,
                 from its `Done`) and `cloud_model_version`.
+            spans: the request's spans: the bus request's span is a child of its answer's,
+                and its context travels to the worker in the request's NATS headers.
 
         Raises:
             CloudDown: the cloud did not take it (before any item).
@@ -124,10 +129,12 @@ class CloudBridge:
         if node.nc is None or not node.breaker.allow():
             raise CloudDown("no bus")
         trace = {} if trace is None else trace
+        hop = spans.generation(request.cloud_model or node.settings.cloud_model, cloud=True)
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(tracing.ending(hop))
             sent = time.perf_counter()
             try:
-                stream = await self._open(stack, request, started)
+                stream = await self._open(stack, request, started, tracing.headers_of(hop))
             except CLOUD_DOWN as exc:
                 if self._own_deadline(exc, request, started):
                     node.breaker.release()  # the request's own deadline, not the cloud's fault
@@ -156,12 +163,21 @@ class CloudBridge:
                     raise
                 self._count_failure(request, exc, "cloud failed mid-stream: ")
                 raise FailedMidStream("".join(streamed), completion_tokens, exc) from exc
-            yield self._outcome(stream.done, started, trace)
+            outcome = self._outcome(stream.done, started, trace)
+            tracing.record_outcome(hop, outcome.finish_reason, outcome.prompt_tokens,
+                                   outcome.completion_tokens, **{"hybridgen.worker":
+                                   trace.get("worker")})  # fmt: skip
+            yield outcome
 
     async def _open(
-        self, stack: contextlib.AsyncExitStack, request: EdgeRequest, started: float
+        self,
+        stack: contextlib.AsyncExitStack,
+        request: EdgeRequest,
+        started: float,
+        headers: dict[str, str] | None,
     ) -> ReplyStream:
-        """Send the request on the bus; its stream once a worker accepted it.
+        """Send the request on the bus (with `headers`: its trace context); its stream once
+        a worker accepted it.
 
         Raises:
             Timeout: the request's budget was spent before it could be sent.
@@ -185,6 +201,7 @@ class CloudBridge:
                     accept_timeout=policy.cloud_timeout_ms / 1e3,
                     idle_timeout=policy.cloud_idle_timeout_ms / 1e3,
                     total_timeout=left_s,
+                    headers=headers,
                 )
             )
         except CLOUD_DOWN:
@@ -274,6 +291,8 @@ class CloudBridge:
             done.usage.prompt_tokens,
             done.usage.completion_tokens,
             model_version=done.model_version,
+            draft_tokens=done.usage.draft_tokens,
+            accepted_tokens=done.usage.accepted_tokens,
         )
         self.node.counters.stats.record(time.perf_counter() - started, outcome.completion_tokens)
         return outcome

@@ -48,8 +48,10 @@ from edge.route.rules import (
     decide,
     decide_after_draft,
 )
+from edge.route.spans import RequestSpans
 from edge.runtime import EdgeRuntime, Finished, Generation, Prefill, Token
 from models.scoring import encode_with_span, scored_positions
+from serving import tracing
 from serving.context import token_limit
 from serving.model_names import require_served
 
@@ -124,30 +126,40 @@ class Router:
         # An A/B experiment in force picks the request's variant (and its runtime).
         experiments = self.node.experiments
         request, runtime = experiments.assign(request)
-        items = self._generate(request, started, trace, runtime)
+        spans = RequestSpans(request)  # the answer's spans; its trace id goes to the event
+        if spans.trace_id is not None:
+            trace["trace_id"] = spans.trace_id
+        items = self._generate(request, started, trace, runtime, spans)
         try:
-            async with contextlib.aclosing(items) as answer:
-                async for item in answer:
-                    if isinstance(item, RouteInfo):
-                        if request.variant is not None:
-                            item = dataclasses.replace(item, variant=request.variant)
-                        route = item
-                    elif isinstance(item, Piece) and ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - started) * 1e3
-                    elif isinstance(item, Outcome):
-                        total_ms = (time.perf_counter() - started) * 1e3
-                        experiments.record(
-                            request,
-                            latency_s=total_ms / 1e3,
-                            tokens=item.completion_tokens,
-                            served_by=None if route is None else route.served_by,
-                        )
-                        if route is not None and not request.local_only:
-                            self.publish_request_event(route, item, ttft_ms, total_ms, trace)
-                    yield item
+            with tracing.ending(spans.root):
+                async with contextlib.aclosing(items) as answer:
+                    async for item in answer:
+                        if isinstance(item, RouteInfo):
+                            if request.variant is not None:
+                                item = dataclasses.replace(item, variant=request.variant)
+                            route = item
+                            spans.routed(item)
+                        elif isinstance(item, Piece):
+                            spans.piece(item.text)
+                            if ttft_ms is None:
+                                ttft_ms = (time.perf_counter() - started) * 1e3
+                        elif isinstance(item, Outcome):
+                            spans.finished(item)
+                            total_ms = (time.perf_counter() - started) * 1e3
+                            experiments.record(
+                                request,
+                                latency_s=total_ms / 1e3,
+                                tokens=item.completion_tokens,
+                                served_by=None if route is None else route.served_by,
+                            )
+                            if route is not None and not request.local_only:
+                                self.publish_request_event(route, item, ttft_ms, total_ms, trace)
+                        yield item
         except Exception:
             experiments.record(request, latency_s=time.perf_counter() - started, error=True)
             raise
+        finally:
+            spans.close()
 
     def publish_request_event(
         self,
@@ -161,7 +173,8 @@ class Router:
 
         Data: served_by, route_reason, model, prompt_tokens, completion_tokens,
         finish_reason, route_ms (arrival until decided), ttft_ms (first text), total_ms, the
-        A/B `variant` while an experiment is in force; for
+        A/B `variant` while an experiment is in force, the OpenTelemetry `trace_id` when the
+        request has one; for
         a request routed to the cloud, `hop_ms` (sent on the bus until a worker accepted it),
         the worker's node id (`worker`, from its `Done`) and `completed_locally` when the edge
         finished it after a cloud failure; `samples_in_context` when the user's samples were
@@ -194,7 +207,8 @@ class Router:
         request: EdgeRequest,
         started: float,
         trace: dict[str, Any],
-        variant_runtime: EdgeRuntime | None = None,
+        variant_runtime: EdgeRuntime | None,
+        spans: RequestSpans,
     ) -> AsyncGenerator[Item, None]:
         """`generate` itself; `trace` collects the cloud hop's facts for the request event;
         `variant_runtime` serves it locally instead of the node's (an edge A/B variant)."""
@@ -208,12 +222,14 @@ class Router:
                 generation = self._submit(plan, decision)
             except Overloaded:
                 decision = self._when_queue_full(plan.request)
+        spans.decided(decision, judged.perplexity)
         if decision.target is Target.CLOUD:
             trace["route_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-            answer = self._via_cloud(plan, decision, judged.perplexity, started, trace)
+            answer = self._via_cloud(plan, decision, judged.perplexity, started, trace, spans)
         else:
             assert generation is not None
-            answer = self._serve_local(plan, decision, judged, generation, started, trace)
+            answer = self._serve_local(plan, decision, judged, generation, started, trace,
+                                       spans)  # fmt: skip
         async with contextlib.aclosing(answer) as items:
             async for item in items:
                 yield item
@@ -225,11 +241,13 @@ class Router:
         perplexity: float | None,
         started: float,
         trace: dict[str, Any],
+        spans: RequestSpans,
     ) -> AsyncGenerator[Item, None]:
         """The cloud's answer through the cloud link; the edge's own, by the runtime that
         serves the request, when the cloud does not take it or fails mid-stream."""
         request = plan.request
-        cloud = self.cloud.serve(request, decision, started, perplexity, plan.threshold, trace)
+        cloud = self.cloud.serve(request, decision, started, perplexity, plan.threshold, trace,
+                                 spans=spans)  # fmt: skip
         try:
             async with contextlib.aclosing(cloud) as items:
                 async for item in items:
@@ -240,9 +258,10 @@ class Router:
                         request.request_id, down.why)  # fmt: skip
             decision = self._decide_unavailable(plan)
             generation = self._submit(plan, decision)
-            answer = self._serve_local(plan, decision, _Judged(), generation, started, trace)
+            answer = self._serve_local(plan, decision, _Judged(), generation, started, trace,
+                                       spans)  # fmt: skip
         except FailedMidStream as failed:
-            answer = self._finish_locally(plan, failed, started)
+            answer = self._finish_locally(plan, failed, started, spans)
         async with contextlib.aclosing(answer) as items:
             async for item in items:
                 yield item
@@ -254,7 +273,7 @@ class Router:
         return decide(facts, state, self.node.routing_policy, cloud_available=False)
 
     async def _finish_locally(
-        self, plan: _Plan, failed: FailedMidStream, started: float
+        self, plan: _Plan, failed: FailedMidStream, started: float, spans: RequestSpans
     ) -> AsyncGenerator[Item, None]:
         """The cloud failed after streaming part of the answer: the edge continues it from
         the prompt and that part, or ends it with an error when it cannot."""
@@ -284,17 +303,21 @@ class Router:
                                     answer_tokens=streamed_ids)  # fmt: skip
         await generation.next_event()  # Prefill
         local = stream_local(generation, started, self.node.counters.stats)
-        async with contextlib.aclosing(local) as items:
-            async for item in items:
-                if isinstance(item, Outcome):
-                    item = dataclasses.replace(
-                        item,
-                        prompt_tokens=len(plan.prompt_ids),
-                        completion_tokens=failed.tokens + item.completion_tokens,
-                        completed_locally=True,
-                        model_version=runtime.version,
-                    )
-                yield item
+        span = spans.generation(self.node.settings.edge_model_name, cloud=False)
+        with tracing.ending(span):
+            async with contextlib.aclosing(local) as items:
+                async for item in items:
+                    if isinstance(item, Outcome):
+                        tracing.record_outcome(span, item.finish_reason, len(context_ids),
+                                               item.completion_tokens)  # fmt: skip
+                        item = dataclasses.replace(
+                            item,
+                            prompt_tokens=len(plan.prompt_ids),
+                            completion_tokens=failed.tokens + item.completion_tokens,
+                            completed_locally=True,
+                            model_version=runtime.version,
+                        )
+                    yield item
 
     async def _plan(
         self, request: EdgeRequest, trace: dict[str, Any], runtime: EdgeRuntime
@@ -397,6 +420,7 @@ class Router:
         generation: Generation,
         started: float,
         trace: dict[str, Any],
+        spans: RequestSpans,
     ) -> AsyncGenerator[Item, None]:
         """The edge's answer: its `RouteInfo`, then the generation streamed (the drafted
         tokens first) by the runtime that serves it, the node's or a variant's."""
@@ -415,9 +439,14 @@ class Router:
         # aclosing: a client that hangs up cancels the generation now, not at GC.
         local = stream_local(generation, started, node.counters.stats, judged.drafted,
                              judged.finished, plan.runtime.version)  # fmt: skip
-        async with contextlib.aclosing(local) as items:
-            async for item in items:
-                yield item
+        span = spans.generation(node.settings.edge_model_name, cloud=False)
+        with tracing.ending(span):
+            async with contextlib.aclosing(local) as items:
+                async for item in items:
+                    if isinstance(item, Outcome):
+                        tracing.record_outcome(span, item.finish_reason, item.prompt_tokens,
+                                               item.completion_tokens)  # fmt: skip
+                    yield item
 
     def _when_queue_full(self, request: EdgeRequest) -> Decision:
         """The edge queue is full: the cloud takes it when it may, else the 503 stands."""
