@@ -5,7 +5,8 @@ two keys: `flood`, limited to `--flood-rpm` requests per minute and `--flood-con
 flight (`serving.limits`), and `steady`, unlimited. The steady key's client sends streamed
 chat completions one after another, first alone for `--seconds` (unloaded), then for
 `--seconds` more while the flood key sends at `--flood-factor` times its limit, open loop
-(a request every 60 / (factor x rpm) seconds, whatever the answers).
+(a request every 60 / (factor x rpm) seconds, whatever the answers), from a process of its
+own so that its client's work does not delay the steady client's.
 
 JSON: `{"keys": 2, "seconds", "flood_rpm", "flood_concurrent", "flood_factor",
 "flood_sent", "flood_admitted", "flood_429", "steady_unloaded": {"requests", "p50_ttft_ms",
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -163,16 +165,11 @@ async def measure_keys(args: argparse.Namespace) -> dict[str, Any]:
             scratch_network(args.model_set, args.home, Path(tmp)) as net,
             cloud_services(args, net) as url,
             _client(url, STEADY_KEY) as steady_client,
-            _client(url, FLOOD_KEY) as flood_client,
         ):
             await wait_ready(steady_client)
             alone = await steady(steady_client, time.monotonic() + args.seconds, args.max_tokens)
-            until = time.monotonic() + args.seconds
             rate = args.flood_factor * args.flood_rpm / 60.0
-            loaded, flooded = await asyncio.gather(
-                steady(steady_client, until, args.max_tokens),
-                flood(flood_client, until, rate, args.max_tokens),
-            )
+            loaded, flooded = await flooded_phase(steady_client, url, rate, args)
     unloaded, under_flood = _figures(alone), _figures(loaded)
     ratio = None
     if unloaded["p95_ttft_ms"] and under_flood["p95_ttft_ms"]:
@@ -184,9 +181,7 @@ async def measure_keys(args: argparse.Namespace) -> dict[str, Any]:
         "flood_rpm": args.flood_rpm,
         "flood_concurrent": args.flood_concurrent,
         "flood_factor": args.flood_factor,
-        "flood_sent": len(flooded),
-        "flood_admitted": sum(r.status == 200 for r in flooded),
-        "flood_429": sum(r.status == 429 for r in flooded),
+        **flooded,
         "steady_unloaded": unloaded,
         "steady_loaded": under_flood,
         "steady_errors": sum(not r.completed for r in [*alone, *loaded]),
@@ -197,6 +192,50 @@ async def measure_keys(args: argparse.Namespace) -> dict[str, Any]:
         "model_set": net.version,
         "load_avg": round(os.getloadavg()[0], 2),
     }
+
+
+async def flooded_phase(
+    steady_client: Any, url: str, rate: float, args: argparse.Namespace
+) -> tuple[list[Result], dict[str, int]]:
+    """The steady key's requests while the flood runs in a process of its own (so that the
+    flood's client work does not delay the steady client's reading: only the servers are
+    shared, and the machine's cores); the steady results and the flood's counts."""
+    argv = [sys.executable, "-m", "hybridgen.benches.load_keys", "flood", url, FLOOD_KEY,
+            f"{rate:g}", f"{args.seconds:g}", str(args.max_tokens)]  # fmt: skip
+    process = _start_flood(argv)
+    assert process.stdout is not None
+    try:
+        started = await asyncio.wait_for(
+            asyncio.to_thread(process.stdout.readline), START_TIMEOUT_S
+        )
+        if not started:
+            raise RuntimeError("the flood process did not start")
+        loaded = await steady(steady_client, time.monotonic() + args.seconds, args.max_tokens)
+        output = await asyncio.wait_for(asyncio.to_thread(process.stdout.read), REQUEST_TIMEOUT_S)
+        counts = json.loads(output)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        await asyncio.to_thread(process.wait)
+    return loaded, counts
+
+
+def _start_flood(argv: list[str]) -> subprocess.Popen[str]:
+    """The flood process, a plain Popen read in a thread (as `Children` runs the servers): an
+    asyncio child watcher would race their reaping."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+async def _flood_main(url: str, key: str, rate: float, seconds: float, max_tokens: int) -> None:
+    """The flood process: say it starts, flood for `seconds`, print the counts (JSON)."""
+    async with _client(url, key) as client:
+        print("flooding", flush=True)
+        results = await flood(client, time.monotonic() + seconds, rate, max_tokens)
+    print(json.dumps({
+        "flood_sent": len(results),
+        "flood_admitted": sum(r.status == 200 for r in results),
+        "flood_429": sum(r.status == 429 for r in results),
+    }), flush=True)  # fmt: skip
 
 
 def _client(url: str, key: str) -> Any:
@@ -230,3 +269,11 @@ def main_keys(args: argparse.Namespace) -> int:
         print(f"  {key:<16} {figures[key]}")
     print(f"  cpu              {figures['cpu']['model']}")
     return 0
+
+
+if __name__ == "__main__":  # the flood process of `flooded_phase`
+    _, verb, flood_url, flood_key, flood_rate, flood_s, flood_tokens = sys.argv
+    assert verb == "flood"
+    asyncio.run(
+        _flood_main(flood_url, flood_key, float(flood_rate), float(flood_s), int(flood_tokens))
+    )
