@@ -263,7 +263,12 @@ async def test_a_limit_changes_live_through_the_fleet_config(
     async with cloud_api(nats_url, {}, clock) as (http, state):
         await eventually(lambda: state.live_updates >= 1, "the limits watch started")
         config = await FleetConfig.open(nc)
-        await config.put(LIMITS_KEY, {"alice": {"key_sha256": sha(ALICE), "rpm": 1}})
+        # `hybridgen fleet limits --set` checks the value with the APIs' rule, then stores it.
+        from hybridgen.fleet import run
+
+        assert await run(["limits", "--set", '{"alice": {"rpm": 1}}', "--nats-url", nats_url]) == 1
+        rule = json.dumps({"alice": {"key_sha256": sha(ALICE), "rpm": 1}})
+        assert await run(["limits", "--set", rule, "--nats-url", nats_url]) == 0
         await eventually(lambda: state.live_updates >= 2, "the new limits in force")
         assert (await complete(http, ALICE)).status_code == 200
         refused = await complete(http, ALICE)
@@ -279,8 +284,17 @@ async def test_a_limit_changes_live_through_the_fleet_config(
         assert "x-ratelimit-limit-requests" not in (await complete(http, ALICE)).headers
 
 
+async def fleet_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """`hybridgen fleet ARGV` in this event loop; its JSON output."""
+    from hybridgen.fleet import run
+
+    capsys.readouterr()
+    assert await run(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 async def test_two_api_instances_usage_is_summed_by_the_console(
-    nats_url: str, nc: Client, start_worker: Any
+    nats_url: str, nc: Client, start_worker: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tui.state import FleetState
 
@@ -318,6 +332,10 @@ async def test_two_api_instances_usage_is_summed_by_the_console(
             },
         }
         await eventually(lambda: fleet.summary().usage == expected, "both instances summed")
+
+        # The same sum from the command line: `hybridgen fleet usage --json`.
+        out = await fleet_cli(capsys, "usage", "--json", "--nats-url", nats_url)
+        assert out["nodes"] == ["api-one", "api-two"] and out["keys"] == expected
 
 
 async def test_the_api_role_reads_the_limits_but_cannot_write_them(bus: Any) -> None:
