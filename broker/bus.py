@@ -23,7 +23,7 @@ from broker.control import send_control, serve_control
 from broker.errors import Unauthorized, Unavailable
 from broker.permissions import inbox_prefix
 from broker.service import GenerateHandler, GenerationService, Responder
-from broker.settings import BusSettings
+from broker.settings import BusSettings, refused_message
 
 __all__ = [
     "GenerateHandler",
@@ -191,7 +191,8 @@ async def connect(
         detail += "; the server closed the connection during the handshake (credentials? TLS?)"
     # The refusal can come first and resets of the retries after it: any refusal decides.
     if any(_is_auth_error(e) for e in [*failures, *([cause] if cause is not None else [])]):
-        raise Unauthorized(f"NATS server at {url} refused the credentials of {name!r}")
+        other = "the token given" if token else "the creds file given" if creds else None
+        raise Unauthorized(refused_message(url, user, other=other))
     raise Unavailable(f"cannot connect to NATS at {url} ({detail})")
 
 

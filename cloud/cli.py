@@ -8,7 +8,12 @@ import logging
 import sys
 
 from broker.errors import HybridgenError
-from broker.settings import add_settings_arguments, settings_overrides
+from broker.settings import (
+    add_context_argument,
+    add_settings_arguments,
+    as_service,
+    settings_overrides,
+)
 from cloud.settings import ApiSettings, WorkerSettings
 from serving.slow_clients import add_slow_client_arguments
 from serving.stopping import serve_http
@@ -63,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "the load. SIGTERM drains: no new requests, in-flight ones finish, then exit.",
     )
     add_settings_arguments(worker, WorkerSettings, WORKER_OPTIONS)
-    worker.add_argument("--nats", help="NATS URL (default HG_NATS_URL or nats://127.0.0.1:4222)")
+    worker.add_argument(
+        "--nats", help="NATS URL (default HG_NATS_URL, the context's, or nats://127.0.0.1:4222)"
+    )
+    add_context_argument(worker)
 
     api = sub.add_parser(
         "api",
@@ -72,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         "/v1/models, /healthz, /readyz, /metrics) forwarding to cloud workers over NATS.",
     )
     add_settings_arguments(api, ApiSettings, API_OPTIONS, flags={"api_keys": "--api-key"})
-    api.add_argument("--nats", help="NATS URL (default HG_NATS_URL or nats://127.0.0.1:4222)")
+    api.add_argument(
+        "--nats", help="NATS URL (default HG_NATS_URL, the context's, or nats://127.0.0.1:4222)"
+    )
+    add_context_argument(api)
     api.add_argument(
         "--drain-timeout-s",
         type=float,
@@ -117,6 +128,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    as_service(args.context)  # the context's URL and CA, never its operator's login
     try:
         if args.command == "worker":
             return _run_worker(args)

@@ -8,7 +8,12 @@ import logging
 import sys
 from typing import Any
 
-from broker.settings import add_settings_arguments, settings_overrides
+from broker.settings import (
+    add_context_argument,
+    add_settings_arguments,
+    as_service,
+    settings_overrides,
+)
 from edge.settings import EdgeSettings
 from serving.slow_clients import add_slow_client_arguments
 from serving.stopping import serve_http
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_slow_client_arguments(parser)  # --read-timeout-s, --write-timeout-s
     parser.add_argument("--log-level", default="info", help="logging level")
+    add_context_argument(parser)
     return parser
 
 
@@ -90,6 +96,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    as_service(args.context)  # the context's URL and CA, never its operator's login
     try:
         settings = settings_from_args(args)
     except (ValueError, json.JSONDecodeError) as exc:

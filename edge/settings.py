@@ -223,11 +223,9 @@ class EdgeSettings(HttpSettings):
         return self
 
     def bus(self) -> BusSettings:
-        """The bus settings, `nats_url` overriding HG_NATS_URL."""
-        bus = BusSettings()
-        if self.nats_url:
-            bus = bus.model_copy(update={"url": self.nats_url})
-        return bus
+        """The bus settings, `nats_url` overriding HG_NATS_URL and the context's URL (whose
+        login then stays with the context's server)."""
+        return BusSettings.resolve(url=self.nats_url or None)
 
 
 def default_advertise_url(host: str, port: int) -> str:

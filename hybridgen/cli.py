@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tui": ("tui.cli", "main", "the operator console (Textual)"),
     "bench": ("hybridgen.benches", "main", "run a benchmark: hybridgen bench NAME [--json]"),
     "fleet": ("hybridgen.fleet", "main", "fleet operations: experiment, rollout, rollback"),
+    "context": ("hybridgen.context", "main", "the saved ways to reach a bus: list, show, use, add"),
 }
 
 

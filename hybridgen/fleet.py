@@ -25,6 +25,7 @@ from nats.aio.client import Client
 
 from broker import subjects
 from broker.errors import HybridgenError
+from broker.settings import add_context_argument
 from fleet.rollout import RELOAD_TIMEOUT_S, RolloutOptions
 from fleet.watch import Bounds
 from hybridgen.fleet_experiment import add_experiment_parser
@@ -47,7 +48,8 @@ def _percent(text: str) -> float:
 
 
 def _add_bus_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats-url", help="the bus (default: HG_NATS_URL / HG_NATS_* settings)")
+    parser.add_argument("--nats-url", help="the bus URL (default: HG_NATS_URL, else the context's)")
+    add_context_argument(parser)
 
 
 def add_rollout_parsers(sub: Any) -> None:
@@ -96,7 +98,7 @@ async def _connected(args: argparse.Namespace) -> Client:
     from broker.bus import connect_settings
     from broker.settings import BusSettings
 
-    settings = BusSettings() if not args.nats_url else BusSettings(url=args.nats_url)
+    settings = BusSettings.resolve(url=args.nats_url, context=args.context)
     return await connect_settings(settings, name="hybridgen-fleet")
 
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from broker import subjects, wire
 from broker.errors import BadRequest, HybridgenError
+from broker.settings import add_context_argument
 from broker.store import FleetConfig
 from fleet.experiment import EXPERIMENT_KEY, Experiment, combine, figures_table, format_table
 
@@ -54,7 +55,10 @@ def add_experiment_parser(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     verbs.add_parser("stop", help="end the experiment (the edges unload a variant model)")
     for verb in verbs.choices.values():
-        verb.add_argument("--nats-url", help="the bus (default: HG_NATS_URL / HG_NATS_* settings)")
+        verb.add_argument(
+            "--nats-url", help="the bus URL (default: HG_NATS_URL, else the context's)"
+        )
+        add_context_argument(verb)
     parser.set_defaults(run=run_experiment)
 
 
@@ -63,7 +67,7 @@ async def run_experiment(args: argparse.Namespace) -> int:
     from broker.bus import connect_settings
     from broker.settings import BusSettings
 
-    settings = BusSettings() if not args.nats_url else BusSettings(url=args.nats_url)
+    settings = BusSettings.resolve(url=args.nats_url, context=args.context)
     nc = await connect_settings(settings, name="hybridgen-fleet-experiment")
     try:
         config = await FleetConfig.open(nc)

@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from broker import subjects, wire
 from broker.control import send_control
 from broker.errors import BadRequest
+from broker.settings import add_context_argument
 from broker.store import FleetConfig
 
 
@@ -71,7 +72,8 @@ def add_policy_parser(sub: Any) -> None:
     parser = sub.add_parser("set-policy", help="set fields of one node's routing policy")
     parser.add_argument("node", help="the node id")
     parser.add_argument("values", nargs="+", metavar="KEY=VALUE", help="policy fields")
-    parser.add_argument("--nats-url", help="the bus (default: HG_NATS_URL / HG_NATS_* settings)")
+    parser.add_argument("--nats-url", help="the bus URL (default: HG_NATS_URL, else the context's)")
+    add_context_argument(parser)
     parser.set_defaults(run=run_set_policy)
 
 
@@ -81,7 +83,7 @@ async def run_set_policy(args: argparse.Namespace) -> int:
     from broker.settings import BusSettings
 
     values = parse_values(args.values)
-    settings = BusSettings() if not args.nats_url else BusSettings(url=args.nats_url)
+    settings = BusSettings.resolve(url=args.nats_url, context=args.context)
     nc = await connect_settings(settings, name="hybridgen-fleet-policy")
     try:
         reply = await set_node_policy(nc, args.node, values)

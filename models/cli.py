@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import HybridgenError
+from broker.settings import add_context_argument
 from models import registry
 from models.lab.corpus import DEFAULT_DOMAIN, SOURCES
 from models.lab.edge_repack import EDGE_WEIGHTS
@@ -141,7 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--set-current", action="store_true", help="make it the default after")
     home(pull)
     for p in (publish, pull):
-        p.add_argument("--nats-url", help="NATS server URL (default $HG_NATS_URL)")
+        p.add_argument(
+            "--nats-url", help="NATS server URL (default $HG_NATS_URL, else the context's)"
+        )
+        add_context_argument(p)
     return parser  # fmt: skip
 
 
@@ -298,12 +302,18 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.command == "publish":
             model_set = registry.resolve(args.version, args.home)
-            count = asyncio.run(distribution.publish_cli(model_set, nats_url=args.nats_url))
+            count = asyncio.run(
+                distribution.publish_cli(model_set, nats_url=args.nats_url, context=args.context)
+            )
             print(f"published model set {model_set.version} ({count} files) to hg_models")
         else:
             model_set = asyncio.run(
                 distribution.pull_cli(
-                    args.version, home=args.home, nats_url=args.nats_url, force=args.force
+                    args.version,
+                    home=args.home,
+                    nats_url=args.nats_url,
+                    context=args.context,
+                    force=args.force,
                 )
             )
             if args.set_current:

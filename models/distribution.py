@@ -143,17 +143,19 @@ async def _published_manifest(
     return raw, manifest
 
 
-async def _connect(nats_url: str | None) -> Client:
+async def _connect(nats_url: str | None, context: str | None) -> Client:
     from broker.bus import connect_settings
     from broker.settings import BusSettings
 
-    settings = BusSettings() if nats_url is None else BusSettings(url=nats_url)
+    settings = BusSettings.resolve(url=nats_url, context=context)
     return await connect_settings(settings, name="hybridgen-models")
 
 
-async def publish_cli(model_set: ModelSet, *, nats_url: str | None = None) -> int:
-    """`hybridgen models publish`: connect (HG_NATS_* settings), publish, close."""
-    nc = await _connect(nats_url)
+async def publish_cli(
+    model_set: ModelSet, *, nats_url: str | None = None, context: str | None = None
+) -> int:
+    """`hybridgen models publish`: connect (flags, HG_NATS_*, the context), publish, close."""
+    nc = await _connect(nats_url, context)
     try:
         return await publish(nc, model_set)
     finally:
@@ -161,10 +163,15 @@ async def publish_cli(model_set: ModelSet, *, nats_url: str | None = None) -> in
 
 
 async def pull_cli(
-    version: str, *, home: Path | None = None, nats_url: str | None = None, force: bool = False
+    version: str,
+    *,
+    home: Path | None = None,
+    nats_url: str | None = None,
+    context: str | None = None,
+    force: bool = False,
 ) -> ModelSet:
-    """`hybridgen models pull`: connect (HG_NATS_* settings), pull, close."""
-    nc = await _connect(nats_url)
+    """`hybridgen models pull`: connect (flags, HG_NATS_*, the context), pull, close."""
+    nc = await _connect(nats_url, context)
     try:
         return await pull(nc, version, home=home, force=force)
     finally:

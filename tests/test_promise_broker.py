@@ -216,7 +216,9 @@ async def test_a_wrong_hg_nats_token_is_unauthorized(
         await connect_settings(BusSettings(), name="wrong-token")
     assert refused.value.code == errors.ErrorCode.UNAUTHORIZED
     assert str(refused.value) == (
-        f"NATS server at {token_server.client_url} refused the credentials of 'wrong-token'"
+        f"NATS {token_server.client_url}: authorization refused for the token given — run "
+        "`hybridgen context use NAME` (see `hybridgen context list`) or set "
+        "HG_NATS_USER/HG_NATS_PASSWORD_FILE"
     )
     monkeypatch.delenv("HG_NATS_TOKEN")
     with pytest.raises(errors.Unauthorized):

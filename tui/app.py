@@ -31,6 +31,7 @@ from broker.control import send_control
 from broker.errors import HybridgenError
 from broker.settings import BusSettings
 from broker.telemetry import default_node_id, publish_operator_action
+from tui.connection import link_text, refusal_of
 from tui.discovery import DISCOVERY_S, run_discovery
 from tui.event_log import EventLog
 from tui.experiment import ExperimentScreen
@@ -162,6 +163,7 @@ class HybridgenConsole(App[None]):
         #: them back, also after it was closed and opened again.
         self.last_rollout: dict[str, str | None] = {}
         self.nc: Client | None = None
+        self.refused: str | None = None  # a refused login, said on the bar (`refusal_of`)
         # What the fleet table shows now: row keys in order, and each row's cells and style.
         self._shown_order: list[str] = []
         self._shown_rows: dict[str, DrawnRow] = {}
@@ -196,13 +198,15 @@ class HybridgenConsole(App[None]):
         """Connect, subscribe to heartbeats and events, and reconnect if the first try fails."""
         while True:
             try:
-                nc = await connect_settings(self.bus, name="hybridgen-console")
+                nc = await connect_settings(
+                    self.bus, name="hybridgen-console", error_cb=self._on_link_error
+                )
             except HybridgenError as exc:
                 log.info("console: %s", exc.message)
-                self.connected = False
+                self.connected, self.refused = False, refusal_of(exc, self.bus)
                 await asyncio.sleep(RETRY_S)
                 continue
-            self.nc = nc
+            self.nc, self.refused = nc, None
             discovery: asyncio.Task[None] | None = None
             try:
                 await nc.subscribe(subjects.TELEMETRY_ALL, cb=self._on_heartbeat)
@@ -227,6 +231,9 @@ class HybridgenConsole(App[None]):
                 with contextlib.suppress(Exception):
                     await nc.close()
 
+    async def _on_link_error(self, exc: Exception) -> None:
+        self.refused = refusal_of(exc, self.bus)  # a refused login; None: any other error
+
     async def _on_heartbeat(self, msg: Msg) -> None:
         started = time.perf_counter()
         try:
@@ -249,13 +256,13 @@ class HybridgenConsole(App[None]):
             self.show_connection()
 
     def show_connection(self) -> None:
-        """Say whether the bus is reachable, in the bar above the table."""
+        """Say whether the bus is reachable (if refused, why and how to fix it) in the bar."""
         bar = self.bar
         bar.set_class(self.connected, "connected")
-        state = "connected" if self.connected else "disconnected (retrying)"
+        state = link_text(self.bus.url, connected=self.connected, refused=self.refused)
         role = self.role or "all roles"
         order = "desc" if self.descending else "asc"
-        bar.update(Text(f"NATS {self.bus.url}: {state} · {role} · sort {self.sort_by} {order}"))
+        bar.update(Text(f"{state} · {role} · sort {self.sort_by} {order}"))
 
     def refresh_tick(self) -> None:
         """Every `REFRESH_S`: drop gone nodes, sample the summary, and redraw the fleet

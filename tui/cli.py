@@ -1,7 +1,11 @@
 """`hybridgen tui`: the operator console.
 
-hybridgen tui [--nats URL] [--user U --password P | --creds FILE] [--tls-ca FILE]
-              [--stale-after S] [--gone-after S] [--edge-api-key KEY]
+hybridgen tui [--context NAME] [--nats URL] [--user U --password P | --password-file F |
+              --creds FILE] [--tls-ca FILE] [--stale-after S] [--gone-after S]
+              [--edge-api-key KEY]
+
+With none of the bus options, the console reads `HG_NATS_*`, else the current context (the
+one `hybridgen up` saves): after `hybridgen up`, `hybridgen tui` finds its network.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from broker.settings import BusSettings, settings_overrides
+from broker.errors import HybridgenError
+from broker.settings import BusSettings, add_context_argument, settings_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,9 +26,18 @@ def _parser() -> argparse.ArgumentParser:
         description="The operator console: fleet, events, node detail, drain and resume, "
         "routing policy, model roll-out and roll back, test prompts.",
     )
-    parser.add_argument("--nats", dest="url", default=None, help="NATS URL (env HG_NATS_URL)")
+    add_context_argument(parser)
+    parser.add_argument(
+        "--nats", dest="url", default=None, help="NATS URL (env HG_NATS_URL, else the context's)"
+    )
     parser.add_argument("--user", default=None, help="NATS user (env HG_NATS_USER)")
     parser.add_argument("--password", default=None, help="NATS password (env HG_NATS_PASSWORD)")
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help="file holding the NATS password (env HG_NATS_PASSWORD_FILE)",
+    )
     parser.add_argument("--creds", type=Path, default=None, help="NATS .creds file")
     parser.add_argument("--tls-ca", type=Path, default=None, help="CA bundle of the server cert")
     parser.add_argument(
@@ -56,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from tui.event_log import EventLog
     from tui.state import FleetState
 
-    bus = BusSettings(**settings_overrides(args, ["url", "user", "password", "creds", "tls_ca"]))
+    given = ["context", "url", "user", "password", "password_file", "creds", "tls_ca"]
+    try:
+        bus = BusSettings.resolve(**settings_overrides(args, given))
+    except HybridgenError as exc:
+        print(f"hybridgen tui: {exc.message}", file=sys.stderr)
+        return 1
     fleet = FleetState(stale_after=args.stale_after, gone_after=args.gone_after)
     HybridgenConsole(bus, fleet=fleet, events=EventLog(), edge_api_key=args.edge_api_key).run()
     return 0

@@ -10,6 +10,11 @@ name and the *path* of its password file (`HG_NATS_USER`, `HG_NATS_PASSWORD_FILE
 the password itself. A broker bound beyond loopback also gets TLS (a private CA made with
 openssl under `$HG_HOME/secrets/tls/`, or the files given with `--tls-*`).
 
+Once the broker is up, `write_context` saves how an operator reaches it as a context
+(`broker.contexts`, default name `local`) and makes it current: the `operator` user, its
+password file, the CA. The console, `hybridgen fleet` and `hybridgen models publish|pull`
+run by hand then find the network with no setup.
+
 `Broker` holds that state; the `Launcher` (`hybridgen.up.supervisor`) extends it with the
 children it supervises.
 """
@@ -35,10 +40,11 @@ from broker.config import (
     self_signed_tls,
     write_secret,
 )
+from broker.contexts import DEFAULT_CONTEXT, Context, check_name, write_context
 from broker.errors import HybridgenError
 from broker.permissions import Role
 from broker.server import ExternalServer, NatsServer
-from broker.settings import BusSettings
+from broker.settings import CONTEXT_ENV, BusSettings
 from broker.store import ArtifactStore, FleetConfig
 from hybridgen.up import log
 from hybridgen.up.spec import ChildFailed, ChildSpec
@@ -67,6 +73,7 @@ class Broker:
             `HG_NATS_*`, are passed on as they are).
         tls: the broker's certificate, key and CA; None makes a private CA when the broker
             listens beyond loopback (secure only).
+        context: the name of the context `write_context` saves.
     """
 
     def __init__(
@@ -78,6 +85,7 @@ class Broker:
         port: int = DEFAULT_PORT,
         secure: bool = True,
         tls: TLSFiles | None = None,
+        context: str = DEFAULT_CONTEXT,
     ) -> None:
         self.home = home
         self.nats_url = nats_url
@@ -85,6 +93,7 @@ class Broker:
         self.port = port
         self.secure = secure and not nats_url
         self.tls = tls
+        self.context = check_name(context)
         #: The bus users of a secured broker, by name (filled by `prepare_security`).
         self.users: dict[str, User] = {}
         self.server: NatsServer | ExternalServer | None = None
@@ -125,6 +134,38 @@ class Broker:
             password_file=self.password_file(user),
             tls_ca=self.tls.ca if self.tls is not None else None,
         )
+
+    def operator_context(self) -> Context:
+        """How an operator reaches the running broker: as `operator` on a secured one; by
+        URL alone on an insecure one; on your server (`nats_url`), with your `HG_NATS_*`
+        user, password *file* and CA (a password given inline is not saved)."""
+        if self.secure:
+            ca = self.tls.ca if self.tls is not None else None
+            return Context(
+                name=self.context,
+                url=self.url,
+                user=OPERATOR_USER,
+                password_file=self.password_file(OPERATOR_USER).absolute(),
+                tls_ca=ca.absolute() if ca is not None else None,
+            )
+        if not self.nats_url:
+            return Context(name=self.context, url=self.url)
+        yours = BusSettings.resolve(url=self.url)
+        login = yours.user is not None and yours.password_file is not None
+        return Context(
+            name=self.context,
+            url=self.url,
+            user=yours.user if login else None,
+            password_file=yours.password_file.expanduser().absolute()
+            if login and yours.password_file
+            else None,
+            tls_ca=yours.tls_ca.expanduser().absolute() if yours.tls_ca else None,
+        )
+
+    def write_context(self) -> Path:
+        """Save `operator_context()` under `$HG_HOME/contexts` (0700/0600) and make it
+        current; the file written."""
+        return write_context(self.home, self.operator_context())
 
     async def start_server(self, children: list[ChildSpec]) -> None:
         """Start our nats-server (secured for `children`), or check the external one."""
@@ -229,6 +270,7 @@ class Broker:
             "HG_HOME": str(self.home),
             "PYTHONUNBUFFERED": "1",
         }
+        env.pop(CONTEXT_ENV, None)  # the bus is given: a context picked for our shell is not it
         if self.secure:
             for name in _CREDENTIAL_ENV:
                 env.pop(name, None)

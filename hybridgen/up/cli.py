@@ -16,6 +16,7 @@ from pathlib import Path
 from broker.addresses import is_loopback
 from broker.cli import StopSignals
 from broker.config import TLSFiles
+from broker.contexts import DEFAULT_CONTEXT, check_name
 from broker.errors import HybridgenError
 from broker.settings import hg_home
 from hybridgen.up import log
@@ -41,6 +42,13 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"needs 1 or more, got {value}")
     return value
+
+
+def _context_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except HybridgenError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +115,13 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
         "--nats-url", default=None, help="use this NATS server instead of starting one"
     )
     parser.add_argument("--host", default="127.0.0.1", help="broker listen address")
+    parser.add_argument(
+        "--context",
+        type=_context_name,
+        default=DEFAULT_CONTEXT,
+        help=f"save how to reach this network as this context (default {DEFAULT_CONTEXT}) and "
+        "make it current: `hybridgen tui`, `fleet` and `models` run by hand then use it",
+    )
     parser.add_argument(
         "--port",
         type=int,
@@ -190,6 +205,7 @@ def _launcher(args: argparse.Namespace, home: Path, children: list[ChildSpec]) -
         port=args.port,
         secure=not args.insecure_nats,
         tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if all(tls_given) else None,
+        context=args.context,
     )
 
 

@@ -26,6 +26,7 @@ from broker import subjects, wire
 from broker.bus import close_bounded
 from broker.cli import StopSignals
 from broker.config import TLSFiles
+from broker.contexts import DEFAULT_CONTEXT
 from broker.errors import HybridgenError
 from broker.server import NatsServer, death_signal_hook, open_private_log, private_folder
 from broker.telemetry import default_node_id
@@ -72,6 +73,7 @@ class Launcher(Broker):
             `HG_NATS_*`, are passed on as they are).
         tls: the broker's certificate, key and CA; None makes a private CA when the broker
             listens beyond loopback (secure only).
+        context: the name of the context saved for the operator's commands run by hand.
 
     Attributes:
         node_id: the launcher's id on the bus (its events: `hg.events.launcher.<node_id>`).
@@ -89,8 +91,17 @@ class Launcher(Broker):
         backoff: Backoff | None = None,
         secure: bool = True,
         tls: TLSFiles | None = None,
+        context: str = DEFAULT_CONTEXT,
     ) -> None:
-        super().__init__(home=home, nats_url=nats_url, host=host, port=port, secure=secure, tls=tls)
+        super().__init__(
+            home=home,
+            nats_url=nats_url,
+            host=host,
+            port=port,
+            secure=secure,
+            tls=tls,
+            context=context,
+        )
         self.children = list(children or [])
         self.backoff = backoff or Backoff()
         self.node_id = default_node_id("launcher")
@@ -130,6 +141,7 @@ class Launcher(Broker):
             self._supervisors.append(asyncio.create_task(self._supervise_broker()))
         self.url_file.parent.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(self.url + "\n")
+        self.write_context()
         self._events = await self._connect("hybridgen-launcher")
         return self.url
 

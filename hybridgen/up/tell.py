@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from broker.server import open_private_log, private_folder
+from broker.settings import hg_home
 from hybridgen.up.bus import OPERATOR_USER
 from hybridgen.up.children import EDGE_ADMIN_KEY
 from hybridgen.up.supervisor import Launcher
@@ -48,8 +49,7 @@ def where_lines(launcher: Launcher) -> list[str]:
     apis = [spec for spec, _ in launcher.processes if spec.url]
     edges = [spec.url for spec in apis if spec.name.startswith("edge")]
     cloud = [spec.url for spec in apis if not spec.name.startswith("edge")]
-    lines = [f"NATS broker at {launcher.url} (export HG_NATS_URL={launcher.url}; "
-             f"also in {launcher.url_file})"]  # fmt: skip
+    lines = [f"NATS broker at {launcher.url} (also in {launcher.url_file})"]
     for spec, process in launcher.processes:
         where = "terminal" if spec.foreground else launcher.log_path(spec.name)
         serving = f", serving {spec.url}" if spec.url else ""
@@ -62,7 +62,7 @@ def where_lines(launcher: Launcher) -> list[str]:
             f"Bearer $(cat {key_file})\" {edges[0]}/v1/users/<id>/export (keys for an app's "
             "own users: docs/edge.md)"
         )
-    lines.append(_bus_line(launcher))
+    lines += [_bus_line(launcher), _context_line(launcher)]
     parts = []
     if edges:
         parts.append(("edge " if len(edges) == 1 else "edges ") + ", ".join(map(str, edges)))
@@ -73,13 +73,23 @@ def where_lines(launcher: Launcher) -> list[str]:
     return lines
 
 
+def _context_line(launcher: Launcher) -> str:
+    """Which context the commands run by hand use (and the HG_HOME they need, if another)."""
+    home = launcher.home.absolute()
+    other_home = home != hg_home().absolute()
+    needs = f" with HG_HOME={home}" if other_home else ""
+    return (
+        f"  saved as context {launcher.context!r} (current): hybridgen tui, fleet and models "
+        f"run by hand{needs} connect with it (hybridgen context show)"
+    )
+
+
 def _bus_line(launcher: Launcher) -> str:
-    """How the bus is secured, and where an operator's credentials are."""
+    """How the bus is secured, and where the credentials are."""
     if not launcher.secure:
         return "  the bus has NO authentication (--insecure-nats or --nats-url)"
     tls = f"; TLS, CA {launcher.tls.ca}" if launcher.tls is not None else ""
     return (
-        f"  bus users per role, credentials in {launcher.secrets_dir}{tls} (by hand: "
-        f"HG_NATS_USER={OPERATOR_USER} "
-        f"HG_NATS_PASSWORD_FILE={launcher.password_file(OPERATOR_USER)})"
+        f"  bus users per role, credentials in {launcher.secrets_dir}{tls} (the context logs "
+        f"in as {OPERATOR_USER})"
     )
