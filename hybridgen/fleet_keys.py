@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from broker import subjects, wire
 from broker.errors import BadRequest
+from broker.settings import add_context_argument
 from broker.store import FleetConfig
 from serving.limits import LIMITS_KEY, parse_rules
 from serving.usage import Snapshot, key_totals, sum_usage
@@ -39,13 +40,15 @@ def add_keys_parsers(sub: Any) -> None:
         "--listen-s", type=float, default=2.5, help="seconds of heartbeats to hear (2.5)"
     )
     usage.add_argument("--json", action="store_true", help="print one JSON object")
-    usage.add_argument("--nats-url", help="the bus (default: HG_NATS_URL / HG_NATS_* settings)")
+    usage.add_argument("--nats-url", help="the bus URL (default: HG_NATS_URL, else the context's)")
+    add_context_argument(usage)
     usage.set_defaults(run=run_usage)
     limits = sub.add_parser("limits", help="show or set the API keys' limits (hg_config)")
     change = limits.add_mutually_exclusive_group()
     change.add_argument("--set", dest="value", help="the new limits, a JSON object")
     change.add_argument("--clear", action="store_true", help="delete them (back to settings)")
-    limits.add_argument("--nats-url", help="the bus (default: HG_NATS_URL / HG_NATS_* settings)")
+    limits.add_argument("--nats-url", help="the bus URL (default: HG_NATS_URL, else the context's)")
+    add_context_argument(limits)
     limits.set_defaults(run=run_limits)
 
 
@@ -53,7 +56,7 @@ async def _connect(args: argparse.Namespace, name: str) -> Client:
     from broker.bus import connect_settings
     from broker.settings import BusSettings
 
-    settings = BusSettings() if not args.nats_url else BusSettings(url=args.nats_url)
+    settings = BusSettings.resolve(url=args.nats_url, context=args.context)
     return await connect_settings(settings, name=name)
 
 
