@@ -11,7 +11,8 @@ permissions (`permissions_for`):
   publish its telemetry/events; answer control and its services' discovery. It cannot send
   generation requests.
 - `api`: like an edge for requests (the cloud HTTP API), plus the workers' `$SRV.INFO`
-  (its readiness probe); it answers nothing and receives no control, no KV/artifact access.
+  (its readiness probe) and reading the fleet config (its key limits); it answers nothing,
+  receives no control, writes no KV and reads no artifacts.
 - `operator`: read all telemetry/events, send control requests, discover services, and
   manage the fleet config and artifacts (JetStream API).
 - `launcher`: an operator that also publishes `hg.events.launcher.*` (`hybridgen up`'s
@@ -190,6 +191,8 @@ def permissions_for(
                 own_telemetry,
                 own_events,
                 subjects.discovery_info(WORKER_SERVICE),
+                # It reads the fleet config (its `limits` key), as an edge does.
+                *_stream_read_api(_KV_STREAM, js_domain),
             ),
             subscribe=(inbox,),
         )

@@ -13,6 +13,7 @@ nats.micro discovery for a served model.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -39,13 +40,15 @@ from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
 from cloud.spans import request_span
 from serving import tracing
+from serving.admission import admit, install_limits
 from serving.answer import Answer, Outcome, Piece
-from serving.auth import require_api_key
+from serving.auth import authenticate
 from serving.bodies import json_body
 from serving.browsers import install_browser_guard
 from serving.choices import choice_id, choice_sampling
 from serving.deadlines import budget_s, client_timeout_s
 from serving.headers import HEADER_REQUEST_ID
+from serving.limits import Limits
 from serving.metrics import HttpMetrics, install_common, protect_metrics
 from serving.model_names import require_served
 from serving.protocol import (
@@ -66,6 +69,7 @@ class ApiState:
     settings: ApiSettings
     nc: Client
     metrics: HttpMetrics
+    limits: Limits
     node_id: str = ""
     stats: RequestStats = field(default_factory=RequestStats)
     in_flight: int = 0
@@ -157,7 +161,8 @@ def _heartbeat(state: ApiState) -> wire.Heartbeat:
         latency_p95_ms=snapshot["latency_p95_ms"],
         tokens_per_s=snapshot["tokens_per_s"],
         errors=snapshot["errors"],
-        extra={"port": state.settings.port},
+        # Usage by key name and model since start: the console sums the instances.
+        extra={"port": state.settings.port, "usage": state.limits.usage.snapshot()},
     )
 
 
@@ -200,17 +205,21 @@ def create_app(
             # Credentials and TLS from HG_NATS_* (a URL given here only replaces the URL).
             bus = BusSettings(url=nats_url) if nats_url else BusSettings()
             client = await connect_settings(bus, name="hybridgen-cloud-api")
-        state = ApiState(
-            settings, client, app.state.metrics, settings.node_id or default_node_id("api")
-        )
+        node_id = settings.node_id or default_node_id("api")
+        state = ApiState(settings, client, app.state.metrics, limits, node_id)
         holder["state"] = app.state.api = state
+        app.state.node_id = node_id
         telemetry = Telemetry(
             client, role="api", node_id=state.node_id, build_heartbeat=lambda: _heartbeat(state)
         )
         await telemetry.start()
+        # Key limits change live with the fleet config's `limits` key.
+        watch = asyncio.create_task(limits.watch(client), name="hg-api-limits")
         try:
             yield
         finally:
+            watch.cancel()
+            await asyncio.wait([watch], timeout=1.0)
             await telemetry.close()
             holder.clear()
             app.state.api = None
@@ -236,10 +245,14 @@ def create_app(
     install_common(
         app, service="cloud_api", max_body_bytes=settings.max_body_bytes, ready_check=ready_check
     )
+    keys = settings.key_ring()
     if settings.metrics_require_key:
-        protect_metrics(app, settings.api_keys)
+        protect_metrics(app, keys.api_keys)
 
-    auth = [Depends(require_api_key(settings.api_keys))]
+    auth = [Depends(authenticate(keys))]
+    # Key names, limits and usage (`serving.limits`); completions are admitted under them.
+    limits = install_limits(app, settings.key_rules(), service="cloud_api", dependencies=auth)
+    limited = [*auth, Depends(admit)]
 
     @app.get("/v1/models", dependencies=auth)
     async def list_models() -> JSONResponse:
@@ -250,7 +263,7 @@ def create_app(
         require_served(model_id, settings.models)
         return JSONResponse(ModelCard(id=model_id).body())
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=limited)
     async def completions(
         request: Request,
         body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
@@ -258,7 +271,7 @@ def create_app(
     ) -> Any:
         return await _serve(request, state, body, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=limited)
     async def chat_completions(
         request: Request,
         body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
@@ -416,10 +429,13 @@ class _Replies:
 
     async def _items(self) -> AsyncGenerator[Piece | Outcome, None]:
         try:
+            tokens = 0  # a chunk held back (no text yet) passes its tokens on
             async for chunk in self.replies:
+                tokens += len(chunk.token_ids)
                 scores = chunk_logprobs(chunk)
                 if chunk.text or scores:
-                    yield Piece(chunk.text, scores)
+                    yield Piece(chunk.text, scores, tokens)
+                    tokens = 0
             done = self.done = self.replies.done
             assert done is not None
             usage = done.usage

@@ -46,6 +46,7 @@ API_OPTIONS = (
     "request_timeout_s",
     "allow_open",
     "metrics_require_key",
+    "key_limits",
 )
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.registry import CLOUD_MODEL
+from serving.auth import KeyRing, parse_key_entries
 from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
 from serving.drafts import DRAFT_MIN_MATCH, DRAFT_TOKENS
 from serving.settings import HttpSettings, split_list
@@ -120,3 +121,27 @@ class ApiSettings(HttpSettings):
     @classmethod
     def _split_models(cls, value: object) -> object:
         return split_list(value)
+
+    def key_ring(self) -> KeyRing:
+        """The API keys, parsed: `KEY`, or `KEY@*` for an admin key (it may read `GET
+        /v1/usage`).
+
+        Raises:
+            ValueError: a malformed entry, or one with users (the cloud API has none), named
+                by position (never the key itself).
+        """
+        setting = "HG_CLOUD_API_KEYS / --api-key"
+        entries = parse_key_entries(self.api_keys, setting=setting)
+        for index, entry in enumerate(entries, 1):
+            if entry.users:
+                raise ValueError(
+                    f"{setting} entry {index}: a cloud API key acts for no users: give KEY, "
+                    "or KEY@* for an admin key (a key itself holds no `@`)"
+                )
+        return KeyRing(entries)
+
+    def check_exposure(self) -> None:
+        """Refuse malformed keys, key limits or origins, an open API beyond loopback and a
+        key-protected /metrics without keys (`HttpSettings.check_exposure`)."""
+        self.key_ring()
+        super().check_exposure()

@@ -40,6 +40,7 @@ OPTIONS = (
     "allowed_origins",
     "allow_open",
     "metrics_require_key",
+    "key_limits",
 )
 
 

@@ -29,6 +29,7 @@ from edge.route.rules import PolicySettings, merge_policy
 from fleet.experiment import EXPERIMENT_KEY
 from fleet.policy import policy_sources
 from fleet.routes import CLOUD_ROUTE_REASONS
+from serving.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class BusLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.policy_updates = 0
+        #: The API's key limits: the fleet config's `limits` is put in force on them, and
+        #: their usage goes in heartbeats (None: no API).
+        self.key_limits: Limits | None = None
         self._connect_failures = 0
         #: The (settings, fleet, node) policy layers the node runs with (the last valid ones).
         self._applied_layers: tuple[dict[str, Any] | None, ...] = (
@@ -169,6 +173,8 @@ class BusLink:
         except Exception as exc:
             logger.warning("control endpoints not registered: %s", exc)
         self._spawn(self._watch_policy(nc), "hg-edge-policy")
+        if self.key_limits is not None:
+            self._spawn(self.key_limits.watch(nc, self.settings.reconnect_s), "hg-edge-limits")
         if self.apply_experiment is not None:
             self._spawn(self._watch_experiment(nc, self.apply_experiment), "hg-edge-experiment")
 
@@ -280,6 +286,8 @@ class BusLink:
                 "perplexity_threshold_source": node.threshold_source,
                 "calibrated_threshold": node.calibrated_threshold,
                 "policy": self.policy_in_force(),
+                # Usage by key name and model since start (`serving.usage`).
+                "usage": {} if self.key_limits is None else self.key_limits.usage.snapshot(),
                 # The A/B experiment in force and each variant's figures (edge.route.experiments).
                 **node.experiments.snapshot(),
             },

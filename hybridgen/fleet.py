@@ -6,6 +6,8 @@
   the regressing nodes back on their previous version.
 - `rollback`: put every node the last roll-out changed back on its previous version.
 - `set-policy NODE KEY=VALUE...`: one node's routing policy override (`fleet_policy`).
+- `usage`, `limits`: API keys' usage summed over the API instances, and their limits in the
+  fleet config (`fleet_keys`).
 
 `rollout` and `rollback` drive the roll-out engine the console's roll-out screen drives too
 (`fleet.rollout`, through `hybridgen.fleet_rollout`): the record in the fleet config (key
@@ -27,6 +29,7 @@ from broker.settings import add_context_argument
 from fleet.rollout import RELOAD_TIMEOUT_S, RolloutOptions
 from fleet.watch import Bounds
 from hybridgen.fleet_experiment import add_experiment_parser
+from hybridgen.fleet_keys import add_keys_parsers
 from hybridgen.fleet_policy import add_policy_parser
 from hybridgen.fleet_rollout import DISCOVER_S, Operator, rollback, rollout
 
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(sub)  # hybridgen.fleet_experiment
     add_rollout_parsers(sub)
     add_policy_parser(sub)  # hybridgen.fleet_policy
+    add_keys_parsers(sub)  # hybridgen.fleet_keys: usage, limits
     return parser
 
 

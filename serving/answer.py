@@ -25,8 +25,10 @@ from fastapi.responses import JSONResponse, Response
 
 from broker.wire import FinishReason
 from serving import protocol
+from serving.admission import ticket_of
 from serving.choices import close, merged
 from serving.deadlines import until_disconnect
+from serving.limits import Ticket
 from serving.metrics import HttpMetrics
 from serving.sse import sse_response
 from serving.tools import CallStream
@@ -39,6 +41,9 @@ class Piece:
 
     text: str
     logprobs: tuple[protocol.TokenLogprob, ...] = ()
+    #: Tokens generated for this piece, held-back ones before it included (what an answer
+    #: cut short counts for its key).
+    tokens: int = 0
 
 
 @dataclass
@@ -94,6 +99,9 @@ class Answer:
     include_usage: bool = False
     model_version: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    #: The request's admission under its key's limits (`serving.limits`), from `respond`'s
+    #: request: the answer's usage is counted on it.
+    ticket: Ticket | None = None
 
     async def respond(
         self,
@@ -105,7 +113,10 @@ class Answer:
     ) -> Response:
         """The answer (the items of each choice, in choice order) as SSE chunks or one JSON
         body. A client that hangs up on a JSON answer closes the items (`http`: the request
-        whose disconnect is watched)."""
+        whose disconnect is watched; its key's ticket counts the answer's usage)."""
+        self.ticket = ticket_of(http)
+        if self.ticket is not None:
+            self.ticket.model = self.model
         try:
             if stream:
                 return await sse_response(self.chunks(choices), headers=headers)
@@ -125,6 +136,7 @@ class Answer:
         async with contextlib.aclosing(merged(choices)) as items:
             async for index, item in items:
                 if isinstance(item, Piece):
+                    self.generated(item)
                     parts[index].append(item.text)
                     scores[index].extend(item.logprobs)
                 else:
@@ -189,6 +201,7 @@ class Answer:
                 async for index, item in items:
                     chunks_of = streams[index]
                     if isinstance(item, Piece):
+                        self.generated(item)
                         for chunk in chunks_of.deltas(item.text, item.logprobs or None):
                             yield tagged(chunk, self.tags)
                         continue
@@ -218,9 +231,17 @@ class Answer:
         return tags
 
     def count(self, outcome: Outcome) -> None:
-        """Count the answer's prompt and completion tokens in the API's metrics."""
+        """Count the answer's prompt and completion tokens in the API's metrics and on its
+        key's ticket."""
         self.metrics.tokens.labels("prompt").inc(outcome.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(outcome.completion_tokens)
+        if self.ticket is not None:
+            self.ticket.finish(outcome.prompt_tokens, outcome.completion_tokens)
+
+    def generated(self, piece: Piece) -> None:
+        """Note a piece's tokens on the key's ticket (an answer cut short counts them)."""
+        if self.ticket is not None:
+            self.ticket.generated += piece.tokens
 
 
 @dataclass(frozen=True)

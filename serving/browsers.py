@@ -39,6 +39,7 @@ from serving.headers import (
     HEADER_TIMEOUT,
     HEADER_TRACE_ID,
     HEADER_VARIANT,
+    RATE_LIMIT_HEADERS,
 )
 
 #: Host names that are always the local machine.
@@ -49,15 +50,9 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 CORS_METHODS = "GET, POST, PUT, DELETE"
 CORS_HEADERS = f"Authorization, Content-Type, {HEADER_TIMEOUT}, traceparent, tracestate"
 CORS_EXPOSE = ", ".join(
-    (
-        HEADER_REQUEST_ID,
-        HEADER_SERVED_BY,
-        HEADER_ROUTE_REASON,
-        HEADER_VARIANT,
-        HEADER_TRACE_ID,
-        "Retry-After",
-    )
-)
+    (HEADER_REQUEST_ID, HEADER_SERVED_BY, HEADER_ROUTE_REASON, HEADER_VARIANT, HEADER_TRACE_ID,
+     "Retry-After", *RATE_LIMIT_HEADERS)
+)  # fmt: skip
 
 
 class UnsupportedMediaType(BadRequest):

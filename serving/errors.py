@@ -82,17 +82,23 @@ def openai_error_body(
 
 
 def error_response(exc: HybridgenError, *, headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error envelope for a hybridgen error, with its HTTP status and Retry-After."""
-    all_headers = dict(headers or {})
+    """OpenAI's error envelope for a hybridgen error, with its HTTP status and Retry-After.
+
+    An HTTP-only subclass may refine the envelope: its own `openai_code` and `openai_type`
+    (a 429's `rate_limit_exceeded`, type `requests` or `tokens`) and `headers` of its own
+    (the `x-ratelimit-*` figures).
+    """
+    all_headers = {**getattr(exc, "headers", {}), **(headers or {})}
     if exc.retry_after is not None:
         all_headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if exc.code is ErrorCode.UNAUTHORIZED:
         all_headers.setdefault("WWW-Authenticate", "Bearer")
-    return JSONResponse(
-        openai_error_body(exc.code, exc.message, param=exc.param),
-        status_code=status_of(exc),
-        headers=all_headers,
-    )
+    body = openai_error_body(exc.code, exc.message, param=exc.param)
+    if (code := getattr(exc, "openai_code", None)) is not None:
+        body["error"]["code"] = code
+    if (kind := getattr(exc, "openai_type", None)) is not None:
+        body["error"]["type"] = kind
+    return JSONResponse(body, status_code=status_of(exc), headers=all_headers)
 
 
 def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:

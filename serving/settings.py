@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from serving.auth import check_exposure
 from serving.browsers import parse_origins
+from serving.limits import KeyRule, parse_rules
 
 
 def split_list(value: object) -> object:
@@ -57,21 +58,44 @@ class HttpSettings(BaseSettings):
         default=False,
         description="Require an API key on /metrics too (default: open, like /healthz).",
     )
+    key_limits: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description='Names and limits of API keys, JSON: {"alice": {"key_sha256": "<first 8+ '
+        'hex digits of the key\'s SHA-256>", "rpm": 60, "tpm": 10000, "concurrent": 4}, "*": '
+        "{...limits of every other key}}; the fleet config's `limits` key changes them live.",
+    )
 
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return split_list(value)
 
+    @field_validator("key_limits", mode="before")
+    @classmethod
+    def _parse_key_limits(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        return value
+
+    def key_rules(self) -> dict[str, KeyRule]:
+        """The `key_limits` setting, parsed (`serving.limits.parse_rules`).
+
+        Raises:
+            ValueError: the message names the entry at fault, never a key.
+        """
+        env = self.model_config.get("env_prefix", "")
+        return parse_rules(self.key_limits, where=f"{env}KEY_LIMITS")
+
     def check_exposure(self) -> None:
-        """Refuse a malformed allowed origin, an open API (no keys) beyond loopback, and a
-        key-protected /metrics without keys.
+        """Refuse a malformed allowed origin or key limit, an open API (no keys) beyond
+        loopback, and a key-protected /metrics without keys.
 
         Raises:
             ValueError: the message says what to fix.
         """
         env = self.model_config.get("env_prefix", "")
         parse_origins(self.allowed_origins, setting=f"{env}ALLOWED_ORIGINS")
+        self.key_rules()
         check_exposure(
             self.host,
             self.api_keys,

@@ -2,7 +2,8 @@
 
 `summarize` reduces the nodes' statuses and heartbeats (`FleetState.summary`) to one
 `FleetSummary`: requests/s entering the fleet, the share served at the edge and sent to the
-cloud by route reason, and the cloud workers' load. `SummaryHistory` keeps the last ones as
+cloud by route reason, the cloud workers' load, and usage by API key (summed over the API
+instances and edges). `SummaryHistory` keeps the last ones as
 series for plots. Apart from `tui.state` because it reads heartbeats only, never the console's
 per-node bookkeeping.
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker import wire
 from fleet.routes import CLOUD_ROUTE_REASONS
+from serving.usage import Snapshot, sum_usage
 
 #: Seconds over which nodes count `rps` and `errors` (`broker.telemetry.RequestStats`).
 STATS_WINDOW_S = 30.0
@@ -54,6 +56,9 @@ class FleetSummary:
     cloud_errors: int
     #: Failed share of the cloud workers' requests (None: no cloud traffic).
     cloud_error_rate: float | None
+    #: Usage by API key name and model, summed over every API instance and edge heard
+    #: (each reports its own totals since it started: `serving.usage`).
+    usage: Snapshot = field(default_factory=dict)
 
 
 def summarize(statuses: Sequence[str], heartbeats: Iterable[wire.Heartbeat]) -> FleetSummary:
@@ -67,6 +72,7 @@ def summarize(statuses: Sequence[str], heartbeats: Iterable[wire.Heartbeat]) -> 
         statuses: one per node, lost ones included (they count only by status).
         heartbeats: the last heartbeat of each node not lost, in node order.
     """
+    heartbeats = list(heartbeats)
     counts: dict[str, int] = {}
     for status in statuses:
         counts[status] = counts.get(status, 0) + 1
@@ -115,6 +121,7 @@ def summarize(statuses: Sequence[str], heartbeats: Iterable[wire.Heartbeat]) -> 
         cloud_queue_depth=queue,
         cloud_errors=errors,
         cloud_error_rate=min(1.0, errors / expected) if expected > 0 else None,
+        usage=sum_usage(hb.extra.get("usage") for hb in heartbeats if hb.role != "cloud"),
     )
 
 

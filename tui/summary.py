@@ -2,7 +2,8 @@
 
 Figures come from the app's `SummaryHistory` (sampled on every refresh tick from
 `FleetState.summary()`): requests/s, the share served at the edge against the cloud by
-route reason, cloud queue depth and error rate, each with a plot of the last minutes.
+route reason, cloud queue depth and error rate, each with a plot of the last minutes; usage by
+API key (summed over the API instances) once some key has any.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 from textual_plot import PlotWidget
 
+from serving.usage import key_totals
 from tui.fleet_summary import FleetSummary, SummaryHistory
 
 #: (history series, title) of each plot.
@@ -26,6 +28,8 @@ SUMMARY_PLOTS: tuple[tuple[str, str], ...] = (
 )
 #: Route reasons listed beside the figures (the busiest).
 TOP_ROUTES = 6
+#: API keys listed under the figures (the most tokens).
+TOP_KEYS = 6
 
 
 def _share(value: float | None) -> str:
@@ -62,6 +66,26 @@ def routes_text(summary: FleetSummary | None) -> Text:
     return Text("\n".join(lines))
 
 
+def usage_text(summary: FleetSummary | None) -> Text:
+    """Usage by API key over every model (empty: no key used yet), most tokens first."""
+    if summary is None or not summary.usage:
+        return Text("")
+    totals = key_totals(summary.usage)
+    ranked = sorted(
+        totals.items(),
+        key=lambda item: (-item[1]["input_tokens"] - item[1]["output_tokens"], item[0]),
+    )
+    lines = ["key                       requests   input  output"]
+    for name, figures in ranked[:TOP_KEYS]:
+        lines.append(
+            f"{name[:24]:<24} {figures['requests']:>9} {figures['input_tokens']:>7} "
+            f"{figures['output_tokens']:>7}"
+        )
+    if len(ranked) > TOP_KEYS:
+        lines.append(f"… {len(ranked) - TOP_KEYS} more keys")
+    return Text("\n".join(lines))
+
+
 class SummaryScreen(Screen[None]):
     """Fleet-wide figures and their plots over the last minutes."""
 
@@ -69,6 +93,7 @@ class SummaryScreen(Screen[None]):
     #summary-top { height: 8; }
     #summary-figures { width: 1fr; padding: 0 1; }
     #summary-routes { width: 1fr; padding: 0 1; }
+    #summary-usage { height: auto; padding: 0 1; }
     #summary-plots { grid-size: 2 2; height: 1fr; }
     #summary-plots PlotWidget { border: round $accent; }
     """
@@ -83,6 +108,7 @@ class SummaryScreen(Screen[None]):
         with Horizontal(id="summary-top"):
             yield Static(id="summary-figures")
             yield Static(id="summary-routes")
+        yield Static(id="summary-usage")  # shown once some key has usage
         with Grid(id="summary-plots"):
             for name, title in SUMMARY_PLOTS:
                 plot = PlotWidget(id=f"summary-{name.replace('_', '-')}")
@@ -99,6 +125,9 @@ class SummaryScreen(Screen[None]):
         latest = self.history.latest
         self.query_one("#summary-figures", Static).update(figures_text(latest))
         self.query_one("#summary-routes", Static).update(routes_text(latest))
+        usage = self.query_one("#summary-usage", Static)
+        usage.update(text := usage_text(latest))
+        usage.display = bool(text.plain)
         if not self.history.at:
             return
         end = self.history.at[-1]

@@ -43,6 +43,7 @@ from edge.route.rules import merge_policy
 from edge.service import EdgeService, Service, load_runtime, resolve_model_dir
 from edge.settings import EdgeSettings
 from serving import protocol, tracing
+from serving.admission import admit, install_limits
 from serving.answer import Answer, tagged
 from serving.auth import authenticate
 from serving.bodies import json_body
@@ -142,6 +143,7 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         node.node_id = settings.node_id or node.node_id
         service = EdgeService(settings, node)
         app.state.service = service
+        service.link.key_limits = limits  # watched live and reported in heartbeats
         await service.link.start()
         try:
             yield
@@ -176,8 +178,12 @@ def create_app(settings: EdgeSettings | None = None) -> FastAPI:
         http_metrics, lambda: _queue_depth(app), lambda: _drafts(app)
     )
     # Who the caller is, before anything else; the users a key covers are checked per use.
-    app.include_router(openai_routes, dependencies=[Depends(authenticate(keys))])
-    app.include_router(users_routes, dependencies=[Depends(authenticate(keys))])
+    auth = [Depends(authenticate(keys))]
+    app.include_router(openai_routes, dependencies=auth)
+    app.include_router(users_routes, dependencies=auth)
+    # Key names, limits and usage (`serving.limits`); completions are admitted under them.
+    limits = install_limits(app, settings.key_rules(), service="edge", dependencies=auth)
+    app.state.node_id = settings.node_id
     # Outermost: each request's server span, continuing the caller's `traceparent`.
     tracing.install_tracing(app, tracing.EDGE, settings.node_id)
     return app
@@ -200,7 +206,7 @@ def _drafts(app: FastAPI) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------- routes
 
 
-@openai_routes.post("/v1/completions")
+@openai_routes.post("/v1/completions", dependencies=[Depends(admit)])
 async def completions(
     request: Request, service: Service, req: CompletionBody, metrics: Metrics
 ) -> Response:
@@ -228,7 +234,7 @@ async def completions(
     )
 
 
-@openai_routes.post("/v1/chat/completions")
+@openai_routes.post("/v1/chat/completions", dependencies=[Depends(admit)])
 async def chat_completions(
     request: Request, service: Service, req: ChatBody, metrics: Metrics
 ) -> Response:

@@ -147,12 +147,15 @@ class CloudBridge:
             streamed: list[str] = []
             completion_tokens = 0
             try:
+                pending = 0  # tokens of chunks held back (no text yet)
                 async for chunk in stream:
                     completion_tokens += len(chunk.token_ids)
+                    pending += len(chunk.token_ids)
                     scores = chunk_logprobs(chunk)
                     if chunk.text or scores:
                         streamed.append(chunk.text)
-                        yield Piece(chunk.text, scores)
+                        yield Piece(chunk.text, scores, pending)
+                        pending = 0
             except HybridgenError as exc:
                 if exc.code in _NOT_RECOVERABLE or self._own_deadline(exc, request, started):
                     # A request that is wrong, cancelled, or out of its own time (no time is

@@ -133,14 +133,20 @@ async def stream_local(
             an A/B variant's runtime is not the node's).
     """
     outcome = None
+    pending = 0  # tokens held back (no text yet): the next piece carries them
     try:
         for token in drafted:
+            pending += 1
             if token.text or token.token is not None:
-                yield _piece(token)
+                yield _piece(token, pending)
+                pending = 0
         while outcome is None:
             event = finished or await generation.next_event()
+            if isinstance(event, Token):
+                pending += 1
             if isinstance(event, Token) and (event.text or event.token is not None):
-                yield _piece(event)
+                yield _piece(event, pending)
+                pending = 0
             elif isinstance(event, Finished):
                 if event.text:
                     yield Piece(event.text)
@@ -159,8 +165,9 @@ async def stream_local(
     yield outcome
 
 
-def _piece(token: Token) -> Piece:
-    """A generated token as a `Piece` (with its scores when they were asked for)."""
+def _piece(token: Token, tokens: int = 1) -> Piece:
+    """A generated token as a `Piece` (with its scores when they were asked for), standing for
+    `tokens` tokens (those held back before it included)."""
     if token.token is None:
-        return Piece(token.text)
-    return Piece(token.text, (TokenLogprob(token.token, token.logprob, token.top),))
+        return Piece(token.text, tokens=tokens)
+    return Piece(token.text, (TokenLogprob(token.token, token.logprob, token.top),), tokens)

@@ -13,6 +13,8 @@ whether the stream ended with `[DONE]`. The edge process's RSS is sampled every 
 JSON (`--json`): `{"streams", "seconds", "requests", "completed", "shed_503", "errors",
 "p50_ttft_ms", "p95_ttft_ms", "edge_share", "rss_mb_max", "cpu", "model_set", "load_avg",
 "error_kinds"}` (error counts by kind).
+With `--keys`, the run measures per-key fairness at the cloud API instead
+(`hybridgen.benches.load_keys`).
 `errors` counts every answer that is neither a 200 stream ending with `[DONE]` and no error
 event, nor a 503 with Retry-After (connection failures and timeouts included). `edge_share`
 is the share of completed streams the edge served itself. `load_avg` is the machine's
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--worker-threads", type=int, default=1, help="cloud worker torch threads (1)"
     )
+    from hybridgen.benches.load_keys import add_arguments
+
+    add_arguments(parser)  # --keys: one key flooding the cloud API, another's TTFT
     return parser
 
 
@@ -447,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.streams < 1 or args.seconds <= 0:
         print("hybridgen bench load: --streams and --seconds must be positive", file=sys.stderr)
         return 2
+    if args.keys:
+        from hybridgen.benches.load_keys import main_keys
+
+        return main_keys(args)
     try:
         figures = asyncio.run(measure(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
