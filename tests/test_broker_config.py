@@ -304,7 +304,9 @@ async def test_bad_credentials_unauthorized(secured: NatsServer) -> None:
             )
     assert type(info.value) is errors.Unauthorized
     assert info.value.message == (
-        f"NATS server at {secured.client_url} refused the credentials of 'x'"
+        f"NATS {secured.client_url}: authorization refused for user 'edge1' — run "
+        "`hybridgen context use NAME` (see `hybridgen context list`) or set "
+        "HG_NATS_USER/HG_NATS_PASSWORD_FILE"
     )
 
 
