@@ -341,6 +341,43 @@ async def test_spans_carry_the_text_only_when_the_operator_opts_in(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_the_cloud_apis_span_carries_the_answer_when_opted_in(
+    stream: bool,
+    otlp: OtlpReceiver,
+    nats_url: str,
+    start_worker: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HG_TRACE_CONTENT", "1")
+    await start_worker()
+    chat = {"model": "hg-cloud", "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 6, "temperature": 0, "stream": stream}  # fmt: skip
+    async with serve_cloud_api(nats_url) as url, http_of(url) as http:
+        if stream:
+            async with http.stream("POST", "/v1/chat/completions", json=chat) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines()]
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            text = "".join(c["delta"].get("content") or "" for c in choices)
+            (finish,) = [c["finish_reason"] for c in choices if c["finish_reason"]]
+        else:
+            response = await http.post("/v1/chat/completions", json=chat)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert text
+    found = await otlp.trace(response.headers["X-Trace-Id"], (API, "chat hg-cloud"))
+    asked = found.one(API, "chat hg-cloud")
+    assert json.loads(asked.attributes["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": text}],
+         "finish_reason": finish}
+    ]  # fmt: skip
+    asked_for = [{"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]
+    assert json.loads(asked.attributes["gen_ai.input.messages"]) == asked_for
+
+
 async def test_nothing_is_exported_without_an_endpoint(
     otlp_receiver: OtlpReceiver,
     start_worker: Callable[..., Any],
