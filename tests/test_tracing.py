@@ -20,9 +20,11 @@ from broker import subjects, wire
 from broker.bus import Responder
 from edge.route.rules import Reason
 from edge.settings import EdgeSettings
+from fleet.experiment import CONTROL
+from hybridgen.fleet import run as fleet
 from serving import tracing
 from tests.fixtures_cloud import LONG_CACHE_TOKENS, serve_cloud_api
-from tests.fixtures_edge import ADMIN_KEY, serve_edge, stand_in
+from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, serve_edge, stand_in
 from tests.fixtures_otlp import CLIENT, SERVER, STATUS_ERROR, OtlpReceiver
 from tests.waits import eventually
 from tui.trace import summary_of
@@ -63,6 +65,7 @@ def http_of(url: str) -> httpx.AsyncClient:
 
 EDGE, WORKER, API = tracing.EDGE, tracing.WORKER, tracing.CLOUD_API
 OP = "text_completion"
+POST = "POST /v1/completions"
 
 
 # --------------------------------------------------------------------------------- tests
@@ -300,6 +303,44 @@ async def test_a_cancelled_request_ends_its_spans_on_every_hop(
     decode = found.one(WORKER, "hybridgen.decode", parent=served)
     assert decode.end_ns <= served.end_ns
     assert worker.admitted == 0
+
+
+async def test_an_ab_variant_is_on_the_answers_span(
+    otlp: OtlpReceiver,
+    start_edge: Callable[..., Any],
+    start_worker: Callable[..., Any],
+    nats_url: str,
+) -> None:
+    """An experiment sends half the users to a cloud-model variant: the answer's span names
+    the arm that served it (the variant, or `control`)."""
+    await start_worker(model="hg-cloud-b")  # the variant's model; the control's is local
+    edge = await start_edge()
+    start = ["experiment", "start", "ab-trace", "--variant", "treatment", "--share", "0.5",
+             "--cloud-model", "hg-cloud-b", "--nats-url", nats_url]  # fmt: skip
+    assert await fleet(start) == 0
+    experiment = await eventually(lambda: edge.node.experiments.experiment)
+    arms = {experiment.assign(f"user-{i}") is None: f"user-{i}" for i in range(100)}
+    answers, hops = {}, {}
+    async with http_of(edge.url) as http:
+        for arm, user, route in (
+            ("treatment", arms[False], "cloud"),
+            (CONTROL, arms[True], "edge"),
+        ):
+            response = await http.post("/v1/completions", json=completion(route, user=user),
+                                       headers=ADMIN_HEADERS)  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.json()["variant"] == arm
+            found = await otlp.trace(response.headers["X-Trace-Id"], (EDGE, POST),
+                                     (EDGE, f"{OP} hg-edge"))  # fmt: skip
+            answers[arm] = found.one(EDGE, f"{OP} hg-edge", parent=found.one(EDGE, POST))
+            hops[arm] = [s.name for s in found.children(answers[arm])]
+    assert answers["treatment"].attributes["hybridgen.variant"] == "treatment"
+    assert answers["treatment"].attributes["hybridgen.served_by"] == "cloud"
+    assert answers[CONTROL].attributes["hybridgen.variant"] == CONTROL
+    assert answers[CONTROL].attributes["hybridgen.served_by"] == "edge"
+    # The variant's answer went to the variant's model; the control's was made locally.
+    assert hops == {"treatment": ["hybridgen.route", f"{OP} hg-cloud-b"],
+                    CONTROL: ["hybridgen.route", f"{OP} hg-edge"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("opted_in", [False, True], ids=["default", "opted-in"])
