@@ -453,6 +453,45 @@ async def test_nothing_is_exported_without_an_endpoint(
     assert otlp_receiver.requests == 1
 
 
+#: The bound around a stop whose own bound is `tracing.FLUSH_BOUND_S` (1 s): generous, yet
+#: below the 30 s the SDK's shutdown alone would wait on a collector that never answers.
+STOP_BOUND_S = 15.0
+
+
+async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The collector accepts the exporter's connection, reads its request and never answers:
+    the service still stops, within its bound, with its last span unsent."""
+    held: list[asyncio.StreamWriter] = []
+    got = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while chunk := await reader.read(65536):
+            got.extend(chunk)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "120")  # the exporter alone would wait
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # the span leaves at the stop
+    service = "hybridgen-silent-collector"
+    try:
+        assert tracing.start(service)
+        tracing.tracer(service).start_span("last words").end()
+        async with asyncio.timeout(STOP_BOUND_S):
+            await tracing.stop(service)
+        # The exporter did send it: the request reached the collector, which never answered.
+        await eventually(lambda: b"POST /v1/traces" in got, "the exporter's request")
+        assert tracing.tracer(service) is tracing.tracer("hybridgen-never-started")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
 def test_the_consoles_trace_screen_shows_the_trace_id() -> None:
     trace_id = "0af7651916cd43dd8448eb211c80319c"
     done = wire.Event(kind="request", role="edge", node_id="edge-1", request_id="r1",
