@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -456,6 +457,9 @@ async def test_nothing_is_exported_without_an_endpoint(
 #: The bound around a stop whose own bound is `tracing.FLUSH_BOUND_S` (1 s): generous, yet
 #: below the 30 s the SDK's shutdown alone would wait on a collector that never answers.
 STOP_BOUND_S = 15.0
+#: An OTLP/HTTP answer with an empty `ExportTraceServiceResponse`.
+ANSWERED = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
 
 
 async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
@@ -486,6 +490,12 @@ async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
         # The exporter did send it: the request reached the collector, which never answered.
         await eventually(lambda: b"POST /v1/traces" in got, "the exporter's request")
         assert tracing.tracer(service) is tracing.tracer("hybridgen-never-started")
+        # The collector answers at last: the SDK's thread ends here, not in a later test.
+        for writer in held:
+            writer.write(ANSWERED)
+        stopping = f"otel-stop-{service}"
+        await eventually(lambda: stopping not in {t.name for t in threading.enumerate()},
+                         "the exporter's thread ended")  # fmt: skip
     finally:
         for writer in held:
             writer.close()
