@@ -38,7 +38,7 @@ from broker.permissions import WORKER_SERVICE  # the `$SRV.INFO.<name>` of the w
 from broker.streaming import ReplyStream, request_stream
 from broker.telemetry import RequestStats, Telemetry, default_node_id
 from cloud.settings import ApiSettings
-from cloud.spans import request_span
+from cloud.spans import answer_text, output_of, request_span
 from serving import tracing
 from serving.admission import admit, install_limits
 from serving.answer import Answer, Outcome, Piece
@@ -421,6 +421,8 @@ class _Replies:
     ) -> None:
         self.state, self.replies, self.stack, self.started = state, replies, stack, started
         self.span = span  # the bus request's, ended with the stack
+        #: The answer's text, kept only when spans may carry it (`tracing.capture_content`).
+        self.text: list[str] | None = answer_text(span)
         self.done: wire.Done | None = None
         self.closed = False
 
@@ -434,14 +436,21 @@ class _Replies:
                 tokens += len(chunk.token_ids)
                 scores = chunk_logprobs(chunk)
                 if chunk.text or scores:
+                    if self.text is not None:
+                        self.text.append(chunk.text)
                     yield Piece(chunk.text, scores, tokens)
                     tokens = 0
             done = self.done = self.replies.done
             assert done is not None
             usage = done.usage
-            tracing.record_outcome(self.span, done.finish_reason, usage.prompt_tokens,
-                                   usage.completion_tokens, **{"hybridgen.worker":
-                                   done.served_by})  # fmt: skip
+            tracing.record_outcome(
+                self.span,
+                done.finish_reason,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                **{"hybridgen.worker": done.served_by},
+                **output_of(self.text, done.finish_reason),  # opted in: the answer's text
+            )
             yield Outcome(done.finish_reason, usage.prompt_tokens, usage.completion_tokens,
                           model_version=done.model_version, worker=done.served_by,
                           draft_tokens=usage.draft_tokens,

@@ -8,7 +8,9 @@ first token) and `hybridgen.decode` (first token until the end). The generation 
 writes two timestamps (`Timeline`); the spans are made here, with those times, when the
 first token arrives: nothing of OTel runs per token.
 
-The cloud API's span of a bus request is `request_span`.
+The cloud API's span of a bus request is `request_span`. Opted in to content, it carries the
+prompt and, at its end, the answer: the API keeps the pieces in a list (`answer_text`) and
+sets them once (`output_of`), no OTel work per token.
 """
 
 from __future__ import annotations
@@ -133,6 +135,19 @@ def request_span(request: wire.GenerateRequest) -> tracing.Span:
     if span.is_recording() and tracing.capture_content():
         span.set_attribute("gen_ai.input.messages", _input_of(request))
     return span
+
+
+def answer_text(span: tracing.Span) -> list[str] | None:
+    """Where the answer's text is kept for `span` (its pieces, joined once at the end), or
+    None when spans carry no content: then nothing is kept."""
+    return [] if span.is_recording() and tracing.capture_content() else None
+
+
+def output_of(text: list[str] | None, finish_reason: str) -> dict[str, str]:
+    """`gen_ai.output.messages` of the answer kept by `answer_text` (none when not kept)."""
+    if text is None:
+        return {}
+    return {"gen_ai.output.messages": tracing.output_messages("".join(text), finish_reason)}
 
 
 def _input_of(request: wire.GenerateRequest) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from broker import subjects, wire
 from broker.bus import Responder
 from edge.route.rules import Reason
 from edge.settings import EdgeSettings
+from fleet.experiment import CONTROL
+from hybridgen.fleet import run as fleet
 from serving import tracing
 from tests.fixtures_cloud import LONG_CACHE_TOKENS, serve_cloud_api
-from tests.fixtures_edge import ADMIN_KEY, serve_edge, stand_in
+from tests.fixtures_edge import ADMIN_HEADERS, ADMIN_KEY, serve_edge, stand_in
 from tests.fixtures_otlp import CLIENT, SERVER, STATUS_ERROR, OtlpReceiver
 from tests.waits import eventually
 from tui.trace import summary_of
@@ -63,6 +66,7 @@ def http_of(url: str) -> httpx.AsyncClient:
 
 EDGE, WORKER, API = tracing.EDGE, tracing.WORKER, tracing.CLOUD_API
 OP = "text_completion"
+POST = "POST /v1/completions"
 
 
 # --------------------------------------------------------------------------------- tests
@@ -302,6 +306,40 @@ async def test_a_cancelled_request_ends_its_spans_on_every_hop(
     assert worker.admitted == 0
 
 
+async def test_an_ab_variant_is_on_the_answers_span(
+    otlp: OtlpReceiver,
+    start_edge: Callable[..., Any],
+    start_worker: Callable[..., Any],
+    nats_url: str,
+) -> None:
+    """Each arm of an A/B experiment is named on its answers' spans (`hybridgen.variant`)."""
+    await start_worker(model="hg-cloud-b")  # the variant's model; the control's is local
+    edge = await start_edge()
+    start = ["experiment", "start", "ab-trace", "--variant", "treatment", "--share", "0.5",
+             "--cloud-model", "hg-cloud-b", "--nats-url", nats_url]  # fmt: skip
+    assert await fleet(start) == 0
+    experiment = await eventually(lambda: edge.node.experiments.experiment)
+    arms = {experiment.assign(f"user-{i}") is None: f"user-{i}" for i in range(100)}
+    answers, hops = {}, {}
+    async with http_of(edge.url) as http:
+        for arm, user, route in (("treatment", arms[False], "cloud"),
+                                 (CONTROL, arms[True], "edge")):  # fmt: skip
+            response = await http.post("/v1/completions", json=completion(route, user=user),
+                                       headers=ADMIN_HEADERS)  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.json()["variant"] == arm
+            found = await otlp.trace(response.headers["X-Trace-Id"], (EDGE, POST),
+                                     (EDGE, f"{OP} hg-edge"))  # fmt: skip
+            answers[arm] = found.one(EDGE, f"{OP} hg-edge", parent=found.one(EDGE, POST))
+            hops[arm] = [s.name for s in found.children(answers[arm])]
+    shown = {arm: (s.attributes["hybridgen.variant"], s.attributes["hybridgen.served_by"])
+             for arm, s in answers.items()}  # fmt: skip
+    assert shown == {"treatment": ("treatment", "cloud"), CONTROL: (CONTROL, "edge")}
+    # The variant's answer went to the variant's model; the control's was made locally.
+    assert hops == {"treatment": ["hybridgen.route", f"{OP} hg-cloud-b"],
+                    CONTROL: ["hybridgen.route", f"{OP} hg-edge"]}  # fmt: skip
+
+
 @pytest.mark.parametrize("opted_in", [False, True], ids=["default", "opted-in"])
 async def test_spans_carry_the_text_only_when_the_operator_opts_in(
     opted_in: bool,
@@ -341,6 +379,43 @@ async def test_spans_carry_the_text_only_when_the_operator_opts_in(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_the_cloud_apis_span_carries_the_answer_when_opted_in(
+    stream: bool,
+    otlp: OtlpReceiver,
+    nats_url: str,
+    start_worker: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HG_TRACE_CONTENT", "1")
+    await start_worker()
+    chat = {"model": "hg-cloud", "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 6, "temperature": 0, "stream": stream}  # fmt: skip
+    async with serve_cloud_api(nats_url) as url, http_of(url) as http:
+        if stream:
+            async with http.stream("POST", "/v1/chat/completions", json=chat) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines()]
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            text = "".join(c["delta"].get("content") or "" for c in choices)
+            (finish,) = [c["finish_reason"] for c in choices if c["finish_reason"]]
+        else:
+            response = await http.post("/v1/chat/completions", json=chat)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert text
+    found = await otlp.trace(response.headers["X-Trace-Id"], (API, "chat hg-cloud"))
+    asked = found.one(API, "chat hg-cloud")
+    assert json.loads(asked.attributes["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": text}],
+         "finish_reason": finish}
+    ]  # fmt: skip
+    assert json.loads(asked.attributes["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]  # fmt: skip
+
+
 async def test_nothing_is_exported_without_an_endpoint(
     otlp_receiver: OtlpReceiver,
     start_worker: Callable[..., Any],
@@ -373,6 +448,43 @@ async def test_nothing_is_exported_without_an_endpoint(
     await eventually(lambda: otlp_receiver.spans, "the marker span")
     assert [s.name for s in otlp_receiver.spans] == ["marker"]
     assert otlp_receiver.requests == 1
+
+
+async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A collector that reads the exporter's request and does not answer: the service stops."""
+    held: list[asyncio.StreamWriter] = []
+    got = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while chunk := await reader.read(65536):
+            got.extend(chunk)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{host}:{port}")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "120")  # the exporter alone would wait
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # the span leaves at the stop
+    service = "hybridgen-silent-collector"
+    try:
+        assert tracing.start(service)
+        tracing.tracer(service).start_span("last words").end()
+        # Generous around its 1 s (`tracing.FLUSH_BOUND_S`), below the SDK's own 30 s wait.
+        async with asyncio.timeout(15.0):
+            await tracing.stop(service)
+        await eventually(lambda: b"POST /v1/traces" in got, "the exporter's request was sent")
+        # The collector answers at last: the SDK's thread ends here, not in a later test.
+        for writer in held:  # an empty `ExportTraceServiceResponse`
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: all(t.name != f"otel-stop-{service}"
+                                     for t in threading.enumerate()))  # fmt: skip
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
 
 
 def test_the_consoles_trace_screen_shows_the_trace_id() -> None:
