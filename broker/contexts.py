@@ -7,7 +7,7 @@ file (never the password) and the CA of the server's certificate. The folder is 
 every file 0600: the context says where the operator's password is.
 
 `BusSettings` reads the chosen context (see `broker.settings`); `hybridgen context
-list|show|use` manages them.
+list|show|use|add|remove` manages them.
 """
 
 from __future__ import annotations
@@ -135,3 +135,28 @@ def use_context(home: Path, name: str) -> None:
         read_context(home, name)  # raises NotFound, naming the known ones
     ensure_secrets_dir(contexts_dir(home))
     write_secret(contexts_dir(home) / CURRENT_FILE, name + "\n")
+
+
+def remove_context(home: Path, name: str, *, force: bool = False) -> bool:
+    """Delete the context `name` of `home` (its file only: the password file it names
+    stays). The current one goes only with `force`, which then leaves none current.
+
+    Returns whether it was the current one.
+
+    Raises:
+        NotFound: there is no such context.
+        BadRequest: it is the current one and `force` is not given.
+    """
+    path = context_path(home, name)
+    if not path.is_file():
+        read_context(home, name)  # raises NotFound, naming the known ones
+    current = current_context(home) == name
+    if current and not force:
+        raise BadRequest(
+            f"{name!r} is the current context: `hybridgen context use OTHER` first, or "
+            "--force (then no context is current)"
+        )
+    path.unlink()
+    if current:
+        (contexts_dir(home) / CURRENT_FILE).unlink(missing_ok=True)
+    return current

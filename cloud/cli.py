@@ -42,6 +42,7 @@ API_OPTIONS = (
     "host",
     "port",
     "api_keys",
+    "admin_keys",
     "models",
     "request_timeout_s",
     "allow_open",
@@ -79,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
         "/v1/models, /healthz, /readyz, /metrics) forwarding to cloud workers over NATS.",
     )
-    add_settings_arguments(api, ApiSettings, API_OPTIONS, flags={"api_keys": "--api-key"})
+    add_settings_arguments(
+        api, ApiSettings, API_OPTIONS, flags={"api_keys": "--api-key", "admin_keys": "--admin-key"}
+    )
     api.add_argument(
         "--nats", help="NATS URL (default HG_NATS_URL, the context's, or nats://127.0.0.1:4222)"
     )

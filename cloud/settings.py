@@ -116,20 +116,35 @@ class ApiSettings(HttpSettings):
     node_id: str | None = Field(
         default=None, description="This API's node id (none: api-<host>-<hex>)."
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Admin keys that do not close the API (comma-separated, each KEY@*): "
+        "they read GET /v1/usage while an API without api_keys stays open on loopback.",
+    )
 
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         return split_list(value)
 
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _split_admin_keys(cls, value: object) -> object:
+        return split_list(value)
+
     def key_ring(self) -> KeyRing:
         """The API keys, parsed: `KEY`, or `KEY@*` for an admin key (it may read `GET
-        /v1/usage`).
+        /v1/usage`); and the admin keys, `KEY@*`, which leave the API open.
 
         Raises:
             ValueError: a malformed entry, or one with users (the cloud API has none), named
                 by position (never the key itself).
         """
+        admin_setting = "HG_CLOUD_ADMIN_KEYS / --admin-key"
+        admins = parse_key_entries(self.admin_keys, setting=admin_setting)
+        for index, entry in enumerate(admins, 1):
+            if entry.users is not None:
+                raise ValueError(f"{admin_setting} entry {index}: give an admin key as KEY@*")
         setting = "HG_CLOUD_API_KEYS / --api-key"
         entries = parse_key_entries(self.api_keys, setting=setting)
         for index, entry in enumerate(entries, 1):
@@ -138,7 +153,7 @@ class ApiSettings(HttpSettings):
                     f"{setting} entry {index}: a cloud API key acts for no users: give KEY, "
                     "or KEY@* for an admin key (a key itself holds no `@`)"
                 )
-        return KeyRing(entries)
+        return KeyRing(entries, admins)
 
     def check_exposure(self) -> None:
         """Refuse malformed keys, key limits or origins, an open API beyond loopback and a

@@ -1,4 +1,4 @@
-"""`hybridgen context list|show|use`: the saved ways to reach a network's bus.
+"""`hybridgen context list|show|use|add|remove`: the saved ways to reach a network's bus.
 
 `hybridgen up` saves one (named `local` unless `--context NAME`) and makes it current; every
 command that talks to the bus reads the current one when given no URL or credentials
@@ -8,6 +8,8 @@ switches between them; `--context NAME` or `HG_CONTEXT` picks one for one comman
     hybridgen context list          # names, * marks the current one
     hybridgen context show [NAME]   # what it holds: URL, user, password *file*, CA
     hybridgen context use NAME      # make NAME current
+    hybridgen context remove NAME [--force]
+                                    # delete NAME (the current one only with --force)
     hybridgen context add NAME --url URL [--user U --password-file F] [--tls-ca CA] [--use]
                                     # save a network `up` did not start (a deployment)
 """
@@ -28,6 +30,7 @@ from broker.contexts import (
     contexts_dir,
     current_context,
     read_context,
+    remove_context,
     use_context,
     write_context,
 )
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print it as JSON")
     use = sub.add_parser("use", help="make a context the current one")
     use.add_argument("name")
+    remove = sub.add_parser(
+        "remove", help="delete a saved context (never the password file it names)"
+    )
+    remove.add_argument("name")
+    remove.add_argument(
+        "--force", action="store_true", help="remove the current one too (none is current then)"
+    )
     add = sub.add_parser("add", help="save (or replace) a context, e.g. of a deployment")
     add.add_argument("name")
     add.add_argument("--url", required=True, help="NATS server URL(s), comma-separated")
@@ -146,6 +156,13 @@ def main(argv: list[str]) -> int:
             return _show(args.name, as_json=args.json)
         if args.command == "add":
             return _add(args)
+        if args.command == "remove":
+            was_current = remove_context(hg_home(), args.name, force=args.force)
+            print(
+                f"removed context {args.name!r}"
+                + ("; no context is current now" if was_current else "")
+            )
+            return 0
         use_context(hg_home(), args.name)
     except HybridgenError as exc:
         print(f"hybridgen context {args.command}: {exc.message}", file=sys.stderr)

@@ -435,3 +435,44 @@ def test_up_on_an_insecure_or_your_own_server_saves_what_it_can(
     saved = yours.operator_context()
     assert (saved.user, saved.password_file) == (None, None)
     assert "inline" not in saved.model_dump_json()
+
+
+def test_context_remove_keeps_the_current_one_unless_forced(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`remove` deletes the context's file, never the password file it names; the current
+    context goes only with --force, which leaves none current."""
+    password_file = home / "op.password"
+    password_file.parent.mkdir(parents=True)
+    password_file.write_text("secret\n")
+    for name in ("local", "lab"):
+        context = Context(name=name, url="nats://127.0.0.1:4999", user="operator",
+                          password_file=password_file)  # fmt: skip
+        write_context(home, context, make_current=name == "local")
+
+    assert context_cli(["remove", "lab"]) == 0
+    assert capsys.readouterr().out == "removed context 'lab'\n"
+    assert not context_path(home, "lab").exists()
+    assert password_file.read_text() == "secret\n"
+    assert context_cli(["remove", "lab"]) == 1
+    assert capsys.readouterr().err == (
+        f"hybridgen context remove: no context 'lab' in {home / 'contexts'} (known: local); "
+        "`hybridgen up` writes one, `hybridgen context list` shows them\n"
+    )
+
+    assert context_cli(["remove", "local"]) == 1
+    assert capsys.readouterr().err == (
+        "hybridgen context remove: 'local' is the current context: `hybridgen context use "
+        "OTHER` first, or --force (then no context is current)\n"
+    )
+    assert context_path(home, "local").is_file()
+    assert context_cli(["remove", "local", "--force"]) == 0
+    assert capsys.readouterr().out == "removed context 'local'; no context is current now\n"
+    assert not context_path(home, "local").exists()
+    assert not (home / "contexts" / "current").exists()
+    assert password_file.read_text() == "secret\n"
+    assert BusSettings().context is None
+    assert context_cli(["list"]) == 0
+    assert (
+        capsys.readouterr().out == f"no contexts in {home / 'contexts'}; `hybridgen up` saves one\n"
+    )

@@ -21,6 +21,7 @@ from nats.aio.client import Client
 
 from broker import subjects, wire
 from broker.store import FleetConfig
+from cloud.settings import ApiSettings
 from serving.limits import LIMITS_KEY, Limits, format_duration, parse_rules
 from tests.fixtures_cloud import live_cloud_api
 from tests.waits import eventually
@@ -253,6 +254,23 @@ async def test_usage_is_for_admin_keys_only(nats_url: str) -> None:
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "forbidden"
         assert (await http.get("/v1/usage", headers=as_key(ADMIN))).status_code == 200
+
+
+async def test_an_admin_key_reads_usage_and_leaves_the_api_open(nats_url: str) -> None:
+    """`admin_keys` (what `hybridgen up` gives its cloud API): usage needs one, the rest of a
+    loopback API stays open to anonymous clients; an entry must be `KEY@*`."""
+    async with (
+        live_cloud_api(nats_url, admin_keys=[f"{ADMIN}@*"], models=[MODEL]) as (_, url),
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        assert (await http.get("/v1/models")).status_code == 200
+        refused = await http.get("/v1/usage")
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert (await http.get("/v1/usage", headers=as_key(ALICE))).status_code == 401
+        assert (await http.get("/v1/usage", headers=as_key(ADMIN))).status_code == 200
+    with pytest.raises(ValueError, match=r"--admin-key entry 1: give an admin key as KEY@\*"):
+        ApiSettings(admin_keys=[ADMIN]).key_ring()
 
 
 async def test_a_limit_changes_live_through_the_fleet_config(

@@ -21,7 +21,7 @@ from cloud.api import create_app as create_cloud_app
 from cloud.settings import ApiSettings
 from edge.api.app import create_app
 from edge.settings import EdgeSettings
-from hybridgen.up.children import give_edges_an_admin_key
+from hybridgen.up.children import give_cloud_api_an_admin_key, give_edges_an_admin_key
 from hybridgen.up.spec import ChildSpec
 from models.registry import ModelSet
 from tests.fixtures_edge import LiveEdge, serve_edge
@@ -402,6 +402,25 @@ def test_up_makes_one_owner_only_admin_key_for_the_edges(
     ]
     again = [ChildSpec("edge", ["edge"], role="edge")]
     give_edges_an_admin_key(again, tmp_path / "secrets")
+    assert again[0].env == children[0].env  # one key per install, kept across runs
+
+
+def test_up_makes_one_owner_only_admin_key_for_the_cloud_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin key (`KEY@*`, after the caller's own) that leaves the loopback API open."""
+    monkeypatch.setenv("HG_CLOUD_ADMIN_KEYS", "ops-key@*")
+    children = [ChildSpec("cloud-api", ["api"], role="api"), ChildSpec("edge", ["edge"])]
+    path = give_cloud_api_an_admin_key(children, tmp_path / "secrets")
+    assert (path.name, path.stat().st_mode & 0o777) == ("cloud-admin.key", 0o600)
+    key = path.read_text().strip()
+    assert children[0].env == {"HG_CLOUD_ADMIN_KEYS": f"ops-key@*,{key}@*"}
+    assert children[1].env == {}
+    ring = ApiSettings(admin_keys=children[0].env["HG_CLOUD_ADMIN_KEYS"]).key_ring()  # type: ignore[arg-type]
+    assert [(e.key, e.users) for e in ring.entries] == [("ops-key", None), (key, None)]
+    assert not ring.closed
+    again = [ChildSpec("cloud-api", ["api"], role="api")]
+    give_cloud_api_an_admin_key(again, tmp_path / "secrets")
     assert again[0].env == children[0].env  # one key per install, kept across runs
 
 

@@ -222,8 +222,30 @@ async def test_up_serves_edge_and_cloud_then_stops(tiny_models: ModelSet, tmp_pa
             direct = await client.post(
                 f"http://127.0.0.1:{up.api_port}/v1/completions", json={**BODY, "model": "hg-cloud"}
             )
-            assert direct.status_code == 200, direct.text
+            assert direct.status_code == 200, direct.text  # no key: open on loopback
+            await check_cloud_usage_needs_the_admin_key(up, client)
         await stop_and_check_no_leftovers(up, signal.SIGINT)
+
+
+async def check_cloud_usage_needs_the_admin_key(up: Up, client: httpx.AsyncClient) -> None:
+    """The key `up` made (0600, told, in no output) reads `/v1/usage`; no key: 401."""
+    key_file = up.home / "secrets" / "cloud-admin.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    url = f"http://127.0.0.1:{up.api_port}/v1/usage"
+    told = f'needs its admin key: curl -H "Authorization: Bearer $(cat {key_file})" {url}'
+    await up.until(re.escape(told))
+    assert (await client.get(url)).json()["error"]["code"] == "unauthorized"  # a 401
+
+    async def anonymous() -> Any:
+        answer = await client.get(url, headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["keys"].get("anonymous")
+
+    counted = await waiting(anonymous, "the anonymous completion counted", lambda: up.output)
+    assert counted["hg-cloud"]["requests"] == 1, counted
+    outputs = [up.output, *(log.read_text() for log in (up.home / "logs").glob("*.log"))]
+    assert not [text for text in outputs if key in text]
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Cloud workers, the cloud API, then the edges, each with its own node id and bus role; the
 operator console in the foreground when there is a terminal. The edges share the install's
-admin key for users' data (a secret file, passed in their environment).
+admin key for users' data, and the cloud API has its own admin key for its usage (secret
+files, passed in their environment).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ WORKER_DRAIN_S = 30.0
 STOP_MARGIN_S = 10.0
 #: The install's admin key of the edges' users (`KEY@*`), a file in the secrets folder.
 EDGE_ADMIN_KEY = "edge-admin.key"
+#: The install's admin key of the cloud API (`KEY@*`: it reads `/v1/usage`), a file there too.
+CLOUD_ADMIN_KEY = "cloud-admin.key"
 
 
 def default_children(args: argparse.Namespace) -> list[ChildSpec]:
@@ -118,12 +121,28 @@ def give_edges_an_admin_key(children: list[ChildSpec], secrets_dir: Path) -> Pat
     environment (`HG_EDGE_USER_KEYS`, after any the caller set), never on a command line or
     in a log. Returns the key file's path.
     """
-    path = ensure_secrets_dir(secrets_dir) / EDGE_ADMIN_KEY
+    return _give_admin_key(children, secrets_dir / EDGE_ADMIN_KEY, "edge", "HG_EDGE_USER_KEYS")
+
+
+def give_cloud_api_an_admin_key(children: list[ChildSpec], secrets_dir: Path) -> Path:
+    """Make (once, 0600) the install's cloud API admin key and add it to the API's admin keys.
+
+    It reads `GET /v1/usage`; as an admin key (`HG_CLOUD_ADMIN_KEYS`, not an API key) it
+    leaves the API open on loopback, as it was. Passed as the edges' key is. Returns the key
+    file's path.
+    """
+    return _give_admin_key(children, secrets_dir / CLOUD_ADMIN_KEY, "api", "HG_CLOUD_ADMIN_KEYS")
+
+
+def _give_admin_key(children: list[ChildSpec], path: Path, role: str, variable: str) -> Path:
+    """The key in `path` (made once, 0600, in a 0700 folder) as `KEY@*` in `variable` of each
+    child of `role`, after any entries the caller's environment holds."""
+    ensure_secrets_dir(path.parent)
     key = ensure_password(path)
-    own = os.environ.get("HG_EDGE_USER_KEYS", "").strip()
+    own = os.environ.get(variable, "").strip()
     for spec in children:
-        if spec.role == "edge":
-            spec.env["HG_EDGE_USER_KEYS"] = ",".join(filter(None, [own, f"{key}@*"]))
+        if spec.role == role:
+            spec.env[variable] = ",".join(filter(None, [own, f"{key}@*"]))
     return path
 
 

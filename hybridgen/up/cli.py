@@ -29,6 +29,7 @@ from hybridgen.up.children import (
     WORKER_DRAIN_S,
     console_child,
     default_children,
+    give_cloud_api_an_admin_key,
     give_edges_an_admin_key,
     wants_console,
 )
@@ -157,6 +158,7 @@ async def _up(args: argparse.Namespace) -> int:
             return status
         children = default_children(args)
         give_edges_an_admin_key(children, home / "secrets")
+        give_cloud_api_an_admin_key(children, home / "secrets")
     console = wants_console(args)
     if not _broker_args_ok(args):
         return 2

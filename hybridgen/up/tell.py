@@ -13,7 +13,7 @@ from pathlib import Path
 from broker.server import open_private_log, private_folder
 from broker.settings import hg_home
 from hybridgen.up.bus import OPERATOR_USER
-from hybridgen.up.children import EDGE_ADMIN_KEY
+from hybridgen.up.children import CLOUD_ADMIN_KEY, EDGE_ADMIN_KEY
 from hybridgen.up.supervisor import Launcher
 
 #: What `up` prints about the network; it also goes to the launcher log (never twice on the
@@ -61,6 +61,12 @@ def where_lines(launcher: Launcher) -> list[str]:
             f"  users' data on the edge needs its admin key, e.g. curl -H \"Authorization: "
             f"Bearer $(cat {key_file})\" {edges[0]}/v1/users/<id>/export (keys for an app's "
             "own users: docs/edge.md)"
+        )
+    cloud_key = launcher.secrets_dir / CLOUD_ADMIN_KEY
+    if cloud and cloud_key.is_file():
+        lines.append(
+            f'  usage on the cloud API needs its admin key: curl -H "Authorization: Bearer '
+            f'$(cat {cloud_key})" {cloud[0]}/v1/usage (limits per key: docs/operations.md)'
         )
     lines += [_bus_line(launcher), _context_line(launcher)]
     parts = []
