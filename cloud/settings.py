@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from models.registry import CLOUD_MODEL
 from serving.auth import KeyRing, parse_key_entries
 from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
-from serving.drafts import DRAFT_MIN_MATCH, DRAFT_TOKENS
+from serving.drafts import draft_min_match_field, draft_tokens_field
 from serving.settings import HttpSettings, split_list
 
 #: Default most rows x columns of a step that checks drafts (`cloud.speculative.propose`).
@@ -74,16 +74,8 @@ class WorkerSettings(BaseSettings):
         "check every row's draft in the batch's forward (each token is still the model's own "
         "choice); a request's `speculative: false` turns it off for that request.",
     )
-    draft_tokens: int = Field(
-        default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."
-    )
-    draft_min_match: int = Field(
-        default=DRAFT_MIN_MATCH,
-        ge=1,
-        le=16,
-        description="Draft from the request's text after its last this-many tokens occurred "
-        "before in it.",
-    )
+    draft_tokens: int = draft_tokens_field()
+    draft_min_match: int = draft_min_match_field()
     verify_tokens: int = Field(
         default=VERIFY_TOKENS,
         ge=2,

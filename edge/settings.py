@@ -11,10 +11,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from broker.settings import BusSettings, hg_home
-from edge.runtime.drafts import DRAFT_CACHE_MIN_PROB, DRAFT_MIN_MATCH, DRAFT_TOKENS
+from edge.runtime.drafts import DRAFT_CACHE_MIN_PROB
 from models.registry import EDGE_MODEL
 from serving.auth import KeyRing, parse_key_entries
 from serving.context import MAX_TOKENS_CAP, MAX_TOKENS_CAP_HELP
+from serving.drafts import draft_min_match_field, draft_tokens_field
 from serving.settings import HttpSettings, split_list
 
 
@@ -51,16 +52,8 @@ class EdgeSettings(HttpSettings):
         "user's n-gram cache and check them in one forward pass (each token is still the "
         "model's own choice); a request's `speculative: false` or the policy's turns it off.",
     )
-    draft_tokens: int = Field(
-        default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."
-    )
-    draft_min_match: int = Field(
-        default=DRAFT_MIN_MATCH,
-        ge=1,
-        le=16,
-        description="Draft from the request's text after its last this-many tokens occurred "
-        "before in it.",
-    )
+    draft_tokens: int = draft_tokens_field()
+    draft_min_match: int = draft_min_match_field()
     draft_cache_min_prob: float = Field(
         default=DRAFT_CACHE_MIN_PROB,
         gt=0,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+from pydantic import Field
 
 #: Default most tokens one verify checks after the chosen token (`HG_EDGE_DRAFT_TOKENS`).
 DRAFT_TOKENS = 6
@@ -38,6 +39,24 @@ DRAFT_MIN_MATCH = 3
 DRAFT_CACHE_MIN_PROB = 0.8
 #: Longest wait (in tokens) after drafts that failed.
 MAX_BACKOFF = 32
+
+
+def draft_tokens_field() -> Any:
+    """The settings field `draft_tokens` of both ends (one rule for its bounds and help)."""
+    return Field(
+        default=DRAFT_TOKENS, ge=1, le=32, description="Most tokens drafted for one check."
+    )
+
+
+def draft_min_match_field() -> Any:
+    """The settings field `draft_min_match` of both ends."""
+    return Field(
+        default=DRAFT_MIN_MATCH,
+        ge=1,
+        le=16,
+        description="Draft from the request's text after its last this-many tokens occurred "
+        "before in it.",
+    )
 
 
 class Predictor(Protocol):
