@@ -38,6 +38,7 @@ from serving.drafts import DraftControl, DraftSettings, PromptLookup
 from serving.sampling import SamplingParams
 from tests.fixtures_cloud import serve_cloud_api
 from tests.fixtures_models import HAVE_SMOLLM2
+from tests.test_cloud_engine import start_engine
 from tests.waits import eventually
 
 #: A prompt that repeats itself, so prompt lookup drafts.
@@ -91,13 +92,6 @@ def known_answers(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, ...], list
 
     monkeypatch.setattr(cloud.engine, "DraftControl", control)
     return answers
-
-
-async def start_engine(model_dir: Any, **config: Any) -> Engine:
-    values: dict[str, Any] = {"threads": 1, "cache_tokens": 4096, "dtype": "float32", **config}
-    loaded = await asyncio.to_thread(Engine.load, model_dir, config=EngineConfig(**values))
-    loaded.start()
-    return loaded
 
 
 @pytest.fixture

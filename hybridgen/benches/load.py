@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,6 +446,20 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None or math.isnan(seconds) else round(seconds * 1e3, 1)
 
 
+def run_reported(run: Coroutine[Any, Any, dict[str, Any]], name: str) -> dict[str, Any] | int:
+    """The bench's figures, or its exit code after one line on stderr: 130 when interrupted
+    (every process stopped), 1 on an error (a bench reports, it does not trace back)."""
+    try:
+        return asyncio.run(run)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{name}: interrupted; every process stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"{name}: {message}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hybridgen bench load`."""
     args = build_parser().parse_args(argv)
@@ -456,15 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         from hybridgen.benches.load_keys import main_keys
 
         return main_keys(args)
-    try:
-        figures = asyncio.run(measure(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("hybridgen bench load: interrupted; every process stopped", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bench reports, it does not trace back
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"hybridgen bench load: {message}", file=sys.stderr)
-        return 1
+    figures = run_reported(measure(args), "hybridgen bench load")
+    if isinstance(figures, int):
+        return figures
     if args.json:
         print(json.dumps(figures))
         return 0

@@ -41,6 +41,7 @@ from hybridgen.benches.load import (
     Scratch,
     _ms,
     one_request,
+    run_reported,
     scratch_network,
 )
 
@@ -251,15 +252,9 @@ def _client(url: str, key: str) -> Any:
 
 def main_keys(args: argparse.Namespace) -> int:
     """`hybridgen bench load --keys`: run, then print the figures (JSON with `--json`)."""
-    try:
-        figures = asyncio.run(measure_keys(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("hybridgen bench load: interrupted; every process stopped", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bench reports, it does not trace back
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"hybridgen bench load --keys: {message}", file=sys.stderr)
-        return 1
+    figures = run_reported(measure_keys(args), "hybridgen bench load --keys")
+    if isinstance(figures, int):
+        return figures
     if args.json:
         print(json.dumps(figures))
         return 0
